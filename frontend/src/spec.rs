@@ -1,0 +1,196 @@
+//! Checked programs: models with every size known and every attention kind resolved to
+//! index expressions. This is what the lowering and the later stages read.
+
+use zebra_ir::{Expr, Loc};
+
+use crate::diag::Span;
+
+/// A checked `.zb` file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Program {
+    pub models: Vec<ModelSpec>,
+}
+
+impl Program {
+    /// The model called `name`, or the only model when `name` is `None`.
+    pub fn model(&self, name: Option<&str>) -> Result<&ModelSpec, String> {
+        match name {
+            Some(name) => self.models.iter().find(|m| m.name == name).ok_or_else(|| {
+                let names: Vec<&str> = self.models.iter().map(|m| m.name.as_str()).collect();
+                format!(
+                    "no model named `{name}` (the file defines: {})",
+                    names.join(", ")
+                )
+            }),
+            None => match self.models.as_slice() {
+                [only] => Ok(only),
+                [] => Err("the file defines no model".into()),
+                many => {
+                    let names: Vec<&str> = many.iter().map(|m| m.name.as_str()).collect();
+                    Err(format!(
+                        "the file defines several models ({}); pick one with --model",
+                        names.join(", ")
+                    ))
+                }
+            },
+        }
+    }
+}
+
+/// One Llama-style decoder model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelSpec {
+    pub name: String,
+    pub span: Span,
+    pub vocab: usize,
+    pub dim: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// The hidden size of the SwiGLU feed-forward block.
+    pub ffn_hidden: usize,
+    /// The epsilon of every RMSNorm.
+    pub norm_eps: f64,
+    /// Whether the LM head reuses the embedding table.
+    pub tied_embeddings: bool,
+    /// The distinct attention kinds, in order of first use.
+    pub kinds: Vec<AttentionKind>,
+    /// For each layer, the index of its kind in `kinds`.
+    pub layers: Vec<usize>,
+    /// The per-token side inputs the model's masks read (e.g. `doc`), sorted.
+    pub side_inputs: Vec<String>,
+}
+
+/// One attention variant with all its parameters bound.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttentionKind {
+    /// How the model names it: `local`, or `local(window = 8)` when arguments differ from the
+    /// defaults.
+    pub label: String,
+    /// The name of the `attention` declaration.
+    pub attention: String,
+    /// Every non-side parameter with its value, in declaration order.
+    pub args: Vec<(String, ParamValue)>,
+    pub causal: bool,
+    /// The mask predicate, parameters substituted.
+    pub mask: Expr,
+    /// The score modifier, parameters substituted, if any.
+    pub score: Option<Expr>,
+    /// The side inputs the mask and score read, sorted.
+    pub sides: Vec<String>,
+    /// The RoPE base used by layers of this kind; `None` for no position embedding.
+    pub rope_base: Option<f64>,
+    pub mask_loc: Loc,
+    pub score_loc: Option<Loc>,
+    pub mask_span: Span,
+    pub score_span: Option<Span>,
+}
+
+/// A bound parameter value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ParamValue {
+    Int(i64),
+    Float(f64),
+}
+
+impl std::fmt::Display for ParamValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ParamValue::Int(v) => write!(f, "{v}"),
+            ParamValue::Float(v) => f.write_str(&zebra_ir::expr::fmt_float(*v)),
+        }
+    }
+}
+
+/// How a weight starts in `zebra init`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    /// Normal with mean 0 and this standard deviation.
+    Normal(f64),
+    /// All ones (norm scales).
+    Ones,
+}
+
+/// One weight tensor of a model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WeightSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub init: Init,
+}
+
+/// The standard deviation of `zebra init`'s normal weights (Hugging Face's
+/// `initializer_range`).
+pub const INIT_STD: f64 = 0.02;
+
+impl ModelSpec {
+    /// The query heads that share one key/value head.
+    pub fn group_size(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+
+    /// Every weight, named and laid out as in Hugging Face Llama checkpoints.
+    pub fn weight_specs(&self) -> Vec<WeightSpec> {
+        let normal = |name: String, shape: Vec<usize>| WeightSpec {
+            name,
+            shape,
+            init: Init::Normal(INIT_STD),
+        };
+        let ones = |name: String, dim: usize| WeightSpec {
+            name,
+            shape: vec![dim],
+            init: Init::Ones,
+        };
+        let (d, hd) = (self.dim, self.head_dim);
+        let mut specs = vec![normal(
+            "model.embed_tokens.weight".into(),
+            vec![self.vocab, d],
+        )];
+        for i in 0..self.layers.len() {
+            let p = format!("model.layers.{i}");
+            specs.push(ones(format!("{p}.input_layernorm.weight"), d));
+            specs.push(normal(
+                format!("{p}.self_attn.q_proj.weight"),
+                vec![self.n_heads * hd, d],
+            ));
+            specs.push(normal(
+                format!("{p}.self_attn.k_proj.weight"),
+                vec![self.n_kv_heads * hd, d],
+            ));
+            specs.push(normal(
+                format!("{p}.self_attn.v_proj.weight"),
+                vec![self.n_kv_heads * hd, d],
+            ));
+            specs.push(normal(
+                format!("{p}.self_attn.o_proj.weight"),
+                vec![d, self.n_heads * hd],
+            ));
+            specs.push(ones(format!("{p}.post_attention_layernorm.weight"), d));
+            specs.push(normal(
+                format!("{p}.mlp.gate_proj.weight"),
+                vec![self.ffn_hidden, d],
+            ));
+            specs.push(normal(
+                format!("{p}.mlp.up_proj.weight"),
+                vec![self.ffn_hidden, d],
+            ));
+            specs.push(normal(
+                format!("{p}.mlp.down_proj.weight"),
+                vec![d, self.ffn_hidden],
+            ));
+        }
+        specs.push(ones("model.norm.weight".into(), d));
+        if !self.tied_embeddings {
+            specs.push(normal("lm_head.weight".into(), vec![self.vocab, d]));
+        }
+        specs
+    }
+
+    /// The number of parameters.
+    pub fn parameter_count(&self) -> usize {
+        self.weight_specs()
+            .iter()
+            .map(|w| w.shape.iter().product::<usize>())
+            .sum()
+    }
+}

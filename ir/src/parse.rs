@@ -1,0 +1,457 @@
+//! Reads the text form that `print::print_graph` writes.
+
+use std::collections::HashMap;
+
+use crate::expr::parse_expr;
+use crate::graph::{Graph, LayerInfo, Loc, Node, NodeId};
+use crate::op::{BinaryOp, Op, ReduceOp, UnaryOp};
+use crate::types::{DType, Dim, Shape, Sym, TensorType};
+
+/// A syntax error in the text form, with its 1-based line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {message}")]
+pub struct ParseError {
+    pub line: usize,
+    pub message: String,
+}
+
+/// Parses a graph from its text form. Types are taken as written; run the verifier to check
+/// them.
+pub fn parse_graph(text: &str) -> Result<Graph, ParseError> {
+    let mut graph = Graph::default();
+    let mut names: HashMap<String, NodeId> = HashMap::new();
+    let mut layer: Option<u32> = None;
+    let mut state = State::Start;
+    for (index, raw) in text.lines().enumerate() {
+        let line = index + 1;
+        let err = |message: String| ParseError { line, message };
+        let trimmed = raw.trim();
+        if trimmed.is_empty() || trimmed.starts_with("//") {
+            continue;
+        }
+        let mut cur = Cursor::new(trimmed);
+        match state {
+            State::Start => {
+                cur.keyword("graph").map_err(err)?;
+                graph.name = cur.ident().map_err(err)?;
+                cur.punct("{").map_err(err)?;
+                cur.end().map_err(err)?;
+                state = State::Body;
+            }
+            State::Done => return Err(err("text after the end of the graph".into())),
+            State::Body => {
+                if trimmed == "}" {
+                    if layer.take().is_none() {
+                        state = State::Done;
+                    }
+                    continue;
+                }
+                if cur.try_keyword("layers") {
+                    cur.punct("[").map_err(err)?;
+                    let kinds = cur.list("]", |c| c.string()).map_err(err)?;
+                    graph.layers = kinds.into_iter().map(|kind| LayerInfo { kind }).collect();
+                } else if cur.try_keyword("layer") {
+                    if layer.is_some() {
+                        return Err(err("layer blocks do not nest".into()));
+                    }
+                    layer = Some(cur.number::<u32>().map_err(err)?);
+                    cur.punct("{").map_err(err)?;
+                } else if cur.try_keyword("output") {
+                    let name = cur.ident().map_err(err)?;
+                    cur.punct("=").map_err(err)?;
+                    let value = cur.value_name().map_err(err)?;
+                    let id = *names
+                        .get(&value)
+                        .ok_or_else(|| err(format!("`{value}` is not defined")))?;
+                    graph.add_output(name, id);
+                } else {
+                    let (name, node, operands) = node_line(&mut cur, &names).map_err(err)?;
+                    let node = Node { layer, ..node };
+                    if names.contains_key(&name) {
+                        return Err(err(format!("`{name}` is defined twice")));
+                    }
+                    let id = graph.add(node, &operands);
+                    names.insert(name, id);
+                }
+                cur.end().map_err(err)?;
+            }
+        }
+    }
+    if state != State::Done {
+        return Err(ParseError {
+            line: text.lines().count(),
+            message: "the graph is not closed with `}`".into(),
+        });
+    }
+    Ok(graph)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    Start,
+    Body,
+    Done,
+}
+
+fn node_line(
+    cur: &mut Cursor,
+    names: &HashMap<String, NodeId>,
+) -> Result<(String, Node, Vec<NodeId>), String> {
+    let name = cur.value_name()?;
+    cur.punct("=")?;
+    let op_name = cur.ident()?;
+    let mut operands = Vec::new();
+    if cur.try_punct("(") {
+        for value in cur.list(")", |c| c.value_name())? {
+            let id = names
+                .get(&value)
+                .ok_or_else(|| format!("`{value}` is used before it is defined"))?;
+            operands.push(*id);
+        }
+    }
+    let mut attrs: HashMap<String, String> = HashMap::new();
+    if cur.try_punct("{") {
+        loop {
+            let key = cur.ident()?;
+            cur.punct("=")?;
+            let value = cur.attr_value()?;
+            attrs.insert(key, value);
+            if cur.try_punct("}") {
+                break;
+            }
+            cur.punct(",")?;
+        }
+    }
+    cur.punct(":")?;
+    let ty = cur.tensor_type()?;
+    let loc = if cur.try_keyword("loc") {
+        cur.punct("(")?;
+        let line = cur.number::<u32>()?;
+        cur.punct(":")?;
+        let col = cur.number::<u32>()?;
+        cur.punct(")")?;
+        Some(Loc { line, col })
+    } else {
+        None
+    };
+    let op = build_op(&op_name, &attrs)?;
+    Ok((
+        name,
+        Node {
+            op,
+            ty,
+            layer: None,
+            loc,
+        },
+        operands,
+    ))
+}
+
+fn build_op(name: &str, attrs: &HashMap<String, String>) -> Result<Op, String> {
+    let attr = |key: &str| -> Result<&str, String> {
+        attrs
+            .get(key)
+            .map(String::as_str)
+            .ok_or_else(|| format!("`{name}` needs the attribute `{key}`"))
+    };
+    let string = |key: &str| -> Result<String, String> { Cursor::new(attr(key)?).string() };
+    let shape = |key: &str| -> Result<Shape, String> {
+        let mut c = Cursor::new(attr(key)?);
+        c.punct("[")?;
+        c.list("]", |c| c.dim())
+    };
+    let float = |key: &str| -> Result<f64, String> {
+        let text = attr(key)?;
+        match text {
+            "inf" => Ok(f64::INFINITY),
+            "-inf" => Ok(f64::NEG_INFINITY),
+            "nan" => Ok(f64::NAN),
+            _ => text.parse().map_err(|_| format!("bad number `{text}`")),
+        }
+    };
+    let sides = || -> Result<Vec<String>, String> {
+        match attrs.get("sides") {
+            None => Ok(vec![]),
+            Some(text) => {
+                let mut c = Cursor::new(text);
+                c.punct("[")?;
+                c.list("]", |c| c.string())
+            }
+        }
+    };
+    let op = match name {
+        "input" => Op::Input {
+            name: string("name")?,
+        },
+        "weight" => Op::Weight {
+            name: string("name")?,
+        },
+        "constant" => Op::Constant {
+            value: float("value")?,
+        },
+        "positions" => Op::Positions,
+        "embedding" => Op::Embedding,
+        "matmul" => Op::MatMul,
+        "select" => Op::Select,
+        "reshape" => Op::Reshape {
+            shape: shape("shape")?,
+        },
+        "expand" => Op::Expand {
+            shape: shape("shape")?,
+        },
+        "transpose" => {
+            let mut c = Cursor::new(attr("perm")?);
+            c.punct("[")?;
+            Op::Transpose {
+                perm: c.list("]", |c| c.number::<usize>())?,
+            }
+        }
+        "rope" => Op::Rope {
+            base: float("base")?,
+        },
+        "mask" | "score_mod" => {
+            let expr = parse_expr(&string("expr")?).map_err(|e| format!("in `expr`: {e}"))?;
+            let sides = sides()?;
+            if name == "mask" {
+                Op::Mask { expr, sides }
+            } else {
+                Op::ScoreMod { expr, sides }
+            }
+        }
+        other => {
+            if let Some(u) = UnaryOp::ALL.into_iter().find(|u| u.name() == other) {
+                Op::Unary(u)
+            } else if let Some(b) = BinaryOp::ALL.into_iter().find(|b| b.name() == other) {
+                Op::Binary(b)
+            } else if let Some(r) = ReduceOp::ALL.into_iter().find(|r| r.name() == other) {
+                Op::Reduce {
+                    op: r,
+                    axis: Cursor::new(attr("axis")?).number::<usize>()?,
+                }
+            } else {
+                return Err(format!("unknown operation `{other}`"));
+            }
+        }
+    };
+    if let Some(extra) = attrs
+        .keys()
+        .filter(|k| !crate::print::attributes(&op).iter().any(|(n, _)| n == k))
+        .min()
+    {
+        return Err(format!("`{name}` has no attribute `{extra}`"));
+    }
+    Ok(op)
+}
+
+/// A cursor over one line of text.
+struct Cursor<'a> {
+    text: &'a str,
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(text: &'a str) -> Cursor<'a> {
+        Cursor { text, pos: 0 }
+    }
+
+    fn rest(&self) -> &'a str {
+        &self.text[self.pos..]
+    }
+
+    fn skip_space(&mut self) {
+        let rest = self.rest();
+        self.pos += rest.len() - rest.trim_start().len();
+    }
+
+    fn describe_next(&self) -> String {
+        match self.rest().chars().next() {
+            Some(c) => format!("`{c}`"),
+            None => "the end of the line".into(),
+        }
+    }
+
+    fn end(&mut self) -> Result<(), String> {
+        self.skip_space();
+        if self.rest().is_empty() {
+            Ok(())
+        } else {
+            Err(format!("unexpected `{}`", self.rest()))
+        }
+    }
+
+    fn try_punct(&mut self, p: &str) -> bool {
+        self.skip_space();
+        if self.rest().starts_with(p) {
+            self.pos += p.len();
+            true
+        } else {
+            false
+        }
+    }
+
+    fn punct(&mut self, p: &str) -> Result<(), String> {
+        if self.try_punct(p) {
+            Ok(())
+        } else {
+            Err(format!("expected `{p}`, found {}", self.describe_next()))
+        }
+    }
+
+    fn word(&mut self) -> &'a str {
+        self.skip_space();
+        let rest = self.rest();
+        let len = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+            .unwrap_or(rest.len());
+        self.pos += len;
+        &rest[..len]
+    }
+
+    fn try_keyword(&mut self, keyword: &str) -> bool {
+        let save = self.pos;
+        if self.word() == keyword {
+            true
+        } else {
+            self.pos = save;
+            false
+        }
+    }
+
+    fn keyword(&mut self, keyword: &str) -> Result<(), String> {
+        if self.try_keyword(keyword) {
+            Ok(())
+        } else {
+            Err(format!("expected `{keyword}`"))
+        }
+    }
+
+    fn ident(&mut self) -> Result<String, String> {
+        let word = self.word();
+        if word.is_empty() || word.starts_with(|c: char| c.is_ascii_digit()) {
+            Err(format!("expected a name, found {}", self.describe_next()))
+        } else {
+            Ok(word.to_string())
+        }
+    }
+
+    fn number<T: std::str::FromStr>(&mut self) -> Result<T, String> {
+        let word = self.word();
+        word.parse()
+            .map_err(|_| format!("expected a number, found `{word}`"))
+    }
+
+    fn value_name(&mut self) -> Result<String, String> {
+        self.punct("%")?;
+        let word = self.word();
+        if word.is_empty() {
+            return Err("expected a value name after `%`".into());
+        }
+        Ok(format!("%{word}"))
+    }
+
+    fn string(&mut self) -> Result<String, String> {
+        self.punct("\"")?;
+        let mut out = String::new();
+        let mut chars = self.rest().char_indices();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '"' => {
+                    self.pos += i + 1;
+                    return Ok(out);
+                }
+                '\\' => match chars.next() {
+                    Some((_, 'n')) => out.push('\n'),
+                    Some((_, c)) => out.push(c),
+                    None => break,
+                },
+                c => out.push(c),
+            }
+        }
+        Err("unterminated string".into())
+    }
+
+    fn list<T>(
+        &mut self,
+        close: &str,
+        mut item: impl FnMut(&mut Cursor<'a>) -> Result<T, String>,
+    ) -> Result<Vec<T>, String> {
+        let mut items = Vec::new();
+        if self.try_punct(close) {
+            return Ok(items);
+        }
+        loop {
+            items.push(item(self)?);
+            if self.try_punct(close) {
+                return Ok(items);
+            }
+            self.punct(",")?;
+        }
+    }
+
+    fn dim(&mut self) -> Result<Dim, String> {
+        let word = self.word();
+        if let Some(sym) = Sym::from_name(word) {
+            Ok(Dim::Sym(sym))
+        } else {
+            word.parse()
+                .map(Dim::Const)
+                .map_err(|_| format!("expected a dimension, found `{word}`"))
+        }
+    }
+
+    fn tensor_type(&mut self) -> Result<TensorType, String> {
+        let word = self.word();
+        let dtype =
+            DType::from_name(word).ok_or_else(|| format!("unknown element type `{word}`"))?;
+        self.punct("[")?;
+        let shape = self.list("]", |c| c.dim())?;
+        Ok(TensorType::new(dtype, shape))
+    }
+
+    /// The raw text of one attribute value: a string, a bracketed list or a bare word.
+    fn attr_value(&mut self) -> Result<String, String> {
+        self.skip_space();
+        let start = self.pos;
+        let rest = self.rest();
+        if rest.starts_with('"') {
+            self.string()?;
+        } else if rest.starts_with('[') {
+            let mut depth = 0usize;
+            let mut in_string = false;
+            let mut escaped = false;
+            for (i, c) in rest.char_indices() {
+                if in_string {
+                    match (escaped, c) {
+                        (true, _) => escaped = false,
+                        (false, '\\') => escaped = true,
+                        (false, '"') => in_string = false,
+                        _ => {}
+                    }
+                    continue;
+                }
+                match c {
+                    '"' => in_string = true,
+                    '[' => depth += 1,
+                    ']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            self.pos += i + 1;
+                            return Ok(self.text[start..self.pos].to_string());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            return Err("unclosed `[`".into());
+        } else {
+            let len = rest
+                .find(|c: char| c == ',' || c == '}' || c.is_whitespace())
+                .unwrap_or(rest.len());
+            if len == 0 {
+                return Err(format!("expected a value, found {}", self.describe_next()));
+            }
+            self.pos += len;
+        }
+        Ok(self.text[start..self.pos].to_string())
+    }
+}

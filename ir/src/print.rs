@@ -1,0 +1,127 @@
+//! The stable text form of a graph. `parse::parse_graph` reads it back.
+//!
+//! ```text
+//! graph tiny {
+//!   layers ["global"]
+//!   %0 = input {name = "tokens"} : i64[B, T]
+//!   layer 0 {
+//!     %1 = weight {name = "model.layers.0.input_layernorm.weight"} : f32[64]
+//!     ...
+//!   }
+//!   output logits = %9
+//! }
+//! ```
+//!
+//! Nodes are numbered in the graph's canonical order (`Graph::topo_order`), so the text does
+//! not depend on how the graph was built, only on what it computes and the order of creation.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+
+use crate::expr::fmt_float;
+use crate::graph::{Graph, NodeId};
+use crate::op::Op;
+use crate::types::fmt_shape;
+
+/// Writes a string literal with `"` and `\` escaped.
+pub fn quote(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The attributes of an operation, as `name = value` pairs in a fixed order.
+pub fn attributes(op: &Op) -> Vec<(&'static str, String)> {
+    let list = |items: Vec<String>| format!("[{}]", items.join(", "));
+    match op {
+        Op::Input { name } | Op::Weight { name } => vec![("name", quote(name))],
+        Op::Constant { value } => vec![("value", fmt_float(*value))],
+        Op::Reduce { axis, .. } => vec![("axis", axis.to_string())],
+        Op::Reshape { shape } | Op::Expand { shape } => vec![("shape", fmt_shape(shape))],
+        Op::Transpose { perm } => {
+            vec![("perm", list(perm.iter().map(|p| p.to_string()).collect()))]
+        }
+        Op::Rope { base } => vec![("base", fmt_float(*base))],
+        Op::Mask { expr, sides } | Op::ScoreMod { expr, sides } => {
+            let mut attrs = vec![("expr", quote(&expr.to_string()))];
+            if !sides.is_empty() {
+                attrs.push(("sides", list(sides.iter().map(|s| quote(s)).collect())));
+            }
+            attrs
+        }
+        Op::Positions | Op::Embedding | Op::MatMul | Op::Unary(_) | Op::Binary(_) | Op::Select => {
+            vec![]
+        }
+    }
+}
+
+/// The canonical name of every node: `%0`, `%1`, ... in canonical order.
+pub fn node_names(graph: &Graph) -> HashMap<NodeId, String> {
+    graph
+        .topo_order()
+        .unwrap_or_else(|| graph.node_ids())
+        .into_iter()
+        .enumerate()
+        .map(|(i, id)| (id, format!("%{i}")))
+        .collect()
+}
+
+/// Prints the graph in its text form.
+pub fn print_graph(graph: &Graph) -> String {
+    let order = graph.topo_order().unwrap_or_else(|| graph.node_ids());
+    let names = node_names(graph);
+    let mut out = String::new();
+    let _ = writeln!(out, "graph {} {{", graph.name);
+    if !graph.layers.is_empty() {
+        let kinds: Vec<String> = graph.layers.iter().map(|l| quote(&l.kind)).collect();
+        let _ = writeln!(out, "  layers [{}]", kinds.join(", "));
+    }
+    let mut open_layer: Option<u32> = None;
+    for id in order {
+        let node = graph.node(id);
+        if node.layer != open_layer {
+            if open_layer.is_some() {
+                out.push_str("  }\n");
+            }
+            if let Some(layer) = node.layer {
+                let _ = writeln!(out, "  layer {layer} {{");
+            }
+            open_layer = node.layer;
+        }
+        let indent = if open_layer.is_some() { "    " } else { "  " };
+        let _ = write!(out, "{indent}{} = {}", names[&id], node.op.name());
+        let operands = graph.operands(id);
+        if !operands.is_empty() {
+            let list: Vec<&str> = operands.iter().map(|o| names[o].as_str()).collect();
+            let _ = write!(out, "({})", list.join(", "));
+        }
+        let attrs = attributes(&node.op);
+        if !attrs.is_empty() {
+            let list: Vec<String> = attrs.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+            let _ = write!(out, " {{{}}}", list.join(", "));
+        }
+        let _ = write!(out, " : {}", node.ty);
+        if let Some(loc) = node.loc {
+            let _ = write!(out, " loc({}:{})", loc.line, loc.col);
+        }
+        out.push('\n');
+    }
+    if open_layer.is_some() {
+        out.push_str("  }\n");
+    }
+    for (name, id) in graph.outputs() {
+        let target = names.get(id).map_or("%?", String::as_str);
+        let _ = writeln!(out, "  output {name} = {target}");
+    }
+    out.push_str("}\n");
+    out
+}

@@ -1,0 +1,130 @@
+//! The `zebra` command line: check, compile, init and run models written in the Zebra DSL.
+
+mod commands;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "zebra",
+    version,
+    about = "A compiler and runtime for transformer attention variants"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// What `zebra compile` stops after and prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Emit {
+    /// The syntax tree.
+    Ast,
+    /// The graph IR in its text form.
+    Ir,
+    /// The graph IR as Graphviz DOT.
+    Dot,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a .zb file and report every problem in it.
+    Check { file: PathBuf },
+    /// Compile a .zb file and print the chosen stage.
+    Compile {
+        file: PathBuf,
+        /// The stage to print.
+        #[arg(long, value_enum, default_value = "ir")]
+        emit: Emit,
+        /// Write to this file instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// The model to compile, when the file defines several.
+        #[arg(long)]
+        model: Option<String>,
+    },
+    /// Write deterministic random weights for a model (safetensors, Hugging Face names).
+    Init {
+        file: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long)]
+        model: Option<String>,
+    },
+    /// Run a model on token ids and write its logits.
+    Run {
+        file: PathBuf,
+        /// Weights in safetensors format.
+        #[arg(long)]
+        weights: PathBuf,
+        /// Token ids: an int32 or int64 .npy array of shape [B, T] (or [T]).
+        #[arg(long)]
+        tokens: PathBuf,
+        /// Where to write the logits: a float32 .npy array of shape [B, T, vocab].
+        #[arg(long)]
+        output: PathBuf,
+        /// A side input as NAME=FILE.npy (int32 or int64, the shape of the tokens).
+        #[arg(long = "side", value_name = "NAME=FILE")]
+        sides: Vec<String>,
+        #[arg(long)]
+        model: Option<String>,
+    },
+    /// Check that MLIR and LLVM work here: JIT a small MLIR function, create CPU and PTX targets.
+    Toolchain,
+    /// Encode text as byte-level token ids (vocabulary 256) into an int64 .npy file [1, T].
+    Encode {
+        text: String,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check { file } => commands::check(&file),
+        Command::Compile {
+            file,
+            emit,
+            output,
+            model,
+        } => commands::compile(&file, emit, output.as_deref(), model.as_deref()),
+        Command::Init {
+            file,
+            seed,
+            output,
+            model,
+        } => commands::init(&file, seed, &output, model.as_deref()),
+        Command::Run {
+            file,
+            weights,
+            tokens,
+            output,
+            sides,
+            model,
+        } => commands::run(&commands::RunArgs {
+            file: &file,
+            weights: &weights,
+            tokens: &tokens,
+            output: &output,
+            sides: &sides,
+            model: model.as_deref(),
+        }),
+        Command::Encode { text, output } => commands::encode(&text, &output),
+        Command::Toolchain => commands::toolchain(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            if !err.is::<commands::Reported>() {
+                eprintln!("error: {err:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
