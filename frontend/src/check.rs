@@ -1188,12 +1188,11 @@ impl<'a> Checker<'a> {
                 first.and(second)?;
             }
             ExprKind::Binary(ast::BinOp::Mul, a, b) => {
-                let (count, body) = if matches!(a.kind, ExprKind::Int(_))
-                    || matches!(&a.kind, ExprKind::Name(n) if self.lets.contains_key(n))
-                {
-                    (a, b)
-                } else {
+                // `3 * local` or `local * 3`: the count is the side that holds no layers.
+                let (count, body) = if self.holds_layers(a) && !self.holds_layers(b) {
                     (b, a)
+                } else {
+                    (a, b)
                 };
                 let n = match self.constant(count)? {
                     ParamValue::Int(n) if n >= 0 => n as usize,
@@ -1248,6 +1247,17 @@ impl<'a> Checker<'a> {
             return None;
         }
         Some(())
+    }
+
+    /// Whether an expression names attention kinds, so is a pattern rather than a count.
+    fn holds_layers(&self, expr: &Expr) -> bool {
+        match &expr.kind {
+            ExprKind::Name(name) => !self.lets.contains_key(name),
+            ExprKind::Call(..) | ExprKind::List(_) => true,
+            ExprKind::Binary(_, a, b) => self.holds_layers(a) || self.holds_layers(b),
+            ExprKind::Unary(_, e) => self.holds_layers(e),
+            _ => false,
+        }
     }
 
     fn attention_named(&mut self, name: &str, span: Span) -> Option<&'a ast::Attention> {

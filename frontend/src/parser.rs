@@ -292,10 +292,15 @@ impl Parser {
                         .with_secondary(here, "expected `}` before this"),
                 ));
             }
-            if let Ok(field) = self.field() {
+            let before = self.pos;
+            let parsed = self.field();
+            let stuck = parsed.is_err() && self.pos == before;
+            if let Ok(field) = parsed {
                 fields.push(field);
             }
-            if !self.peek().line_start && !self.peek().is_punct("}") {
+            // Resynchronize on the next line; always move past a token that failed to start
+            // a field, or this loop would never end.
+            if stuck || (!self.peek().line_start && !self.peek().is_punct("}")) {
                 self.skip_line();
             }
         }
@@ -516,6 +521,16 @@ mod tests {
         let (file, diagnostics) = parse(source);
         assert_eq!(diagnostics.len(), 3, "{diagnostics:#?}");
         assert_eq!(file.items.len(), 2);
+    }
+
+    #[test]
+    fn a_field_that_does_not_start_with_a_name_is_skipped() {
+        let (file, diagnostics) = parse("model m {\n  5 = 3\n  dim = 4\n}\n");
+        assert_eq!(diagnostics.len(), 1, "{diagnostics:#?}");
+        let Item::Model(model) = &file.items[0] else {
+            panic!("a model")
+        };
+        assert_eq!(model.fields.len(), 1);
     }
 
     #[test]

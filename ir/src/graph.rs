@@ -215,7 +215,7 @@ impl Graph {
 
     /// Removes nodes that no output depends on. Returns how many were removed.
     pub fn remove_dead(&mut self) -> usize {
-        let mut live = vec![false; (&self.graph).node_bound()];
+        let mut live = vec![false; self.graph.node_bound()];
         let mut stack: Vec<NodeId> = self.outputs.iter().map(|(_, n)| *n).collect();
         while let Some(id) = stack.pop() {
             if std::mem::replace(&mut live[id.index()], true) {

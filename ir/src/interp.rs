@@ -276,7 +276,7 @@ fn eval_node(
         },
         Op::Rope { base } => Value::Float(rope(args[0].float(), args[1].int(), *base)),
         Op::Mask { expr, sides } => {
-            let sides = side_views(sides, &args[..]);
+            let sides = side_views(sides, args);
             let out = ArrayD::from_shape_fn(IxDyn(&out_shape), |index| {
                 let env = IndexEnv::new(&index, 0.0, &sides);
                 expr.eval(&env).as_bool()

@@ -352,7 +352,7 @@ impl Op {
             Op::Rope { base } => {
                 let x = float(0)?;
                 let pos = operands[1];
-                if !(*base > 1.0) {
+                if base.partial_cmp(&1.0) != Some(std::cmp::Ordering::Greater) {
                     return Err(format!("the rope base must be above 1, found {base}"));
                 }
                 if x.rank() < 2 || x.shape[x.rank() - 2] != Dim::T {

@@ -89,10 +89,8 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyErrors> {
                     ));
                 }
             }
-            Op::Input { name } => {
-                if input_types.insert(name.clone(), node.ty.clone()).is_some() {
-                    fail(format!("input `{name}` is declared twice"));
-                }
+            Op::Input { name } if input_types.insert(name.clone(), node.ty.clone()).is_some() => {
+                fail(format!("input `{name}` is declared twice"));
             }
             Op::Mask { sides, .. } | Op::ScoreMod { sides, .. } => {
                 let first = usize::from(matches!(node.op, Op::ScoreMod { .. }));

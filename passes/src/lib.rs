@@ -1,1 +1,2 @@
-//! placeholder
+//! Zebra's optimizer: equality saturation over the graph IR (fusion, block-sparse tile
+//! schedules, layer sharing) and reverse-mode autodiff.
