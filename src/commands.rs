@@ -3,13 +3,14 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use codespan_reporting::term::termcolor::{ColorChoice, StandardStream};
 use ndarray::{ArrayD, Axis, IxDyn};
 use zebra_frontend::{Checked, ModelSpec, check_source, diag};
-use zebra_ir::{Graph, Value, Weights, npy};
+use zebra_ir::{Graph, Loc, Op, Value, Weights, npy};
+use zebra_passes::Target;
 
 use crate::Emit;
 
@@ -103,14 +104,211 @@ pub fn check(path: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn compile(path: &Path, emit: Emit, output: Option<&Path>, name: Option<&str>) -> Result<()> {
+pub struct CompileArgs<'a> {
+    pub file: &'a Path,
+    pub emit: Emit,
+    pub output: Option<&'a Path>,
+    pub model: Option<&'a str>,
+    pub target: Target,
+    pub print_after: Option<&'a str>,
+    pub timings: bool,
+    pub explain: Option<&'a str>,
+}
+
+fn is_ir_file(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "zir")
+}
+
+/// Reads the input (a .zb source or .zir IR text) and gives its source and unoptimized
+/// graph. For IR text, masks, score modifiers, comparisons and products get their line in
+/// the file as their source position, so that warnings point into the file compiled.
+fn load_graph(
+    path: &Path,
+    model_name: Option<&str>,
+    timings: &mut Vec<(String, Duration)>,
+) -> Result<(String, Graph)> {
+    if is_ir_file(path) {
+        let start = Instant::now();
+        let source = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let (mut graph, lines) = zebra_ir::parse::parse_graph_lines(&source)
+            .map_err(|e| anyhow!("{}:{}: {}", path.display(), e.line, e.message))?;
+        for (id, line) in lines {
+            let node = graph.node_mut(id);
+            let locatable = matches!(
+                node.op,
+                Op::Mask { .. } | Op::ScoreMod { .. } | Op::Compare(_) | Op::MatMul
+            );
+            if locatable {
+                node.loc = Some(Loc {
+                    line: line as u32,
+                    col: 3,
+                });
+            }
+        }
+        zebra_ir::verify(&graph).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        timings.push(("parse".into(), start.elapsed()));
+        return Ok((source, graph));
+    }
+    let start = Instant::now();
     let (source, checked) = load(path)?;
-    let text = match emit {
-        Emit::Ast => zebra_frontend::ast::dump(&checked.file, &source),
-        Emit::Ir => zebra_ir::print_graph(&lower(model(&checked, name)?)?),
-        Emit::Dot => zebra_ir::dot::to_dot(&lower(model(&checked, name)?)?),
+    timings.push(("check".into(), start.elapsed()));
+    let start = Instant::now();
+    let graph = lower(model(&checked, model_name)?)?;
+    timings.push(("lower".into(), start.elapsed()));
+    Ok((source, graph))
+}
+
+/// The byte range of a `line:col` position to the end of its line.
+fn span_of(source: &str, loc: Loc) -> diag::Span {
+    let line_start: usize = source
+        .split_inclusive('\n')
+        .take(loc.line.saturating_sub(1) as usize)
+        .map(str::len)
+        .sum();
+    let line = source[line_start.min(source.len())..]
+        .lines()
+        .next()
+        .unwrap_or("");
+    let start = line_start
+        + line
+            .char_indices()
+            .nth(loc.col.saturating_sub(1) as usize)
+            .map_or(0, |(i, _)| i);
+    let end = line_start + line.trim_end().len();
+    diag::Span::new(start.min(end), end.max(start))
+}
+
+/// Warns about every attention the optimizer could not fuse, at its source.
+fn warn_unfused(path: &Path, source: &str, graph: &Graph) {
+    let unfused = zebra_passes::diagnose::unfused_attention(graph);
+    if unfused.is_empty() {
+        return;
+    }
+    let mut diagnostics = Vec::new();
+    for u in &unfused {
+        let message = format!("attention not fused: {}", u.reason);
+        match graph.node(u.node).loc {
+            Some(loc) => diagnostics.push(
+                diag::Diagnostic::warning(span_of(source, loc), message)
+                    .label("this attention runs unfused: its [T, T] scores are materialized"),
+            ),
+            None => eprintln!("warning: {message}"),
+        }
+    }
+    let mut stderr = StandardStream::stderr(ColorChoice::Auto);
+    diag::emit(
+        &mut stderr,
+        &path.display().to_string(),
+        source,
+        &diagnostics,
+    );
+}
+
+pub fn compile(args: &CompileArgs) -> Result<()> {
+    let mut timings: Vec<(String, Duration)> = Vec::new();
+    if args.emit == Emit::Ast {
+        if is_ir_file(args.file) {
+            bail!(
+                "{} is IR text; --emit ast needs a .zb source",
+                args.file.display()
+            );
+        }
+        let (source, checked) = load(args.file)?;
+        return write_output(
+            args.output,
+            &zebra_frontend::ast::dump(&checked.file, &source),
+        );
+    }
+    if let Some(stage) = args.print_after
+        && !zebra_passes::pipeline::STAGES.contains(&stage)
+    {
+        bail!(
+            "unknown stage `{stage}` for --print-after; the stages are {}",
+            zebra_passes::pipeline::STAGES.join(", ")
+        );
+    }
+    let (source, graph) = load_graph(args.file, args.model, &mut timings)?;
+    let optimize = args.emit == Emit::Opt || args.print_after.is_some() || args.explain.is_some();
+    let text = if optimize {
+        let options = zebra_passes::Options {
+            target: args.target,
+            explain: args.explain.is_some(),
+            keep_stages: args.print_after.is_some(),
+            ..zebra_passes::Options::default()
+        };
+        let mut optimized = zebra_passes::optimize(&graph, &options)?;
+        timings.extend(optimized.timings.iter().cloned());
+        warn_unfused(args.file, &source, &optimized.graph);
+        if let Some(node) = args.explain {
+            explain(&mut optimized, node)?;
+        }
+        let shown = match args.print_after {
+            Some(stage) => optimized
+                .stages
+                .iter()
+                .find(|(name, _)| name == stage)
+                .map(|(_, g)| g)
+                .ok_or_else(|| anyhow!("internal error: stage `{stage}` was not kept"))?,
+            None => &optimized.graph,
+        };
+        match args.emit {
+            Emit::Dot => zebra_ir::dot::to_dot(shown),
+            _ => zebra_ir::print_graph(shown),
+        }
+    } else {
+        match args.emit {
+            Emit::Dot => zebra_ir::dot::to_dot(&graph),
+            _ => zebra_ir::print_graph(&graph),
+        }
     };
-    write_output(output, &text)
+    if args.timings {
+        let total: Duration = timings.iter().map(|(_, d)| *d).sum();
+        eprintln!("timings ({}):", args.file.display());
+        for (name, d) in &timings {
+            eprintln!("  {name:<12} {:>9.3} ms", d.as_secs_f64() * 1e3);
+        }
+        eprintln!("  {:<12} {:>9.3} ms", "total", total.as_secs_f64() * 1e3);
+    }
+    write_output(args.output, &text)
+}
+
+fn explain(optimized: &mut zebra_passes::Optimized, node: &str) -> Result<()> {
+    let names = zebra_ir::print::node_names(&optimized.graph);
+    let id = names
+        .iter()
+        .find(|(_, n)| n.as_str() == node)
+        .map(|(id, _)| *id)
+        .ok_or_else(|| {
+            anyhow!("--explain: the optimized IR has no node `{node}` (nodes are named like %12)")
+        })?;
+    let op = optimized.graph.node(id).op.name();
+    let Some(explanation) = optimized.explain(id) else {
+        eprintln!("{node} ({op}) is outside the optimized segments");
+        return Ok(());
+    };
+    if explanation.proof.is_empty() {
+        eprintln!("{node} ({op}) is as the lowering wrote it: no rule rewrote it");
+    } else {
+        eprintln!(
+            "{node} ({op}) was rewritten by: {}",
+            explanation.proof.join(", ")
+        );
+    }
+    eprintln!(
+        "rules that fired in its segment's template ({}):",
+        explanation.segment
+    );
+    for (stage, fired) in &explanation.fired {
+        if !fired.is_empty() {
+            let list: Vec<String> = fired
+                .iter()
+                .map(|(rule, n)| format!("{rule} x{n}"))
+                .collect();
+            eprintln!("  {stage:<10} {}", list.join(", "));
+        }
+    }
+    Ok(())
 }
 
 pub fn init(path: &Path, seed: u64, output: &Path, name: Option<&str>) -> Result<()> {

@@ -27,13 +27,15 @@ pub enum Emit {
     Ir,
     /// The graph IR as Graphviz DOT.
     Dot,
+    /// The optimized graph IR: fused attention with tile schedules, fused projections.
+    Opt,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Check a .zb file and report every problem in it.
     Check { file: PathBuf },
-    /// Compile a .zb file and print the chosen stage.
+    /// Compile a .zb file (or a graph in the IR's text form, .zir) and print the chosen stage.
     Compile {
         file: PathBuf,
         /// The stage to print.
@@ -45,6 +47,20 @@ enum Command {
         /// The model to compile, when the file defines several.
         #[arg(long)]
         model: Option<String>,
+        /// The machine to optimize for: cpu, sm_80 or sm_90.
+        #[arg(long, default_value = "cpu")]
+        target: zebra_passes::Target,
+        /// Print the IR after this optimizer stage instead: lower, algebra, recognize,
+        /// attention, epilogue or opt.
+        #[arg(long, value_name = "STAGE")]
+        print_after: Option<String>,
+        /// Print how long each stage took (to standard error).
+        #[arg(long)]
+        timings: bool,
+        /// Print which rewrite rules produced a node of the optimized IR, named as it prints
+        /// (`%12`), to standard error.
+        #[arg(long, value_name = "NODE")]
+        explain: Option<String>,
     },
     /// Write deterministic random weights for a model (safetensors, Hugging Face names).
     Init {
@@ -93,7 +109,20 @@ fn main() -> ExitCode {
             emit,
             output,
             model,
-        } => commands::compile(&file, emit, output.as_deref(), model.as_deref()),
+            target,
+            print_after,
+            timings,
+            explain,
+        } => commands::compile(&commands::CompileArgs {
+            file: &file,
+            emit,
+            output: output.as_deref(),
+            model: model.as_deref(),
+            target,
+            print_after: print_after.as_deref(),
+            timings,
+            explain: explain.as_deref(),
+        }),
         Command::Init {
             file,
             seed,

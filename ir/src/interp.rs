@@ -111,11 +111,29 @@ pub enum InterpError {
     },
 }
 
+/// How the interpreter computes fused attention.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Follow the tile schedule with an online softmax (the compiled kernels' algorithm)
+    /// instead of the dense definition.
+    pub tiled_attention: bool,
+}
+
 /// Runs the graph on named inputs and weights; returns the named outputs.
 pub fn interpret(
     graph: &Graph,
     inputs: &BTreeMap<String, Value>,
     weights: &Weights,
+) -> Result<BTreeMap<String, Value>, InterpError> {
+    interpret_with(graph, inputs, weights, Options::default())
+}
+
+/// Runs the graph with the given options.
+pub fn interpret_with(
+    graph: &Graph,
+    inputs: &BTreeMap<String, Value>,
+    weights: &Weights,
+    options: Options,
 ) -> Result<BTreeMap<String, Value>, InterpError> {
     verify(graph)?;
     let bindings = bind(graph, inputs)?;
@@ -133,7 +151,7 @@ pub fn interpret(
     for &id in &order {
         let operands = graph.operands(id);
         let args: Vec<&Value> = operands.iter().map(|o| &values[o]).collect();
-        let value = eval_node(graph, id, &args, inputs, weights, &bindings)?;
+        let value = eval_node(graph, id, &args, inputs, weights, &bindings, options)?;
         for operand in operands {
             let left = uses.get_mut(&operand).expect("counted above");
             *left -= 1;
@@ -172,6 +190,7 @@ pub fn bind(graph: &Graph, inputs: &BTreeMap<String, Value>) -> Result<Bindings,
             match *dim {
                 Dim::Const(n) if n as usize != size => return Err(mismatch()),
                 Dim::Const(_) => {}
+                Dim::Blocks(..) => return Err(mismatch()),
                 Dim::Sym(sym) => match bound.get(&sym) {
                     Some(&b) if b != size => {
                         return Err(InterpError::InconsistentDim {
@@ -212,6 +231,7 @@ fn eval_node(
     inputs: &BTreeMap<String, Value>,
     weights: &Weights,
     bindings: &Bindings,
+    options: Options,
 ) -> Result<Value, InterpError> {
     let node = graph.node(id);
     let out_shape = resolve_shape(&node.ty.shape, bindings);
@@ -293,6 +313,83 @@ fn eval_node(
             }
             Value::Float(out)
         }
+        Op::Compare(c) => {
+            let (x, y) = (
+                broadcast(args[0].float(), &out_shape),
+                broadcast(args[1].float(), &out_shape),
+            );
+            Value::Bool(Zip::from(&x).and(&y).map_collect(|&a, &b| c.apply(a, b)))
+        }
+        Op::RmsNorm { eps } => Value::Float(rmsnorm(args[0].float(), args[1].float(), *eps)),
+        Op::Linear { norm_eps, residual } => {
+            let x = normed(args, *norm_eps, 2);
+            let mut out = linear(&x, args[1].float());
+            if *residual {
+                out += args[args.len() - 1].float();
+            }
+            Value::Float(out)
+        }
+        Op::SwiGlu { norm_eps } => {
+            let x = normed(args, *norm_eps, 3);
+            let gate = linear(&x, args[1].float());
+            let up = linear(&x, args[2].float());
+            Value::Float(
+                Zip::from(&gate)
+                    .and(&up)
+                    .map_collect(|&g, &u| g / (1.0 + (-g).exp()) * u),
+            )
+        }
+        Op::HeadsProj {
+            heads,
+            head_dim,
+            norm_eps,
+            rope_base,
+        } => {
+            let x = normed(args, *norm_eps, 2);
+            let y = linear(&x, args[1].float());
+            let (b, t) = (y.shape()[0], y.shape()[1]);
+            let split = reshape(y.view(), &[b, t, *heads as usize, *head_dim as usize]);
+            let heads_first = reshape(split.view().permuted_axes(vec![0, 2, 1, 3]), &out_shape);
+            Value::Float(match rope_base {
+                Some(base) => rope(&heads_first, args[args.len() - 1].int(), *base),
+                None => heads_first,
+            })
+        }
+        Op::Attention(kernel) => {
+            let ops = crate::attention::Operands {
+                q: args[0].float(),
+                k: args[1].float(),
+                v: args[2].float(),
+                sides: (0..kernel.sides.len())
+                    .map(|i| args[3 + 3 * i].int())
+                    .collect(),
+            };
+            let out = if options.tiled_attention {
+                crate::attention::tiled(kernel, &ops)
+            } else {
+                crate::attention::dense(kernel, &ops)
+            };
+            Value::Float(if kernel.merge_heads {
+                reshape(out.view().permuted_axes(vec![0, 2, 1, 3]), &out_shape)
+            } else {
+                out
+            })
+        }
+        Op::TileRanges { block } => {
+            let x = args[0].int();
+            let block = *block as usize;
+            let out = ArrayD::from_shape_fn(IxDyn(&out_shape), |index| {
+                let (b, tile, which) = (index[0], index[1], index[2]);
+                let row = x.index_axis(Axis(0), b);
+                let end = ((tile + 1) * block).min(row.len());
+                let values = row.slice(ndarray::s![tile * block..end]);
+                let (lo, hi) = values
+                    .iter()
+                    .fold((i64::MAX, i64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+                if which == 0 { lo } else { hi }
+            });
+            Value::Int(out)
+        }
         Op::Select => {
             let cond = broadcast(args[0].boolean(), &out_shape);
             match (args[1], args[2]) {
@@ -351,6 +448,34 @@ fn broadcast<T: Clone>(array: &ArrayD<T>, shape: &[usize]) -> ArrayD<T> {
         .broadcast(IxDyn(shape))
         .expect("the verifier checked that the shapes broadcast");
     reshape(view, shape)
+}
+
+/// RMSNorm over the last axis.
+fn rmsnorm(x: &ArrayD<f64>, g: &ArrayD<f64>, eps: f64) -> ArrayD<f64> {
+    let last = Axis(x.ndim() - 1);
+    let mut out = x.clone();
+    for mut row in out.lanes_mut(last) {
+        let mean = row.iter().map(|v| v * v).sum::<f64>() / row.len() as f64;
+        let scale = 1.0 / (mean + eps).sqrt();
+        row.iter_mut()
+            .zip(g.iter())
+            .for_each(|(v, w)| *v *= scale * w);
+    }
+    out
+}
+
+/// The first operand, RMS-normalized with the weight at `norm_operand` when `eps` is set.
+fn normed(args: &[&Value], eps: Option<f64>, norm_operand: usize) -> ArrayD<f64> {
+    match eps {
+        Some(eps) => rmsnorm(args[0].float(), args[norm_operand].float(), eps),
+        None => args[0].float().clone(),
+    }
+}
+
+/// `x @ w^T` for a `[N, K]` weight.
+fn linear(x: &ArrayD<f64>, w: &ArrayD<f64>) -> ArrayD<f64> {
+    let wt = reshape(w.view().reversed_axes(), &[w.shape()[1], w.shape()[0]]);
+    matmul(x, &wt)
 }
 
 fn embedding(table: &ArrayD<f64>, ids: &ArrayD<i64>) -> Result<ArrayD<f64>, InterpError> {

@@ -1,14 +1,17 @@
 //! Zebra's graph IR: a tensor dataflow graph on petgraph with symbolic batch and sequence
 //! dimensions, a stable text form, a verifier, Graphviz output and the reference interpreter.
 
+pub mod attention;
 pub mod dot;
 pub mod expr;
 pub mod graph;
 pub mod interp;
+pub mod interval;
 pub mod npy;
 pub mod op;
 pub mod parse;
 pub mod print;
+pub mod schedule;
 pub mod types;
 pub mod verify;
 pub mod weights;

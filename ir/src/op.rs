@@ -4,7 +4,7 @@ use crate::expr::{Expr, ScalarType};
 use crate::types::{DType, Dim, Shape, TensorType, broadcast_shapes, fmt_shape, same_volume};
 
 /// Elementwise operations of one operand.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum UnaryOp {
     Neg,
     Exp,
@@ -17,7 +17,7 @@ pub enum UnaryOp {
 }
 
 /// Elementwise operations of two operands, broadcast numpy-style.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BinaryOp {
     Add,
     Sub,
@@ -28,7 +28,7 @@ pub enum BinaryOp {
 }
 
 /// Reductions along one axis; the axis is kept with size 1.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ReduceOp {
     Sum,
     Max,
@@ -119,6 +119,97 @@ impl ReduceOp {
     }
 }
 
+/// Elementwise comparisons of two float operands, giving a bool tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CmpOp {
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Eq,
+    Ne,
+}
+
+impl CmpOp {
+    pub const ALL: [CmpOp; 6] = [
+        CmpOp::Lt,
+        CmpOp::Le,
+        CmpOp::Gt,
+        CmpOp::Ge,
+        CmpOp::Eq,
+        CmpOp::Ne,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CmpOp::Lt => "lt",
+            CmpOp::Le => "le",
+            CmpOp::Gt => "gt",
+            CmpOp::Ge => "ge",
+            CmpOp::Eq => "eq",
+            CmpOp::Ne => "ne",
+        }
+    }
+
+    pub fn apply(self, a: f64, b: f64) -> bool {
+        match self {
+            CmpOp::Lt => a < b,
+            CmpOp::Le => a <= b,
+            CmpOp::Gt => a > b,
+            CmpOp::Ge => a >= b,
+            CmpOp::Eq => a == b,
+            CmpOp::Ne => a != b,
+        }
+    }
+}
+
+/// A fused attention kernel: `softmax(mask(score(scale * Q K^T))) V` computed tile by tile
+/// with an online softmax, never materializing the `[T, T]` scores. Query head `h` reads
+/// key/value head `h / (heads / kv_heads)`. A query whose keys are all masked gets zeros.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttentionKernel {
+    /// The kernel's name in the text form (the attention kind's label where known).
+    pub name: String,
+    pub mask: Expr,
+    /// The score modifier, with `score` bound to the scaled score.
+    pub score: Option<Expr>,
+    /// The side inputs the mask and score read, in operand order.
+    pub sides: Vec<String>,
+    pub scale: f64,
+    pub heads: u64,
+    pub kv_heads: u64,
+    pub head_dim: u64,
+    /// The tile sizes along queries and keys.
+    pub block_q: u64,
+    pub block_k: u64,
+    /// Write the output as `[B, T, heads * head_dim]` (heads merged, ready for the output
+    /// projection) instead of `[B, heads, T, head_dim]`.
+    pub merge_heads: bool,
+    /// Where the attention's mask was written.
+    pub loc: Option<crate::graph::Loc>,
+}
+
+impl AttentionKernel {
+    /// The operand count: q, k, v, then per side input the values and their query-tile and
+    /// key-tile ranges.
+    pub fn arity(&self) -> usize {
+        3 + 3 * self.sides.len()
+    }
+
+    /// Whether two kernels compute the same thing (names and source positions aside).
+    pub fn same_computation(&self, other: &AttentionKernel) -> bool {
+        AttentionKernel {
+            name: String::new(),
+            loc: None,
+            ..self.clone()
+        } == AttentionKernel {
+            name: String::new(),
+            loc: None,
+            ..other.clone()
+        }
+    }
+}
+
 /// One operation of the graph. Operands are the node's incoming edges, in order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
@@ -177,6 +268,41 @@ pub enum Op {
     },
     /// `select(cond, a, b)`: `a` where `cond` holds, else `b`; all three broadcast.
     Select,
+    /// Elementwise comparison of two floats, broadcast.
+    Compare(CmpOp),
+
+    // Fused operations, introduced by the optimizer.
+    /// RMSNorm over the last axis: `x * rsqrt(mean(x^2) + eps) * g`; operands `(x, g)`.
+    RmsNorm {
+        eps: f64,
+    },
+    /// `x @ w^T` for a `[N, K]` weight. With `norm_eps`, RMSNorm(x, g) comes first (`g` is the
+    /// operand after `w`); with `residual`, the last operand is added to the result.
+    Linear {
+        norm_eps: Option<f64>,
+        residual: bool,
+    },
+    /// `silu(x @ wg^T) * (x @ wu^T)`, operands `(x, wg, wu)`, with RMSNorm(x, g) first when
+    /// `norm_eps` is set (`g` last).
+    SwiGlu {
+        norm_eps: Option<f64>,
+    },
+    /// A projection to attention heads: `x @ w^T` for `x: [B, T, K]`, split into
+    /// `[B, heads, T, head_dim]`, with RoPE at `positions` when `rope_base` is set. Operands
+    /// `(x, w)`, then `g` if `norm_eps` is set, then `positions` if `rope_base` is set.
+    HeadsProj {
+        heads: u64,
+        head_dim: u64,
+        norm_eps: Option<f64>,
+        rope_base: Option<f64>,
+    },
+    /// A fused attention (see [`AttentionKernel`]).
+    Attention(Box<AttentionKernel>),
+    /// The run-time block-classification step for masks over side inputs: the smallest and
+    /// largest value of each block of `block` positions, `i64[B, T] -> i64[B, T/block, 2]`.
+    TileRanges {
+        block: u64,
+    },
 }
 
 impl Op {
@@ -199,6 +325,13 @@ impl Op {
             Op::Mask { .. } => "mask",
             Op::ScoreMod { .. } => "score_mod",
             Op::Select => "select",
+            Op::Compare(c) => c.name(),
+            Op::RmsNorm { .. } => "rmsnorm",
+            Op::Linear { .. } => "linear",
+            Op::SwiGlu { .. } => "swiglu",
+            Op::HeadsProj { .. } => "heads_proj",
+            Op::Attention(_) => "attention",
+            Op::TileRanges { .. } => "tile_ranges",
         }
     }
 
@@ -211,10 +344,22 @@ impl Op {
             | Op::Reshape { .. }
             | Op::Transpose { .. }
             | Op::Expand { .. } => 1,
-            Op::Embedding | Op::MatMul | Op::Binary(_) | Op::Rope { .. } => 2,
+            Op::Embedding | Op::MatMul | Op::Binary(_) | Op::Rope { .. } | Op::Compare(_) => 2,
             Op::Select => 3,
             Op::Mask { sides, .. } => sides.len(),
             Op::ScoreMod { sides, .. } => 1 + sides.len(),
+            Op::RmsNorm { .. } => 2,
+            Op::TileRanges { .. } => 1,
+            Op::Linear { norm_eps, residual } => {
+                2 + usize::from(norm_eps.is_some()) + usize::from(*residual)
+            }
+            Op::SwiGlu { norm_eps } => 3 + usize::from(norm_eps.is_some()),
+            Op::HeadsProj {
+                norm_eps,
+                rope_base,
+                ..
+            } => 2 + usize::from(norm_eps.is_some()) + usize::from(rope_base.is_some()),
+            Op::Attention(kernel) => kernel.arity(),
         }
     }
 
@@ -402,6 +547,107 @@ impl Op {
                 }
                 Ok(scores.clone())
             }
+            Op::Compare(_) => {
+                let (a, b) = (float(0)?, float(1)?);
+                broadcast_shapes(&a.shape, &b.shape)
+                    .map(|s| TensorType::new(DType::Bool, s))
+                    .ok_or_else(|| format!("shapes do not broadcast: {a} and {b}"))
+            }
+            Op::RmsNorm { eps } => {
+                let (x, g) = (float(0)?, float(1)?);
+                check_eps(*eps)?;
+                check_norm_weight(x, g)?;
+                Ok(x.clone())
+            }
+            Op::Linear { norm_eps, residual } => {
+                let (x, w) = (float(0)?, float(1)?);
+                let out = linear_type(x, w)?;
+                let mut next = 2;
+                if let Some(eps) = norm_eps {
+                    check_eps(*eps)?;
+                    check_norm_weight(x, float(next)?)?;
+                    next += 1;
+                }
+                if *residual {
+                    let r = float(next)?;
+                    if r.shape != out.shape {
+                        return Err(format!("the residual {r} does not match the product {out}"));
+                    }
+                }
+                Ok(out)
+            }
+            Op::SwiGlu { norm_eps } => {
+                let (x, wg, wu) = (float(0)?, float(1)?, float(2)?);
+                let gate = linear_type(x, wg)?;
+                if linear_type(x, wu)? != gate {
+                    return Err(format!("gate {wg} and up {wu} projections differ"));
+                }
+                if let Some(eps) = norm_eps {
+                    check_eps(*eps)?;
+                    check_norm_weight(x, float(3)?)?;
+                }
+                Ok(gate)
+            }
+            Op::HeadsProj {
+                heads,
+                head_dim,
+                norm_eps,
+                rope_base,
+            } => {
+                let (x, w) = (float(0)?, float(1)?);
+                let out = linear_type(x, w)?;
+                if x.rank() != 3 || x.shape[1] != Dim::T {
+                    return Err(format!("heads_proj needs x: [B, T, K], found {x}"));
+                }
+                if out.shape[2] != Dim::Const(heads * head_dim) {
+                    return Err(format!(
+                        "{w} does not project to {heads} heads of {head_dim}"
+                    ));
+                }
+                let mut next = 2;
+                if let Some(eps) = norm_eps {
+                    check_eps(*eps)?;
+                    check_norm_weight(x, float(next)?)?;
+                    next += 1;
+                }
+                if let Some(base) = rope_base {
+                    if base.partial_cmp(&1.0) != Some(std::cmp::Ordering::Greater)
+                        || head_dim % 2 == 1
+                    {
+                        return Err(format!(
+                            "rope needs a base above 1 and an even head dim, found {base} and {head_dim}"
+                        ));
+                    }
+                    let pos = operands[next];
+                    if pos.dtype != DType::I64 || pos.shape != [Dim::T] {
+                        return Err(format!("rope positions must be i64[T], found {pos}"));
+                    }
+                }
+                Ok(TensorType::f32(vec![
+                    x.shape[0],
+                    Dim::Const(*heads),
+                    Dim::T,
+                    Dim::Const(*head_dim),
+                ]))
+            }
+            Op::Attention(kernel) => attention_type(kernel, operands),
+            Op::TileRanges { block } => {
+                let x = operands[0];
+                if x.dtype != DType::I64 || x.shape != [Dim::B, Dim::T] {
+                    return Err(format!("tile_ranges needs i64[B, T], found {x}"));
+                }
+                if *block == 0 || *block > u64::from(u32::MAX) {
+                    return Err(format!("a block of {block} positions is out of range"));
+                }
+                Ok(TensorType::new(
+                    DType::I64,
+                    vec![
+                        Dim::B,
+                        Dim::Blocks(crate::types::Sym::Seq, *block as u32),
+                        Dim::Const(2),
+                    ],
+                ))
+            }
             Op::Select => {
                 let (cond, a, b) = (operands[0], operands[1], operands[2]);
                 if cond.dtype != DType::Bool {
@@ -455,4 +701,122 @@ fn check_expr(
         }
     }
     Ok(())
+}
+
+fn check_eps(eps: f64) -> Result<(), String> {
+    if eps > 0.0 && eps.is_finite() {
+        Ok(())
+    } else {
+        Err(format!("the norm epsilon must be positive, found {eps}"))
+    }
+}
+
+fn check_norm_weight(x: &TensorType, g: &TensorType) -> Result<(), String> {
+    match x.shape.last() {
+        Some(d) if g.shape == [*d] => Ok(()),
+        _ => Err(format!("the norm weight {g} does not match {x}")),
+    }
+}
+
+/// The type of `x @ w^T` for a constant `[N, K]` weight.
+fn linear_type(x: &TensorType, w: &TensorType) -> Result<TensorType, String> {
+    if w.rank() != 2 || x.rank() < 1 || x.shape[x.rank() - 1] != w.shape[1] {
+        return Err(format!("cannot multiply {x} by the transpose of {w}"));
+    }
+    let mut shape = x.shape.clone();
+    let last = shape.len() - 1;
+    shape[last] = w.shape[0];
+    Ok(TensorType::f32(shape))
+}
+
+fn attention_type(
+    kernel: &AttentionKernel,
+    operands: &[&TensorType],
+) -> Result<TensorType, String> {
+    let AttentionKernel {
+        heads,
+        kv_heads,
+        head_dim,
+        ..
+    } = *kernel;
+    if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(format!("kv_heads = {kv_heads} must divide heads = {heads}"));
+    }
+    if kernel.block_q == 0
+        || kernel.block_k == 0
+        || kernel.block_q > u64::from(u32::MAX)
+        || kernel.block_k > u64::from(u32::MAX)
+    {
+        return Err("tile sizes must be positive".into());
+    }
+    let (q, k, v) = (operands[0], operands[1], operands[2]);
+    let expect = |t: &TensorType, h: u64, what: &str| -> Result<(), String> {
+        let ok = t.dtype == DType::F32
+            && t.rank() == 4
+            && t.shape[1] == Dim::Const(h)
+            && t.shape[2] == Dim::T
+            && t.shape[3] == Dim::Const(head_dim)
+            && t.shape[0] == q.shape[0];
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what} must be f32[B, {h}, T, {head_dim}], found {t}"
+            ))
+        }
+    };
+    expect(q, heads, "q")?;
+    expect(k, kv_heads, "k")?;
+    expect(v, kv_heads, "v")?;
+    let mask_ty = kernel.mask.ty()?;
+    if mask_ty != ScalarType::Bool {
+        return Err(format!(
+            "the attention mask must be bool, found {}",
+            mask_ty.name()
+        ));
+    }
+    if let Some(score) = &kernel.score
+        && !score.ty()?.is_numeric()
+    {
+        return Err("the score modifier must be a number".into());
+    }
+    for name in kernel.mask.sides().iter().chain(
+        kernel
+            .score
+            .iter()
+            .flat_map(|s| s.sides())
+            .collect::<Vec<_>>()
+            .iter(),
+    ) {
+        if !kernel.sides.contains(name) {
+            return Err(format!("side input `{name}` is read but not an operand"));
+        }
+    }
+    for (i, name) in kernel.sides.iter().enumerate() {
+        let side = operands[3 + 3 * i];
+        if side.dtype != DType::I64 || side.shape != [Dim::B, Dim::T] {
+            return Err(format!(
+                "side input `{name}` must be i64[B, T], found {side}"
+            ));
+        }
+        for (offset, block) in [(1, kernel.block_q), (2, kernel.block_k)] {
+            let ranges = operands[3 + 3 * i + offset];
+            let want = [
+                Dim::B,
+                Dim::Blocks(crate::types::Sym::Seq, block as u32),
+                Dim::Const(2),
+            ];
+            if ranges.dtype != DType::I64 || ranges.shape != want {
+                return Err(format!(
+                    "the tile ranges of `{name}` must be i64{}, found {ranges}",
+                    fmt_shape(&want)
+                ));
+            }
+        }
+    }
+    Ok(if kernel.merge_heads {
+        TensorType::f32(vec![q.shape[0], Dim::T, Dim::Const(heads * head_dim)])
+    } else {
+        q.clone()
+    })
 }

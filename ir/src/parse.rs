@@ -2,9 +2,10 @@
 
 use std::collections::HashMap;
 
+use crate::expr::Expr;
 use crate::expr::parse_expr;
 use crate::graph::{Graph, LayerInfo, Loc, Node, NodeId};
-use crate::op::{BinaryOp, Op, ReduceOp, UnaryOp};
+use crate::op::{AttentionKernel, BinaryOp, CmpOp, Op, ReduceOp, UnaryOp};
 use crate::types::{DType, Dim, Shape, Sym, TensorType};
 
 /// A syntax error in the text form, with its 1-based line.
@@ -18,8 +19,15 @@ pub struct ParseError {
 /// Parses a graph from its text form. Types are taken as written; run the verifier to check
 /// them.
 pub fn parse_graph(text: &str) -> Result<Graph, ParseError> {
+    parse_graph_lines(text).map(|(graph, _)| graph)
+}
+
+/// Parses a graph and returns the 1-based line of every node, for diagnostics.
+pub fn parse_graph_lines(text: &str) -> Result<(Graph, HashMap<NodeId, usize>), ParseError> {
+    let mut lines: HashMap<NodeId, usize> = HashMap::new();
     let mut graph = Graph::default();
     let mut names: HashMap<String, NodeId> = HashMap::new();
+    let mut kernels: HashMap<String, AttentionKernel> = HashMap::new();
     let mut layer: Option<u32> = None;
     let mut state = State::Start;
     for (index, raw) in text.lines().enumerate() {
@@ -50,6 +58,17 @@ pub fn parse_graph(text: &str) -> Result<Graph, ParseError> {
                     cur.punct("[").map_err(err)?;
                     let kinds = cur.list("]", |c| c.string()).map_err(err)?;
                     graph.layers = kinds.into_iter().map(|kind| LayerInfo { kind }).collect();
+                } else if cur.try_keyword("kernel") {
+                    cur.punct("@").map_err(err)?;
+                    let name = cur.ident().map_err(err)?;
+                    cur.punct("=").map_err(err)?;
+                    cur.keyword("attention").map_err(err)?;
+                    let attrs = cur.attrs().map_err(err)?;
+                    let loc = cur.loc().map_err(err)?;
+                    let kernel = build_kernel(&name, &attrs, loc).map_err(err)?;
+                    if kernels.insert(name.clone(), kernel).is_some() {
+                        return Err(err(format!("kernel `@{name}` is defined twice")));
+                    }
                 } else if cur.try_keyword("layer") {
                     if layer.is_some() {
                         return Err(err("layer blocks do not nest".into()));
@@ -65,13 +84,15 @@ pub fn parse_graph(text: &str) -> Result<Graph, ParseError> {
                         .ok_or_else(|| err(format!("`{value}` is not defined")))?;
                     graph.add_output(name, id);
                 } else {
-                    let (name, node, operands) = node_line(&mut cur, &names).map_err(err)?;
+                    let (name, node, operands) =
+                        node_line(&mut cur, &names, &kernels).map_err(err)?;
                     let node = Node { layer, ..node };
                     if names.contains_key(&name) {
                         return Err(err(format!("`{name}` is defined twice")));
                     }
                     let id = graph.add(node, &operands);
                     names.insert(name, id);
+                    lines.insert(id, line);
                 }
                 cur.end().map_err(err)?;
             }
@@ -83,7 +104,7 @@ pub fn parse_graph(text: &str) -> Result<Graph, ParseError> {
             message: "the graph is not closed with `}`".into(),
         });
     }
-    Ok(graph)
+    Ok((graph, lines))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -96,6 +117,7 @@ enum State {
 fn node_line(
     cur: &mut Cursor,
     names: &HashMap<String, NodeId>,
+    kernels: &HashMap<String, AttentionKernel>,
 ) -> Result<(String, Node, Vec<NodeId>), String> {
     let name = cur.value_name()?;
     cur.punct("=")?;
@@ -109,32 +131,15 @@ fn node_line(
             operands.push(*id);
         }
     }
-    let mut attrs: HashMap<String, String> = HashMap::new();
-    if cur.try_punct("{") {
-        loop {
-            let key = cur.ident()?;
-            cur.punct("=")?;
-            let value = cur.attr_value()?;
-            attrs.insert(key, value);
-            if cur.try_punct("}") {
-                break;
-            }
-            cur.punct(",")?;
-        }
-    }
+    let attrs = if cur.rest().trim_start().starts_with('{') {
+        cur.attrs()?
+    } else {
+        HashMap::new()
+    };
     cur.punct(":")?;
     let ty = cur.tensor_type()?;
-    let loc = if cur.try_keyword("loc") {
-        cur.punct("(")?;
-        let line = cur.number::<u32>()?;
-        cur.punct(":")?;
-        let col = cur.number::<u32>()?;
-        cur.punct(")")?;
-        Some(Loc { line, col })
-    } else {
-        None
-    };
-    let op = build_op(&op_name, &attrs)?;
+    let loc = cur.loc()?;
+    let op = build_op(&op_name, &attrs, kernels)?;
     Ok((
         name,
         Node {
@@ -147,30 +152,50 @@ fn node_line(
     ))
 }
 
-fn build_op(name: &str, attrs: &HashMap<String, String>) -> Result<Op, String> {
-    let attr = |key: &str| -> Result<&str, String> {
-        attrs
+/// Typed access to the attributes of one line.
+struct Attrs<'a> {
+    what: &'a str,
+    attrs: &'a HashMap<String, String>,
+}
+
+impl Attrs<'_> {
+    fn get(&self, key: &str) -> Result<&str, String> {
+        self.attrs
             .get(key)
             .map(String::as_str)
-            .ok_or_else(|| format!("`{name}` needs the attribute `{key}`"))
-    };
-    let string = |key: &str| -> Result<String, String> { Cursor::new(attr(key)?).string() };
-    let shape = |key: &str| -> Result<Shape, String> {
-        let mut c = Cursor::new(attr(key)?);
-        c.punct("[")?;
-        c.list("]", |c| c.dim())
-    };
-    let float = |key: &str| -> Result<f64, String> {
-        let text = attr(key)?;
-        match text {
-            "inf" => Ok(f64::INFINITY),
-            "-inf" => Ok(f64::NEG_INFINITY),
-            "nan" => Ok(f64::NAN),
-            _ => text.parse().map_err(|_| format!("bad number `{text}`")),
+            .ok_or_else(|| format!("`{}` needs the attribute `{key}`", self.what))
+    }
+
+    fn float(&self, key: &str) -> Result<f64, String> {
+        parse_float(self.get(key)?)
+    }
+
+    fn optional_float(&self, key: &str) -> Result<Option<f64>, String> {
+        self.attrs.get(key).map(|v| parse_float(v)).transpose()
+    }
+
+    fn number(&self, key: &str) -> Result<u64, String> {
+        Cursor::new(self.get(key)?).number::<u64>()
+    }
+
+    fn boolean(&self, key: &str) -> Result<bool, String> {
+        match self.attrs.get(key).map(String::as_str) {
+            None | Some("false") => Ok(false),
+            Some("true") => Ok(true),
+            Some(other) => Err(format!("`{key}` is `true` or `false`, found `{other}`")),
         }
-    };
-    let sides = || -> Result<Vec<String>, String> {
-        match attrs.get("sides") {
+    }
+
+    fn string(&self, key: &str) -> Result<String, String> {
+        Cursor::new(self.get(key)?).string()
+    }
+
+    fn expr(&self, key: &str) -> Result<Expr, String> {
+        parse_expr(&self.string(key)?).map_err(|e| format!("in `{key}`: {e}"))
+    }
+
+    fn strings(&self, key: &str) -> Result<Vec<String>, String> {
+        match self.attrs.get(key) {
             None => Ok(vec![]),
             Some(text) => {
                 let mut c = Cursor::new(text);
@@ -178,16 +203,76 @@ fn build_op(name: &str, attrs: &HashMap<String, String>) -> Result<Op, String> {
                 c.list("]", |c| c.string())
             }
         }
+    }
+}
+
+fn parse_float(text: &str) -> Result<f64, String> {
+    match text {
+        "inf" => Ok(f64::INFINITY),
+        "-inf" => Ok(f64::NEG_INFINITY),
+        "nan" => Ok(f64::NAN),
+        _ => text.parse().map_err(|_| format!("bad number `{text}`")),
+    }
+}
+
+fn build_kernel(
+    name: &str,
+    attrs: &HashMap<String, String>,
+    loc: Option<Loc>,
+) -> Result<AttentionKernel, String> {
+    let a = Attrs {
+        what: "kernel",
+        attrs,
+    };
+    let kernel = AttentionKernel {
+        name: name.to_string(),
+        mask: a.expr("mask")?,
+        score: if attrs.contains_key("score") {
+            Some(a.expr("score")?)
+        } else {
+            None
+        },
+        sides: a.strings("sides")?,
+        scale: a.float("scale")?,
+        heads: a.number("heads")?,
+        kv_heads: a.number("kv_heads")?,
+        head_dim: a.number("head_dim")?,
+        block_q: a.number("block_q")?,
+        block_k: a.number("block_k")?,
+        merge_heads: a.boolean("merge_heads")?,
+        loc,
+    };
+    let known: Vec<&str> = crate::print::kernel_attributes(&kernel)
+        .iter()
+        .map(|(k, _)| *k)
+        .collect();
+    if let Some(extra) = attrs.keys().filter(|k| !known.contains(&k.as_str())).min() {
+        return Err(format!("a kernel has no attribute `{extra}`"));
+    }
+    Ok(kernel)
+}
+
+fn build_op(
+    name: &str,
+    attrs: &HashMap<String, String>,
+    kernels: &HashMap<String, AttentionKernel>,
+) -> Result<Op, String> {
+    let a = Attrs { what: name, attrs };
+    let attr = |key: &str| a.get(key);
+    let shape = |key: &str| -> Result<Shape, String> {
+        let mut c = Cursor::new(attr(key)?);
+        c.punct("[")?;
+        c.list("]", |c| c.dim())
     };
     let op = match name {
         "input" => Op::Input {
-            name: string("name")?,
+            name: a.string("name")?,
         },
         "weight" => Op::Weight {
-            name: string("name")?,
+            name: a.string("name")?,
         },
         "constant" => Op::Constant {
-            value: float("value")?,
+            value: a.float("value")?,
         },
         "positions" => Op::Positions,
         "embedding" => Op::Embedding,
@@ -207,11 +292,40 @@ fn build_op(name: &str, attrs: &HashMap<String, String>) -> Result<Op, String> {
             }
         }
         "rope" => Op::Rope {
-            base: float("base")?,
+            base: a.float("base")?,
         },
+        "rmsnorm" => Op::RmsNorm {
+            eps: a.float("eps")?,
+        },
+        "linear" => Op::Linear {
+            norm_eps: a.optional_float("norm_eps")?,
+            residual: a.boolean("residual")?,
+        },
+        "swiglu" => Op::SwiGlu {
+            norm_eps: a.optional_float("norm_eps")?,
+        },
+        "heads_proj" => Op::HeadsProj {
+            heads: a.number("heads")?,
+            head_dim: a.number("head_dim")?,
+            norm_eps: a.optional_float("norm_eps")?,
+            rope_base: a.optional_float("rope_base")?,
+        },
+        "tile_ranges" => Op::TileRanges {
+            block: a.number("block")?,
+        },
+        "attention" => {
+            let reference = attr("kernel")?;
+            let kernel_name = reference.strip_prefix('@').ok_or_else(|| {
+                format!("`kernel` names a kernel as `@name`, found `{reference}`")
+            })?;
+            let kernel = kernels
+                .get(kernel_name)
+                .ok_or_else(|| format!("kernel `@{kernel_name}` is not defined above"))?;
+            Op::Attention(Box::new(kernel.clone()))
+        }
         "mask" | "score_mod" => {
-            let expr = parse_expr(&string("expr")?).map_err(|e| format!("in `expr`: {e}"))?;
-            let sides = sides()?;
+            let expr = a.expr("expr")?;
+            let sides = a.strings("sides")?;
             if name == "mask" {
                 Op::Mask { expr, sides }
             } else {
@@ -223,6 +337,8 @@ fn build_op(name: &str, attrs: &HashMap<String, String>) -> Result<Op, String> {
                 Op::Unary(u)
             } else if let Some(b) = BinaryOp::ALL.into_iter().find(|b| b.name() == other) {
                 Op::Binary(b)
+            } else if let Some(c) = CmpOp::ALL.into_iter().find(|c| c.name() == other) {
+                Op::Compare(c)
             } else if let Some(r) = ReduceOp::ALL.into_iter().find(|r| r.name() == other) {
                 Op::Reduce {
                     op: r,
@@ -388,9 +504,47 @@ impl<'a> Cursor<'a> {
         }
     }
 
+    /// `{key = value, ...}`, or nothing.
+    fn attrs(&mut self) -> Result<HashMap<String, String>, String> {
+        let mut attrs = HashMap::new();
+        if self.try_punct("{") {
+            loop {
+                let key = self.ident()?;
+                self.punct("=")?;
+                let value = self.attr_value()?;
+                if attrs.insert(key.clone(), value).is_some() {
+                    return Err(format!("attribute `{key}` is given twice"));
+                }
+                if self.try_punct("}") {
+                    break;
+                }
+                self.punct(",")?;
+            }
+        }
+        Ok(attrs)
+    }
+
+    /// `loc(line:col)`, or nothing.
+    fn loc(&mut self) -> Result<Option<Loc>, String> {
+        if !self.try_keyword("loc") {
+            return Ok(None);
+        }
+        self.punct("(")?;
+        let line = self.number::<u32>()?;
+        self.punct(":")?;
+        let col = self.number::<u32>()?;
+        self.punct(")")?;
+        Ok(Some(Loc { line, col }))
+    }
+
     fn dim(&mut self) -> Result<Dim, String> {
         let word = self.word();
         if let Some(sym) = Sym::from_name(word) {
+            if self.rest().starts_with('/') {
+                self.pos += 1;
+                let block = self.number::<u32>()?;
+                return Ok(Dim::Blocks(sym, block));
+            }
             Ok(Dim::Sym(sym))
         } else {
             word.parse()

@@ -20,7 +20,7 @@ use std::fmt::Write;
 
 use crate::expr::fmt_float;
 use crate::graph::{Graph, NodeId};
-use crate::op::Op;
+use crate::op::{AttentionKernel, Op};
 use crate::types::fmt_shape;
 
 /// Writes a string literal with `"` and `\` escaped.
@@ -58,10 +58,92 @@ pub fn attributes(op: &Op) -> Vec<(&'static str, String)> {
             }
             attrs
         }
-        Op::Positions | Op::Embedding | Op::MatMul | Op::Unary(_) | Op::Binary(_) | Op::Select => {
-            vec![]
+        Op::RmsNorm { eps } => vec![("eps", fmt_float(*eps))],
+        Op::Linear { norm_eps, residual } => {
+            let mut attrs = Vec::new();
+            if let Some(eps) = norm_eps {
+                attrs.push(("norm_eps", fmt_float(*eps)));
+            }
+            if *residual {
+                attrs.push(("residual", "true".to_string()));
+            }
+            attrs
+        }
+        Op::SwiGlu { norm_eps } => norm_eps
+            .iter()
+            .map(|e| ("norm_eps", fmt_float(*e)))
+            .collect(),
+        Op::HeadsProj {
+            heads,
+            head_dim,
+            norm_eps,
+            rope_base,
+        } => {
+            let mut attrs = vec![
+                ("heads", heads.to_string()),
+                ("head_dim", head_dim.to_string()),
+            ];
+            if let Some(eps) = norm_eps {
+                attrs.push(("norm_eps", fmt_float(*eps)));
+            }
+            if let Some(base) = rope_base {
+                attrs.push(("rope_base", fmt_float(*base)));
+            }
+            attrs
+        }
+        Op::Attention(kernel) => vec![("kernel", format!("@{}", kernel.name))],
+        Op::TileRanges { block } => vec![("block", block.to_string())],
+        Op::Positions
+        | Op::Embedding
+        | Op::MatMul
+        | Op::Unary(_)
+        | Op::Binary(_)
+        | Op::Compare(_)
+        | Op::Select => vec![],
+    }
+}
+
+/// The attributes of an attention kernel, in a fixed order.
+pub fn kernel_attributes(kernel: &AttentionKernel) -> Vec<(&'static str, String)> {
+    let mut attrs = vec![("mask", quote(&kernel.mask.to_string()))];
+    if let Some(score) = &kernel.score {
+        attrs.push(("score", quote(&score.to_string())));
+    }
+    if !kernel.sides.is_empty() {
+        let sides: Vec<String> = kernel.sides.iter().map(|s| quote(s)).collect();
+        attrs.push(("sides", format!("[{}]", sides.join(", "))));
+    }
+    attrs.extend([
+        ("scale", fmt_float(kernel.scale)),
+        ("heads", kernel.heads.to_string()),
+        ("kv_heads", kernel.kv_heads.to_string()),
+        ("head_dim", kernel.head_dim.to_string()),
+        ("block_q", kernel.block_q.to_string()),
+        ("block_k", kernel.block_k.to_string()),
+        ("merge_heads", kernel.merge_heads.to_string()),
+    ]);
+    attrs
+}
+
+/// The distinct attention kernels of a graph in canonical order, each with the name the
+/// text form gives it (a kernel whose name another kernel already took gets a suffix).
+pub fn kernel_table(graph: &Graph) -> Vec<(String, AttentionKernel)> {
+    let mut table: Vec<(String, AttentionKernel)> = Vec::new();
+    for id in graph.topo_order().unwrap_or_else(|| graph.node_ids()) {
+        if let Op::Attention(kernel) = &graph.node(id).op {
+            if table.iter().any(|(_, k)| k == &**kernel) {
+                continue;
+            }
+            let mut name = kernel.name.clone();
+            let mut n = 2;
+            while table.iter().any(|(taken, _)| *taken == name) {
+                name = format!("{}_{n}", kernel.name);
+                n += 1;
+            }
+            table.push((name, (**kernel).clone()));
         }
     }
+    table
 }
 
 /// The canonical name of every node: `%0`, `%1`, ... in canonical order.
@@ -85,6 +167,24 @@ pub fn print_graph(graph: &Graph) -> String {
         let kinds: Vec<String> = graph.layers.iter().map(|l| quote(&l.kind)).collect();
         let _ = writeln!(out, "  layers [{}]", kinds.join(", "));
     }
+    let kernels = kernel_table(graph);
+    for (name, kernel) in &kernels {
+        let attrs: Vec<String> = kernel_attributes(kernel)
+            .iter()
+            .map(|(k, v)| format!("{k} = {v}"))
+            .collect();
+        let _ = write!(out, "  kernel @{name} = attention {{{}}}", attrs.join(", "));
+        if let Some(loc) = kernel.loc {
+            let _ = write!(out, " loc({}:{})", loc.line, loc.col);
+        }
+        let tiles = crate::schedule::describe(
+            &kernel.mask,
+            kernel.heads as usize,
+            kernel.block_q as usize,
+            kernel.block_k as usize,
+        );
+        let _ = writeln!(out, "\n  // tiles: {tiles}");
+    }
     let mut open_layer: Option<u32> = None;
     for id in order {
         let node = graph.node(id);
@@ -104,7 +204,12 @@ pub fn print_graph(graph: &Graph) -> String {
             let list: Vec<&str> = operands.iter().map(|o| names[o].as_str()).collect();
             let _ = write!(out, "({})", list.join(", "));
         }
-        let attrs = attributes(&node.op);
+        let mut attrs = attributes(&node.op);
+        if let Op::Attention(kernel) = &node.op
+            && let Some((name, _)) = kernels.iter().find(|(_, k)| k == &**kernel)
+        {
+            attrs = vec![("kernel", format!("@{name}"))];
+        }
         if !attrs.is_empty() {
             let list: Vec<String> = attrs.iter().map(|(k, v)| format!("{k} = {v}")).collect();
             let _ = write!(out, " {{{}}}", list.join(", "));

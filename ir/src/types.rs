@@ -59,11 +59,13 @@ impl Sym {
     }
 }
 
-/// One dimension of a shape: a constant or a symbol.
+/// One dimension of a shape: a constant, a symbol, or the number of blocks of a given size
+/// that cover a symbol (`T/64` is `ceil(T / 64)`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Dim {
     Const(u64),
     Sym(Sym),
+    Blocks(Sym, u32),
 }
 
 impl Dim {
@@ -74,16 +76,20 @@ impl Dim {
     pub fn as_const(self) -> Option<u64> {
         match self {
             Dim::Const(n) => Some(n),
-            Dim::Sym(_) => None,
+            Dim::Sym(_) | Dim::Blocks(..) => None,
         }
     }
 
     /// The concrete size of this dimension under `bindings`.
     pub fn resolve(self, bindings: &Bindings) -> usize {
+        let sym = |s: Sym| match s {
+            Sym::Batch => bindings.batch,
+            Sym::Seq => bindings.seq,
+        };
         match self {
             Dim::Const(n) => n as usize,
-            Dim::Sym(Sym::Batch) => bindings.batch,
-            Dim::Sym(Sym::Seq) => bindings.seq,
+            Dim::Sym(s) => sym(s),
+            Dim::Blocks(s, block) => sym(s).div_ceil(block.max(1) as usize),
         }
     }
 }
@@ -93,6 +99,7 @@ impl fmt::Display for Dim {
         match self {
             Dim::Const(n) => write!(f, "{n}"),
             Dim::Sym(s) => f.write_str(s.name()),
+            Dim::Blocks(s, block) => write!(f, "{}/{block}", s.name()),
         }
     }
 }
@@ -139,13 +146,13 @@ pub fn broadcast_shapes(a: &[Dim], b: &[Dim]) -> Option<Shape> {
 
 /// Whether two shapes hold the same number of elements for every value of the symbols.
 pub fn same_volume(a: &[Dim], b: &[Dim]) -> bool {
-    fn split(shape: &[Dim]) -> (Option<u64>, Vec<Sym>) {
+    fn split(shape: &[Dim]) -> (Option<u64>, Vec<Dim>) {
         let mut product: Option<u64> = Some(1);
         let mut syms = Vec::new();
         for d in shape {
             match d {
                 Dim::Const(n) => product = product.and_then(|p| p.checked_mul(*n)),
-                Dim::Sym(s) => syms.push(*s),
+                symbolic => syms.push(*symbolic),
             }
         }
         syms.sort();
