@@ -26,13 +26,23 @@ impl std::fmt::Display for Reported {
 
 impl std::error::Error for Reported {}
 
+/// Colour for a terminal that wants it; plain text for pipes, files and `NO_COLOR`.
+fn color_choice() -> ColorChoice {
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none() {
+        ColorChoice::Auto
+    } else {
+        ColorChoice::Never
+    }
+}
+
 /// Reads and checks a source file, printing its diagnostics. Fails if any is an error.
 fn load(path: &Path) -> Result<(String, Checked)> {
     let source =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let checked = check_source(&source);
     if !checked.diagnostics.is_empty() {
-        let mut stderr = StandardStream::stderr(ColorChoice::Auto);
+        let mut stderr = StandardStream::stderr(color_choice());
         diag::emit(
             &mut stderr,
             &path.display().to_string(),
@@ -196,7 +206,7 @@ fn warn_unfused(path: &Path, source: &str, graph: &Graph) {
             None => eprintln!("warning: {message}"),
         }
     }
-    let mut stderr = StandardStream::stderr(ColorChoice::Auto);
+    let mut stderr = StandardStream::stderr(color_choice());
     diag::emit(
         &mut stderr,
         &path.display().to_string(),

@@ -10,7 +10,7 @@
 
 use std::fmt::Write;
 
-use crate::expr::{BinOp, Env, Expr, Scalar, UnOp, Var};
+use crate::expr::{BinOp, Env, Expr, Func, Scalar, UnOp, Var};
 use crate::interval::{SideRange, TileEnv, range};
 
 /// How a tile of the attention matrix is treated.
@@ -294,6 +294,22 @@ fn support(expr: &Expr, negated: bool) -> Support {
         }
         Expr::Binary(op, a, b) if op.is_comparison() => {
             let op = if negated { negate(*op) } else { *op };
+            // |x| < y is -y < x && x < y (and y > |x| the same).
+            let (op, a, b) = match (&**a, &**b) {
+                (_, Expr::Call(Func::Abs, _)) => (flip(op), b, a),
+                _ => (op, a, b),
+            };
+            if let (Expr::Call(Func::Abs, args), BinOp::Lt | BinOp::Le) = (&**a, op)
+                && let [x] = args.as_slice()
+            {
+                let below = Expr::binary(op, x.clone(), (**b).clone());
+                let above = Expr::binary(
+                    op,
+                    Expr::Unary(UnOp::Neg, Box::new((**b).clone())),
+                    x.clone(),
+                );
+                return support(&Expr::binary(BinOp::And, above, below), false);
+            }
             comparison(op, a, b)
         }
         _ => Support::all(),
@@ -616,7 +632,8 @@ pub fn describe(mask: &Expr, heads: usize, block_q: usize, block_k: usize) -> St
     }
     match per_tile {
         Some(n) => {
-            let _ = write!(text, "at most {n} key tiles per query tile, O(T)");
+            let tiles = if n == 1 { "tile" } else { "tiles" };
+            let _ = write!(text, "at most {n} key {tiles} per query tile, O(T)");
         }
         None => text.push_str("key tiles per query tile grow with T, O(T^2)"),
     }
@@ -678,7 +695,9 @@ mod tests {
             s("k <= q && q / 64 == k / 64"),
             "q / 64 * 64 <= k <= min(q, q / 64 * 64 + 63)"
         );
-        assert_eq!(s("abs(q - k) <= 8"), "every k");
+        assert_eq!(s("abs(q - k) <= 8"), "q - 8 <= k <= q + 8");
+        assert_eq!(s("8 > abs(k - q)"), "q - 7 <= k <= q + 7");
+        assert_eq!(s("abs(q - k) > 8"), "every k");
         assert_eq!(s("false"), "no key");
     }
 

@@ -136,3 +136,25 @@ pub fn assert_close(actual: &ArrayD<f64>, expected: &ArrayD<f64>, tol: f64, what
         "{what}: max |a - b| = {worst:e} at flat index {at}, above {tol:e} x {scale:e}"
     );
 }
+
+/// A tiny version of a model with the same layer pattern, attention kinds and RoPE
+/// settings: small enough to run through the interpreter in a test.
+pub fn shrink(spec: &ModelSpec) -> ModelSpec {
+    let mut tiny = spec.clone();
+    tiny.vocab = 40;
+    tiny.n_heads = 4;
+    tiny.n_kv_heads = 4 / spec.group_size().clamp(1, 4);
+    tiny.head_dim = 8;
+    tiny.dim = 32;
+    tiny.ffn_hidden = 24;
+    tiny
+}
+
+/// Every program whose models the optimizer and code generator are tested on: the examples
+/// and the good fixtures.
+pub fn programs() -> Vec<PathBuf> {
+    let mut files = examples();
+    files.extend(zb_files("tests/fixtures/ok"));
+    files.extend(zb_files("tests/fixtures/golden"));
+    files
+}

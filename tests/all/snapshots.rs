@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use crate::common::{check_ok, examples, lower, relative, zb_files};
+use crate::common::{check_ok, lower, relative, zb_files};
 
 /// The snapshot name of a file: its path with `/` as `__` and no extension.
 pub fn snapshot_name(stage: &str, path: &Path) -> String {
@@ -15,10 +15,7 @@ pub fn snapshot_name(stage: &str, path: &Path) -> String {
 }
 
 fn good_programs() -> Vec<std::path::PathBuf> {
-    let mut files = examples();
-    files.extend(zb_files("tests/fixtures/ok"));
-    files.extend(zb_files("tests/fixtures/golden"));
-    files
+    crate::common::programs()
 }
 
 #[test]
