@@ -2,12 +2,13 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use codespan_reporting::term::termcolor::{ColorChoice, StandardStream};
 use ndarray::{ArrayD, Axis, IxDyn};
+use zebra_codegen::backend::Output;
 use zebra_frontend::{Checked, ModelSpec, check_source, diag};
 use zebra_ir::{Graph, Loc, Op, Value, Weights, npy};
 use zebra_passes::Target;
@@ -123,6 +124,7 @@ pub struct CompileArgs<'a> {
     pub print_after: Option<&'a str>,
     pub timings: bool,
     pub explain: Option<&'a str>,
+    pub max_seq_len: usize,
 }
 
 fn is_ir_file(path: &Path) -> bool {
@@ -238,49 +240,130 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
             zebra_passes::pipeline::STAGES.join(", ")
         );
     }
+    let kernels = matches!(
+        args.emit,
+        Emit::Mlir | Emit::Llvm | Emit::Asm | Emit::Artifact
+    );
+    if kernels && args.target != Target::Cpu {
+        bail!(
+            "kernels for {} are not built by this version; use --target cpu",
+            args.target
+        );
+    }
     let (source, graph) = load_graph(args.file, args.model, &mut timings)?;
-    let optimize = args.emit == Emit::Opt || args.print_after.is_some() || args.explain.is_some();
-    let text = if optimize {
-        let options = zebra_passes::Options {
-            target: args.target,
-            explain: args.explain.is_some(),
-            keep_stages: args.print_after.is_some(),
-            ..zebra_passes::Options::default()
-        };
-        let mut optimized = zebra_passes::optimize(&graph, &options)?;
-        timings.extend(optimized.timings.iter().cloned());
-        warn_unfused(args.file, &source, &optimized.graph);
-        if let Some(node) = args.explain {
-            explain(&mut optimized, node)?;
-        }
-        let shown = match args.print_after {
-            Some(stage) => optimized
-                .stages
-                .iter()
-                .find(|(name, _)| name == stage)
-                .map(|(_, g)| g)
-                .ok_or_else(|| anyhow!("internal error: stage `{stage}` was not kept"))?,
-            None => &optimized.graph,
-        };
-        match args.emit {
-            Emit::Dot => zebra_ir::dot::to_dot(shown),
-            _ => zebra_ir::print_graph(shown),
-        }
-    } else {
-        match args.emit {
+    let optimize =
+        kernels || args.emit == Emit::Opt || args.print_after.is_some() || args.explain.is_some();
+    if !optimize {
+        let text = match args.emit {
             Emit::Dot => zebra_ir::dot::to_dot(&graph),
             _ => zebra_ir::print_graph(&graph),
-        }
-    };
-    if args.timings {
-        let total: Duration = timings.iter().map(|(_, d)| *d).sum();
-        eprintln!("timings ({}):", args.file.display());
-        for (name, d) in &timings {
-            eprintln!("  {name:<12} {:>9.3} ms", d.as_secs_f64() * 1e3);
-        }
-        eprintln!("  {:<12} {:>9.3} ms", "total", total.as_secs_f64() * 1e3);
+        };
+        print_timings(args.file, args.timings, &timings);
+        return write_output(args.output, &text);
     }
+    let options = zebra_passes::Options {
+        target: args.target,
+        explain: args.explain.is_some(),
+        keep_stages: args.print_after.is_some(),
+        ..zebra_passes::Options::default()
+    };
+    let mut optimized = zebra_passes::optimize(&graph, &options)?;
+    timings.extend(optimized.timings.iter().cloned());
+    warn_unfused(args.file, &source, &optimized.graph);
+    if let Some(node) = args.explain {
+        explain(&mut optimized, node)?;
+    }
+    let shown = match args.print_after {
+        Some(stage) => optimized
+            .stages
+            .iter()
+            .find(|(name, _)| name == stage)
+            .map(|(_, g)| g)
+            .ok_or_else(|| anyhow!("internal error: stage `{stage}` was not kept"))?,
+        None => &optimized.graph,
+    };
+    let start = Instant::now();
+    let text = match args.emit {
+        Emit::Dot => zebra_ir::dot::to_dot(shown),
+        Emit::Mlir => {
+            zebra_codegen::artifact::emit(&optimized.graph, args.max_seq_len, Output::Object, true)?
+        }
+        Emit::Llvm => zebra_codegen::artifact::emit(
+            &optimized.graph,
+            args.max_seq_len,
+            Output::OptimizedIr,
+            false,
+        )?,
+        Emit::Asm => zebra_codegen::artifact::emit(
+            &optimized.graph,
+            args.max_seq_len,
+            Output::Assembly,
+            false,
+        )?,
+        Emit::Artifact => {
+            let dir = args
+                .output
+                .ok_or_else(|| anyhow!("--emit artifact needs the directory to write: -o DIR"))?;
+            let report = build_artifact(&optimized.graph, dir, args.max_seq_len)?;
+            timings.push(("codegen".into(), report.codegen));
+            timings.push(("link".into(), report.link));
+            print_timings(args.file, args.timings, &timings);
+            println!(
+                "wrote {} ({} kernels for {}, {} compiled now, {} from the cache)",
+                dir.display(),
+                report.kernels,
+                report.target,
+                report.compiled,
+                report.kernels - report.compiled
+            );
+            return Ok(());
+        }
+        _ => zebra_ir::print_graph(shown),
+    };
+    if kernels {
+        timings.push(("codegen".into(), start.elapsed()));
+    }
+    print_timings(args.file, args.timings, &timings);
     write_output(args.output, &text)
+}
+
+fn print_timings(file: &Path, enabled: bool, timings: &[(String, Duration)]) {
+    if !enabled {
+        return;
+    }
+    let total: Duration = timings.iter().map(|(_, d)| *d).sum();
+    eprintln!("timings ({}):", file.display());
+    for (name, d) in timings {
+        eprintln!("  {name:<12} {:>9.3} ms", d.as_secs_f64() * 1e3);
+    }
+    eprintln!("  {:<12} {:>9.3} ms", "total", total.as_secs_f64() * 1e3);
+}
+
+/// Compiles an optimized graph into an artifact directory, with the kernel cache.
+fn build_artifact(
+    graph: &Graph,
+    dir: &Path,
+    max_seq_len: usize,
+) -> Result<zebra_codegen::artifact::BuildReport> {
+    let options = zebra_codegen::artifact::BuildOptions {
+        max_seq_len,
+        cache: zebra_codegen::artifact::Cache::default_location(),
+    };
+    Ok(zebra_codegen::artifact::build(graph, dir, &options)?)
+}
+
+/// The artifact of an optimized graph in the cache (built when missing), for `zebra run`.
+pub fn cached_artifact(graph: &Graph, max_seq_len: usize) -> Result<PathBuf> {
+    let cache = zebra_codegen::artifact::Cache::default_location()
+        .ok_or_else(|| anyhow!("no cache directory: set ZEBRA_CACHE_DIR or HOME"))?;
+    let key = zebra_codegen::kernels::fnv1a(
+        format!("{}\n{max_seq_len}", zebra_ir::print_graph(graph)).as_bytes(),
+    );
+    let dir = cache.dir.join("artifacts").join(format!("{key:016x}"));
+    if zebra_runtime::Artifact::load(&dir).is_err() {
+        build_artifact(graph, &dir, max_seq_len)?;
+    }
+    Ok(dir)
 }
 
 fn explain(optimized: &mut zebra_passes::Optimized, node: &str) -> Result<()> {
@@ -336,6 +419,9 @@ pub fn init(path: &Path, seed: u64, output: &Path, name: Option<&str>) -> Result
 }
 
 pub struct RunArgs<'a> {
+    pub interpret: bool,
+    pub threads: usize,
+    pub max_seq_len: usize,
     pub file: &'a Path,
     pub weights: &'a Path,
     pub tokens: &'a Path,
@@ -405,16 +491,54 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
     let (batch, seq) = (tokens.shape()[0], tokens.shape()[1]);
     inputs.insert("tokens".to_string(), Value::Int(tokens));
-    let start = Instant::now();
-    let outputs = zebra_ir::interpret(&graph, &inputs, &weights)?;
-    let elapsed = start.elapsed();
-    let logits = outputs
-        .get("logits")
-        .and_then(Value::as_float)
-        .ok_or_else(|| anyhow!("internal error: the graph has no float `logits` output"))?;
+    let (logits, how, seconds) = if args.interpret {
+        let start = Instant::now();
+        let outputs = zebra_ir::interpret(&graph, &inputs, &weights)?;
+        let logits = outputs
+            .get("logits")
+            .and_then(Value::as_float)
+            .ok_or_else(|| anyhow!("internal error: the graph has no float `logits` output"))?
+            .clone();
+        (
+            logits,
+            "the reference interpreter".to_string(),
+            start.elapsed().as_secs_f64(),
+        )
+    } else {
+        let optimized = zebra_passes::optimize(&graph, &zebra_passes::Options::default())?.graph;
+        let dir = cached_artifact(&optimized, args.max_seq_len)?;
+        let mut model = zebra_runtime::CpuModel::load(&dir, &weights, args.threads)?;
+        let tensors: BTreeMap<String, zebra_runtime::Tensor> = inputs
+            .iter()
+            .map(|(name, value)| match value {
+                Value::Int(a) => (name.clone(), zebra_runtime::Tensor::I64(a.clone())),
+                other => (
+                    name.clone(),
+                    zebra_runtime::Tensor::F32(
+                        other
+                            .as_float()
+                            .map(|a| a.mapv(|x| x as f32))
+                            .unwrap_or_default(),
+                    ),
+                ),
+            })
+            .collect();
+        let start = Instant::now();
+        let outputs = model.run(&tensors)?;
+        let seconds = start.elapsed().as_secs_f64();
+        let logits = outputs
+            .get("logits")
+            .ok_or_else(|| anyhow!("internal error: the plan has no `logits` output"))?
+            .mapv(f64::from);
+        (
+            logits,
+            format!("the compiled kernels ({} threads)", model.threads()),
+            seconds,
+        )
+    };
     let logits32: ArrayD<f32> = logits.mapv(|x| x as f32);
     npy::write(args.output, &logits32)?;
-    report(spec, logits, batch, seq, elapsed.as_secs_f64(), args.output);
+    report(spec, &logits, batch, seq, seconds, &how, args.output);
     Ok(())
 }
 
@@ -424,6 +548,7 @@ fn report(
     batch: usize,
     seq: usize,
     seconds: f64,
+    how: &str,
     output: &Path,
 ) {
     let count = logits.len() as f64;
@@ -431,7 +556,7 @@ fn report(
     let std = (logits.mapv(|x| (x - mean) * (x - mean)).sum() / count).sqrt();
     let finite = logits.iter().all(|x| x.is_finite());
     println!("{}", describe(spec));
-    println!("ran {batch} x {seq} tokens through the reference interpreter in {seconds:.3} s");
+    println!("ran {batch} x {seq} tokens through {how} in {seconds:.3} s");
     println!(
         "logits f32[{batch}, {seq}, {}] -> {} (mean {mean:.4}, std {std:.4}, all finite: {finite})",
         spec.vocab,

@@ -7,6 +7,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// The longest sequence a compiled artifact runs unless told otherwise.
+pub const DEFAULT_MAX_SEQ_LEN: usize = 32768;
+
 #[derive(Parser)]
 #[command(
     name = "zebra",
@@ -29,6 +32,14 @@ pub enum Emit {
     Dot,
     /// The optimized graph IR: fused attention with tile schedules, fused projections.
     Opt,
+    /// The kernels in MLIR, as built (verified).
+    Mlir,
+    /// The kernels in LLVM IR, optimized for this CPU.
+    Llvm,
+    /// The kernels in this CPU's assembly.
+    Asm,
+    /// A compiled artifact directory (`plan.json`, `kernels.so`) at `-o DIR`.
+    Artifact,
 }
 
 #[derive(Subcommand)]
@@ -61,6 +72,9 @@ enum Command {
         /// (`%12`), to standard error.
         #[arg(long, value_name = "NODE")]
         explain: Option<String>,
+        /// The longest sequence a compiled artifact will run.
+        #[arg(long, default_value_t = DEFAULT_MAX_SEQ_LEN)]
+        max_seq_len: usize,
     },
     /// Write deterministic random weights for a model (safetensors, Hugging Face names).
     Init {
@@ -89,6 +103,15 @@ enum Command {
         sides: Vec<String>,
         #[arg(long)]
         model: Option<String>,
+        /// Run the reference interpreter (f64) instead of the compiled kernels.
+        #[arg(long)]
+        interpret: bool,
+        /// Threads for the compiled kernels (default: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// The longest sequence the compiled artifact will run.
+        #[arg(long, default_value_t = DEFAULT_MAX_SEQ_LEN)]
+        max_seq_len: usize,
     },
     /// Check that MLIR and LLVM work here: JIT a small MLIR function, create CPU and PTX targets.
     Toolchain,
@@ -113,6 +136,7 @@ fn main() -> ExitCode {
             print_after,
             timings,
             explain,
+            max_seq_len,
         } => commands::compile(&commands::CompileArgs {
             file: &file,
             emit,
@@ -122,6 +146,7 @@ fn main() -> ExitCode {
             print_after: print_after.as_deref(),
             timings,
             explain: explain.as_deref(),
+            max_seq_len,
         }),
         Command::Init {
             file,
@@ -136,6 +161,9 @@ fn main() -> ExitCode {
             output,
             sides,
             model,
+            interpret,
+            threads,
+            max_seq_len,
         } => commands::run(&commands::RunArgs {
             file: &file,
             weights: &weights,
@@ -143,6 +171,9 @@ fn main() -> ExitCode {
             output: &output,
             sides: &sides,
             model: model.as_deref(),
+            interpret,
+            threads,
+            max_seq_len,
         }),
         Command::Encode { text, output } => commands::encode(&text, &output),
         Command::Toolchain => commands::toolchain(),

@@ -1,0 +1,159 @@
+//! Building a compiled artifact: a directory holding `plan.json` and `kernels.so`. Kernel
+//! objects are cached by content (the kernel's description and the target), so rebuilding
+//! an unchanged model only links, and an unchanged set of kernels not even that.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use zebra_ir::Graph;
+
+use crate::CodegenError;
+use crate::backend::{CpuTarget, Mlir, Output, link_shared, llvm_compile};
+use crate::kernels::fnv1a;
+use crate::mlir::module;
+use crate::plan::{Planned, plan};
+
+/// Where compiled kernels are kept between builds.
+#[derive(Clone, Debug)]
+pub struct Cache {
+    pub dir: PathBuf,
+}
+
+impl Cache {
+    /// `$ZEBRA_CACHE_DIR`, else `$XDG_CACHE_HOME/zebra`, else `~/.cache/zebra`.
+    pub fn default_location() -> Option<Cache> {
+        let dir = std::env::var_os("ZEBRA_CACHE_DIR")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("zebra")))
+            .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/zebra")))?;
+        Some(Cache { dir })
+    }
+}
+
+/// How to build.
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    /// The longest sequence the artifact will run.
+    pub max_seq_len: usize,
+    pub cache: Option<Cache>,
+}
+
+/// What a build did.
+#[derive(Clone, Debug, Default)]
+pub struct BuildReport {
+    pub kernels: usize,
+    /// Kernels compiled now; the others came from the cache.
+    pub compiled: usize,
+    pub target: String,
+    pub codegen: Duration,
+    pub link: Duration,
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<(), CodegenError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| CodegenError::Io(format!("cannot create {}: {e}", parent.display())))?;
+    }
+    zebra_ir::weights::write_atomically(path, bytes)
+        .map_err(|e| CodegenError::Io(format!("cannot write {}: {e}", path.display())))
+}
+
+/// The MLIR module of all kernels of a plan.
+pub fn kernels_mlir(planned: &Planned, vector: usize) -> String {
+    let functions: Vec<String> = planned.kernels.iter().map(|k| k.mlir(vector)).collect();
+    module(&functions)
+}
+
+/// Plans a graph for this machine.
+pub fn plan_for_host(
+    graph: &Graph,
+    max_seq_len: usize,
+) -> Result<(Planned, CpuTarget), CodegenError> {
+    let target = CpuTarget::host()?;
+    let planned = plan(graph, &target.describe(), target.vector, max_seq_len)?;
+    Ok((planned, target))
+}
+
+/// The kernels as MLIR, optimized LLVM IR or assembly, for `zebra compile --emit`.
+pub fn emit(
+    graph: &Graph,
+    max_seq_len: usize,
+    what: Output,
+    mlir_only: bool,
+) -> Result<String, CodegenError> {
+    let (planned, target) = plan_for_host(graph, max_seq_len)?;
+    let text = kernels_mlir(&planned, target.vector);
+    let mlir = Mlir::new();
+    mlir.verify(&text)?;
+    if mlir_only {
+        return Ok(text);
+    }
+    let ir = mlir.to_llvm_ir(&text)?;
+    let out = llvm_compile(&ir, &target, what)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Compiles a graph into an artifact directory.
+pub fn build(
+    graph: &Graph,
+    out_dir: &Path,
+    options: &BuildOptions,
+) -> Result<BuildReport, CodegenError> {
+    let start = Instant::now();
+    let (planned, target) = plan_for_host(graph, options.max_seq_len)?;
+    let cache_dir = match &options.cache {
+        Some(cache) => cache.dir.clone(),
+        None => out_dir.join(".objects"),
+    };
+    let mut mlir: Option<Mlir> = None;
+    let mut objects = Vec::new();
+    let mut compiled = 0;
+    let target_key = format!("{} {} {}", target.triple, target.cpu, target.features);
+    for spec in &planned.kernels {
+        let key = fnv1a(format!("{}\n{}", spec.description(target.vector), target_key).as_bytes());
+        let object = cache_dir.join(format!("{key:016x}.o"));
+        if !object.exists() {
+            let mlir = mlir.get_or_insert_with(Mlir::new);
+            let text = module(&[spec.mlir(target.vector)]);
+            let ir = mlir
+                .to_llvm_ir(&text)
+                .map_err(|e| e.context(&spec.symbol(target.vector)))?;
+            let code = llvm_compile(&ir, &target, Output::Object)?;
+            write(&object, &code)?;
+            compiled += 1;
+        }
+        objects.push((key, object));
+    }
+    let codegen = start.elapsed();
+    let start = Instant::now();
+    let library_key = fnv1a(
+        objects
+            .iter()
+            .map(|(k, _)| format!("{k:016x}"))
+            .collect::<Vec<_>>()
+            .join(",")
+            .as_bytes(),
+    );
+    let library = cache_dir.join(format!("{library_key:016x}.so"));
+    if !library.exists() {
+        let paths: Vec<&Path> = objects.iter().map(|(_, p)| p.as_path()).collect();
+        std::fs::create_dir_all(&cache_dir)
+            .map_err(|e| CodegenError::Io(format!("cannot create {}: {e}", cache_dir.display())))?;
+        link_shared(&paths, &library)?;
+    }
+    std::fs::create_dir_all(out_dir)
+        .map_err(|e| CodegenError::Io(format!("cannot create {}: {e}", out_dir.display())))?;
+    let bytes = std::fs::read(&library)
+        .map_err(|e| CodegenError::Io(format!("cannot read {}: {e}", library.display())))?;
+    write(&out_dir.join(&planned.plan.library), &bytes)?;
+    let json =
+        serde_json::to_string_pretty(&planned.plan).map_err(|e| CodegenError::Io(e.to_string()))?;
+    write(&out_dir.join("plan.json"), json.as_bytes())?;
+    Ok(BuildReport {
+        kernels: planned.kernels.len(),
+        compiled,
+        target: target.describe(),
+        codegen,
+        link: start.elapsed(),
+    })
+}

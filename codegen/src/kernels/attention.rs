@@ -1,0 +1,416 @@
+//! The fused attention kernel, FlashAttention-2 style: one program per (batch row, query
+//! tile, head); for each key tile the schedule lists, `S = Q K^T` by a register-blocked
+//! micro-kernel, the score modifier and (on partial tiles only) the mask compiled in, an
+//! online softmax (running max and sum per query), and `O += P V`. Query head `h` reads
+//! key/value head `h / (heads / kv_heads)`; a query with no visible key gets zeros.
+//!
+//! Buffers: `q [B, H, T, D]`, `kt` (keys packed by `pack_keys`: per key tile a `[D, bk]`
+//! block), `v [B, KV, T, D]`, `out`, the schedule's row offsets and tiles, then the side
+//! inputs `[B, T]`. Dims: `B`, `T`, and whether the schedule has one set of rows per batch
+//! row (masks over side inputs) or one shared set.
+
+use zebra_ir::op::AttentionKernel;
+
+use crate::mlir::{Builder, F32, I64, Val, entry, vf32};
+use crate::vexpr::{self, VecEnv};
+
+/// Rows and vectors of the register block of both micro-kernels.
+const ROWS: usize = 4;
+
+/// The largest vector width (at most `max`) that divides `d`.
+pub fn vector_width(d: usize, max: usize) -> usize {
+    [16, 8, 4, 2, 1]
+        .into_iter()
+        .find(|&w| w <= max && d.is_multiple_of(w))
+        .unwrap_or(1)
+}
+
+/// The kernel that packs keys for the attention kernel: `k [B, KV, T, D]` becomes, per key
+/// tile, a `[D, bk]` block (zero beyond `T`). Grid: `B * KV * ceil(T / bk)`.
+pub fn pack_keys(name: &str, head_dim: usize, block_k: usize) -> String {
+    let mut b = Builder::new();
+    let e = entry();
+    let k = b.ptr_at(&e.bufs, 0);
+    let kt = b.ptr_at(&e.bufs, 1);
+    let t = b.i64_at(&e.dims, 1);
+    let bk = b.i64(block_k as i64);
+    let d = b.i64(head_dim as i64);
+    let n_kt = b.ceil_div(&t, &bk);
+    let zero = b.i64(0);
+    let one = b.i64(1);
+    let fzero = b.f32(0.0);
+    b.for_range(&e.first, &e.last, &one, &[], |b, pid, _| {
+        let tile = b.remi(pid, &n_kt);
+        let head = b.divi(pid, &n_kt); // b * KV + kv
+        let k0 = b.muli(&tile, &bk);
+        let row_base = b.muli(&head, &t); // (b * KV + kv) * T
+        let block = b.muli(pid, &d);
+        let block = b.muli(&block, &bk); // ((b * KV + kv) * n_kt + tile) * D * bk
+        b.for_range(&zero, &bk, &one, &[], |b, j, _| {
+            let key = b.addi(&k0, j);
+            let inside = b.cmpi("slt", &key, &t, I64);
+            let last = b.subi(&t, &one);
+            let clamped = b.mini(&key, &last);
+            let row = b.addi(&row_base, &clamped);
+            let src = b.muli(&row, &d);
+            b.for_range(&zero, &d, &one, &[], |b, c, _| {
+                let at = b.addi(&src, c);
+                let x = b.load(&k, &at, F32, F32);
+                let x = b.select(&inside, &x, &fzero, F32);
+                let dst = b.muli(c, &bk);
+                let dst = b.addi(&dst, j);
+                let dst = b.addi(&block, &dst);
+                b.store(&x, &kt, &dst, F32, F32);
+                vec![]
+            });
+            vec![]
+        });
+        vec![]
+    });
+    b.finish(name)
+}
+
+/// The attention kernel. `max_vector` is the target's widest f32 vector.
+pub fn attention(name: &str, kernel: &AttentionKernel, max_vector: usize) -> String {
+    let (h_count, kv_count) = (kernel.heads as i64, kernel.kv_heads as i64);
+    let d = kernel.head_dim as usize;
+    let (bq, bk) = (kernel.block_q as usize, kernel.block_k as usize);
+    let w = vector_width(d.min(bk), max_vector);
+    let cols = if d >= 2 * w && bk >= 2 * w && d.is_multiple_of(2 * w) && bk.is_multiple_of(2 * w) {
+        2
+    } else {
+        1
+    };
+    let rows = if bq.is_multiple_of(ROWS) { ROWS } else { 1 };
+    let vt = vf32(w);
+
+    let mut b = Builder::new();
+    let e = entry();
+    let q = b.ptr_at(&e.bufs, 0);
+    let kt = b.ptr_at(&e.bufs, 1);
+    let v = b.ptr_at(&e.bufs, 2);
+    let out = b.ptr_at(&e.bufs, 3);
+    let sched_rows = b.ptr_at(&e.bufs, 4);
+    let sched_tiles = b.ptr_at(&e.bufs, 5);
+    let sides: Vec<(String, Val)> = kernel
+        .sides
+        .iter()
+        .enumerate()
+        .map(|(i, name)| (name.clone(), b.ptr_at(&e.bufs, 6 + i)))
+        .collect();
+    let t = b.i64_at(&e.dims, 1);
+    let per_batch = b.i64_at(&e.dims, 2);
+
+    let c0 = b.i64(0);
+    let c1 = b.i64(1);
+    let cw = b.i64(w as i64);
+    let cbq = b.i64(bq as i64);
+    let cbk = b.i64(bk as i64);
+    let cd = b.i64(d as i64);
+    let ch = b.i64(h_count);
+    let group = b.i64(h_count / kv_count);
+    let ckv = b.i64(kv_count);
+    let n_qt = b.ceil_div(&t, &cbq);
+    let n_kt = b.ceil_div(&t, &cbk);
+    let scale = b.splat_f32(kernel.scale as f32, w);
+    let neg_inf = b.f32(f32::NEG_INFINITY);
+    let neg_inf_v = b.splat(&neg_inf, F32, w);
+    let zero_v = b.splat_f32(0.0, w);
+    let fzero = b.f32(0.0);
+    let fone = b.f32(1.0);
+
+    let scores = b.alloca(bq * bk, F32);
+    let acc = b.alloca(bq * d, F32);
+    let maxes = b.alloca(bq, F32);
+    let sums = b.alloca(bq, F32);
+
+    let step_rows = b.i64(rows as i64);
+    let step_cols = b.i64((cols * w) as i64);
+    b.for_range(&e.first, &e.last, &c1, &[], |b, pid, _| {
+        // pid = (batch * n_qt + qt) * H + h: the heads of one query tile run together.
+        let h = b.remi(pid, &ch);
+        let rest = b.divi(pid, &ch);
+        let qt = b.remi(&rest, &n_qt);
+        let batch = b.divi(&rest, &n_qt);
+        let kv = b.divi(&h, &group);
+        let q0 = b.muli(&qt, &cbq);
+        let left = b.subi(&t, &q0);
+        let q_valid = b.mini(&cbq, &left);
+        let bh = b.muli(&batch, &ch);
+        let bh = b.addi(&bh, &h);
+        let q_base = b.muli(&bh, &t); // row of (b, h, 0)
+        let bkv = b.muli(&batch, &ckv);
+        let bkv = b.addi(&bkv, &kv);
+        let kv_rows = b.muli(&bkv, &t);
+        let kt_tiles = b.muli(&bkv, &n_kt);
+        let side_rows: Vec<(String, Val)> = sides
+            .iter()
+            .map(|(name, ptr)| {
+                let offset = b.muli(&batch, &t);
+                (name.clone(), b.gep(ptr, &offset, I64))
+            })
+            .collect();
+
+        // Running max, sum and accumulator.
+        b.for_range(&c0, &cbq, &c1, &[], |b, i, _| {
+            b.store(&neg_inf, &maxes, i, F32, F32);
+            b.store(&fzero, &sums, i, F32, F32);
+            let row = b.muli(i, &cd);
+            b.for_range(&c0, &cd, &cw, &[], |b, c, _| {
+                let at = b.addi(&row, c);
+                b.store(&zero_v, &acc, &at, F32, &vf32(w));
+                vec![]
+            });
+            vec![]
+        });
+
+        // This query tile's row of the schedule.
+        let shared = b.muli(&batch, &per_batch);
+        let shared = b.muli(&shared, &n_qt);
+        let row = b.addi(&shared, &qt);
+        let start = b.load(&sched_rows, &row, I64, I64);
+        let next = b.addi(&row, &c1);
+        let end = b.load(&sched_rows, &next, I64, I64);
+        b.for_range(&start, &end, &c1, &[], |b, entry_index, _| {
+            let entry = b.load(&sched_tiles, entry_index, I64, I64);
+            let kt_index = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
+            let partial_bit = b.bin("andi", &entry, &c1, I64);
+            let k0 = b.muli(&kt_index, &cbk);
+            let k_left = b.subi(&t, &k0);
+            let k_valid = b.mini(&cbk, &k_left);
+            let is_partial = b.cmpi("ne", &partial_bit, &c0, I64);
+            let is_tail = b.cmpi("slt", &k_valid, &cbk, I64);
+            let needs_mask = b.bin("ori", &is_partial, &is_tail, "i1");
+            let tile = b.addi(&kt_tiles, &kt_index);
+            let tile = b.muli(&tile, &cd);
+            let kt_tile = b.muli(&tile, &cbk); // start of this tile's [D, bk] block
+
+            // S = Q K^T, ROWS x (cols * w) at a time.
+            b.for_range(&c0, &cbq, &step_rows, &[], |b, i, _| {
+                let mut q_rows = Vec::new();
+                for r in 0..rows {
+                    let rr = b.i64(r as i64);
+                    let qi = b.addi(i, &rr);
+                    let last = b.subi(&q_valid, &c1);
+                    let qi = b.mini(&qi, &last);
+                    let qrow = b.addi(&q0, &qi);
+                    let qrow = b.addi(&q_base, &qrow);
+                    q_rows.push(b.muli(&qrow, &cd));
+                }
+                b.for_range(&c0, &cbk, &step_cols, &[], |b, j, _| {
+                    let zeros: Vec<(Val, String)> = (0..rows * cols)
+                        .map(|_| (zero_v.clone(), vt.clone()))
+                        .collect();
+                    let sums_out = b.for_range(&c0, &cd, &c1, &zeros, |b, dd, accs| {
+                        let krow = b.muli(dd, &cbk);
+                        let krow = b.addi(&kt_tile, &krow);
+                        let krow = b.addi(&krow, j);
+                        let mut kvecs = Vec::new();
+                        for c in 0..cols {
+                            let off = b.i64((c * w) as i64);
+                            let at = b.addi(&krow, &off);
+                            kvecs.push(b.load(&kt, &at, F32, &vt));
+                        }
+                        let mut next = Vec::new();
+                        for (r, qrow) in q_rows.iter().enumerate() {
+                            let at = b.addi(qrow, dd);
+                            let x = b.load(&q, &at, F32, F32);
+                            let xv = b.splat(&x, F32, w);
+                            for (c, kvec) in kvecs.iter().enumerate() {
+                                next.push(b.fma(&xv, kvec, &accs[r * cols + c], &vt));
+                            }
+                        }
+                        next
+                    });
+                    for r in 0..rows {
+                        let rr = b.i64(r as i64);
+                        let srow = b.addi(i, &rr);
+                        let srow = b.muli(&srow, &cbk);
+                        for c in 0..cols {
+                            let off = b.i64((c * w) as i64);
+                            let at = b.addi(&srow, j);
+                            let at = b.addi(&at, &off);
+                            b.store(&sums_out[r * cols + c], &scores, &at, F32, &vt);
+                        }
+                    }
+                    vec![]
+                });
+                vec![]
+            });
+
+            // Scale, modify, mask, and the online softmax, one query row at a time.
+            b.for_range(&c0, &q_valid, &c1, &[], |b, i, _| {
+                let qpos = b.addi(&q0, i);
+                let srow = b.muli(i, &cbk);
+                let rowmax = b.for_range(
+                    &c0,
+                    &cbk,
+                    &cw,
+                    &[(neg_inf_v.clone(), vt.clone())],
+                    |b, j, carried| {
+                        let at = b.addi(&srow, j);
+                        let raw = b.load(&scores, &at, F32, &vt);
+                        let s = b.bin("mulf", &raw, &scale, &vt);
+                        let kpos = b.addi(&k0, j);
+                        let env = VecEnv {
+                            n: w,
+                            q: qpos.clone(),
+                            k0: kpos.clone(),
+                            h: h.clone(),
+                            b: batch.clone(),
+                            score: Some(s.clone()),
+                            sides: &side_rows,
+                        };
+                        let s = match &kernel.score {
+                            Some(expr) => vexpr::score(b, expr, &env),
+                            None => s,
+                        };
+                        let s = b.if_else(
+                            &needs_mask,
+                            std::slice::from_ref(&vt),
+                            |b| {
+                                let visible = vexpr::mask(b, &kernel.mask, &env);
+                                let kv_end = b.splat(&t, I64, w);
+                                let base = b.splat(&kpos, I64, w);
+                                let iota = b.iota(w);
+                                let keys = b.bin("addi", &base, &iota, &crate::mlir::vi64(w));
+                                let inside = b.cmpi("slt", &keys, &kv_end, &crate::mlir::vi64(w));
+                                let both = b.bin("andi", &visible, &inside, &crate::mlir::vi1(w));
+                                vec![b.select(&both, &s, &neg_inf_v, &vt)]
+                            },
+                            |_| vec![s.clone()],
+                        );
+                        b.store(&s[0], &scores, &at, F32, &vt);
+                        vec![b.bin("maximumf", &carried[0], &s[0], &vt)]
+                    },
+                );
+                let tile_max = b.reduce("maximumf", &rowmax[0], &vt, F32);
+                let m_old = b.load(&maxes, i, F32, F32);
+                let m_new = b.bin("maximumf", &m_old, &tile_max, F32);
+                // With every key so far hidden, exponents are taken against 0: all give 0.
+                let hidden = b.cmpf("oeq", &m_new, &neg_inf, F32);
+                let m_use = b.select(&hidden, &fzero, &m_new, F32);
+                let m_use_v = b.splat(&m_use, F32, w);
+                let rowsum = b.for_range(
+                    &c0,
+                    &cbk,
+                    &cw,
+                    &[(zero_v.clone(), vt.clone())],
+                    |b, j, carried| {
+                        let at = b.addi(&srow, j);
+                        let s = b.load(&scores, &at, F32, &vt);
+                        let shifted = b.bin("subf", &s, &m_use_v, &vt);
+                        let p = vexpr::exp(b, &shifted, w);
+                        b.store(&p, &scores, &at, F32, &vt);
+                        vec![b.bin("addf", &carried[0], &p, &vt)]
+                    },
+                );
+                let tile_sum = b.reduce("add", &rowsum[0], &vt, F32);
+                let shift = b.bin("subf", &m_old, &m_use, F32);
+                let shift_v = b.splat(&shift, F32, w);
+                let alpha_v = vexpr::exp(b, &shift_v, w);
+                let alpha = b.op(format!("vector.extract {alpha_v}[0] : f32 from {vt}"));
+                let l_old = b.load(&sums, i, F32, F32);
+                let l_new = b.fma(&l_old, &alpha, &tile_sum, F32);
+                b.store(&l_new, &sums, i, F32, F32);
+                b.store(&m_new, &maxes, i, F32, F32);
+                let rescale = b.cmpf("one", &alpha, &fone, F32);
+                b.if_then(&rescale, |b| {
+                    let orow = b.muli(i, &cd);
+                    b.for_range(&c0, &cd, &cw, &[], |b, c, _| {
+                        let at = b.addi(&orow, c);
+                        let o = b.load(&acc, &at, F32, &vt);
+                        let o = b.bin("mulf", &o, &alpha_v, &vt);
+                        b.store(&o, &acc, &at, F32, &vt);
+                        vec![]
+                    });
+                });
+                vec![]
+            });
+
+            // O += P V over the valid keys, ROWS x (cols * w) at a time.
+            let v_tile = b.addi(&kv_rows, &k0);
+            b.for_range(&c0, &cbq, &step_rows, &[], |b, i, _| {
+                b.for_range(&c0, &cd, &step_cols, &[], |b, c, _| {
+                    let mut init = Vec::new();
+                    let mut spots = Vec::new();
+                    for r in 0..rows {
+                        let rr = b.i64(r as i64);
+                        let orow = b.addi(i, &rr);
+                        let orow = b.muli(&orow, &cd);
+                        for cc in 0..cols {
+                            let off = b.i64((cc * w) as i64);
+                            let at = b.addi(&orow, c);
+                            let at = b.addi(&at, &off);
+                            init.push((b.load(&acc, &at, F32, &vt), vt.clone()));
+                            spots.push(at);
+                        }
+                    }
+                    let result = b.for_range(&c0, &k_valid, &c1, &init, |b, kk, accs| {
+                        let vrow = b.addi(&v_tile, kk);
+                        let vrow = b.muli(&vrow, &cd);
+                        let vrow = b.addi(&vrow, c);
+                        let mut vvecs = Vec::new();
+                        for cc in 0..cols {
+                            let off = b.i64((cc * w) as i64);
+                            let at = b.addi(&vrow, &off);
+                            vvecs.push(b.load(&v, &at, F32, &vt));
+                        }
+                        let mut next = Vec::new();
+                        for r in 0..rows {
+                            let rr = b.i64(r as i64);
+                            let prow = b.addi(i, &rr);
+                            let prow = b.muli(&prow, &cbk);
+                            let at = b.addi(&prow, kk);
+                            let p = b.load(&scores, &at, F32, F32);
+                            let pv = b.splat(&p, F32, w);
+                            for (cc, vvec) in vvecs.iter().enumerate() {
+                                next.push(b.fma(&pv, vvec, &accs[r * cols + cc], &vt));
+                            }
+                        }
+                        next
+                    });
+                    for (value, at) in result.iter().zip(&spots) {
+                        b.store(value, &acc, at, F32, &vt);
+                    }
+                    vec![]
+                });
+                vec![]
+            });
+            vec![]
+        });
+
+        // Normalize and write out; a query that saw nothing gets zeros.
+        b.for_range(&c0, &q_valid, &c1, &[], |b, i, _| {
+            let l = b.load(&sums, i, F32, F32);
+            let seen = b.cmpf("ogt", &l, &fzero, F32);
+            let inverse = b.bin("divf", &fone, &l, F32);
+            let inverse = b.select(&seen, &inverse, &fzero, F32);
+            let inverse_v = b.splat(&inverse, F32, w);
+            let qpos = b.addi(&q0, i);
+            let dst_row = if kernel.merge_heads {
+                // out[b, t, h, :]
+                let bt = b.muli(&batch, &t);
+                let bt = b.addi(&bt, &qpos);
+                let bth = b.muli(&bt, &ch);
+                let bth = b.addi(&bth, &h);
+                b.muli(&bth, &cd)
+            } else {
+                let row = b.addi(&q_base, &qpos);
+                b.muli(&row, &cd)
+            };
+            let orow = b.muli(i, &cd);
+            b.for_range(&c0, &cd, &cw, &[], |b, c, _| {
+                let at = b.addi(&orow, c);
+                let o = b.load(&acc, &at, F32, &vt);
+                let o = b.bin("mulf", &o, &inverse_v, &vt);
+                let dst = b.addi(&dst_row, c);
+                b.store(&o, &out, &dst, F32, &vt);
+                vec![]
+            });
+            vec![]
+        });
+        vec![]
+    });
+    b.finish(name)
+}

@@ -1,0 +1,170 @@
+//! Kernel specifications and their MLIR. A kernel is specialized for everything known at
+//! compile time (its op, attributes and constant sizes); the batch and sequence length are
+//! read at run time, so one kernel serves every length.
+
+pub mod attention;
+pub mod gemm;
+pub mod generic;
+
+use zebra_ir::op::{AttentionKernel, Op};
+use zebra_ir::types::TensorType;
+
+/// What one kernel computes.
+#[derive(Clone, Debug)]
+pub enum KernelSpec {
+    /// Keys packed per tile for the attention kernel.
+    PackKeys {
+        head_dim: usize,
+        block_k: usize,
+    },
+    Attention {
+        kernel: AttentionKernel,
+    },
+    Linear {
+        k: usize,
+        n: usize,
+        norm_eps: Option<f64>,
+        residual: bool,
+    },
+    SwiGlu {
+        k: usize,
+        n: usize,
+        norm_eps: Option<f64>,
+    },
+    HeadsProj {
+        k: usize,
+        heads: usize,
+        head_dim: usize,
+        norm_eps: Option<f64>,
+        rope: bool,
+    },
+    /// A primitive operation, element by element.
+    Generic {
+        op: Op,
+        operands: Vec<TensorType>,
+        out: TensorType,
+    },
+}
+
+/// Bumped whenever generated code changes, so that cached kernels are not reused.
+pub const GENERATOR_VERSION: u32 = 1;
+
+impl KernelSpec {
+    /// A stable description: equal descriptions mean equal kernels.
+    pub fn description(&self, vector: usize) -> String {
+        let kernel_attrs = |k: &AttentionKernel| {
+            zebra_ir::print::kernel_attributes(k)
+                .into_iter()
+                .map(|(a, v)| format!("{a}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let body = match self {
+            KernelSpec::PackKeys { head_dim, block_k } => {
+                format!("pack_keys d={head_dim} bk={block_k}")
+            }
+            KernelSpec::Attention { kernel } => format!("attention {}", kernel_attrs(kernel)),
+            KernelSpec::Linear {
+                k,
+                n,
+                norm_eps,
+                residual,
+            } => format!("linear k={k} n={n} norm={norm_eps:?} residual={residual}"),
+            KernelSpec::SwiGlu { k, n, norm_eps } => {
+                format!("swiglu k={k} n={n} norm={norm_eps:?}")
+            }
+            KernelSpec::HeadsProj {
+                k,
+                heads,
+                head_dim,
+                norm_eps,
+                rope,
+            } => {
+                format!("heads_proj k={k} h={heads} d={head_dim} norm={norm_eps:?} rope={rope}")
+            }
+            KernelSpec::Generic { op, operands, out } => {
+                let attrs: Vec<String> = zebra_ir::print::attributes(op)
+                    .into_iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                let types: Vec<String> = operands.iter().map(|t| t.to_string()).collect();
+                format!(
+                    "{}{{{}}}({}) -> {out}",
+                    op.name(),
+                    attrs.join(","),
+                    types.join(",")
+                )
+            }
+        };
+        format!("v{GENERATOR_VERSION} vector={vector} {body}")
+    }
+
+    /// The symbol of the kernel: a hash of its description.
+    pub fn symbol(&self, vector: usize) -> String {
+        let kind = match self {
+            KernelSpec::PackKeys { .. } => "pack_keys",
+            KernelSpec::Attention { .. } => "attention",
+            KernelSpec::Linear { .. } => "linear",
+            KernelSpec::SwiGlu { .. } => "swiglu",
+            KernelSpec::HeadsProj { .. } => "heads_proj",
+            KernelSpec::Generic { op, .. } => op.name(),
+        };
+        format!(
+            "zebra_{kind}_{:016x}",
+            fnv1a(self.description(vector).as_bytes())
+        )
+    }
+
+    /// The kernel's MLIR function.
+    pub fn mlir(&self, vector: usize) -> String {
+        let name = self.symbol(vector);
+        match self {
+            KernelSpec::PackKeys { head_dim, block_k } => {
+                attention::pack_keys(&name, *head_dim, *block_k)
+            }
+            KernelSpec::Attention { kernel } => attention::attention(&name, kernel, vector),
+            KernelSpec::Linear {
+                k,
+                n,
+                norm_eps,
+                residual,
+            } => gemm::linear(
+                &name,
+                gemm::Shape {
+                    k: *k,
+                    n: *n,
+                    vector,
+                },
+                *norm_eps,
+                *residual,
+            ),
+            KernelSpec::SwiGlu { k, n, norm_eps } => gemm::swiglu(
+                &name,
+                gemm::Shape {
+                    k: *k,
+                    n: *n,
+                    vector,
+                },
+                *norm_eps,
+            ),
+            KernelSpec::HeadsProj {
+                k,
+                heads,
+                head_dim,
+                norm_eps,
+                rope,
+            } => gemm::heads_proj(&name, *k, *heads, *head_dim, *norm_eps, *rope, vector),
+            KernelSpec::Generic { op, operands, out } => generic::kernel(&name, op, operands, out),
+        }
+    }
+}
+
+/// FNV-1a, 64 bits: a stable hash for names and cache keys.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in bytes {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}

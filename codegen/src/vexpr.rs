@@ -1,0 +1,310 @@
+//! Vector math for kernels: a polynomial `exp` (LLVM would call libm per lane), and the
+//! compilation of index expressions (masks, score modifiers) into vector code over a run of
+//! consecutive keys. Specialized means compiled: the mask is not interpreted at run time.
+
+use zebra_ir::expr::{BinOp, Expr, Func, UnOp, Var};
+
+use crate::mlir::{Builder, I64, Val, vf32, vi1, vi64};
+
+/// `exp` on a vector of f32, after Cephes' `expf` (relative error about 1e-7); `-inf` and
+/// anything below -87.3 give exactly 0.
+pub fn exp(b: &mut Builder, x: &Val, n: usize) -> Val {
+    let ty = vf32(n);
+    let hi = b.splat_f32(88.376_26, n);
+    let lo = b.splat_f32(-88.376_26, n);
+    let clamped_hi = b.bin("minimumf", x, &hi, &ty);
+    let xc = b.bin("maximumf", &clamped_hi, &lo, &ty);
+    let log2e = b.splat_f32(std::f32::consts::LOG2_E, n);
+    let half = b.splat_f32(0.5, n);
+    let t = b.fma(&xc, &log2e, &half, &ty);
+    let fx = b.op(format!("math.floor {t} : {ty}"));
+    let c1 = b.splat_f32(-0.693_359_4, n);
+    let c2 = b.splat_f32(2.121_944_4e-4, n);
+    let r1 = b.fma(&fx, &c1, &xc, &ty);
+    let r = b.fma(&fx, &c2, &r1, &ty);
+    let z = b.bin("mulf", &r, &r, &ty);
+    let mut y = b.splat_f32(1.987_569_1e-4, n);
+    for c in [
+        1.398_199_9e-3f32,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
+        let cv = b.splat_f32(c, n);
+        y = b.fma(&y, &r, &cv, &ty);
+    }
+    let y2 = b.fma(&y, &z, &r, &ty);
+    let one = b.splat_f32(1.0, n);
+    let y3 = b.bin("addf", &y2, &one, &ty);
+    let ity = format!("vector<{n}xi32>");
+    let ni = b.op(format!("arith.fptosi {fx} : {ty} to {ity}"));
+    let bias = b.op(format!("arith.constant dense<127> : {ity}"));
+    let nb = b.bin("addi", &ni, &bias, &ity);
+    let shift = b.op(format!("arith.constant dense<23> : {ity}"));
+    let bits = b.bin("shli", &nb, &shift, &ity);
+    let pow2 = b.op(format!("arith.bitcast {bits} : {ity} to {ty}"));
+    let value = b.bin("mulf", &y3, &pow2, &ty);
+    let floor = b.splat_f32(-87.3, n);
+    let tiny = b.cmpf("olt", x, &floor, &ty);
+    let zero = b.splat_f32(0.0, n);
+    b.select(&tiny, &zero, &value, &ty)
+}
+
+/// A compiled value: `n` lanes of one type.
+#[derive(Clone, Debug)]
+pub enum Lanes {
+    Int(Val),
+    Float(Val),
+    Bool(Val),
+}
+
+/// The inputs of a vectorized expression: scalar query position, head and batch row,
+/// `n` consecutive key positions, the scores, and the side inputs.
+pub struct VecEnv<'a> {
+    pub n: usize,
+    /// The query position (i64).
+    pub q: Val,
+    /// The first key position (i64); lane `l` is `k0 + l`.
+    pub k0: Val,
+    pub h: Val,
+    pub b: Val,
+    /// The scores (`vector<n x f32>`), for score modifiers.
+    pub score: Option<Val>,
+    /// For each side input: its name and a pointer to its row `b` (i64 values; padded so
+    /// that reading `n` lanes past the end is safe).
+    pub sides: &'a [(String, Val)],
+}
+
+fn as_float(b: &mut Builder, v: Lanes, n: usize) -> Val {
+    match v {
+        Lanes::Float(f) => f,
+        Lanes::Int(i) => b.sitofp(&i, &vi64(n), &vf32(n)),
+        Lanes::Bool(x) => {
+            let one = b.splat_f32(1.0, n);
+            let zero = b.splat_f32(0.0, n);
+            b.select(&x, &one, &zero, &vf32(n))
+        }
+    }
+}
+
+fn as_bool(b: &mut Builder, v: Lanes, n: usize) -> Val {
+    match v {
+        Lanes::Bool(x) => x,
+        Lanes::Int(i) => {
+            let zero = b.splat_i64(0, n);
+            b.cmpi("ne", &i, &zero, &vi64(n))
+        }
+        Lanes::Float(f) => {
+            let zero = b.splat_f32(0.0, n);
+            b.cmpf("une", &f, &zero, &vf32(n))
+        }
+    }
+}
+
+fn int(b: &mut Builder, v: Lanes, n: usize) -> Val {
+    match v {
+        Lanes::Int(i) => i,
+        Lanes::Float(f) => b.fptosi(&f, &vf32(n), &vi64(n)),
+        Lanes::Bool(x) => {
+            let one = b.splat_i64(1, n);
+            let zero = b.splat_i64(0, n);
+            b.select(&x, &one, &zero, &vi64(n))
+        }
+    }
+}
+
+/// Floor division that never traps: `x / 0 == 0`.
+fn floor_div(b: &mut Builder, x: &Val, y: &Val, n: usize, divisor: &Expr) -> Val {
+    let ty = vi64(n);
+    if matches!(divisor, Expr::Int(c) if *c != 0) {
+        return b.bin("floordivsi", x, y, &ty);
+    }
+    let zero = b.splat_i64(0, n);
+    let one = b.splat_i64(1, n);
+    let is_zero = b.cmpi("eq", y, &zero, &ty);
+    let safe = b.select(&is_zero, &one, y, &ty);
+    let q = b.bin("floordivsi", x, &safe, &ty);
+    b.select(&is_zero, &zero, &q, &ty)
+}
+
+/// Compiles `expr` to `n`-lane vector code.
+pub fn compile(b: &mut Builder, expr: &Expr, env: &VecEnv) -> Lanes {
+    let n = env.n;
+    match expr {
+        Expr::Int(v) => Lanes::Int(b.splat_i64(*v, n)),
+        Expr::Float(v) => Lanes::Float(b.splat_f32(*v as f32, n)),
+        Expr::Bool(v) => Lanes::Bool(b.op(format!("arith.constant dense<{v}> : {}", vi1(n)))),
+        Expr::Var(Var::Q) => Lanes::Int(b.splat(&env.q, I64, n)),
+        Expr::Var(Var::H) => Lanes::Int(b.splat(&env.h, I64, n)),
+        Expr::Var(Var::B) => Lanes::Int(b.splat(&env.b, I64, n)),
+        Expr::Var(Var::K) => {
+            let base = b.splat(&env.k0, I64, n);
+            let iota = b.iota(n);
+            Lanes::Int(b.bin("addi", &base, &iota, &vi64(n)))
+        }
+        Expr::Var(Var::Score) => match &env.score {
+            Some(s) => Lanes::Float(s.clone()),
+            None => Lanes::Float(b.splat_f32(0.0, n)),
+        },
+        Expr::Side { name, index } => {
+            let row = env
+                .sides
+                .iter()
+                .find(|(s, _)| s == name)
+                .map(|(_, p)| p.clone());
+            let Some(row) = row else {
+                return Lanes::Int(b.splat_i64(0, n));
+            };
+            if *index == Var::Q {
+                let v = b.load(&row, &env.q, I64, I64);
+                Lanes::Int(b.splat(&v, I64, n))
+            } else {
+                Lanes::Int(b.load(&row, &env.k0, I64, &vi64(n)))
+            }
+        }
+        Expr::Unary(UnOp::Not, e) => {
+            let v = compile(b, e, env);
+            let x = as_bool(b, v, n);
+            let t = b.op(format!("arith.constant dense<true> : {}", vi1(n)));
+            Lanes::Bool(b.bin("xori", &x, &t, &vi1(n)))
+        }
+        Expr::Unary(UnOp::Neg, e) => match compile(b, e, env) {
+            Lanes::Float(f) => Lanes::Float(b.op(format!("arith.negf {f} : {}", vf32(n)))),
+            other => {
+                let i = int(b, other, n);
+                let zero = b.splat_i64(0, n);
+                Lanes::Int(b.bin("subi", &zero, &i, &vi64(n)))
+            }
+        },
+        Expr::Binary(op, x, y) => binary(b, *op, x, y, env),
+        Expr::Call(func, args) => call(b, *func, args, env),
+    }
+}
+
+fn binary(b: &mut Builder, op: BinOp, x: &Expr, y: &Expr, env: &VecEnv) -> Lanes {
+    let n = env.n;
+    let (xv, yv) = (compile(b, x, env), compile(b, y, env));
+    if op.is_logical() {
+        let (xb, yb) = (as_bool(b, xv, n), as_bool(b, yv, n));
+        let name = if op == BinOp::And { "andi" } else { "ori" };
+        return Lanes::Bool(b.bin(name, &xb, &yb, &vi1(n)));
+    }
+    let float = matches!(xv, Lanes::Float(_)) || matches!(yv, Lanes::Float(_));
+    if float {
+        let (xf, yf) = (as_float(b, xv, n), as_float(b, yv, n));
+        let ty = vf32(n);
+        let pred = |p: &str| Some(p.to_string());
+        let cmp = match op {
+            BinOp::Lt => pred("olt"),
+            BinOp::Le => pred("ole"),
+            BinOp::Gt => pred("ogt"),
+            BinOp::Ge => pred("oge"),
+            BinOp::Eq => pred("oeq"),
+            BinOp::Ne => pred("une"),
+            _ => None,
+        };
+        if let Some(p) = cmp {
+            return Lanes::Bool(b.cmpf(&p, &xf, &yf, &ty));
+        }
+        let name = match op {
+            BinOp::Add => "addf",
+            BinOp::Sub => "subf",
+            BinOp::Mul => "mulf",
+            BinOp::Div => "divf",
+            _ => "remf",
+        };
+        return Lanes::Float(b.bin(name, &xf, &yf, &ty));
+    }
+    let (xi, yi) = (int(b, xv, n), int(b, yv, n));
+    let ty = vi64(n);
+    let cmp = match op {
+        BinOp::Lt => Some("slt"),
+        BinOp::Le => Some("sle"),
+        BinOp::Gt => Some("sgt"),
+        BinOp::Ge => Some("sge"),
+        BinOp::Eq => Some("eq"),
+        BinOp::Ne => Some("ne"),
+        _ => None,
+    };
+    if let Some(p) = cmp {
+        return Lanes::Bool(b.cmpi(p, &xi, &yi, &ty));
+    }
+    Lanes::Int(match op {
+        BinOp::Add => b.bin("addi", &xi, &yi, &ty),
+        BinOp::Sub => b.bin("subi", &xi, &yi, &ty),
+        BinOp::Mul => b.bin("muli", &xi, &yi, &ty),
+        BinOp::Div => floor_div(b, &xi, &yi, n, y),
+        _ => {
+            let q = floor_div(b, &xi, &yi, n, y);
+            let qy = b.bin("muli", &q, &yi, &ty);
+            b.bin("subi", &xi, &qy, &ty)
+        }
+    })
+}
+
+fn call(b: &mut Builder, func: Func, args: &[Expr], env: &VecEnv) -> Lanes {
+    let n = env.n;
+    let ty = vf32(n);
+    let values: Vec<Lanes> = args.iter().map(|a| compile(b, a, env)).collect();
+    let all_int = values.iter().all(|v| matches!(v, Lanes::Int(_)));
+    match func {
+        Func::Abs if all_int => {
+            let x = int(b, values[0].clone(), n);
+            let zero = b.splat_i64(0, n);
+            let neg = b.bin("subi", &zero, &x, &vi64(n));
+            let is_neg = b.cmpi("slt", &x, &zero, &vi64(n));
+            Lanes::Int(b.select(&is_neg, &neg, &x, &vi64(n)))
+        }
+        Func::Min | Func::Max if all_int => {
+            let (x, y) = (int(b, values[0].clone(), n), int(b, values[1].clone(), n));
+            let name = if func == Func::Min { "minsi" } else { "maxsi" };
+            Lanes::Int(b.bin(name, &x, &y, &vi64(n)))
+        }
+        _ => {
+            let x = as_float(b, values[0].clone(), n);
+            Lanes::Float(match func {
+                Func::Exp => exp(b, &x, n),
+                Func::Exp2 => {
+                    let ln2 = b.splat_f32(std::f32::consts::LN_2, n);
+                    let scaled = b.bin("mulf", &x, &ln2, &ty);
+                    exp(b, &scaled, n)
+                }
+                Func::Tanh => {
+                    // tanh(x) = 1 - 2 / (exp(2x) + 1); exact at both saturations.
+                    let two = b.splat_f32(2.0, n);
+                    let one = b.splat_f32(1.0, n);
+                    let x2 = b.bin("mulf", &x, &two, &ty);
+                    let e = exp(b, &x2, n);
+                    let d = b.bin("addf", &e, &one, &ty);
+                    let f = b.bin("divf", &two, &d, &ty);
+                    b.bin("subf", &one, &f, &ty)
+                }
+                Func::Log => b.op(format!("math.log {x} : {ty}")),
+                Func::Sqrt => b.op(format!("math.sqrt {x} : {ty}")),
+                Func::Abs => b.op(format!("math.absf {x} : {ty}")),
+                Func::Min | Func::Max => {
+                    let y = as_float(b, values[1].clone(), n);
+                    let name = if func == Func::Min {
+                        "minnumf"
+                    } else {
+                        "maxnumf"
+                    };
+                    b.bin(name, &x, &y, &ty)
+                }
+            })
+        }
+    }
+}
+
+/// Compiles a mask to `n` lanes of i1.
+pub fn mask(b: &mut Builder, expr: &Expr, env: &VecEnv) -> Val {
+    let v = compile(b, expr, env);
+    as_bool(b, v, env.n)
+}
+
+/// Compiles a score modifier to `n` lanes of f32.
+pub fn score(b: &mut Builder, expr: &Expr, env: &VecEnv) -> Val {
+    let v = compile(b, expr, env);
+    as_float(b, v, env.n)
+}

@@ -1,0 +1,568 @@
+//! The CPU executor: loads the kernel library with dlopen, packs the weights, and runs the
+//! plan's steps, each kernel's grid of programs spread over a thread pool. Memory for
+//! intermediate values comes from slots sized for the current batch and length, reused
+//! between runs; tile schedules and RoPE tables are built per sequence length and cached.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use ndarray::{ArrayD, IxDyn};
+use rayon::prelude::*;
+use zebra_ir::Weights;
+use zebra_ir::expr::Expr;
+use zebra_ir::schedule::{ScheduleInput, SideValues, Support, TileKind, build};
+
+use crate::artifact::{Artifact, ArtifactError};
+use crate::pack::pack;
+use crate::plan::{ElemType, Extent, Operand, Plan, Step, volume};
+
+/// The C signature of every kernel: buffers, dims, and the range of programs to run.
+type KernelFn = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64);
+
+/// Slack after every buffer, so that kernels may read a vector past a row's end.
+const SLACK_WORDS: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
+    #[error("cannot load the kernel library {path}: {message}")]
+    Library { path: String, message: String },
+    #[error("the kernel library has no kernel `{0}`; the artifact is corrupt, recompile it")]
+    Symbol(String),
+    #[error("weight `{name}` is missing (expected shape {expected:?})")]
+    MissingWeight { name: String, expected: Vec<usize> },
+    #[error("weight `{name}` has shape {found:?}, expected {expected:?}")]
+    WeightShape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("input `{0}` was not given")]
+    MissingInput(String),
+    #[error(
+        "input `{name}` has shape {found:?}, expected{expected} (with B and T the same for every input)"
+    )]
+    InputShape {
+        name: String,
+        expected: String,
+        found: Vec<usize>,
+    },
+    #[error(
+        "the sequence length {found} is above the {max} this artifact was compiled for; recompile with a larger --max-seq-len"
+    )]
+    TooLong { found: usize, max: usize },
+    #[error("the inputs are empty")]
+    Empty,
+    #[error("token id {id} at [{row}, {position}] is out of range for a vocabulary of {vocab}")]
+    TokenOutOfRange {
+        id: i64,
+        row: usize,
+        position: usize,
+        vocab: usize,
+    },
+    #[error("the thread pool could not start: {0}")]
+    Threads(String),
+    #[error("the plan's mask `{0}` does not parse; the artifact is corrupt")]
+    Mask(String),
+}
+
+struct Raw(Vec<*mut u8>);
+// SAFETY: the pointers address buffers that outlive the kernel call, and each program
+// writes a disjoint part of its output, as the kernels' grids are designed.
+unsafe impl Send for Raw {}
+unsafe impl Sync for Raw {}
+
+fn buffer(words: usize) -> Vec<u64> {
+    vec![0u64; words + SLACK_WORDS]
+}
+
+fn words(bytes: usize) -> usize {
+    bytes.div_ceil(8)
+}
+
+/// A host array given to or returned by a model.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Tensor {
+    F32(ArrayD<f32>),
+    I64(ArrayD<i64>),
+}
+
+impl Tensor {
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Tensor::F32(a) => a.shape(),
+            Tensor::I64(a) => a.shape(),
+        }
+    }
+
+    pub fn elem(&self) -> ElemType {
+        match self {
+            Tensor::F32(_) => ElemType::F32,
+            Tensor::I64(_) => ElemType::I64,
+        }
+    }
+}
+
+/// A schedule in the kernels' format: row offsets, then `(key tile << 1) | partial` entries.
+struct BuiltSchedule {
+    rows: Vec<u64>,
+    tiles: Vec<u64>,
+    per_batch: bool,
+}
+
+/// A model loaded for the CPU.
+pub struct CpuModel {
+    plan: Plan,
+    _library: libloading::Library,
+    kernels: Vec<KernelFn>,
+    weights: Vec<Vec<u64>>,
+    packed: Vec<Vec<u64>>,
+    constants: Vec<Vec<u64>>,
+    masks: Vec<(Expr, Support)>,
+    pool: rayon::ThreadPool,
+    threads: usize,
+    slots: Vec<Vec<u64>>,
+    workspaces: Vec<Vec<u64>>,
+    /// Per sequence length: positions, static schedules, RoPE tables.
+    positions: HashMap<usize, Vec<u64>>,
+    schedules: HashMap<(usize, usize), BuiltSchedule>,
+    ropes: HashMap<(usize, usize), (Vec<u64>, Vec<u64>)>,
+}
+
+fn as_words(values: &[f32]) -> Vec<u64> {
+    let mut out = buffer(words(values.len() * 4));
+    // SAFETY: `out` has room for `values.len()` f32s; u64 is more aligned than f32.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            values.as_ptr(),
+            out.as_mut_ptr().cast::<f32>(),
+            values.len(),
+        )
+    };
+    out
+}
+
+fn words_of_i64(values: impl ExactSizeIterator<Item = i64>) -> Vec<u64> {
+    let mut out = buffer(values.len());
+    for (slot, v) in out.iter_mut().zip(values) {
+        *slot = v as u64;
+    }
+    out
+}
+
+impl CpuModel {
+    /// Loads an artifact and its weights; `threads` of 0 means one per core.
+    pub fn load(dir: &Path, weights: &Weights, threads: usize) -> Result<CpuModel, RuntimeError> {
+        let artifact = Artifact::load(dir)?;
+        let plan = artifact.plan;
+        let library_path = dir.join(&plan.library);
+        // SAFETY: the library is the kernel library written with this plan; loading it runs
+        // no initializers beyond the C runtime's.
+        let library = unsafe { libloading::Library::new(&library_path) }.map_err(|e| {
+            RuntimeError::Library {
+                path: library_path.display().to_string(),
+                message: e.to_string(),
+            }
+        })?;
+        let mut kernels = Vec::new();
+        for info in &plan.kernels {
+            // SAFETY: every kernel of the library has the signature `KernelFn`.
+            let f: libloading::Symbol<KernelFn> = unsafe { library.get(info.symbol.as_bytes()) }
+                .map_err(|_| RuntimeError::Symbol(info.symbol.clone()))?;
+            kernels.push(*f);
+        }
+        let masks = plan
+            .schedules
+            .iter()
+            .map(|s| {
+                let expr = zebra_ir::expr::parse_expr(&s.mask)
+                    .map_err(|_| RuntimeError::Mask(s.mask.clone()))?;
+                let support = Support::of(&expr);
+                Ok((expr, support))
+            })
+            .collect::<Result<Vec<_>, RuntimeError>>()?;
+        let threads = if threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            threads
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .stack_size(16 << 20)
+            .build()
+            .map_err(|e| RuntimeError::Threads(e.to_string()))?;
+        let constants = plan.constants.iter().map(|c| as_words(&[*c])).collect();
+        let mut model = CpuModel {
+            plan,
+            _library: library,
+            kernels,
+            weights: Vec::new(),
+            packed: Vec::new(),
+            constants,
+            masks,
+            pool,
+            threads,
+            slots: Vec::new(),
+            workspaces: Vec::new(),
+            positions: HashMap::new(),
+            schedules: HashMap::new(),
+            ropes: HashMap::new(),
+        };
+        model.set_weights(weights)?;
+        Ok(model)
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Replaces the weights (and repacks them).
+    pub fn set_weights(&mut self, weights: &Weights) -> Result<(), RuntimeError> {
+        let mut loaded = Vec::new();
+        let mut raw: Vec<Vec<f32>> = Vec::new();
+        for spec in &self.plan.weights {
+            let tensor = weights
+                .get(&spec.name)
+                .ok_or_else(|| RuntimeError::MissingWeight {
+                    name: spec.name.clone(),
+                    expected: spec.shape.clone(),
+                })?;
+            if tensor.shape() != spec.shape.as_slice() {
+                return Err(RuntimeError::WeightShape {
+                    name: spec.name.clone(),
+                    expected: spec.shape.clone(),
+                    found: tensor.shape().to_vec(),
+                });
+            }
+            let values: Vec<f32> = tensor.iter().copied().collect();
+            loaded.push(as_words(&values));
+            raw.push(values);
+        }
+        self.packed = self
+            .plan
+            .packed
+            .iter()
+            .map(|p| as_words(&pack(&raw[p.weight], p.norm.map(|n| raw[n].as_slice()), p)))
+            .collect();
+        self.weights = loaded;
+        Ok(())
+    }
+
+    /// Checks the inputs against the plan and binds `B` and `T` from their shapes.
+    fn check_inputs(
+        &self,
+        inputs: &BTreeMap<String, Tensor>,
+    ) -> Result<(usize, usize), RuntimeError> {
+        let (mut batch, mut seq) = (None, None);
+        for spec in &self.plan.inputs {
+            let array = inputs
+                .get(&spec.name)
+                .ok_or_else(|| RuntimeError::MissingInput(spec.name.clone()))?;
+            let found = array.shape().to_vec();
+            let mismatch = || RuntimeError::InputShape {
+                name: spec.name.clone(),
+                expected: format!(
+                    "{} {:?}",
+                    if array.elem() == spec.elem {
+                        ""
+                    } else {
+                        "of another element type"
+                    },
+                    spec.shape
+                ),
+                found: found.clone(),
+            };
+            if array.elem() != spec.elem || found.len() != spec.shape.len() {
+                return Err(mismatch());
+            }
+            for (extent, &size) in spec.shape.iter().zip(&found) {
+                let bound = match extent {
+                    Extent::Batch => &mut batch,
+                    Extent::Seq => &mut seq,
+                    other => {
+                        if other.resolve(batch.unwrap_or(1), seq.unwrap_or(1)) != size {
+                            return Err(mismatch());
+                        }
+                        continue;
+                    }
+                };
+                match bound {
+                    Some(b) if *b != size => return Err(mismatch()),
+                    _ => *bound = Some(size),
+                }
+            }
+        }
+        let (batch, seq) = (batch.unwrap_or(1), seq.unwrap_or(1));
+        if batch == 0 || seq == 0 {
+            return Err(RuntimeError::Empty);
+        }
+        if seq > self.plan.max_seq_len {
+            return Err(RuntimeError::TooLong {
+                found: seq,
+                max: self.plan.max_seq_len,
+            });
+        }
+        if let Some(Tensor::I64(tokens)) = inputs.get("tokens")
+            && self.plan.vocab > 0
+        {
+            for (index, &id) in tokens.indexed_iter() {
+                if id < 0 || id as usize >= self.plan.vocab {
+                    let (row, position) = (index[0], index[1]);
+                    return Err(RuntimeError::TokenOutOfRange {
+                        id,
+                        row,
+                        position,
+                        vocab: self.plan.vocab,
+                    });
+                }
+            }
+        }
+        Ok((batch, seq))
+    }
+
+    fn schedule(
+        &mut self,
+        id: usize,
+        batch: usize,
+        seq: usize,
+        inputs: &[Vec<u64>],
+    ) -> (usize, usize) {
+        let spec = &self.plan.schedules[id];
+        let (mask, support) = &self.masks[id];
+        let per_batch = !spec.sides.is_empty();
+        let key = (id, seq);
+        if !per_batch && self.schedules.contains_key(&key) {
+            return key;
+        }
+        let mut rows = vec![0u64];
+        let mut tiles = Vec::new();
+        let names: Vec<String> = spec.sides.iter().map(|(n, _)| n.clone()).collect();
+        for b in 0..if per_batch { batch } else { 1 } {
+            let side_rows: Vec<&[i64]> = spec
+                .sides
+                .iter()
+                .map(|(_, input)| {
+                    // SAFETY: input buffers hold `batch * seq` i64 values.
+                    let all = unsafe {
+                        std::slice::from_raw_parts(
+                            inputs[*input].as_ptr().cast::<i64>(),
+                            batch * seq,
+                        )
+                    };
+                    &all[b * seq..(b + 1) * seq]
+                })
+                .collect();
+            let sides = SideValues {
+                names: &names,
+                values: side_rows,
+            };
+            let schedule = build(&ScheduleInput {
+                mask,
+                support,
+                heads: spec.heads,
+                block_q: spec.block_q,
+                block_k: spec.block_k,
+                seq_len: seq,
+                sides: per_batch.then_some(&sides),
+                batch_row: b,
+                // Static masks are classified exactly once per length; masks over data are
+                // classified from value ranges alone, per run.
+                refine: !per_batch,
+            });
+            for row in &schedule.rows {
+                for &(kt, kind) in &row.tiles {
+                    tiles.push((u64::from(kt) << 1) | u64::from(kind == TileKind::Partial));
+                }
+                rows.push(tiles.len() as u64);
+            }
+        }
+        self.schedules.insert(
+            key,
+            BuiltSchedule {
+                rows: words_of_i64(rows.into_iter().map(|x| x as i64)),
+                tiles: words_of_i64(tiles.into_iter().map(|x| x as i64)),
+                per_batch,
+            },
+        );
+        key
+    }
+
+    fn rope(&mut self, id: usize, seq: usize) {
+        if self.ropes.contains_key(&(id, seq)) {
+            return;
+        }
+        let (base, dim) = self.plan.rope_tables[id];
+        let half = dim / 2;
+        let mut cos = Vec::with_capacity(seq * half);
+        let mut sin = Vec::with_capacity(seq * half);
+        for t in 0..seq {
+            for i in 0..half {
+                let angle = t as f64 * base.powf(-2.0 * i as f64 / dim as f64);
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        self.ropes
+            .insert((id, seq), (as_words(&cos), as_words(&sin)));
+    }
+
+    /// Runs the model on `[B, T]` inputs; returns the outputs.
+    pub fn run(
+        &mut self,
+        inputs: &BTreeMap<String, Tensor>,
+    ) -> Result<BTreeMap<String, ArrayD<f32>>, RuntimeError> {
+        let (batch, seq) = self.check_inputs(inputs)?;
+        let input_buffers: Vec<Vec<u64>> = self
+            .plan
+            .inputs
+            .iter()
+            .map(|spec| match &inputs[&spec.name] {
+                Tensor::I64(a) => words_of_i64(a.iter().copied().collect::<Vec<_>>().into_iter()),
+                Tensor::F32(a) => as_words(&a.iter().copied().collect::<Vec<_>>()),
+            })
+            .collect();
+        // Memory: each slot sized for its largest value, each workspace for itself.
+        let mut slot_words = vec![0usize; self.plan.slots];
+        for v in &self.plan.values {
+            let bytes = volume(&v.shape, batch, seq) * v.elem.size();
+            slot_words[v.slot] = slot_words[v.slot].max(words(bytes));
+        }
+        self.slots.resize_with(self.plan.slots, Vec::new);
+        for (slot, &w) in self.slots.iter_mut().zip(&slot_words) {
+            if slot.len() < w + SLACK_WORDS {
+                *slot = buffer(w);
+            }
+        }
+        let workspace_words: Vec<usize> = self
+            .plan
+            .workspaces
+            .iter()
+            .map(|(shape, elem)| words(volume(shape, batch, seq) * elem.size()))
+            .collect();
+        self.workspaces.resize_with(workspace_words.len(), Vec::new);
+        for (ws, &w) in self.workspaces.iter_mut().zip(&workspace_words) {
+            if ws.len() < w + SLACK_WORDS {
+                *ws = buffer(w);
+            }
+        }
+        self.positions
+            .entry(seq)
+            .or_insert_with(|| words_of_i64((0..seq as i64).collect::<Vec<_>>().into_iter()));
+        for id in 0..self.plan.rope_tables.len() {
+            self.rope(id, seq);
+        }
+        let mut built: HashMap<usize, (usize, usize)> = HashMap::new();
+        for s in 0..self.plan.steps.len() {
+            match self.plan.steps[s].clone() {
+                Step::Schedule { id } => {
+                    let key = self.schedule(id, batch, seq, &input_buffers);
+                    built.insert(id, key);
+                }
+                Step::Kernel {
+                    kernel,
+                    operands,
+                    grid,
+                    schedule,
+                } => {
+                    let per_batch = schedule
+                        .and_then(|id| built.get(&id))
+                        .and_then(|key| self.schedules.get(key))
+                        .is_some_and(|s| s.per_batch);
+                    let pointers: Vec<*mut u8> = operands
+                        .iter()
+                        .map(|o| self.pointer(*o, seq, &input_buffers, &built))
+                        .collect();
+                    let dims = [batch as i64, seq as i64, i64::from(per_batch)];
+                    let programs = grid.programs(batch, seq);
+                    self.launch(kernel, Raw(pointers), dims, programs, schedule.is_some());
+                }
+            }
+        }
+        let mut outputs = BTreeMap::new();
+        for (name, v) in &self.plan.outputs {
+            let spec = &self.plan.values[*v];
+            let shape: Vec<usize> = spec.shape.iter().map(|e| e.resolve(batch, seq)).collect();
+            let count: usize = shape.iter().product();
+            debug_assert_eq!(spec.elem, ElemType::F32);
+            // SAFETY: the slot holds at least `count` f32 values written by the kernels.
+            let values = unsafe {
+                std::slice::from_raw_parts(self.slots[spec.slot].as_ptr().cast::<f32>(), count)
+            };
+            outputs.insert(
+                name.clone(),
+                ArrayD::from_shape_vec(IxDyn(&shape), values.to_vec())
+                    .expect("the count matches the shape"),
+            );
+        }
+        Ok(outputs)
+    }
+
+    fn pointer(
+        &mut self,
+        operand: Operand,
+        seq: usize,
+        inputs: &[Vec<u64>],
+        built: &HashMap<usize, (usize, usize)>,
+    ) -> *mut u8 {
+        let p = |v: &Vec<u64>| v.as_ptr() as *mut u8;
+        match operand {
+            Operand::Input(i) => p(&inputs[i]),
+            Operand::Weight(i) => p(&self.weights[i]),
+            Operand::Packed(i) => p(&self.packed[i]),
+            Operand::Value(i) => p(&self.slots[self.plan.values[i].slot]),
+            Operand::Constant(i) => p(&self.constants[i]),
+            Operand::Positions => p(&self.positions[&seq]),
+            Operand::Workspace(i) => p(&self.workspaces[i]),
+            Operand::ScheduleRows(i) => p(&self.schedules[&built[&i]].rows),
+            Operand::ScheduleTiles(i) => p(&self.schedules[&built[&i]].tiles),
+            Operand::RopeCos(i) => p(&self.ropes[&(i, seq)].0),
+            Operand::RopeSin(i) => p(&self.ropes[&(i, seq)].1),
+        }
+    }
+
+    /// Runs `programs` programs of a kernel: one task per program for attention (whose
+    /// programs differ in cost), else a few contiguous chunks per thread.
+    fn launch(
+        &self,
+        kernel: usize,
+        pointers: Raw,
+        dims: [i64; 3],
+        programs: usize,
+        fine_grained: bool,
+    ) {
+        if programs == 0 {
+            return;
+        }
+        let f = self.kernels[kernel];
+        let tasks = if fine_grained {
+            programs
+        } else {
+            programs.min(self.threads * 4)
+        };
+        let per_task = programs.div_ceil(tasks);
+        let pointers = &pointers;
+        self.pool.install(|| {
+            (0..tasks).into_par_iter().for_each(|task| {
+                let first = task * per_task;
+                let last = ((task + 1) * per_task).min(programs);
+                if first < last {
+                    // SAFETY: the kernel reads and writes the buffers the plan gave it, sized
+                    // for these dims, and programs write disjoint parts of the output.
+                    unsafe {
+                        f(
+                            pointers.0.as_ptr(),
+                            dims.as_ptr(),
+                            first as i64,
+                            last as i64,
+                        )
+                    };
+                }
+            });
+        });
+    }
+}

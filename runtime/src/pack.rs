@@ -1,0 +1,53 @@
+//! Weight packing for the projection kernels: `[N, K]` weights into panels of `nr` output
+//! columns, `[N' / nr][K][nr]`, with a norm weight folded in when the kernel fuses RMSNorm.
+
+use crate::plan::PackSpec;
+
+/// Packs `w [N, K]` (row-major) as `spec` says, multiplying column `k` by `norm[k]`.
+pub fn pack(w: &[f32], norm: Option<&[f32]>, spec: &PackSpec) -> Vec<f32> {
+    let (k, nr, group) = (spec.k, spec.nr, spec.group);
+    let panels_per_group = group.div_ceil(nr);
+    let mut out = vec![0.0f32; spec.packed_len()];
+    for g in 0..spec.n / group {
+        for p in 0..panels_per_group {
+            let panel = g * panels_per_group + p;
+            for c in 0..nr {
+                let col = p * nr + c;
+                if col >= group {
+                    continue;
+                }
+                let row = &w[(g * group + col) * k..(g * group + col + 1) * k];
+                for (kk, &x) in row.iter().enumerate() {
+                    let scale = norm.map_or(1.0, |n| n[kk]);
+                    out[(panel * k + kk) * nr + c] = x * scale;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panels_interleave_columns_and_pad_groups() {
+        // N = 3 (one group of 3, padded to a panel of 4), K = 2.
+        let w = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let spec = PackSpec {
+            weight: 0,
+            norm: None,
+            n: 3,
+            k: 2,
+            group: 3,
+            nr: 4,
+        };
+        assert_eq!(
+            pack(&w, None, &spec),
+            vec![1.0, 3.0, 5.0, 0.0, 2.0, 4.0, 6.0, 0.0]
+        );
+        let scaled = pack(&w, Some(&[10.0, 1.0]), &spec);
+        assert_eq!(scaled, vec![10.0, 30.0, 50.0, 0.0, 2.0, 4.0, 6.0, 0.0]);
+    }
+}

@@ -1,0 +1,201 @@
+//! The execution plan of a compiled model: its inputs, weights (and how to pack them for
+//! the kernels), intermediate values with their memory slots, and the steps to run. It is
+//! what the code generator writes next to the kernels and what the runtime reads; the
+//! runtime needs neither MLIR nor LLVM.
+
+use serde::{Deserialize, Serialize};
+
+/// The version of the plan format; the runtime refuses plans of another.
+pub const PLAN_FORMAT: u32 = 1;
+
+/// One dimension: a constant, the batch `B`, the sequence length `T`, or `ceil(T / n)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Extent {
+    Const(u64),
+    Batch,
+    Seq,
+    SeqBlocks(u64),
+}
+
+impl Extent {
+    pub fn resolve(self, batch: usize, seq: usize) -> usize {
+        match self {
+            Extent::Const(n) => n as usize,
+            Extent::Batch => batch,
+            Extent::Seq => seq,
+            Extent::SeqBlocks(n) => seq.div_ceil(n.max(1) as usize),
+        }
+    }
+}
+
+/// The product of a list of extents.
+pub fn volume(extents: &[Extent], batch: usize, seq: usize) -> usize {
+    extents.iter().map(|e| e.resolve(batch, seq)).product()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ElemType {
+    F32,
+    I64,
+    /// A bool, stored as one byte.
+    U8,
+}
+
+impl ElemType {
+    pub fn size(self) -> usize {
+        match self {
+            ElemType::F32 => 4,
+            ElemType::I64 => 8,
+            ElemType::U8 => 1,
+        }
+    }
+}
+
+/// A buffer a step reads or writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Operand {
+    /// A graph input (tokens, side inputs), `i64 [B, T]`.
+    Input(usize),
+    /// A weight as loaded.
+    Weight(usize),
+    /// A weight packed for the projection kernels.
+    Packed(usize),
+    /// An intermediate value.
+    Value(usize),
+    /// A scalar constant.
+    Constant(usize),
+    /// Positions `[0, 1, ..., T - 1]`, i64.
+    Positions,
+    /// Scratch memory of a step.
+    Workspace(usize),
+    /// The row offsets and tiles of a tile schedule.
+    ScheduleRows(usize),
+    ScheduleTiles(usize),
+    /// RoPE tables `[T, D/2]` of cosines and sines.
+    RopeCos(usize),
+    RopeSin(usize),
+}
+
+/// A graph input: its name, element type and shape.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InputSpec {
+    pub name: String,
+    pub elem: ElemType,
+    pub shape: Vec<Extent>,
+}
+
+/// A weight of the model, as the checkpoint holds it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WeightSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+/// A weight `[N, K]` packed into panels of `nr` output columns, `[N' / nr][K][nr]`: each
+/// group of `group` output columns (a head, or all of them) is padded to whole panels. With
+/// `norm`, the norm weight `g [K]` is folded in: `w[n, k] * g[k]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackSpec {
+    pub weight: usize,
+    pub norm: Option<usize>,
+    pub n: usize,
+    pub k: usize,
+    pub group: usize,
+    pub nr: usize,
+}
+
+impl PackSpec {
+    pub fn packed_len(&self) -> usize {
+        let groups = self.n / self.group;
+        groups * self.group.div_ceil(self.nr) * self.nr * self.k
+    }
+}
+
+/// An intermediate value (or output): its shape, element type and memory slot. Values in
+/// one slot are never alive at once.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ValueSpec {
+    pub shape: Vec<Extent>,
+    pub elem: ElemType,
+    pub slot: usize,
+}
+
+/// A tile schedule computed by the runtime for an attention step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleSpec {
+    /// The mask, in the IR's expression syntax.
+    pub mask: String,
+    pub heads: usize,
+    pub block_q: usize,
+    pub block_k: usize,
+    /// Side inputs the mask reads: name, and the graph input holding the values (`[B, T]`).
+    /// With side inputs, each batch row gets its own schedule, from per-tile ranges of the
+    /// values.
+    pub sides: Vec<(String, usize)>,
+}
+
+/// The programs of a kernel step: `ceil(product(rows) / row_chunk) * cols`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grid {
+    pub rows: Vec<Extent>,
+    pub row_chunk: u64,
+    pub cols: u64,
+}
+
+impl Grid {
+    pub fn programs(&self, batch: usize, seq: usize) -> usize {
+        volume(&self.rows, batch, seq).div_ceil(self.row_chunk.max(1) as usize) * self.cols as usize
+    }
+}
+
+/// One step of the plan.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Step {
+    /// Run a kernel over a grid of programs.
+    Kernel {
+        kernel: usize,
+        operands: Vec<Operand>,
+        grid: Grid,
+        /// Set for attention steps: their schedule (whose rows are per batch row when the
+        /// mask reads side inputs).
+        schedule: Option<usize>,
+    },
+    /// Build a tile schedule.
+    Schedule { id: usize },
+}
+
+/// A compiled kernel of the library.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KernelInfo {
+    pub symbol: String,
+    pub description: String,
+}
+
+/// The whole plan.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub format: u32,
+    pub name: String,
+    /// What the kernels were compiled for (`x86_64-pc-linux-gnu znver3`).
+    pub target: String,
+    /// The kernel library next to the plan (`kernels.so`).
+    pub library: String,
+    pub kernels: Vec<KernelInfo>,
+    /// The longest sequence the plan runs (the runtime refuses longer ones).
+    pub max_seq_len: usize,
+    /// The vocabulary size, for checking token ids (0 when the graph has no embedding).
+    pub vocab: usize,
+    pub inputs: Vec<InputSpec>,
+    pub weights: Vec<WeightSpec>,
+    pub packed: Vec<PackSpec>,
+    pub constants: Vec<f32>,
+    pub values: Vec<ValueSpec>,
+    pub slots: usize,
+    /// Scratch buffers: shape and element type.
+    pub workspaces: Vec<(Vec<Extent>, ElemType)>,
+    pub schedules: Vec<ScheduleSpec>,
+    /// RoPE tables: base and head dim.
+    pub rope_tables: Vec<(f64, usize)>,
+    pub steps: Vec<Step>,
+    pub outputs: Vec<(String, usize)>,
+}
