@@ -304,7 +304,7 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
             let dir = args
                 .output
                 .ok_or_else(|| anyhow!("--emit artifact needs the directory to write: -o DIR"))?;
-            let report = build_artifact(&optimized.graph, dir, args.max_seq_len)?;
+            let report = build_artifact_at(&optimized.graph, dir, args.max_seq_len)?;
             timings.push(("codegen".into(), report.codegen));
             timings.push(("link".into(), report.link));
             print_timings(args.file, args.timings, &timings);
@@ -340,7 +340,7 @@ fn print_timings(file: &Path, enabled: bool, timings: &[(String, Duration)]) {
 }
 
 /// Compiles an optimized graph into an artifact directory, with the kernel cache.
-fn build_artifact(
+pub fn build_artifact_at(
     graph: &Graph,
     dir: &Path,
     max_seq_len: usize,
@@ -361,7 +361,7 @@ pub fn cached_artifact(graph: &Graph, max_seq_len: usize) -> Result<PathBuf> {
     );
     let dir = cache.dir.join("artifacts").join(format!("{key:016x}"));
     if zebra_runtime::Artifact::load(&dir).is_err() {
-        build_artifact(graph, &dir, max_seq_len)?;
+        build_artifact_at(graph, &dir, max_seq_len)?;
     }
     Ok(dir)
 }

@@ -1,5 +1,6 @@
 //! The `zebra` command line: check, compile, init and run models written in the Zebra DSL.
 
+mod bench;
 mod commands;
 
 use std::path::PathBuf;
@@ -113,6 +114,37 @@ enum Command {
         #[arg(long, default_value_t = DEFAULT_MAX_SEQ_LEN)]
         max_seq_len: usize,
     },
+    /// Time the compiled kernels against naive baselines; one JSON object per benchmark with
+    /// --json. Benchmarks: attention-local, attention-global, forward-zebra,
+    /// forward-all-global, compile-cold, compile-warm (all when none is named).
+    Bench {
+        names: Vec<String>,
+        /// The sequence length.
+        #[arg(long, default_value_t = 8192)]
+        seq_len: usize,
+        /// Threads (default: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Timed runs per benchmark (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        /// The local attention's window.
+        #[arg(long, default_value_t = 512)]
+        window: usize,
+        #[arg(long, default_value_t = 8)]
+        heads: usize,
+        #[arg(long, default_value_t = 64)]
+        head_dim: usize,
+        /// Skip the naive baselines (they take seconds at long lengths).
+        #[arg(long)]
+        no_baseline: bool,
+        /// Attention tile sizes as BQxBK (default: the target's).
+        #[arg(long, value_parser = parse_blocks)]
+        blocks: Option<(u64, u64)>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check that MLIR and LLVM work here: JIT a small MLIR function, create CPU and PTX targets.
     Toolchain,
     /// Encode text as byte-level token ids (vocabulary 256) into an int64 .npy file [1, T].
@@ -121,6 +153,24 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+}
+
+/// Reads `64x64`.
+fn parse_blocks(text: &str) -> Result<(u64, u64), String> {
+    let (q, k) = text
+        .split_once('x')
+        .ok_or_else(|| format!("expected BQxBK such as 64x64, found `{text}`"))?;
+    let parse = |s: &str| {
+        s.parse::<u64>()
+            .ok()
+            .filter(|v| *v > 0 && *v <= 1024 && v.is_multiple_of(8))
+    };
+    match (parse(q), parse(k)) {
+        (Some(q), Some(k)) => Ok((q, k)),
+        _ => Err(format!(
+            "tile sizes are multiples of 8 up to 1024, found `{text}`"
+        )),
+    }
 }
 
 fn main() -> ExitCode {
@@ -177,6 +227,29 @@ fn main() -> ExitCode {
         }),
         Command::Encode { text, output } => commands::encode(&text, &output),
         Command::Toolchain => commands::toolchain(),
+        Command::Bench {
+            names,
+            seq_len,
+            threads,
+            repeats,
+            window,
+            heads,
+            head_dim,
+            no_baseline,
+            json,
+            blocks,
+        } => bench::bench(&bench::BenchArgs {
+            names: &names,
+            seq_len,
+            threads,
+            repeats: repeats.max(1),
+            json,
+            window,
+            heads,
+            head_dim,
+            baseline: !no_baseline,
+            blocks,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -216,7 +216,9 @@ pub fn llvm_compile(ir: &str, target: &CpuTarget, output: Output) -> Result<Vec<
 /// Links object files into a shared library with the system C compiler.
 pub fn link_shared(objects: &[&Path], out: &Path) -> Result<(), CodegenError> {
     let compiler = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
-    let temp = out.with_extension("so.tmp");
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let temp = out.with_extension(format!("so.tmp{}-{n}", std::process::id()));
     let result = Command::new(&compiler)
         .arg("-shared")
         .arg("-o")

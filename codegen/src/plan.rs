@@ -352,18 +352,22 @@ impl Planner<'_> {
     ) -> Result<(), CodegenError> {
         let (bq, bk) = (kernel.block_q, kernel.block_k);
         let keys = self.operand[&operands[1]];
-        let workspace = self.plan.workspaces.len();
-        self.plan.workspaces.push((
-            vec![
-                Extent::Batch,
-                Extent::Const(kernel.kv_heads),
-                Extent::SeqBlocks(bk),
-                Extent::Const(kernel.head_dim * bk),
-            ],
-            ElemType::F32,
-        ));
-        let pack = KernelSpec::PackKeys {
+        // Packed keys and values: per key tile, D * bk floats each.
+        let packed_shape = vec![
+            Extent::Batch,
+            Extent::Const(kernel.kv_heads),
+            Extent::SeqBlocks(bk),
+            Extent::Const(kernel.head_dim * bk),
+        ];
+        let keys_ws = self.plan.workspaces.len();
+        self.plan
+            .workspaces
+            .push((packed_shape.clone(), ElemType::F32));
+        let values_ws = self.plan.workspaces.len();
+        self.plan.workspaces.push((packed_shape, ElemType::F32));
+        let pack = KernelSpec::PackKv {
             head_dim: kernel.head_dim as usize,
+            block_q: bq as usize,
             block_k: bk as usize,
         };
         let grid = Grid {
@@ -371,7 +375,18 @@ impl Planner<'_> {
             row_chunk: 1,
             cols: kernel.kv_heads,
         };
-        self.step(pack, vec![keys, Operand::Workspace(workspace)], grid, None);
+        let values = self.operand[&operands[2]];
+        self.step(
+            pack,
+            vec![
+                keys,
+                values,
+                Operand::Workspace(keys_ws),
+                Operand::Workspace(values_ws),
+            ],
+            grid,
+            None,
+        );
 
         let mut sides = Vec::new();
         let mut side_operands = Vec::new();
@@ -396,8 +411,8 @@ impl Planner<'_> {
         self.plan.steps.push(Step::Schedule { id: schedule });
         let mut ops = vec![
             self.operand[&operands[0]],
-            Operand::Workspace(workspace),
-            self.operand[&operands[2]],
+            Operand::Workspace(keys_ws),
+            Operand::Workspace(values_ws),
             out,
             Operand::ScheduleRows(schedule),
             Operand::ScheduleTiles(schedule),

@@ -12,8 +12,8 @@ pub fn exp(b: &mut Builder, x: &Val, n: usize) -> Val {
     let ty = vf32(n);
     let hi = b.splat_f32(88.376_26, n);
     let lo = b.splat_f32(-88.376_26, n);
-    let clamped_hi = b.bin("minimumf", x, &hi, &ty);
-    let xc = b.bin("maximumf", &clamped_hi, &lo, &ty);
+    let clamped_hi = b.bin("minnumf", x, &hi, &ty);
+    let xc = b.bin("maxnumf", &clamped_hi, &lo, &ty);
     let log2e = b.splat_f32(std::f32::consts::LOG2_E, n);
     let half = b.splat_f32(0.5, n);
     let t = b.fma(&xc, &log2e, &half, &ty);
@@ -46,6 +46,43 @@ pub fn exp(b: &mut Builder, x: &Val, n: usize) -> Val {
     let pow2 = b.op(format!("arith.bitcast {bits} : {ity} to {ty}"));
     let value = b.bin("mulf", &y3, &pow2, &ty);
     let floor = b.splat_f32(-87.3, n);
+    let tiny = b.cmpf("olt", x, &floor, &ty);
+    let zero = b.splat_f32(0.0, n);
+    b.select(&tiny, &zero, &value, &ty)
+}
+
+/// `2^x` on a vector of f32: `2^n * p(f)` with `n` the nearest integer to `x` and `p` the
+/// degree-6 Taylor polynomial of `2^f` on `[-0.5, 0.5]` (relative error about 1.2e-7);
+/// anything below -126.5, `-inf` included, gives exactly 0.
+pub fn exp2(b: &mut Builder, x: &Val, n: usize) -> Val {
+    let ty = vf32(n);
+    let hi = b.splat_f32(127.0, n);
+    let lo = b.splat_f32(-127.0, n);
+    let clamped = b.bin("minnumf", x, &hi, &ty);
+    let y = b.bin("maxnumf", &clamped, &lo, &ty);
+    let whole = b.op(format!("math.roundeven {y} : {ty}"));
+    let f = b.bin("subf", &y, &whole, &ty);
+    let ln2 = std::f64::consts::LN_2;
+    let mut coefficient = 1.0f64;
+    let mut coefficients = vec![1.0f32];
+    for k in 1..=6 {
+        coefficient *= ln2 / k as f64;
+        coefficients.push(coefficient as f32);
+    }
+    let mut p = b.splat_f32(coefficients[6], n);
+    for &c in coefficients[..6].iter().rev() {
+        let cv = b.splat_f32(c, n);
+        p = b.fma(&p, &f, &cv, &ty);
+    }
+    let ity = format!("vector<{n}xi32>");
+    let ni = b.op(format!("arith.fptosi {whole} : {ty} to {ity}"));
+    let bias = b.op(format!("arith.constant dense<127> : {ity}"));
+    let nb = b.bin("addi", &ni, &bias, &ity);
+    let shift = b.op(format!("arith.constant dense<23> : {ity}"));
+    let bits = b.bin("shli", &nb, &shift, &ity);
+    let pow2 = b.op(format!("arith.bitcast {bits} : {ity} to {ty}"));
+    let value = b.bin("mulf", &p, &pow2, &ty);
+    let floor = b.splat_f32(-126.5, n);
     let tiny = b.cmpf("olt", x, &floor, &ty);
     let zero = b.splat_f32(0.0, n);
     b.select(&tiny, &zero, &value, &ty)

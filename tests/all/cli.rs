@@ -19,6 +19,7 @@ fn zebra(args: &[&str]) -> Output {
         .args(args)
         .current_dir(root())
         .env("NO_COLOR", "1")
+        .env("ZEBRA_CACHE_DIR", crate::common::cache_dir())
         .output()
         .expect("zebra runs");
     Output {
@@ -137,8 +138,9 @@ fn compile_emits_each_stage() {
     );
 }
 
-/// `zebra init` and `zebra run` on zebra_tiny produce logits, the same as the interpreter
-/// computes in-process, and the same for the same seed.
+/// `zebra init` and `zebra run` on zebra_tiny produce logits: the compiled kernels by
+/// default, the interpreter with `--interpret`, each agreeing with the interpreter run
+/// in-process; the same seed gives the same weights.
 #[test]
 fn init_and_run_zebra_tiny() {
     let dir = temp();
@@ -161,25 +163,35 @@ fn init_and_run_zebra_tiny() {
         &tokens,
     ]);
     assert!(out.ok, "{}", out.stderr);
-    let out = zebra(&[
-        "run",
-        "examples/zebra_tiny.zb",
-        "--weights",
-        &weights,
-        "--tokens",
-        &tokens,
-        "--output",
-        &logits,
-    ]);
-    assert!(out.ok, "{}", out.stderr);
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "examples/zebra_tiny.zb",
+            "--weights",
+            &weights,
+            "--tokens",
+            &tokens,
+            "--output",
+            &logits,
+        ];
+        args.extend_from_slice(extra);
+        let out = zebra(&args);
+        assert!(out.ok, "{}", out.stderr);
+        assert!(
+            out.stdout.contains("logits f32[1, 44, 256]"),
+            "{}",
+            out.stdout
+        );
+        (out.stdout, npy::read_floats(Path::new(&logits)).unwrap())
+    };
+    let (stdout, compiled) = run(&[]);
+    assert!(stdout.contains("through the compiled kernels"), "{stdout}");
+    let (stdout, interpreted) = run(&["--interpret"]);
     assert!(
-        out.stdout.contains("logits f32[1, 44, 256]"),
-        "{}",
-        out.stdout
+        stdout.contains("through the reference interpreter"),
+        "{stdout}"
     );
-    let written = npy::read_floats(Path::new(&logits)).unwrap();
-    assert_eq!(written.shape(), &[1, 44, 256]);
-    assert!(written.iter().all(|x| x.is_finite()));
+    assert!(compiled.iter().all(|x| x.is_finite()));
 
     let spec = crate::common::model(&root().join("examples/zebra_tiny.zb"));
     let loaded = Weights::load(Path::new(&weights)).unwrap();
@@ -192,10 +204,16 @@ fn init_and_run_zebra_tiny() {
     let expected = crate::common::logits(&crate::common::lower(&spec), &inputs, &loaded);
     let expected32 = expected.mapv(|x| f64::from(x as f32));
     crate::common::assert_close(
-        &written,
+        &interpreted,
         &expected32,
         0.0,
-        "zebra run vs in-process interpreter",
+        "zebra run --interpret vs the interpreter in-process",
+    );
+    crate::common::assert_close(
+        &compiled,
+        &expected,
+        1e-4,
+        "zebra run (compiled) vs the interpreter",
     );
 }
 

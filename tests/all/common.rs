@@ -158,3 +158,8 @@ pub fn programs() -> Vec<PathBuf> {
     files.extend(zb_files("tests/fixtures/golden"));
     files
 }
+
+/// The kernel cache the tests share (inside the build's target directory).
+pub fn cache_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("zebra-cache")
+}

@@ -249,6 +249,7 @@ fn zebra(args: &[&str]) -> (bool, String, String) {
         .args(args)
         .current_dir(root())
         .env("NO_COLOR", "1")
+        .env("ZEBRA_CACHE_DIR", crate::common::cache_dir())
         .output()
         .expect("zebra runs");
     (

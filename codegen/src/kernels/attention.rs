@@ -14,8 +14,14 @@ use zebra_ir::op::AttentionKernel;
 use crate::mlir::{Builder, F32, I64, Val, entry, vf32};
 use crate::vexpr::{self, VecEnv};
 
-/// Rows and vectors of the register block of both micro-kernels.
-const ROWS: usize = 4;
+/// Rows of the register block of both micro-kernels: 6 rows of two vectors (12 accumulators,
+/// enough to hide FMA latency) when the query tile allows, else 4.
+fn block_rows(block_q: usize) -> usize {
+    [6, 4, 2, 1]
+        .into_iter()
+        .find(|r| block_q.is_multiple_of(*r))
+        .unwrap_or(1)
+}
 
 /// The largest vector width (at most `max`) that divides `d`.
 pub fn vector_width(d: usize, max: usize) -> usize {
@@ -25,16 +31,50 @@ pub fn vector_width(d: usize, max: usize) -> usize {
         .unwrap_or(1)
 }
 
-/// The kernel that packs keys for the attention kernel: `k [B, KV, T, D]` becomes, per key
-/// tile, a `[D, bk]` block (zero beyond `T`). Grid: `B * KV * ceil(T / bk)`.
-pub fn pack_keys(name: &str, head_dim: usize, block_k: usize) -> String {
+/// How the attention kernel's tiles are laid out: the vector width `w`, and the panel widths
+/// of packed keys (`nk` keys) and packed values (`nv` head-dim columns), each one or two
+/// vectors.
+#[derive(Clone, Copy, Debug)]
+pub struct Layout {
+    pub w: usize,
+    pub nk: usize,
+    pub nv: usize,
+    pub rows: usize,
+}
+
+impl Layout {
+    pub fn new(head_dim: usize, block_q: usize, block_k: usize, max_vector: usize) -> Layout {
+        let w = [16, 8, 4, 2, 1]
+            .into_iter()
+            .find(|&w| w <= max_vector && head_dim.is_multiple_of(w) && block_k.is_multiple_of(w))
+            .unwrap_or(1);
+        let panel = |n: usize| if n.is_multiple_of(2 * w) { 2 * w } else { w };
+        Layout {
+            w,
+            nk: panel(block_k),
+            nv: panel(head_dim),
+            rows: block_rows(block_q),
+        }
+    }
+}
+
+/// The kernel that packs keys and values for the attention kernel. Per key tile of `bk` keys
+/// (zero beyond `T`): keys transposed into panels of `nk` keys, `[bk / nk][D][nk]`, and values
+/// into panels of `nv` columns, `[D / nv][bk][nv]`, so that both micro-kernels read their
+/// panels front to back. Buffers: k, v `[B, KV, T, D]`, packed keys, packed values. Grid:
+/// `B * KV * ceil(T / bk)`.
+pub fn pack_kv(name: &str, head_dim: usize, block_k: usize, layout: Layout) -> String {
     let mut b = Builder::new();
     let e = entry();
     let k = b.ptr_at(&e.bufs, 0);
-    let kt = b.ptr_at(&e.bufs, 1);
+    let v = b.ptr_at(&e.bufs, 1);
+    let kp = b.ptr_at(&e.bufs, 2);
+    let vp = b.ptr_at(&e.bufs, 3);
     let t = b.i64_at(&e.dims, 1);
     let bk = b.i64(block_k as i64);
     let d = b.i64(head_dim as i64);
+    let nk = b.i64(layout.nk as i64);
+    let nv = b.i64(layout.nv as i64);
     let n_kt = b.ceil_div(&t, &bk);
     let zero = b.i64(0);
     let one = b.i64(1);
@@ -53,14 +93,30 @@ pub fn pack_keys(name: &str, head_dim: usize, block_k: usize) -> String {
             let clamped = b.mini(&key, &last);
             let row = b.addi(&row_base, &clamped);
             let src = b.muli(&row, &d);
+            // Key j, dim c goes to panel j / nk: ((j / nk) * D + c) * nk + j % nk.
+            let k_panel = b.divi(j, &nk);
+            let k_lane = b.remi(j, &nk);
+            let k_panel = b.muli(&k_panel, &d);
             b.for_range(&zero, &d, &one, &[], |b, c, _| {
                 let at = b.addi(&src, c);
                 let x = b.load(&k, &at, F32, F32);
                 let x = b.select(&inside, &x, &fzero, F32);
-                let dst = b.muli(c, &bk);
-                let dst = b.addi(&dst, j);
+                let dst = b.addi(&k_panel, c);
+                let dst = b.muli(&dst, &nk);
+                let dst = b.addi(&dst, &k_lane);
                 let dst = b.addi(&block, &dst);
-                b.store(&x, &kt, &dst, F32, F32);
+                b.store(&x, &kp, &dst, F32, F32);
+                // Value j, dim c goes to panel c / nv: ((c / nv) * bk + j) * nv + c % nv.
+                let y = b.load(&v, &at, F32, F32);
+                let y = b.select(&inside, &y, &fzero, F32);
+                let v_panel = b.divi(c, &nv);
+                let v_lane = b.remi(c, &nv);
+                let dst = b.muli(&v_panel, &bk);
+                let dst = b.addi(&dst, j);
+                let dst = b.muli(&dst, &nv);
+                let dst = b.addi(&dst, &v_lane);
+                let dst = b.addi(&block, &dst);
+                b.store(&y, &vp, &dst, F32, F32);
                 vec![]
             });
             vec![]
@@ -75,20 +131,16 @@ pub fn attention(name: &str, kernel: &AttentionKernel, max_vector: usize) -> Str
     let (h_count, kv_count) = (kernel.heads as i64, kernel.kv_heads as i64);
     let d = kernel.head_dim as usize;
     let (bq, bk) = (kernel.block_q as usize, kernel.block_k as usize);
-    let w = vector_width(d.min(bk), max_vector);
-    let cols = if d >= 2 * w && bk >= 2 * w && d.is_multiple_of(2 * w) && bk.is_multiple_of(2 * w) {
-        2
-    } else {
-        1
-    };
-    let rows = if bq.is_multiple_of(ROWS) { ROWS } else { 1 };
+    let layout = Layout::new(d, bq, bk, max_vector);
+    let (w, rows) = (layout.w, layout.rows);
+    let (kc, vc) = (layout.nk / w, layout.nv / w);
     let vt = vf32(w);
 
     let mut b = Builder::new();
     let e = entry();
     let q = b.ptr_at(&e.bufs, 0);
-    let kt = b.ptr_at(&e.bufs, 1);
-    let v = b.ptr_at(&e.bufs, 2);
+    let kp = b.ptr_at(&e.bufs, 1);
+    let vp = b.ptr_at(&e.bufs, 2);
     let out = b.ptr_at(&e.bufs, 3);
     let sched_rows = b.ptr_at(&e.bufs, 4);
     let sched_tiles = b.ptr_at(&e.bufs, 5);
@@ -107,12 +159,21 @@ pub fn attention(name: &str, kernel: &AttentionKernel, max_vector: usize) -> Str
     let cbq = b.i64(bq as i64);
     let cbk = b.i64(bk as i64);
     let cd = b.i64(d as i64);
+    let cnk = b.i64(layout.nk as i64);
+    let cnv = b.i64(layout.nv as i64);
     let ch = b.i64(h_count);
     let group = b.i64(h_count / kv_count);
     let ckv = b.i64(kv_count);
     let n_qt = b.ceil_div(&t, &cbq);
     let n_kt = b.ceil_div(&t, &cbk);
-    let scale = b.splat_f32(kernel.scale as f32, w);
+    // Scores are kept in base 2 (exp2 is the cheaper exponential): scaled by log2(e) after
+    // the score modifier, or together with the scale when there is none.
+    let log2e = std::f64::consts::LOG2_E;
+    let scale = match kernel.score {
+        Some(_) => b.splat_f32(kernel.scale as f32, w),
+        None => b.splat_f32((kernel.scale * log2e) as f32, w),
+    };
+    let log2e_v = b.splat_f32(log2e as f32, w);
     let neg_inf = b.f32(f32::NEG_INFINITY);
     let neg_inf_v = b.splat(&neg_inf, F32, w);
     let zero_v = b.splat_f32(0.0, w);
@@ -122,10 +183,10 @@ pub fn attention(name: &str, kernel: &AttentionKernel, max_vector: usize) -> Str
     let scores = b.alloca(bq * bk, F32);
     let acc = b.alloca(bq * d, F32);
     let maxes = b.alloca(bq, F32);
+    let tile_maxes = b.alloca(bq * w, F32);
     let sums = b.alloca(bq, F32);
 
     let step_rows = b.i64(rows as i64);
-    let step_cols = b.i64((cols * w) as i64);
     b.for_range(&e.first, &e.last, &c1, &[], |b, pid, _| {
         // pid = (batch * n_qt + qt) * H + h: the heads of one query tile run together.
         let h = b.remi(pid, &ch);
@@ -141,8 +202,7 @@ pub fn attention(name: &str, kernel: &AttentionKernel, max_vector: usize) -> Str
         let q_base = b.muli(&bh, &t); // row of (b, h, 0)
         let bkv = b.muli(&batch, &ckv);
         let bkv = b.addi(&bkv, &kv);
-        let kv_rows = b.muli(&bkv, &t);
-        let kt_tiles = b.muli(&bkv, &n_kt);
+        let kv_tiles = b.muli(&bkv, &n_kt);
         let side_rows: Vec<(String, Val)> = sides
             .iter()
             .map(|(name, ptr)| {
@@ -163,6 +223,16 @@ pub fn attention(name: &str, kernel: &AttentionKernel, max_vector: usize) -> Str
             });
             vec![]
         });
+        // Query rows of the register blocks, clamped to the last valid one.
+        let q_row = |b: &mut Builder, i: &Val, r: usize| {
+            let rr = b.i64(r as i64);
+            let qi = b.addi(i, &rr);
+            let last = b.subi(&q_valid, &c1);
+            let qi = b.mini(&qi, &last);
+            let qrow = b.addi(&q0, &qi);
+            let qrow = b.addi(&q_base, &qrow);
+            b.muli(&qrow, &cd)
+        };
 
         // This query tile's row of the schedule.
         let shared = b.muli(&batch, &per_batch);
@@ -181,112 +251,112 @@ pub fn attention(name: &str, kernel: &AttentionKernel, max_vector: usize) -> Str
             let is_partial = b.cmpi("ne", &partial_bit, &c0, I64);
             let is_tail = b.cmpi("slt", &k_valid, &cbk, I64);
             let needs_mask = b.bin("ori", &is_partial, &is_tail, "i1");
-            let tile = b.addi(&kt_tiles, &kt_index);
+            let tile = b.addi(&kv_tiles, &kt_index);
             let tile = b.muli(&tile, &cd);
-            let kt_tile = b.muli(&tile, &cbk); // start of this tile's [D, bk] block
+            let tile = b.muli(&tile, &cbk); // this tile's packed keys and values
+            b.for_range(&c0, &cbq, &c1, &[], |b, i, _| {
+                let at = b.muli(i, &cw);
+                b.store(&neg_inf_v, &tile_maxes, &at, F32, &vt);
+                vec![]
+            });
 
-            // S = Q K^T, ROWS x (cols * w) at a time.
+            // S = Q K^T: `rows` queries x one panel of `nk` keys at a time; each block is
+            // scaled, modified and (on partial tiles) masked as it is stored, and the row
+            // maxima kept per lane.
             b.for_range(&c0, &cbq, &step_rows, &[], |b, i, _| {
-                let mut q_rows = Vec::new();
-                for r in 0..rows {
-                    let rr = b.i64(r as i64);
-                    let qi = b.addi(i, &rr);
-                    let last = b.subi(&q_valid, &c1);
-                    let qi = b.mini(&qi, &last);
-                    let qrow = b.addi(&q0, &qi);
-                    let qrow = b.addi(&q_base, &qrow);
-                    q_rows.push(b.muli(&qrow, &cd));
-                }
-                b.for_range(&c0, &cbk, &step_cols, &[], |b, j, _| {
-                    let zeros: Vec<(Val, String)> = (0..rows * cols)
+                let q_rows: Vec<Val> = (0..rows).map(|r| q_row(b, i, r)).collect();
+                b.for_range(&c0, &cbk, &cnk, &[], |b, j, _| {
+                    let panel = b.muli(j, &cd);
+                    let panel = b.addi(&tile, &panel); // (j / nk) * D * nk + tile start
+                    let zeros: Vec<(Val, String)> = (0..rows * kc)
                         .map(|_| (zero_v.clone(), vt.clone()))
                         .collect();
                     let sums_out = b.for_range(&c0, &cd, &c1, &zeros, |b, dd, accs| {
-                        let krow = b.muli(dd, &cbk);
-                        let krow = b.addi(&kt_tile, &krow);
-                        let krow = b.addi(&krow, j);
-                        let mut kvecs = Vec::new();
-                        for c in 0..cols {
-                            let off = b.i64((c * w) as i64);
-                            let at = b.addi(&krow, &off);
-                            kvecs.push(b.load(&kt, &at, F32, &vt));
-                        }
+                        let at = b.muli(dd, &cnk);
+                        let at = b.addi(&panel, &at);
+                        let kvecs: Vec<Val> = (0..kc)
+                            .map(|c| {
+                                let off = b.i64((c * w) as i64);
+                                let at = b.addi(&at, &off);
+                                b.load(&kp, &at, F32, &vt)
+                            })
+                            .collect();
                         let mut next = Vec::new();
                         for (r, qrow) in q_rows.iter().enumerate() {
                             let at = b.addi(qrow, dd);
                             let x = b.load(&q, &at, F32, F32);
                             let xv = b.splat(&x, F32, w);
                             for (c, kvec) in kvecs.iter().enumerate() {
-                                next.push(b.fma(&xv, kvec, &accs[r * cols + c], &vt));
+                                next.push(b.fma(&xv, kvec, &accs[r * kc + c], &vt));
                             }
                         }
                         next
                     });
                     for r in 0..rows {
                         let rr = b.i64(r as i64);
-                        let srow = b.addi(i, &rr);
-                        let srow = b.muli(&srow, &cbk);
-                        for c in 0..cols {
+                        let qi = b.addi(i, &rr);
+                        let qpos = b.addi(&q0, &qi);
+                        let srow = b.muli(&qi, &cbk);
+                        let mrow = b.muli(&qi, &cw);
+                        let mut row_max = b.load(&tile_maxes, &mrow, F32, &vt);
+                        for c in 0..kc {
                             let off = b.i64((c * w) as i64);
                             let at = b.addi(&srow, j);
                             let at = b.addi(&at, &off);
-                            b.store(&sums_out[r * cols + c], &scores, &at, F32, &vt);
+                            let kpos = b.addi(&k0, j);
+                            let kpos = b.addi(&kpos, &off);
+                            let s = b.bin("mulf", &sums_out[r * kc + c], &scale, &vt);
+                            let env = VecEnv {
+                                n: w,
+                                q: qpos.clone(),
+                                k0: kpos.clone(),
+                                h: h.clone(),
+                                b: batch.clone(),
+                                score: Some(s.clone()),
+                                sides: &side_rows,
+                            };
+                            let s = match &kernel.score {
+                                Some(expr) => {
+                                    let modified = vexpr::score(b, expr, &env);
+                                    b.bin("mulf", &modified, &log2e_v, &vt)
+                                }
+                                None => s,
+                            };
+                            let s = b.if_else(
+                                &needs_mask,
+                                std::slice::from_ref(&vt),
+                                |b| {
+                                    let visible = vexpr::mask(b, &kernel.mask, &env);
+                                    let kv_end = b.splat(&t, I64, w);
+                                    let base = b.splat(&kpos, I64, w);
+                                    let iota = b.iota(w);
+                                    let keys = b.bin("addi", &base, &iota, &crate::mlir::vi64(w));
+                                    let inside =
+                                        b.cmpi("slt", &keys, &kv_end, &crate::mlir::vi64(w));
+                                    let both =
+                                        b.bin("andi", &visible, &inside, &crate::mlir::vi1(w));
+                                    vec![b.select(&both, &s, &neg_inf_v, &vt)]
+                                },
+                                |_| vec![s.clone()],
+                            );
+                            b.store(&s[0], &scores, &at, F32, &vt);
+                            row_max = b.bin("maxnumf", &row_max, &s[0], &vt);
                         }
+                        b.store(&row_max, &tile_maxes, &mrow, F32, &vt);
                     }
                     vec![]
                 });
                 vec![]
             });
 
-            // Scale, modify, mask, and the online softmax, one query row at a time.
+            // The online softmax, one query row at a time (in base 2).
             b.for_range(&c0, &q_valid, &c1, &[], |b, i, _| {
-                let qpos = b.addi(&q0, i);
                 let srow = b.muli(i, &cbk);
-                let rowmax = b.for_range(
-                    &c0,
-                    &cbk,
-                    &cw,
-                    &[(neg_inf_v.clone(), vt.clone())],
-                    |b, j, carried| {
-                        let at = b.addi(&srow, j);
-                        let raw = b.load(&scores, &at, F32, &vt);
-                        let s = b.bin("mulf", &raw, &scale, &vt);
-                        let kpos = b.addi(&k0, j);
-                        let env = VecEnv {
-                            n: w,
-                            q: qpos.clone(),
-                            k0: kpos.clone(),
-                            h: h.clone(),
-                            b: batch.clone(),
-                            score: Some(s.clone()),
-                            sides: &side_rows,
-                        };
-                        let s = match &kernel.score {
-                            Some(expr) => vexpr::score(b, expr, &env),
-                            None => s,
-                        };
-                        let s = b.if_else(
-                            &needs_mask,
-                            std::slice::from_ref(&vt),
-                            |b| {
-                                let visible = vexpr::mask(b, &kernel.mask, &env);
-                                let kv_end = b.splat(&t, I64, w);
-                                let base = b.splat(&kpos, I64, w);
-                                let iota = b.iota(w);
-                                let keys = b.bin("addi", &base, &iota, &crate::mlir::vi64(w));
-                                let inside = b.cmpi("slt", &keys, &kv_end, &crate::mlir::vi64(w));
-                                let both = b.bin("andi", &visible, &inside, &crate::mlir::vi1(w));
-                                vec![b.select(&both, &s, &neg_inf_v, &vt)]
-                            },
-                            |_| vec![s.clone()],
-                        );
-                        b.store(&s[0], &scores, &at, F32, &vt);
-                        vec![b.bin("maximumf", &carried[0], &s[0], &vt)]
-                    },
-                );
-                let tile_max = b.reduce("maximumf", &rowmax[0], &vt, F32);
+                let mrow = b.muli(i, &cw);
+                let rowmax = [b.load(&tile_maxes, &mrow, F32, &vt)];
+                let tile_max = b.reduce("maxnumf", &rowmax[0], &vt, F32);
                 let m_old = b.load(&maxes, i, F32, F32);
-                let m_new = b.bin("maximumf", &m_old, &tile_max, F32);
+                let m_new = b.bin("maxnumf", &m_old, &tile_max, F32);
                 // With every key so far hidden, exponents are taken against 0: all give 0.
                 let hidden = b.cmpf("oeq", &m_new, &neg_inf, F32);
                 let m_use = b.select(&hidden, &fzero, &m_new, F32);
@@ -300,7 +370,7 @@ pub fn attention(name: &str, kernel: &AttentionKernel, max_vector: usize) -> Str
                         let at = b.addi(&srow, j);
                         let s = b.load(&scores, &at, F32, &vt);
                         let shifted = b.bin("subf", &s, &m_use_v, &vt);
-                        let p = vexpr::exp(b, &shifted, w);
+                        let p = vexpr::exp2(b, &shifted, w);
                         b.store(&p, &scores, &at, F32, &vt);
                         vec![b.bin("addf", &carried[0], &p, &vt)]
                     },
@@ -308,7 +378,7 @@ pub fn attention(name: &str, kernel: &AttentionKernel, max_vector: usize) -> Str
                 let tile_sum = b.reduce("add", &rowsum[0], &vt, F32);
                 let shift = b.bin("subf", &m_old, &m_use, F32);
                 let shift_v = b.splat(&shift, F32, w);
-                let alpha_v = vexpr::exp(b, &shift_v, w);
+                let alpha_v = vexpr::exp2(b, &shift_v, w);
                 let alpha = b.op(format!("vector.extract {alpha_v}[0] : f32 from {vt}"));
                 let l_old = b.load(&sums, i, F32, F32);
                 let l_new = b.fma(&l_old, &alpha, &tile_sum, F32);
@@ -328,17 +398,19 @@ pub fn attention(name: &str, kernel: &AttentionKernel, max_vector: usize) -> Str
                 vec![]
             });
 
-            // O += P V over the valid keys, ROWS x (cols * w) at a time.
-            let v_tile = b.addi(&kv_rows, &k0);
+            // O += P V: `rows` queries x one panel of `nv` value columns at a time, over the
+            // whole tile (padded values are zero, and so are the weights of hidden keys).
             b.for_range(&c0, &cbq, &step_rows, &[], |b, i, _| {
-                b.for_range(&c0, &cd, &step_cols, &[], |b, c, _| {
+                b.for_range(&c0, &cd, &cnv, &[], |b, c, _| {
+                    let panel = b.muli(c, &cbk);
+                    let panel = b.addi(&tile, &panel); // (c / nv) * bk * nv + tile start
                     let mut init = Vec::new();
                     let mut spots = Vec::new();
                     for r in 0..rows {
                         let rr = b.i64(r as i64);
                         let orow = b.addi(i, &rr);
                         let orow = b.muli(&orow, &cd);
-                        for cc in 0..cols {
+                        for cc in 0..vc {
                             let off = b.i64((cc * w) as i64);
                             let at = b.addi(&orow, c);
                             let at = b.addi(&at, &off);
@@ -346,16 +418,16 @@ pub fn attention(name: &str, kernel: &AttentionKernel, max_vector: usize) -> Str
                             spots.push(at);
                         }
                     }
-                    let result = b.for_range(&c0, &k_valid, &c1, &init, |b, kk, accs| {
-                        let vrow = b.addi(&v_tile, kk);
-                        let vrow = b.muli(&vrow, &cd);
-                        let vrow = b.addi(&vrow, c);
-                        let mut vvecs = Vec::new();
-                        for cc in 0..cols {
-                            let off = b.i64((cc * w) as i64);
-                            let at = b.addi(&vrow, &off);
-                            vvecs.push(b.load(&v, &at, F32, &vt));
-                        }
+                    let result = b.for_range(&c0, &cbk, &c1, &init, |b, kk, accs| {
+                        let at = b.muli(kk, &cnv);
+                        let at = b.addi(&panel, &at);
+                        let vvecs: Vec<Val> = (0..vc)
+                            .map(|cc| {
+                                let off = b.i64((cc * w) as i64);
+                                let at = b.addi(&at, &off);
+                                b.load(&vp, &at, F32, &vt)
+                            })
+                            .collect();
                         let mut next = Vec::new();
                         for r in 0..rows {
                             let rr = b.i64(r as i64);
@@ -365,7 +437,7 @@ pub fn attention(name: &str, kernel: &AttentionKernel, max_vector: usize) -> Str
                             let p = b.load(&scores, &at, F32, F32);
                             let pv = b.splat(&p, F32, w);
                             for (cc, vvec) in vvecs.iter().enumerate() {
-                                next.push(b.fma(&pv, vvec, &accs[r * cols + cc], &vt));
+                                next.push(b.fma(&pv, vvec, &accs[r * vc + cc], &vt));
                             }
                         }
                         next

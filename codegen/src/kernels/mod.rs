@@ -12,9 +12,10 @@ use zebra_ir::types::TensorType;
 /// What one kernel computes.
 #[derive(Clone, Debug)]
 pub enum KernelSpec {
-    /// Keys packed per tile for the attention kernel.
-    PackKeys {
+    /// Keys and values packed per tile for the attention kernel.
+    PackKv {
         head_dim: usize,
+        block_q: usize,
         block_k: usize,
     },
     Attention {
@@ -47,7 +48,7 @@ pub enum KernelSpec {
 }
 
 /// Bumped whenever generated code changes, so that cached kernels are not reused.
-pub const GENERATOR_VERSION: u32 = 1;
+pub const GENERATOR_VERSION: u32 = 3;
 
 impl KernelSpec {
     /// A stable description: equal descriptions mean equal kernels.
@@ -60,8 +61,12 @@ impl KernelSpec {
                 .join(",")
         };
         let body = match self {
-            KernelSpec::PackKeys { head_dim, block_k } => {
-                format!("pack_keys d={head_dim} bk={block_k}")
+            KernelSpec::PackKv {
+                head_dim,
+                block_q,
+                block_k,
+            } => {
+                format!("pack_kv d={head_dim} bq={block_q} bk={block_k}")
             }
             KernelSpec::Attention { kernel } => format!("attention {}", kernel_attrs(kernel)),
             KernelSpec::Linear {
@@ -102,7 +107,7 @@ impl KernelSpec {
     /// The symbol of the kernel: a hash of its description.
     pub fn symbol(&self, vector: usize) -> String {
         let kind = match self {
-            KernelSpec::PackKeys { .. } => "pack_keys",
+            KernelSpec::PackKv { .. } => "pack_kv",
             KernelSpec::Attention { .. } => "attention",
             KernelSpec::Linear { .. } => "linear",
             KernelSpec::SwiGlu { .. } => "swiglu",
@@ -119,8 +124,13 @@ impl KernelSpec {
     pub fn mlir(&self, vector: usize) -> String {
         let name = self.symbol(vector);
         match self {
-            KernelSpec::PackKeys { head_dim, block_k } => {
-                attention::pack_keys(&name, *head_dim, *block_k)
+            KernelSpec::PackKv {
+                head_dim,
+                block_q,
+                block_k,
+            } => {
+                let layout = attention::Layout::new(*head_dim, *block_q, *block_k, vector);
+                attention::pack_kv(&name, *head_dim, *block_k, layout)
             }
             KernelSpec::Attention { kernel } => attention::attention(&name, kernel, vector),
             KernelSpec::Linear {

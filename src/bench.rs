@@ -1,0 +1,409 @@
+//! `zebra bench`: times the compiled attention kernels and model forwards against naive
+//! baselines in the same run, and prints one JSON object per benchmark.
+//!
+//! GFLOP/s count only the FLOPs of visible (unmasked) score elements, 4 * head_dim each (a
+//! multiply-add for `q . k` and one for `p * v`), plus, for model forwards, 2 FLOPs per
+//! weight per token for the projections.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Result, anyhow, bail};
+use ndarray::{ArrayD, IxDyn};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use zebra_runtime::{CpuModel, Tensor};
+
+/// The benchmarks, in the order they run.
+pub const NAMES: [&str; 6] = [
+    "attention-local",
+    "attention-global",
+    "forward-zebra",
+    "forward-all-global",
+    "compile-cold",
+    "compile-warm",
+];
+
+pub struct BenchArgs<'a> {
+    pub names: &'a [String],
+    pub seq_len: usize,
+    pub threads: usize,
+    pub repeats: usize,
+    pub json: bool,
+    pub window: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub baseline: bool,
+    /// Tile sizes to use instead of the target's.
+    pub blocks: Option<(u64, u64)>,
+}
+
+fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+fn emit(args: &BenchArgs, fields: &[(&str, serde_json::Value)]) {
+    let object: serde_json::Map<String, serde_json::Value> = fields
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    if args.json {
+        println!("{}", serde_json::Value::Object(object));
+    } else {
+        let parts: Vec<String> = fields.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("{}", parts.join("  "));
+    }
+}
+
+fn random(shape: &[usize], rng: &mut ChaCha8Rng) -> ArrayD<f32> {
+    ArrayD::from_shape_fn(IxDyn(shape), |_| rng.random_range(-1.0f32..1.0))
+}
+
+fn visible(mask: &zebra_ir::Expr, t: usize) -> u64 {
+    struct At(i64, i64);
+    impl zebra_ir::expr::Env for At {
+        fn var(&self, v: zebra_ir::Var) -> zebra_ir::expr::Scalar {
+            zebra_ir::expr::Scalar::Int(match v {
+                zebra_ir::Var::Q => self.0,
+                zebra_ir::Var::K => self.1,
+                _ => 0,
+            })
+        }
+        fn side(&self, _: &str, _: zebra_ir::Var) -> i64 {
+            0
+        }
+    }
+    // Band masks: count per query along the support, not over all T^2 pairs.
+    let support = zebra_ir::schedule::Support::of(mask);
+    (0..t as i64)
+        .into_par_iter()
+        .map(|q| {
+            let mut keys: Vec<i64> = Vec::new();
+            for r in &support.ranges {
+                let lo = r
+                    .lows
+                    .iter()
+                    .map(|b| bound_at(*b, q))
+                    .max()
+                    .unwrap_or(0)
+                    .max(0);
+                let hi = r
+                    .highs
+                    .iter()
+                    .map(|b| bound_at(*b, q))
+                    .min()
+                    .unwrap_or(t as i64 - 1)
+                    .min(t as i64 - 1);
+                keys.extend(lo..=hi);
+            }
+            keys.sort_unstable();
+            keys.dedup();
+            keys.into_iter()
+                .filter(|&k| mask.eval(&At(q, k)).as_bool())
+                .count() as u64
+        })
+        .sum()
+}
+
+fn bound_at(b: zebra_ir::schedule::Bound, q: i64) -> i64 {
+    match b {
+        zebra_ir::schedule::Bound::Linear { a, d } => a * q + d,
+        zebra_ir::schedule::Bound::Chunk { c, end } => (q / c) * c + if end { c - 1 } else { 0 },
+    }
+}
+
+/// The naive baseline: dense attention, every score of every query evaluated and masked,
+/// parallel over queries (what a framework does with a dense mask).
+fn naive(
+    q: &ArrayD<f32>,
+    k: &ArrayD<f32>,
+    v: &ArrayD<f32>,
+    mask: &zebra_ir::Expr,
+    scale: f32,
+) -> ArrayD<f32> {
+    let (heads, t, d) = (q.shape()[1], q.shape()[2], q.shape()[3]);
+    let (qs, ks, vs) = (
+        q.as_slice().expect("contiguous"),
+        k.as_slice().expect("contiguous"),
+        v.as_slice().expect("contiguous"),
+    );
+    let rows: Vec<Vec<f32>> = (0..heads * t)
+        .into_par_iter()
+        .map(|row| {
+            let (h, i) = (row / t, row % t);
+            let qrow = &qs[(h * t + i) * d..(h * t + i + 1) * d];
+            let mut scores = vec![f32::NEG_INFINITY; t];
+            for (j, s) in scores.iter_mut().enumerate() {
+                struct At(i64, i64, i64);
+                impl zebra_ir::expr::Env for At {
+                    fn var(&self, v: zebra_ir::Var) -> zebra_ir::expr::Scalar {
+                        zebra_ir::expr::Scalar::Int(match v {
+                            zebra_ir::Var::Q => self.0,
+                            zebra_ir::Var::K => self.1,
+                            zebra_ir::Var::H => self.2,
+                            _ => 0,
+                        })
+                    }
+                    fn side(&self, _: &str, _: zebra_ir::Var) -> i64 {
+                        0
+                    }
+                }
+                if mask.eval(&At(i as i64, j as i64, h as i64)).as_bool() {
+                    let krow = &ks[(h * t + j) * d..(h * t + j + 1) * d];
+                    *s = qrow.iter().zip(krow).map(|(a, b)| a * b).sum::<f32>() * scale;
+                }
+            }
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut out = vec![0.0f32; d];
+            if max > f32::NEG_INFINITY {
+                let mut total = 0.0;
+                for (j, s) in scores.iter().enumerate() {
+                    if *s > f32::NEG_INFINITY {
+                        let p = (s - max).exp();
+                        total += p;
+                        let vrow = &vs[(h * t + j) * d..(h * t + j + 1) * d];
+                        out.iter_mut().zip(vrow).for_each(|(o, x)| *o += p * x);
+                    }
+                }
+                out.iter_mut().for_each(|o| *o /= total);
+            }
+            out
+        })
+        .collect();
+    ArrayD::from_shape_vec(IxDyn(&[1, heads, t, d]), rows.concat()).expect("shape")
+}
+
+fn attention(args: &BenchArgs, name: &str, mask_text: &str, dir: &Path) -> Result<()> {
+    let (t, h, d) = (args.seq_len, args.heads, args.head_dim);
+    let mask = zebra_ir::expr::parse_expr(mask_text).map_err(|e| anyhow!(e))?;
+    let (bq, bk) = args
+        .blocks
+        .unwrap_or(zebra_passes::Target::Cpu.attention_blocks());
+    let scale = 1.0 / (d as f64).sqrt();
+    let text = format!(
+        "graph {g} {{\n  kernel @{g} = attention {{mask = {m}, scale = {s}, heads = {h}, kv_heads = {h}, head_dim = {d}, block_q = {bq}, block_k = {bk}, merge_heads = false}}\n  %0 = input {{name = \"q\"}} : f32[B, {h}, T, {d}]\n  %1 = input {{name = \"k\"}} : f32[B, {h}, T, {d}]\n  %2 = input {{name = \"v\"}} : f32[B, {h}, T, {d}]\n  %3 = attention(%0, %1, %2) {{kernel = @{g}}} : f32[B, {h}, T, {d}]\n  output out = %3\n}}\n",
+        g = name.replace('-', "_"),
+        m = zebra_ir::print::quote(mask_text),
+        s = zebra_ir::expr::fmt_float(scale),
+    );
+    let graph = zebra_ir::parse_graph(&text)?;
+    zebra_ir::verify(&graph)?;
+    let artifact = dir.join(name);
+    crate::commands::build_artifact_at(&graph, &artifact, t)?;
+    let mut model = CpuModel::load(&artifact, &zebra_ir::Weights::new(), args.threads)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let (q, k, v) = (
+        random(&[1, h, t, d], &mut rng),
+        random(&[1, h, t, d], &mut rng),
+        random(&[1, h, t, d], &mut rng),
+    );
+    let inputs: BTreeMap<String, Tensor> = [("q", &q), ("k", &k), ("v", &v)]
+        .into_iter()
+        .map(|(n, a)| (n.to_string(), Tensor::F32(a.clone())))
+        .collect();
+    model.run(&inputs)?; // warm-up: schedules, memory
+    let mut times = Vec::new();
+    let mut out = None;
+    for _ in 0..args.repeats {
+        let start = Instant::now();
+        out = Some(model.run(&inputs)?);
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let time = median(times);
+    let flops = visible(&mask, t) as f64 * h as f64 * 4.0 * d as f64;
+    let mut fields = vec![
+        ("name", name.into()),
+        ("seq_len", t.into()),
+        ("threads", model.threads().into()),
+        ("heads", h.into()),
+        ("head_dim", d.into()),
+        ("mask", mask_text.into()),
+        ("time_ms", (time * 1e3).into()),
+        ("gflops", (flops / time / 1e9).into()),
+    ];
+    if args.baseline {
+        let start = Instant::now();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(model.threads())
+            .build()?;
+        let expected = pool.install(|| naive(&q, &k, &v, &mask, scale as f32));
+        let naive_time = start.elapsed().as_secs_f64();
+        let got = &out.expect("ran at least once")["out"];
+        let err = got
+            .iter()
+            .zip(expected.iter())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        if err > 1e-3 {
+            bail!("{name}: the compiled kernel differs from the naive baseline by {err}");
+        }
+        fields.push((
+            "baseline",
+            "naive dense-mask attention (Rust, same threads)".into(),
+        ));
+        fields.push(("baseline_ms", (naive_time * 1e3).into()));
+        fields.push(("baseline_gflops", (flops / naive_time / 1e9).into()));
+        fields.push(("speedup_vs_baseline", (naive_time / time).into()));
+    }
+    emit(args, &fields);
+    Ok(())
+}
+
+/// zebra_tiny at a given layout: its own pattern, or every layer global.
+fn zebra_tiny(all_global: bool) -> Result<(zebra_frontend::ModelSpec, PathBuf)> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/zebra_tiny.zb");
+    let source = std::fs::read_to_string(&path)?;
+    let checked = zebra_frontend::check_source(&source);
+    let mut spec = checked.program.model(None).map_err(|e| anyhow!(e))?.clone();
+    if all_global {
+        let global = spec
+            .kinds
+            .iter()
+            .position(|k| k.attention == "global")
+            .ok_or_else(|| anyhow!("zebra_tiny has no global kind"))?;
+        spec.layers = vec![global; spec.layers.len()];
+        spec.name = "zebra_tiny_all_global".into();
+    }
+    Ok((spec, path))
+}
+
+fn forward(args: &BenchArgs, name: &str, all_global: bool, dir: &Path) -> Result<()> {
+    let (spec, _) = zebra_tiny(all_global)?;
+    let graph = zebra_frontend::lower::lower(&spec)?;
+    let optimized = zebra_passes::optimize(&graph, &zebra_passes::Options::default())?.graph;
+    let artifact = dir.join(name);
+    crate::commands::build_artifact_at(&optimized, &artifact, args.seq_len)?;
+    let weights = zebra_frontend::init::random_weights(&spec, 0);
+    let mut model = CpuModel::load(&artifact, &weights, args.threads)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let t = args.seq_len;
+    let tokens = ArrayD::from_shape_fn(IxDyn(&[1, t]), |_| rng.random_range(0..spec.vocab as i64));
+    let inputs: BTreeMap<String, Tensor> = [("tokens".to_string(), Tensor::I64(tokens))].into();
+    model.run(&inputs)?;
+    let mut times = Vec::new();
+    for _ in 0..args.repeats.min(5) {
+        let start = Instant::now();
+        model.run(&inputs)?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let time = median(times);
+    let mut flops = 2.0 * spec.parameter_count() as f64 * t as f64;
+    for &kind in &spec.layers {
+        flops += visible(&spec.kinds[kind].mask, t) as f64
+            * spec.n_heads as f64
+            * 4.0
+            * spec.head_dim as f64;
+    }
+    let layout: Vec<&str> = spec
+        .layers
+        .iter()
+        .map(|&k| spec.kinds[k].label.as_str())
+        .collect();
+    emit(
+        args,
+        &[
+            ("name", name.into()),
+            ("seq_len", t.into()),
+            ("threads", model.threads().into()),
+            ("model", spec.name.clone().into()),
+            ("layers", layout.join(",").into()),
+            ("time_ms", (time * 1e3).into()),
+            ("gflops", (flops / time / 1e9).into()),
+        ],
+    );
+    Ok(())
+}
+
+fn compile(args: &BenchArgs, name: &str, cold: bool, dir: &Path) -> Result<()> {
+    let cache = dir.join(if cold { "cold-cache" } else { "warm-cache" });
+    if cold {
+        let _ = std::fs::remove_dir_all(&cache);
+    }
+    let (_, path) = zebra_tiny(false)?;
+    let run = |out: &Path| -> Result<f64> {
+        let start = Instant::now();
+        let source = std::fs::read_to_string(&path)?;
+        let checked = zebra_frontend::check_source(&source);
+        let spec = checked.program.model(None).map_err(|e| anyhow!(e))?;
+        let graph = zebra_passes::optimize(
+            &zebra_frontend::lower::lower(spec)?,
+            &zebra_passes::Options::default(),
+        )?
+        .graph;
+        let options = zebra_codegen::artifact::BuildOptions {
+            max_seq_len: args.seq_len,
+            cache: Some(zebra_codegen::artifact::Cache { dir: cache.clone() }),
+        };
+        zebra_codegen::artifact::build(&graph, out, &options)?;
+        CpuModel::load(
+            out,
+            &zebra_frontend::init::random_weights(spec, 0),
+            args.threads,
+        )?;
+        Ok(start.elapsed().as_secs_f64())
+    };
+    if !cold {
+        run(&dir.join("compile-prime"))?;
+    }
+    let time = run(&dir.join(name))?;
+    emit(
+        args,
+        &[
+            ("name", name.into()),
+            ("seq_len", args.seq_len.into()),
+            ("threads", args.threads.into()),
+            ("model", "zebra_tiny".into()),
+            ("what", "source to loaded artifact".into()),
+            ("time_ms", (time * 1e3).into()),
+            ("gflops", 0.0.into()),
+        ],
+    );
+    Ok(())
+}
+
+pub fn bench(args: &BenchArgs) -> Result<()> {
+    for name in args.names {
+        if !NAMES.contains(&name.as_str()) {
+            bail!(
+                "unknown benchmark `{name}`; the benchmarks are {}",
+                NAMES.join(", ")
+            );
+        }
+    }
+    let selected: Vec<&str> = if args.names.is_empty() {
+        NAMES.to_vec()
+    } else {
+        args.names.iter().map(String::as_str).collect()
+    };
+    // ZEBRA_BENCH_DIR keeps the artifacts (for profilers, which need the libraries).
+    let keep = std::env::var_os("ZEBRA_BENCH_DIR").map(PathBuf::from);
+    let dir = keep.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("zebra-bench-{}", std::process::id()))
+    });
+    std::fs::create_dir_all(&dir)?;
+    let result = (|| {
+        for name in selected {
+            match name {
+                "attention-local" => attention(
+                    args,
+                    name,
+                    &format!("k <= q && q - k < {}", args.window),
+                    &dir,
+                )?,
+                "attention-global" => attention(args, name, "k <= q", &dir)?,
+                "forward-zebra" => forward(args, name, false, &dir)?,
+                "forward-all-global" => forward(args, name, true, &dir)?,
+                "compile-cold" => compile(args, name, true, &dir)?,
+                _ => compile(args, name, false, &dir)?,
+            }
+        }
+        Ok(())
+    })();
+    if keep.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
