@@ -352,7 +352,9 @@ pub fn build_artifact_at(
     Ok(zebra_codegen::artifact::build(graph, dir, &options)?)
 }
 
-/// The artifact of an optimized graph in the cache (built when missing), for `zebra run`.
+/// The artifact of an optimized graph in the cache, for `zebra run`. It is rebuilt every time,
+/// which costs little: the kernels come from the kernel cache (keyed by their code, so a
+/// newer generator is never served stale kernels), and so does their library.
 pub fn cached_artifact(graph: &Graph, max_seq_len: usize) -> Result<PathBuf> {
     let cache = zebra_codegen::artifact::Cache::default_location()
         .ok_or_else(|| anyhow!("no cache directory: set ZEBRA_CACHE_DIR or HOME"))?;
@@ -360,9 +362,7 @@ pub fn cached_artifact(graph: &Graph, max_seq_len: usize) -> Result<PathBuf> {
         format!("{}\n{max_seq_len}", zebra_ir::print_graph(graph)).as_bytes(),
     );
     let dir = cache.dir.join("artifacts").join(format!("{key:016x}"));
-    if zebra_runtime::Artifact::load(&dir).is_err() {
-        build_artifact_at(graph, &dir, max_seq_len)?;
-    }
+    build_artifact_at(graph, &dir, max_seq_len)?;
     Ok(dir)
 }
 

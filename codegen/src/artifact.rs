@@ -1,6 +1,7 @@
 //! Building a compiled artifact: a directory holding `plan.json` and `kernels.so`. Kernel
-//! objects are cached by content (the kernel's description and the target), so rebuilding
-//! an unchanged model only links, and an unchanged set of kernels not even that.
+//! objects are cached by content (the kernel's MLIR, the target and the LLVM version), so
+//! rebuilding an unchanged model only links, an unchanged set of kernels not even that, and
+//! any change to the kernel generator misses the cache by construction.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -108,13 +109,19 @@ pub fn build(
     let mut mlir: Option<Mlir> = None;
     let mut objects = Vec::new();
     let mut compiled = 0;
-    let target_key = format!("{} {} {}", target.triple, target.cpu, target.features);
+    let target_key = format!(
+        "{} {} {} llvm {:?} O3",
+        target.triple,
+        target.cpu,
+        target.features,
+        inkwell::support::get_llvm_version()
+    );
     for spec in &planned.kernels {
-        let key = fnv1a(format!("{}\n{}", spec.description(target.vector), target_key).as_bytes());
+        let text = module(&[spec.mlir(target.vector)]);
+        let key = fnv1a(format!("{text}\n{target_key}").as_bytes());
         let object = cache_dir.join(format!("{key:016x}.o"));
         if !object.exists() {
             let mlir = mlir.get_or_insert_with(Mlir::new);
-            let text = module(&[spec.mlir(target.vector)]);
             let ir = mlir
                 .to_llvm_ir(&text)
                 .map_err(|e| e.context(&spec.symbol(target.vector)))?;
@@ -146,8 +153,9 @@ pub fn build(
     let bytes = std::fs::read(&library)
         .map_err(|e| CodegenError::Io(format!("cannot read {}: {e}", library.display())))?;
     write(&out_dir.join(&planned.plan.library), &bytes)?;
-    let json =
-        serde_json::to_string_pretty(&planned.plan).map_err(|e| CodegenError::Io(e.to_string()))?;
+    let mut plan = planned.plan;
+    plan.library_hash = format!("{:016x}", fnv1a(&bytes));
+    let json = serde_json::to_string_pretty(&plan).map_err(|e| CodegenError::Io(e.to_string()))?;
     write(&out_dir.join("plan.json"), json.as_bytes())?;
     Ok(BuildReport {
         kernels: planned.kernels.len(),

@@ -259,6 +259,15 @@ impl Builder {
         ));
     }
 
+    /// Asks the CPU to bring the cache line of `base[index]` towards the core (into the L2: the
+    /// data is for a later tile, not the current one).
+    pub fn prefetch(&mut self, base: &Val, index: &Val, elem: &str) {
+        let p = self.gep(base, index, elem);
+        self.line(format!(
+            "\"llvm.intr.prefetch\"({p}) <{{cache = 1 : i32, hint = 2 : i32, rw = 0 : i32}}> : (!llvm.ptr) -> ()"
+        ));
+    }
+
     /// A stack array of `count` elements of `elem`, for per-program scratch.
     pub fn alloca(&mut self, count: usize, elem: &str) -> Val {
         let n = self.i64(count as i64);

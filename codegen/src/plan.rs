@@ -481,6 +481,12 @@ pub fn plan(
     vector: usize,
     max_seq_len: usize,
 ) -> Result<Planned, CodegenError> {
+    if max_seq_len as i64 > crate::vexpr::MAX_SEQ_LEN {
+        return Err(CodegenError::Unsupported(format!(
+            "a maximum sequence length of {max_seq_len}: kernels are built for at most {}",
+            crate::vexpr::MAX_SEQ_LEN
+        )));
+    }
     let order = graph
         .topo_order()
         .ok_or_else(|| CodegenError::Unsupported("the graph has a cycle".into()))?;
@@ -492,6 +498,7 @@ pub fn plan(
             name: graph.name.clone(),
             target: target.to_string(),
             library: "kernels.so".into(),
+            library_hash: String::new(),
             kernels: Vec::new(),
             max_seq_len,
             vocab: 0,

@@ -51,26 +51,27 @@ pub fn exp(b: &mut Builder, x: &Val, n: usize) -> Val {
     b.select(&tiny, &zero, &value, &ty)
 }
 
-/// `2^x` on a vector of f32: `2^n * p(f)` with `n` the nearest integer to `x` and `p` the
-/// degree-6 Taylor polynomial of `2^f` on `[-0.5, 0.5]` (relative error about 1.2e-7);
-/// anything below -126.5, `-inf` included, gives exactly 0.
-pub fn exp2(b: &mut Builder, x: &Val, n: usize) -> Val {
+/// `2^x` on a vector of f32 for `x <= 0` (`-inf` included; no NaN), as the online softmax
+/// needs it: `2^n * p(f)` with `n` the nearest integer to `x` and `p` a degree-5 minimax
+/// polynomial of `2^f` on `[-0.5, 0.5]` (relative error about 1.5e-7, as good as the
+/// degree-6 Taylor polynomial); anything below -126.5 gives exactly 0.
+pub fn exp2_nonpositive(b: &mut Builder, x: &Val, n: usize) -> Val {
     let ty = vf32(n);
-    let hi = b.splat_f32(127.0, n);
     let lo = b.splat_f32(-127.0, n);
-    let clamped = b.bin("minnumf", x, &hi, &ty);
-    let y = b.bin("maxnumf", &clamped, &lo, &ty);
+    // `nnan`: x86's `max` is then one instruction, not a NaN-handling blend.
+    let y = b.op(format!("arith.maxnumf {x}, {lo} fastmath<nnan> : {ty}"));
     let whole = b.op(format!("math.roundeven {y} : {ty}"));
     let f = b.bin("subf", &y, &whole, &ty);
-    let ln2 = std::f64::consts::LN_2;
-    let mut coefficient = 1.0f64;
-    let mut coefficients = vec![1.0f32];
-    for k in 1..=6 {
-        coefficient *= ln2 / k as f64;
-        coefficients.push(coefficient as f32);
-    }
-    let mut p = b.splat_f32(coefficients[6], n);
-    for &c in coefficients[..6].iter().rev() {
+    const COEFFICIENTS: [f32; 6] = [
+        1.000_000_1,
+        0.693_146_97,
+        0.240_221_2,
+        0.055_507_134,
+        0.009_675_541,
+        0.001_327_645_7,
+    ];
+    let mut p = b.splat_f32(COEFFICIENTS[5], n);
+    for &c in COEFFICIENTS[..5].iter().rev() {
         let cv = b.splat_f32(c, n);
         p = b.fma(&p, &f, &cv, &ty);
     }
@@ -111,12 +112,90 @@ pub struct VecEnv<'a> {
     /// For each side input: its name and a pointer to its row `b` (i64 values; padded so
     /// that reading `n` lanes past the end is safe).
     pub sides: &'a [(String, Val)],
+    /// Integer lanes in 32 bits (twice as many per register), for expressions that
+    /// [`fits_in_32_bits`] shows never need more; else 64.
+    pub narrow: bool,
 }
 
-fn as_float(b: &mut Builder, v: Lanes, n: usize) -> Val {
+/// The longest sequence kernels are built for: index expressions are checked to fit their
+/// integer lanes for every position below it.
+pub const MAX_SEQ_LEN: i64 = 1 << 24;
+
+impl VecEnv<'_> {
+    /// The type of the integer lanes.
+    pub fn int_ty(&self) -> String {
+        if self.narrow {
+            format!("vector<{}xi32>", self.n)
+        } else {
+            vi64(self.n)
+        }
+    }
+
+    fn splat_int(&self, b: &mut Builder, value: i64) -> Val {
+        b.op(format!("arith.constant dense<{value}> : {}", self.int_ty()))
+    }
+
+    /// An i64 scalar (a position, head or batch row) in every lane.
+    fn splat_index(&self, b: &mut Builder, scalar: &Val) -> Val {
+        if self.narrow {
+            let x = b.op(format!("arith.trunci {scalar} : i64 to i32"));
+            b.splat(&x, "i32", self.n)
+        } else {
+            b.splat(scalar, I64, self.n)
+        }
+    }
+
+    /// Lanes whose key `k0 + lane` is below `t` (an i64 scalar).
+    pub fn keys_below(&self, b: &mut Builder, t: &Val) -> Val {
+        let end = self.splat_index(b, t);
+        let base = self.splat_index(b, &self.k0);
+        let iota = self.iota(b);
+        let ty = self.int_ty();
+        let keys = b.bin("addi", &base, &iota, &ty);
+        b.cmpi("slt", &keys, &end, &ty)
+    }
+
+    fn iota(&self, b: &mut Builder) -> Val {
+        let items: Vec<String> = (0..self.n).map(|i| i.to_string()).collect();
+        b.op(format!(
+            "arith.constant dense<[{}]> : {}",
+            items.join(", "),
+            self.int_ty()
+        ))
+    }
+}
+
+/// Whether every integer `expr` computes lies in 32 bits, for positions below
+/// [`MAX_SEQ_LEN`], heads below `heads` and batch rows below 2^20, by value-range analysis
+/// of each subexpression. Side inputs hold arbitrary 64-bit values: never.
+pub fn fits_in_32_bits(expr: &Expr, heads: i64) -> bool {
+    use zebra_ir::interval::{Range, TileEnv, range};
+    let env = TileEnv {
+        q: (0, MAX_SEQ_LEN - 1),
+        k: (0, MAX_SEQ_LEN - 1),
+        heads,
+        batch: 1 << 20,
+        sides: &[],
+    };
+    let mut fits = true;
+    expr.walk(&mut |e| {
+        if matches!(e, Expr::Side { .. }) {
+            fits = false;
+        }
+        if let Range::Int { lo, hi } = range(e, &env)
+            && (lo < i64::from(i32::MIN) || hi > i64::from(i32::MAX))
+        {
+            fits = false;
+        }
+    });
+    fits
+}
+
+fn as_float(b: &mut Builder, v: Lanes, env: &VecEnv) -> Val {
+    let n = env.n;
     match v {
         Lanes::Float(f) => f,
-        Lanes::Int(i) => b.sitofp(&i, &vi64(n), &vf32(n)),
+        Lanes::Int(i) => b.sitofp(&i, &env.int_ty(), &vf32(n)),
         Lanes::Bool(x) => {
             let one = b.splat_f32(1.0, n);
             let zero = b.splat_f32(0.0, n);
@@ -125,12 +204,13 @@ fn as_float(b: &mut Builder, v: Lanes, n: usize) -> Val {
     }
 }
 
-fn as_bool(b: &mut Builder, v: Lanes, n: usize) -> Val {
+fn as_bool(b: &mut Builder, v: Lanes, env: &VecEnv) -> Val {
+    let n = env.n;
     match v {
         Lanes::Bool(x) => x,
         Lanes::Int(i) => {
-            let zero = b.splat_i64(0, n);
-            b.cmpi("ne", &i, &zero, &vi64(n))
+            let zero = env.splat_int(b, 0);
+            b.cmpi("ne", &i, &zero, &env.int_ty())
         }
         Lanes::Float(f) => {
             let zero = b.splat_f32(0.0, n);
@@ -139,26 +219,27 @@ fn as_bool(b: &mut Builder, v: Lanes, n: usize) -> Val {
     }
 }
 
-fn int(b: &mut Builder, v: Lanes, n: usize) -> Val {
+fn int(b: &mut Builder, v: Lanes, env: &VecEnv) -> Val {
+    let n = env.n;
     match v {
         Lanes::Int(i) => i,
-        Lanes::Float(f) => b.fptosi(&f, &vf32(n), &vi64(n)),
+        Lanes::Float(f) => b.fptosi(&f, &vf32(n), &env.int_ty()),
         Lanes::Bool(x) => {
-            let one = b.splat_i64(1, n);
-            let zero = b.splat_i64(0, n);
-            b.select(&x, &one, &zero, &vi64(n))
+            let one = env.splat_int(b, 1);
+            let zero = env.splat_int(b, 0);
+            b.select(&x, &one, &zero, &env.int_ty())
         }
     }
 }
 
 /// Floor division that never traps: `x / 0 == 0`.
-fn floor_div(b: &mut Builder, x: &Val, y: &Val, n: usize, divisor: &Expr) -> Val {
-    let ty = vi64(n);
+fn floor_div(b: &mut Builder, x: &Val, y: &Val, env: &VecEnv, divisor: &Expr) -> Val {
+    let ty = env.int_ty();
     if matches!(divisor, Expr::Int(c) if *c != 0) {
         return b.bin("floordivsi", x, y, &ty);
     }
-    let zero = b.splat_i64(0, n);
-    let one = b.splat_i64(1, n);
+    let zero = env.splat_int(b, 0);
+    let one = env.splat_int(b, 1);
     let is_zero = b.cmpi("eq", y, &zero, &ty);
     let safe = b.select(&is_zero, &one, y, &ty);
     let q = b.bin("floordivsi", x, &safe, &ty);
@@ -169,16 +250,16 @@ fn floor_div(b: &mut Builder, x: &Val, y: &Val, n: usize, divisor: &Expr) -> Val
 pub fn compile(b: &mut Builder, expr: &Expr, env: &VecEnv) -> Lanes {
     let n = env.n;
     match expr {
-        Expr::Int(v) => Lanes::Int(b.splat_i64(*v, n)),
+        Expr::Int(v) => Lanes::Int(env.splat_int(b, *v)),
         Expr::Float(v) => Lanes::Float(b.splat_f32(*v as f32, n)),
         Expr::Bool(v) => Lanes::Bool(b.op(format!("arith.constant dense<{v}> : {}", vi1(n)))),
-        Expr::Var(Var::Q) => Lanes::Int(b.splat(&env.q, I64, n)),
-        Expr::Var(Var::H) => Lanes::Int(b.splat(&env.h, I64, n)),
-        Expr::Var(Var::B) => Lanes::Int(b.splat(&env.b, I64, n)),
+        Expr::Var(Var::Q) => Lanes::Int(env.splat_index(b, &env.q)),
+        Expr::Var(Var::H) => Lanes::Int(env.splat_index(b, &env.h)),
+        Expr::Var(Var::B) => Lanes::Int(env.splat_index(b, &env.b)),
         Expr::Var(Var::K) => {
-            let base = b.splat(&env.k0, I64, n);
-            let iota = b.iota(n);
-            Lanes::Int(b.bin("addi", &base, &iota, &vi64(n)))
+            let base = env.splat_index(b, &env.k0);
+            let iota = env.iota(b);
+            Lanes::Int(b.bin("addi", &base, &iota, &env.int_ty()))
         }
         Expr::Var(Var::Score) => match &env.score {
             Some(s) => Lanes::Float(s.clone()),
@@ -191,27 +272,27 @@ pub fn compile(b: &mut Builder, expr: &Expr, env: &VecEnv) -> Lanes {
                 .find(|(s, _)| s == name)
                 .map(|(_, p)| p.clone());
             let Some(row) = row else {
-                return Lanes::Int(b.splat_i64(0, n));
+                return Lanes::Int(env.splat_int(b, 0));
             };
             if *index == Var::Q {
                 let v = b.load(&row, &env.q, I64, I64);
                 Lanes::Int(b.splat(&v, I64, n))
             } else {
-                Lanes::Int(b.load(&row, &env.k0, I64, &vi64(n)))
+                Lanes::Int(b.load(&row, &env.k0, I64, &env.int_ty()))
             }
         }
         Expr::Unary(UnOp::Not, e) => {
             let v = compile(b, e, env);
-            let x = as_bool(b, v, n);
+            let x = as_bool(b, v, env);
             let t = b.op(format!("arith.constant dense<true> : {}", vi1(n)));
             Lanes::Bool(b.bin("xori", &x, &t, &vi1(n)))
         }
         Expr::Unary(UnOp::Neg, e) => match compile(b, e, env) {
             Lanes::Float(f) => Lanes::Float(b.op(format!("arith.negf {f} : {}", vf32(n)))),
             other => {
-                let i = int(b, other, n);
-                let zero = b.splat_i64(0, n);
-                Lanes::Int(b.bin("subi", &zero, &i, &vi64(n)))
+                let i = int(b, other, env);
+                let zero = env.splat_int(b, 0);
+                Lanes::Int(b.bin("subi", &zero, &i, &env.int_ty()))
             }
         },
         Expr::Binary(op, x, y) => binary(b, *op, x, y, env),
@@ -223,13 +304,13 @@ fn binary(b: &mut Builder, op: BinOp, x: &Expr, y: &Expr, env: &VecEnv) -> Lanes
     let n = env.n;
     let (xv, yv) = (compile(b, x, env), compile(b, y, env));
     if op.is_logical() {
-        let (xb, yb) = (as_bool(b, xv, n), as_bool(b, yv, n));
+        let (xb, yb) = (as_bool(b, xv, env), as_bool(b, yv, env));
         let name = if op == BinOp::And { "andi" } else { "ori" };
         return Lanes::Bool(b.bin(name, &xb, &yb, &vi1(n)));
     }
     let float = matches!(xv, Lanes::Float(_)) || matches!(yv, Lanes::Float(_));
     if float {
-        let (xf, yf) = (as_float(b, xv, n), as_float(b, yv, n));
+        let (xf, yf) = (as_float(b, xv, env), as_float(b, yv, env));
         let ty = vf32(n);
         let pred = |p: &str| Some(p.to_string());
         let cmp = match op {
@@ -253,8 +334,8 @@ fn binary(b: &mut Builder, op: BinOp, x: &Expr, y: &Expr, env: &VecEnv) -> Lanes
         };
         return Lanes::Float(b.bin(name, &xf, &yf, &ty));
     }
-    let (xi, yi) = (int(b, xv, n), int(b, yv, n));
-    let ty = vi64(n);
+    let (xi, yi) = (int(b, xv, env), int(b, yv, env));
+    let ty = env.int_ty();
     let cmp = match op {
         BinOp::Lt => Some("slt"),
         BinOp::Le => Some("sle"),
@@ -271,9 +352,9 @@ fn binary(b: &mut Builder, op: BinOp, x: &Expr, y: &Expr, env: &VecEnv) -> Lanes
         BinOp::Add => b.bin("addi", &xi, &yi, &ty),
         BinOp::Sub => b.bin("subi", &xi, &yi, &ty),
         BinOp::Mul => b.bin("muli", &xi, &yi, &ty),
-        BinOp::Div => floor_div(b, &xi, &yi, n, y),
+        BinOp::Div => floor_div(b, &xi, &yi, env, y),
         _ => {
-            let q = floor_div(b, &xi, &yi, n, y);
+            let q = floor_div(b, &xi, &yi, env, y);
             let qy = b.bin("muli", &q, &yi, &ty);
             b.bin("subi", &xi, &qy, &ty)
         }
@@ -287,19 +368,22 @@ fn call(b: &mut Builder, func: Func, args: &[Expr], env: &VecEnv) -> Lanes {
     let all_int = values.iter().all(|v| matches!(v, Lanes::Int(_)));
     match func {
         Func::Abs if all_int => {
-            let x = int(b, values[0].clone(), n);
-            let zero = b.splat_i64(0, n);
-            let neg = b.bin("subi", &zero, &x, &vi64(n));
-            let is_neg = b.cmpi("slt", &x, &zero, &vi64(n));
-            Lanes::Int(b.select(&is_neg, &neg, &x, &vi64(n)))
+            let x = int(b, values[0].clone(), env);
+            let zero = env.splat_int(b, 0);
+            let neg = b.bin("subi", &zero, &x, &env.int_ty());
+            let is_neg = b.cmpi("slt", &x, &zero, &env.int_ty());
+            Lanes::Int(b.select(&is_neg, &neg, &x, &env.int_ty()))
         }
         Func::Min | Func::Max if all_int => {
-            let (x, y) = (int(b, values[0].clone(), n), int(b, values[1].clone(), n));
+            let (x, y) = (
+                int(b, values[0].clone(), env),
+                int(b, values[1].clone(), env),
+            );
             let name = if func == Func::Min { "minsi" } else { "maxsi" };
-            Lanes::Int(b.bin(name, &x, &y, &vi64(n)))
+            Lanes::Int(b.bin(name, &x, &y, &env.int_ty()))
         }
         _ => {
-            let x = as_float(b, values[0].clone(), n);
+            let x = as_float(b, values[0].clone(), env);
             Lanes::Float(match func {
                 Func::Exp => exp(b, &x, n),
                 Func::Exp2 => {
@@ -321,7 +405,7 @@ fn call(b: &mut Builder, func: Func, args: &[Expr], env: &VecEnv) -> Lanes {
                 Func::Sqrt => b.op(format!("math.sqrt {x} : {ty}")),
                 Func::Abs => b.op(format!("math.absf {x} : {ty}")),
                 Func::Min | Func::Max => {
-                    let y = as_float(b, values[1].clone(), n);
+                    let y = as_float(b, values[1].clone(), env);
                     let name = if func == Func::Min {
                         "minnumf"
                     } else {
@@ -337,11 +421,11 @@ fn call(b: &mut Builder, func: Func, args: &[Expr], env: &VecEnv) -> Lanes {
 /// Compiles a mask to `n` lanes of i1.
 pub fn mask(b: &mut Builder, expr: &Expr, env: &VecEnv) -> Val {
     let v = compile(b, expr, env);
-    as_bool(b, v, env.n)
+    as_bool(b, v, env)
 }
 
 /// Compiles a score modifier to `n` lanes of f32.
 pub fn score(b: &mut Builder, expr: &Expr, env: &VecEnv) -> Val {
     let v = compile(b, expr, env);
-    as_float(b, v, env.n)
+    as_float(b, v, env)
 }

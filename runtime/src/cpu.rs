@@ -8,6 +8,8 @@ use std::path::Path;
 
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
+
+use crate::buffer::Buffer;
 use zebra_ir::Weights;
 use zebra_ir::expr::Expr;
 use zebra_ir::schedule::{ScheduleInput, SideValues, Support, TileKind, build};
@@ -73,8 +75,8 @@ struct Raw(Vec<*mut u8>);
 unsafe impl Send for Raw {}
 unsafe impl Sync for Raw {}
 
-fn buffer(words: usize) -> Vec<u64> {
-    vec![0u64; words + SLACK_WORDS]
+fn buffer(words: usize) -> Buffer {
+    Buffer::zeroed(words + SLACK_WORDS)
 }
 
 fn words(bytes: usize) -> usize {
@@ -106,8 +108,8 @@ impl Tensor {
 
 /// A schedule in the kernels' format: row offsets, then `(key tile << 1) | partial` entries.
 struct BuiltSchedule {
-    rows: Vec<u64>,
-    tiles: Vec<u64>,
+    rows: Buffer,
+    tiles: Buffer,
     per_batch: bool,
 }
 
@@ -116,21 +118,23 @@ pub struct CpuModel {
     plan: Plan,
     _library: libloading::Library,
     kernels: Vec<KernelFn>,
-    weights: Vec<Vec<u64>>,
-    packed: Vec<Vec<u64>>,
-    constants: Vec<Vec<u64>>,
+    weights: Vec<Buffer>,
+    packed: Vec<Buffer>,
+    constants: Vec<Buffer>,
     masks: Vec<(Expr, Support)>,
     pool: rayon::ThreadPool,
     threads: usize,
-    slots: Vec<Vec<u64>>,
-    workspaces: Vec<Vec<u64>>,
+    slots: Vec<Buffer>,
+    workspaces: Vec<Buffer>,
+    /// The inputs of the last run, kept so that their memory is reused.
+    inputs: Vec<Buffer>,
     /// Per sequence length: positions, static schedules, RoPE tables.
-    positions: HashMap<usize, Vec<u64>>,
+    positions: HashMap<usize, Buffer>,
     schedules: HashMap<(usize, usize), BuiltSchedule>,
-    ropes: HashMap<(usize, usize), (Vec<u64>, Vec<u64>)>,
+    ropes: HashMap<(usize, usize), (Buffer, Buffer)>,
 }
 
-fn as_words(values: &[f32]) -> Vec<u64> {
+fn as_words(values: &[f32]) -> Buffer {
     let mut out = buffer(words(values.len() * 4));
     // SAFETY: `out` has room for `values.len()` f32s; u64 is more aligned than f32.
     unsafe {
@@ -143,7 +147,41 @@ fn as_words(values: &[f32]) -> Vec<u64> {
     out
 }
 
-fn words_of_i64(values: impl ExactSizeIterator<Item = i64>) -> Vec<u64> {
+/// Copies a tensor into `buffer` (grown when too small): one memcpy when the tensor is laid out
+/// contiguously, as it almost always is.
+fn fill(buffer_: &mut Buffer, tensor: &Tensor) {
+    let count = match tensor {
+        Tensor::I64(a) => a.len() * 2,
+        Tensor::F32(a) => a.len(),
+    };
+    if buffer_.len() < words(count * 4) + SLACK_WORDS {
+        *buffer_ = buffer(words(count * 4));
+    }
+    match tensor {
+        Tensor::I64(a) => match a.as_slice() {
+            Some(values) => buffer_[..values.len()]
+                .iter_mut()
+                .zip(values)
+                .for_each(|(w, &v)| *w = v as u64),
+            None => buffer_
+                .iter_mut()
+                .zip(a.iter())
+                .for_each(|(w, &v)| *w = v as u64),
+        },
+        Tensor::F32(a) => {
+            // SAFETY: the buffer holds at least `a.len()` f32s; u64 is more aligned than f32.
+            let out = unsafe {
+                std::slice::from_raw_parts_mut(buffer_.as_mut_ptr().cast::<f32>(), a.len())
+            };
+            match a.as_slice() {
+                Some(values) => out.copy_from_slice(values),
+                None => out.iter_mut().zip(a.iter()).for_each(|(o, &v)| *o = v),
+            }
+        }
+    }
+}
+
+fn words_of_i64(values: impl ExactSizeIterator<Item = i64>) -> Buffer {
     let mut out = buffer(values.len());
     for (slot, v) in out.iter_mut().zip(values) {
         *slot = v as u64;
@@ -157,14 +195,22 @@ impl CpuModel {
         let artifact = Artifact::load(dir)?;
         let plan = artifact.plan;
         let library_path = dir.join(&plan.library);
+        let library_error = |message: String| RuntimeError::Library {
+            path: library_path.display().to_string(),
+            message,
+        };
+        let bytes = std::fs::read(&library_path).map_err(|e| library_error(e.to_string()))?;
+        if format!("{:016x}", crate::fnv1a(&bytes)) != plan.library_hash {
+            return Err(library_error(
+                "it is not the library this plan was built with (truncated, changed or from \
+                 another build); recompile the model"
+                    .into(),
+            ));
+        }
         // SAFETY: the library is the kernel library written with this plan; loading it runs
         // no initializers beyond the C runtime's.
-        let library = unsafe { libloading::Library::new(&library_path) }.map_err(|e| {
-            RuntimeError::Library {
-                path: library_path.display().to_string(),
-                message: e.to_string(),
-            }
-        })?;
+        let library = unsafe { libloading::Library::new(&library_path) }
+            .map_err(|e| library_error(e.to_string()))?;
         let mut kernels = Vec::new();
         for info in &plan.kernels {
             // SAFETY: every kernel of the library has the signature `KernelFn`.
@@ -204,6 +250,7 @@ impl CpuModel {
             pool,
             threads,
             slots: Vec::new(),
+            inputs: Vec::new(),
             workspaces: Vec::new(),
             positions: HashMap::new(),
             schedules: HashMap::new(),
@@ -330,7 +377,7 @@ impl CpuModel {
         id: usize,
         batch: usize,
         seq: usize,
-        inputs: &[Vec<u64>],
+        inputs: &[Buffer],
     ) -> (usize, usize) {
         let spec = &self.plan.schedules[id];
         let (mask, support) = &self.masks[id];
@@ -417,22 +464,18 @@ impl CpuModel {
         inputs: &BTreeMap<String, Tensor>,
     ) -> Result<BTreeMap<String, ArrayD<f32>>, RuntimeError> {
         let (batch, seq) = self.check_inputs(inputs)?;
-        let input_buffers: Vec<Vec<u64>> = self
-            .plan
-            .inputs
-            .iter()
-            .map(|spec| match &inputs[&spec.name] {
-                Tensor::I64(a) => words_of_i64(a.iter().copied().collect::<Vec<_>>().into_iter()),
-                Tensor::F32(a) => as_words(&a.iter().copied().collect::<Vec<_>>()),
-            })
-            .collect();
+        let mut input_buffers = std::mem::take(&mut self.inputs);
+        input_buffers.resize_with(self.plan.inputs.len(), Buffer::default);
+        for (buffer, spec) in input_buffers.iter_mut().zip(&self.plan.inputs) {
+            fill(buffer, &inputs[&spec.name]);
+        }
         // Memory: each slot sized for its largest value, each workspace for itself.
         let mut slot_words = vec![0usize; self.plan.slots];
         for v in &self.plan.values {
             let bytes = volume(&v.shape, batch, seq) * v.elem.size();
             slot_words[v.slot] = slot_words[v.slot].max(words(bytes));
         }
-        self.slots.resize_with(self.plan.slots, Vec::new);
+        self.slots.resize_with(self.plan.slots, Buffer::default);
         for (slot, &w) in self.slots.iter_mut().zip(&slot_words) {
             if slot.len() < w + SLACK_WORDS {
                 *slot = buffer(w);
@@ -444,7 +487,8 @@ impl CpuModel {
             .iter()
             .map(|(shape, elem)| words(volume(shape, batch, seq) * elem.size()))
             .collect();
-        self.workspaces.resize_with(workspace_words.len(), Vec::new);
+        self.workspaces
+            .resize_with(workspace_words.len(), Buffer::default);
         for (ws, &w) in self.workspaces.iter_mut().zip(&workspace_words) {
             if ws.len() < w + SLACK_WORDS {
                 *ws = buffer(w);
@@ -483,6 +527,7 @@ impl CpuModel {
                 }
             }
         }
+        self.inputs = input_buffers;
         let mut outputs = BTreeMap::new();
         for (name, v) in &self.plan.outputs {
             let spec = &self.plan.values[*v];
@@ -506,10 +551,10 @@ impl CpuModel {
         &mut self,
         operand: Operand,
         seq: usize,
-        inputs: &[Vec<u64>],
+        inputs: &[Buffer],
         built: &HashMap<usize, (usize, usize)>,
     ) -> *mut u8 {
-        let p = |v: &Vec<u64>| v.as_ptr() as *mut u8;
+        let p = |v: &Buffer| v.as_ptr() as *mut u8;
         match operand {
             Operand::Input(i) => p(&inputs[i]),
             Operand::Weight(i) => p(&self.weights[i]),

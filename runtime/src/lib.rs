@@ -3,9 +3,22 @@
 //! on a thread pool.
 
 pub mod artifact;
+pub mod buffer;
 pub mod cpu;
 pub mod pack;
 pub mod plan;
 
 pub use artifact::{Artifact, ArtifactError};
+
+/// The 64-bit FNV-1a hash: content keys of the kernel cache and the check that a kernel
+/// library is the one its plan was built with. Not cryptographic; it guards against
+/// corruption and mix-ups, not malice.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in bytes {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
 pub use cpu::{CpuModel, RuntimeError, Tensor};

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The version of the plan format; the runtime refuses plans of another.
-pub const PLAN_FORMAT: u32 = 1;
+pub const PLAN_FORMAT: u32 = 2;
 
 /// One dimension: a constant, the batch `B`, the sequence length `T`, or `ceil(T / n)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -180,6 +180,9 @@ pub struct Plan {
     pub target: String,
     /// The kernel library next to the plan (`kernels.so`).
     pub library: String,
+    /// The FNV-1a hash of the library's bytes (16 hex digits): a library that does not match
+    /// (truncated, or from another build) is refused before it is loaded.
+    pub library_hash: String,
     pub kernels: Vec<KernelInfo>,
     /// The longest sequence the plan runs (the runtime refuses longer ones).
     pub max_seq_len: usize,
@@ -188,6 +191,9 @@ pub struct Plan {
     pub inputs: Vec<InputSpec>,
     pub weights: Vec<WeightSpec>,
     pub packed: Vec<PackSpec>,
+    /// Scalar constants (infinities and NaN written as the strings `inf`, `-inf`, `nan`, which
+    /// JSON numbers cannot hold).
+    #[serde(with = "floats")]
     pub constants: Vec<f32>,
     pub values: Vec<ValueSpec>,
     pub slots: usize,
@@ -198,4 +204,45 @@ pub struct Plan {
     pub rope_tables: Vec<(f64, usize)>,
     pub steps: Vec<Step>,
     pub outputs: Vec<(String, usize)>,
+}
+
+/// Serde for f32 lists with non-finite values: numbers, else `"inf"`, `"-inf"`, `"nan"`.
+mod floats {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Float {
+        Number(f32),
+        Text(String),
+    }
+
+    pub fn serialize<S: Serializer>(values: &[f32], serializer: S) -> Result<S::Ok, S::Error> {
+        let items: Vec<Float> = values
+            .iter()
+            .map(|&v| match v {
+                v if v.is_finite() => Float::Number(v),
+                v if v.is_nan() => Float::Text("nan".into()),
+                v if v > 0.0 => Float::Text("inf".into()),
+                _ => Float::Text("-inf".into()),
+            })
+            .collect();
+        items.serialize(serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<f32>, D::Error> {
+        Vec::<Float>::deserialize(deserializer)?
+            .into_iter()
+            .map(|item| match item {
+                Float::Number(v) => Ok(v),
+                Float::Text(t) => match t.as_str() {
+                    "inf" => Ok(f32::INFINITY),
+                    "-inf" => Ok(f32::NEG_INFINITY),
+                    "nan" => Ok(f32::NAN),
+                    other => Err(D::Error::custom(format!("`{other}` is not a number"))),
+                },
+            })
+            .collect()
+    }
 }

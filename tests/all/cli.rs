@@ -51,7 +51,7 @@ fn check_reports_ok_and_errors() {
     assert!(out.ok, "{}", out.stderr);
     assert!(
         out.stdout
-            .contains("model `zebra_tiny`: 4 layers (2 x global, 2 x local)"),
+            .contains("model `zebra_tiny`: 8 layers (2 x global, 6 x local)"),
         "{}",
         out.stdout
     );

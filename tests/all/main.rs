@@ -1,6 +1,7 @@
 //! Zebra's integration tests, in one binary so that MLIR and LLVM are linked once.
 
 mod cli;
+mod codegen;
 mod common;
 mod diagnostics;
 mod golden;

@@ -190,12 +190,16 @@ fn the_interpreter_matches_a_dense_computation_on_zebra_tiny() {
         head_dim: 16,
         eps: 1e-5,
         tied: true,
-        layers: vec![
-            (Some(10000.0), Box::new(global)),
-            (Some(10000.0), Box::new(local)),
-            (Some(10000.0), Box::new(global)),
-            (Some(10000.0), Box::new(local)),
-        ],
+        // `2 * [global, 3 * local]`: G = 4, global first.
+        layers: (0..8)
+            .map(|layer| -> (Option<f64>, MaskFn) {
+                if layer % 4 == 0 {
+                    (Some(10000.0), Box::new(global))
+                } else {
+                    (Some(10000.0), Box::new(local))
+                }
+            })
+            .collect(),
     };
     let weights = zebra_frontend::init::random_weights(&spec, 7);
     let graph = crate::common::lower(&spec);

@@ -187,6 +187,15 @@ pub fn attention(name: &str, kernel: &AttentionKernel, max_vector: usize) -> Str
     let sums = b.alloca(bq, F32);
 
     let step_rows = b.i64(rows as i64);
+    // Masks and score modifiers in 32-bit integer lanes when their values allow.
+    let narrow = vexpr::fits_in_32_bits(&kernel.mask, h_count)
+        && kernel
+            .score
+            .as_ref()
+            .is_none_or(|s| vexpr::fits_in_32_bits(s, h_count));
+    // Lines (of 16 floats) of the next key and value tiles each query row prefetches.
+    let prefetch_lines = (bk * d).div_ceil(16 * bq);
+    let lines_per_row = b.i64((prefetch_lines * 16) as i64);
     b.for_range(&e.first, &e.last, &c1, &[], |b, pid, _| {
         // pid = (batch * n_qt + qt) * H + h: the heads of one query tile run together.
         let h = b.remi(pid, &ch);
@@ -254,18 +263,29 @@ pub fn attention(name: &str, kernel: &AttentionKernel, max_vector: usize) -> Str
             let tile = b.addi(&kv_tiles, &kt_index);
             let tile = b.muli(&tile, &cd);
             let tile = b.muli(&tile, &cbk); // this tile's packed keys and values
+            // The next tile of the row, prefetched a few lines per query row while this one
+            // is computed (the last tile prefetches itself, harmlessly).
+            let following = b.addi(entry_index, &c1);
+            let last_entry = b.subi(&end, &c1);
+            let following = b.mini(&following, &last_entry);
+            let following = b.load(&sched_tiles, &following, I64, I64);
+            let following = b.op(format!("arith.shrsi {following}, {c1} : i64"));
+            let next_tile = b.addi(&kv_tiles, &following);
+            let next_tile = b.muli(&next_tile, &cd);
+            let next_tile = b.muli(&next_tile, &cbk);
             b.for_range(&c0, &cbq, &c1, &[], |b, i, _| {
                 let at = b.muli(i, &cw);
                 b.store(&neg_inf_v, &tile_maxes, &at, F32, &vt);
                 vec![]
             });
 
-            // S = Q K^T: `rows` queries x one panel of `nk` keys at a time; each block is
+            // S = Q K^T: `rows` queries x one panel of `nk` keys at a time (panel by panel, so
+            // that a panel stays in the L1 cache while every query row passes); each block is
             // scaled, modified and (on partial tiles) masked as it is stored, and the row
             // maxima kept per lane.
-            b.for_range(&c0, &cbq, &step_rows, &[], |b, i, _| {
-                let q_rows: Vec<Val> = (0..rows).map(|r| q_row(b, i, r)).collect();
-                b.for_range(&c0, &cbk, &cnk, &[], |b, j, _| {
+            b.for_range(&c0, &cbk, &cnk, &[], |b, j, _| {
+                b.for_range(&c0, &cbq, &step_rows, &[], |b, i, _| {
+                    let q_rows: Vec<Val> = (0..rows).map(|r| q_row(b, i, r)).collect();
                     let panel = b.muli(j, &cd);
                     let panel = b.addi(&tile, &panel); // (j / nk) * D * nk + tile start
                     let zeros: Vec<(Val, String)> = (0..rows * kc)
@@ -314,6 +334,7 @@ pub fn attention(name: &str, kernel: &AttentionKernel, max_vector: usize) -> Str
                                 b: batch.clone(),
                                 score: Some(s.clone()),
                                 sides: &side_rows,
+                                narrow,
                             };
                             let s = match &kernel.score {
                                 Some(expr) => {
@@ -327,12 +348,7 @@ pub fn attention(name: &str, kernel: &AttentionKernel, max_vector: usize) -> Str
                                 std::slice::from_ref(&vt),
                                 |b| {
                                     let visible = vexpr::mask(b, &kernel.mask, &env);
-                                    let kv_end = b.splat(&t, I64, w);
-                                    let base = b.splat(&kpos, I64, w);
-                                    let iota = b.iota(w);
-                                    let keys = b.bin("addi", &base, &iota, &crate::mlir::vi64(w));
-                                    let inside =
-                                        b.cmpi("slt", &keys, &kv_end, &crate::mlir::vi64(w));
+                                    let inside = env.keys_below(b, &t);
                                     let both =
                                         b.bin("andi", &visible, &inside, &crate::mlir::vi1(w));
                                     vec![b.select(&both, &s, &neg_inf_v, &vt)]
@@ -340,7 +356,10 @@ pub fn attention(name: &str, kernel: &AttentionKernel, max_vector: usize) -> Str
                                 |_| vec![s.clone()],
                             );
                             b.store(&s[0], &scores, &at, F32, &vt);
-                            row_max = b.bin("maxnumf", &row_max, &s[0], &vt);
+                            row_max = b.op(format!(
+                                "arith.maxnumf {row_max}, {} fastmath<nnan> : {vt}",
+                                s[0]
+                            ));
                         }
                         b.store(&row_max, &tile_maxes, &mrow, F32, &vt);
                     }
@@ -351,12 +370,26 @@ pub fn attention(name: &str, kernel: &AttentionKernel, max_vector: usize) -> Str
 
             // The online softmax, one query row at a time (in base 2).
             b.for_range(&c0, &q_valid, &c1, &[], |b, i, _| {
+                for (lines, base) in [(prefetch_lines, &kp), (prefetch_lines, &vp)] {
+                    for l in 0..lines {
+                        let at = b.muli(i, &lines_per_row);
+                        let extra = b.i64((l * 16) as i64);
+                        let at = b.addi(&at, &extra);
+                        let at = b.addi(&next_tile, &at);
+                        b.prefetch(base, &at, F32);
+                    }
+                }
                 let srow = b.muli(i, &cbk);
                 let mrow = b.muli(i, &cw);
                 let rowmax = [b.load(&tile_maxes, &mrow, F32, &vt)];
-                let tile_max = b.reduce("maxnumf", &rowmax[0], &vt, F32);
+                let tile_max = b.op(format!(
+                    "vector.reduction <maxnumf>, {} fastmath<nnan> : {vt} into f32",
+                    rowmax[0]
+                ));
                 let m_old = b.load(&maxes, i, F32, F32);
-                let m_new = b.bin("maxnumf", &m_old, &tile_max, F32);
+                let m_new = b.op(format!(
+                    "arith.maxnumf {m_old}, {tile_max} fastmath<nnan> : f32"
+                ));
                 // With every key so far hidden, exponents are taken against 0: all give 0.
                 let hidden = b.cmpf("oeq", &m_new, &neg_inf, F32);
                 let m_use = b.select(&hidden, &fzero, &m_new, F32);
@@ -370,7 +403,7 @@ pub fn attention(name: &str, kernel: &AttentionKernel, max_vector: usize) -> Str
                         let at = b.addi(&srow, j);
                         let s = b.load(&scores, &at, F32, &vt);
                         let shifted = b.bin("subf", &s, &m_use_v, &vt);
-                        let p = vexpr::exp2(b, &shifted, w);
+                        let p = vexpr::exp2_nonpositive(b, &shifted, w);
                         b.store(&p, &scores, &at, F32, &vt);
                         vec![b.bin("addf", &carried[0], &p, &vt)]
                     },
@@ -378,7 +411,7 @@ pub fn attention(name: &str, kernel: &AttentionKernel, max_vector: usize) -> Str
                 let tile_sum = b.reduce("add", &rowsum[0], &vt, F32);
                 let shift = b.bin("subf", &m_old, &m_use, F32);
                 let shift_v = b.splat(&shift, F32, w);
-                let alpha_v = vexpr::exp2(b, &shift_v, w);
+                let alpha_v = vexpr::exp2_nonpositive(b, &shift_v, w);
                 let alpha = b.op(format!("vector.extract {alpha_v}[0] : f32 from {vt}"));
                 let l_old = b.load(&sums, i, F32, F32);
                 let l_new = b.fma(&l_old, &alpha, &tile_sum, F32);

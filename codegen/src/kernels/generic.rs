@@ -238,6 +238,7 @@ pub fn kernel(name: &str, op: &Op, operands: &[TensorType], out: &TensorType) ->
                     b: index[0].clone(),
                     score,
                     sides: &side_rows,
+                    narrow: false,
                 };
                 if first_side == 1 {
                     let v = crate::vexpr::score(b, expr, &env);

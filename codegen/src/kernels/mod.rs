@@ -47,9 +47,6 @@ pub enum KernelSpec {
     },
 }
 
-/// Bumped whenever generated code changes, so that cached kernels are not reused.
-pub const GENERATOR_VERSION: u32 = 3;
-
 impl KernelSpec {
     /// A stable description: equal descriptions mean equal kernels.
     pub fn description(&self, vector: usize) -> String {
@@ -101,7 +98,7 @@ impl KernelSpec {
                 )
             }
         };
-        format!("v{GENERATOR_VERSION} vector={vector} {body}")
+        format!("vector={vector} {body}")
     }
 
     /// The symbol of the kernel: a hash of its description.
@@ -169,12 +166,4 @@ impl KernelSpec {
     }
 }
 
-/// FNV-1a, 64 bits: a stable hash for names and cache keys.
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for &byte in bytes {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash
-}
+pub use zebra_runtime::fnv1a;
