@@ -38,6 +38,11 @@ pub struct BenchArgs<'a> {
     pub baseline: bool,
     /// Tile sizes to use instead of the target's.
     pub blocks: Option<(u64, u64)>,
+    /// A Python with PyTorch: run `bench/torch_baseline.py` on the same shapes afterwards and
+    /// print the ratios.
+    pub torch: Option<PathBuf>,
+    /// What was printed, for the comparison with PyTorch.
+    pub records: std::cell::RefCell<Vec<serde_json::Map<String, serde_json::Value>>>,
 }
 
 fn median(mut times: Vec<f64>) -> f64 {
@@ -50,18 +55,117 @@ fn emit(args: &BenchArgs, fields: &[(&str, serde_json::Value)]) {
         .iter()
         .map(|(k, v)| (k.to_string(), v.clone()))
         .collect();
+    print_record(args, &object);
+    args.records.borrow_mut().push(object);
+}
+
+fn print_record(args: &BenchArgs, object: &serde_json::Map<String, serde_json::Value>) {
     if args.json {
-        println!("{}", serde_json::Value::Object(object));
+        println!("{}", serde_json::Value::Object(object.clone()));
     } else {
-        let parts: Vec<String> = fields.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let parts: Vec<String> = object.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("{}", parts.join("  "));
     }
+}
+
+/// Runs the PyTorch baselines on the same shapes, prints their records, then one record per
+/// (Zebra benchmark, PyTorch implementation) pair with the speedup, and the fraction of the
+/// machine's matmul rate each attention benchmark reaches.
+fn compare_with_torch(args: &BenchArgs, python: &Path) -> Result<()> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/torch_baseline.py");
+    if !script.exists() {
+        bail!(
+            "the PyTorch baseline script {} is missing",
+            script.display()
+        );
+    }
+    let threads = if args.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        args.threads
+    };
+    let mut names: Vec<String> = args
+        .records
+        .borrow()
+        .iter()
+        .filter_map(|r| r.get("name")?.as_str().map(str::to_string))
+        .filter(|n| n.starts_with("attention-"))
+        .collect();
+    names.push("matmul".into());
+    let output = std::process::Command::new(python)
+        .arg(&script)
+        .args(&names)
+        .args(["--seq-len", &args.seq_len.to_string()])
+        .args(["--threads", &threads.to_string()])
+        .args(["--window", &args.window.to_string()])
+        .args(["--heads", &args.heads.to_string()])
+        .args(["--head-dim", &args.head_dim.to_string()])
+        .args(["--repeats", &args.repeats.to_string()])
+        .output()
+        .map_err(|e| anyhow!("cannot run {}: {e}", python.display()))?;
+    if !output.status.success() {
+        bail!(
+            "the PyTorch baseline failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let theirs: Vec<serde_json::Map<String, serde_json::Value>> =
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect();
+    for record in &theirs {
+        print_record(args, record);
+    }
+    let gflops = |r: &serde_json::Map<String, serde_json::Value>| {
+        r.get("gflops").and_then(|g| g.as_f64()).unwrap_or(0.0)
+    };
+    let name = |r: &serde_json::Map<String, serde_json::Value>| {
+        r.get("name")
+            .and_then(|n| n.as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    let matmul = theirs.iter().find(|r| name(r) == "matmul").map(gflops);
+    for ours in args.records.borrow().iter() {
+        for other in theirs.iter().filter(|r| name(r) == name(ours)) {
+            let implementation = other.get("impl").cloned().unwrap_or_default();
+            let record: serde_json::Map<String, serde_json::Value> = [
+                ("name".to_string(), name(ours).into()),
+                ("compare".to_string(), "zebra vs torch".into()),
+                ("torch_impl".to_string(), implementation),
+                ("zebra_gflops".to_string(), gflops(ours).into()),
+                ("torch_gflops".to_string(), gflops(other).into()),
+                ("speedup".to_string(), (gflops(ours) / gflops(other)).into()),
+            ]
+            .into_iter()
+            .collect();
+            print_record(args, &record);
+        }
+        if let Some(matmul) = matmul.filter(|_| name(ours).starts_with("attention-")) {
+            let record: serde_json::Map<String, serde_json::Value> = [
+                ("name".to_string(), name(ours).into()),
+                ("compare".to_string(), "zebra vs torch matmul rate".into()),
+                ("zebra_gflops".to_string(), gflops(ours).into()),
+                ("matmul_gflops".to_string(), matmul.into()),
+                ("fraction".to_string(), (gflops(ours) / matmul).into()),
+            ]
+            .into_iter()
+            .collect();
+            print_record(args, &record);
+        }
+    }
+    Ok(())
 }
 
 fn random(shape: &[usize], rng: &mut ChaCha8Rng) -> ArrayD<f32> {
     ArrayD::from_shape_fn(IxDyn(shape), |_| rng.random_range(-1.0f32..1.0))
 }
 
+/// How many (query, key) pairs of a `t x t` attention the mask shows: whole 64 x 64 blocks
+/// are classified by value-range analysis, and only the blocks it cannot decide are counted
+/// pair by pair.
 fn visible(mask: &zebra_ir::Expr, t: usize) -> u64 {
     struct At(i64, i64);
     impl zebra_ir::expr::Env for At {
@@ -76,43 +180,36 @@ fn visible(mask: &zebra_ir::Expr, t: usize) -> u64 {
             0
         }
     }
-    // Band masks: count per query along the support, not over all T^2 pairs.
-    let support = zebra_ir::schedule::Support::of(mask);
-    (0..t as i64)
+    const BLOCK: usize = 64;
+    let blocks = t.div_ceil(BLOCK);
+    (0..blocks)
         .into_par_iter()
-        .map(|q| {
-            let mut keys: Vec<i64> = Vec::new();
-            for r in &support.ranges {
-                let lo = r
-                    .lows
-                    .iter()
-                    .map(|b| bound_at(*b, q))
-                    .max()
-                    .unwrap_or(0)
-                    .max(0);
-                let hi = r
-                    .highs
-                    .iter()
-                    .map(|b| bound_at(*b, q))
-                    .min()
-                    .unwrap_or(t as i64 - 1)
-                    .min(t as i64 - 1);
-                keys.extend(lo..=hi);
+        .map(|qb| {
+            let (q0, q1) = (qb * BLOCK, ((qb + 1) * BLOCK).min(t));
+            let mut count = 0u64;
+            for kb in 0..blocks {
+                let (k0, k1) = (kb * BLOCK, ((kb + 1) * BLOCK).min(t));
+                let env = zebra_ir::interval::TileEnv {
+                    q: (q0 as i64, q1 as i64 - 1),
+                    k: (k0 as i64, k1 as i64 - 1),
+                    heads: 1,
+                    batch: 1,
+                    sides: &[],
+                };
+                let range = zebra_ir::interval::range(mask, &env);
+                if range.always() {
+                    count += ((q1 - q0) * (k1 - k0)) as u64;
+                } else if !range.never() {
+                    for q in q0..q1 {
+                        for k in k0..k1 {
+                            count += u64::from(mask.eval(&At(q as i64, k as i64)).as_bool());
+                        }
+                    }
+                }
             }
-            keys.sort_unstable();
-            keys.dedup();
-            keys.into_iter()
-                .filter(|&k| mask.eval(&At(q, k)).as_bool())
-                .count() as u64
+            count
         })
         .sum()
-}
-
-fn bound_at(b: zebra_ir::schedule::Bound, q: i64) -> i64 {
-    match b {
-        zebra_ir::schedule::Bound::Linear { a, d } => a * q + d,
-        zebra_ir::schedule::Bound::Chunk { c, end } => (q / c) * c + if end { c - 1 } else { 0 },
-    }
 }
 
 /// The naive baseline: dense attention, every score of every query evaluated and masked,
@@ -399,6 +496,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 "compile-cold" => compile(args, name, true, &dir)?,
                 _ => compile(args, name, false, &dir)?,
             }
+        }
+        if let Some(python) = &args.torch {
+            compare_with_torch(args, python)?;
         }
         Ok(())
     })();

@@ -144,6 +144,10 @@ enum Command {
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
+        /// A Python that has PyTorch: run bench/torch_baseline.py on the same shapes right
+        /// after, and print the speedups.
+        #[arg(long, value_name = "PYTHON")]
+        torch: Option<PathBuf>,
     },
     /// Check that MLIR and LLVM work here: JIT a small MLIR function, create CPU and PTX targets.
     Toolchain,
@@ -238,6 +242,7 @@ fn main() -> ExitCode {
             no_baseline,
             json,
             blocks,
+            torch,
         } => bench::bench(&bench::BenchArgs {
             names: &names,
             seq_len,
@@ -249,6 +254,8 @@ fn main() -> ExitCode {
             head_dim,
             baseline: !no_baseline,
             blocks,
+            torch,
+            records: Default::default(),
         }),
     };
     match result {

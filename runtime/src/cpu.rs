@@ -174,11 +174,19 @@ fn fill(buffer_: &mut Buffer, tensor: &Tensor) {
                 std::slice::from_raw_parts_mut(buffer_.as_mut_ptr().cast::<f32>(), a.len())
             };
             match a.as_slice() {
-                Some(values) => out.copy_from_slice(values),
+                Some(values) => parallel_copy(out, values),
                 None => out.iter_mut().zip(a.iter()).for_each(|(o, &v)| *o = v),
             }
         }
     }
+}
+
+/// Copies in chunks on the current thread pool: one core does not saturate memory bandwidth.
+fn parallel_copy(out: &mut [f32], values: &[f32]) {
+    const CHUNK: usize = 1 << 16;
+    out.par_chunks_mut(CHUNK)
+        .zip(values.par_chunks(CHUNK))
+        .for_each(|(o, v)| o.copy_from_slice(v));
 }
 
 fn words_of_i64(values: impl ExactSizeIterator<Item = i64>) -> Buffer {
@@ -466,9 +474,11 @@ impl CpuModel {
         let (batch, seq) = self.check_inputs(inputs)?;
         let mut input_buffers = std::mem::take(&mut self.inputs);
         input_buffers.resize_with(self.plan.inputs.len(), Buffer::default);
-        for (buffer, spec) in input_buffers.iter_mut().zip(&self.plan.inputs) {
-            fill(buffer, &inputs[&spec.name]);
-        }
+        self.pool.install(|| {
+            for (buffer, spec) in input_buffers.iter_mut().zip(&self.plan.inputs) {
+                fill(buffer, &inputs[&spec.name]);
+            }
+        });
         // Memory: each slot sized for its largest value, each workspace for itself.
         let mut slot_words = vec![0usize; self.plan.slots];
         for v in &self.plan.values {
@@ -538,10 +548,11 @@ impl CpuModel {
             let values = unsafe {
                 std::slice::from_raw_parts(self.slots[spec.slot].as_ptr().cast::<f32>(), count)
             };
+            let mut copy = vec![0.0f32; count];
+            self.pool.install(|| parallel_copy(&mut copy, values));
             outputs.insert(
                 name.clone(),
-                ArrayD::from_shape_vec(IxDyn(&shape), values.to_vec())
-                    .expect("the count matches the shape"),
+                ArrayD::from_shape_vec(IxDyn(&shape), copy).expect("the count matches the shape"),
             );
         }
         Ok(outputs)

@@ -138,6 +138,56 @@ fn compile_emits_each_stage() {
     );
 }
 
+/// `zebra compile --emit mlir|llvm|asm|artifact`: the kernels at each stage of code
+/// generation, and a loadable artifact.
+#[test]
+fn compile_emits_the_kernels_at_each_stage() {
+    let tiny = "examples/zebra_tiny.zb";
+    let out = zebra(&["compile", tiny, "--emit", "mlir"]);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stdout.starts_with("module {"), "{}", out.stdout);
+    assert!(out.stdout.contains("func.func @zebra_attention_"));
+    assert!(out.stdout.contains("vector.fma") || out.stdout.contains("math.fma"));
+
+    let out = zebra(&["compile", tiny, "--emit", "llvm"]);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stdout.contains("define void @zebra_attention_"));
+    assert!(out.stdout.contains("<8 x float>") || out.stdout.contains("<16 x float>"));
+
+    let out = zebra(&["compile", tiny, "--emit", "asm"]);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stdout.contains("zebra_attention_"));
+
+    let dir = temp();
+    let artifact = path(dir.path(), "artifact");
+    let out = zebra(&["compile", tiny, "--emit", "artifact", "-o", &artifact]);
+    assert!(out.ok, "{}", out.stderr);
+    let loaded = zebra_runtime::Artifact::load(Path::new(&artifact)).expect("an artifact");
+    assert_eq!(loaded.plan.name, "zebra_tiny");
+    assert!(Path::new(&artifact).join("kernels.so").exists());
+
+    let out = zebra(&["compile", tiny, "--emit", "artifact"]);
+    assert!(!out.ok);
+    assert!(out.stderr.contains("-o"), "{}", out.stderr);
+}
+
+/// `zebra bench` refuses unknown benchmarks and malformed tile sizes.
+#[test]
+fn bench_refuses_bad_flags() {
+    let out = zebra(&["bench", "attention-sideways"]);
+    assert!(!out.ok);
+    assert!(
+        out.stderr
+            .contains("unknown benchmark `attention-sideways`")
+            && out.stderr.contains("attention-local"),
+        "{}",
+        out.stderr
+    );
+    let out = zebra(&["bench", "attention-local", "--blocks", "64by64"]);
+    assert!(!out.ok);
+    assert!(out.stderr.contains("64by64"), "{}", out.stderr);
+}
+
 /// `zebra init` and `zebra run` on zebra_tiny produce logits: the compiled kernels by
 /// default, the interpreter with `--interpret`, each agreeing with the interpreter run
 /// in-process; the same seed gives the same weights.

@@ -79,6 +79,9 @@ pub fn pack_kv(name: &str, head_dim: usize, block_k: usize, layout: Layout) -> S
     let zero = b.i64(0);
     let one = b.i64(1);
     let fzero = b.f32(0.0);
+    let w = layout.w;
+    let vt = vf32(w);
+    let zeros = b.splat_f32(0.0, w);
     b.for_range(&e.first, &e.last, &one, &[], |b, pid, _| {
         let tile = b.remi(pid, &n_kt);
         let head = b.divi(pid, &n_kt); // b * KV + kv
@@ -96,27 +99,37 @@ pub fn pack_kv(name: &str, head_dim: usize, block_k: usize, layout: Layout) -> S
             // Key j, dim c goes to panel j / nk: ((j / nk) * D + c) * nk + j % nk.
             let k_panel = b.divi(j, &nk);
             let k_lane = b.remi(j, &nk);
-            let k_panel = b.muli(&k_panel, &d);
+            let k_dst = b.muli(&k_panel, &d);
+            let k_dst = b.muli(&k_dst, &nk);
+            let k_dst = b.addi(&k_dst, &k_lane);
+            let k_dst = b.addi(&block, &k_dst);
             b.for_range(&zero, &d, &one, &[], |b, c, _| {
                 let at = b.addi(&src, c);
                 let x = b.load(&k, &at, F32, F32);
                 let x = b.select(&inside, &x, &fzero, F32);
-                let dst = b.addi(&k_panel, c);
-                let dst = b.muli(&dst, &nk);
-                let dst = b.addi(&dst, &k_lane);
-                let dst = b.addi(&block, &dst);
+                let dst = b.muli(c, &nk);
+                let dst = b.addi(&k_dst, &dst);
                 b.store(&x, &kp, &dst, F32, F32);
-                // Value j, dim c goes to panel c / nv: ((c / nv) * bk + j) * nv + c % nv.
-                let y = b.load(&v, &at, F32, F32);
-                let y = b.select(&inside, &y, &fzero, F32);
-                let v_panel = b.divi(c, &nv);
-                let v_lane = b.remi(c, &nv);
-                let dst = b.muli(&v_panel, &bk);
-                let dst = b.addi(&dst, j);
-                let dst = b.muli(&dst, &nv);
-                let dst = b.addi(&dst, &v_lane);
-                let dst = b.addi(&block, &dst);
-                b.store(&y, &vp, &dst, F32, F32);
+                vec![]
+            });
+            // Values j, dims c..c + w go to panel c / nv: ((c / nv) * bk + j) * nv + c % nv,
+            // a vector at a time.
+            let inside_v = b.splat(&inside, "i1", w);
+            b.for_range(&zero, &d, &nv, &[], |b, c, _| {
+                // c is a multiple of nv: ((c / nv) * bk + j) * nv = c * bk + j * nv.
+                let panel = b.muli(c, &bk);
+                let row = b.muli(j, &nv);
+                let panel = b.addi(&panel, &row);
+                let panel = b.addi(&block, &panel);
+                for lane in (0..layout.nv).step_by(w) {
+                    let offset = b.i64(lane as i64);
+                    let at = b.addi(&src, c);
+                    let at = b.addi(&at, &offset);
+                    let y = b.load(&v, &at, F32, &vt);
+                    let y = b.select(&inside_v, &y, &zeros, &vt);
+                    let dst = b.addi(&panel, &offset);
+                    b.store(&y, &vp, &dst, F32, &vt);
+                }
                 vec![]
             });
             vec![]
