@@ -90,6 +90,131 @@ fn score(
     })
 }
 
+/// The raw (scaled) and modified scores of one element, or `None` when the mask hides it.
+fn scores(
+    kernel: &AttentionKernel,
+    ops: &Operands,
+    (b, h, i, j): (usize, usize, usize, usize),
+) -> Option<(f64, f64)> {
+    let raw = score(
+        &AttentionKernel {
+            score: None,
+            ..kernel.clone()
+        },
+        ops,
+        (b, h, i, j),
+        true,
+    )?;
+    let modified = match &kernel.score {
+        Some(expr) => expr
+            .eval(&PointEnv {
+                b,
+                h,
+                q: i,
+                k: j,
+                score: raw,
+                names: &kernel.sides,
+                sides: &ops.sides,
+            })
+            .as_f64(),
+        None => raw,
+    };
+    Some((raw, modified))
+}
+
+/// The natural log-sum-exp of each query's visible modified scores, `[B, H, T]`; `-inf` for
+/// a query that sees no key.
+pub fn lse(kernel: &AttentionKernel, ops: &Operands) -> ArrayD<f64> {
+    let shape = ops.q.shape();
+    let (batch, heads, t) = (shape[0], shape[1], shape[2]);
+    let mut out = ArrayD::from_elem(IxDyn(&[batch, heads, t]), f64::NEG_INFINITY);
+    for b in 0..batch {
+        for h in 0..heads {
+            for i in 0..t {
+                let z: Vec<f64> = (0..t)
+                    .filter_map(|j| score(kernel, ops, (b, h, i, j), true))
+                    .collect();
+                let max = z.iter().fold(f64::NEG_INFINITY, |m, &s| m.max(s));
+                if max > f64::NEG_INFINITY {
+                    out[[b, h, i]] = max + z.iter().map(|s| (s - max).exp()).sum::<f64>().ln();
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `(dq, dk, dv)`.
+pub type Grads = (ArrayD<f64>, ArrayD<f64>, ArrayD<f64>);
+
+/// The gradients `(dq, dk, dv)` of the attention, given its output `o` and the output's
+/// gradient `d_o` (both `[B, H, T, D]`) and its log-sum-exp: the dense formulas of the
+/// FlashAttention-2 backward (`p = exp(z - lse)`, `dv = p^T do`, `dz = p (do v^T - rowsum(do
+/// o))`, `ds = dz * score'(s)`, `dq = scale ds k`, `dk = scale ds^T q`). GQA heads sum into
+/// their KV head.
+pub fn grads(
+    kernel: &AttentionKernel,
+    ops: &Operands,
+    o: &ArrayD<f64>,
+    d_o: &ArrayD<f64>,
+    lse: &ArrayD<f64>,
+) -> Result<Grads, String> {
+    let shape = ops.q.shape().to_vec();
+    let (batch, heads, t, d) = (shape[0], shape[1], shape[2], shape[3]);
+    let group = (kernel.heads / kernel.kv_heads) as usize;
+    let derivative = match &kernel.score {
+        Some(expr) => Some(expr.score_derivative()?),
+        None => None,
+    };
+    let mut dq = ArrayD::zeros(IxDyn(&shape));
+    let mut dk = ArrayD::zeros(IxDyn(ops.k.shape()));
+    let mut dv = ArrayD::zeros(IxDyn(ops.v.shape()));
+    for b in 0..batch {
+        for h in 0..heads {
+            let kv = h / group;
+            for i in 0..t {
+                let l = lse[[b, h, i]];
+                if l == f64::NEG_INFINITY {
+                    continue;
+                }
+                let delta: f64 = (0..d).map(|c| d_o[[b, h, i, c]] * o[[b, h, i, c]]).sum();
+                for j in 0..t {
+                    let Some((raw, z)) = scores(kernel, ops, (b, h, i, j)) else {
+                        continue;
+                    };
+                    let p = (z - l).exp();
+                    let mut dp = 0.0;
+                    for c in 0..d {
+                        dv[[b, kv, j, c]] += p * d_o[[b, h, i, c]];
+                        dp += d_o[[b, h, i, c]] * ops.v[[b, kv, j, c]];
+                    }
+                    let dz = p * (dp - delta);
+                    let slope = match &derivative {
+                        Some(expr) => expr
+                            .eval(&PointEnv {
+                                b,
+                                h,
+                                q: i,
+                                k: j,
+                                score: raw,
+                                names: &kernel.sides,
+                                sides: &ops.sides,
+                            })
+                            .as_f64(),
+                        None => 1.0,
+                    };
+                    let ds = dz * slope * kernel.scale;
+                    for c in 0..d {
+                        dq[[b, h, i, c]] += ds * ops.k[[b, kv, j, c]];
+                        dk[[b, kv, j, c]] += ds * ops.q[[b, h, i, c]];
+                    }
+                }
+            }
+        }
+    }
+    Ok((dq, dk, dv))
+}
+
 /// Dense attention: every score computed, masked, and a softmax per row. A row whose keys
 /// are all hidden gets zeros. Returns `[B, H, T, D]`.
 pub fn dense(kernel: &AttentionKernel, ops: &Operands) -> ArrayD<f64> {

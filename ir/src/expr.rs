@@ -456,6 +456,130 @@ impl Expr {
     pub fn depends_on_head(&self) -> bool {
         self.vars().contains(&Var::H)
     }
+
+    /// The derivative of a score modifier with respect to `score`, as an expression in the
+    /// same language (what the attention's backward multiplies the gradient by). At the kinks
+    /// of `abs`, `min` and `max` it takes the average of the one-sided derivatives. `%` on the
+    /// score has no derivative here: an error says so.
+    pub fn score_derivative(&self) -> Result<Expr, String> {
+        Ok(derivative(self)?.fold_constants())
+    }
+}
+
+fn depends_on_score(e: &Expr) -> bool {
+    e.vars().contains(&Var::Score)
+}
+
+fn float(v: f64) -> Expr {
+    Expr::Float(v)
+}
+
+fn add(a: Expr, b: Expr) -> Expr {
+    match (&a, &b) {
+        (Expr::Float(x), _) if *x == 0.0 => b,
+        (_, Expr::Float(y)) if *y == 0.0 => a,
+        _ => Expr::binary(BinOp::Add, a, b),
+    }
+}
+
+fn sub(a: Expr, b: Expr) -> Expr {
+    match &b {
+        Expr::Float(y) if *y == 0.0 => a,
+        _ => Expr::binary(BinOp::Sub, a, b),
+    }
+}
+
+fn mul(a: Expr, b: Expr) -> Expr {
+    match (&a, &b) {
+        (Expr::Float(x), _) | (_, Expr::Float(x)) if *x == 0.0 => float(0.0),
+        (Expr::Float(x), _) if *x == 1.0 => b,
+        (_, Expr::Float(y)) if *y == 1.0 => a,
+        _ => Expr::binary(BinOp::Mul, a, b),
+    }
+}
+
+fn div(a: Expr, b: Expr) -> Expr {
+    match &a {
+        Expr::Float(x) if *x == 0.0 => float(0.0),
+        _ => Expr::binary(BinOp::Div, a, b),
+    }
+}
+
+fn call_expr(func: Func, args: Vec<Expr>) -> Expr {
+    Expr::Call(func, args)
+}
+
+/// `sign(x)` without branches: `x / max(|x|, 1e-30)` is exactly -1, 0 or 1 (for |x| > 1e-30).
+fn sign(x: Expr) -> Expr {
+    div(
+        x.clone(),
+        call_expr(Func::Max, vec![call_expr(Func::Abs, vec![x]), float(1e-30)]),
+    )
+}
+
+fn derivative(e: &Expr) -> Result<Expr, String> {
+    if !depends_on_score(e) {
+        return Ok(float(0.0));
+    }
+    Ok(match e {
+        Expr::Var(Var::Score) => float(1.0),
+        Expr::Unary(UnOp::Neg, x) => mul(float(-1.0), derivative(x)?),
+        Expr::Binary(op, l, r) => {
+            let (l, r) = (&**l, &**r);
+            match op {
+                BinOp::Add => add(derivative(l)?, derivative(r)?),
+                BinOp::Sub => sub(derivative(l)?, derivative(r)?),
+                BinOp::Mul => add(
+                    mul(derivative(l)?, r.clone()),
+                    mul(l.clone(), derivative(r)?),
+                ),
+                BinOp::Div => div(
+                    sub(
+                        mul(derivative(l)?, r.clone()),
+                        mul(l.clone(), derivative(r)?),
+                    ),
+                    mul(r.clone(), r.clone()),
+                ),
+                BinOp::Rem => return Err("`%` of the score has no derivative".into()),
+                // Comparisons and logic are piecewise constant.
+                _ => float(0.0),
+            }
+        }
+        Expr::Call(func, args) => {
+            let x = args[0].clone();
+            let dx = derivative(&args[0])?;
+            match func {
+                Func::Tanh => {
+                    let t = call_expr(Func::Tanh, vec![x]);
+                    mul(sub(float(1.0), mul(t.clone(), t)), dx)
+                }
+                Func::Exp => mul(call_expr(Func::Exp, vec![x]), dx),
+                Func::Exp2 => mul(
+                    mul(
+                        call_expr(Func::Exp2, vec![x]),
+                        float(std::f64::consts::LN_2),
+                    ),
+                    dx,
+                ),
+                Func::Log => div(dx, x),
+                Func::Sqrt => div(dx, mul(float(2.0), call_expr(Func::Sqrt, vec![x]))),
+                Func::Abs => mul(sign(x), dx),
+                Func::Min | Func::Max => {
+                    let y = args[1].clone();
+                    let dy = derivative(&args[1])?;
+                    // The weight of x: 1 where x wins, 0 where y wins, 1/2 on ties.
+                    let lead = if *func == Func::Min {
+                        sub(y, x)
+                    } else {
+                        sub(x, y)
+                    };
+                    let weight = mul(add(sign(lead), float(1.0)), float(0.5));
+                    add(dy.clone(), mul(sub(dx, dy), weight))
+                }
+            }
+        }
+        _ => float(0.0),
+    })
 }
 
 fn binary_type(op: BinOp, lhs: ScalarType, rhs: ScalarType) -> Result<ScalarType, String> {

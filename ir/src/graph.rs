@@ -153,6 +153,11 @@ impl Graph {
         self.graph.node_indices().collect()
     }
 
+    /// Forgets every output (the nodes stay).
+    pub fn clear_outputs(&mut self) {
+        self.outputs.clear();
+    }
+
     pub fn add_output(&mut self, name: impl Into<String>, id: NodeId) {
         self.outputs.push((name.into(), id));
     }

@@ -7,7 +7,7 @@ use ndarray::{Array, Array2, ArrayD, ArrayView2, ArrayViewD, Axis, Dimension, Ix
 
 use crate::expr::{Env, Scalar, Var};
 use crate::graph::{Graph, NodeId};
-use crate::op::{Op, ReduceOp};
+use crate::op::{CeGradOf, GradOf, Op, ReduceOp};
 use crate::types::{Bindings, DType, Dim, Sym, fmt_shape, resolve_shape};
 use crate::verify::{VerifyErrors, verify};
 use crate::weights::Weights;
@@ -109,6 +109,8 @@ pub enum InterpError {
         position: Vec<usize>,
         vocab: usize,
     },
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// How the interpreter computes fused attention.
@@ -375,6 +377,77 @@ fn eval_node(
                 out
             })
         }
+        Op::AttentionLse(kernel) => {
+            let ops = crate::attention::Operands {
+                q: args[0].float(),
+                k: args[1].float(),
+                v: args[2].float(),
+                sides: (0..kernel.sides.len())
+                    .map(|i| args[3 + 3 * i].int())
+                    .collect(),
+            };
+            Value::Float(crate::attention::lse(kernel, &ops))
+        }
+        Op::AttentionGrad { kernel, wrt } => {
+            let n = kernel.arity();
+            let ops = crate::attention::Operands {
+                q: args[0].float(),
+                k: args[1].float(),
+                v: args[2].float(),
+                sides: (0..kernel.sides.len())
+                    .map(|i| args[3 + 3 * i].int())
+                    .collect(),
+            };
+            let heads_first = |x: &ArrayD<f64>| -> ArrayD<f64> {
+                if kernel.merge_heads {
+                    let s = x.shape();
+                    let (h, d) = (kernel.heads as usize, kernel.head_dim as usize);
+                    let split = reshape(x.view(), &[s[0], s[1], h, d]);
+                    reshape(
+                        split.view().permuted_axes(vec![0, 2, 1, 3]),
+                        &[s[0], h, s[1], d],
+                    )
+                } else {
+                    x.clone()
+                }
+            };
+            let (o, d_o) = (
+                heads_first(args[n].float()),
+                heads_first(args[n + 1].float()),
+            );
+            let (dq, dk, dv) = crate::attention::grads(kernel, &ops, &o, &d_o, args[n + 2].float())
+                .map_err(InterpError::Unsupported)?;
+            Value::Float(match wrt {
+                GradOf::Q => dq,
+                GradOf::K => dk,
+                GradOf::V => dv,
+            })
+        }
+        Op::EmbeddingGrad { vocab } => {
+            let (ids, dy) = (args[0].int(), args[1].float());
+            let d = dy.shape()[dy.ndim() - 1];
+            let mut out = ArrayD::zeros(IxDyn(&[*vocab as usize, d]));
+            for (index, &id) in ids.indexed_iter() {
+                if id < 0 || id as u64 >= *vocab {
+                    return Err(InterpError::TokenOutOfRange {
+                        id,
+                        position: index.slice().to_vec(),
+                        vocab: *vocab as usize,
+                    });
+                }
+                let mut at: Vec<usize> = index.slice().to_vec();
+                at.push(0);
+                for c in 0..d {
+                    at[ids.ndim()] = c;
+                    out[[id as usize, c]] += dy[at.as_slice()];
+                }
+            }
+            Value::Float(out)
+        }
+        Op::RopeGrad { base } => {
+            Value::Float(rope_signed(args[0].float(), args[1].int(), *base, -1.0))
+        }
+        Op::CeLse | Op::CeLoss | Op::CeGrad { .. } => Value::Float(cross_entropy(&node.op, args)?),
         Op::TileRanges { block } => {
             let x = args[0].int();
             let block = *block as usize;
@@ -546,6 +619,80 @@ fn matmul(a: &ArrayD<f64>, b: &ArrayD<f64>) -> ArrayD<f64> {
 }
 
 fn rope(x: &ArrayD<f64>, positions: &ArrayD<i64>, base: f64) -> ArrayD<f64> {
+    rope_signed(x, positions, base, 1.0)
+}
+
+/// Cross-entropy over `h @ w^T` for `ce_lse`, `ce_loss` and `ce_grad`, row by row.
+fn cross_entropy(op: &Op, args: &[&Value]) -> Result<ArrayD<f64>, InterpError> {
+    let (h, w) = (args[0].float(), args[1].float());
+    let (batch, t, k) = (h.shape()[0], h.shape()[1], h.shape()[2]);
+    let vocab = w.shape()[0];
+    let w2 = w
+        .view()
+        .into_dimensionality::<ndarray::Ix2>()
+        .expect("rank 2");
+    let logits_of = |b: usize, i: usize| -> Vec<f64> {
+        let row = h.slice(ndarray::s![b, i, ..]);
+        (0..vocab).map(|v| row.dot(&w2.row(v))).collect()
+    };
+    let target = |b: usize, i: usize| -> Result<Option<usize>, InterpError> {
+        let id = args[2].int()[[b, i]];
+        if id < 0 {
+            Ok(None)
+        } else if id as usize >= vocab {
+            Err(InterpError::TokenOutOfRange {
+                id,
+                position: vec![b, i],
+                vocab,
+            })
+        } else {
+            Ok(Some(id as usize))
+        }
+    };
+    let mut out = match op {
+        Op::CeGrad {
+            wrt: CeGradOf::Weight,
+        } => ArrayD::zeros(IxDyn(&[vocab, k])),
+        Op::CeGrad { .. } => ArrayD::zeros(IxDyn(&[batch, t, k])),
+        _ => ArrayD::zeros(IxDyn(&[batch, t])),
+    };
+    for b in 0..batch {
+        for i in 0..t {
+            let logits = logits_of(b, i);
+            match op {
+                Op::CeLse => {
+                    let max = logits.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x));
+                    out[[b, i]] = max + logits.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+                }
+                Op::CeLoss => {
+                    if let Some(id) = target(b, i)? {
+                        out[[b, i]] = args[3].float()[[b, i]] - logits[id];
+                    }
+                }
+                Op::CeGrad { wrt } => {
+                    let Some(id) = target(b, i)? else {
+                        continue;
+                    };
+                    let (lse, scale) = (args[3].float()[[b, i]], args[4].float()[[b, i]]);
+                    for (v, logit) in logits.iter().enumerate() {
+                        let g = scale * ((logit - lse).exp() - f64::from(u8::from(v == id)));
+                        for c in 0..k {
+                            match wrt {
+                                CeGradOf::Hidden => out[[b, i, c]] += g * w[[v, c]],
+                                CeGradOf::Weight => out[[v, c]] += g * h[[b, i, c]],
+                            }
+                        }
+                    }
+                }
+                _ => unreachable!("only cross-entropy ops come here"),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `rope` with the angle multiplied by `sign` (-1 for its adjoint).
+fn rope_signed(x: &ArrayD<f64>, positions: &ArrayD<i64>, base: f64, sign: f64) -> ArrayD<f64> {
     let rank = x.ndim();
     let dim = x.shape()[rank - 1];
     let half = dim / 2;
@@ -562,7 +709,7 @@ fn rope(x: &ArrayD<f64>, positions: &ArrayD<i64>, base: f64) -> ArrayD<f64> {
             partner[rank - 1] = d - half;
             x[&partner]
         };
-        *value = x[&index] * angle.cos() + rotated * angle.sin();
+        *value = x[&index] * angle.cos() + rotated * (sign * angle).sin();
     }
     out
 }

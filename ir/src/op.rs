@@ -210,6 +210,44 @@ impl AttentionKernel {
     }
 }
 
+/// Which operand's gradient an `attention_grad` computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum GradOf {
+    Q,
+    K,
+    V,
+}
+
+impl GradOf {
+    pub const ALL: [GradOf; 3] = [GradOf::Q, GradOf::K, GradOf::V];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            GradOf::Q => "q",
+            GradOf::K => "k",
+            GradOf::V => "v",
+        }
+    }
+}
+
+/// Which operand's gradient a `ce_grad` computes: the hidden states or the output weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CeGradOf {
+    Hidden,
+    Weight,
+}
+
+impl CeGradOf {
+    pub const ALL: [CeGradOf; 2] = [CeGradOf::Hidden, CeGradOf::Weight];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CeGradOf::Hidden => "hidden",
+            CeGradOf::Weight => "weight",
+        }
+    }
+}
+
 /// One operation of the graph. Operands are the node's incoming edges, in order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
@@ -303,6 +341,41 @@ pub enum Op {
     TileRanges {
         block: u64,
     },
+
+    // Training: the operations autodiff introduces.
+    /// The natural log-sum-exp of each query's visible (modified) scores, `[B, H, T]`: what
+    /// the attention's backward needs from its forward (`-inf` for a query that sees no key).
+    /// Operands as the attention's; compiled together with the attention of the same
+    /// operands, which writes it on the side.
+    AttentionLse(Box<AttentionKernel>),
+    /// A gradient of the fused attention, FlashAttention-2 style: operands the attention's
+    /// (q, k, v, side inputs and their ranges), then its output `o`, the output's gradient
+    /// `do` (both in the attention's output layout) and its `attention_lse`. The result has
+    /// the shape of the operand `wrt` names; GQA heads sum into their KV head.
+    AttentionGrad {
+        kernel: Box<AttentionKernel>,
+        wrt: GradOf,
+    },
+    /// The gradient of an embedding table: `(ids[...], dy[..., D]) -> [vocab, D]`, each row
+    /// the sum of the gradients of the positions that read it.
+    EmbeddingGrad {
+        vocab: u64,
+    },
+    /// The adjoint of `rope`: the rotation by the opposite angle.
+    RopeGrad {
+        base: f64,
+    },
+    /// Cross-entropy over an output projection without materializing the logits: the
+    /// log-sum-exp of `h @ w^T` per token, `(h[B, T, K], w[V, K]) -> [B, T]`.
+    CeLse,
+    /// Per-token cross-entropy, `lse - (h @ w^T)[target]`: operands `(h, w, targets i64[B, T],
+    /// lse)`; a negative target marks a token without loss (0).
+    CeLoss,
+    /// A gradient of the per-token cross-entropy weighted by `dloss[B, T]`: operands `(h, w,
+    /// targets, lse, dloss)`; the result is shaped like `h` or like `w`.
+    CeGrad {
+        wrt: CeGradOf,
+    },
 }
 
 impl Op {
@@ -332,6 +405,36 @@ impl Op {
             Op::HeadsProj { .. } => "heads_proj",
             Op::Attention(_) => "attention",
             Op::TileRanges { .. } => "tile_ranges",
+            Op::AttentionLse(_) => "attention_lse",
+            Op::AttentionGrad { .. } => "attention_grad",
+            Op::EmbeddingGrad { .. } => "embedding_grad",
+            Op::RopeGrad { .. } => "rope_grad",
+            Op::CeLse => "ce_lse",
+            Op::CeLoss => "ce_loss",
+            Op::CeGrad { .. } => "ce_grad",
+        }
+    }
+
+    /// The attention kernel of `attention`, `attention_lse` and `attention_grad`.
+    pub fn attention_kernel(&self) -> Option<&AttentionKernel> {
+        match self {
+            Op::Attention(kernel) | Op::AttentionLse(kernel) | Op::AttentionGrad { kernel, .. } => {
+                Some(kernel)
+            }
+            _ => None,
+        }
+    }
+
+    /// The same operation with its attention kernel replaced.
+    pub fn with_attention_kernel(&self, new: AttentionKernel) -> Op {
+        match self {
+            Op::Attention(_) => Op::Attention(Box::new(new)),
+            Op::AttentionLse(_) => Op::AttentionLse(Box::new(new)),
+            Op::AttentionGrad { wrt, .. } => Op::AttentionGrad {
+                kernel: Box::new(new),
+                wrt: *wrt,
+            },
+            other => other.clone(),
         }
     }
 
@@ -359,7 +462,11 @@ impl Op {
                 rope_base,
                 ..
             } => 2 + usize::from(norm_eps.is_some()) + usize::from(rope_base.is_some()),
-            Op::Attention(kernel) => kernel.arity(),
+            Op::Attention(kernel) | Op::AttentionLse(kernel) => kernel.arity(),
+            Op::AttentionGrad { kernel, .. } => kernel.arity() + 3,
+            Op::EmbeddingGrad { .. } | Op::RopeGrad { .. } | Op::CeLse => 2,
+            Op::CeLoss => 4,
+            Op::CeGrad { .. } => 5,
         }
     }
 
@@ -631,6 +738,88 @@ impl Op {
                 ]))
             }
             Op::Attention(kernel) => attention_type(kernel, operands),
+            Op::AttentionLse(kernel) => {
+                let out = attention_type(kernel, operands)?;
+                Ok(TensorType::f32(vec![
+                    out.shape[0],
+                    Dim::Const(kernel.heads),
+                    Dim::T,
+                ]))
+            }
+            Op::AttentionGrad { kernel, wrt } => {
+                let n = kernel.arity();
+                let out = attention_type(kernel, &operands[..n])?;
+                let (o, d_o, lse) = (operands[n], operands[n + 1], operands[n + 2]);
+                if o.shape != out.shape || d_o.shape != out.shape {
+                    return Err(format!(
+                        "the output and its gradient must be {out}, found {o} and {d_o}"
+                    ));
+                }
+                let want = [out.shape[0], Dim::Const(kernel.heads), Dim::T];
+                if lse.dtype != DType::F32 || lse.shape != want {
+                    return Err(format!(
+                        "the log-sum-exp must be f32{}, found {lse}",
+                        fmt_shape(&want)
+                    ));
+                }
+                Ok(match wrt {
+                    GradOf::Q => operands[0].clone(),
+                    GradOf::K => operands[1].clone(),
+                    GradOf::V => operands[2].clone(),
+                })
+            }
+            Op::EmbeddingGrad { vocab } => {
+                let (ids, dy) = (operands[0], float(1)?);
+                if ids.dtype != DType::I64
+                    || dy.rank() != ids.rank() + 1
+                    || dy.shape[..ids.rank()] != ids.shape[..]
+                {
+                    return Err(format!(
+                        "embedding_grad needs ids[...] and dy[..., D], found {ids} and {dy}"
+                    ));
+                }
+                if *vocab == 0 {
+                    return Err("the vocabulary cannot be empty".into());
+                }
+                Ok(TensorType::f32(vec![
+                    Dim::Const(*vocab),
+                    dy.shape[dy.rank() - 1],
+                ]))
+            }
+            Op::RopeGrad { base } => Op::Rope { base: *base }.infer(operands, declared),
+            Op::CeLse | Op::CeLoss | Op::CeGrad { .. } => {
+                let (h, w) = (float(0)?, float(1)?);
+                let logits = linear_type(h, w)?;
+                if h.rank() != 3 || h.shape[1] != Dim::T {
+                    return Err(format!("cross-entropy needs h: [B, T, K], found {h}"));
+                }
+                let rows = vec![h.shape[0], Dim::T];
+                if !matches!(self, Op::CeLse) {
+                    let (targets, lse) = (operands[2], operands[3]);
+                    if targets.dtype != DType::I64 || targets.shape != rows {
+                        return Err(format!("targets must be i64[B, T], found {targets}"));
+                    }
+                    if lse.dtype != DType::F32 || lse.shape != rows {
+                        return Err(format!("the log-sum-exp must be f32[B, T], found {lse}"));
+                    }
+                }
+                match self {
+                    Op::CeGrad { wrt } => {
+                        let dloss = operands[4];
+                        if dloss.dtype != DType::F32 || dloss.shape != rows {
+                            return Err(format!("dloss must be f32[B, T], found {dloss}"));
+                        }
+                        Ok(match wrt {
+                            CeGradOf::Hidden => h.clone(),
+                            CeGradOf::Weight => w.clone(),
+                        })
+                    }
+                    _ => {
+                        let _ = logits;
+                        Ok(TensorType::f32(rows))
+                    }
+                }
+            }
             Op::TileRanges { block } => {
                 let x = operands[0];
                 if x.dtype != DType::I64 || x.shape != [Dim::B, Dim::T] {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use crate::expr::Expr;
 use crate::expr::parse_expr;
 use crate::graph::{Graph, LayerInfo, Loc, Node, NodeId};
-use crate::op::{AttentionKernel, BinaryOp, CmpOp, Op, ReduceOp, UnaryOp};
+use crate::op::{AttentionKernel, BinaryOp, CeGradOf, CmpOp, GradOf, Op, ReduceOp, UnaryOp};
 use crate::types::{DType, Dim, Shape, Sym, TensorType};
 
 /// A syntax error in the text form, with its 1-based line.
@@ -313,15 +313,45 @@ fn build_op(
         "tile_ranges" => Op::TileRanges {
             block: a.number("block")?,
         },
-        "attention" => {
+        "attention" | "attention_lse" | "attention_grad" => {
             let reference = attr("kernel")?;
             let kernel_name = reference.strip_prefix('@').ok_or_else(|| {
                 format!("`kernel` names a kernel as `@name`, found `{reference}`")
             })?;
-            let kernel = kernels
-                .get(kernel_name)
-                .ok_or_else(|| format!("kernel `@{kernel_name}` is not defined above"))?;
-            Op::Attention(Box::new(kernel.clone()))
+            let kernel = Box::new(
+                kernels
+                    .get(kernel_name)
+                    .ok_or_else(|| format!("kernel `@{kernel_name}` is not defined above"))?
+                    .clone(),
+            );
+            match name {
+                "attention" => Op::Attention(kernel),
+                "attention_lse" => Op::AttentionLse(kernel),
+                _ => {
+                    let wrt = a.string("wrt")?;
+                    let wrt = GradOf::ALL
+                        .into_iter()
+                        .find(|g| g.name() == wrt)
+                        .ok_or_else(|| format!("`wrt` is \"q\", \"k\" or \"v\", found `{wrt}`"))?;
+                    Op::AttentionGrad { kernel, wrt }
+                }
+            }
+        }
+        "embedding_grad" => Op::EmbeddingGrad {
+            vocab: a.number("vocab")?,
+        },
+        "rope_grad" => Op::RopeGrad {
+            base: a.float("base")?,
+        },
+        "ce_lse" => Op::CeLse,
+        "ce_loss" => Op::CeLoss,
+        "ce_grad" => {
+            let wrt = a.string("wrt")?;
+            let wrt = CeGradOf::ALL
+                .into_iter()
+                .find(|g| g.name() == wrt)
+                .ok_or_else(|| format!("`wrt` is \"hidden\" or \"weight\", found `{wrt}`"))?;
+            Op::CeGrad { wrt }
         }
         "mask" | "score_mod" => {
             let expr = a.expr("expr")?;

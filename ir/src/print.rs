@@ -91,8 +91,18 @@ pub fn attributes(op: &Op) -> Vec<(&'static str, String)> {
             }
             attrs
         }
-        Op::Attention(kernel) => vec![("kernel", format!("@{}", kernel.name))],
+        Op::Attention(kernel) | Op::AttentionLse(kernel) => {
+            vec![("kernel", format!("@{}", kernel.name))]
+        }
+        Op::AttentionGrad { kernel, wrt } => vec![
+            ("kernel", format!("@{}", kernel.name)),
+            ("wrt", quote(wrt.name())),
+        ],
         Op::TileRanges { block } => vec![("block", block.to_string())],
+        Op::EmbeddingGrad { vocab } => vec![("vocab", vocab.to_string())],
+        Op::RopeGrad { base } => vec![("base", fmt_float(*base))],
+        Op::CeGrad { wrt } => vec![("wrt", quote(wrt.name()))],
+        Op::CeLse | Op::CeLoss => vec![],
         Op::Positions
         | Op::Embedding
         | Op::MatMul
@@ -130,8 +140,8 @@ pub fn kernel_attributes(kernel: &AttentionKernel) -> Vec<(&'static str, String)
 pub fn kernel_table(graph: &Graph) -> Vec<(String, AttentionKernel)> {
     let mut table: Vec<(String, AttentionKernel)> = Vec::new();
     for id in graph.topo_order().unwrap_or_else(|| graph.node_ids()) {
-        if let Op::Attention(kernel) = &graph.node(id).op {
-            if table.iter().any(|(_, k)| k == &**kernel) {
+        if let Some(kernel) = graph.node(id).op.attention_kernel() {
+            if table.iter().any(|(_, k)| k == kernel) {
                 continue;
             }
             let mut name = kernel.name.clone();
@@ -140,7 +150,7 @@ pub fn kernel_table(graph: &Graph) -> Vec<(String, AttentionKernel)> {
                 name = format!("{}_{n}", kernel.name);
                 n += 1;
             }
-            table.push((name, (**kernel).clone()));
+            table.push((name, kernel.clone()));
         }
     }
     table
@@ -205,10 +215,10 @@ pub fn print_graph(graph: &Graph) -> String {
             let _ = write!(out, "({})", list.join(", "));
         }
         let mut attrs = attributes(&node.op);
-        if let Op::Attention(kernel) = &node.op
-            && let Some((name, _)) = kernels.iter().find(|(_, k)| k == &**kernel)
+        if let Some(kernel) = node.op.attention_kernel()
+            && let Some((name, _)) = kernels.iter().find(|(_, k)| k == kernel)
         {
-            attrs = vec![("kernel", format!("@{name}"))];
+            attrs[0] = ("kernel", format!("@{name}"));
         }
         if !attrs.is_empty() {
             let list: Vec<String> = attrs.iter().map(|(k, v)| format!("{k} = {v}")).collect();

@@ -133,6 +133,52 @@ impl Ord for KernelAttr {
     }
 }
 
+/// An operation the rules never look inside (the training ops autodiff adds): kept whole, and
+/// compared by its name and attributes.
+#[derive(Clone, Debug)]
+pub struct OpaqueOp {
+    pub op: Box<Op>,
+    text: Arc<str>,
+}
+
+impl OpaqueOp {
+    pub fn new(op: Op) -> OpaqueOp {
+        let mut attrs: Vec<String> = zebra_ir::print::attributes(&op)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if let Some(kernel) = op.attention_kernel() {
+            attrs.push(KernelAttr::new(kernel.clone()).text.to_string());
+        }
+        OpaqueOp {
+            text: format!("{}{{{}}}", op.name(), attrs.join(",")).into(),
+            op: Box::new(op),
+        }
+    }
+}
+
+impl PartialEq for OpaqueOp {
+    fn eq(&self, other: &OpaqueOp) -> bool {
+        self.text == other.text
+    }
+}
+impl Eq for OpaqueOp {}
+impl Hash for OpaqueOp {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.text.hash(state);
+    }
+}
+impl PartialOrd for OpaqueOp {
+    fn partial_cmp(&self, other: &OpaqueOp) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for OpaqueOp {
+    fn cmp(&self, other: &OpaqueOp) -> std::cmp::Ordering {
+        self.text.cmp(&other.text)
+    }
+}
+
 /// The value of an attribute leaf.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Attr {
@@ -177,6 +223,8 @@ pub enum ZOp {
     HeadsProj,
     Attention,
     TileRanges,
+    /// Training operations, opaque to the rules.
+    Opaque(OpaqueOp),
     // Recognized forms, never extracted.
     /// `(softmax s)`: softmax along the last axis, zeros where every element is -inf.
     Softmax,
@@ -220,6 +268,7 @@ impl ZOp {
             ZOp::HeadsProj => "heads_proj".into(),
             ZOp::Attention => "attention".into(),
             ZOp::TileRanges => "tile_ranges".into(),
+            ZOp::Opaque(o) => o.text.to_string(),
             ZOp::Softmax => "softmax".into(),
             ZOp::Qk => "qk".into(),
             ZOp::Scores => "scores".into(),
@@ -425,6 +474,13 @@ pub fn split_node(op: &Op, loc: Option<Loc>, ty: &TensorType) -> (ZOp, Vec<Attr>
             vec![Attr::Kernel(KernelAttr::new((**kernel).clone()))],
         ),
         Op::TileRanges { block } => (ZOp::TileRanges, vec![Attr::Int(*block as i64)]),
+        Op::AttentionLse(_)
+        | Op::AttentionGrad { .. }
+        | Op::EmbeddingGrad { .. }
+        | Op::RopeGrad { .. }
+        | Op::CeLse
+        | Op::CeLoss
+        | Op::CeGrad { .. } => (ZOp::Opaque(OpaqueOp::new(op.clone())), vec![]),
     }
 }
 
@@ -486,6 +542,7 @@ pub fn join_op(op: &ZOp, attrs: &[&Attr]) -> Option<(Op, Option<Loc>)> {
         }),
         ZOp::Constant(v) => plain(Op::Constant { value: v.0 }),
         ZOp::Positions => plain(Op::Positions),
+        ZOp::Opaque(o) => plain((*o.op).clone()),
         ZOp::Embedding => plain(Op::Embedding),
         ZOp::MatMul => plain(Op::MatMul),
         ZOp::Unary(u) => plain(Op::Unary(*u)),

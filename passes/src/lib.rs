@@ -3,6 +3,7 @@
 //! residuals and activations around the projections, shares the work of identical layers,
 //! and extracts the cheapest graph under a target's cost model.
 
+pub mod autodiff;
 pub mod cost;
 pub mod diagnose;
 pub mod lang;

@@ -1,5 +1,6 @@
 //! Zebra's integration tests, in one binary so that MLIR and LLVM are linked once.
 
+mod autodiff;
 mod cli;
 mod codegen;
 mod common;
