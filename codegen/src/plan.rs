@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use zebra_ir::op::{AttentionKernel, Op};
+use zebra_ir::op::{AttentionKernel, GradOf, Op};
 use zebra_ir::types::{DType, Dim, Sym, TensorType};
 use zebra_ir::{Graph, NodeId};
 use zebra_runtime::plan::{
@@ -45,7 +45,7 @@ struct Planner<'g> {
     kernels: Vec<KernelSpec>,
     symbols: HashMap<String, usize>,
     operand: HashMap<NodeId, Operand>,
-    packs: HashMap<(usize, Option<usize>, usize), usize>,
+    packs: HashMap<(usize, bool, Option<usize>, usize), usize>,
     ropes: HashMap<(u64, usize), usize>,
     /// The step that writes each value.
     defined: Vec<usize>,
@@ -77,17 +77,38 @@ impl Planner<'_> {
         }
     }
 
-    fn pack(&mut self, weight: usize, norm: Option<usize>, group: usize) -> Operand {
-        let key = (weight, norm, group);
+    /// A projection's matrix: a weight, or a weight's transpose. Returns the weight, whether
+    /// it is transposed, and the matrix's `[N, K]`.
+    fn matrix(&self, id: NodeId) -> Result<(usize, bool, usize, usize), CodegenError> {
+        if let Op::Transpose { perm } = &self.graph.node(id).op
+            && perm == &[1, 0]
+        {
+            let w = self.weight_index(self.graph.operands(id)[0])?;
+            let shape = &self.plan.weights[w].shape;
+            return Ok((w, true, shape[1], shape[0]));
+        }
+        let w = self.weight_index(id)?;
+        let shape = &self.plan.weights[w].shape;
+        Ok((w, false, shape[0], shape[1]))
+    }
+
+    fn pack(
+        &mut self,
+        matrix: (usize, bool, usize, usize),
+        norm: Option<usize>,
+        group: usize,
+    ) -> Operand {
+        let (weight, transposed, n, k) = matrix;
+        let key = (weight, transposed, norm, group);
         if let Some(&p) = self.packs.get(&key) {
             return Operand::Packed(p);
         }
-        let shape = &self.plan.weights[weight].shape;
         let spec = PackSpec {
             weight,
             norm,
-            n: shape[0],
-            k: shape[1],
+            transposed,
+            n,
+            k,
             group,
             nr: crate::kernels::gemm::panel_width(self.vector),
         };
@@ -179,9 +200,35 @@ impl Planner<'_> {
                 .graph
                 .users(id)
                 .iter()
-                .all(|u| matches!(self.graph.node(*u).op, Op::Attention(_)))
+                .all(|u| self.graph.node(*u).op.attention_kernel().is_some())
         {
             return Ok(());
+        }
+        // A weight's transpose read only as a projection's matrix: packed, never materialized.
+        if let Op::Transpose { perm } = &node.op
+            && perm == &[1, 0]
+            && matches!(self.operand.get(&operands[0]), Some(Operand::Weight(_)))
+            && self.graph.users(id).iter().all(|&u| {
+                let matrices: &[usize] = match self.graph.node(u).op {
+                    Op::Linear { .. } | Op::HeadsProj { .. } => &[1],
+                    Op::SwiGlu { .. } => &[1, 2],
+                    _ => &[],
+                };
+                self.graph
+                    .operands(u)
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &o)| o != id || matrices.contains(&i))
+            })
+        {
+            return Ok(());
+        }
+        if let Some(kernel) = node.op.attention_kernel() {
+            if self.operand.contains_key(&id) {
+                return Ok(()); // planned with a sibling
+            }
+            let kernel = kernel.clone();
+            return self.attention_family(id, &kernel);
         }
         let out = self.value(&node.ty);
         let out_operand = Operand::Value(out);
@@ -206,12 +253,12 @@ impl Planner<'_> {
             }
             Op::Linear { norm_eps, residual } => {
                 let x_ty = &self.graph.node(operands[0]).ty;
-                let w = self.weight_index(operands[1])?;
+                let w = self.matrix(operands[1])?;
                 let norm = match norm_eps {
                     Some(_) => Some(self.weight_index(operands[2])?),
                     None => None,
                 };
-                let (n, k) = (self.plan.weights[w].shape[0], self.plan.weights[w].shape[1]);
+                let (n, k) = (w.2, w.3);
                 let packed = self.pack(w, norm, n);
                 let mut ops = vec![of(self, 0), packed];
                 if *residual {
@@ -238,18 +285,12 @@ impl Planner<'_> {
             }
             Op::SwiGlu { norm_eps } => {
                 let x_ty = &self.graph.node(operands[0]).ty;
-                let (wg, wu) = (
-                    self.weight_index(operands[1])?,
-                    self.weight_index(operands[2])?,
-                );
+                let (wg, wu) = (self.matrix(operands[1])?, self.matrix(operands[2])?);
                 let norm = match norm_eps {
                     Some(_) => Some(self.weight_index(operands[3])?),
                     None => None,
                 };
-                let (n, k) = (
-                    self.plan.weights[wg].shape[0],
-                    self.plan.weights[wg].shape[1],
-                );
+                let (n, k) = (wg.2, wg.3);
                 let (pg, pu) = (self.pack(wg, norm, n), self.pack(wu, norm, n));
                 let panels = n.div_ceil(crate::kernels::gemm::panel_width(self.vector));
                 let grid = Grid {
@@ -276,12 +317,12 @@ impl Planner<'_> {
                 rope_base,
             } => {
                 let x_ty = &self.graph.node(operands[0]).ty;
-                let w = self.weight_index(operands[1])?;
+                let w = self.matrix(operands[1])?;
                 let norm = match norm_eps {
                     Some(_) => Some(self.weight_index(operands[2])?),
                     None => None,
                 };
-                let k = self.plan.weights[w].shape[1];
+                let k = w.3;
                 let packed = self.pack(w, norm, *head_dim as usize);
                 let mut ops = vec![of(self, 0), packed];
                 if let Some(base) = rope_base {
@@ -307,7 +348,68 @@ impl Planner<'_> {
                 };
                 self.step(spec, ops, grid, None);
             }
-            Op::Attention(kernel) => self.attention(kernel, &operands, out_operand)?,
+            Op::CeLse | Op::CeLoss | Op::CeGrad { .. } => {
+                let h = &self.graph.node(operands[0]).ty;
+                let w = &self.graph.node(operands[1]).ty;
+                let (k, vocab) = match (w.shape[1].as_const(), w.shape[0].as_const()) {
+                    (Some(k), Some(v)) if h.shape[..2] == [Dim::B, Dim::T] => {
+                        (k as usize, v as usize)
+                    }
+                    _ => {
+                        return Err(CodegenError::Unsupported(format!(
+                            "cross-entropy needs h: [B, T, K] and a constant weight, found {h} and {w}"
+                        )));
+                    }
+                };
+                let ops: Vec<Operand> = (0..operands.len())
+                    .map(|i| of(self, i))
+                    .chain([out_operand])
+                    .collect();
+                let grid = if matches!(
+                    node.op,
+                    Op::CeGrad {
+                        wrt: zebra_ir::op::CeGradOf::Weight
+                    }
+                ) {
+                    Grid {
+                        rows: vec![Extent::Const(vocab as u64)],
+                        row_chunk: 1,
+                        cols: 1,
+                    }
+                } else {
+                    Grid {
+                        rows: vec![Extent::Batch, Extent::Seq],
+                        row_chunk: crate::kernels::loss::ROWS as u64,
+                        cols: 1,
+                    }
+                };
+                let spec = KernelSpec::CrossEntropy {
+                    op: node.op.clone(),
+                    k,
+                    vocab,
+                };
+                self.step(spec, ops, grid, None);
+            }
+            Op::EmbeddingGrad { vocab } => {
+                let ids = &self.graph.node(operands[0]).ty;
+                if ids.shape != [Dim::B, Dim::T] {
+                    return Err(CodegenError::Unsupported(format!(
+                        "embedding_grad needs ids: [B, T], found {ids}"
+                    )));
+                }
+                let d = node.ty.shape[1].as_const().unwrap_or(1) as usize;
+                let ops = vec![of(self, 0), of(self, 1), out_operand];
+                let grid = Grid {
+                    rows: vec![Extent::Const(*vocab)],
+                    row_chunk: crate::kernels::loss::VOCAB_ROWS as u64,
+                    cols: 1,
+                };
+                let spec = KernelSpec::EmbeddingGrad {
+                    vocab: *vocab as usize,
+                    d,
+                };
+                self.step(spec, ops, grid, None);
+            }
             op if generic::supports(op) => {
                 let types: Vec<TensorType> = operands
                     .iter()
@@ -344,50 +446,50 @@ impl Planner<'_> {
         Ok(())
     }
 
-    fn attention(
+    /// Scratch memory for a step, zeroed at first use.
+    fn workspace(&mut self, shape: Vec<Extent>) -> Operand {
+        self.plan.workspaces.push((shape, ElemType::F32));
+        Operand::Workspace(self.plan.workspaces.len() - 1)
+    }
+
+    /// Packs keys and values for the attention kernels (`pack_kv`): the first operand in key
+    /// panels, the second in value panels. Returns the two workspaces.
+    fn pack_kv(
         &mut self,
         kernel: &AttentionKernel,
-        operands: &[NodeId],
-        out: Operand,
-    ) -> Result<(), CodegenError> {
-        let (bq, bk) = (kernel.block_q, kernel.block_k);
-        let keys = self.operand[&operands[1]];
-        // Packed keys and values: per key tile, D * bk floats each.
-        let packed_shape = vec![
+        first: Operand,
+        second: Operand,
+    ) -> [Operand; 2] {
+        let bk = kernel.block_k;
+        let shape = vec![
             Extent::Batch,
             Extent::Const(kernel.kv_heads),
             Extent::SeqBlocks(bk),
             Extent::Const(kernel.head_dim * bk),
         ];
-        let keys_ws = self.plan.workspaces.len();
-        self.plan
-            .workspaces
-            .push((packed_shape.clone(), ElemType::F32));
-        let values_ws = self.plan.workspaces.len();
-        self.plan.workspaces.push((packed_shape, ElemType::F32));
-        let pack = KernelSpec::PackKv {
-            head_dim: kernel.head_dim as usize,
-            block_q: bq as usize,
-            block_k: bk as usize,
-        };
+        let a = self.workspace(shape.clone());
+        let b = self.workspace(shape);
         let grid = Grid {
             rows: vec![Extent::Batch, Extent::SeqBlocks(bk)],
             row_chunk: 1,
             cols: kernel.kv_heads,
         };
-        let values = self.operand[&operands[2]];
-        self.step(
-            pack,
-            vec![
-                keys,
-                values,
-                Operand::Workspace(keys_ws),
-                Operand::Workspace(values_ws),
-            ],
-            grid,
-            None,
-        );
+        let spec = KernelSpec::PackKv {
+            head_dim: kernel.head_dim as usize,
+            block_q: kernel.block_q as usize,
+            block_k: bk as usize,
+        };
+        self.step(spec, vec![first, second, a, b], grid, None);
+        [a, b]
+    }
 
+    /// The schedule of a kernel's mask (one per distinct mask and tiling), and the side
+    /// inputs' operands.
+    fn schedule(
+        &mut self,
+        kernel: &AttentionKernel,
+        operands: &[NodeId],
+    ) -> Result<(usize, Vec<Operand>), CodegenError> {
         let mut sides = Vec::new();
         let mut side_operands = Vec::new();
         for (i, name) in kernel.sides.iter().enumerate() {
@@ -400,37 +502,202 @@ impl Planner<'_> {
             sides.push((name.clone(), input));
             side_operands.push(side);
         }
-        let schedule = self.plan.schedules.len();
-        self.plan.schedules.push(ScheduleSpec {
+        let spec = ScheduleSpec {
             mask: kernel.mask.to_string(),
             heads: kernel.heads as usize,
-            block_q: bq as usize,
-            block_k: bk as usize,
+            block_q: kernel.block_q as usize,
+            block_k: kernel.block_k as usize,
             sides,
-        });
-        self.plan.steps.push(Step::Schedule { id: schedule });
-        let mut ops = vec![
-            self.operand[&operands[0]],
-            Operand::Workspace(keys_ws),
-            Operand::Workspace(values_ws),
-            out,
-            Operand::ScheduleRows(schedule),
-            Operand::ScheduleTiles(schedule),
-        ];
-        ops.extend(side_operands);
-        let grid = Grid {
-            rows: vec![Extent::Batch, Extent::SeqBlocks(bq)],
-            row_chunk: 1,
-            cols: kernel.heads,
         };
-        self.step(
-            KernelSpec::Attention {
-                kernel: kernel.clone(),
-            },
-            ops,
-            grid,
-            Some(schedule),
-        );
+        if let Some(id) = self.plan.schedules.iter().position(|s| *s == spec) {
+            return Ok((id, side_operands));
+        }
+        let id = self.plan.schedules.len();
+        self.plan.schedules.push(spec);
+        self.plan.steps.push(Step::Schedule { id });
+        Ok((id, side_operands))
+    }
+
+    /// The nodes computed together with `id`: the same attention kernel on the same operands.
+    fn siblings(&self, id: NodeId, kernel: &AttentionKernel) -> Vec<NodeId> {
+        let operands = self.graph.operands(id);
+        let mut found: Vec<NodeId> = self
+            .graph
+            .users(operands[0])
+            .into_iter()
+            .filter(|&u| {
+                self.graph.node(u).op.attention_kernel() == Some(kernel)
+                    && self.graph.operands(u)[..kernel.arity()] == operands[..kernel.arity()]
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
+    /// Gives `id` a value (defined by the step about to be pushed).
+    fn define(&mut self, id: NodeId) -> (usize, Operand) {
+        let ty = self.graph.node(id).ty.clone();
+        let v = self.value(&ty);
+        self.defined.push(usize::MAX);
+        self.operand.insert(id, Operand::Value(v));
+        (v, Operand::Value(v))
+    }
+
+    /// Plans `attention`, `attention_lse` and `attention_grad` nodes, each with the siblings
+    /// it is computed with: the attention writes its log-sum-exp on the side, and one kernel
+    /// computes both `dK` and `dV`.
+    fn attention_family(
+        &mut self,
+        id: NodeId,
+        kernel: &AttentionKernel,
+    ) -> Result<(), CodegenError> {
+        let operands = self.graph.operands(id);
+        let n = kernel.arity();
+        let siblings = self.siblings(id, kernel);
+        let of = |p: &Planner, i: usize| p.operand[&operands[i]];
+        let (q, k, v) = (of(self, 0), of(self, 1), of(self, 2));
+        let (schedule, side_operands) = self.schedule(kernel, &operands)?;
+        let heads_shape = |heads: u64| {
+            vec![
+                Extent::Batch,
+                Extent::Const(heads),
+                Extent::Seq,
+                Extent::Const(kernel.head_dim),
+            ]
+        };
+        let (bq, bk) = (kernel.block_q, kernel.block_k);
+        let mut defined = Vec::new();
+        match &self.graph.node(id).op {
+            Op::Attention(_) | Op::AttentionLse(_) => {
+                let find = |want: fn(&Op) -> bool| {
+                    siblings
+                        .iter()
+                        .copied()
+                        .find(|&s| want(&self.graph.node(s).op))
+                };
+                let forward = find(|op| matches!(op, Op::Attention(_)));
+                let lse = find(|op| matches!(op, Op::AttentionLse(_)));
+                let out = match forward {
+                    Some(f) => {
+                        let (value, operand) = self.define(f);
+                        defined.push(value);
+                        operand
+                    }
+                    None if kernel.merge_heads => self.workspace(vec![
+                        Extent::Batch,
+                        Extent::Seq,
+                        Extent::Const(kernel.heads * kernel.head_dim),
+                    ]),
+                    None => self.workspace(heads_shape(kernel.heads)),
+                };
+                let lse_operand = lse.map(|l| {
+                    let (value, operand) = self.define(l);
+                    defined.push(value);
+                    operand
+                });
+                let [kp, vp] = self.pack_kv(kernel, k, v);
+                let mut ops = vec![
+                    q,
+                    kp,
+                    vp,
+                    out,
+                    Operand::ScheduleRows(schedule),
+                    Operand::ScheduleTiles(schedule),
+                ];
+                ops.extend(side_operands);
+                ops.extend(lse_operand);
+                let grid = Grid {
+                    rows: vec![Extent::Batch, Extent::SeqBlocks(bq)],
+                    row_chunk: 1,
+                    cols: kernel.heads,
+                };
+                let spec = KernelSpec::Attention {
+                    kernel: kernel.clone(),
+                    lse: lse_operand.is_some(),
+                };
+                self.step(spec, ops, grid, Some(schedule));
+            }
+            Op::AttentionGrad { wrt, .. } => {
+                let (o, d_o, lse) = (of(self, n), of(self, n + 1), of(self, n + 2));
+                let same_inputs: Vec<NodeId> = siblings
+                    .iter()
+                    .copied()
+                    .filter(|&s| self.graph.operands(s) == operands)
+                    .collect();
+                let grad_of = |p: &Planner, g: GradOf| {
+                    same_inputs.iter().copied().find(|&s| {
+                        matches!(&p.graph.node(s).op, Op::AttentionGrad { wrt, .. } if *wrt == g)
+                    })
+                };
+                let [kp, _] = self.pack_kv(kernel, k, v);
+                let [vt_k, kv_v] = self.pack_kv(kernel, v, k);
+                if *wrt == GradOf::Q {
+                    let (value, dq) = self.define(id);
+                    defined.push(value);
+                    let mut ops = vec![
+                        q,
+                        kp,
+                        vt_k,
+                        kv_v,
+                        o,
+                        d_o,
+                        lse,
+                        dq,
+                        Operand::ScheduleRows(schedule),
+                        Operand::ScheduleTiles(schedule),
+                    ];
+                    ops.extend(side_operands);
+                    let grid = Grid {
+                        rows: vec![Extent::Batch, Extent::SeqBlocks(bq)],
+                        row_chunk: 1,
+                        cols: kernel.heads,
+                    };
+                    let spec = KernelSpec::AttentionDq {
+                        kernel: kernel.clone(),
+                    };
+                    self.step(spec, ops, grid, Some(schedule));
+                } else {
+                    let mut outs = Vec::new();
+                    for g in [GradOf::K, GradOf::V] {
+                        outs.push(match grad_of(self, g) {
+                            Some(node) => {
+                                let (value, operand) = self.define(node);
+                                defined.push(value);
+                                operand
+                            }
+                            None => self.workspace(heads_shape(kernel.kv_heads)),
+                        });
+                    }
+                    let mut ops = vec![
+                        q,
+                        kp,
+                        vt_k,
+                        o,
+                        d_o,
+                        lse,
+                        outs[0],
+                        outs[1],
+                        Operand::ScheduleColumns(schedule),
+                        Operand::ScheduleColumnTiles(schedule),
+                    ];
+                    ops.extend(side_operands);
+                    let grid = Grid {
+                        rows: vec![Extent::Batch, Extent::SeqBlocks(bk)],
+                        row_chunk: 1,
+                        cols: kernel.kv_heads,
+                    };
+                    let spec = KernelSpec::AttentionDkv {
+                        kernel: kernel.clone(),
+                    };
+                    self.step(spec, ops, grid, Some(schedule));
+                }
+            }
+            other => unreachable!("`{}` is not an attention op", other.name()),
+        }
+        let step = self.plan.steps.len() - 1;
+        for value in defined {
+            self.defined[value] = step;
+        }
         Ok(())
     }
 }

@@ -94,7 +94,10 @@ fn check(plan: &Plan) -> Result<(), String> {
                         Constant(x) => x < plan.constants.len(),
                         Positions => true,
                         Workspace(x) => x < plan.workspaces.len(),
-                        ScheduleRows(x) | ScheduleTiles(x) => x < plan.schedules.len(),
+                        ScheduleRows(x)
+                        | ScheduleTiles(x)
+                        | ScheduleColumns(x)
+                        | ScheduleColumnTiles(x) => x < plan.schedules.len(),
                         RopeCos(x) | RopeSin(x) => x < plan.rope_tables.len(),
                     })
             }

@@ -106,10 +106,13 @@ impl Tensor {
     }
 }
 
-/// A schedule in the kernels' format: row offsets, then `(key tile << 1) | partial` entries.
+/// A schedule in the kernels' format: row offsets, then `(key tile << 1) | partial` entries;
+/// and the same by columns (per key tile, `(query tile << 1) | partial`).
 struct BuiltSchedule {
     rows: Buffer,
     tiles: Buffer,
+    columns: Buffer,
+    column_tiles: Buffer,
     per_batch: bool,
 }
 
@@ -396,6 +399,8 @@ impl CpuModel {
         }
         let mut rows = vec![0u64];
         let mut tiles = Vec::new();
+        let mut columns = vec![0u64];
+        let mut column_tiles = Vec::new();
         let names: Vec<String> = spec.sides.iter().map(|(n, _)| n.clone()).collect();
         for b in 0..if per_batch { batch } else { 1 } {
             let side_rows: Vec<&[i64]> = spec
@@ -429,11 +434,19 @@ impl CpuModel {
                 // classified from value ranges alone, per run.
                 refine: !per_batch,
             });
-            for row in &schedule.rows {
+            let n_kt = seq.div_ceil(spec.block_k);
+            let mut by_key: Vec<Vec<u64>> = vec![Vec::new(); n_kt];
+            for (qt, row) in schedule.rows.iter().enumerate() {
                 for &(kt, kind) in &row.tiles {
-                    tiles.push((u64::from(kt) << 1) | u64::from(kind == TileKind::Partial));
+                    let partial = u64::from(kind == TileKind::Partial);
+                    tiles.push((u64::from(kt) << 1) | partial);
+                    by_key[kt as usize].push(((qt as u64) << 1) | partial);
                 }
                 rows.push(tiles.len() as u64);
+            }
+            for entries in by_key {
+                column_tiles.extend(entries);
+                columns.push(column_tiles.len() as u64);
             }
         }
         self.schedules.insert(
@@ -441,6 +454,8 @@ impl CpuModel {
             BuiltSchedule {
                 rows: words_of_i64(rows.into_iter().map(|x| x as i64)),
                 tiles: words_of_i64(tiles.into_iter().map(|x| x as i64)),
+                columns: words_of_i64(columns.into_iter().map(|x| x as i64)),
+                column_tiles: words_of_i64(column_tiles.into_iter().map(|x| x as i64)),
                 per_batch,
             },
         );
@@ -576,6 +591,8 @@ impl CpuModel {
             Operand::Workspace(i) => p(&self.workspaces[i]),
             Operand::ScheduleRows(i) => p(&self.schedules[&built[&i]].rows),
             Operand::ScheduleTiles(i) => p(&self.schedules[&built[&i]].tiles),
+            Operand::ScheduleColumns(i) => p(&self.schedules[&built[&i]].columns),
+            Operand::ScheduleColumnTiles(i) => p(&self.schedules[&built[&i]].column_tiles),
             Operand::RopeCos(i) => p(&self.ropes[&(i, seq)].0),
             Operand::RopeSin(i) => p(&self.ropes[&(i, seq)].1),
         }

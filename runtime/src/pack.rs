@@ -16,9 +16,14 @@ pub fn pack(w: &[f32], norm: Option<&[f32]>, spec: &PackSpec) -> Vec<f32> {
                 if col >= group {
                     continue;
                 }
-                let row = &w[(g * group + col) * k..(g * group + col + 1) * k];
-                for (kk, &x) in row.iter().enumerate() {
-                    let scale = norm.map_or(1.0, |n| n[kk]);
+                let n = g * group + col;
+                for kk in 0..k {
+                    let x = if spec.transposed {
+                        w[kk * spec.n + n]
+                    } else {
+                        w[n * k + kk]
+                    };
+                    let scale = norm.map_or(1.0, |g| g[kk]);
                     out[(panel * k + kk) * nr + c] = x * scale;
                 }
             }
@@ -38,6 +43,7 @@ mod tests {
         let spec = PackSpec {
             weight: 0,
             norm: None,
+            transposed: false,
             n: 3,
             k: 2,
             group: 3,
@@ -49,5 +55,15 @@ mod tests {
         );
         let scaled = pack(&w, Some(&[10.0, 1.0]), &spec);
         assert_eq!(scaled, vec![10.0, 30.0, 50.0, 0.0, 2.0, 4.0, 6.0, 0.0]);
+        // The same matrix stored transposed, [K, N] = [2, 3].
+        let wt = [1.0, 3.0, 5.0, 2.0, 4.0, 6.0];
+        let transposed = PackSpec {
+            transposed: true,
+            ..spec
+        };
+        assert_eq!(
+            pack(&wt, None, &transposed),
+            vec![1.0, 3.0, 5.0, 0.0, 2.0, 4.0, 6.0, 0.0]
+        );
     }
 }

@@ -71,6 +71,10 @@ pub enum Operand {
     /// The row offsets and tiles of a tile schedule.
     ScheduleRows(usize),
     ScheduleTiles(usize),
+    /// The same schedule by columns: per key tile, the query tiles that visit it, as
+    /// `(query tile << 1) | partial` entries.
+    ScheduleColumns(usize),
+    ScheduleColumnTiles(usize),
     /// RoPE tables `[T, D/2]` of cosines and sines.
     RopeCos(usize),
     RopeSin(usize),
@@ -93,11 +97,15 @@ pub struct WeightSpec {
 
 /// A weight `[N, K]` packed into panels of `nr` output columns, `[N' / nr][K][nr]`: each
 /// group of `group` output columns (a head, or all of them) is padded to whole panels. With
-/// `norm`, the norm weight `g [K]` is folded in: `w[n, k] * g[k]`.
+/// `norm`, the norm weight `g [K]` is folded in: `w[n, k] * g[k]`. With `transposed`, the
+/// matrix is the weight's transpose (the weight is stored `[K, N]`), as the backward's
+/// `dx = dy @ w` needs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PackSpec {
     pub weight: usize,
     pub norm: Option<usize>,
+    #[serde(default)]
+    pub transposed: bool,
     pub n: usize,
     pub k: usize,
     pub group: usize,

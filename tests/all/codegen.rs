@@ -321,7 +321,7 @@ fn attention_mlir(program: &str, mask: &str) -> String {
     planned
         .kernels
         .iter()
-        .find(|k| matches!(k, KernelSpec::Attention { kernel } if kernel.mask.to_string() == mask))
+        .find(|k| matches!(k, KernelSpec::Attention { kernel, .. } if kernel.mask.to_string() == mask))
         .unwrap_or_else(|| panic!("{program} has no attention kernel with mask `{mask}`"))
         .mlir(8)
 }

@@ -13,4 +13,5 @@ mod roundtrip;
 mod schedule;
 mod snapshots;
 mod toolchain;
+mod training;
 mod verifier;

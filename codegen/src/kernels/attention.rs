@@ -31,6 +31,96 @@ pub fn vector_width(d: usize, max: usize) -> usize {
         .unwrap_or(1)
 }
 
+/// The dot products of `rows.len()` rows of `a` (row `r` read from offset `rows[r]`, `d`
+/// consecutive floats) with one panel of `nk` keys laid out `[d][nk]` at `kp[panel..]`:
+/// `rows * nk / w` vector accumulators, row-major. The micro-kernel of `S = Q K^T` (and of
+/// `dP = dO V^T` in the backward).
+pub(crate) fn dot_panel(
+    b: &mut Builder,
+    a: &Val,
+    rows: &[Val],
+    kp: &Val,
+    panel: &Val,
+    d: usize,
+    l: Layout,
+) -> Vec<Val> {
+    let (w, kc) = (l.w, l.nk / l.w);
+    let vt = vf32(w);
+    let (c0, c1) = (b.i64(0), b.i64(1));
+    let cd = b.i64(d as i64);
+    let cnk = b.i64(l.nk as i64);
+    let zero = b.splat_f32(0.0, w);
+    let zeros: Vec<(Val, String)> = (0..rows.len() * kc)
+        .map(|_| (zero.clone(), vt.clone()))
+        .collect();
+    b.for_range(&c0, &cd, &c1, &zeros, |b, dd, accs| {
+        let at = b.muli(dd, &cnk);
+        let at = b.addi(panel, &at);
+        let kvecs: Vec<Val> = (0..kc)
+            .map(|c| {
+                let off = b.i64((c * w) as i64);
+                let at = b.addi(&at, &off);
+                b.load(kp, &at, F32, &vt)
+            })
+            .collect();
+        let mut next = Vec::new();
+        for (r, row) in rows.iter().enumerate() {
+            let at = b.addi(row, dd);
+            let x = b.load(a, &at, F32, F32);
+            let xv = b.splat(&x, F32, w);
+            for (c, kvec) in kvecs.iter().enumerate() {
+                next.push(b.fma(&xv, kvec, &accs[r * kc + c], &vt));
+            }
+        }
+        next
+    })
+}
+
+/// Weighted sums of vectors: for `t` in `0..n`, `acc[r][c] += s[rows[r] + t * s_step] *
+/// v[v_base + t * v_step + c * w]`, starting from `init` (`rows * vectors` accumulators,
+/// row-major). The micro-kernel of `O += P V` (and of `dQ += dS K`, `dV += P^T dO`,
+/// `dK += dS^T Q` in the backward).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn weighted_sum(
+    b: &mut Builder,
+    s: &Val,
+    rows: &[Val],
+    s_step: &Val,
+    v: &Val,
+    v_base: &Val,
+    v_step: &Val,
+    n: &Val,
+    w: usize,
+    init: &[Val],
+) -> Vec<Val> {
+    let vt = vf32(w);
+    let vectors = init.len() / rows.len();
+    let (c0, c1) = (b.i64(0), b.i64(1));
+    let carried: Vec<(Val, String)> = init.iter().map(|v| (v.clone(), vt.clone())).collect();
+    b.for_range(&c0, n, &c1, &carried, |b, t, accs| {
+        let at = b.muli(t, v_step);
+        let at = b.addi(v_base, &at);
+        let vvecs: Vec<Val> = (0..vectors)
+            .map(|c| {
+                let off = b.i64((c * w) as i64);
+                let at = b.addi(&at, &off);
+                b.load(v, &at, F32, &vt)
+            })
+            .collect();
+        let mut next = Vec::new();
+        for (r, row) in rows.iter().enumerate() {
+            let at = b.muli(t, s_step);
+            let at = b.addi(row, &at);
+            let x = b.load(s, &at, F32, F32);
+            let xv = b.splat(&x, F32, w);
+            for (c, vvec) in vvecs.iter().enumerate() {
+                next.push(b.fma(&xv, vvec, &accs[r * vectors + c], &vt));
+            }
+        }
+        next
+    })
+}
+
 /// How the attention kernel's tiles are laid out: the vector width `w`, and the panel widths
 /// of packed keys (`nk` keys) and packed values (`nv` head-dim columns), each one or two
 /// vectors.
@@ -140,7 +230,9 @@ pub fn pack_kv(name: &str, head_dim: usize, block_k: usize, layout: Layout) -> S
 }
 
 /// The attention kernel. `max_vector` is the target's widest f32 vector.
-pub fn attention(name: &str, kernel: &AttentionKernel, max_vector: usize) -> String {
+/// With `lse`, the kernel also writes each query's log-sum-exp (natural log, `-inf` for a
+/// query that sees no key) to a `[B, H, T]` buffer after the side inputs, for the backward.
+pub fn attention(name: &str, kernel: &AttentionKernel, lse: bool, max_vector: usize) -> String {
     let (h_count, kv_count) = (kernel.heads as i64, kernel.kv_heads as i64);
     let d = kernel.head_dim as usize;
     let (bq, bk) = (kernel.block_q as usize, kernel.block_k as usize);
@@ -301,30 +393,7 @@ pub fn attention(name: &str, kernel: &AttentionKernel, max_vector: usize) -> Str
                     let q_rows: Vec<Val> = (0..rows).map(|r| q_row(b, i, r)).collect();
                     let panel = b.muli(j, &cd);
                     let panel = b.addi(&tile, &panel); // (j / nk) * D * nk + tile start
-                    let zeros: Vec<(Val, String)> = (0..rows * kc)
-                        .map(|_| (zero_v.clone(), vt.clone()))
-                        .collect();
-                    let sums_out = b.for_range(&c0, &cd, &c1, &zeros, |b, dd, accs| {
-                        let at = b.muli(dd, &cnk);
-                        let at = b.addi(&panel, &at);
-                        let kvecs: Vec<Val> = (0..kc)
-                            .map(|c| {
-                                let off = b.i64((c * w) as i64);
-                                let at = b.addi(&at, &off);
-                                b.load(&kp, &at, F32, &vt)
-                            })
-                            .collect();
-                        let mut next = Vec::new();
-                        for (r, qrow) in q_rows.iter().enumerate() {
-                            let at = b.addi(qrow, dd);
-                            let x = b.load(&q, &at, F32, F32);
-                            let xv = b.splat(&x, F32, w);
-                            for (c, kvec) in kvecs.iter().enumerate() {
-                                next.push(b.fma(&xv, kvec, &accs[r * kc + c], &vt));
-                            }
-                        }
-                        next
-                    });
+                    let sums_out = dot_panel(b, &q, &q_rows, &kp, &panel, d, layout);
                     for r in 0..rows {
                         let rr = b.i64(r as i64);
                         let qi = b.addi(i, &rr);
@@ -464,30 +533,16 @@ pub fn attention(name: &str, kernel: &AttentionKernel, max_vector: usize) -> Str
                             spots.push(at);
                         }
                     }
-                    let result = b.for_range(&c0, &cbk, &c1, &init, |b, kk, accs| {
-                        let at = b.muli(kk, &cnv);
-                        let at = b.addi(&panel, &at);
-                        let vvecs: Vec<Val> = (0..vc)
-                            .map(|cc| {
-                                let off = b.i64((cc * w) as i64);
-                                let at = b.addi(&at, &off);
-                                b.load(&vp, &at, F32, &vt)
-                            })
-                            .collect();
-                        let mut next = Vec::new();
-                        for r in 0..rows {
+                    let p_rows: Vec<Val> = (0..rows)
+                        .map(|r| {
                             let rr = b.i64(r as i64);
                             let prow = b.addi(i, &rr);
-                            let prow = b.muli(&prow, &cbk);
-                            let at = b.addi(&prow, kk);
-                            let p = b.load(&scores, &at, F32, F32);
-                            let pv = b.splat(&p, F32, w);
-                            for (cc, vvec) in vvecs.iter().enumerate() {
-                                next.push(b.fma(&pv, vvec, &accs[r * vc + cc], &vt));
-                            }
-                        }
-                        next
-                    });
+                            b.muli(&prow, &cbk)
+                        })
+                        .collect();
+                    let init: Vec<Val> = init.into_iter().map(|(v, _)| v).collect();
+                    let result =
+                        weighted_sum(b, &scores, &p_rows, &c1, &vp, &panel, &cnv, &cbk, w, &init);
                     for (value, at) in result.iter().zip(&spots) {
                         b.store(value, &acc, at, F32, &vt);
                     }
@@ -506,6 +561,18 @@ pub fn attention(name: &str, kernel: &AttentionKernel, max_vector: usize) -> Str
             let inverse = b.select(&seen, &inverse, &fzero, F32);
             let inverse_v = b.splat(&inverse, F32, w);
             let qpos = b.addi(&q0, i);
+            if lse {
+                // lse = (m + log2(l)) * ln 2, the running max m in base 2.
+                let lse_ptr = b.ptr_at(&e.bufs, 6 + kernel.sides.len());
+                let m = b.load(&maxes, i, F32, F32);
+                let log_l = b.op(format!("math.log2 {l} : f32"));
+                let total = b.bin("addf", &m, &log_l, F32);
+                let ln2 = b.f32(std::f32::consts::LN_2);
+                let value = b.bin("mulf", &total, &ln2, F32);
+                let value = b.select(&seen, &value, &neg_inf, F32);
+                let row = b.addi(&q_base, &qpos);
+                b.store(&value, &lse_ptr, &row, F32, F32);
+            }
             let dst_row = if kernel.merge_heads {
                 // out[b, t, h, :]
                 let bt = b.muli(&batch, &t);

@@ -141,6 +141,12 @@ pub fn supports(op: &Op) -> bool {
             | Op::SwiGlu { .. }
             | Op::HeadsProj { .. }
             | Op::Attention(_)
+            | Op::AttentionLse(_)
+            | Op::AttentionGrad { .. }
+            | Op::EmbeddingGrad { .. }
+            | Op::CeLse
+            | Op::CeLoss
+            | Op::CeGrad { .. }
     )
 }
 
@@ -249,7 +255,12 @@ pub fn kernel(name: &str, op: &Op, operands: &[TensorType], out: &TensorType) ->
                     to_byte(b, &bit)
                 }
             }
-            Op::Rope { base } => {
+            Op::Rope { base } | Op::RopeGrad { base } => {
+                let sign = if matches!(op, Op::RopeGrad { .. }) {
+                    -1.0
+                } else {
+                    1.0
+                };
                 let rank = index.len();
                 let dim = operands[0].shape[rank - 1].as_const().unwrap_or(2) as i64;
                 let half = b.i64(dim / 2);
@@ -277,6 +288,8 @@ pub fn kernel(name: &str, op: &Op, operands: &[TensorType], out: &TensorType) ->
                 let angle = b.bin("mulf", &position, &freq, F32);
                 let cos = b.op(format!("math.cos {angle} : f32"));
                 let sin = b.op(format!("math.sin {angle} : f32"));
+                let sign = b.f32(sign);
+                let sin = b.bin("mulf", &sin, &sign, F32);
                 let a = b.bin("mulf", &x, &cos, F32);
                 b.fma(&rotated, &sin, &a, F32)
             }

@@ -3,8 +3,10 @@
 //! read at run time, so one kernel serves every length.
 
 pub mod attention;
+pub mod attention_grad;
 pub mod gemm;
 pub mod generic;
+pub mod loss;
 
 use zebra_ir::op::{AttentionKernel, Op};
 use zebra_ir::types::TensorType;
@@ -20,7 +22,17 @@ pub enum KernelSpec {
     },
     Attention {
         kernel: AttentionKernel,
+        /// Also write each query's log-sum-exp (for the backward).
+        lse: bool,
     },
+    /// Cross-entropy over `h @ w^T` (`ce_lse`, `ce_loss`, `ce_grad`).
+    CrossEntropy { op: Op, k: usize, vocab: usize },
+    /// The gradient of an embedding table.
+    EmbeddingGrad { vocab: usize, d: usize },
+    /// The attention's backward: `dQ`.
+    AttentionDq { kernel: AttentionKernel },
+    /// The attention's backward: `dK` and `dV`.
+    AttentionDkv { kernel: AttentionKernel },
     Linear {
         k: usize,
         n: usize,
@@ -65,7 +77,21 @@ impl KernelSpec {
             } => {
                 format!("pack_kv d={head_dim} bq={block_q} bk={block_k}")
             }
-            KernelSpec::Attention { kernel } => format!("attention {}", kernel_attrs(kernel)),
+            KernelSpec::Attention { kernel, lse } => {
+                format!("attention {} lse={lse}", kernel_attrs(kernel))
+            }
+            KernelSpec::AttentionDq { kernel } => format!("attention_dq {}", kernel_attrs(kernel)),
+            KernelSpec::CrossEntropy { op, k, vocab } => {
+                let attrs: Vec<String> = zebra_ir::print::attributes(op)
+                    .into_iter()
+                    .map(|(a, v)| format!("{a}={v}"))
+                    .collect();
+                format!("{} k={k} vocab={vocab} {}", op.name(), attrs.join(","))
+            }
+            KernelSpec::EmbeddingGrad { vocab, d } => format!("embedding_grad v={vocab} d={d}"),
+            KernelSpec::AttentionDkv { kernel } => {
+                format!("attention_dkv {}", kernel_attrs(kernel))
+            }
             KernelSpec::Linear {
                 k,
                 n,
@@ -106,6 +132,10 @@ impl KernelSpec {
         let kind = match self {
             KernelSpec::PackKv { .. } => "pack_kv",
             KernelSpec::Attention { .. } => "attention",
+            KernelSpec::AttentionDq { .. } => "attention_dq",
+            KernelSpec::CrossEntropy { op, .. } => op.name(),
+            KernelSpec::EmbeddingGrad { .. } => "embedding_grad",
+            KernelSpec::AttentionDkv { .. } => "attention_dkv",
             KernelSpec::Linear { .. } => "linear",
             KernelSpec::SwiGlu { .. } => "swiglu",
             KernelSpec::HeadsProj { .. } => "heads_proj",
@@ -129,7 +159,26 @@ impl KernelSpec {
                 let layout = attention::Layout::new(*head_dim, *block_q, *block_k, vector);
                 attention::pack_kv(&name, *head_dim, *block_k, layout)
             }
-            KernelSpec::Attention { kernel } => attention::attention(&name, kernel, vector),
+            KernelSpec::Attention { kernel, lse } => {
+                attention::attention(&name, kernel, *lse, vector)
+            }
+            KernelSpec::AttentionDq { kernel } => {
+                attention_grad::attention_dq(&name, kernel, vector)
+            }
+            KernelSpec::CrossEntropy { op, k, vocab } => match op {
+                Op::CeLse => loss::ce_lse(&name, *k, *vocab, vector),
+                Op::CeLoss => loss::ce_loss(&name, *k, vector),
+                Op::CeGrad {
+                    wrt: zebra_ir::op::CeGradOf::Hidden,
+                } => loss::ce_grad_hidden(&name, *k, *vocab, vector),
+                _ => loss::ce_grad_weight(&name, *k, vector),
+            },
+            KernelSpec::EmbeddingGrad { vocab, d } => {
+                loss::embedding_grad(&name, *vocab, *d, vector)
+            }
+            KernelSpec::AttentionDkv { kernel } => {
+                attention_grad::attention_dkv(&name, kernel, vector)
+            }
             KernelSpec::Linear {
                 k,
                 n,
