@@ -2,6 +2,7 @@
 
 mod bench;
 mod commands;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,6 +44,8 @@ pub enum Emit {
     Artifact,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Check a .zb file and report every problem in it.
@@ -149,6 +152,72 @@ enum Command {
         #[arg(long, value_name = "PYTHON")]
         torch: Option<PathBuf>,
     },
+    /// Train a model: on text (--data FILE|DIR, bytes as tokens) or the built-in associative
+    /// recall task (--task recall, the default). Writes checkpoints, metrics and a loss curve
+    /// to --out RUN_DIR; Ctrl-C saves a checkpoint; --resume RUN_DIR continues exactly.
+    Train {
+        /// The model (.zb); not needed with --resume.
+        file: Option<PathBuf>,
+        #[arg(long)]
+        model: Option<String>,
+        /// A text file, or a folder of them (each file one document).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// A built-in task instead of --data: `recall`.
+        #[arg(long)]
+        task: Option<String>,
+        /// Key-value pairs per sequence of the recall task (default 4).
+        #[arg(long)]
+        pairs: Option<usize>,
+        /// Optimizer steps (default 1000).
+        #[arg(long)]
+        steps: Option<u64>,
+        /// Tokens per sequence (default 256).
+        #[arg(long)]
+        seq_len: Option<usize>,
+        /// Sequences per step (default 8).
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Peak learning rate (default 1e-3).
+        #[arg(long)]
+        lr: Option<f64>,
+        /// Linear warm-up steps (default: 5% of the steps, at most 200).
+        #[arg(long)]
+        warmup: Option<u64>,
+        /// The cosine decay's floor, as a fraction of the peak (default 0.1).
+        #[arg(long)]
+        min_lr_ratio: Option<f64>,
+        /// AdamW's decoupled weight decay on matrices (default 0.1).
+        #[arg(long)]
+        weight_decay: Option<f64>,
+        /// Clip gradients to this global norm (default 1; 0 turns clipping off).
+        #[arg(long)]
+        clip: Option<f64>,
+        /// The seed of the initial weights and the data (default 0).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Save a checkpoint every this many steps (default: every fifth of the run).
+        #[arg(long)]
+        checkpoint_every: Option<u64>,
+        /// Give every layer this attention kind (e.g. `local`, `global`): the baselines.
+        #[arg(long, value_name = "KIND")]
+        every_layer: Option<String>,
+        /// The run directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue the run in this directory where its last checkpoint stopped.
+        #[arg(long, value_name = "RUN_DIR")]
+        resume: Option<PathBuf>,
+        /// Start from these weights: a run directory's checkpoint or a safetensors file
+        /// (e.g. to continue at a longer --seq-len).
+        #[arg(long, value_name = "RUN_DIR|WEIGHTS")]
+        init_from: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// No progress bar or summary.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Check that MLIR and LLVM work here: JIT a small MLIR function, create CPU and PTX targets.
     Toolchain,
     /// Encode text as byte-level token ids (vocabulary 256) into an int64 .npy file [1, T].
@@ -231,6 +300,51 @@ fn main() -> ExitCode {
         }),
         Command::Encode { text, output } => commands::encode(&text, &output),
         Command::Toolchain => commands::toolchain(),
+        Command::Train {
+            file,
+            model,
+            data,
+            task,
+            pairs,
+            steps,
+            seq_len,
+            batch,
+            lr,
+            warmup,
+            min_lr_ratio,
+            weight_decay,
+            clip,
+            seed,
+            checkpoint_every,
+            every_layer,
+            out,
+            resume,
+            init_from,
+            threads,
+            quiet,
+        } => train::train(&train::TrainArgs {
+            file,
+            model,
+            data,
+            task,
+            pairs,
+            steps,
+            seq_len,
+            batch,
+            lr,
+            warmup,
+            min_lr_ratio,
+            weight_decay,
+            clip,
+            seed,
+            checkpoint_every,
+            every_layer,
+            out,
+            resume,
+            init_from,
+            threads,
+            quiet,
+        }),
         Command::Bench {
             names,
             seq_len,
@@ -260,6 +374,7 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.is::<train::Interrupted>() => ExitCode::from(130),
         Err(err) => {
             if !err.is::<commands::Reported>() {
                 eprintln!("error: {err:#}");

@@ -13,6 +13,7 @@ use zebra_runtime::plan::{
 };
 
 use crate::CodegenError;
+use crate::kernels::matmul::MatMulShape;
 use crate::kernels::{KernelSpec, generic};
 
 /// A plan with the kernels it calls, in the order of `plan.kernels`.
@@ -223,6 +224,20 @@ impl Planner<'_> {
         {
             return Ok(());
         }
+        // A transpose read only by matmuls that look through it: never materialized.
+        if matches!(node.op, Op::Transpose { .. })
+            && !self.graph.users(id).is_empty()
+            && self.graph.users(id).iter().all(|&u| {
+                matches!(self.graph.node(u).op, Op::MatMul)
+                    && self.matmul_plan(u).is_some_and(|(_, a, b)| {
+                        let ops = self.graph.operands(u);
+                        (ops[0] != id || a != id) && (ops[1] != id || b != id)
+                    })
+            })
+            && !self.graph.outputs().iter().any(|(_, o)| *o == id)
+        {
+            return Ok(());
+        }
         if let Some(kernel) = node.op.attention_kernel() {
             if self.operand.contains_key(&id) {
                 return Ok(()); // planned with a sibling
@@ -348,6 +363,27 @@ impl Planner<'_> {
                 };
                 self.step(spec, ops, grid, None);
             }
+            Op::MatMul if self.matmul_plan(id).is_some() => {
+                let (shape, a, b) = self.matmul_plan(id).expect("checked");
+                let nr = 2 * self.vector as u64;
+                let blocks = |d: Dim, size: u64| match d {
+                    Dim::Const(n) => Extent::Const(n.div_ceil(size)),
+                    _ => Extent::SeqBlocks(size),
+                };
+                let mut rows: Vec<Extent> = shape.batch.iter().map(|d| extent(*d)).collect();
+                rows.push(blocks(shape.m, crate::kernels::matmul::BLOCK_ROWS as u64));
+                rows.push(blocks(
+                    shape.n,
+                    nr * crate::kernels::matmul::BLOCK_PANELS as u64,
+                ));
+                let ops = vec![self.operand[&a], self.operand[&b], out_operand];
+                let grid = Grid {
+                    rows,
+                    row_chunk: 1,
+                    cols: 1,
+                };
+                self.step(KernelSpec::MatMul(shape), ops, grid, None);
+            }
             Op::CeLse | Op::CeLoss | Op::CeGrad { .. } => {
                 let h = &self.graph.node(operands[0]).ty;
                 let w = &self.graph.node(operands[1]).ty;
@@ -410,6 +446,49 @@ impl Planner<'_> {
                 };
                 self.step(spec, ops, grid, None);
             }
+            op if crate::kernels::elementwise::supports(
+                op,
+                &operands
+                    .iter()
+                    .map(|o| self.graph.node(*o).ty.clone())
+                    .collect::<Vec<_>>(),
+                &node.ty,
+                self.vector,
+            ) =>
+            {
+                let types: Vec<TensorType> = operands
+                    .iter()
+                    .map(|o| self.graph.node(*o).ty.clone())
+                    .collect();
+                let ops: Vec<Operand> = (0..operands.len())
+                    .map(|i| of(self, i))
+                    .chain([out_operand])
+                    .collect();
+                let grid = if crate::kernels::elementwise::is_row_kernel(op) {
+                    let x = &types[0];
+                    Grid {
+                        rows: x.shape[..x.rank() - 1].iter().map(|d| extent(*d)).collect(),
+                        row_chunk: crate::kernels::elementwise::ROWS,
+                        cols: 1,
+                    }
+                } else {
+                    Grid {
+                        rows: node.ty.shape.iter().map(|d| extent(*d)).collect(),
+                        row_chunk: crate::kernels::elementwise::CHUNK,
+                        cols: 1,
+                    }
+                };
+                self.step(
+                    KernelSpec::Elementwise {
+                        op: op.clone(),
+                        operands: types,
+                        out: node.ty.clone(),
+                    },
+                    ops,
+                    grid,
+                    None,
+                );
+            }
             op if generic::supports(op) => {
                 let types: Vec<TensorType> = operands
                     .iter()
@@ -444,6 +523,60 @@ impl Planner<'_> {
         }
         self.defined[out] = self.plan.steps.len() - 1;
         Ok(())
+    }
+
+    /// How a `matmul` node runs on the fast kernel: its shape, and the nodes it reads its two
+    /// operands from (through a transpose of their last two axes, when that is what they
+    /// are). `None` when only the generic kernel handles it (partial batch broadcasts).
+    fn matmul_plan(&self, id: NodeId) -> Option<(MatMulShape, NodeId, NodeId)> {
+        let out = &self.graph.node(id).ty;
+        let operands = self.graph.operands(id);
+        let rank = out.rank();
+        let batch: Vec<Dim> = out.shape[..rank - 2].to_vec();
+        let through = |x: NodeId| -> (NodeId, bool) {
+            if let Op::Transpose { perm } = &self.graph.node(x).op {
+                let r = perm.len();
+                let swaps_last = r >= 2
+                    && perm[r - 2] == r - 1
+                    && perm[r - 1] == r - 2
+                    && perm[..r - 2].iter().enumerate().all(|(i, &p)| i == p);
+                if swaps_last {
+                    return (self.graph.operands(x)[0], true);
+                }
+            }
+            (x, false)
+        };
+        let batched = |ty: &TensorType| -> Option<bool> {
+            let own = &ty.shape[..ty.rank() - 2];
+            if own == batch.as_slice() {
+                Some(true)
+            } else if own.iter().all(|d| *d == Dim::ONE) {
+                Some(false)
+            } else {
+                None
+            }
+        };
+        let (a_ty, b_ty) = (
+            &self.graph.node(operands[0]).ty,
+            &self.graph.node(operands[1]).ty,
+        );
+        let shape = MatMulShape {
+            m: out.shape[rank - 2],
+            n: out.shape[rank - 1],
+            k: a_ty.shape[a_ty.rank() - 1],
+            a_batched: batched(a_ty)?,
+            b_batched: batched(b_ty)?,
+            a_t: through(operands[0]).1,
+            b_t: through(operands[1]).1,
+            batch,
+        };
+        let blockable = |d: Dim| matches!(d, Dim::Const(_) | Dim::Sym(Sym::Seq));
+        if !(blockable(shape.m) && blockable(shape.n))
+            || shape.batch.iter().any(|d| matches!(d, Dim::Blocks(..)))
+        {
+            return None;
+        }
+        Some((shape, through(operands[0]).0, through(operands[1]).0))
     }
 
     /// Scratch memory for a step, zeroed at first use.
@@ -526,7 +659,11 @@ impl Planner<'_> {
             .users(operands[0])
             .into_iter()
             .filter(|&u| {
-                self.graph.node(u).op.attention_kernel() == Some(kernel)
+                self.graph
+                    .node(u)
+                    .op
+                    .attention_kernel()
+                    .is_some_and(|k| k.same_computation(kernel))
                     && self.graph.operands(u)[..kernel.arity()] == operands[..kernel.arity()]
             })
             .collect();

@@ -124,6 +124,28 @@ pub struct WeightSpec {
 pub const INIT_STD: f64 = 0.02;
 
 impl ModelSpec {
+    /// The same model with every layer of one attention kind, named by its label
+    /// (`local`) or its declaration's name: the baselines a grouped layout is compared with.
+    pub fn with_every_layer(&self, kind: &str) -> Result<ModelSpec, String> {
+        let index = self
+            .kinds
+            .iter()
+            .position(|k| k.label == kind)
+            .or_else(|| self.kinds.iter().position(|k| k.attention == kind))
+            .ok_or_else(|| {
+                let kinds: Vec<&str> = self.kinds.iter().map(|k| k.label.as_str()).collect();
+                format!(
+                    "model `{}` has no attention kind `{kind}` (its kinds: {})",
+                    self.name,
+                    kinds.join(", ")
+                )
+            })?;
+        let mut spec = self.clone();
+        spec.layers = vec![index; spec.layers.len()];
+        spec.name = format!("{}_all_{}", self.name, self.kinds[index].attention);
+        Ok(spec)
+    }
+
     /// The query heads that share one key/value head.
     pub fn group_size(&self) -> usize {
         self.n_heads / self.n_kv_heads

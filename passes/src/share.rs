@@ -232,12 +232,19 @@ pub fn instantiate(
                     )
                 })
             }
-            Op::Attention(kernel) => {
-                let mut kernel = kernel.clone();
-                kernel.name = kernel_name(label.as_deref().unwrap_or("attention"));
+            op if op.attention_kernel().is_some() => {
+                let mut kernel = op.attention_kernel().expect("checked").clone();
+                // The layer kind's name; in a graph cut as one template (a training step),
+                // the node's own layer's.
+                let kind = label.clone().or_else(|| {
+                    node.layer
+                        .and_then(|l| full.layers.get(l as usize))
+                        .map(|l| l.kind.clone())
+                });
+                kernel.name = kernel_name(kind.as_deref().unwrap_or("attention"));
                 full.add(
                     Node {
-                        op: Op::Attention(kernel),
+                        op: op.with_attention_kernel(kernel),
                         layer,
                         ..node.clone()
                     },

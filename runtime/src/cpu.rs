@@ -365,11 +365,15 @@ impl CpuModel {
                 max: self.plan.max_seq_len,
             });
         }
-        if let Some(Tensor::I64(tokens)) = inputs.get("tokens")
-            && self.plan.vocab > 0
-        {
+        for (name, allow_negative) in [("tokens", false), ("targets", true)] {
+            let Some(Tensor::I64(tokens)) = inputs.get(name) else {
+                continue;
+            };
+            if self.plan.vocab == 0 {
+                continue;
+            }
             for (index, &id) in tokens.indexed_iter() {
-                if id < 0 || id as usize >= self.plan.vocab {
+                if (id < 0 && !allow_negative) || (id >= 0 && id as usize >= self.plan.vocab) {
                     let (row, position) = (index[0], index[1]);
                     return Err(RuntimeError::TokenOutOfRange {
                         id,

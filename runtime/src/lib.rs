@@ -4,9 +4,14 @@
 
 pub mod artifact;
 pub mod buffer;
+pub mod checkpoint;
 pub mod cpu;
+pub mod data;
+pub mod optim;
 pub mod pack;
 pub mod plan;
+pub mod plot;
+pub mod train;
 
 pub use artifact::{Artifact, ArtifactError};
 

@@ -289,6 +289,69 @@ fn projection_kernels_on_random_shapes() {
     }
 }
 
+/// Products of activations (the backward's matmuls) on random sizes: either operand read
+/// through a transpose, shared by the batch or not, with sizes in `T` or constant.
+#[test]
+fn matmul_kernels_on_random_shapes() {
+    let out = tempfile::tempdir().expect("temporary directory");
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for case in 0..10 {
+        let k = [1, 5, 16, 33, 130][rng.random_range(0..5)];
+        let n = [1, 7, 16, 17, 40, 200][rng.random_range(0..6)];
+        let a_t = rng.random_bool(0.5);
+        let b_t = rng.random_bool(0.5);
+        let shared_b = rng.random_bool(0.5);
+        // A: [B, T, K] (stored [B, K, T] when read through a transpose).
+        let a = if a_t {
+            format!(
+                "  %0 = input {{name = \"a\"}} : f32[B, {k}, T]\n  %1 = transpose(%0) {{perm = [0, 2, 1]}} : f32[B, T, {k}]\n"
+            )
+        } else {
+            format!(
+                "  %0 = input {{name = \"a\"}} : f32[B, T, {k}]\n  %1 = reshape(%0) {{shape = [B, T, {k}]}} : f32[B, T, {k}]\n"
+            )
+        };
+        let (b_decl, b_ty) = match (shared_b, b_t) {
+            (true, false) => (
+                format!("weight {{name = \"b\"}} : f32[{k}, {n}]"),
+                format!("f32[{k}, {n}]"),
+            ),
+            (true, true) => (
+                format!("weight {{name = \"b\"}} : f32[{n}, {k}]"),
+                format!("f32[{k}, {n}]"),
+            ),
+            (false, false) => (
+                format!("input {{name = \"b\"}} : f32[B, {k}, {n}]"),
+                format!("f32[B, {k}, {n}]"),
+            ),
+            (false, true) => (
+                format!("input {{name = \"b\"}} : f32[B, {n}, {k}]"),
+                format!("f32[B, {k}, {n}]"),
+            ),
+        };
+        let b_use = if b_t {
+            let perm = if shared_b { "[1, 0]" } else { "[0, 2, 1]" };
+            format!("  %3 = transpose(%2) {{perm = {perm}}} : {b_ty}\n")
+        } else {
+            format!(
+                "  %3 = reshape(%2) {{shape = {}}} : {b_ty}\n",
+                b_ty.trim_start_matches("f32")
+            )
+        };
+        // And T x T: A^T A-like products where both sizes are T.
+        let text = format!(
+            "graph mm{case} {{\n{a}  %2 = {b_decl}\n{b_use}  %4 = matmul(%1, %3) : f32[B, T, {n}]\n  %5 = transpose(%1) {{perm = [0, 2, 1]}} : f32[B, {k}, T]\n  %6 = matmul(%1, %5) : f32[B, T, T]\n  output out = %4\n  output square = %6\n}}\n"
+        );
+        let lengths = [1, rng.random_range(2..70), rng.random_range(70..160)];
+        check_graph(
+            &text,
+            &lengths,
+            &out.path().join(format!("mm{case}")),
+            case as u64,
+        );
+    }
+}
+
 /// Every kernel of every program (full size) is valid MLIR, for CPUs with 4-, 8- and 16-lane
 /// f32 vectors (SSE or NEON, AVX2, AVX-512): the verifier runs on each module.
 #[test]

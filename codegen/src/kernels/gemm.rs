@@ -137,7 +137,14 @@ fn inverse_rms(
 
 /// Stores `value` (`w` lanes) at `base[index]`, only the first `valid` lanes when that is
 /// fewer than `w`.
-fn store_lanes(b: &mut Builder, value: &Val, base: &Val, index: &Val, valid: &Val, w: usize) {
+pub(crate) fn store_lanes(
+    b: &mut Builder,
+    value: &Val,
+    base: &Val,
+    index: &Val,
+    valid: &Val,
+    w: usize,
+) {
     let cw = b.i64(w as i64);
     let full = b.cmpi("sge", valid, &cw, I64);
     let vt = vf32(w);

@@ -4,9 +4,11 @@
 
 pub mod attention;
 pub mod attention_grad;
+pub mod elementwise;
 pub mod gemm;
 pub mod generic;
 pub mod loss;
+pub mod matmul;
 
 use zebra_ir::op::{AttentionKernel, Op};
 use zebra_ir::types::TensorType;
@@ -25,6 +27,14 @@ pub enum KernelSpec {
         /// Also write each query's log-sum-exp (for the backward).
         lse: bool,
     },
+    /// A primitive operation on a vectorized path (see `elementwise`).
+    Elementwise {
+        op: Op,
+        operands: Vec<TensorType>,
+        out: TensorType,
+    },
+    /// A batched product of two activations.
+    MatMul(matmul::MatMulShape),
     /// Cross-entropy over `h @ w^T` (`ce_lse`, `ce_loss`, `ce_grad`).
     CrossEntropy { op: Op, k: usize, vocab: usize },
     /// The gradient of an embedding table.
@@ -89,6 +99,20 @@ impl KernelSpec {
                 format!("{} k={k} vocab={vocab} {}", op.name(), attrs.join(","))
             }
             KernelSpec::EmbeddingGrad { vocab, d } => format!("embedding_grad v={vocab} d={d}"),
+            KernelSpec::MatMul(shape) => format!("matmul {}", shape.describe()),
+            KernelSpec::Elementwise { op, operands, out } => {
+                let attrs: Vec<String> = zebra_ir::print::attributes(op)
+                    .into_iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                let types: Vec<String> = operands.iter().map(|t| t.to_string()).collect();
+                format!(
+                    "vectorized {}{{{}}}({}) -> {out}",
+                    op.name(),
+                    attrs.join(","),
+                    types.join(",")
+                )
+            }
             KernelSpec::AttentionDkv { kernel } => {
                 format!("attention_dkv {}", kernel_attrs(kernel))
             }
@@ -135,6 +159,8 @@ impl KernelSpec {
             KernelSpec::AttentionDq { .. } => "attention_dq",
             KernelSpec::CrossEntropy { op, .. } => op.name(),
             KernelSpec::EmbeddingGrad { .. } => "embedding_grad",
+            KernelSpec::MatMul(_) => "gemm",
+            KernelSpec::Elementwise { op, .. } => op.name(),
             KernelSpec::AttentionDkv { .. } => "attention_dkv",
             KernelSpec::Linear { .. } => "linear",
             KernelSpec::SwiGlu { .. } => "swiglu",
@@ -175,6 +201,14 @@ impl KernelSpec {
             },
             KernelSpec::EmbeddingGrad { vocab, d } => {
                 loss::embedding_grad(&name, *vocab, *d, vector)
+            }
+            KernelSpec::MatMul(shape) => matmul::matmul(&name, shape, vector),
+            KernelSpec::Elementwise { op, operands, out } => {
+                if elementwise::is_row_kernel(op) {
+                    elementwise::rows(&name, op, operands, out, vector)
+                } else {
+                    elementwise::flat(&name, op, operands, out, vector)
+                }
             }
             KernelSpec::AttentionDkv { kernel } => {
                 attention_grad::attention_dkv(&name, kernel, vector)

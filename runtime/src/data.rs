@@ -1,0 +1,434 @@
+//! Training data: a byte-level tokenizer (vocabulary 256), text files or folders of them, and
+//! a synthetic long-context task, associative recall: key-value pairs planted early in a long
+//! run of filler must be recalled at the end. Every source is deterministic for a seed, and
+//! its position can be saved and restored exactly.
+
+use std::path::{Path, PathBuf};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// Why data cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("cannot read {path}: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error("{0} holds no text (no file, or only empty files)")]
+    Empty(PathBuf),
+    #[error(
+        "{path} has {bytes} bytes of text, too few for sequences of {seq} tokens (it needs at \
+         least {needed}); use a shorter --seq-len or more data"
+    )]
+    TooShort {
+        path: PathBuf,
+        bytes: usize,
+        seq: usize,
+        needed: usize,
+    },
+    #[error(
+        "the recall task needs sequences of at least {needed} tokens for {pairs} pairs, found {seq}"
+    )]
+    RecallTooShort {
+        seq: usize,
+        pairs: usize,
+        needed: usize,
+    },
+}
+
+/// Byte-level tokens: one token per byte.
+pub fn encode(text: &str) -> Vec<i64> {
+    text.bytes().map(i64::from).collect()
+}
+
+/// Bytes back to text (invalid UTF-8 shown with replacement characters).
+pub fn decode(tokens: &[i64]) -> String {
+    let bytes: Vec<u8> = tokens.iter().map(|&t| t.clamp(0, 255) as u8).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// A batch: `[B, T]` tokens and next-token targets (`-1` where there is no loss), document ids
+/// (for masks over documents), and for recall, where each query is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    pub batch: usize,
+    pub seq: usize,
+    pub tokens: Vec<i64>,
+    pub targets: Vec<i64>,
+    pub documents: Vec<i64>,
+    /// `(row, position, distance)` of each scored query (recall only).
+    pub queries: Vec<(usize, usize, usize)>,
+}
+
+impl Batch {
+    /// Tokens with a loss.
+    pub fn scored(&self) -> usize {
+        self.targets.iter().filter(|&&t| t >= 0).count()
+    }
+}
+
+/// Where a source is: its seed and how far its random stream has run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataState {
+    pub seed: u64,
+    /// The random stream's position, in 32-bit words (a decimal string: JSON numbers cannot
+    /// hold 128 bits).
+    pub position: String,
+}
+
+fn rng_state(rng: &ChaCha8Rng, seed: u64) -> DataState {
+    DataState {
+        seed,
+        position: rng.get_word_pos().to_string(),
+    }
+}
+
+fn rng_at(state: &DataState) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(state.seed);
+    rng.set_word_pos(state.position.parse().unwrap_or(0));
+    rng
+}
+
+/// A source of training batches.
+pub trait Source: Send {
+    fn next_batch(&mut self, batch: usize, seq: usize) -> Result<Batch, DataError>;
+    fn state(&self) -> DataState;
+    fn restore(&mut self, state: &DataState);
+    /// What it is, for logs (`text: data/ (3 files, 1.2 MB)`, `recall: 4 pairs`).
+    fn describe(&self) -> String;
+}
+
+/// Text from a file, or every file under a folder (each file one document), as bytes.
+pub struct Text {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    /// The document of each byte.
+    documents: Vec<i64>,
+    files: usize,
+    seed: u64,
+    rng: ChaCha8Rng,
+}
+
+impl Text {
+    pub fn open(path: &Path, seed: u64) -> Result<Text, DataError> {
+        let read_error = |p: &Path, e: std::io::Error| DataError::Read {
+            path: p.to_path_buf(),
+            message: e.to_string(),
+        };
+        let mut files = Vec::new();
+        if path.is_dir() {
+            fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+                let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?
+                    .map(|e| e.map(|e| e.path()))
+                    .collect::<Result<_, _>>()?;
+                entries.sort();
+                for p in entries {
+                    if p.is_dir() {
+                        walk(&p, out)?;
+                    } else {
+                        out.push(p);
+                    }
+                }
+                Ok(())
+            }
+            walk(path, &mut files).map_err(|e| read_error(path, e))?;
+        } else {
+            files.push(path.to_path_buf());
+        }
+        let mut bytes = Vec::new();
+        let mut documents = Vec::new();
+        let mut count = 0;
+        for (i, file) in files.iter().enumerate() {
+            let data = std::fs::read(file).map_err(|e| read_error(file, e))?;
+            if data.is_empty() {
+                continue;
+            }
+            count += 1;
+            documents.extend(std::iter::repeat_n(i as i64, data.len()));
+            bytes.extend(data);
+        }
+        if bytes.is_empty() {
+            return Err(DataError::Empty(path.to_path_buf()));
+        }
+        Ok(Text {
+            path: path.to_path_buf(),
+            bytes,
+            documents,
+            files: count,
+            seed,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    fn check(&self, seq: usize) -> Result<(), DataError> {
+        if self.bytes.len() < seq + 1 {
+            return Err(DataError::TooShort {
+                path: self.path.clone(),
+                bytes: self.bytes.len(),
+                seq,
+                needed: seq + 1,
+            });
+        }
+        Ok(())
+    }
+
+    fn window(&self, start: usize, seq: usize, batch: &mut Batch) {
+        for i in 0..seq {
+            batch.tokens.push(i64::from(self.bytes[start + i]));
+            batch.targets.push(i64::from(self.bytes[start + i + 1]));
+            batch.documents.push(self.documents[start + i]);
+        }
+    }
+
+    /// The consecutive, non-overlapping windows of `seq` tokens, in order (for evaluation):
+    /// at most `limit` of them, grouped in batches of `batch`.
+    pub fn windows(&self, batch: usize, seq: usize, limit: usize) -> Result<Vec<Batch>, DataError> {
+        self.check(seq)?;
+        let count = ((self.bytes.len() - 1) / seq).min(limit);
+        let mut out = Vec::new();
+        for first in (0..count).step_by(batch) {
+            let rows = batch.min(count - first);
+            let mut b = Batch {
+                batch: rows,
+                seq,
+                tokens: Vec::new(),
+                targets: Vec::new(),
+                documents: Vec::new(),
+                queries: Vec::new(),
+            };
+            for row in 0..rows {
+                self.window((first + row) * seq, seq, &mut b);
+            }
+            out.push(b);
+        }
+        Ok(out)
+    }
+}
+
+impl Source for Text {
+    fn next_batch(&mut self, batch: usize, seq: usize) -> Result<Batch, DataError> {
+        self.check(seq)?;
+        let mut b = Batch {
+            batch,
+            seq,
+            tokens: Vec::with_capacity(batch * seq),
+            targets: Vec::with_capacity(batch * seq),
+            documents: Vec::with_capacity(batch * seq),
+            queries: Vec::new(),
+        };
+        for _ in 0..batch {
+            let start = self.rng.random_range(0..=self.bytes.len() - seq - 1);
+            self.window(start, seq, &mut b);
+        }
+        Ok(b)
+    }
+
+    fn state(&self) -> DataState {
+        rng_state(&self.rng, self.seed)
+    }
+
+    fn restore(&mut self, state: &DataState) {
+        self.seed = state.seed;
+        self.rng = rng_at(state);
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "text: {} ({} file{}, {} bytes)",
+            self.path.display(),
+            self.files,
+            if self.files == 1 { "" } else { "s" },
+            self.bytes.len()
+        )
+    }
+}
+
+/// Associative recall: `pairs` key-value pairs (an uppercase key, a digit) planted among
+/// lowercase filler in the first part of the sequence; at its end, each key again, whose next
+/// token (its value) is the only thing scored. Recalling a value needs attention reaching back
+/// as far as its pair: a sliding window of W keys cannot once the distance exceeds W.
+pub struct Recall {
+    pub pairs: usize,
+    seed: u64,
+    rng: ChaCha8Rng,
+}
+
+impl Recall {
+    pub const DEFAULT_PAIRS: usize = 4;
+
+    pub fn new(pairs: usize, seed: u64) -> Recall {
+        Recall {
+            pairs,
+            seed,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
+    }
+
+    /// The shortest sequence the task fits in.
+    pub fn min_seq(pairs: usize) -> usize {
+        4 * pairs + 8
+    }
+
+    fn row(&mut self, seq: usize, row: usize, b: &mut Batch) {
+        let pairs = self.pairs;
+        let mut tokens: Vec<i64> = (0..seq)
+            .map(|_| {
+                // Lowercase letters with some spaces.
+                if self.rng.random_bool(0.15) {
+                    i64::from(b' ')
+                } else {
+                    i64::from(b'a') + self.rng.random_range(0..26)
+                }
+            })
+            .collect();
+        // Distinct keys.
+        let mut keys: Vec<i64> = (0..26).map(|k| i64::from(b'A') + k).collect();
+        for i in 0..pairs {
+            let j = self.rng.random_range(i..26);
+            keys.swap(i, j);
+        }
+        let values: Vec<i64> = (0..pairs)
+            .map(|_| i64::from(b'0') + self.rng.random_range(0..10))
+            .collect();
+        // Pair positions: distinct, non-adjacent slots before the queries.
+        let query_start = seq - 2 * pairs;
+        let slots = (query_start - 2) / 2;
+        let mut chosen: Vec<usize> = Vec::new();
+        while chosen.len() < pairs {
+            let s = self.rng.random_range(0..slots);
+            if !chosen.contains(&s) {
+                chosen.push(s);
+            }
+        }
+        let mut targets = vec![-1i64; seq];
+        for i in 0..pairs {
+            let at = 2 * chosen[i];
+            tokens[at] = keys[i];
+            tokens[at + 1] = values[i];
+        }
+        // Queries in a random order.
+        let mut order: Vec<usize> = (0..pairs).collect();
+        for i in 0..pairs {
+            let j = self.rng.random_range(i..pairs);
+            order.swap(i, j);
+        }
+        for (q, &i) in order.iter().enumerate() {
+            let at = query_start + 2 * q;
+            tokens[at] = keys[i];
+            tokens[at + 1] = values[i];
+            targets[at] = values[i];
+            b.queries.push((row, at, at - 2 * chosen[i]));
+        }
+        b.tokens.extend(tokens);
+        b.targets.extend(targets);
+        b.documents.extend(std::iter::repeat_n(0, seq));
+    }
+}
+
+impl Source for Recall {
+    fn next_batch(&mut self, batch: usize, seq: usize) -> Result<Batch, DataError> {
+        let needed = Recall::min_seq(self.pairs);
+        if seq < needed {
+            return Err(DataError::RecallTooShort {
+                seq,
+                pairs: self.pairs,
+                needed,
+            });
+        }
+        let mut b = Batch {
+            batch,
+            seq,
+            tokens: Vec::with_capacity(batch * seq),
+            targets: Vec::with_capacity(batch * seq),
+            documents: Vec::with_capacity(batch * seq),
+            queries: Vec::new(),
+        };
+        for row in 0..batch {
+            self.row(seq, row, &mut b);
+        }
+        Ok(b)
+    }
+
+    fn state(&self) -> DataState {
+        rng_state(&self.rng, self.seed)
+    }
+
+    fn restore(&mut self, state: &DataState) {
+        self.seed = state.seed;
+        self.rng = rng_at(state);
+    }
+
+    fn describe(&self) -> String {
+        format!("recall: {} key-value pairs per sequence", self.pairs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recall_rows_plant_pairs_and_score_only_the_values() {
+        let mut task = Recall::new(4, 1);
+        let b = task.next_batch(3, 64).unwrap();
+        assert_eq!(b.tokens.len(), 3 * 64);
+        assert_eq!(b.scored(), 12);
+        assert_eq!(b.queries.len(), 12);
+        for &(row, at, distance) in &b.queries {
+            let key = b.tokens[row * 64 + at];
+            let value = b.targets[row * 64 + at];
+            assert!((i64::from(b'A')..=i64::from(b'Z')).contains(&key));
+            assert_eq!(b.tokens[row * 64 + at + 1], value);
+            // The pair is `distance` tokens back, with the same key and value.
+            assert_eq!(b.tokens[row * 64 + at - distance], key);
+            assert_eq!(b.tokens[row * 64 + at - distance + 1], value);
+        }
+    }
+
+    #[test]
+    fn sources_resume_exactly_from_their_state() {
+        let mut a = Recall::new(2, 7);
+        a.next_batch(2, 32).unwrap();
+        let state = a.state();
+        let next = a.next_batch(2, 32).unwrap();
+        let mut b = Recall::new(2, 0);
+        b.restore(&state);
+        assert_eq!(b.next_batch(2, 32).unwrap(), next);
+    }
+
+    #[test]
+    fn text_windows_predict_the_next_byte() {
+        let dir = std::env::temp_dir().join(format!("zebra-data-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.txt"), "hello world").unwrap();
+        std::fs::write(dir.join("b.txt"), "").unwrap();
+        std::fs::write(dir.join("c.txt"), "zebra").unwrap();
+        let mut text = Text::open(&dir, 3).unwrap();
+        assert_eq!(text.len(), 16);
+        let b = text.next_batch(4, 5).unwrap();
+        for row in 0..4 {
+            for i in 0..4 {
+                assert_eq!(b.targets[row * 5 + i], b.tokens[row * 5 + i + 1]);
+            }
+        }
+        let err = text.next_batch(1, 20).unwrap_err().to_string();
+        assert!(
+            err.contains("16 bytes") && err.contains("20 tokens"),
+            "{err}"
+        );
+        let windows = text.windows(2, 5, 100).unwrap();
+        assert_eq!(windows.iter().map(|w| w.batch).sum::<usize>(), 3);
+        // The second file is empty; the third is document 2.
+        assert_eq!(windows[1].documents[4], 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(matches!(Text::open(&dir, 0), Err(DataError::Read { .. })));
+    }
+}
