@@ -431,6 +431,7 @@ fn compile(args: &BenchArgs, name: &str, cold: bool, dir: &Path) -> Result<()> {
         )?
         .graph;
         let options = zebra_codegen::artifact::BuildOptions {
+            mode: Default::default(),
             max_seq_len: args.seq_len,
             cache: Some(zebra_codegen::artifact::Cache { dir: cache.clone() }),
         };

@@ -346,6 +346,7 @@ pub fn build_artifact_at(
     max_seq_len: usize,
 ) -> Result<zebra_codegen::artifact::BuildReport> {
     let options = zebra_codegen::artifact::BuildOptions {
+        mode: Default::default(),
         max_seq_len,
         cache: zebra_codegen::artifact::Cache::default_location(),
     };

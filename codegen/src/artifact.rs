@@ -12,7 +12,7 @@ use crate::CodegenError;
 use crate::backend::{CpuTarget, Mlir, Output, link_shared, llvm_compile};
 use crate::kernels::fnv1a;
 use crate::mlir::module;
-use crate::plan::{Planned, plan};
+use crate::plan::{PlanMode, Planned, plan};
 
 /// Where compiled kernels are kept between builds.
 #[derive(Clone, Debug)]
@@ -37,6 +37,8 @@ pub struct BuildOptions {
     /// The longest sequence the artifact will run.
     pub max_seq_len: usize,
     pub cache: Option<Cache>,
+    /// Whole sequences, or prefill and decode for generation.
+    pub mode: crate::plan::PlanMode,
 }
 
 /// What a build did.
@@ -69,9 +71,10 @@ pub fn kernels_mlir(planned: &Planned, vector: usize) -> String {
 pub fn plan_for_host(
     graph: &Graph,
     max_seq_len: usize,
+    mode: PlanMode,
 ) -> Result<(Planned, CpuTarget), CodegenError> {
     let target = CpuTarget::host()?;
-    let planned = plan(graph, &target.describe(), target.vector, max_seq_len)?;
+    let planned = plan(graph, &target.describe(), target.vector, max_seq_len, mode)?;
     Ok((planned, target))
 }
 
@@ -82,7 +85,7 @@ pub fn emit(
     what: Output,
     mlir_only: bool,
 ) -> Result<String, CodegenError> {
-    let (planned, target) = plan_for_host(graph, max_seq_len)?;
+    let (planned, target) = plan_for_host(graph, max_seq_len, PlanMode::Forward)?;
     let text = kernels_mlir(&planned, target.vector);
     let mlir = Mlir::new();
     mlir.verify(&text)?;
@@ -101,7 +104,7 @@ pub fn build(
     options: &BuildOptions,
 ) -> Result<BuildReport, CodegenError> {
     let start = Instant::now();
-    let (planned, target) = plan_for_host(graph, options.max_seq_len)?;
+    let (planned, target) = plan_for_host(graph, options.max_seq_len, options.mode)?;
     let cache_dir = match &options.cache {
         Some(cache) => cache.dir.clone(),
         None => out_dir.join(".objects"),

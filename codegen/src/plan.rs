@@ -4,17 +4,32 @@
 
 use std::collections::HashMap;
 
+use zebra_ir::cache::KvPolicy;
 use zebra_ir::op::{AttentionKernel, GradOf, Op};
 use zebra_ir::types::{DType, Dim, Sym, TensorType};
 use zebra_ir::{Graph, NodeId};
 use zebra_runtime::plan::{
-    ElemType, Extent, Grid, InputSpec, KernelInfo, Operand, PLAN_FORMAT, PackSpec, Plan,
+    CacheSpec, ElemType, Extent, Grid, InputSpec, KernelInfo, Operand, PLAN_FORMAT, PackSpec, Plan,
     ScheduleSpec, Step, ValueSpec, WeightSpec,
 };
 
 use crate::CodegenError;
 use crate::kernels::matmul::MatMulShape;
 use crate::kernels::{KernelSpec, generic};
+
+/// What a plan computes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum PlanMode {
+    /// The graph's outputs over whole sequences.
+    #[default]
+    Forward,
+    /// As `Forward`, and each attention's keys and values (outputs `cache:{c}:k` and
+    /// `cache:{c}:v`, `[B, KV, T, D]`), from which the runtime fills the KV caches.
+    Prefill,
+    /// One decode step (`T = 1` at a position the runtime gives): each attention runs
+    /// against its layer's KV cache, appending the new key and value.
+    Decode,
+}
 
 /// A plan with the kernels it calls, in the order of `plan.kernels`.
 pub struct Planned {
@@ -41,6 +56,9 @@ fn elem(dtype: DType) -> ElemType {
 
 struct Planner<'g> {
     graph: &'g Graph,
+    mode: PlanMode,
+    /// Prefill's extra outputs: each attention's keys and values.
+    cache_outputs: Vec<(String, NodeId)>,
     vector: usize,
     plan: Plan,
     kernels: Vec<KernelSpec>,
@@ -689,6 +707,9 @@ impl Planner<'_> {
         kernel: &AttentionKernel,
     ) -> Result<(), CodegenError> {
         let operands = self.graph.operands(id);
+        if self.mode != PlanMode::Forward {
+            return self.cached_attention(id, kernel, &operands);
+        }
         let n = kernel.arity();
         let siblings = self.siblings(id, kernel);
         let of = |p: &Planner, i: usize| p.operand[&operands[i]];
@@ -839,6 +860,89 @@ impl Planner<'_> {
     }
 }
 
+impl Planner<'_> {
+    /// Plans an attention for generation: its KV cache (from the mask), and in a decode
+    /// step the attention against the cache; prefill computes it as usual and also outputs
+    /// its keys and values.
+    fn cached_attention(
+        &mut self,
+        id: NodeId,
+        kernel: &AttentionKernel,
+        operands: &[NodeId],
+    ) -> Result<(), CodegenError> {
+        let layer_index = self.graph.node(id).layer;
+        let layer = || match layer_index {
+            Some(i) => match self.graph.layers.get(i as usize) {
+                Some(info) => format!("the attention of layer {i} ({})", info.kind),
+                None => format!("the attention of layer {i}"),
+            },
+            None => "an attention".to_string(),
+        };
+        if !matches!(self.graph.node(id).op, Op::Attention(_)) {
+            return Err(CodegenError::Unsupported(format!(
+                "{} is a training op; generation plans forward graphs",
+                self.graph.node(id).op.name()
+            )));
+        }
+        if !kernel.sides.is_empty() {
+            return Err(CodegenError::Unsupported(format!(
+                "{} reads side inputs ({}); generation cannot extend them token by token",
+                layer(),
+                kernel.sides.join(", ")
+            )));
+        }
+        let policy = KvPolicy::of(&kernel.mask)
+            .map_err(|e| CodegenError::Unsupported(format!("{}: {e}", layer())))?;
+        let cache = self.plan.caches.len();
+        self.plan.caches.push(CacheSpec {
+            kv_heads: kernel.kv_heads as usize,
+            head_dim: kernel.head_dim as usize,
+            sinks: policy.sinks as usize,
+            ring: policy.ring.map(|r| r as usize),
+            min_prompt: policy.min_prompt as usize,
+            block: crate::kernels::decode::block_slots(self.vector),
+            layer: layer_index.map(|l| l as usize),
+        });
+        if self.mode == PlanMode::Prefill {
+            self.cache_outputs
+                .push((format!("cache:{cache}:k"), operands[1]));
+            self.cache_outputs
+                .push((format!("cache:{cache}:v"), operands[2]));
+            let saved = std::mem::replace(&mut self.mode, PlanMode::Forward);
+            let result = self.attention_family(id, kernel);
+            self.mode = saved;
+            return result;
+        }
+        let (q, k, v) = (
+            self.operand[&operands[0]],
+            self.operand[&operands[1]],
+            self.operand[&operands[2]],
+        );
+        let (value, out) = self.define(id);
+        let ops = vec![
+            q,
+            k,
+            v,
+            Operand::CacheKeys(cache),
+            Operand::CacheValues(cache),
+            Operand::CachePositions(cache),
+            out,
+        ];
+        let grid = Grid {
+            rows: vec![Extent::Batch],
+            row_chunk: 1,
+            cols: kernel.kv_heads,
+        };
+        let spec = KernelSpec::AttentionDecode {
+            kernel: kernel.clone(),
+            policy,
+        };
+        self.step(spec, ops, grid, None);
+        self.defined[value] = self.plan.steps.len() - 1;
+        Ok(())
+    }
+}
+
 /// Assigns memory slots: a value takes a free slot of its element type (one whose values
 /// are all dead before the step defining it), else a new one. Outputs get slots of their
 /// own.
@@ -884,7 +988,23 @@ pub fn plan(
     target: &str,
     vector: usize,
     max_seq_len: usize,
+    mode: PlanMode,
 ) -> Result<Planned, CodegenError> {
+    if mode != PlanMode::Forward
+        && let Some(mask) = graph
+            .node_ids()
+            .into_iter()
+            .find(|&id| matches!(graph.node(id).op, Op::Mask { .. }))
+    {
+        let at = match graph.node(mask).layer {
+            Some(i) => format!("layer {i}"),
+            None => format!("%{}", mask.index()),
+        };
+        return Err(CodegenError::Unsupported(format!(
+            "the attention of {at} is not fused (see the warnings of `zebra compile`); \
+             generation needs every attention fused, to give it a KV cache"
+        )));
+    }
     if max_seq_len as i64 > crate::vexpr::MAX_SEQ_LEN {
         return Err(CodegenError::Unsupported(format!(
             "a maximum sequence length of {max_seq_len}: kernels are built for at most {}",
@@ -896,6 +1016,8 @@ pub fn plan(
         .ok_or_else(|| CodegenError::Unsupported("the graph has a cycle".into()))?;
     let mut planner = Planner {
         graph,
+        mode,
+        cache_outputs: Vec::new(),
         vector,
         plan: Plan {
             format: PLAN_FORMAT,
@@ -917,6 +1039,7 @@ pub fn plan(
             rope_tables: Vec::new(),
             steps: Vec::new(),
             outputs: Vec::new(),
+            caches: Vec::new(),
         },
         kernels: Vec::new(),
         symbols: HashMap::new(),
@@ -932,7 +1055,8 @@ pub fn plan(
         }
         planner.node(id)?;
     }
-    for (name, id) in graph.outputs() {
+    let extra = std::mem::take(&mut planner.cache_outputs);
+    for (name, id) in graph.outputs().iter().chain(extra.iter()) {
         match planner.operand[id] {
             Operand::Value(v) => planner.plan.outputs.push((name.clone(), v)),
             _ => {

@@ -115,6 +115,9 @@ pub struct VecEnv<'a> {
     /// Integer lanes in 32 bits (twice as many per register), for expressions that
     /// [`fits_in_32_bits`] shows never need more; else 64.
     pub narrow: bool,
+    /// Key positions per lane (`vector<n x i64>`, with `narrow` off) instead of `k0 + lane`:
+    /// the slots of a KV cache hold keys in any order.
+    pub keys: Option<Val>,
 }
 
 /// The longest sequence kernels are built for: index expressions are checked to fit their
@@ -256,6 +259,7 @@ pub fn compile(b: &mut Builder, expr: &Expr, env: &VecEnv) -> Lanes {
         Expr::Var(Var::Q) => Lanes::Int(env.splat_index(b, &env.q)),
         Expr::Var(Var::H) => Lanes::Int(env.splat_index(b, &env.h)),
         Expr::Var(Var::B) => Lanes::Int(env.splat_index(b, &env.b)),
+        Expr::Var(Var::K) if env.keys.is_some() => Lanes::Int(env.keys.clone().expect("checked")),
         Expr::Var(Var::K) => {
             let base = env.splat_index(b, &env.k0);
             let iota = env.iota(b);

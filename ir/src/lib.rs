@@ -2,6 +2,7 @@
 //! dimensions, a stable text form, a verifier, Graphviz output and the reference interpreter.
 
 pub mod attention;
+pub mod cache;
 pub mod dot;
 pub mod expr;
 pub mod graph;

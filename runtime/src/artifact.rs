@@ -99,6 +99,7 @@ fn check(plan: &Plan) -> Result<(), String> {
                         | ScheduleColumns(x)
                         | ScheduleColumnTiles(x) => x < plan.schedules.len(),
                         RopeCos(x) | RopeSin(x) => x < plan.rope_tables.len(),
+                        CacheKeys(x) | CacheValues(x) | CachePositions(x) => x < plan.caches.len(),
                     })
             }
             Step::Schedule { id } => *id < plan.schedules.len(),
@@ -108,6 +109,13 @@ fn check(plan: &Plan) -> Result<(), String> {
                 "step {i} refers to something the plan does not have"
             ));
         }
+    }
+    if plan
+        .caches
+        .iter()
+        .any(|c| c.block == 0 || c.kv_heads == 0 || c.ring == Some(0) && c.sinks == 0)
+    {
+        return Err("a KV cache of the plan has no room".into());
     }
     for p in &plan.packed {
         if p.weight >= plan.weights.len()

@@ -15,6 +15,7 @@ use zebra_ir::expr::Expr;
 use zebra_ir::schedule::{ScheduleInput, SideValues, Support, TileKind, build};
 
 use crate::artifact::{Artifact, ArtifactError};
+use crate::kv::KvCache;
 use crate::pack::pack;
 use crate::plan::{ElemType, Extent, Operand, Plan, Step, volume};
 
@@ -67,6 +68,8 @@ pub enum RuntimeError {
     Threads(String),
     #[error("the plan's mask `{0}` does not parse; the artifact is corrupt")]
     Mask(String),
+    #[error("{0}")]
+    Decode(String),
 }
 
 struct Raw(Vec<*mut u8>);
@@ -131,10 +134,15 @@ pub struct CpuModel {
     workspaces: Vec<Buffer>,
     /// The inputs of the last run, kept so that their memory is reused.
     inputs: Vec<Buffer>,
-    /// Per sequence length: positions, static schedules, RoPE tables.
-    positions: HashMap<usize, Buffer>,
+    /// Per sequence length and first position: positions, RoPE tables; per length: static
+    /// schedules.
+    positions: HashMap<(usize, usize), Buffer>,
     schedules: HashMap<(usize, usize), BuiltSchedule>,
-    ropes: HashMap<(usize, usize), (Buffer, Buffer)>,
+    ropes: HashMap<(usize, usize, usize), (Buffer, Buffer)>,
+    /// The KV caches of a decode plan, and how many tokens they hold.
+    caches: Vec<KvCache>,
+    cached_tokens: usize,
+    cache_batch: usize,
 }
 
 fn as_words(values: &[f32]) -> Buffer {
@@ -266,6 +274,9 @@ impl CpuModel {
             positions: HashMap::new(),
             schedules: HashMap::new(),
             ropes: HashMap::new(),
+            caches: Vec::new(),
+            cached_tokens: 0,
+            cache_batch: 0,
         };
         model.set_weights(weights)?;
         Ok(model)
@@ -466,15 +477,15 @@ impl CpuModel {
         key
     }
 
-    fn rope(&mut self, id: usize, seq: usize) {
-        if self.ropes.contains_key(&(id, seq)) {
+    fn rope(&mut self, id: usize, seq: usize, offset: usize) {
+        if self.ropes.contains_key(&(id, seq, offset)) {
             return;
         }
         let (base, dim) = self.plan.rope_tables[id];
         let half = dim / 2;
         let mut cos = Vec::with_capacity(seq * half);
         let mut sin = Vec::with_capacity(seq * half);
-        for t in 0..seq {
+        for t in offset..offset + seq {
             for i in 0..half {
                 let angle = t as f64 * base.powf(-2.0 * i as f64 / dim as f64);
                 cos.push(angle.cos() as f32);
@@ -482,13 +493,27 @@ impl CpuModel {
             }
         }
         self.ropes
-            .insert((id, seq), (as_words(&cos), as_words(&sin)));
+            .insert((id, seq, offset), (as_words(&cos), as_words(&sin)));
     }
 
     /// Runs the model on `[B, T]` inputs; returns the outputs.
     pub fn run(
         &mut self,
         inputs: &BTreeMap<String, Tensor>,
+    ) -> Result<BTreeMap<String, ArrayD<f32>>, RuntimeError> {
+        if !self.plan.caches.is_empty() && self.is_decode() {
+            return Err(RuntimeError::Decode(
+                "this is a decode plan: run it with `decode`".into(),
+            ));
+        }
+        self.run_at(inputs, 0)
+    }
+
+    /// Runs the plan on inputs whose first token is at position `offset`.
+    fn run_at(
+        &mut self,
+        inputs: &BTreeMap<String, Tensor>,
+        offset: usize,
     ) -> Result<BTreeMap<String, ArrayD<f32>>, RuntimeError> {
         let (batch, seq) = self.check_inputs(inputs)?;
         let mut input_buffers = std::mem::take(&mut self.inputs);
@@ -523,11 +548,20 @@ impl CpuModel {
                 *ws = buffer(w);
             }
         }
-        self.positions
-            .entry(seq)
-            .or_insert_with(|| words_of_i64((0..seq as i64).collect::<Vec<_>>().into_iter()));
+        if offset != 0 {
+            // Decode steps move on by one position each: keep only this one's tables.
+            self.positions.retain(|k, _| k.1 == 0);
+            self.ropes.retain(|k, _| k.2 == 0);
+        }
+        self.positions.entry((seq, offset)).or_insert_with(|| {
+            words_of_i64(
+                (offset as i64..(offset + seq) as i64)
+                    .collect::<Vec<_>>()
+                    .into_iter(),
+            )
+        });
         for id in 0..self.plan.rope_tables.len() {
-            self.rope(id, seq);
+            self.rope(id, seq, offset);
         }
         let mut built: HashMap<usize, (usize, usize)> = HashMap::new();
         for s in 0..self.plan.steps.len() {
@@ -548,9 +582,14 @@ impl CpuModel {
                         .is_some_and(|s| s.per_batch);
                     let pointers: Vec<*mut u8> = operands
                         .iter()
-                        .map(|o| self.pointer(*o, seq, &input_buffers, &built))
+                        .map(|o| self.pointer(*o, seq, offset, &input_buffers, &built))
                         .collect();
-                    let dims = [batch as i64, seq as i64, i64::from(per_batch)];
+                    let dims = [
+                        batch as i64,
+                        seq as i64,
+                        i64::from(per_batch),
+                        offset as i64,
+                    ];
                     let programs = grid.programs(batch, seq);
                     self.launch(kernel, Raw(pointers), dims, programs, schedule.is_some());
                 }
@@ -577,10 +616,160 @@ impl CpuModel {
         Ok(outputs)
     }
 
+    /// Whether this is a decode plan (its attention runs against KV caches).
+    pub fn is_decode(&self) -> bool {
+        self.plan.steps.iter().any(|s| {
+            matches!(s, Step::Kernel { operands, .. }
+                if operands.iter().any(|o| matches!(o, Operand::CacheKeys(_))))
+        })
+    }
+
+    /// Starts decoding after a prompt: fills the KV caches from a prefill plan's outputs
+    /// (`cache:{c}:k` and `cache:{c}:v`, `[B, KV, T, D]`) for the prompt's `T` tokens.
+    pub fn start_decode(
+        &mut self,
+        prefill: &BTreeMap<String, ArrayD<f32>>,
+    ) -> Result<(), RuntimeError> {
+        if !self.is_decode() {
+            return Err(RuntimeError::Decode(
+                "this plan has no decode step; compile the model for generation".into(),
+            ));
+        }
+        let mut caches = Vec::new();
+        let mut shape = None;
+        for (c, spec) in self.plan.caches.iter().enumerate() {
+            let get = |part: &str| {
+                prefill.get(&format!("cache:{c}:{part}")).ok_or_else(|| {
+                    RuntimeError::Decode(format!(
+                        "the prefill outputs have no `cache:{c}:{part}`: the prefill and \
+                         decode plans are not of the same model"
+                    ))
+                })
+            };
+            let (k, v) = (get("k")?, get("v")?);
+            let [b, kv, t, d] = k.shape() else {
+                return Err(RuntimeError::Decode(
+                    "prefill keys are not [B, KV, T, D]".into(),
+                ));
+            };
+            if (*kv, *d) != (spec.kv_heads, spec.head_dim) || v.shape() != k.shape() {
+                return Err(RuntimeError::Decode(format!(
+                    "prefill keys of cache {c} have shape {:?}, expected [B, {}, T, {}]",
+                    k.shape(),
+                    spec.kv_heads,
+                    spec.head_dim
+                )));
+            }
+            if *shape.get_or_insert((*b, *t)) != (*b, *t) {
+                return Err(RuntimeError::Decode(
+                    "prefill caches disagree on B and T".into(),
+                ));
+            }
+            if *t < spec.min_prompt {
+                return Err(RuntimeError::Decode(format!(
+                    "the mask of layer {} lets the first {} positions see later ones: the \
+                     prompt must hold at least {} tokens, it has {t}",
+                    spec.layer.map_or("?".into(), |l| l.to_string()),
+                    spec.min_prompt,
+                    spec.min_prompt
+                )));
+            }
+            if *t > self.plan.max_seq_len {
+                return Err(RuntimeError::TooLong {
+                    found: *t,
+                    max: self.plan.max_seq_len,
+                });
+            }
+            let mut cache = KvCache::new(spec.clone(), *b);
+            cache.reserve(spec.slots_for(*t));
+            // Only the positions the cache keeps: the sinks and the last ring's worth.
+            let first_kept = match spec.ring {
+                Some(r) => t.saturating_sub(r).max(spec.sinks.min(*t)),
+                None => 0,
+            };
+            let kept = (0..spec.sinks.min(*t)).chain(first_kept..*t);
+            for p in kept {
+                let slot = spec.slot(p);
+                cache.set_position(slot, p);
+                for row in 0..*b {
+                    for g in 0..*kv {
+                        let key: Vec<f32> = (0..*d).map(|x| k[[row, g, p, x]]).collect();
+                        let value: Vec<f32> = (0..*d).map(|x| v[[row, g, p, x]]).collect();
+                        cache.write(slot, row, g, &key, &value);
+                    }
+                }
+            }
+            caches.push(cache);
+        }
+        let (batch, tokens) = shape.unwrap_or((1, 0));
+        self.caches = caches;
+        self.cache_batch = batch;
+        self.cached_tokens = tokens;
+        Ok(())
+    }
+
+    /// One decode step: the next token of each batch row (`tokens [B, 1]`), at the position
+    /// after those the caches hold; returns the plan's outputs for it.
+    pub fn decode(
+        &mut self,
+        tokens: &ArrayD<i64>,
+    ) -> Result<BTreeMap<String, ArrayD<f32>>, RuntimeError> {
+        if self.caches.len() != self.plan.caches.len() {
+            return Err(RuntimeError::Decode(
+                "decoding has not started: prefill a prompt first".into(),
+            ));
+        }
+        if tokens.shape() != [self.cache_batch, 1] {
+            return Err(RuntimeError::InputShape {
+                name: "tokens".into(),
+                expected: format!(" [{}, 1]", self.cache_batch),
+                found: tokens.shape().to_vec(),
+            });
+        }
+        let position = self.cached_tokens;
+        if position + 1 > self.plan.max_seq_len {
+            return Err(RuntimeError::TooLong {
+                found: position + 1,
+                max: self.plan.max_seq_len,
+            });
+        }
+        for cache in &mut self.caches {
+            let slot = cache.spec.slot(position);
+            cache.reserve(slot + 1);
+            cache.set_position(slot, position);
+        }
+        let inputs = BTreeMap::from([("tokens".to_string(), Tensor::I64(tokens.clone()))]);
+        let outputs = self.run_at(&inputs, position)?;
+        self.cached_tokens += 1;
+        Ok(outputs)
+    }
+
+    /// Tokens the KV caches have seen.
+    pub fn cached_tokens(&self) -> usize {
+        self.cached_tokens
+    }
+
+    /// Bytes of keys and values the caches hold now, and what caches of every position
+    /// (full attention in every layer) would hold.
+    pub fn cache_bytes(&self) -> (usize, usize) {
+        let held = self
+            .caches
+            .iter()
+            .map(|c| c.bytes(self.cached_tokens))
+            .sum();
+        let full = self
+            .caches
+            .iter()
+            .map(|c| self.cached_tokens * self.cache_batch * c.spec.kv_heads * c.spec.head_dim * 8)
+            .sum();
+        (held, full)
+    }
+
     fn pointer(
         &mut self,
         operand: Operand,
         seq: usize,
+        offset: usize,
         inputs: &[Buffer],
         built: &HashMap<usize, (usize, usize)>,
     ) -> *mut u8 {
@@ -591,14 +780,17 @@ impl CpuModel {
             Operand::Packed(i) => p(&self.packed[i]),
             Operand::Value(i) => p(&self.slots[self.plan.values[i].slot]),
             Operand::Constant(i) => p(&self.constants[i]),
-            Operand::Positions => p(&self.positions[&seq]),
+            Operand::Positions => p(&self.positions[&(seq, offset)]),
             Operand::Workspace(i) => p(&self.workspaces[i]),
             Operand::ScheduleRows(i) => p(&self.schedules[&built[&i]].rows),
             Operand::ScheduleTiles(i) => p(&self.schedules[&built[&i]].tiles),
             Operand::ScheduleColumns(i) => p(&self.schedules[&built[&i]].columns),
             Operand::ScheduleColumnTiles(i) => p(&self.schedules[&built[&i]].column_tiles),
-            Operand::RopeCos(i) => p(&self.ropes[&(i, seq)].0),
-            Operand::RopeSin(i) => p(&self.ropes[&(i, seq)].1),
+            Operand::RopeCos(i) => p(&self.ropes[&(i, seq, offset)].0),
+            Operand::RopeSin(i) => p(&self.ropes[&(i, seq, offset)].1),
+            Operand::CacheKeys(i) => p(&self.caches[i].keys),
+            Operand::CacheValues(i) => p(&self.caches[i].values),
+            Operand::CachePositions(i) => p(&self.caches[i].positions),
         }
     }
 
@@ -608,7 +800,7 @@ impl CpuModel {
         &self,
         kernel: usize,
         pointers: Raw,
-        dims: [i64; 3],
+        dims: [i64; 4],
         programs: usize,
         fine_grained: bool,
     ) {

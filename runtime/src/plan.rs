@@ -78,6 +78,48 @@ pub enum Operand {
     /// RoPE tables `[T, D/2]` of cosines and sines.
     RopeCos(usize),
     RopeSin(usize),
+    /// A KV cache (see [`CacheSpec`]): keys in blocks of `block` slots `[S / block][B][KV]
+    /// [D][block]`, values `[S][B][KV][D]`, and the position each slot holds (`i64 [S]`,
+    /// `-1` when empty).
+    CacheKeys(usize),
+    CacheValues(usize),
+    CachePositions(usize),
+}
+
+/// The KV cache of one attention layer, as its mask needs it (see `zebra_ir::cache`):
+/// `sinks` slots for the first positions, then a ring of `ring` slots, or one slot per
+/// position when `ring` is `None`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheSpec {
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub sinks: usize,
+    pub ring: Option<usize>,
+    /// The shortest prompt after which decoding is exact.
+    pub min_prompt: usize,
+    /// Slots per block of the key layout.
+    pub block: usize,
+    /// The model layer, when known.
+    pub layer: Option<usize>,
+}
+
+impl CacheSpec {
+    /// The slot of position `p`.
+    pub fn slot(&self, p: usize) -> usize {
+        match self.ring {
+            None => p,
+            Some(_) if p < self.sinks => p,
+            Some(r) => self.sinks + (p - self.sinks) % r.max(1),
+        }
+    }
+
+    /// Slots needed for `tokens` tokens.
+    pub fn slots_for(&self, tokens: usize) -> usize {
+        match self.ring {
+            None => tokens,
+            Some(r) => tokens.min(self.sinks + r),
+        }
+    }
 }
 
 /// A graph input: its name, element type and shape.
@@ -212,6 +254,9 @@ pub struct Plan {
     pub rope_tables: Vec<(f64, usize)>,
     pub steps: Vec<Step>,
     pub outputs: Vec<(String, usize)>,
+    /// The KV caches of a decode or prefill plan, one per attention.
+    #[serde(default)]
+    pub caches: Vec<CacheSpec>,
 }
 
 /// Serde for f32 lists with non-finite values: numbers, else `"inf"`, `"-inf"`, `"nan"`.

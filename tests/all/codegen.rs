@@ -30,6 +30,7 @@ fn optimized(graph: &Graph) -> Graph {
 
 fn build_at(graph: &Graph, dir: &Path, max_seq_len: usize) -> BuildReport {
     let options = BuildOptions {
+        mode: Default::default(),
         max_seq_len,
         cache: Some(Cache { dir: cache_dir() }),
     };
@@ -362,8 +363,9 @@ fn mlir_of_every_program_verifies() {
         for spec in &checked.program.models {
             let graph = optimized(&lower(spec));
             for vector in [4, 8, 16] {
-                let planned = zebra_codegen::plan::plan(&graph, "test", vector, 4096)
-                    .unwrap_or_else(|e| panic!("{}: {e}", relative(&path)));
+                let planned =
+                    zebra_codegen::plan::plan(&graph, "test", vector, 4096, Default::default())
+                        .unwrap_or_else(|e| panic!("{}: {e}", relative(&path)));
                 for kernel in &planned.kernels {
                     let text = zebra_codegen::mlir::module(&[kernel.mlir(vector)]);
                     if let Err(e) = mlir.verify(&text) {
@@ -380,7 +382,8 @@ fn mlir_of_every_program_verifies() {
 fn attention_mlir(program: &str, mask: &str) -> String {
     let path = root().join("examples").join(program);
     let graph = optimized(&lower(&crate::common::model(&path)));
-    let planned = zebra_codegen::plan::plan(&graph, "x86_64 test", 8, 4096).expect("plans");
+    let planned = zebra_codegen::plan::plan(&graph, "x86_64 test", 8, 4096, Default::default())
+        .expect("plans");
     planned
         .kernels
         .iter()
@@ -507,6 +510,7 @@ fn the_kernel_cache_makes_rebuilds_instant() {
     let cache = tempfile::tempdir().expect("temporary directory");
     let (graph, _) = tiny_zebra();
     let options = BuildOptions {
+        mode: Default::default(),
         max_seq_len: 128,
         cache: Some(Cache {
             dir: cache.path().to_path_buf(),

@@ -5,6 +5,7 @@ mod cli;
 mod codegen;
 mod common;
 mod diagnostics;
+mod generate;
 mod golden;
 mod interpreter;
 mod optimizer;

@@ -48,6 +48,7 @@ fn compiled_training_steps_match_the_interpreter() {
             let train = optimized(&train);
             let dir = out.path().join(&spec.name);
             let options = BuildOptions {
+                mode: Default::default(),
                 max_seq_len: 256,
                 cache: Some(Cache { dir: cache_dir() }),
             };

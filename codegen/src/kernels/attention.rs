@@ -417,6 +417,7 @@ pub fn attention(name: &str, kernel: &AttentionKernel, lse: bool, max_vector: us
                                 score: Some(s.clone()),
                                 sides: &side_rows,
                                 narrow,
+                                keys: None,
                             };
                             let s = match &kernel.score {
                                 Some(expr) => {

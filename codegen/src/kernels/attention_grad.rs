@@ -189,6 +189,7 @@ fn probabilities_and_gradients(b: &mut Builder, c: &Common, x: &Tile) {
                         score: Some(raw.clone()),
                         sides: x.sides,
                         narrow: c.narrow,
+                        keys: None,
                     };
                     let z = match &x.kernel.score {
                         Some(expr) => vexpr::score(b, expr, &env),

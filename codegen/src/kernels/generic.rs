@@ -245,6 +245,7 @@ pub fn kernel(name: &str, op: &Op, operands: &[TensorType], out: &TensorType) ->
                     score,
                     sides: &side_rows,
                     narrow: false,
+                    keys: None,
                 };
                 if first_side == 1 {
                     let v = crate::vexpr::score(b, expr, &env);

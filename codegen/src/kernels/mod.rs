@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod attention_grad;
+pub mod decode;
 pub mod elementwise;
 pub mod gemm;
 pub mod generic;
@@ -39,6 +40,11 @@ pub enum KernelSpec {
     CrossEntropy { op: Op, k: usize, vocab: usize },
     /// The gradient of an embedding table.
     EmbeddingGrad { vocab: usize, d: usize },
+    /// One decode step of an attention against its KV cache.
+    AttentionDecode {
+        kernel: AttentionKernel,
+        policy: zebra_ir::cache::KvPolicy,
+    },
     /// The attention's backward: `dQ`.
     AttentionDq { kernel: AttentionKernel },
     /// The attention's backward: `dK` and `dV`.
@@ -91,6 +97,12 @@ impl KernelSpec {
                 format!("attention {} lse={lse}", kernel_attrs(kernel))
             }
             KernelSpec::AttentionDq { kernel } => format!("attention_dq {}", kernel_attrs(kernel)),
+            KernelSpec::AttentionDecode { kernel, policy } => format!(
+                "attention_decode {} sinks={} ring={:?}",
+                kernel_attrs(kernel),
+                policy.sinks,
+                policy.ring
+            ),
             KernelSpec::CrossEntropy { op, k, vocab } => {
                 let attrs: Vec<String> = zebra_ir::print::attributes(op)
                     .into_iter()
@@ -157,6 +169,7 @@ impl KernelSpec {
             KernelSpec::PackKv { .. } => "pack_kv",
             KernelSpec::Attention { .. } => "attention",
             KernelSpec::AttentionDq { .. } => "attention_dq",
+            KernelSpec::AttentionDecode { .. } => "attention_decode",
             KernelSpec::CrossEntropy { op, .. } => op.name(),
             KernelSpec::EmbeddingGrad { .. } => "embedding_grad",
             KernelSpec::MatMul(_) => "gemm",
@@ -190,6 +203,9 @@ impl KernelSpec {
             }
             KernelSpec::AttentionDq { kernel } => {
                 attention_grad::attention_dq(&name, kernel, vector)
+            }
+            KernelSpec::AttentionDecode { kernel, policy } => {
+                decode::attention_decode(&name, kernel, *policy, vector)
             }
             KernelSpec::CrossEntropy { op, k, vocab } => match op {
                 Op::CeLse => loss::ce_lse(&name, *k, *vocab, vector),

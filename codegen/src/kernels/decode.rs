@@ -1,0 +1,274 @@
+//! The decode-step attention: one new query per batch row against the layer's KV cache
+//! (see `zebra_ir::cache`). One program per (batch row, KV head) appends the new key and
+//! value to their slot, then answers every query head of its group in one pass over the
+//! slots in use, `w` slots at a time: scores by FMAs over a transposed key block, the score
+//! modifier and the mask compiled in (over the positions the slots hold, `-1` for an empty
+//! slot), an online softmax and `O += P V`.
+//!
+//! Buffers: `q [B, H, 1, D]`, the new `k` and `v [B, KV, 1, D]`, the key cache in blocks of
+//! `w` slots `[S / w][B][KV][D][w]`, the value cache `[S][B][KV][D]`, the slots' positions
+//! `i64 [S]` (the new one already written by the runtime), `out` (`[B, 1, H, D]`, the same
+//! addresses as `[B, H, 1, D]`). Dims: `B`, `T` (1), unused, the new token's position.
+//! Neither cache layout depends on its capacity, so a cache of every position grows by
+//! appending.
+
+use zebra_ir::cache::KvPolicy;
+use zebra_ir::op::AttentionKernel;
+
+use crate::mlir::{Builder, F32, I64, Val, entry, vf32, vi1, vi64};
+use crate::vexpr::{self, VecEnv};
+
+/// The slots per block of the key cache for vectors of `vector` floats: one vector.
+pub fn block_slots(vector: usize) -> usize {
+    vector.clamp(1, 16)
+}
+
+pub fn attention_decode(
+    name: &str,
+    kernel: &AttentionKernel,
+    policy: KvPolicy,
+    vector: usize,
+) -> String {
+    let (h_count, kv_count) = (kernel.heads as i64, kernel.kv_heads as i64);
+    let group = (h_count / kv_count) as usize;
+    let d = kernel.head_dim as usize;
+    let w = block_slots(vector);
+    // Value rows are read `wv` floats at a time.
+    let wv = super::attention::vector_width(d, vector);
+    let (vt, vtv) = (vf32(w), vf32(wv));
+
+    let mut b = Builder::new();
+    let e = entry();
+    let q = b.ptr_at(&e.bufs, 0);
+    let k_new = b.ptr_at(&e.bufs, 1);
+    let v_new = b.ptr_at(&e.bufs, 2);
+    let kc = b.ptr_at(&e.bufs, 3);
+    let vc = b.ptr_at(&e.bufs, 4);
+    let positions = b.ptr_at(&e.bufs, 5);
+    let out = b.ptr_at(&e.bufs, 6);
+    let batch_count = b.i64_at(&e.dims, 0);
+    let qpos = b.i64_at(&e.dims, 3);
+
+    let c0 = b.i64(0);
+    let c1 = b.i64(1);
+    let cw = b.i64(w as i64);
+    let cwv = b.i64(wv as i64);
+    let cd = b.i64(d as i64);
+    let ckv = b.i64(kv_count);
+    let ch = b.i64(h_count);
+    let cgroup = b.i64(group as i64);
+    let log2e = std::f64::consts::LOG2_E;
+    let scale = match kernel.score {
+        Some(_) => b.splat_f32(kernel.scale as f32, w),
+        None => b.splat_f32((kernel.scale * log2e) as f32, w),
+    };
+    let log2e_v = b.splat_f32(log2e as f32, w);
+    let neg_inf = b.f32(f32::NEG_INFINITY);
+    let neg_inf_v = b.splat(&neg_inf, F32, w);
+    let zero_v = b.splat_f32(0.0, w);
+    let zero_vv = b.splat_f32(0.0, wv);
+    let fzero = b.f32(0.0);
+    let fone = b.f32(1.0);
+    let minus_one = b.splat_i64(-1, w);
+
+    let maxes = b.alloca(group, F32);
+    let sums = b.alloca(group, F32);
+    let acc = b.alloca(group * d, F32);
+
+    // The new token's slot, and the slots in use.
+    let (slot, used) = match policy.ring {
+        None => {
+            let used = b.addi(&qpos, &c1);
+            (qpos.clone(), used)
+        }
+        Some(ring) => {
+            let sinks = b.i64(policy.sinks as i64);
+            let ring_v = b.i64(ring.max(1) as i64);
+            let past = b.subi(&qpos, &sinks);
+            let in_ring = b.remi(&past, &ring_v);
+            let in_ring = b.addi(&sinks, &in_ring);
+            let is_sink = b.cmpi("slt", &qpos, &sinks, I64);
+            let slot = b.select(&is_sink, &qpos, &in_ring, I64);
+            let capacity = b.i64(policy.capacity().unwrap_or(0) as i64);
+            let tokens = b.addi(&qpos, &c1);
+            (slot, b.mini(&tokens, &capacity))
+        }
+    };
+    let blocks = b.ceil_div(&used, &cw);
+    let slot_block = b.divi(&slot, &cw);
+    let slot_lane = b.remi(&slot, &cw);
+    let row_stride = b.muli(&batch_count, &ckv); // (batch, kv head) pairs per slot
+
+    b.for_range(&e.first, &e.last, &c1, &[], |b, pid, _| {
+        let batch = b.divi(pid, &ckv);
+        let kv = b.remi(pid, &ckv);
+        let pair = b.muli(&batch, &ckv);
+        let pair = b.addi(&pair, &kv); // (batch, kv head)
+        let new_row = b.muli(&pair, &cd);
+
+        // Append: the key into its block's column, the value into its row.
+        let kblock = b.muli(&slot_block, &row_stride);
+        let kblock = b.addi(&kblock, &pair);
+        let kblock = b.muli(&kblock, &cd);
+        let kblock = b.muli(&kblock, &cw);
+        b.for_range(&c0, &cd, &c1, &[], |b, dd, _| {
+            let at = b.addi(&new_row, dd);
+            let x = b.load(&k_new, &at, F32, F32);
+            let to = b.muli(dd, &cw);
+            let to = b.addi(&kblock, &to);
+            let to = b.addi(&to, &slot_lane);
+            b.store(&x, &kc, &to, F32, F32);
+            vec![]
+        });
+        let vrow = b.muli(&slot, &row_stride);
+        let vrow = b.addi(&vrow, &pair);
+        let vrow = b.muli(&vrow, &cd);
+        b.for_range(&c0, &cd, &cwv, &[], |b, c, _| {
+            let at = b.addi(&new_row, c);
+            let x = b.load(&v_new, &at, F32, &vtv);
+            let to = b.addi(&vrow, c);
+            b.store(&x, &vc, &to, F32, &vtv);
+            vec![]
+        });
+
+        b.for_range(&c0, &cgroup, &c1, &[], |b, i, _| {
+            b.store(&neg_inf, &maxes, i, F32, F32);
+            b.store(&fzero, &sums, i, F32, F32);
+            let row = b.muli(i, &cd);
+            b.for_range(&c0, &cd, &cwv, &[], |b, c, _| {
+                let at = b.addi(&row, c);
+                b.store(&zero_vv, &acc, &at, F32, &vtv);
+                vec![]
+            });
+            vec![]
+        });
+
+        b.for_range(&c0, &blocks, &c1, &[], |b, blk, _| {
+            let s0 = b.muli(blk, &cw);
+            let keys = b.load(&positions, &s0, I64, &vi64(w));
+            let filled = b.cmpi("sgt", &keys, &minus_one, &vi64(w));
+            let kbase = b.muli(blk, &row_stride);
+            let kbase = b.addi(&kbase, &pair);
+            let kbase = b.muli(&kbase, &cd);
+            let kbase = b.muli(&kbase, &cw);
+            b.for_range(&c0, &cgroup, &c1, &[], |b, i, _| {
+                let gh = b.muli(&kv, &cgroup);
+                let h = b.addi(&gh, i);
+                let qrow = b.muli(&batch, &ch);
+                let qrow = b.addi(&qrow, &h);
+                let qrow = b.muli(&qrow, &cd);
+                let dots = b.for_range(
+                    &c0,
+                    &cd,
+                    &c1,
+                    &[(zero_v.clone(), vt.clone())],
+                    |b, dd, carried| {
+                        let at = b.addi(&qrow, dd);
+                        let x = b.load(&q, &at, F32, F32);
+                        let xv = b.splat(&x, F32, w);
+                        let col = b.muli(dd, &cw);
+                        let col = b.addi(&kbase, &col);
+                        let kv_lanes = b.load(&kc, &col, F32, &vt);
+                        vec![b.fma(&xv, &kv_lanes, &carried[0], &vt)]
+                    },
+                );
+                let s = b.bin("mulf", &dots[0], &scale, &vt);
+                let env = VecEnv {
+                    n: w,
+                    q: qpos.clone(),
+                    k0: c0.clone(),
+                    h: h.clone(),
+                    b: batch.clone(),
+                    score: Some(s.clone()),
+                    sides: &[],
+                    narrow: false,
+                    keys: Some(keys.clone()),
+                };
+                let s = match &kernel.score {
+                    Some(expr) => {
+                        let modified = vexpr::score(b, expr, &env);
+                        b.bin("mulf", &modified, &log2e_v, &vt)
+                    }
+                    None => s,
+                };
+                let visible = vexpr::mask(b, &kernel.mask, &env);
+                let visible = b.bin("andi", &visible, &filled, &vi1(w));
+                let s = b.select(&visible, &s, &neg_inf_v, &vt);
+                let tile_max = b.op(format!(
+                    "vector.reduction <maxnumf>, {s} fastmath<nnan> : {vt} into f32"
+                ));
+                let m_old = b.load(&maxes, i, F32, F32);
+                let m_new = b.op(format!(
+                    "arith.maxnumf {m_old}, {tile_max} fastmath<nnan> : f32"
+                ));
+                let hidden = b.cmpf("oeq", &m_new, &neg_inf, F32);
+                let m_use = b.select(&hidden, &fzero, &m_new, F32);
+                let m_use_v = b.splat(&m_use, F32, w);
+                let shifted = b.bin("subf", &s, &m_use_v, &vt);
+                let p = vexpr::exp2_nonpositive(b, &shifted, w);
+                let tile_sum = b.reduce("add", &p, &vt, F32);
+                let shift = b.bin("subf", &m_old, &m_use, F32);
+                let shift_v = b.splat(&shift, F32, w);
+                let alpha_v = vexpr::exp2_nonpositive(b, &shift_v, w);
+                let alpha = b.op(format!("vector.extract {alpha_v}[0] : f32 from {vt}"));
+                let l_old = b.load(&sums, i, F32, F32);
+                let l_new = b.fma(&l_old, &alpha, &tile_sum, F32);
+                b.store(&l_new, &sums, i, F32, F32);
+                b.store(&m_new, &maxes, i, F32, F32);
+                let alpha_vv = b.splat(&alpha, F32, wv);
+                let weights: Vec<Val> = (0..w)
+                    .map(|j| {
+                        let pj = b.op(format!("vector.extract {p}[{j}] : f32 from {vt}"));
+                        b.splat(&pj, F32, wv)
+                    })
+                    .collect();
+                let arow = b.muli(i, &cd);
+                b.for_range(&c0, &cd, &cwv, &[], |b, c, _| {
+                    let at = b.addi(&arow, c);
+                    let o = b.load(&acc, &at, F32, &vtv);
+                    let mut o = b.bin("mulf", &o, &alpha_vv, &vtv);
+                    for (j, pj) in weights.iter().enumerate() {
+                        let sj = b.i64(j as i64);
+                        let sj = b.addi(&s0, &sj);
+                        let row = b.muli(&sj, &row_stride);
+                        let row = b.addi(&row, &pair);
+                        let row = b.muli(&row, &cd);
+                        let row = b.addi(&row, c);
+                        let v = b.load(&vc, &row, F32, &vtv);
+                        o = b.fma(pj, &v, &o, &vtv);
+                    }
+                    b.store(&o, &acc, &at, F32, &vtv);
+                    vec![]
+                });
+                vec![]
+            });
+            vec![]
+        });
+
+        // Normalize and write out; a query that saw nothing gets zeros.
+        b.for_range(&c0, &cgroup, &c1, &[], |b, i, _| {
+            let l = b.load(&sums, i, F32, F32);
+            let seen = b.cmpf("ogt", &l, &fzero, F32);
+            let inverse = b.bin("divf", &fone, &l, F32);
+            let inverse = b.select(&seen, &inverse, &fzero, F32);
+            let inverse_v = b.splat(&inverse, F32, wv);
+            let gh = b.muli(&kv, &cgroup);
+            let h = b.addi(&gh, i);
+            let orow = b.muli(&batch, &ch);
+            let orow = b.addi(&orow, &h);
+            let orow = b.muli(&orow, &cd);
+            let arow = b.muli(i, &cd);
+            b.for_range(&c0, &cd, &cwv, &[], |b, c, _| {
+                let at = b.addi(&arow, c);
+                let o = b.load(&acc, &at, F32, &vtv);
+                let o = b.bin("mulf", &o, &inverse_v, &vtv);
+                let dst = b.addi(&orow, c);
+                b.store(&o, &out, &dst, F32, &vtv);
+                vec![]
+            });
+            vec![]
+        });
+        vec![]
+    });
+    b.finish(name)
+}

@@ -1,0 +1,190 @@
+//! Generation: decoding with the KV caches the compiler derives from each mask gives the
+//! logits of a full forward pass over the whole prefix, for every program whose attention
+//! can be decoded, far past the window (rings wrap several times) and with sinks; masks a
+//! cache cannot serve are refused with a reason.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use ndarray::{ArrayD, Axis, IxDyn, s};
+use zebra_codegen::artifact::{BuildOptions, Cache, build};
+use zebra_codegen::plan::PlanMode;
+use zebra_ir::Graph;
+use zebra_passes::{Options, optimize};
+use zebra_runtime::{CpuModel, Tensor};
+
+use crate::common::{assert_close, cache_dir, check_ok, lower, programs, relative, shrink};
+
+const TOLERANCE: f64 = 1e-4;
+
+fn build_mode(graph: &Graph, dir: &Path, mode: PlanMode) -> Result<(), String> {
+    let options = BuildOptions {
+        mode,
+        max_seq_len: 512,
+        cache: Some(Cache { dir: cache_dir() }),
+    };
+    build(graph, dir, &options)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn tokens(batch: usize, seq: usize, vocab: usize, seed: u64) -> ArrayD<i64> {
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    ArrayD::from_shape_fn(IxDyn(&[batch, seq]), |_| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) % vocab as u64) as i64
+    })
+}
+
+fn run(model: &mut CpuModel, tokens: &ArrayD<i64>) -> BTreeMap<String, ArrayD<f32>> {
+    let inputs = BTreeMap::from([("tokens".to_string(), Tensor::I64(tokens.clone()))]);
+    model.run(&inputs).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Programs (by file or model name) a KV cache cannot serve, and why.
+const REFUSED: &[(&str, &str)] = &[
+    ("bidirectional_local", "causal"),
+    ("document", "side inputs"),
+    ("modernbert", "causal"),
+    ("sides_and_heads", "side inputs"),
+    ("encoder_model", "causal"),
+];
+
+#[test]
+fn decoding_with_the_kv_cache_matches_a_full_forward() {
+    let out = tempfile::tempdir().expect("temporary directory");
+    let mut decoded = 0;
+    for path in programs() {
+        let (_, checked) = check_ok(&path);
+        for spec in &checked.program.models {
+            let tiny = shrink(spec);
+            let graph = optimize(&lower(&tiny), &Options::default())
+                .unwrap_or_else(|e| panic!("{e}"))
+                .graph;
+            let what = format!("{} ({})", relative(&path), spec.name);
+            let prefill_dir = out.path().join(format!("{}-prefill", spec.name));
+            let decode_dir = out.path().join(format!("{}-decode", spec.name));
+            let built = build_mode(&graph, &prefill_dir, PlanMode::Prefill)
+                .and_then(|_| build_mode(&graph, &decode_dir, PlanMode::Decode));
+            let stem = path.file_stem().unwrap().to_string_lossy().to_string();
+            if let Some((_, reason)) = REFUSED
+                .iter()
+                .find(|(name, _)| *name == stem || *name == spec.name)
+            {
+                let error = built.expect_err(&format!("{what}: generation should be refused"));
+                assert!(error.contains(reason), "{what}: unclear refusal: {error}");
+                continue;
+            }
+            built.unwrap_or_else(|e| panic!("{what}: {e}"));
+            let weights = zebra_frontend::init::random_weights(&tiny, 5);
+            let mut prefill = CpuModel::load(&prefill_dir, &weights, 2).unwrap();
+            let mut decode = CpuModel::load(&decode_dir, &weights, 2).unwrap();
+            let min_prompt = decode
+                .plan()
+                .caches
+                .iter()
+                .map(|c| c.min_prompt)
+                .max()
+                .unwrap_or(0);
+            // Long enough for a window of 16 (32 in zebra_tiny) to wrap several times.
+            let total = if tiny.layers.len() > 8 { 40 } else { 110 };
+            let all = tokens(2, total, tiny.vocab, 7);
+            let full = run(&mut prefill, &all)["logits"].mapv(f64::from);
+            let prompt = min_prompt.max(5);
+            let first = all.slice(s![.., ..prompt]).to_owned().into_dyn();
+            let outputs = run(&mut prefill, &first);
+            decode
+                .start_decode(&outputs)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            for t in prompt..total {
+                let next = all.slice(s![.., t..t + 1]).to_owned().into_dyn();
+                let step = decode
+                    .decode(&next)
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                let actual = step["logits"].mapv(f64::from);
+                let expected = full.slice(s![.., t..t + 1, ..]).to_owned().into_dyn();
+                assert_close(&actual, &expected, TOLERANCE, &format!("{what} at {t}"));
+            }
+            assert_eq!(decode.cached_tokens(), total);
+            decoded += 1;
+        }
+    }
+    assert!(decoded >= 10, "only {decoded} programs decoded");
+}
+
+/// Caches hold what the mask can see: a ring of the window for local layers, every key for
+/// global ones; the Zebra layout holds `1/G + (1 - 1/G) W / T` of full attention's cache.
+#[test]
+fn kv_caches_hold_only_what_the_mask_can_see() {
+    let out = tempfile::tempdir().expect("temporary directory");
+    let path = crate::common::root().join("examples/zebra_tiny.zb");
+    let (_, checked) = check_ok(&path);
+    let spec = &checked.program.models[0];
+    let graph = optimize(&lower(spec), &Options::default()).unwrap().graph;
+    let (prefill_dir, decode_dir) = (out.path().join("p"), out.path().join("d"));
+    build_mode(&graph, &prefill_dir, PlanMode::Prefill).unwrap();
+    build_mode(&graph, &decode_dir, PlanMode::Decode).unwrap();
+    let weights = zebra_frontend::init::random_weights(spec, 1);
+    let mut prefill = CpuModel::load(&prefill_dir, &weights, 2).unwrap();
+    let mut decode = CpuModel::load(&decode_dir, &weights, 2).unwrap();
+    let rings: Vec<Option<usize>> = decode.plan().caches.iter().map(|c| c.ring).collect();
+    assert_eq!(
+        rings,
+        [
+            None,
+            Some(32),
+            Some(32),
+            Some(32),
+            None,
+            Some(32),
+            Some(32),
+            Some(32)
+        ]
+    );
+    let t = 256;
+    let prompt = tokens(1, t, spec.vocab, 3);
+    let outputs = run(&mut prefill, &prompt);
+    decode.start_decode(&outputs).unwrap();
+    let (held, full) = decode.cache_bytes();
+    let (g, w) = (4.0, 32.0);
+    let expected = 1.0 / g + (1.0 - 1.0 / g) * w / t as f64;
+    let fraction = held as f64 / full as f64;
+    assert!(
+        (fraction - expected).abs() < 1e-9,
+        "{fraction} vs {expected}"
+    );
+    // The logits of the last prompt token come with the prefill.
+    assert_eq!(outputs["logits"].len_of(Axis(1)), t);
+}
+
+#[test]
+fn decoding_past_the_compiled_context_is_refused() {
+    let out = tempfile::tempdir().expect("temporary directory");
+    let path = crate::common::root().join("examples/attention/sliding_window.zb");
+    let (_, checked) = check_ok(&path);
+    let spec = shrink(&checked.program.models[0]);
+    let graph = optimize(&lower(&spec), &Options::default()).unwrap().graph;
+    let options = |mode| BuildOptions {
+        mode,
+        max_seq_len: 12,
+        cache: Some(Cache { dir: cache_dir() }),
+    };
+    let (p, d) = (out.path().join("p"), out.path().join("d"));
+    build(&graph, &p, &options(PlanMode::Prefill)).unwrap();
+    build(&graph, &d, &options(PlanMode::Decode)).unwrap();
+    let weights = zebra_frontend::init::random_weights(&spec, 1);
+    let mut prefill = CpuModel::load(&p, &weights, 1).unwrap();
+    let mut decode = CpuModel::load(&d, &weights, 1).unwrap();
+    let error = decode.decode(&tokens(1, 1, spec.vocab, 1)).unwrap_err();
+    assert!(error.to_string().contains("prefill"), "{error}");
+    let outputs = run(&mut prefill, &tokens(1, 10, spec.vocab, 1));
+    decode.start_decode(&outputs).unwrap();
+    decode.decode(&tokens(1, 1, spec.vocab, 2)).unwrap();
+    decode.decode(&tokens(1, 1, spec.vocab, 3)).unwrap();
+    let error = decode.decode(&tokens(1, 1, spec.vocab, 4)).unwrap_err();
+    assert!(error.to_string().contains("above the 12"), "{error}");
+    let error = decode.decode(&tokens(2, 1, spec.vocab, 4)).unwrap_err();
+    assert!(error.to_string().contains("[1, 1]"), "{error}");
+}
