@@ -2,6 +2,7 @@
 
 mod bench;
 mod commands;
+mod infer;
 mod train;
 
 use std::path::PathBuf;
@@ -218,6 +219,75 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Generate text from a trained model, streaming tokens as they come: the prompt is
+    /// prefilled with the fused attention, then tokens are decoded one by one against KV
+    /// caches that keep only what each layer's mask can still see.
+    Generate {
+        /// A run directory (from zebra train), or a safetensors file with --model-file.
+        source: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 200)]
+        max_tokens: usize,
+        /// 0 picks the most likely token every time.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        /// Sample from the K most likely tokens only (0: all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Sample from the most likely tokens up to this total probability (1: all).
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The longest context (prompt and generated tokens; default: their sum).
+        #[arg(long)]
+        context: Option<usize>,
+        /// Print timings and the KV cache held against full attention's, to stderr.
+        #[arg(long)]
+        stats: bool,
+        /// The model's source, when SOURCE is a weights file.
+        #[arg(long, value_name = "FILE.zb")]
+        model_file: Option<PathBuf>,
+        /// Which model of the source file.
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Evaluate a trained model: perplexity on text at each context length (--data), or the
+    /// recall task's accuracy by distance between key and query (--task recall).
+    Eval {
+        /// A run directory (from zebra train), or a safetensors file with --model-file.
+        source: PathBuf,
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[arg(long)]
+        task: Option<String>,
+        /// Context lengths (default: the run's sequence length).
+        #[arg(long, num_args = 1..)]
+        context: Vec<usize>,
+        /// Key-value pairs per recall sequence (default: the run's).
+        #[arg(long)]
+        pairs: Option<usize>,
+        /// Sequences (recall) or text windows per context length.
+        #[arg(long, default_value_t = 64)]
+        samples: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// The seed of the recall sequences (held out from training's by default).
+        #[arg(long, default_value_t = 1_000_003)]
+        seed: u64,
+        /// One JSON object per context length.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_name = "FILE.zb")]
+        model_file: Option<PathBuf>,
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
     /// Check that MLIR and LLVM work here: JIT a small MLIR function, create CPU and PTX targets.
     Toolchain,
     /// Encode text as byte-level token ids (vocabulary 256) into an int64 .npy file [1, T].
@@ -300,6 +370,62 @@ fn main() -> ExitCode {
         }),
         Command::Encode { text, output } => commands::encode(&text, &output),
         Command::Toolchain => commands::toolchain(),
+        Command::Generate {
+            source,
+            prompt,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            context,
+            stats,
+            model_file,
+            model,
+            threads,
+        } => infer::generate(&infer::GenerateArgs {
+            source: &source,
+            model_file: model_file.as_deref(),
+            model: model.as_deref(),
+            prompt: &prompt,
+            max_tokens,
+            context,
+            sampling: zebra_runtime::sample::Sampling {
+                temperature,
+                top_k,
+                top_p,
+            },
+            seed,
+            stats,
+            threads,
+        }),
+        Command::Eval {
+            source,
+            data,
+            task,
+            context,
+            pairs,
+            samples,
+            batch,
+            seed,
+            json,
+            model_file,
+            model,
+            threads,
+        } => infer::eval(&infer::EvalArgs {
+            source: &source,
+            model_file: model_file.as_deref(),
+            model: model.as_deref(),
+            data: data.as_deref(),
+            task: task.as_deref(),
+            contexts: &context,
+            pairs,
+            samples,
+            batch,
+            seed,
+            json,
+            threads,
+        }),
         Command::Train {
             file,
             model,

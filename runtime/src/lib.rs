@@ -12,6 +12,7 @@ pub mod optim;
 pub mod pack;
 pub mod plan;
 pub mod plot;
+pub mod sample;
 pub mod train;
 
 pub use artifact::{Artifact, ArtifactError};

@@ -1,0 +1,453 @@
+//! `zebra generate` and `zebra eval`: a trained model (a run directory, or safetensors
+//! weights with the model's source) used through its compiled kernels. Generation prefills
+//! the prompt with the fused attention, then decodes token by token against KV caches that
+//! hold only what each layer's mask can still see.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use ndarray::{ArrayD, IxDyn};
+use zebra_codegen::plan::PlanMode;
+use zebra_frontend::ModelSpec;
+use zebra_ir::{Graph, Weights};
+use zebra_runtime::checkpoint;
+use zebra_runtime::data::{Batch, Recall, Source, Text};
+use zebra_runtime::sample::{Sampler, Sampling};
+use zebra_runtime::{CpuModel, Tensor};
+
+use crate::train::{graph_and_hash, spec_from_source};
+
+/// A model to use: its spec, weights, and where they came from.
+pub struct Loaded {
+    pub spec: ModelSpec,
+    pub weights: Weights,
+    pub optimized: Graph,
+    /// The training run's sequence length, when known.
+    pub trained_seq_len: Option<usize>,
+    pub recall_pairs: Option<usize>,
+}
+
+/// Reads a run directory (its model and current checkpoint), or weights with `--model-file`.
+pub fn load(source: &Path, model_file: Option<&Path>, model: Option<&str>) -> Result<Loaded> {
+    let (spec, weights, seq_len, pairs) = if source.is_dir() {
+        let meta = checkpoint::meta(source)?;
+        let file = source.join("model.zb");
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        let spec = spec_from_source(
+            &text,
+            &file,
+            Some(&meta.config.model),
+            meta.config.every_layer.as_deref(),
+        )?;
+        let (_, hash) = graph_and_hash(&spec)?;
+        let ckpt = checkpoint::load(source, &hash)?;
+        let pairs = meta
+            .config
+            .data
+            .strip_prefix("recall")
+            .map(|rest| rest.trim_start_matches(':').parse().unwrap_or(Recall::DEFAULT_PAIRS));
+        (spec, ckpt.weights, Some(meta.config.seq_len), pairs)
+    } else {
+        if !source.exists() {
+            bail!(
+                "{} does not exist: give a run directory (from zebra train) or a safetensors file",
+                source.display()
+            );
+        }
+        let file = model_file.ok_or_else(|| {
+            anyhow!(
+                "{} is a weights file: give the model's source too, with --model-file FILE.zb",
+                source.display()
+            )
+        })?;
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        let spec = spec_from_source(&text, file, model, None)?;
+        (spec, Weights::load(source)?, None, None)
+    };
+    let graph = zebra_frontend::lower::lower(&spec)?;
+    let optimized = zebra_passes::optimize(&graph, &zebra_passes::Options::default())?.graph;
+    Ok(Loaded {
+        spec,
+        weights,
+        optimized,
+        trained_seq_len: seq_len,
+        recall_pairs: pairs,
+    })
+}
+
+/// The artifact of an optimized graph for one plan mode, in the cache.
+fn artifact(graph: &Graph, max_seq_len: usize, mode: PlanMode) -> Result<PathBuf> {
+    let cache = zebra_codegen::artifact::Cache::default_location()
+        .ok_or_else(|| anyhow!("no cache directory: set ZEBRA_CACHE_DIR or HOME"))?;
+    let key = zebra_codegen::kernels::fnv1a(
+        format!("{}\n{max_seq_len}\n{mode:?}", zebra_ir::print_graph(graph)).as_bytes(),
+    );
+    let dir = cache.dir.join("artifacts").join(format!("{key:016x}"));
+    let options = zebra_codegen::artifact::BuildOptions {
+        mode,
+        max_seq_len,
+        cache: Some(cache),
+    };
+    zebra_codegen::artifact::build(graph, &dir, &options)
+        .map_err(|e| anyhow!("cannot compile {} for generation: {e}", graph.name))?;
+    Ok(dir)
+}
+
+/// The prefill and decode models of a loaded model, for contexts up to `context`.
+pub fn generation_models(
+    loaded: &Loaded,
+    context: usize,
+    threads: usize,
+) -> Result<(CpuModel, CpuModel)> {
+    let prefill = artifact(&loaded.optimized, context, PlanMode::Prefill)?;
+    let decode = artifact(&loaded.optimized, context, PlanMode::Decode)?;
+    Ok((
+        CpuModel::load(&prefill, &loaded.weights, threads)?,
+        CpuModel::load(&decode, &loaded.weights, threads)?,
+    ))
+}
+
+fn tokens_tensor(tokens: &[i64], batch: usize) -> Tensor {
+    let seq = tokens.len() / batch;
+    Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[batch, seq]), tokens.to_vec()).expect("[B, T]"))
+}
+
+/// The last position's logits of row 0.
+fn last_logits(outputs: &BTreeMap<String, ArrayD<f32>>) -> Vec<f32> {
+    let logits = &outputs["logits"];
+    let (t, v) = (logits.shape()[1], logits.shape()[2]);
+    let flat = logits.as_slice().expect("contiguous logits");
+    flat[(t - 1) * v..t * v].to_vec()
+}
+
+pub struct GenerateArgs<'a> {
+    pub source: &'a Path,
+    pub model_file: Option<&'a Path>,
+    pub model: Option<&'a str>,
+    pub prompt: &'a str,
+    pub max_tokens: usize,
+    pub context: Option<usize>,
+    pub sampling: Sampling,
+    pub seed: u64,
+    pub stats: bool,
+    pub threads: usize,
+}
+
+/// `zebra generate`.
+pub fn generate(args: &GenerateArgs) -> Result<()> {
+    args.sampling.check().map_err(|e| anyhow!(e))?;
+    let prompt = zebra_runtime::data::encode(args.prompt);
+    if prompt.is_empty() {
+        bail!("the prompt is empty: give some text with --prompt");
+    }
+    let context = args.context.unwrap_or(prompt.len() + args.max_tokens);
+    if context == 0 {
+        bail!("--context must be positive");
+    }
+    if prompt.len() > context {
+        bail!(
+            "the prompt has {} tokens, more than the context of {context} (--context)",
+            prompt.len()
+        );
+    }
+    let loaded = load(args.source, args.model_file, args.model)?;
+    if loaded.spec.vocab < 256 {
+        bail!(
+            "{} has a vocabulary of {}: prompts are byte-level (256 tokens)",
+            loaded.spec.name,
+            loaded.spec.vocab
+        );
+    }
+    let compile_start = Instant::now();
+    let (mut prefill, mut decode) = generation_models(&loaded, context, args.threads)?;
+    let compile = compile_start.elapsed();
+    let min_prompt = decode.plan().caches.iter().map(|c| c.min_prompt).max().unwrap_or(0);
+    if prompt.len() < min_prompt {
+        bail!(
+            "the model's masks let the first {min_prompt} positions see later ones (a prefix): \
+             the prompt must hold at least {min_prompt} tokens, it has {}",
+            prompt.len()
+        );
+    }
+    let mut sampler = Sampler::new(args.sampling, args.seed);
+    let mut out = std::io::stdout().lock();
+    out.write_all(args.prompt.as_bytes())?;
+    out.flush()?;
+
+    let start = Instant::now();
+    let inputs = BTreeMap::from([("tokens".to_string(), tokens_tensor(&prompt, 1))]);
+    let outputs = prefill.run(&inputs)?;
+    decode.start_decode(&outputs)?;
+    let mut next = sampler.next(&last_logits(&outputs));
+    let prefill_time = start.elapsed();
+    let start = Instant::now();
+    let mut generated = 0;
+    let budget = args.max_tokens.min(context - prompt.len());
+    while generated < budget {
+        out.write_all(&[next as u8])?;
+        out.flush()?;
+        generated += 1;
+        if generated == budget {
+            break;
+        }
+        let step = decode.decode(&ArrayD::from_elem(IxDyn(&[1, 1]), next as i64))?;
+        next = sampler.next(&last_logits(&step));
+    }
+    out.write_all(b"\n")?;
+    out.flush()?;
+    let decode_time = start.elapsed();
+    if generated < args.max_tokens {
+        eprintln!(
+            "stopped after {generated} tokens: the context of {context} is full (--context)"
+        );
+    }
+    if args.stats {
+        let (held, full) = decode.cache_bytes();
+        let steps = generated.saturating_sub(1).max(1);
+        eprintln!("model           {} ({} layers)", loaded.spec.name, loaded.spec.layers.len());
+        eprintln!("compile         {:.2} s", compile.as_secs_f64());
+        eprintln!(
+            "prefill         {} tokens in {:.1} ms ({:.0} tokens/s)",
+            prompt.len(),
+            prefill_time.as_secs_f64() * 1e3,
+            prompt.len() as f64 / prefill_time.as_secs_f64()
+        );
+        eprintln!(
+            "decode          {generated} tokens in {:.1} ms ({:.1} tokens/s)",
+            decode_time.as_secs_f64() * 1e3,
+            steps as f64 / decode_time.as_secs_f64().max(1e-9)
+        );
+        eprintln!(
+            "KV cache        {} held for {} tokens; full attention in every layer: {} ({:.1}%)",
+            bytes(held),
+            decode.cached_tokens(),
+            bytes(full),
+            100.0 * held as f64 / full.max(1) as f64
+        );
+        for (i, c) in decode.plan().caches.iter().enumerate() {
+            let keeps = match c.ring {
+                None => "every key".to_string(),
+                Some(r) if c.sinks > 0 => format!("{} sinks + a ring of {r}", c.sinks),
+                Some(r) => format!("a ring of {r}"),
+            };
+            eprintln!(
+                "  layer {:<3} {keeps}",
+                c.layer.map_or(i.to_string(), |l| l.to_string())
+            );
+        }
+    }
+    Ok(())
+}
+
+fn bytes(n: usize) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.2} GiB", n as f64 / f64::from(1u32 << 30)),
+        n if n >= 1 << 20 => format!("{:.2} MiB", n as f64 / f64::from(1u32 << 20)),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+pub struct EvalArgs<'a> {
+    pub source: &'a Path,
+    pub model_file: Option<&'a Path>,
+    pub model: Option<&'a str>,
+    pub data: Option<&'a Path>,
+    pub task: Option<&'a str>,
+    pub contexts: &'a [usize],
+    pub pairs: Option<usize>,
+    /// Sequences (recall) or windows (text) per context length.
+    pub samples: usize,
+    pub batch: usize,
+    pub seed: u64,
+    pub json: bool,
+    pub threads: usize,
+}
+
+/// Cross-entropy of the scored targets of a batch, from `[B, T, V]` logits: summed loss,
+/// count, and for recall, which queries were answered right.
+fn score(logits: &ArrayD<f32>, batch: &Batch) -> (f64, usize, Vec<bool>) {
+    let (t, v) = (logits.shape()[1], logits.shape()[2]);
+    let flat = logits.as_slice().expect("contiguous logits");
+    let (mut loss, mut count) = (0.0, 0);
+    for (i, &target) in batch.targets.iter().enumerate() {
+        if target < 0 {
+            continue;
+        }
+        let row = &flat[i * v..(i + 1) * v];
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let sum: f64 = row.iter().map(|&x| f64::from(x - max).exp()).sum();
+        loss += sum.ln() + f64::from(max) - f64::from(row[target as usize]);
+        count += 1;
+    }
+    let right = batch
+        .queries
+        .iter()
+        .map(|&(r, at, _)| {
+            let row = &flat[(r * t + at) * v..(r * t + at + 1) * v];
+            let best = row
+                .iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+                .0;
+            best as i64 == batch.targets[r * t + at]
+        })
+        .collect();
+    (loss, count, right)
+}
+
+fn run_batch(model: &mut CpuModel, batch: &Batch) -> Result<ArrayD<f32>> {
+    let inputs = BTreeMap::from([("tokens".to_string(), tokens_tensor(&batch.tokens, batch.batch))]);
+    let mut outputs = model.run(&inputs)?;
+    Ok(outputs.remove("logits").expect("the model outputs logits"))
+}
+
+/// Distance buckets for recall accuracy: powers of two.
+fn bucket(distance: usize) -> (usize, usize) {
+    let mut lo = 1;
+    while lo * 2 <= distance {
+        lo *= 2;
+    }
+    (lo, lo * 2 - 1)
+}
+
+/// The recall accuracy of a model at one context length, overall and by distance bucket.
+pub struct RecallScore {
+    pub accuracy: f64,
+    pub queries: usize,
+    pub by_distance: Vec<((usize, usize), usize, usize)>,
+}
+
+/// Evaluates recall at `context` on `samples` sequences of a fixed held-out seed.
+pub fn recall_accuracy(
+    model: &mut CpuModel,
+    pairs: usize,
+    context: usize,
+    samples: usize,
+    batch: usize,
+    seed: u64,
+) -> Result<RecallScore> {
+    let mut source = Recall::new(pairs, seed);
+    let mut buckets: BTreeMap<(usize, usize), (usize, usize)> = BTreeMap::new();
+    let mut done = 0;
+    while done < samples {
+        let rows = batch.min(samples - done);
+        let b = source.next_batch(rows, context)?;
+        let logits = run_batch(model, &b)?;
+        let (_, _, right) = score(&logits, &b);
+        for (&(_, _, distance), ok) in b.queries.iter().zip(right) {
+            let entry = buckets.entry(bucket(distance)).or_default();
+            entry.0 += usize::from(ok);
+            entry.1 += 1;
+        }
+        done += rows;
+    }
+    let (right, total) = buckets
+        .values()
+        .fold((0, 0), |(r, t), (br, bt)| (r + br, t + bt));
+    Ok(RecallScore {
+        accuracy: right as f64 / total.max(1) as f64,
+        queries: total,
+        by_distance: buckets.into_iter().map(|(k, (r, t))| (k, r, t)).collect(),
+    })
+}
+
+/// `zebra eval`.
+pub fn eval(args: &EvalArgs) -> Result<()> {
+    if args.samples == 0 || args.batch == 0 {
+        bail!("--samples and --batch must be positive");
+    }
+    if args.contexts.contains(&0) {
+        bail!("--context lengths must be positive");
+    }
+    let task = match (args.data, args.task) {
+        (Some(_), Some(_)) => bail!("give either --data PATH or --task recall, not both"),
+        (Some(path), None) => Some(Text::open(path, 0)?),
+        (None, Some("recall")) => None,
+        (None, Some(other)) => bail!("unknown task `{other}`; the built-in task is `recall`"),
+        (None, None) => bail!("give --data PATH (perplexity) or --task recall (recall accuracy)"),
+    };
+    let loaded = load(args.source, args.model_file, args.model)?;
+    let contexts: Vec<usize> = if args.contexts.is_empty() {
+        vec![loaded.trained_seq_len.unwrap_or(256)]
+    } else {
+        args.contexts.to_vec()
+    };
+    let longest = *contexts.iter().max().expect("at least one context");
+    let dir = crate::commands::cached_artifact(&loaded.optimized, longest)?;
+    let mut model = CpuModel::load(&dir, &loaded.weights, args.threads)?;
+    let name = &loaded.spec.name;
+    match task {
+        Some(text) => {
+            if !args.json {
+                println!("{name}: perplexity on {}", args.data.unwrap().display());
+                println!("{:>9}  {:>10}  {:>10}  {:>9}", "context", "tokens", "loss", "perplexity");
+            }
+            for &t in &contexts {
+                let batches = text.windows(args.batch, t, args.samples)?;
+                let (mut loss, mut count) = (0.0, 0);
+                for b in &batches {
+                    let logits = run_batch(&mut model, b)?;
+                    let (l, c, _) = score(&logits, b);
+                    loss += l;
+                    count += c;
+                }
+                let mean = loss / count.max(1) as f64;
+                if args.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"model": name, "context": t, "tokens": count,
+                            "loss": mean, "perplexity": mean.exp()})
+                    );
+                } else {
+                    println!("{t:>9}  {count:>10}  {mean:>10.4}  {:>9.3}", mean.exp());
+                }
+            }
+        }
+        None => {
+            let pairs = args
+                .pairs
+                .or(loaded.recall_pairs)
+                .unwrap_or(Recall::DEFAULT_PAIRS);
+            for &t in &contexts {
+                let result = recall_accuracy(&mut model, pairs, t, args.samples, args.batch, args.seed)?;
+                if args.json {
+                    let buckets: Vec<_> = result
+                        .by_distance
+                        .iter()
+                        .map(|((lo, hi), r, n)| {
+                            serde_json::json!({"distance": [lo, hi], "right": r, "queries": n,
+                                "accuracy": *r as f64 / (*n).max(1) as f64})
+                        })
+                        .collect();
+                    println!(
+                        "{}",
+                        serde_json::json!({"model": name, "context": t, "pairs": pairs,
+                            "accuracy": result.accuracy, "queries": result.queries,
+                            "by_distance": buckets})
+                    );
+                } else {
+                    println!(
+                        "{name}: recall at context {t}: {:.1}% of {} queries",
+                        100.0 * result.accuracy,
+                        result.queries
+                    );
+                    println!("{:>13}  {:>8}  {:>8}", "distance", "queries", "accuracy");
+                    for ((lo, hi), r, n) in &result.by_distance {
+                        println!(
+                            "{:>13}  {n:>8}  {:>7.1}%",
+                            format!("{lo}-{hi}"),
+                            100.0 * *r as f64 / (*n).max(1) as f64
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
