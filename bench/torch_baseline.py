@@ -10,9 +10,13 @@ Set up once (PyTorch is only needed for benchmarking, never by Zebra itself):
     python3 -m venv .venv-bench && .venv-bench/bin/pip install torch numpy
     .venv-bench/bin/python bench/torch_baseline.py --seq-len 8192 --threads 2
 
-Benchmarks (all by default): attention-local (flex_attention with a sliding-window block mask,
-and SDPA with the dense window mask), attention-global (SDPA causal, flex_attention causal),
-matmul (an f32 [T, 4096] x [4096, 4096] product: the machine's practical FMA rate).
+Benchmarks (the first three by default): attention-local (flex_attention with a
+sliding-window block mask, and SDPA with the dense window mask), attention-global (SDPA
+causal, flex_attention causal), matmul (an f32 [T, 4096] x [4096, 4096] product: the
+machine's practical FMA rate), train-zebra (training steps of examples/zebra_tiny.zb in
+PyTorch eager: the same layers, GQA, RoPE, SwiGLU, tied embeddings, AdamW; global layers
+through SDPA causal, local ones through SDPA with the window mask; --seq-len x --batch
+tokens per step, reported in tokens per second).
 """
 
 import argparse
@@ -31,6 +35,7 @@ def parse_args():
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch", type=int, default=4, help="sequences per training step")
     p.add_argument("--no-flex", action="store_true", help="skip flex_attention (it compiles with inductor)")
     return p.parse_args()
 
@@ -69,6 +74,95 @@ def emit(args, name, impl, time_ms, flops, **extra):
     print(json.dumps(record), flush=True)
 
 
+def train_zebra_tiny(args):
+    """Training steps of zebra_tiny (examples/zebra_tiny.zb) in PyTorch eager."""
+    import torch
+    import torch.nn.functional as F
+
+    vocab, dim, heads, kv_heads, head_dim, hidden = 256, 64, 4, 2, 16, 176
+    layers, group, window, eps = 8, 4, 32, 1e-5
+
+    def rms(x, g):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g
+
+    class Layer(torch.nn.Module):
+        def __init__(self, is_global):
+            super().__init__()
+            self.is_global = is_global
+            linear = lambda i, o: torch.nn.Linear(i, o, bias=False)
+            self.q, self.k, self.v = linear(dim, heads * head_dim), linear(dim, kv_heads * head_dim), linear(dim, kv_heads * head_dim)
+            self.o = linear(heads * head_dim, dim)
+            self.gate, self.up, self.down = linear(dim, hidden), linear(dim, hidden), linear(hidden, dim)
+            self.norm1 = torch.nn.Parameter(torch.ones(dim))
+            self.norm2 = torch.nn.Parameter(torch.ones(dim))
+
+        def forward(self, x, cos, sin, window_mask):
+            b, t, _ = x.shape
+            h = rms(x, self.norm1)
+            q = self.q(h).view(b, t, heads, head_dim).transpose(1, 2)
+            k = self.k(h).view(b, t, kv_heads, head_dim).transpose(1, 2)
+            v = self.v(h).view(b, t, kv_heads, head_dim).transpose(1, 2)
+
+            def rope(z):
+                z1, z2 = z[..., : head_dim // 2], z[..., head_dim // 2 :]
+                return z * cos + torch.cat([-z2, z1], -1) * sin
+
+            q, k = rope(q), rope(k)
+            k = k.repeat_interleave(heads // kv_heads, 1)
+            v = v.repeat_interleave(heads // kv_heads, 1)
+            if self.is_global:
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask)
+            x = x + self.o(a.transpose(1, 2).reshape(b, t, heads * head_dim))
+            h = rms(x, self.norm2)
+            return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(vocab, dim)
+            self.layers = torch.nn.ModuleList([Layer(i % group == 0) for i in range(layers)])
+            self.norm = torch.nn.Parameter(torch.ones(dim))
+
+        def forward(self, ids):
+            t = ids.shape[1]
+            pos = torch.arange(t)[:, None]
+            angle = pos * 10000.0 ** (-torch.arange(0, head_dim, 2) / head_dim)
+            angle = torch.cat([angle, angle], -1)
+            cos, sin = angle.cos(), angle.sin()
+            qi, ki = torch.arange(t)[:, None], torch.arange(t)[None, :]
+            window_mask = (ki <= qi) & (qi - ki < window)
+            x = self.embed(ids)
+            for layer in self.layers:
+                x = layer(x, cos, sin, window_mask)
+            return rms(x, self.norm) @ self.embed.weight.T
+
+    model = Model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    t, b = args.seq_len, args.batch
+    ids = torch.randint(0, vocab, (b, t + 1))
+
+    def step():
+        logits = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, vocab), ids[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    ms = timed(step, args.repeats)
+    print(json.dumps({
+        "name": "train-zebra",
+        "impl": "torch eager (SDPA, AdamW)",
+        "seq_len": t,
+        "batch": b,
+        "threads": args.threads,
+        "time_ms": ms,
+        "tokens_per_s": b * t / (ms * 1e-3),
+    }), flush=True)
+
+
 def main():
     args = parse_args()
     import torch
@@ -87,6 +181,8 @@ def main():
         except Exception as error:  # an old PyTorch: report and go on with SDPA
             print(f"flex_attention unavailable: {error}", file=sys.stderr)
 
+    if "train-zebra" in args.names:
+        train_zebra_tiny(args)
     with torch.no_grad():
         if "attention-local" in args.names:
             flops = 4.0 * d * h * visible_local(t, w)

@@ -17,7 +17,20 @@ use rayon::prelude::*;
 use zebra_runtime::{CpuModel, Tensor};
 
 /// The benchmarks, in the order they run.
-pub const NAMES: [&str; 6] = [
+pub const NAMES: [&str; 9] = [
+    "attention-local",
+    "attention-global",
+    "forward-zebra",
+    "forward-all-global",
+    "compile-cold",
+    "compile-warm",
+    "train-zebra",
+    "decode-zebra",
+    "decode-all-global",
+];
+
+/// The benchmarks that run when none is named (the others take a length of their own).
+const DEFAULT: [&str; 6] = [
     "attention-local",
     "attention-global",
     "forward-zebra",
@@ -28,6 +41,8 @@ pub const NAMES: [&str; 6] = [
 
 pub struct BenchArgs<'a> {
     pub names: &'a [String],
+    /// Sequences per training step.
+    pub batch: usize,
     pub seq_len: usize,
     pub threads: usize,
     pub repeats: usize,
@@ -89,9 +104,14 @@ fn compare_with_torch(args: &BenchArgs, python: &Path) -> Result<()> {
         .borrow()
         .iter()
         .filter_map(|r| r.get("name")?.as_str().map(str::to_string))
-        .filter(|n| n.starts_with("attention-"))
+        .filter(|n| n.starts_with("attention-") || n.starts_with("train-"))
         .collect();
-    names.push("matmul".into());
+    if names.iter().any(|n| n.starts_with("attention-")) {
+        names.push("matmul".into());
+    }
+    if names.is_empty() {
+        return Ok(());
+    }
     let output = std::process::Command::new(python)
         .arg(&script)
         .args(&names)
@@ -101,6 +121,7 @@ fn compare_with_torch(args: &BenchArgs, python: &Path) -> Result<()> {
         .args(["--heads", &args.heads.to_string()])
         .args(["--head-dim", &args.head_dim.to_string()])
         .args(["--repeats", &args.repeats.to_string()])
+        .args(["--batch", &args.batch.to_string()])
         .output()
         .map_err(|e| anyhow!("cannot run {}: {e}", python.display()))?;
     if !output.status.success() {
@@ -131,6 +152,23 @@ fn compare_with_torch(args: &BenchArgs, python: &Path) -> Result<()> {
     for ours in args.records.borrow().iter() {
         for other in theirs.iter().filter(|r| name(r) == name(ours)) {
             let implementation = other.get("impl").cloned().unwrap_or_default();
+            let rate = |r: &serde_json::Map<String, serde_json::Value>| {
+                r.get("tokens_per_s").and_then(|g| g.as_f64())
+            };
+            if let (Some(a), Some(b)) = (rate(ours), rate(other)) {
+                let record: serde_json::Map<String, serde_json::Value> = [
+                    ("name".to_string(), name(ours).into()),
+                    ("compare".to_string(), "zebra vs torch".into()),
+                    ("torch_impl".to_string(), implementation),
+                    ("zebra_tokens_per_s".to_string(), a.into()),
+                    ("torch_tokens_per_s".to_string(), b.into()),
+                    ("speedup".to_string(), (a / b).into()),
+                ]
+                .into_iter()
+                .collect();
+                print_record(args, &record);
+                continue;
+            }
             let record: serde_json::Map<String, serde_json::Value> = [
                 ("name".to_string(), name(ours).into()),
                 ("compare".to_string(), "zebra vs torch".into()),
@@ -387,13 +425,7 @@ fn forward(args: &BenchArgs, name: &str, all_global: bool, dir: &Path) -> Result
         times.push(start.elapsed().as_secs_f64());
     }
     let time = median(times);
-    let mut flops = 2.0 * spec.parameter_count() as f64 * t as f64;
-    for &kind in &spec.layers {
-        flops += visible(&spec.kinds[kind].mask, t) as f64
-            * spec.n_heads as f64
-            * 4.0
-            * spec.head_dim as f64;
-    }
+    let flops = forward_flops(&spec, t);
     let layout: Vec<&str> = spec
         .layers
         .iter()
@@ -462,6 +494,194 @@ fn compile(args: &BenchArgs, name: &str, cold: bool, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The FLOPs of one forward pass of `spec` over `t` tokens: 2 per weight per token, and
+/// 4 * head_dim per visible score.
+fn forward_flops(spec: &zebra_frontend::ModelSpec, t: usize) -> f64 {
+    let mut flops = 2.0 * spec.parameter_count() as f64 * t as f64;
+    for &kind in &spec.layers {
+        flops += visible(&spec.kinds[kind].mask, t) as f64
+            * spec.n_heads as f64
+            * 4.0
+            * spec.head_dim as f64;
+    }
+    flops
+}
+
+/// Training steps of zebra_tiny at `--seq-len` x `--batch` (the whole step: forward,
+/// backward, AdamW), in tokens per second.
+fn train(args: &BenchArgs, name: &str, dir: &Path) -> Result<()> {
+    let (spec, _) = zebra_tiny(false)?;
+    let graph = zebra_frontend::lower::lower(&spec)?;
+    let artifact = dir.join(name);
+    crate::train::build_training_artifact(&graph, &artifact, args.seq_len)?;
+    let weights = zebra_frontend::init::random_weights(&spec, 0);
+    let mut trainer = zebra_runtime::train::Trainer::new(
+        &artifact,
+        &weights,
+        Default::default(),
+        Default::default(),
+        args.threads,
+    )?;
+    let (b, t) = (args.batch, args.seq_len);
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let tokens: Vec<i64> = (0..b * (t + 1))
+        .map(|_| rng.random_range(0..spec.vocab as i64))
+        .collect();
+    let mut batch = zebra_runtime::data::Batch {
+        batch: b,
+        seq: t,
+        tokens: Vec::new(),
+        targets: Vec::new(),
+        documents: vec![0; b * t],
+        queries: Vec::new(),
+    };
+    for row in tokens.chunks(t + 1) {
+        batch.tokens.extend_from_slice(&row[..t]);
+        batch.targets.extend_from_slice(&row[1..]);
+    }
+    trainer.step(&batch)?;
+    let mut times = Vec::new();
+    for _ in 0..args.repeats.min(5) {
+        let start = Instant::now();
+        trainer.step(&batch)?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let time = median(times);
+    // Forward and backward: about three forwards.
+    let flops = 3.0 * forward_flops(&spec, t) * b as f64;
+    emit(
+        args,
+        &[
+            ("name", name.into()),
+            ("model", spec.name.clone().into()),
+            ("seq_len", t.into()),
+            ("batch", b.into()),
+            ("threads", trainer_threads(args).into()),
+            ("what", "training step: forward, backward, AdamW".into()),
+            ("time_ms", (time * 1e3).into()),
+            ("tokens_per_s", ((b * t) as f64 / time).into()),
+            ("gflops", (flops / time / 1e9).into()),
+        ],
+    );
+    Ok(())
+}
+
+fn trainer_threads(args: &BenchArgs) -> usize {
+    if args.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        args.threads
+    }
+}
+
+/// Decoding after a prompt of `--seq-len` tokens: tokens per second, and the KV cache held
+/// against full attention's.
+fn decode(args: &BenchArgs, name: &str, all_global: bool, dir: &Path) -> Result<()> {
+    let (spec, _) = zebra_tiny(all_global)?;
+    let graph = zebra_frontend::lower::lower(&spec)?;
+    let optimized = zebra_passes::optimize(&graph, &zebra_passes::Options::default())?.graph;
+    let steps = 64;
+    let t = args.seq_len;
+    let context = t + steps + 1;
+    let weights = zebra_frontend::init::random_weights(&spec, 0);
+    let mut models = Vec::new();
+    for mode in [
+        zebra_codegen::plan::PlanMode::Prefill,
+        zebra_codegen::plan::PlanMode::Decode,
+    ] {
+        let artifact = dir.join(format!("{name}-{mode:?}"));
+        let options = zebra_codegen::artifact::BuildOptions {
+            mode,
+            max_seq_len: context,
+            cache: zebra_codegen::artifact::Cache::default_location(),
+        };
+        zebra_codegen::artifact::build(&optimized, &artifact, &options)?;
+        models.push(CpuModel::load(&artifact, &weights, args.threads)?);
+    }
+    let (mut prefill, mut decode) = (models.remove(0), models.remove(0));
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let tokens = ArrayD::from_shape_fn(IxDyn(&[1, t]), |_| rng.random_range(0..spec.vocab as i64));
+    let inputs: BTreeMap<String, Tensor> = [("tokens".to_string(), Tensor::I64(tokens))].into();
+    let outputs = prefill.run(&inputs)?;
+    decode.start_decode(&outputs)?;
+    let next = |rng: &mut ChaCha8Rng| {
+        ArrayD::from_elem(IxDyn(&[1, 1]), rng.random_range(0..spec.vocab as i64))
+    };
+    decode.decode(&next(&mut rng))?;
+    let start = Instant::now();
+    for _ in 0..steps {
+        decode.decode(&next(&mut rng))?;
+    }
+    let time = start.elapsed().as_secs_f64() / steps as f64;
+    let (held, full) = decode.cache_bytes();
+    let tokens_held = decode.cached_tokens();
+    // What the Zebra layout predicts: 1/G + (1 - 1/G) W / T of full attention's cache.
+    let g = spec.layers.len() as f64
+        / spec
+            .layers
+            .iter()
+            .filter(|&&k| spec.kinds[k].attention == "global")
+            .count()
+            .max(1) as f64;
+    let window = decode
+        .plan()
+        .caches
+        .iter()
+        .filter_map(|c| c.ring)
+        .max()
+        .unwrap_or(0) as f64;
+    let predicted = 1.0 / g + (1.0 - 1.0 / g) * window / tokens_held as f64;
+    emit(
+        args,
+        &[
+            ("name", name.into()),
+            ("model", spec.name.clone().into()),
+            ("seq_len", t.into()),
+            ("threads", decode.threads().into()),
+            (
+                "what",
+                format!("decode steps after a prompt of {t} tokens").into(),
+            ),
+            ("time_ms", (time * 1e3).into()),
+            ("tokens_per_s", (1.0 / time).into()),
+            (
+                "gflops",
+                (2.0 * spec.parameter_count() as f64 / time / 1e9).into(),
+            ),
+            ("kv_cache_bytes", held.into()),
+            ("full_attention_kv_cache_bytes", full.into()),
+            ("kv_cache_fraction", (held as f64 / full as f64).into()),
+            ("predicted_fraction", predicted.into()),
+        ],
+    );
+    Ok(())
+}
+
+/// With both decoding benchmarks run, the Zebra layout's speedup over all-global.
+fn compare_decoding(args: &BenchArgs) {
+    let records = args.records.borrow();
+    let find = |n: &str| {
+        records
+            .iter()
+            .find(|r| r.get("name").and_then(|v| v.as_str()) == Some(n))
+            .and_then(|r| r.get("tokens_per_s")?.as_f64())
+    };
+    if let (Some(zebra), Some(global)) = (find("decode-zebra"), find("decode-all-global")) {
+        let record: serde_json::Map<String, serde_json::Value> = [
+            ("name".to_string(), "decode-zebra".into()),
+            ("compare".to_string(), "zebra vs all-global layers".into()),
+            ("seq_len".to_string(), args.seq_len.into()),
+            ("zebra_tokens_per_s".to_string(), zebra.into()),
+            ("all_global_tokens_per_s".to_string(), global.into()),
+            ("speedup".to_string(), (zebra / global).into()),
+        ]
+        .into_iter()
+        .collect();
+        drop(records);
+        print_record(args, &record);
+    }
+}
+
 pub fn bench(args: &BenchArgs) -> Result<()> {
     for name in args.names {
         if !NAMES.contains(&name.as_str()) {
@@ -471,8 +691,11 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             );
         }
     }
+    if args.batch == 0 || args.seq_len == 0 {
+        bail!("--batch and --seq-len must be positive");
+    }
     let selected: Vec<&str> = if args.names.is_empty() {
-        NAMES.to_vec()
+        DEFAULT.to_vec()
     } else {
         args.names.iter().map(String::as_str).collect()
     };
@@ -495,9 +718,13 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 "forward-zebra" => forward(args, name, false, &dir)?,
                 "forward-all-global" => forward(args, name, true, &dir)?,
                 "compile-cold" => compile(args, name, true, &dir)?,
-                _ => compile(args, name, false, &dir)?,
+                "compile-warm" => compile(args, name, false, &dir)?,
+                "train-zebra" => train(args, name, &dir)?,
+                "decode-zebra" => decode(args, name, false, &dir)?,
+                _ => decode(args, name, true, &dir)?,
             }
         }
+        compare_decoding(args);
         if let Some(python) = &args.torch {
             compare_with_torch(args, python)?;
         }

@@ -45,11 +45,11 @@ pub fn load(source: &Path, model_file: Option<&Path>, model: Option<&str>) -> Re
         )?;
         let (_, hash) = graph_and_hash(&spec)?;
         let ckpt = checkpoint::load(source, &hash)?;
-        let pairs = meta
-            .config
-            .data
-            .strip_prefix("recall")
-            .map(|rest| rest.trim_start_matches(':').parse().unwrap_or(Recall::DEFAULT_PAIRS));
+        let pairs = meta.config.data.strip_prefix("recall").map(|rest| {
+            rest.trim_start_matches(':')
+                .parse()
+                .unwrap_or(Recall::DEFAULT_PAIRS)
+        });
         (spec, ckpt.weights, Some(meta.config.seq_len), pairs)
     } else {
         if !source.exists() {
@@ -166,7 +166,13 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     let compile_start = Instant::now();
     let (mut prefill, mut decode) = generation_models(&loaded, context, args.threads)?;
     let compile = compile_start.elapsed();
-    let min_prompt = decode.plan().caches.iter().map(|c| c.min_prompt).max().unwrap_or(0);
+    let min_prompt = decode
+        .plan()
+        .caches
+        .iter()
+        .map(|c| c.min_prompt)
+        .max()
+        .unwrap_or(0);
     if prompt.len() < min_prompt {
         bail!(
             "the model's masks let the first {min_prompt} positions see later ones (a prefix): \
@@ -202,14 +208,16 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     out.flush()?;
     let decode_time = start.elapsed();
     if generated < args.max_tokens {
-        eprintln!(
-            "stopped after {generated} tokens: the context of {context} is full (--context)"
-        );
+        eprintln!("stopped after {generated} tokens: the context of {context} is full (--context)");
     }
     if args.stats {
         let (held, full) = decode.cache_bytes();
         let steps = generated.saturating_sub(1).max(1);
-        eprintln!("model           {} ({} layers)", loaded.spec.name, loaded.spec.layers.len());
+        eprintln!(
+            "model           {} ({} layers)",
+            loaded.spec.name,
+            loaded.spec.layers.len()
+        );
         eprintln!("compile         {:.2} s", compile.as_secs_f64());
         eprintln!(
             "prefill         {} tokens in {:.1} ms ({:.0} tokens/s)",
@@ -254,7 +262,7 @@ fn bytes(n: usize) -> String {
 }
 
 pub struct EvalArgs<'a> {
-    pub source: &'a Path,
+    pub sources: &'a [PathBuf],
     pub model_file: Option<&'a Path>,
     pub model: Option<&'a str>,
     pub data: Option<&'a Path>,
@@ -293,7 +301,10 @@ fn score(logits: &ArrayD<f32>, batch: &Batch) -> (f64, usize, Vec<bool>) {
             let best = row
                 .iter()
                 .enumerate()
-                .fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+                )
                 .0;
             best as i64 == batch.targets[r * t + at]
         })
@@ -302,7 +313,10 @@ fn score(logits: &ArrayD<f32>, batch: &Batch) -> (f64, usize, Vec<bool>) {
 }
 
 fn run_batch(model: &mut CpuModel, batch: &Batch) -> Result<ArrayD<f32>> {
-    let inputs = BTreeMap::from([("tokens".to_string(), tokens_tensor(&batch.tokens, batch.batch))]);
+    let inputs = BTreeMap::from([(
+        "tokens".to_string(),
+        tokens_tensor(&batch.tokens, batch.batch),
+    )]);
     let mut outputs = model.run(&inputs)?;
     Ok(outputs.remove("logits").expect("the model outputs logits"))
 }
@@ -357,7 +371,7 @@ pub fn recall_accuracy(
     })
 }
 
-/// `zebra eval`.
+/// `zebra eval`: one run, or several side by side (the same data for each).
 pub fn eval(args: &EvalArgs) -> Result<()> {
     if args.samples == 0 || args.batch == 0 {
         bail!("--samples and --batch must be positive");
@@ -365,89 +379,185 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     if args.contexts.contains(&0) {
         bail!("--context lengths must be positive");
     }
-    let task = match (args.data, args.task) {
+    let text = match (args.data, args.task) {
         (Some(_), Some(_)) => bail!("give either --data PATH or --task recall, not both"),
         (Some(path), None) => Some(Text::open(path, 0)?),
         (None, Some("recall")) => None,
         (None, Some(other)) => bail!("unknown task `{other}`; the built-in task is `recall`"),
         (None, None) => bail!("give --data PATH (perplexity) or --task recall (recall accuracy)"),
     };
-    let loaded = load(args.source, args.model_file, args.model)?;
-    let contexts: Vec<usize> = if args.contexts.is_empty() {
-        vec![loaded.trained_seq_len.unwrap_or(256)]
-    } else {
-        args.contexts.to_vec()
-    };
-    let longest = *contexts.iter().max().expect("at least one context");
-    let dir = crate::commands::cached_artifact(&loaded.optimized, longest)?;
-    let mut model = CpuModel::load(&dir, &loaded.weights, args.threads)?;
-    let name = &loaded.spec.name;
-    match task {
-        Some(text) => {
-            if !args.json {
-                println!("{name}: perplexity on {}", args.data.unwrap().display());
-                println!("{:>9}  {:>10}  {:>10}  {:>9}", "context", "tokens", "loss", "perplexity");
-            }
-            for &t in &contexts {
-                let batches = text.windows(args.batch, t, args.samples)?;
-                let (mut loss, mut count) = (0.0, 0);
-                for b in &batches {
-                    let logits = run_batch(&mut model, b)?;
-                    let (l, c, _) = score(&logits, b);
-                    loss += l;
-                    count += c;
-                }
-                let mean = loss / count.max(1) as f64;
-                if args.json {
-                    println!(
-                        "{}",
-                        serde_json::json!({"model": name, "context": t, "tokens": count,
-                            "loss": mean, "perplexity": mean.exp()})
-                    );
-                } else {
-                    println!("{t:>9}  {count:>10}  {mean:>10.4}  {:>9.3}", mean.exp());
-                }
-            }
-        }
-        None => {
-            let pairs = args
-                .pairs
-                .or(loaded.recall_pairs)
-                .unwrap_or(Recall::DEFAULT_PAIRS);
-            for &t in &contexts {
-                let result = recall_accuracy(&mut model, pairs, t, args.samples, args.batch, args.seed)?;
-                if args.json {
-                    let buckets: Vec<_> = result
-                        .by_distance
-                        .iter()
-                        .map(|((lo, hi), r, n)| {
-                            serde_json::json!({"distance": [lo, hi], "right": r, "queries": n,
-                                "accuracy": *r as f64 / (*n).max(1) as f64})
-                        })
-                        .collect();
-                    println!(
-                        "{}",
-                        serde_json::json!({"model": name, "context": t, "pairs": pairs,
-                            "accuracy": result.accuracy, "queries": result.queries,
-                            "by_distance": buckets})
-                    );
-                } else {
-                    println!(
-                        "{name}: recall at context {t}: {:.1}% of {} queries",
-                        100.0 * result.accuracy,
-                        result.queries
-                    );
-                    println!("{:>13}  {:>8}  {:>8}", "distance", "queries", "accuracy");
-                    for ((lo, hi), r, n) in &result.by_distance {
-                        println!(
-                            "{:>13}  {n:>8}  {:>7.1}%",
-                            format!("{lo}-{hi}"),
-                            100.0 * *r as f64 / (*n).max(1) as f64
-                        );
+    if args.sources.is_empty() {
+        bail!("give at least one run directory or weights file");
+    }
+    let mut columns = Vec::new();
+    for source in args.sources {
+        let loaded = load(source, args.model_file, args.model)?;
+        let contexts: Vec<usize> = if args.contexts.is_empty() {
+            vec![loaded.trained_seq_len.unwrap_or(256)]
+        } else {
+            args.contexts.to_vec()
+        };
+        let longest = *contexts.iter().max().expect("at least one context");
+        let dir = crate::commands::cached_artifact(&loaded.optimized, longest)?;
+        let mut model = CpuModel::load(&dir, &loaded.weights, args.threads)?;
+        let name = loaded.spec.name.clone();
+        let trained = if source.is_dir() {
+            checkpoint::meta(source).ok().map(|m| (m.elapsed, m.tokens))
+        } else {
+            None
+        };
+        let mut results = Vec::new();
+        for &t in &contexts {
+            let start = Instant::now();
+            let result = match &text {
+                Some(text) => {
+                    let batches = text.windows(args.batch, t, args.samples)?;
+                    let (mut loss, mut count) = (0.0, 0);
+                    for b in &batches {
+                        let logits = run_batch(&mut model, b)?;
+                        let (l, c, _) = score(&logits, b);
+                        loss += l;
+                        count += c;
+                    }
+                    let mean = loss / count.max(1) as f64;
+                    Outcome::Perplexity {
+                        tokens: count,
+                        loss: mean,
                     }
                 }
+                None => {
+                    let pairs = args
+                        .pairs
+                        .or(loaded.recall_pairs)
+                        .unwrap_or(Recall::DEFAULT_PAIRS);
+                    Outcome::Recall(recall_accuracy(
+                        &mut model,
+                        pairs,
+                        t,
+                        args.samples,
+                        args.batch,
+                        args.seed,
+                    )?)
+                }
+            };
+            let seconds = start.elapsed().as_secs_f64();
+            if args.json {
+                println!("{}", result.json(&name, t, seconds));
+            }
+            results.push((t, result, seconds));
+        }
+        columns.push((name, trained, results));
+    }
+    if !args.json {
+        print_table(&columns, args.data);
+    }
+    Ok(())
+}
+
+/// What one evaluation measured.
+enum Outcome {
+    Perplexity { tokens: usize, loss: f64 },
+    Recall(RecallScore),
+}
+
+impl Outcome {
+    fn json(&self, model: &str, context: usize, seconds: f64) -> serde_json::Value {
+        match self {
+            Outcome::Perplexity { tokens, loss } => serde_json::json!({
+                "model": model, "context": context, "tokens": tokens, "loss": loss,
+                "perplexity": loss.exp(), "seconds": seconds}),
+            Outcome::Recall(r) => {
+                let buckets: Vec<_> = r
+                    .by_distance
+                    .iter()
+                    .map(|((lo, hi), right, n)| {
+                        serde_json::json!({"distance": [lo, hi], "right": right, "queries": n,
+                            "accuracy": *right as f64 / (*n).max(1) as f64})
+                    })
+                    .collect();
+                serde_json::json!({"model": model, "context": context, "accuracy": r.accuracy,
+                    "queries": r.queries, "by_distance": buckets, "seconds": seconds})
             }
         }
     }
-    Ok(())
+
+    fn cell(&self) -> String {
+        match self {
+            Outcome::Perplexity { loss, .. } => format!("{:.3}", loss.exp()),
+            Outcome::Recall(r) => format!("{:.1}%", 100.0 * r.accuracy),
+        }
+    }
+}
+
+type Column = (String, Option<(f64, u64)>, Vec<(usize, Outcome, f64)>);
+
+/// The results as a table: a row per context length (and, for recall, per distance), a
+/// column per model.
+fn print_table(columns: &[Column], data: Option<&Path>) {
+    let width = columns.iter().map(|c| c.0.len()).max().unwrap_or(8).max(10) + 2;
+    let header: String = columns.iter().map(|c| format!("{:>width$}", c.0)).collect();
+    let what = match data {
+        Some(path) => format!("perplexity on {}", path.display()),
+        None => "recall accuracy".into(),
+    };
+    println!("{what}");
+    println!("{:<22}{header}", "context");
+    let contexts: Vec<usize> = columns[0].2.iter().map(|r| r.0).collect();
+    for (i, t) in contexts.iter().enumerate() {
+        let cells: String = columns
+            .iter()
+            .map(|c| format!("{:>width$}", c.2.get(i).map_or("-".into(), |r| r.1.cell())))
+            .collect();
+        println!("{:<22}{cells}", t);
+        if data.is_some() {
+            continue;
+        }
+        // By distance between key and query.
+        let mut buckets: Vec<(usize, usize)> = columns
+            .iter()
+            .filter_map(|c| match &c.2.get(i)?.1 {
+                Outcome::Recall(r) => Some(r.by_distance.iter().map(|b| b.0).collect::<Vec<_>>()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        buckets.sort();
+        buckets.dedup();
+        for b in buckets {
+            let cells: String = columns
+                .iter()
+                .map(|c| {
+                    let cell = match c.2.get(i).map(|r| &r.1) {
+                        Some(Outcome::Recall(r)) => r.by_distance.iter().find(|x| x.0 == b).map_or(
+                            "-".into(),
+                            |(_, right, n)| {
+                                format!("{:.0}%", 100.0 * *right as f64 / (*n).max(1) as f64)
+                            },
+                        ),
+                        _ => "-".into(),
+                    };
+                    format!("{cell:>width$}")
+                })
+                .collect();
+            println!("{:<22}{cells}", format!("  distance {}-{}", b.0, b.1));
+        }
+    }
+    if columns.iter().any(|c| c.1.is_some()) {
+        let cells: String = columns
+            .iter()
+            .map(|c| {
+                let cell = c.1.map_or("-".into(), |(s, _)| format!("{s:.0} s"));
+                format!("{cell:>width$}")
+            })
+            .collect();
+        println!("{:<22}{cells}", "training time");
+    }
+    let cells: String = columns
+        .iter()
+        .map(|c| {
+            let total: f64 = c.2.iter().map(|r| r.2).sum();
+            format!("{:>width$}", format!("{total:.1} s"))
+        })
+        .collect();
+    println!("{:<22}{cells}", "evaluation time");
 }

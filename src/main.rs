@@ -120,7 +120,9 @@ enum Command {
     },
     /// Time the compiled kernels against naive baselines; one JSON object per benchmark with
     /// --json. Benchmarks: attention-local, attention-global, forward-zebra,
-    /// forward-all-global, compile-cold, compile-warm (all when none is named).
+    /// forward-all-global, compile-cold, compile-warm (all when none is named), and
+    /// train-zebra (training steps of zebra_tiny), decode-zebra and decode-all-global
+    /// (decoding after a prompt of --seq-len tokens).
     Bench {
         names: Vec<String>,
         /// The sequence length.
@@ -139,6 +141,9 @@ enum Command {
         heads: usize,
         #[arg(long, default_value_t = 64)]
         head_dim: usize,
+        /// Sequences per training step (train-zebra).
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
         /// Skip the naive baselines (they take seconds at long lengths).
         #[arg(long)]
         no_baseline: bool,
@@ -255,11 +260,13 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
-    /// Evaluate a trained model: perplexity on text at each context length (--data), or the
-    /// recall task's accuracy by distance between key and query (--task recall).
+    /// Evaluate trained models: perplexity on text at each context length (--data), or the
+    /// recall task's accuracy by distance between key and query (--task recall). Several
+    /// runs are shown side by side.
     Eval {
-        /// A run directory (from zebra train), or a safetensors file with --model-file.
-        source: PathBuf,
+        /// Run directories (from zebra train), or safetensors files with --model-file.
+        #[arg(required = true)]
+        sources: Vec<PathBuf>,
         #[arg(long)]
         data: Option<PathBuf>,
         #[arg(long)]
@@ -400,7 +407,7 @@ fn main() -> ExitCode {
             threads,
         }),
         Command::Eval {
-            source,
+            sources,
             data,
             task,
             context,
@@ -413,7 +420,7 @@ fn main() -> ExitCode {
             model,
             threads,
         } => infer::eval(&infer::EvalArgs {
-            source: &source,
+            sources: &sources,
             model_file: model_file.as_deref(),
             model: model.as_deref(),
             data: data.as_deref(),
@@ -479,11 +486,13 @@ fn main() -> ExitCode {
             window,
             heads,
             head_dim,
+            batch,
             no_baseline,
             json,
             blocks,
             torch,
         } => bench::bench(&bench::BenchArgs {
+            batch,
             names: &names,
             seq_len,
             threads,

@@ -72,6 +72,17 @@ pub enum RuntimeError {
     Decode(String),
 }
 
+/// How a kernel's programs run: on the calling thread, or spread over the pool (one task per
+/// program when their costs differ, else a few chunks per thread).
+#[derive(Clone, Copy)]
+enum Tasks {
+    Inline,
+    Pool { fine_grained: bool },
+}
+
+/// KV-cache slots from which a single token's attention is worth the thread pool.
+const PARALLEL_SLOTS: usize = 4096;
+
 struct Raw(Vec<*mut u8>);
 // SAFETY: the pointers address buffers that outlive the kernel call, and each program
 // writes a disjoint part of its output, as the kernels' grids are designed.
@@ -128,7 +139,7 @@ pub struct CpuModel {
     packed: Vec<Buffer>,
     constants: Vec<Buffer>,
     masks: Vec<(Expr, Support)>,
-    pool: rayon::ThreadPool,
+    pool: std::sync::Arc<rayon::ThreadPool>,
     threads: usize,
     slots: Vec<Buffer>,
     workspaces: Vec<Buffer>,
@@ -252,11 +263,13 @@ impl CpuModel {
         } else {
             threads
         };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .stack_size(16 << 20)
-            .build()
-            .map_err(|e| RuntimeError::Threads(e.to_string()))?;
+        let pool = std::sync::Arc::new(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .stack_size(16 << 20)
+                .build()
+                .map_err(|e| RuntimeError::Threads(e.to_string()))?,
+        );
         let constants = plan.constants.iter().map(|c| as_words(&[*c])).collect();
         let mut model = CpuModel {
             plan,
@@ -563,38 +576,10 @@ impl CpuModel {
         for id in 0..self.plan.rope_tables.len() {
             self.rope(id, seq, offset);
         }
-        let mut built: HashMap<usize, (usize, usize)> = HashMap::new();
-        for s in 0..self.plan.steps.len() {
-            match self.plan.steps[s].clone() {
-                Step::Schedule { id } => {
-                    let key = self.schedule(id, batch, seq, &input_buffers);
-                    built.insert(id, key);
-                }
-                Step::Kernel {
-                    kernel,
-                    operands,
-                    grid,
-                    schedule,
-                } => {
-                    let per_batch = schedule
-                        .and_then(|id| built.get(&id))
-                        .and_then(|key| self.schedules.get(key))
-                        .is_some_and(|s| s.per_batch);
-                    let pointers: Vec<*mut u8> = operands
-                        .iter()
-                        .map(|o| self.pointer(*o, seq, offset, &input_buffers, &built))
-                        .collect();
-                    let dims = [
-                        batch as i64,
-                        seq as i64,
-                        i64::from(per_batch),
-                        offset as i64,
-                    ];
-                    let programs = grid.programs(batch, seq);
-                    self.launch(kernel, Raw(pointers), dims, programs, schedule.is_some());
-                }
-            }
-        }
+        // The steps run on a worker of the pool: kernels run inline there, or are shared
+        // with the other workers, without the calling thread competing for a core.
+        let pool = self.pool.clone();
+        pool.install(|| self.run_steps(batch, seq, offset, &input_buffers));
         self.inputs = input_buffers;
         let mut outputs = BTreeMap::new();
         for (name, v) in &self.plan.outputs {
@@ -614,6 +599,55 @@ impl CpuModel {
             );
         }
         Ok(outputs)
+    }
+
+    fn run_steps(&mut self, batch: usize, seq: usize, offset: usize, input_buffers: &[Buffer]) {
+        let mut built: HashMap<usize, (usize, usize)> = HashMap::new();
+        for s in 0..self.plan.steps.len() {
+            match self.plan.steps[s].clone() {
+                Step::Schedule { id } => {
+                    let key = self.schedule(id, batch, seq, input_buffers);
+                    built.insert(id, key);
+                }
+                Step::Kernel {
+                    kernel,
+                    operands,
+                    grid,
+                    schedule,
+                } => {
+                    let per_batch = schedule
+                        .and_then(|id| built.get(&id))
+                        .and_then(|key| self.schedules.get(key))
+                        .is_some_and(|s| s.per_batch);
+                    let pointers: Vec<*mut u8> = operands
+                        .iter()
+                        .map(|o| self.pointer(*o, seq, offset, input_buffers, &built))
+                        .collect();
+                    let dims = [
+                        batch as i64,
+                        seq as i64,
+                        i64::from(per_batch),
+                        offset as i64,
+                    ];
+                    let programs = grid.programs(batch, seq);
+                    // A single token's kernels are too small to share out (waking the pool
+                    // costs more than they do), except attention over a long KV cache.
+                    let tasks = if batch * seq > 1 {
+                        Tasks::Pool {
+                            fine_grained: schedule.is_some(),
+                        }
+                    } else if operands.iter().any(|o| {
+                        matches!(o, Operand::CacheKeys(c)
+                            if self.caches[*c].spec.slots_for(offset + 1) >= PARALLEL_SLOTS)
+                    }) {
+                        Tasks::Pool { fine_grained: true }
+                    } else {
+                        Tasks::Inline
+                    };
+                    self.launch(kernel, Raw(pointers), dims, programs, tasks);
+                }
+            }
+        }
     }
 
     /// Whether this is a decode plan (its attention runs against KV caches).
@@ -796,24 +830,24 @@ impl CpuModel {
 
     /// Runs `programs` programs of a kernel: one task per program for attention (whose
     /// programs differ in cost), else a few contiguous chunks per thread.
-    fn launch(
-        &self,
-        kernel: usize,
-        pointers: Raw,
-        dims: [i64; 4],
-        programs: usize,
-        fine_grained: bool,
-    ) {
+    fn launch(&self, kernel: usize, pointers: Raw, dims: [i64; 4], programs: usize, tasks: Tasks) {
         if programs == 0 {
             return;
         }
         let f = self.kernels[kernel];
-        let tasks = if fine_grained {
-            programs
-        } else {
-            programs.min(self.threads * 4)
+        let tasks = match tasks {
+            Tasks::Inline => 1,
+            Tasks::Pool { fine_grained: true } => programs,
+            Tasks::Pool {
+                fine_grained: false,
+            } => programs.min(self.threads * 4),
         };
         let per_task = programs.div_ceil(tasks);
+        if tasks == 1 {
+            // SAFETY: as below.
+            unsafe { f(pointers.0.as_ptr(), dims.as_ptr(), 0, programs as i64) };
+            return;
+        }
         let pointers = &pointers;
         self.pool.install(|| {
             (0..tasks).into_par_iter().for_each(|task| {

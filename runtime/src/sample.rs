@@ -62,7 +62,9 @@ impl Sampler {
         if s.temperature == 0.0 {
             return greedy();
         }
-        let mut order: Vec<usize> = (0..logits.len()).filter(|&i| logits[i].is_finite()).collect();
+        let mut order: Vec<usize> = (0..logits.len())
+            .filter(|&i| logits[i].is_finite())
+            .collect();
         if order.is_empty() {
             return greedy();
         }
@@ -138,7 +140,9 @@ mod tests {
         assert!((2850..3150).contains(&ones), "{ones}");
         let draw = |seed| {
             let mut s = sampler(0.8, 0, 0.9, seed);
-            (0..50).map(|_| s.next(&[0.3, 0.1, 0.2, 0.0])).collect::<Vec<_>>()
+            (0..50)
+                .map(|_| s.next(&[0.3, 0.1, 0.2, 0.0]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(4), draw(4));
         assert_ne!(draw(4), draw(5));

@@ -511,3 +511,340 @@ fn every_example_runs_through_the_interpreter_from_the_command_line() {
         assert!(written.iter().all(|x| x.is_finite()), "{file}");
     }
 }
+
+/// A small text corpus: a few sentences repeated, so a tiny model learns it quickly.
+fn corpus(dir: &Path) -> String {
+    let text = "the quick brown fox jumps over the lazy dog. a zebra has stripes. ".repeat(40);
+    let file = path(dir, "corpus.txt");
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+fn train_tiny(data: &str, out: &str, steps: &str, extra: &[&str]) -> Output {
+    let zb = example("zebra_tiny.zb");
+    let mut args = vec![
+        "train",
+        &zb,
+        "--data",
+        data,
+        "--steps",
+        steps,
+        "--seq-len",
+        "32",
+        "--batch",
+        "4",
+        "--lr",
+        "3e-3",
+        "--seed",
+        "1",
+        "--threads",
+        "2",
+        "--out",
+        out,
+    ];
+    args.extend_from_slice(extra);
+    zebra(&args)
+}
+
+fn losses(run: &str) -> Vec<f64> {
+    std::fs::read_to_string(Path::new(run).join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn training_lowers_the_loss_and_the_run_generates_and_evaluates() {
+    let dir = temp();
+    let data = corpus(dir.path());
+    let run = path(dir.path(), "run");
+    let out = train_tiny(&data, &run, "40", &["--quiet"]);
+    assert!(out.ok, "{}", out.stderr);
+    let loss = losses(&run);
+    assert_eq!(loss.len(), 40);
+    let (first, last) = (
+        loss[..5].iter().sum::<f64>(),
+        loss[35..].iter().sum::<f64>(),
+    );
+    assert!(
+        last < 0.6 * first,
+        "the loss went from {first} to {last} (sums of 5)"
+    );
+    for file in [
+        "loss.svg",
+        "checkpoint.json",
+        "model.zb",
+        "checkpoints/step-000040/model.safetensors",
+    ] {
+        assert!(Path::new(&run).join(file).exists(), "{file} is missing");
+    }
+
+    let out = zebra(&[
+        "eval",
+        &run,
+        "--data",
+        &data,
+        "--context",
+        "16",
+        "32",
+        "--samples",
+        "8",
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stdout.contains("perplexity"), "{}", out.stdout);
+    let rows: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("16") || l.trim_start().starts_with("32"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{}", out.stdout);
+
+    let out = zebra(&[
+        "generate",
+        &run,
+        "--prompt",
+        "the quick",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--stats",
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stdout.starts_with("the quick"), "{}", out.stdout);
+    assert_eq!(
+        out.stdout.trim_end_matches('\n').len(),
+        "the quick".len() + 12
+    );
+    assert!(out.stderr.contains("KV cache"), "{}", out.stderr);
+    // Greedy decoding repeats itself exactly.
+    let again = zebra(&[
+        "generate",
+        &run,
+        "--prompt",
+        "the quick",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+    ]);
+    assert_eq!(again.stdout, out.stdout);
+}
+
+/// Ctrl-C saves a checkpoint; resuming gives the losses of a run never interrupted.
+#[test]
+fn an_interrupted_run_resumes_exactly() {
+    let dir = temp();
+    let data = corpus(dir.path());
+    let whole = path(dir.path(), "whole");
+    let out = train_tiny(&data, &whole, "30", &["--quiet"]);
+    assert!(out.ok, "{}", out.stderr);
+
+    let cut = path(dir.path(), "cut");
+    let zb = example("zebra_tiny.zb");
+    let child = Command::new(env!("CARGO_BIN_EXE_zebra"))
+        .args([
+            "train",
+            &zb,
+            "--data",
+            &data,
+            "--steps",
+            "30",
+            "--seq-len",
+            "32",
+            "--batch",
+            "4",
+            "--lr",
+            "3e-3",
+            "--seed",
+            "1",
+            "--threads",
+            "2",
+            "--out",
+            &cut,
+            "--quiet",
+            "--checkpoint-every",
+            "1000",
+        ])
+        .env("ZEBRA_CACHE_DIR", crate::common::cache_dir())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = Path::new(&cut).join("metrics.jsonl");
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
+        assert!(start.elapsed().as_secs() < 120, "training never started");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = child.wait_with_output().unwrap();
+    let stopped = losses(&cut).len();
+    if stopped < 30 {
+        assert_eq!(
+            exit.status.code(),
+            Some(130),
+            "{}",
+            String::from_utf8_lossy(&exit.stderr)
+        );
+        assert!(String::from_utf8_lossy(&exit.stderr).contains("--resume"));
+    }
+    let out = zebra(&["train", "--resume", &cut, "--quiet", "--threads", "2"]);
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(
+        losses(&cut),
+        losses(&whole),
+        "stopped after {stopped} steps"
+    );
+    // Setup flags cannot change on resume.
+    let out = zebra(&["train", "--resume", &cut, "--lr", "1"]);
+    assert!(!out.ok && out.stderr.contains("--lr"), "{}", out.stderr);
+}
+
+#[test]
+fn broken_checkpoints_are_refused_and_nothing_is_overwritten() {
+    let dir = temp();
+    let data = corpus(dir.path());
+    let run = path(dir.path(), "run");
+    let out = train_tiny(&data, &run, "4", &["--quiet", "--checkpoint-every", "2"]);
+    assert!(out.ok, "{}", out.stderr);
+    let snapshot = |run: &str| -> Vec<(PathBuf, Vec<u8>)> {
+        let mut files = Vec::new();
+        let mut stack = vec![PathBuf::from(run)];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    if !p.ends_with("artifacts") {
+                        stack.push(p);
+                    }
+                } else {
+                    files.push((p.clone(), std::fs::read(&p).unwrap()));
+                }
+            }
+        }
+        files.sort();
+        files
+    };
+
+    // A checkpoint cut short.
+    let weights = Path::new(&run).join("checkpoints/step-000004/model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let before = snapshot(&run);
+    let resume = zebra(&["train", "--resume", &run, "--steps", "8"]);
+    let out = zebra(&["train", "--resume", &run]);
+    assert!(!out.ok);
+    assert!(out.stderr.contains("model.safetensors"), "{}", out.stderr);
+    let out = zebra(&["generate", &run, "--prompt", "a"]);
+    assert!(
+        !out.ok && out.stderr.contains("model.safetensors"),
+        "{}",
+        out.stderr
+    );
+    assert!(!resume.ok);
+    assert_eq!(snapshot(&run), before, "a refused resume changed the run");
+    std::fs::write(&weights, &bytes).unwrap();
+
+    // A model that is no longer the one trained.
+    let model = Path::new(&run).join("model.zb");
+    let source = std::fs::read_to_string(&model).unwrap();
+    std::fs::write(&model, source.replace("hidden = 176", "hidden = 160")).unwrap();
+    let before = snapshot(&run);
+    let out = zebra(&["train", "--resume", &run]);
+    assert!(!out.ok);
+    assert!(out.stderr.contains("no longer matches"), "{}", out.stderr);
+    assert_eq!(snapshot(&run), before);
+
+    // A new run over an old one is refused too.
+    std::fs::write(&model, source).unwrap();
+    let out = train_tiny(&data, &run, "4", &[]);
+    assert!(
+        !out.ok && out.stderr.contains("already holds a run"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn bad_training_and_generation_inputs_are_refused() {
+    let dir = temp();
+    let data = corpus(dir.path());
+    let out_dir = path(dir.path(), "run");
+    let missing = path(dir.path(), "missing.txt");
+    let empty = path(dir.path(), "empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--data", &missing], "missing.txt"),
+        (vec!["--data", &empty], "holds no text"),
+        (
+            vec!["--data", &data, "--seq-len", "100000"],
+            "too few for sequences",
+        ),
+        (vec!["--data", &data, "--lr=-1"], "--lr"),
+        (vec!["--data", &data, "--steps", "0"], "--steps"),
+        (vec!["--task", "sorting"], "unknown task `sorting`"),
+        (vec!["--task", "recall", "--seq-len", "8"], "at least"),
+        (vec!["--data", &data, "--task", "recall"], "not both"),
+        (
+            vec!["--data", &data, "--every-layer", "nonsense"],
+            "nonsense",
+        ),
+        (vec!["--data", &data, "--frobnicate"], "--frobnicate"),
+    ];
+    let zb = example("zebra_tiny.zb");
+    for (flags, expected) in cases {
+        let mut args = vec!["train", zb.as_str(), "--out", &out_dir];
+        args.extend(flags.iter().copied());
+        let out = zebra(&args);
+        assert!(!out.ok, "{args:?} should fail");
+        assert!(out.stderr.contains(expected), "{args:?}: {}", out.stderr);
+        assert!(
+            !Path::new(&out_dir).join("checkpoint.json").exists(),
+            "{args:?} wrote a run"
+        );
+    }
+
+    let run = path(dir.path(), "trained");
+    assert!(train_tiny(&data, &run, "2", &["--quiet"]).ok);
+    let long = "x".repeat(50);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--prompt", &long, "--context", "20"],
+            "more than the context of 20",
+        ),
+        (vec!["--prompt", ""], "the prompt is empty"),
+        (vec!["--prompt", "a", "--top-p", "2"], "--top-p"),
+        (vec!["--prompt", "a", "--temperature=-1"], "--temperature"),
+    ];
+    for (flags, expected) in cases {
+        let mut args = vec!["generate", run.as_str()];
+        args.extend(flags.iter().copied());
+        let out = zebra(&args);
+        assert!(!out.ok, "{args:?} should fail");
+        assert!(out.stderr.contains(expected), "{args:?}: {}", out.stderr);
+    }
+    let nowhere = path(dir.path(), "nowhere");
+    let out = zebra(&["generate", &nowhere, "--prompt", "a"]);
+    assert!(
+        !out.ok && out.stderr.contains("does not exist"),
+        "{}",
+        out.stderr
+    );
+    let out = zebra(&["eval", &run]);
+    assert!(
+        !out.ok && out.stderr.contains("--task recall"),
+        "{}",
+        out.stderr
+    );
+    let out = zebra(&["eval", &run, "--data", &data, "--context", "100000"]);
+    assert!(!out.ok && out.stderr.contains("too few"), "{}", out.stderr);
+}
