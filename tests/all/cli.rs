@@ -584,6 +584,34 @@ fn training_lowers_the_loss_and_the_run_generates_and_evaluates() {
         assert!(Path::new(&run).join(file).exists(), "{file} is missing");
     }
 
+    // Long-context adaptation: continue from the checkpoint at twice the length.
+    let longer = path(dir.path(), "longer");
+    let out = zebra(&[
+        "train",
+        &example("zebra_tiny.zb"),
+        "--init-from",
+        &run,
+        "--data",
+        &data,
+        "--steps",
+        "3",
+        "--seq-len",
+        "64",
+        "--batch",
+        "2",
+        "--quiet",
+        "--out",
+        &longer,
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    let continued = losses(&longer);
+    assert!(
+        continued[0] < loss[0] * 0.8,
+        "{} vs {}",
+        continued[0],
+        loss[0]
+    );
+
     let out = zebra(&[
         "eval",
         &run,
