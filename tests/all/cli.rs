@@ -397,6 +397,30 @@ fn bad_tokens_are_refused() {
         out.stderr
     );
 
+    // Longer than the artifact was compiled for.
+    let long = write_tokens(dir.path(), "long.npy", &[1, 40], vec![1; 40]);
+    let logits = path(dir.path(), "long-logits.npy");
+    let out = zebra(&[
+        "run",
+        "examples/zebra_tiny.zb",
+        "--weights",
+        &weights,
+        "--tokens",
+        &long,
+        "--output",
+        &logits,
+        "--max-seq-len",
+        "32",
+    ]);
+    assert!(!out.ok);
+    assert!(
+        out.stderr
+            .contains("the sequence length 40 is above the 32"),
+        "{}",
+        out.stderr
+    );
+    assert!(!Path::new(&logits).exists());
+
     // A 1-D array is one sequence.
     let flat = write_tokens(dir.path(), "flat.npy", &[3], vec![1, 2, 3]);
     let out = run_tiny(&weights, &flat, dir.path());
@@ -662,6 +686,30 @@ fn training_lowers_the_loss_and_the_run_generates_and_evaluates() {
         "0",
     ]);
     assert_eq!(again.stdout, out.stdout);
+    // The same from the checkpoint's weights file and the model's source.
+    let weights = path(Path::new(&run), "checkpoints/step-000040/model.safetensors");
+    let zb = example("zebra_tiny.zb");
+    let args = [
+        "generate",
+        &weights,
+        "--prompt",
+        "the quick",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+    ];
+    let out = zebra(&args);
+    assert!(
+        !out.ok && out.stderr.contains("--model-file"),
+        "{}",
+        out.stderr
+    );
+    let mut with_source = args.to_vec();
+    with_source.extend(["--model-file", zb.as_str()]);
+    let from_file = zebra(&with_source);
+    assert!(from_file.ok, "{}", from_file.stderr);
+    assert_eq!(from_file.stdout, again.stdout);
 }
 
 /// Ctrl-C saves a checkpoint; resuming gives the losses of a run never interrupted.
