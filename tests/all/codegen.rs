@@ -354,18 +354,30 @@ fn matmul_kernels_on_random_shapes() {
 }
 
 /// Every kernel of every program (full size) is valid MLIR, for CPUs with 4-, 8- and 16-lane
-/// f32 vectors (SSE or NEON, AVX2, AVX-512): the verifier runs on each module.
+/// f32 vectors (SSE or NEON, AVX2, AVX-512): the verifier runs on each module, the decode
+/// step's kernels included (for programs generation serves).
 #[test]
 fn mlir_of_every_program_verifies() {
+    use zebra_codegen::plan::PlanMode;
     let mlir = zebra_codegen::backend::Mlir::new();
     for path in programs() {
         let (_, checked) = check_ok(&path);
         for spec in &checked.program.models {
             let graph = optimized(&lower(spec));
-            for vector in [4, 8, 16] {
-                let planned =
-                    zebra_codegen::plan::plan(&graph, "test", vector, 4096, Default::default())
-                        .unwrap_or_else(|e| panic!("{}: {e}", relative(&path)));
+            for (vector, mode) in [
+                (4, PlanMode::Forward),
+                (8, PlanMode::Forward),
+                (16, PlanMode::Forward),
+                (4, PlanMode::Decode),
+                (8, PlanMode::Decode),
+                (16, PlanMode::Decode),
+            ] {
+                let planned = match zebra_codegen::plan::plan(&graph, "test", vector, 4096, mode) {
+                    Ok(planned) => planned,
+                    // Masks no KV cache serves (checked in `generate`).
+                    Err(_) if mode == PlanMode::Decode => continue,
+                    Err(e) => panic!("{}: {e}", relative(&path)),
+                };
                 for kernel in &planned.kernels {
                     let text = zebra_codegen::mlir::module(&[kernel.mlir(vector)]);
                     if let Err(e) = mlir.verify(&text) {
