@@ -116,6 +116,7 @@ pub fn check(path: &Path) -> Result<()> {
 }
 
 pub struct CompileArgs<'a> {
+    pub purpose: crate::Purpose,
     pub file: &'a Path,
     pub emit: Emit,
     pub output: Option<&'a Path>,
@@ -244,6 +245,9 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
         args.emit,
         Emit::Mlir | Emit::Llvm | Emit::Asm | Emit::Artifact
     );
+    if args.purpose != crate::Purpose::Forward && args.emit != Emit::Artifact {
+        bail!("--for says what an artifact is for: use it with --emit artifact -o DIR");
+    }
     if kernels && args.target != Target::Cpu {
         bail!(
             "kernels for {} are not built by this version; use --target cpu",
@@ -304,7 +308,37 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
             let dir = args
                 .output
                 .ok_or_else(|| anyhow!("--emit artifact needs the directory to write: -o DIR"))?;
-            let report = build_artifact_at(&optimized.graph, dir, args.max_seq_len)?;
+            let report = match args.purpose {
+                crate::Purpose::Forward => {
+                    build_artifact_at(&optimized.graph, dir, args.max_seq_len)?
+                }
+                crate::Purpose::Generate => {
+                    let mut total = zebra_codegen::artifact::BuildReport::default();
+                    for (sub, mode) in [
+                        ("prefill", zebra_codegen::plan::PlanMode::Prefill),
+                        ("decode", zebra_codegen::plan::PlanMode::Decode),
+                    ] {
+                        let report = build_artifact_mode(
+                            &optimized.graph,
+                            &dir.join(sub),
+                            args.max_seq_len,
+                            mode,
+                        )?;
+                        total.kernels += report.kernels;
+                        total.compiled += report.compiled;
+                        total.codegen += report.codegen;
+                        total.link += report.link;
+                        total.target = report.target;
+                    }
+                    total
+                }
+                crate::Purpose::Train => {
+                    let train = zebra_passes::autodiff::training_graph(&optimized.graph)?;
+                    let train =
+                        zebra_passes::optimize(&train, &zebra_passes::Options::default())?.graph;
+                    build_artifact_at(&train, dir, args.max_seq_len)?
+                }
+            };
             timings.push(("codegen".into(), report.codegen));
             timings.push(("link".into(), report.link));
             print_timings(args.file, args.timings, &timings);
@@ -345,8 +379,18 @@ pub fn build_artifact_at(
     dir: &Path,
     max_seq_len: usize,
 ) -> Result<zebra_codegen::artifact::BuildReport> {
+    build_artifact_mode(graph, dir, max_seq_len, Default::default())
+}
+
+/// As [`build_artifact_at`], for a plan mode (forward, prefill, decode).
+pub fn build_artifact_mode(
+    graph: &Graph,
+    dir: &Path,
+    max_seq_len: usize,
+    mode: zebra_codegen::plan::PlanMode,
+) -> Result<zebra_codegen::artifact::BuildReport> {
     let options = zebra_codegen::artifact::BuildOptions {
-        mode: Default::default(),
+        mode,
         max_seq_len,
         cache: zebra_codegen::artifact::Cache::default_location(),
     };

@@ -15,6 +15,7 @@ use zebra_frontend::ModelSpec;
 use zebra_ir::{Graph, Weights};
 use zebra_runtime::checkpoint;
 use zebra_runtime::data::{Batch, Recall, Source, Text};
+use zebra_runtime::generate::{GenerationStats, Generator};
 use zebra_runtime::sample::{Sampler, Sampling};
 use zebra_runtime::{CpuModel, Tensor};
 
@@ -117,14 +118,6 @@ fn tokens_tensor(tokens: &[i64], batch: usize) -> Tensor {
     Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[batch, seq]), tokens.to_vec()).expect("[B, T]"))
 }
 
-/// The last position's logits of row 0.
-fn last_logits(outputs: &BTreeMap<String, ArrayD<f32>>) -> Vec<f32> {
-    let logits = &outputs["logits"];
-    let (t, v) = (logits.shape()[1], logits.shape()[2]);
-    let flat = logits.as_slice().expect("contiguous logits");
-    flat[(t - 1) * v..t * v].to_vec()
-}
-
 pub struct GenerateArgs<'a> {
     pub source: &'a Path,
     pub model_file: Option<&'a Path>,
@@ -164,7 +157,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         );
     }
     let compile_start = Instant::now();
-    let (mut prefill, mut decode) = generation_models(&loaded, context, args.threads)?;
+    let (prefill, decode) = generation_models(&loaded, context, args.threads)?;
     let compile = compile_start.elapsed();
     let min_prompt = decode
         .plan()
@@ -181,75 +174,68 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         );
     }
     let mut sampler = Sampler::new(args.sampling, args.seed);
+    let mut generator = Generator::from_parts(prefill, decode)?;
     let mut out = std::io::stdout().lock();
     out.write_all(args.prompt.as_bytes())?;
     out.flush()?;
-
-    let start = Instant::now();
-    let inputs = BTreeMap::from([("tokens".to_string(), tokens_tensor(&prompt, 1))]);
-    let outputs = prefill.run(&inputs)?;
-    decode.start_decode(&outputs)?;
-    let mut next = sampler.next(&last_logits(&outputs));
-    let prefill_time = start.elapsed();
-    let start = Instant::now();
-    let mut generated = 0;
-    let budget = args.max_tokens.min(context - prompt.len());
-    while generated < budget {
-        out.write_all(&[next as u8])?;
-        out.flush()?;
-        generated += 1;
-        if generated == budget {
-            break;
-        }
-        let step = decode.decode(&ArrayD::from_elem(IxDyn(&[1, 1]), next as i64))?;
-        next = sampler.next(&last_logits(&step));
-    }
+    let stats = generator.generate(&prompt, args.max_tokens, &mut sampler, |token| {
+        out.write_all(&[token as u8])?;
+        out.flush()
+    })?;
     out.write_all(b"\n")?;
     out.flush()?;
-    let decode_time = start.elapsed();
-    if generated < args.max_tokens {
-        eprintln!("stopped after {generated} tokens: the context of {context} is full (--context)");
+    if stats.generated < args.max_tokens {
+        eprintln!(
+            "stopped after {} tokens: the context of {context} is full (--context)",
+            stats.generated
+        );
     }
     if args.stats {
-        let (held, full) = decode.cache_bytes();
-        let steps = generated.saturating_sub(1).max(1);
         eprintln!(
             "model           {} ({} layers)",
             loaded.spec.name,
             loaded.spec.layers.len()
         );
         eprintln!("compile         {:.2} s", compile.as_secs_f64());
-        eprintln!(
-            "prefill         {} tokens in {:.1} ms ({:.0} tokens/s)",
-            prompt.len(),
-            prefill_time.as_secs_f64() * 1e3,
-            prompt.len() as f64 / prefill_time.as_secs_f64()
-        );
-        eprintln!(
-            "decode          {generated} tokens in {:.1} ms ({:.1} tokens/s)",
-            decode_time.as_secs_f64() * 1e3,
-            steps as f64 / decode_time.as_secs_f64().max(1e-9)
-        );
-        eprintln!(
-            "KV cache        {} held for {} tokens; full attention in every layer: {} ({:.1}%)",
-            bytes(held),
-            decode.cached_tokens(),
-            bytes(full),
-            100.0 * held as f64 / full.max(1) as f64
-        );
-        for (i, c) in decode.plan().caches.iter().enumerate() {
-            let keeps = match c.ring {
-                None => "every key".to_string(),
-                Some(r) if c.sinks > 0 => format!("{} sinks + a ring of {r}", c.sinks),
-                Some(r) => format!("a ring of {r}"),
-            };
-            eprintln!(
-                "  layer {:<3} {keeps}",
-                c.layer.map_or(i.to_string(), |l| l.to_string())
-            );
-        }
+        print_stats(&stats, &generator.decode);
     }
     Ok(())
+}
+
+/// The timings and the KV cache of a generation, to stderr.
+pub fn print_stats(stats: &GenerationStats, decode: &CpuModel) {
+    let prefill = stats.prefill.as_secs_f64();
+    let steps = stats.generated.saturating_sub(1).max(1);
+    eprintln!(
+        "prefill         {} tokens in {:.1} ms ({:.0} tokens/s)",
+        stats.prompt_tokens,
+        prefill * 1e3,
+        stats.prompt_tokens as f64 / prefill
+    );
+    eprintln!(
+        "decode          {} tokens in {:.1} ms ({:.1} tokens/s)",
+        stats.generated,
+        stats.decode.as_secs_f64() * 1e3,
+        steps as f64 / stats.decode.as_secs_f64().max(1e-9)
+    );
+    eprintln!(
+        "KV cache        {} held for {} tokens; full attention in every layer: {} ({:.1}%)",
+        bytes(stats.cache_bytes),
+        decode.cached_tokens(),
+        bytes(stats.full_cache_bytes),
+        100.0 * stats.cache_bytes as f64 / stats.full_cache_bytes.max(1) as f64
+    );
+    for (i, c) in decode.plan().caches.iter().enumerate() {
+        let keeps = match c.ring {
+            None => "every key".to_string(),
+            Some(r) if c.sinks > 0 => format!("{} sinks + a ring of {r}", c.sinks),
+            Some(r) => format!("a ring of {r}"),
+        };
+        eprintln!(
+            "  layer {:<3} {keeps}",
+            c.layer.map_or(i.to_string(), |l| l.to_string())
+        );
+    }
 }
 
 fn bytes(n: usize) -> String {

@@ -45,6 +45,14 @@ pub enum Emit {
     Artifact,
 }
 
+/// What `zebra compile --emit artifact` builds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Purpose {
+    Forward,
+    Generate,
+    Train,
+}
+
 // Parsed once per process: the size of the largest variant does not matter.
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
@@ -80,6 +88,10 @@ enum Command {
         /// The longest sequence a compiled artifact will run.
         #[arg(long, default_value_t = DEFAULT_MAX_SEQ_LEN)]
         max_seq_len: usize,
+        /// What an artifact is for: a forward pass, generation (`prefill/` and `decode/`,
+        /// with KV caches) or training (the training step: loss and gradients).
+        #[arg(long = "for", value_enum, default_value = "forward")]
+        purpose: Purpose,
     },
     /// Write deterministic random weights for a model (safetensors, Hugging Face names).
     Init {
@@ -337,7 +349,9 @@ fn main() -> ExitCode {
             timings,
             explain,
             max_seq_len,
+            purpose,
         } => commands::compile(&commands::CompileArgs {
+            purpose,
             file: &file,
             emit,
             output: output.as_deref(),

@@ -924,3 +924,169 @@ fn bad_training_and_generation_inputs_are_refused() {
     let out = zebra(&["eval", &run, "--data", &data, "--context", "100000"]);
     assert!(!out.ok && out.stderr.contains("too few"), "{}", out.stderr);
 }
+
+/// `zebra-run` (the runtime-only binary) runs the artifacts `zebra compile` writes: forward,
+/// generation and training steps, with the results of the compiler's own commands.
+#[test]
+fn the_runtime_only_binary_runs_compiled_artifacts() {
+    use clap::Parser;
+    let dir = temp();
+    let data = corpus(dir.path());
+    let run = path(dir.path(), "run");
+    assert!(train_tiny(&data, &run, "3", &["--quiet"]).ok);
+    let weights = path(Path::new(&run), "checkpoints/step-000003/model.safetensors");
+    let zb = example("zebra_tiny.zb");
+    let artifact = |purpose: &str| {
+        let out_dir = path(dir.path(), purpose);
+        let out = zebra(&[
+            "compile",
+            &zb,
+            "--emit",
+            "artifact",
+            "--for",
+            purpose,
+            "--max-seq-len",
+            "128",
+            "-o",
+            &out_dir,
+        ]);
+        assert!(out.ok, "{}", out.stderr);
+        out_dir
+    };
+    let run_tool = |args: &[&str]| -> Result<String, String> {
+        let cli = zebra_run::Cli::try_parse_from(
+            std::iter::once("zebra-run").chain(args.iter().copied()),
+        )
+        .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        zebra_run::run(cli, &mut out).map_err(|e| format!("{e:#}"))?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    };
+
+    // Forward: the logits of `zebra run`.
+    let forward = artifact("forward");
+    let tokens = write_tokens(
+        dir.path(),
+        "t.npy",
+        &[1, 9],
+        vec![116, 104, 101, 32, 113, 117, 105, 99, 107],
+    );
+    let ours = path(dir.path(), "ours.npy");
+    run_tool(&[
+        "forward",
+        &forward,
+        "--weights",
+        &weights,
+        "--tokens",
+        &tokens,
+        "--output",
+        &ours,
+    ])
+    .unwrap();
+    let theirs = path(dir.path(), "theirs.npy");
+    let out = zebra(&[
+        "run",
+        &zb,
+        "--weights",
+        &weights,
+        "--tokens",
+        &tokens,
+        "--output",
+        &theirs,
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    let a = npy::read_floats(Path::new(&ours)).unwrap();
+    let b = npy::read_floats(Path::new(&theirs)).unwrap();
+    assert_eq!(a.shape(), b.shape());
+    let worst = a
+        .iter()
+        .zip(&b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+    assert!(worst < 1e-5, "zebra-run and zebra run differ by {worst}");
+
+    // Generation: what `zebra generate` writes.
+    let generate = artifact("generate");
+    let info = run_tool(&["info", &generate]).unwrap();
+    assert!(
+        info.contains("KV caches  all 32 32 32 all 32 32 32"),
+        "{info}"
+    );
+    let text = run_tool(&[
+        "generate",
+        &generate,
+        "--weights",
+        &weights,
+        "--prompt",
+        "the quick",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+    ])
+    .unwrap();
+    let out = zebra(&[
+        "generate",
+        &weights,
+        "--model-file",
+        &zb,
+        "--prompt",
+        "the quick",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(text, out.stdout);
+    let error =
+        run_tool(&["generate", &forward, "--weights", &weights, "--prompt", "a"]).unwrap_err();
+    assert!(error.contains("--for generate"), "{error}");
+
+    // Training steps: the loss falls, the weights are written.
+    let train = artifact("train");
+    let trained = path(dir.path(), "trained.safetensors");
+    let log = run_tool(&[
+        "train",
+        &train,
+        "--weights",
+        &weights,
+        "--data",
+        &data,
+        "--steps",
+        "6",
+        "--seq-len",
+        "32",
+        "--batch",
+        "4",
+        "--lr",
+        "3e-3",
+        "--out",
+        &trained,
+    ])
+    .unwrap();
+    let losses: Vec<f64> = log
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(losses.len(), 6);
+    assert!(losses[5] < losses[0], "{losses:?}");
+    assert!(Weights::load(Path::new(&trained)).is_ok());
+    let error = run_tool(&[
+        "train",
+        &train,
+        "--weights",
+        &weights,
+        "--data",
+        &data,
+        "--seq-len",
+        "1000",
+        "--out",
+        &trained,
+    ])
+    .unwrap_err();
+    assert!(error.contains("above the 128"), "{error}");
+}

@@ -1,0 +1,323 @@
+//! `zebra-run`: runs compiled artifacts without the compiler. It links neither MLIR nor LLVM
+//! (a few megabytes), so it is what goes to a machine that has no Rust toolchain: compile
+//! there with `zebra compile FILE.zb --emit artifact [--for generate|train] -o DIR`, copy DIR
+//! and this binary, and run.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Parser, Subcommand};
+use ndarray::{ArrayD, Axis};
+use zebra_ir::{Weights, npy};
+use zebra_runtime::data::{Recall, Source, Text};
+use zebra_runtime::generate::Generator;
+use zebra_runtime::optim::{AdamW, AdamWConfig};
+use zebra_runtime::sample::{Sampler, Sampling};
+use zebra_runtime::train::Trainer;
+use zebra_runtime::{Artifact, CpuModel, Tensor};
+
+#[derive(Parser)]
+#[command(
+    name = "zebra-run",
+    version,
+    about = "Runs compiled Zebra artifacts (no compiler needed)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Describe an artifact: its model, target, kernels, inputs and outputs.
+    Info { artifact: PathBuf },
+    /// A forward pass: token ids in (.npy, [B, T] or [T]), outputs out (.npy, the first
+    /// output, `logits`, unless --name picks another).
+    Forward {
+        artifact: PathBuf,
+        #[arg(long)]
+        weights: PathBuf,
+        #[arg(long)]
+        tokens: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Generate text from an artifact built with `--for generate`, streaming it.
+    Generate {
+        artifact: PathBuf,
+        #[arg(long)]
+        weights: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 200)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Training steps with an artifact built with `--for train`: one JSON line per step; the
+    /// trained weights are written to --out.
+    Train {
+        artifact: PathBuf,
+        #[arg(long)]
+        weights: PathBuf,
+        /// A text file or folder; without it, the built-in recall task.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[arg(long, default_value_t = Recall::DEFAULT_PAIRS)]
+        pairs: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: u64,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+}
+
+fn read_tokens(path: &Path) -> Result<ArrayD<i64>> {
+    let tokens = npy::read_ints(path)?;
+    let tokens = match tokens.ndim() {
+        1 => tokens.insert_axis(Axis(0)),
+        2 => tokens,
+        n => bail!(
+            "{}: the token array must be [B, T], found {n} dimensions",
+            path.display()
+        ),
+    };
+    if tokens.is_empty() {
+        bail!("{}: the token array is empty", path.display());
+    }
+    Ok(tokens)
+}
+
+fn load_weights(path: &Path) -> Result<Weights> {
+    Weights::load(path).with_context(|| format!("cannot load the weights {}", path.display()))
+}
+
+fn info(dir: &Path, out: &mut dyn Write) -> Result<()> {
+    let parts: Vec<PathBuf> = if dir.join("prefill").is_dir() {
+        vec![dir.join("prefill"), dir.join("decode")]
+    } else {
+        vec![dir.to_path_buf()]
+    };
+    for part in parts {
+        let plan = Artifact::load(&part)?.plan;
+        writeln!(out, "{}", part.display())?;
+        writeln!(out, "  model      {}", plan.name)?;
+        writeln!(out, "  target     {}", plan.target)?;
+        writeln!(out, "  kernels    {}", plan.kernels.len())?;
+        writeln!(out, "  max T      {}", plan.max_seq_len)?;
+        let inputs: Vec<&str> = plan.inputs.iter().map(|i| i.name.as_str()).collect();
+        writeln!(out, "  inputs     {}", inputs.join(", "))?;
+        let outputs: Vec<&str> = plan
+            .outputs
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .filter(|n| !n.starts_with("cache:"))
+            .collect();
+        let shown = if outputs.len() > 6 {
+            format!(
+                "{}, ... ({} in all)",
+                outputs[..6].join(", "),
+                outputs.len()
+            )
+        } else {
+            outputs.join(", ")
+        };
+        writeln!(out, "  outputs    {shown}")?;
+        if !plan.caches.is_empty() {
+            let caches: Vec<String> = plan
+                .caches
+                .iter()
+                .map(|c| match c.ring {
+                    None => "all".to_string(),
+                    Some(r) if c.sinks > 0 => format!("{}+{r}", c.sinks),
+                    Some(r) => r.to_string(),
+                })
+                .collect();
+            writeln!(out, "  KV caches  {}", caches.join(" "))?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs a command, writing its results to `out` (standard output for the binary).
+pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
+    match cli.command {
+        Command::Info { artifact } => info(&artifact, out),
+        Command::Forward {
+            artifact,
+            weights,
+            tokens,
+            output,
+            name,
+            threads,
+        } => {
+            let weights = load_weights(&weights)?;
+            let mut model = CpuModel::load(&artifact, &weights, threads)?;
+            let mut inputs = BTreeMap::new();
+            inputs.insert("tokens".to_string(), Tensor::I64(read_tokens(&tokens)?));
+            let start = Instant::now();
+            let mut outputs = model.run(&inputs)?;
+            let elapsed = start.elapsed();
+            let name = name.unwrap_or_else(|| {
+                model
+                    .plan()
+                    .outputs
+                    .first()
+                    .map_or("logits".into(), |o| o.0.clone())
+            });
+            let value = outputs.remove(&name).ok_or_else(|| {
+                anyhow!(
+                    "the artifact has no output `{name}`; it has {}",
+                    model
+                        .plan()
+                        .outputs
+                        .iter()
+                        .map(|o| o.0.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?;
+            npy::write(&output, &value)?;
+            eprintln!(
+                "wrote {} {:?} in {:.1} ms",
+                output.display(),
+                value.shape(),
+                elapsed.as_secs_f64() * 1e3
+            );
+            Ok(())
+        }
+        Command::Generate {
+            artifact,
+            weights,
+            prompt,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            threads,
+        } => {
+            let sampling = Sampling {
+                temperature,
+                top_k,
+                top_p,
+            };
+            sampling.check().map_err(|e| anyhow!(e))?;
+            if !artifact.join("prefill").is_dir() {
+                bail!(
+                    "{} is not a generation artifact: build one with `zebra compile FILE.zb \
+                     --emit artifact --for generate -o DIR`",
+                    artifact.display()
+                );
+            }
+            let weights = load_weights(&weights)?;
+            let mut generator = Generator::load(&artifact, &weights, threads)?;
+            let tokens = zebra_runtime::data::encode(&prompt);
+            if tokens.is_empty() {
+                bail!("the prompt is empty");
+            }
+            if tokens.len() < generator.min_prompt() {
+                bail!(
+                    "the prompt must hold at least {} tokens for this model's masks",
+                    generator.min_prompt()
+                );
+            }
+            out.write_all(prompt.as_bytes())?;
+            let mut sampler = Sampler::new(sampling, seed);
+            let stats = generator.generate(&tokens, max_tokens, &mut sampler, |t| {
+                out.write_all(&[t as u8])?;
+                out.flush()
+            })?;
+            writeln!(out)?;
+            eprintln!(
+                "{} tokens, {:.1} tokens/s; KV cache {} bytes ({:.1}% of full attention's)",
+                stats.generated,
+                stats.generated.saturating_sub(1) as f64 / stats.decode.as_secs_f64().max(1e-9),
+                stats.cache_bytes,
+                100.0 * stats.cache_bytes as f64 / stats.full_cache_bytes.max(1) as f64
+            );
+            Ok(())
+        }
+        Command::Train {
+            artifact,
+            weights,
+            data,
+            pairs,
+            steps,
+            seq_len,
+            batch,
+            lr,
+            seed,
+            out: out_path,
+            threads,
+        } => {
+            if steps == 0 || seq_len == 0 || batch == 0 {
+                bail!("--steps, --seq-len and --batch must be positive");
+            }
+            if !(lr > 0.0 && lr.is_finite()) {
+                bail!("--lr must be a positive number, found {lr}");
+            }
+            let mut source: Box<dyn Source> = match &data {
+                Some(path) => Box::new(Text::open(path, seed)?),
+                None => Box::new(Recall::new(pairs, seed)),
+            };
+            let first = source.next_batch(batch, seq_len)?;
+            let weights = load_weights(&weights)?;
+            let config = AdamWConfig {
+                lr,
+                total_steps: steps,
+                warmup_steps: (steps / 20).clamp(1, 200),
+                ..AdamWConfig::default()
+            };
+            let mut trainer = Trainer::new(&artifact, &weights, AdamW::default(), config, threads)?;
+            let mut pending = Some(first);
+            for step in 1..=steps {
+                let b = match pending.take() {
+                    Some(b) => b,
+                    None => source.next_batch(batch, seq_len)?,
+                };
+                let start = Instant::now();
+                let report = trainer.step(&b)?;
+                let seconds = start.elapsed().as_secs_f64();
+                if !report.loss.is_finite() {
+                    bail!("the loss diverged at step {step}; try a lower --lr");
+                }
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"step": step, "loss": report.loss, "lr": report.lr,
+                        "grad_norm": report.grad_norm,
+                        "tokens_per_s": (b.batch * b.seq) as f64 / seconds})
+                )?;
+            }
+            trainer.weights().save(&out_path)?;
+            eprintln!("wrote {}", out_path.display());
+            Ok(())
+        }
+    }
+}
