@@ -527,14 +527,8 @@ fn train(args: &BenchArgs, name: &str, dir: &Path) -> Result<()> {
     let tokens: Vec<i64> = (0..b * (t + 1))
         .map(|_| rng.random_range(0..spec.vocab as i64))
         .collect();
-    let mut batch = zebra_runtime::data::Batch {
-        batch: b,
-        seq: t,
-        tokens: Vec::new(),
-        targets: Vec::new(),
-        documents: vec![0; b * t],
-        queries: Vec::new(),
-    };
+    let mut batch = zebra_runtime::data::Batch::with_capacity(b, t);
+    batch.documents = vec![0; b * t];
     for row in tokens.chunks(t + 1) {
         batch.tokens.extend_from_slice(&row[..t]);
         batch.targets.extend_from_slice(&row[1..]);

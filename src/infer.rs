@@ -159,13 +159,8 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     let compile_start = Instant::now();
     let (prefill, decode) = generation_models(&loaded, context, args.threads)?;
     let compile = compile_start.elapsed();
-    let min_prompt = decode
-        .plan()
-        .caches
-        .iter()
-        .map(|c| c.min_prompt)
-        .max()
-        .unwrap_or(0);
+    let mut generator = Generator::from_parts(prefill, decode)?;
+    let min_prompt = generator.min_prompt();
     if prompt.len() < min_prompt {
         bail!(
             "the model's masks let the first {min_prompt} positions see later ones (a prefix): \
@@ -174,7 +169,6 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         );
     }
     let mut sampler = Sampler::new(args.sampling, args.seed);
-    let mut generator = Generator::from_parts(prefill, decode)?;
     let mut out = std::io::stdout().lock();
     out.write_all(args.prompt.as_bytes())?;
     out.flush()?;

@@ -61,6 +61,18 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// A batch of `batch` rows of `seq` tokens, with room for them and nothing in it yet.
+    pub fn with_capacity(batch: usize, seq: usize) -> Batch {
+        Batch {
+            batch,
+            seq,
+            tokens: Vec::with_capacity(batch * seq),
+            targets: Vec::with_capacity(batch * seq),
+            documents: Vec::with_capacity(batch * seq),
+            queries: Vec::new(),
+        }
+    }
+
     /// Tokens with a loss.
     pub fn scored(&self) -> usize {
         self.targets.iter().filter(|&&t| t >= 0).count()
@@ -196,14 +208,7 @@ impl Text {
         let mut out = Vec::new();
         for first in (0..count).step_by(batch) {
             let rows = batch.min(count - first);
-            let mut b = Batch {
-                batch: rows,
-                seq,
-                tokens: Vec::new(),
-                targets: Vec::new(),
-                documents: Vec::new(),
-                queries: Vec::new(),
-            };
+            let mut b = Batch::with_capacity(rows, seq);
             for row in 0..rows {
                 self.window((first + row) * seq, seq, &mut b);
             }
@@ -216,14 +221,7 @@ impl Text {
 impl Source for Text {
     fn next_batch(&mut self, batch: usize, seq: usize) -> Result<Batch, DataError> {
         self.check(seq)?;
-        let mut b = Batch {
-            batch,
-            seq,
-            tokens: Vec::with_capacity(batch * seq),
-            targets: Vec::with_capacity(batch * seq),
-            documents: Vec::with_capacity(batch * seq),
-            queries: Vec::new(),
-        };
+        let mut b = Batch::with_capacity(batch, seq);
         for _ in 0..batch {
             let start = self.rng.random_range(0..=self.bytes.len() - seq - 1);
             self.window(start, seq, &mut b);
@@ -343,14 +341,7 @@ impl Source for Recall {
                 needed,
             });
         }
-        let mut b = Batch {
-            batch,
-            seq,
-            tokens: Vec::with_capacity(batch * seq),
-            targets: Vec::with_capacity(batch * seq),
-            documents: Vec::with_capacity(batch * seq),
-            queries: Vec::new(),
-        };
+        let mut b = Batch::with_capacity(batch, seq);
         for row in 0..batch {
             self.row(seq, row, &mut b);
         }

@@ -121,6 +121,44 @@ pub(crate) fn weighted_sum(
     })
 }
 
+/// `1 / l` for a softmax denominator `l`, or 0 when `l` is 0 (a query that saw no key), in
+/// `n` lanes; also whether `l > 0` (`zero`, `one`: the f32 constants).
+pub(crate) fn reciprocal_or_zero(
+    b: &mut Builder,
+    l: &Val,
+    (zero, one): (&Val, &Val),
+    n: usize,
+) -> (Val, Val) {
+    let seen = b.cmpf("ogt", l, zero, F32);
+    let inverse = b.bin("divf", one, l, F32);
+    let inverse = b.select(&seen, &inverse, zero, F32);
+    (seen, b.splat(&inverse, F32, n))
+}
+
+/// `out[out_row + c] = acc[acc_row + c] * scale` for `c` in `0..d`, `w` lanes at a time (`c0`,
+/// `cd`, `cw`: the constants 0, `d` and `w`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn store_scaled(
+    b: &mut Builder,
+    acc: &Val,
+    acc_row: &Val,
+    out: &Val,
+    out_row: &Val,
+    scale: &Val,
+    (c0, cd, cw): (&Val, &Val, &Val),
+    w: usize,
+) {
+    let vt = vf32(w);
+    b.for_range(c0, cd, cw, &[], |b, c, _| {
+        let at = b.addi(acc_row, c);
+        let o = b.load(acc, &at, F32, &vt);
+        let o = b.bin("mulf", &o, scale, &vt);
+        let dst = b.addi(out_row, c);
+        b.store(&o, out, &dst, F32, &vt);
+        vec![]
+    });
+}
+
 /// How the attention kernel's tiles are laid out: the vector width `w`, and the panel widths
 /// of packed keys (`nk` keys) and packed values (`nv` head-dim columns), each one or two
 /// vectors.
@@ -557,10 +595,7 @@ pub fn attention(name: &str, kernel: &AttentionKernel, lse: bool, max_vector: us
         // Normalize and write out; a query that saw nothing gets zeros.
         b.for_range(&c0, &q_valid, &c1, &[], |b, i, _| {
             let l = b.load(&sums, i, F32, F32);
-            let seen = b.cmpf("ogt", &l, &fzero, F32);
-            let inverse = b.bin("divf", &fone, &l, F32);
-            let inverse = b.select(&seen, &inverse, &fzero, F32);
-            let inverse_v = b.splat(&inverse, F32, w);
+            let (seen, inverse_v) = reciprocal_or_zero(b, &l, (&fzero, &fone), w);
             let qpos = b.addi(&q0, i);
             if lse {
                 // lse = (m + log2(l)) * ln 2, the running max m in base 2.
@@ -586,14 +621,16 @@ pub fn attention(name: &str, kernel: &AttentionKernel, lse: bool, max_vector: us
                 b.muli(&row, &cd)
             };
             let orow = b.muli(i, &cd);
-            b.for_range(&c0, &cd, &cw, &[], |b, c, _| {
-                let at = b.addi(&orow, c);
-                let o = b.load(&acc, &at, F32, &vt);
-                let o = b.bin("mulf", &o, &inverse_v, &vt);
-                let dst = b.addi(&dst_row, c);
-                b.store(&o, &out, &dst, F32, &vt);
-                vec![]
-            });
+            store_scaled(
+                b,
+                &acc,
+                &orow,
+                &out,
+                &dst_row,
+                &inverse_v,
+                (&c0, &cd, &cw),
+                w,
+            );
             vec![]
         });
         vec![]

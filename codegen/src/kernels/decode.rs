@@ -15,6 +15,7 @@
 use zebra_ir::cache::KvPolicy;
 use zebra_ir::op::AttentionKernel;
 
+use super::attention::{reciprocal_or_zero, store_scaled};
 use crate::mlir::{Builder, F32, I64, Val, entry, vf32, vi1, vi64};
 use crate::vexpr::{self, VecEnv};
 
@@ -248,24 +249,23 @@ pub fn attention_decode(
         // Normalize and write out; a query that saw nothing gets zeros.
         b.for_range(&c0, &cgroup, &c1, &[], |b, i, _| {
             let l = b.load(&sums, i, F32, F32);
-            let seen = b.cmpf("ogt", &l, &fzero, F32);
-            let inverse = b.bin("divf", &fone, &l, F32);
-            let inverse = b.select(&seen, &inverse, &fzero, F32);
-            let inverse_v = b.splat(&inverse, F32, wv);
+            let (_, inverse_v) = reciprocal_or_zero(b, &l, (&fzero, &fone), wv);
             let gh = b.muli(&kv, &cgroup);
             let h = b.addi(&gh, i);
             let orow = b.muli(&batch, &ch);
             let orow = b.addi(&orow, &h);
             let orow = b.muli(&orow, &cd);
             let arow = b.muli(i, &cd);
-            b.for_range(&c0, &cd, &cwv, &[], |b, c, _| {
-                let at = b.addi(&arow, c);
-                let o = b.load(&acc, &at, F32, &vtv);
-                let o = b.bin("mulf", &o, &inverse_v, &vtv);
-                let dst = b.addi(&orow, c);
-                b.store(&o, &out, &dst, F32, &vtv);
-                vec![]
-            });
+            store_scaled(
+                b,
+                &acc,
+                &arow,
+                &out,
+                &orow,
+                &inverse_v,
+                (&c0, &cd, &cwv),
+                wv,
+            );
             vec![]
         });
         vec![]
