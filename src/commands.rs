@@ -243,16 +243,24 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
     }
     let kernels = matches!(
         args.emit,
-        Emit::Mlir | Emit::Llvm | Emit::Asm | Emit::Artifact
+        Emit::Mlir | Emit::Llvm | Emit::Asm | Emit::Ptx | Emit::Artifact
     );
     if args.purpose != crate::Purpose::Forward && args.emit != Emit::Artifact {
         bail!("--for says what an artifact is for: use it with --emit artifact -o DIR");
     }
-    if kernels && args.target != Target::Cpu {
+    let gpu = match args.target {
+        Target::Cpu => None,
+        Target::Sm80 => zebra_codegen::ptx::GpuTarget::from_name("sm_80"),
+        Target::Sm90 => zebra_codegen::ptx::GpuTarget::from_name("sm_90"),
+    };
+    if gpu.is_some() && args.emit == Emit::Asm {
         bail!(
-            "kernels for {} are not built by this version; use --target cpu",
+            "--emit asm is the CPU's assembly; for {} use --emit ptx",
             args.target
         );
+    }
+    if gpu.is_none() && args.emit == Emit::Ptx {
+        bail!("--emit ptx needs an NVIDIA target: --target sm_80 or --target sm_90");
     }
     let (source, graph) = load_graph(args.file, args.model, &mut timings)?;
     let optimize =
@@ -287,42 +295,58 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
         None => &optimized.graph,
     };
     let start = Instant::now();
-    let text = match args.emit {
-        Emit::Dot => zebra_ir::dot::to_dot(shown),
-        Emit::Mlir => {
+    let text = match (args.emit, gpu) {
+        (Emit::Mlir | Emit::Llvm | Emit::Ptx, Some(target)) => zebra_codegen::artifact::emit_gpu(
+            &optimized.graph,
+            args.max_seq_len,
+            target,
+            if args.emit == Emit::Llvm {
+                zebra_codegen::ptx::GpuOutput::OptimizedIr
+            } else {
+                zebra_codegen::ptx::GpuOutput::Ptx
+            },
+            args.emit == Emit::Mlir,
+        )?,
+        (Emit::Dot, _) => zebra_ir::dot::to_dot(shown),
+        (Emit::Mlir, None) => {
             zebra_codegen::artifact::emit(&optimized.graph, args.max_seq_len, Output::Object, true)?
         }
-        Emit::Llvm => zebra_codegen::artifact::emit(
+        (Emit::Llvm, None) => zebra_codegen::artifact::emit(
             &optimized.graph,
             args.max_seq_len,
             Output::OptimizedIr,
             false,
         )?,
-        Emit::Asm => zebra_codegen::artifact::emit(
+        (Emit::Asm, _) => zebra_codegen::artifact::emit(
             &optimized.graph,
             args.max_seq_len,
             Output::Assembly,
             false,
         )?,
-        Emit::Artifact => {
+        (Emit::Artifact, _) => {
             let dir = args
                 .output
                 .ok_or_else(|| anyhow!("--emit artifact needs the directory to write: -o DIR"))?;
             let report = match args.purpose {
-                crate::Purpose::Forward => {
-                    build_artifact_at(&optimized.graph, dir, args.max_seq_len)?
-                }
+                crate::Purpose::Forward => build_for(
+                    &optimized.graph,
+                    dir,
+                    args.max_seq_len,
+                    Default::default(),
+                    gpu,
+                )?,
                 crate::Purpose::Generate => {
                     let mut total = zebra_codegen::artifact::BuildReport::default();
                     for (sub, mode) in [
                         ("prefill", zebra_codegen::plan::PlanMode::Prefill),
                         ("decode", zebra_codegen::plan::PlanMode::Decode),
                     ] {
-                        let report = build_artifact_mode(
+                        let report = build_for(
                             &optimized.graph,
                             &dir.join(sub),
                             args.max_seq_len,
                             mode,
+                            gpu,
                         )?;
                         total.kernels += report.kernels;
                         total.compiled += report.compiled;
@@ -336,7 +360,7 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
                     let train = zebra_passes::autodiff::training_graph(&optimized.graph)?;
                     let train =
                         zebra_passes::optimize(&train, &zebra_passes::Options::default())?.graph;
-                    build_artifact_at(&train, dir, args.max_seq_len)?
+                    build_for(&train, dir, args.max_seq_len, Default::default(), gpu)?
                 }
             };
             timings.push(("codegen".into(), report.codegen));
@@ -380,6 +404,29 @@ pub fn build_artifact_at(
     max_seq_len: usize,
 ) -> Result<zebra_codegen::artifact::BuildReport> {
     build_artifact_mode(graph, dir, max_seq_len, Default::default())
+}
+
+/// Builds an artifact for the CPU, or for a GPU (`plan.json` and `kernels.ptx`).
+fn build_for(
+    graph: &Graph,
+    dir: &Path,
+    max_seq_len: usize,
+    mode: zebra_codegen::plan::PlanMode,
+    gpu: Option<zebra_codegen::ptx::GpuTarget>,
+) -> Result<zebra_codegen::artifact::BuildReport> {
+    match gpu {
+        None => build_artifact_mode(graph, dir, max_seq_len, mode),
+        Some(target) => {
+            let options = zebra_codegen::artifact::BuildOptions {
+                mode,
+                max_seq_len,
+                cache: None,
+            };
+            Ok(zebra_codegen::artifact::build_gpu(
+                graph, dir, &options, target,
+            )?)
+        }
+    }
 }
 
 /// As [`build_artifact_at`], for a plan mode (forward, prefill, decode).

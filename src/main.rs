@@ -41,6 +41,8 @@ pub enum Emit {
     Llvm,
     /// The kernels in this CPU's assembly.
     Asm,
+    /// The kernels in PTX (with --target sm_80 or sm_90).
+    Ptx,
     /// A compiled artifact directory (`plan.json`, `kernels.so`) at `-o DIR`.
     Artifact,
 }

@@ -168,3 +168,71 @@ pub fn build(
         link: start.elapsed(),
     })
 }
+
+/// Plans a graph for an NVIDIA GPU and lowers its kernels to LLVM IR for it.
+fn gpu_ir(
+    graph: &Graph,
+    max_seq_len: usize,
+    mode: crate::plan::PlanMode,
+    target: crate::ptx::GpuTarget,
+) -> Result<(Planned, String), CodegenError> {
+    let planned = plan(
+        graph,
+        &target.describe(),
+        crate::ptx::GPU_VECTOR,
+        max_seq_len,
+        mode,
+    )?;
+    let ir = crate::ptx::gpu_llvm_ir(&planned, &Mlir::new())?;
+    Ok((planned, ir))
+}
+
+/// The kernels for a GPU as MLIR, optimized LLVM IR or PTX, for `zebra compile --emit`.
+pub fn emit_gpu(
+    graph: &Graph,
+    max_seq_len: usize,
+    target: crate::ptx::GpuTarget,
+    what: crate::ptx::GpuOutput,
+    mlir_only: bool,
+) -> Result<String, CodegenError> {
+    if mlir_only {
+        let planned = plan(
+            graph,
+            &target.describe(),
+            crate::ptx::GPU_VECTOR,
+            max_seq_len,
+            PlanMode::Forward,
+        )?;
+        let text = kernels_mlir(&planned, crate::ptx::GPU_VECTOR);
+        Mlir::new().verify(&text)?;
+        return Ok(text);
+    }
+    let (_, ir) = gpu_ir(graph, max_seq_len, PlanMode::Forward, target)?;
+    crate::ptx::compile(&ir, target, what)
+}
+
+/// Compiles a graph into a GPU artifact directory: `plan.json` and `kernels.ptx`.
+pub fn build_gpu(
+    graph: &Graph,
+    out_dir: &Path,
+    options: &BuildOptions,
+    target: crate::ptx::GpuTarget,
+) -> Result<BuildReport, CodegenError> {
+    let start = Instant::now();
+    let (planned, ir) = gpu_ir(graph, options.max_seq_len, options.mode, target)?;
+    let ptx = crate::ptx::compile(&ir, target, crate::ptx::GpuOutput::Ptx)?;
+    let codegen = start.elapsed();
+    let mut plan = planned.plan;
+    plan.library = "kernels.ptx".into();
+    plan.library_hash = format!("{:016x}", fnv1a(ptx.as_bytes()));
+    write(&out_dir.join(&plan.library), ptx.as_bytes())?;
+    let json = serde_json::to_string_pretty(&plan).map_err(|e| CodegenError::Io(e.to_string()))?;
+    write(&out_dir.join("plan.json"), json.as_bytes())?;
+    Ok(BuildReport {
+        kernels: planned.kernels.len(),
+        compiled: planned.kernels.len(),
+        target: target.describe(),
+        codegen,
+        link: Duration::ZERO,
+    })
+}

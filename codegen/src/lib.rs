@@ -9,6 +9,7 @@ pub mod backend;
 pub mod kernels;
 pub mod mlir;
 pub mod plan;
+pub mod ptx;
 pub mod toolchain;
 pub mod vexpr;
 

@@ -12,6 +12,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use ndarray::{ArrayD, Axis};
 use zebra_ir::{Weights, npy};
+use zebra_runtime::cuda::CudaModel;
 use zebra_runtime::data::{Recall, Source, Text};
 use zebra_runtime::generate::Generator;
 use zebra_runtime::optim::{AdamW, AdamWConfig};
@@ -48,6 +49,17 @@ enum Command {
         name: Option<String>,
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// `cpu`, or `cuda` for an artifact compiled with --target sm_80 or sm_90.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Compare two .npy arrays: the largest difference, relative to the largest value of the
+    /// second; fails above --tolerance.
+    Diff {
+        a: PathBuf,
+        b: PathBuf,
+        #[arg(long, default_value_t = 1e-4)]
+        tolerance: f64,
     },
     /// Generate text from an artifact built with `--for generate`, streaming it.
     Generate {
@@ -175,40 +187,69 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
             output,
             name,
             threads,
+            device,
         } => {
             let weights = load_weights(&weights)?;
-            let mut model = CpuModel::load(&artifact, &weights, threads)?;
             let mut inputs = BTreeMap::new();
             inputs.insert("tokens".to_string(), Tensor::I64(read_tokens(&tokens)?));
-            let start = Instant::now();
-            let mut outputs = model.run(&inputs)?;
-            let elapsed = start.elapsed();
-            let name = name.unwrap_or_else(|| {
-                model
-                    .plan()
-                    .outputs
-                    .first()
-                    .map_or("logits".into(), |o| o.0.clone())
-            });
+            let (mut outputs, names, elapsed, on) = match device.as_str() {
+                "cpu" => {
+                    let mut model = CpuModel::load(&artifact, &weights, threads)?;
+                    let start = Instant::now();
+                    let outputs = model.run(&inputs)?;
+                    let names: Vec<String> =
+                        model.plan().outputs.iter().map(|o| o.0.clone()).collect();
+                    (outputs, names, start.elapsed(), "the CPU".to_string())
+                }
+                "cuda" => {
+                    let mut model = CudaModel::load(&artifact, &weights)?;
+                    let start = Instant::now();
+                    let outputs = model.run(&inputs)?;
+                    let names: Vec<String> =
+                        model.plan().outputs.iter().map(|o| o.0.clone()).collect();
+                    (outputs, names, start.elapsed(), model.device.clone())
+                }
+                other => bail!("unknown device `{other}`: `cpu` or `cuda`"),
+            };
+            let name = name.unwrap_or_else(|| names.first().cloned().unwrap_or("logits".into()));
             let value = outputs.remove(&name).ok_or_else(|| {
                 anyhow!(
                     "the artifact has no output `{name}`; it has {}",
-                    model
-                        .plan()
-                        .outputs
-                        .iter()
-                        .map(|o| o.0.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    names.join(", ")
                 )
             })?;
             npy::write(&output, &value)?;
             eprintln!(
-                "wrote {} {:?} in {:.1} ms",
+                "wrote {} {:?} in {:.1} ms on {on}",
                 output.display(),
                 value.shape(),
                 elapsed.as_secs_f64() * 1e3
             );
+            Ok(())
+        }
+        Command::Diff { a, b, tolerance } => {
+            let x = npy::read_floats(&a)?;
+            let y = npy::read_floats(&b)?;
+            if x.shape() != y.shape() {
+                bail!("the shapes differ: {:?} and {:?}", x.shape(), y.shape());
+            }
+            let scale = y.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
+            let worst = x
+                .iter()
+                .zip(&y)
+                .fold(0.0f64, |m, (p, q)| m.max((p - q).abs()));
+            // A NaN anywhere counts as an infinite difference (max would skip it).
+            let nan = x.iter().chain(y.iter()).any(|v| v.is_nan());
+            let relative = if nan { f64::INFINITY } else { worst / scale };
+            writeln!(
+                out,
+                "{}",
+                serde_json::json!({"max_abs_diff": worst, "relative": relative,
+                    "tolerance": tolerance, "ok": relative.is_finite() && relative <= tolerance})
+            )?;
+            if relative > tolerance {
+                bail!("the arrays differ by {relative:.3e} (relative), above {tolerance:e}");
+            }
             Ok(())
         }
         Command::Generate {

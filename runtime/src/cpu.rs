@@ -70,6 +70,8 @@ pub enum RuntimeError {
     Mask(String),
     #[error("{0}")]
     Decode(String),
+    #[error("CUDA: {0}")]
+    Cuda(String),
 }
 
 /// How a kernel's programs run: on the calling thread, or spread over the pool (one task per
@@ -93,7 +95,7 @@ fn buffer(words: usize) -> Buffer {
     Buffer::zeroed(words + SLACK_WORDS)
 }
 
-fn words(bytes: usize) -> usize {
+pub(crate) fn words(bytes: usize) -> usize {
     bytes.div_ceil(8)
 }
 
@@ -122,12 +124,172 @@ impl Tensor {
 
 /// A schedule in the kernels' format: row offsets, then `(key tile << 1) | partial` entries;
 /// and the same by columns (per key tile, `(query tile << 1) | partial`).
-struct BuiltSchedule {
-    rows: Buffer,
-    tiles: Buffer,
-    columns: Buffer,
-    column_tiles: Buffer,
-    per_batch: bool,
+pub(crate) struct BuiltSchedule {
+    pub(crate) rows: Buffer,
+    pub(crate) tiles: Buffer,
+    pub(crate) columns: Buffer,
+    pub(crate) column_tiles: Buffer,
+    pub(crate) per_batch: bool,
+}
+
+/// Builds the tile schedule of `spec` for `batch` rows of `seq` tokens (the inputs hold the
+/// side values of masks over data), in the kernels' format.
+pub(crate) fn build_schedule(
+    spec: &crate::plan::ScheduleSpec,
+    mask: &Expr,
+    support: &Support,
+    batch: usize,
+    seq: usize,
+    inputs: &[Buffer],
+) -> BuiltSchedule {
+    let per_batch = !spec.sides.is_empty();
+    let mut rows = vec![0u64];
+    let mut tiles = Vec::new();
+    let mut columns = vec![0u64];
+    let mut column_tiles = Vec::new();
+    let names: Vec<String> = spec.sides.iter().map(|(n, _)| n.clone()).collect();
+    for b in 0..if per_batch { batch } else { 1 } {
+        let side_rows: Vec<&[i64]> = spec
+            .sides
+            .iter()
+            .map(|(_, input)| {
+                // SAFETY: input buffers hold `batch * seq` i64 values.
+                let all = unsafe {
+                    std::slice::from_raw_parts(inputs[*input].as_ptr().cast::<i64>(), batch * seq)
+                };
+                &all[b * seq..(b + 1) * seq]
+            })
+            .collect();
+        let sides = SideValues {
+            names: &names,
+            values: side_rows,
+        };
+        let schedule = build(&ScheduleInput {
+            mask,
+            support,
+            heads: spec.heads,
+            block_q: spec.block_q,
+            block_k: spec.block_k,
+            seq_len: seq,
+            sides: per_batch.then_some(&sides),
+            batch_row: b,
+            // Static masks are classified exactly once per length; masks over data are
+            // classified from value ranges alone, per run.
+            refine: !per_batch,
+        });
+        let n_kt = seq.div_ceil(spec.block_k);
+        let mut by_key: Vec<Vec<u64>> = vec![Vec::new(); n_kt];
+        for (qt, row) in schedule.rows.iter().enumerate() {
+            for &(kt, kind) in &row.tiles {
+                let partial = u64::from(kind == TileKind::Partial);
+                tiles.push((u64::from(kt) << 1) | partial);
+                by_key[kt as usize].push(((qt as u64) << 1) | partial);
+            }
+            rows.push(tiles.len() as u64);
+        }
+        for entries in by_key {
+            column_tiles.extend(entries);
+            columns.push(column_tiles.len() as u64);
+        }
+    }
+    BuiltSchedule {
+        rows: words_of_i64(rows.into_iter().map(|x| x as i64)),
+        tiles: words_of_i64(tiles.into_iter().map(|x| x as i64)),
+        columns: words_of_i64(columns.into_iter().map(|x| x as i64)),
+        column_tiles: words_of_i64(column_tiles.into_iter().map(|x| x as i64)),
+        per_batch,
+    }
+}
+
+/// RoPE tables `[seq, dim / 2]` of cosines and sines for positions from `offset`.
+pub(crate) fn rope_tables(base: f64, dim: usize, seq: usize, offset: usize) -> (Buffer, Buffer) {
+    let half = dim / 2;
+    let mut cos = Vec::with_capacity(seq * half);
+    let mut sin = Vec::with_capacity(seq * half);
+    for t in offset..offset + seq {
+        for i in 0..half {
+            let angle = t as f64 * base.powf(-2.0 * i as f64 / dim as f64);
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    (as_words(&cos), as_words(&sin))
+}
+
+/// Checks the inputs against the plan and binds `B` and `T` from their shapes.
+pub(crate) fn check_inputs(
+    plan: &Plan,
+    inputs: &BTreeMap<String, Tensor>,
+) -> Result<(usize, usize), RuntimeError> {
+    let (mut batch, mut seq) = (None, None);
+    for spec in &plan.inputs {
+        let array = inputs
+            .get(&spec.name)
+            .ok_or_else(|| RuntimeError::MissingInput(spec.name.clone()))?;
+        let found = array.shape().to_vec();
+        let mismatch = || RuntimeError::InputShape {
+            name: spec.name.clone(),
+            expected: format!(
+                "{} {:?}",
+                if array.elem() == spec.elem {
+                    ""
+                } else {
+                    "of another element type"
+                },
+                spec.shape
+            ),
+            found: found.clone(),
+        };
+        if array.elem() != spec.elem || found.len() != spec.shape.len() {
+            return Err(mismatch());
+        }
+        for (extent, &size) in spec.shape.iter().zip(&found) {
+            let bound = match extent {
+                Extent::Batch => &mut batch,
+                Extent::Seq => &mut seq,
+                other => {
+                    if other.resolve(batch.unwrap_or(1), seq.unwrap_or(1)) != size {
+                        return Err(mismatch());
+                    }
+                    continue;
+                }
+            };
+            match bound {
+                Some(b) if *b != size => return Err(mismatch()),
+                _ => *bound = Some(size),
+            }
+        }
+    }
+    let (batch, seq) = (batch.unwrap_or(1), seq.unwrap_or(1));
+    if batch == 0 || seq == 0 {
+        return Err(RuntimeError::Empty);
+    }
+    if seq > plan.max_seq_len {
+        return Err(RuntimeError::TooLong {
+            found: seq,
+            max: plan.max_seq_len,
+        });
+    }
+    for (name, allow_negative) in [("tokens", false), ("targets", true)] {
+        let Some(Tensor::I64(tokens)) = inputs.get(name) else {
+            continue;
+        };
+        if plan.vocab == 0 {
+            continue;
+        }
+        for (index, &id) in tokens.indexed_iter() {
+            if (id < 0 && !allow_negative) || (id >= 0 && id as usize >= plan.vocab) {
+                let (row, position) = (index[0], index[1]);
+                return Err(RuntimeError::TokenOutOfRange {
+                    id,
+                    row,
+                    position,
+                    vocab: plan.vocab,
+                });
+            }
+        }
+    }
+    Ok((batch, seq))
 }
 
 /// A model loaded for the CPU.
@@ -156,7 +318,7 @@ pub struct CpuModel {
     cache_batch: usize,
 }
 
-fn as_words(values: &[f32]) -> Buffer {
+pub(crate) fn as_words(values: &[f32]) -> Buffer {
     let mut out = buffer(words(values.len() * 4));
     // SAFETY: `out` has room for `values.len()` f32s; u64 is more aligned than f32.
     unsafe {
@@ -171,7 +333,7 @@ fn as_words(values: &[f32]) -> Buffer {
 
 /// Copies a tensor into `buffer` (grown when too small): one memcpy when the tensor is laid out
 /// contiguously, as it almost always is.
-fn fill(buffer_: &mut Buffer, tensor: &Tensor) {
+pub(crate) fn fill(buffer_: &mut Buffer, tensor: &Tensor) {
     let count = match tensor {
         Tensor::I64(a) => a.len() * 2,
         Tensor::F32(a) => a.len(),
@@ -211,7 +373,7 @@ fn parallel_copy(out: &mut [f32], values: &[f32]) {
         .for_each(|(o, v)| o.copy_from_slice(v));
 }
 
-fn words_of_i64(values: impl ExactSizeIterator<Item = i64>) -> Buffer {
+pub(crate) fn words_of_i64(values: impl ExactSizeIterator<Item = i64>) -> Buffer {
     let mut out = buffer(values.len());
     for (slot, v) in out.iter_mut().zip(values) {
         *slot = v as u64;
@@ -224,6 +386,14 @@ impl CpuModel {
     pub fn load(dir: &Path, weights: &Weights, threads: usize) -> Result<CpuModel, RuntimeError> {
         let artifact = Artifact::load(dir)?;
         let plan = artifact.plan;
+        if plan.library.ends_with(".ptx") {
+            return Err(RuntimeError::Cuda(format!(
+                "{} was compiled for {}: run it on the GPU (--device cuda), or compile it for \
+                 the CPU (--target cpu)",
+                dir.display(),
+                plan.target
+            )));
+        }
         let library_path = dir.join(&plan.library);
         let library_error = |message: String| RuntimeError::Library {
             path: library_path.display().to_string(),
@@ -335,82 +505,6 @@ impl CpuModel {
         Ok(())
     }
 
-    /// Checks the inputs against the plan and binds `B` and `T` from their shapes.
-    fn check_inputs(
-        &self,
-        inputs: &BTreeMap<String, Tensor>,
-    ) -> Result<(usize, usize), RuntimeError> {
-        let (mut batch, mut seq) = (None, None);
-        for spec in &self.plan.inputs {
-            let array = inputs
-                .get(&spec.name)
-                .ok_or_else(|| RuntimeError::MissingInput(spec.name.clone()))?;
-            let found = array.shape().to_vec();
-            let mismatch = || RuntimeError::InputShape {
-                name: spec.name.clone(),
-                expected: format!(
-                    "{} {:?}",
-                    if array.elem() == spec.elem {
-                        ""
-                    } else {
-                        "of another element type"
-                    },
-                    spec.shape
-                ),
-                found: found.clone(),
-            };
-            if array.elem() != spec.elem || found.len() != spec.shape.len() {
-                return Err(mismatch());
-            }
-            for (extent, &size) in spec.shape.iter().zip(&found) {
-                let bound = match extent {
-                    Extent::Batch => &mut batch,
-                    Extent::Seq => &mut seq,
-                    other => {
-                        if other.resolve(batch.unwrap_or(1), seq.unwrap_or(1)) != size {
-                            return Err(mismatch());
-                        }
-                        continue;
-                    }
-                };
-                match bound {
-                    Some(b) if *b != size => return Err(mismatch()),
-                    _ => *bound = Some(size),
-                }
-            }
-        }
-        let (batch, seq) = (batch.unwrap_or(1), seq.unwrap_or(1));
-        if batch == 0 || seq == 0 {
-            return Err(RuntimeError::Empty);
-        }
-        if seq > self.plan.max_seq_len {
-            return Err(RuntimeError::TooLong {
-                found: seq,
-                max: self.plan.max_seq_len,
-            });
-        }
-        for (name, allow_negative) in [("tokens", false), ("targets", true)] {
-            let Some(Tensor::I64(tokens)) = inputs.get(name) else {
-                continue;
-            };
-            if self.plan.vocab == 0 {
-                continue;
-            }
-            for (index, &id) in tokens.indexed_iter() {
-                if (id < 0 && !allow_negative) || (id >= 0 && id as usize >= self.plan.vocab) {
-                    let (row, position) = (index[0], index[1]);
-                    return Err(RuntimeError::TokenOutOfRange {
-                        id,
-                        row,
-                        position,
-                        vocab: self.plan.vocab,
-                    });
-                }
-            }
-        }
-        Ok((batch, seq))
-    }
-
     fn schedule(
         &mut self,
         id: usize,
@@ -425,68 +519,8 @@ impl CpuModel {
         if !per_batch && self.schedules.contains_key(&key) {
             return key;
         }
-        let mut rows = vec![0u64];
-        let mut tiles = Vec::new();
-        let mut columns = vec![0u64];
-        let mut column_tiles = Vec::new();
-        let names: Vec<String> = spec.sides.iter().map(|(n, _)| n.clone()).collect();
-        for b in 0..if per_batch { batch } else { 1 } {
-            let side_rows: Vec<&[i64]> = spec
-                .sides
-                .iter()
-                .map(|(_, input)| {
-                    // SAFETY: input buffers hold `batch * seq` i64 values.
-                    let all = unsafe {
-                        std::slice::from_raw_parts(
-                            inputs[*input].as_ptr().cast::<i64>(),
-                            batch * seq,
-                        )
-                    };
-                    &all[b * seq..(b + 1) * seq]
-                })
-                .collect();
-            let sides = SideValues {
-                names: &names,
-                values: side_rows,
-            };
-            let schedule = build(&ScheduleInput {
-                mask,
-                support,
-                heads: spec.heads,
-                block_q: spec.block_q,
-                block_k: spec.block_k,
-                seq_len: seq,
-                sides: per_batch.then_some(&sides),
-                batch_row: b,
-                // Static masks are classified exactly once per length; masks over data are
-                // classified from value ranges alone, per run.
-                refine: !per_batch,
-            });
-            let n_kt = seq.div_ceil(spec.block_k);
-            let mut by_key: Vec<Vec<u64>> = vec![Vec::new(); n_kt];
-            for (qt, row) in schedule.rows.iter().enumerate() {
-                for &(kt, kind) in &row.tiles {
-                    let partial = u64::from(kind == TileKind::Partial);
-                    tiles.push((u64::from(kt) << 1) | partial);
-                    by_key[kt as usize].push(((qt as u64) << 1) | partial);
-                }
-                rows.push(tiles.len() as u64);
-            }
-            for entries in by_key {
-                column_tiles.extend(entries);
-                columns.push(column_tiles.len() as u64);
-            }
-        }
-        self.schedules.insert(
-            key,
-            BuiltSchedule {
-                rows: words_of_i64(rows.into_iter().map(|x| x as i64)),
-                tiles: words_of_i64(tiles.into_iter().map(|x| x as i64)),
-                columns: words_of_i64(columns.into_iter().map(|x| x as i64)),
-                column_tiles: words_of_i64(column_tiles.into_iter().map(|x| x as i64)),
-                per_batch,
-            },
-        );
+        let built = build_schedule(spec, mask, support, batch, seq, inputs);
+        self.schedules.insert(key, built);
         key
     }
 
@@ -495,18 +529,8 @@ impl CpuModel {
             return;
         }
         let (base, dim) = self.plan.rope_tables[id];
-        let half = dim / 2;
-        let mut cos = Vec::with_capacity(seq * half);
-        let mut sin = Vec::with_capacity(seq * half);
-        for t in offset..offset + seq {
-            for i in 0..half {
-                let angle = t as f64 * base.powf(-2.0 * i as f64 / dim as f64);
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
-        }
         self.ropes
-            .insert((id, seq, offset), (as_words(&cos), as_words(&sin)));
+            .insert((id, seq, offset), rope_tables(base, dim, seq, offset));
     }
 
     /// Runs the model on `[B, T]` inputs; returns the outputs.
@@ -528,7 +552,7 @@ impl CpuModel {
         inputs: &BTreeMap<String, Tensor>,
         offset: usize,
     ) -> Result<BTreeMap<String, ArrayD<f32>>, RuntimeError> {
-        let (batch, seq) = self.check_inputs(inputs)?;
+        let (batch, seq) = check_inputs(&self.plan, inputs)?;
         let mut input_buffers = std::mem::take(&mut self.inputs);
         input_buffers.resize_with(self.plan.inputs.len(), Buffer::default);
         self.pool.install(|| {

@@ -6,6 +6,7 @@ pub mod artifact;
 pub mod buffer;
 pub mod checkpoint;
 pub mod cpu;
+pub mod cuda;
 pub mod data;
 pub mod generate;
 pub mod kv;

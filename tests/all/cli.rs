@@ -1090,3 +1090,34 @@ fn the_runtime_only_binary_runs_compiled_artifacts() {
     .unwrap_err();
     assert!(error.contains("above the 128"), "{error}");
 }
+
+#[test]
+fn compile_emits_ptx_for_nvidia_targets() {
+    let zb = example("zebra_tiny.zb");
+    let out = zebra(&["compile", &zb, "--target", "sm_90", "--emit", "ptx"]);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stdout.contains(".target sm_90"),
+        "{}",
+        &out.stdout[..200.min(out.stdout.len())]
+    );
+    assert!(out.stdout.contains(".visible .entry zebra_attention_"));
+    let out = zebra(&["compile", &zb, "--target", "sm_80", "--emit", "llvm"]);
+    assert!(
+        out.ok && out.stdout.contains("nvptx64-nvidia-cuda"),
+        "{}",
+        out.stderr
+    );
+    let out = zebra(&["compile", &zb, "--target", "sm_90", "--emit", "asm"]);
+    assert!(
+        !out.ok && out.stderr.contains("--emit ptx"),
+        "{}",
+        out.stderr
+    );
+    let out = zebra(&["compile", &zb, "--emit", "ptx"]);
+    assert!(
+        !out.ok && out.stderr.contains("--target sm_80"),
+        "{}",
+        out.stderr
+    );
+}

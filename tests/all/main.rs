@@ -7,6 +7,7 @@ mod common;
 mod diagnostics;
 mod generate;
 mod golden;
+mod gpu;
 mod interpreter;
 mod optimizer;
 mod reference_model;

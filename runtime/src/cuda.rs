@@ -1,0 +1,394 @@
+//! The CUDA executor: runs a GPU artifact (`plan.json` and `kernels.ptx`) through the CUDA
+//! driver, loaded at run time (cudarc's dynamic loading), so that everything builds and runs
+//! on machines without CUDA; there, `CudaModel::load` says that no driver was found.
+//!
+//! The plan is the CPU's: the same steps, operands and memory slots (values whose lifetimes do
+//! not overlap share one device buffer). Host-side preparation is shared with the CPU
+//! executor (input checks, tile schedules, RoPE tables, packed weights); each kernel step
+//! uploads its table of buffer pointers and its dims and launches `{symbol}_grid` with one
+//! thread per program, all on one stream.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+    PushKernelArg,
+};
+use ndarray::{ArrayD, IxDyn};
+use zebra_ir::Weights;
+use zebra_ir::expr::Expr;
+use zebra_ir::schedule::Support;
+
+use crate::artifact::Artifact;
+use crate::buffer::Buffer;
+use crate::cpu::{
+    BuiltSchedule, RuntimeError, Tensor, as_words, build_schedule, check_inputs, fill, rope_tables,
+    words, words_of_i64,
+};
+use crate::pack::pack;
+use crate::plan::{ElemType, Operand, Plan, Step, volume};
+
+/// Threads per block of every launch (as the PTX entries expect nothing else).
+const THREADS_PER_BLOCK: u32 = 64;
+
+/// Bytes of slack after every device buffer, as on the CPU.
+const SLACK_BYTES: usize = 512;
+
+/// Whether a CUDA driver can be loaded here.
+pub fn driver_present() -> bool {
+    // SAFETY: this only tries to open the driver library.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+fn cuda_error(what: &str) -> impl Fn(cudarc::driver::DriverError) -> RuntimeError + '_ {
+    move |e| RuntimeError::Cuda(format!("{what}: {e:?}"))
+}
+
+/// The largest local memory (stack) a kernel of the PTX needs per thread.
+fn local_bytes(ptx: &str) -> usize {
+    ptx.lines()
+        .filter_map(|line| {
+            let at = line.find("__local_depot")?;
+            let rest = &line[at..];
+            let open = rest.find('[')?;
+            let close = rest.find(']')?;
+            rest[open + 1..close].parse::<usize>().ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// A model loaded on an NVIDIA GPU.
+pub struct CudaModel {
+    plan: Plan,
+    stream: Arc<CudaStream>,
+    _module: Arc<CudaModule>,
+    functions: Vec<CudaFunction>,
+    weights: Vec<CudaSlice<u8>>,
+    packed: Vec<CudaSlice<u8>>,
+    constants: Vec<CudaSlice<u8>>,
+    masks: Vec<(Expr, Support)>,
+    slots: Vec<CudaSlice<u8>>,
+    workspaces: Vec<CudaSlice<u8>>,
+    /// The GPU's name, for reports.
+    pub device: String,
+}
+
+fn bytes_of(buffer: &Buffer) -> &[u8] {
+    let words: &[u64] = buffer;
+    // SAFETY: any initialized u64 is 8 initialized bytes.
+    unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), words.len() * 8) }
+}
+
+impl CudaModel {
+    /// Loads a GPU artifact and its weights on device 0.
+    pub fn load(dir: &Path, weights: &Weights) -> Result<CudaModel, RuntimeError> {
+        let plan = Artifact::load(dir)?.plan;
+        if !plan.library.ends_with(".ptx") {
+            return Err(RuntimeError::Cuda(format!(
+                "{} was compiled for {}, not for a GPU; compile it with --target sm_80 or \
+                 --target sm_90",
+                dir.display(),
+                plan.target
+            )));
+        }
+        let path = dir.join(&plan.library);
+        let ptx = std::fs::read_to_string(&path).map_err(|e| RuntimeError::Library {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        if format!("{:016x}", crate::fnv1a(ptx.as_bytes())) != plan.library_hash {
+            return Err(RuntimeError::Library {
+                path: path.display().to_string(),
+                message: "it is not the PTX this plan was built with; recompile the model".into(),
+            });
+        }
+        if !driver_present() {
+            return Err(RuntimeError::Cuda(
+                "no NVIDIA driver was found (libcuda.so cannot be loaded): running on the GPU \
+                 needs an NVIDIA GPU and its driver"
+                    .into(),
+            ));
+        }
+        let ctx = CudaContext::new(0).map_err(cuda_error("cannot open GPU 0"))?;
+        let device = ctx.name().unwrap_or_else(|_| "GPU 0".into());
+        // Each thread's stack holds its kernel's scratch arrays.
+        ctx.set_limit(
+            cudarc::driver::sys::CUlimit::CU_LIMIT_STACK_SIZE,
+            local_bytes(&ptx) + 1024,
+        )
+        .map_err(cuda_error("cannot set the stack size"))?;
+        let stream = ctx.default_stream();
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+            .map_err(cuda_error("the driver refused the PTX"))?;
+        let functions = plan
+            .kernels
+            .iter()
+            .map(|k| {
+                let entry = format!("{}_grid", k.symbol);
+                module
+                    .load_function(&entry)
+                    .map_err(|_| RuntimeError::Symbol(entry.clone()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let masks = plan
+            .schedules
+            .iter()
+            .map(|s| {
+                let expr = zebra_ir::expr::parse_expr(&s.mask)
+                    .map_err(|_| RuntimeError::Mask(s.mask.clone()))?;
+                let support = Support::of(&expr);
+                Ok((expr, support))
+            })
+            .collect::<Result<Vec<_>, RuntimeError>>()?;
+        let mut model = CudaModel {
+            plan,
+            stream,
+            _module: module,
+            functions,
+            weights: Vec::new(),
+            packed: Vec::new(),
+            constants: Vec::new(),
+            masks,
+            slots: Vec::new(),
+            workspaces: Vec::new(),
+            device,
+        };
+        model.constants = model
+            .plan
+            .constants
+            .clone()
+            .iter()
+            .map(|c| model.upload(&as_words(&[*c])))
+            .collect::<Result<_, _>>()?;
+        model.set_weights(weights)?;
+        Ok(model)
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    fn upload(&self, buffer: &Buffer) -> Result<CudaSlice<u8>, RuntimeError> {
+        let mut bytes = bytes_of(buffer).to_vec();
+        bytes.resize(bytes.len() + SLACK_BYTES, 0);
+        self.stream
+            .clone_htod(&bytes)
+            .map_err(cuda_error("copying to the GPU"))
+    }
+
+    fn zeroed(&self, bytes: usize) -> Result<CudaSlice<u8>, RuntimeError> {
+        self.stream
+            .alloc_zeros::<u8>(bytes + SLACK_BYTES)
+            .map_err(cuda_error("allocating GPU memory"))
+    }
+
+    /// Replaces the weights (packed on the host, then copied to the GPU).
+    pub fn set_weights(&mut self, weights: &Weights) -> Result<(), RuntimeError> {
+        let mut raw: Vec<Vec<f32>> = Vec::new();
+        for spec in &self.plan.weights {
+            let tensor = weights
+                .get(&spec.name)
+                .ok_or_else(|| RuntimeError::MissingWeight {
+                    name: spec.name.clone(),
+                    expected: spec.shape.clone(),
+                })?;
+            if tensor.shape() != spec.shape.as_slice() {
+                return Err(RuntimeError::WeightShape {
+                    name: spec.name.clone(),
+                    expected: spec.shape.clone(),
+                    found: tensor.shape().to_vec(),
+                });
+            }
+            raw.push(tensor.iter().copied().collect());
+        }
+        self.weights = raw
+            .iter()
+            .map(|values| self.upload(&as_words(values)))
+            .collect::<Result<_, _>>()?;
+        self.packed = self
+            .plan
+            .packed
+            .iter()
+            .map(|p| {
+                let packed = pack(&raw[p.weight], p.norm.map(|n| raw[n].as_slice()), p);
+                self.upload(&as_words(&packed))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(())
+    }
+
+    /// Runs the model on `[B, T]` inputs; returns the outputs.
+    pub fn run(
+        &mut self,
+        inputs: &BTreeMap<String, Tensor>,
+    ) -> Result<BTreeMap<String, ArrayD<f32>>, RuntimeError> {
+        if self.plan.steps.iter().any(|s| {
+            matches!(s, Step::Kernel { operands, .. }
+                if operands.iter().any(|o| matches!(o, Operand::CacheKeys(_))))
+        }) {
+            return Err(RuntimeError::Cuda(
+                "decode plans do not run on the GPU yet; generate on the CPU".into(),
+            ));
+        }
+        let (batch, seq) = check_inputs(&self.plan, inputs)?;
+        let mut host_inputs: Vec<Buffer> = Vec::new();
+        for spec in &self.plan.inputs {
+            let mut buffer = Buffer::default();
+            fill(&mut buffer, &inputs[&spec.name]);
+            host_inputs.push(buffer);
+        }
+        let device_inputs: Vec<CudaSlice<u8>> = host_inputs
+            .iter()
+            .map(|b| self.upload(b))
+            .collect::<Result<_, _>>()?;
+        let mut slot_bytes = vec![0usize; self.plan.slots];
+        for v in &self.plan.values {
+            let bytes = volume(&v.shape, batch, seq) * v.elem.size();
+            slot_bytes[v.slot] = slot_bytes[v.slot].max(words(bytes) * 8);
+        }
+        self.slots = slot_bytes
+            .iter()
+            .map(|&b| self.zeroed(b))
+            .collect::<Result<_, _>>()?;
+        self.workspaces = self
+            .plan
+            .workspaces
+            .iter()
+            .map(|(shape, elem)| self.zeroed(volume(shape, batch, seq) * elem.size()))
+            .collect::<Result<_, _>>()?;
+        let positions = self.upload(&words_of_i64(
+            (0..seq as i64).collect::<Vec<_>>().into_iter(),
+        ))?;
+        let mut ropes = Vec::new();
+        for &(base, dim) in &self.plan.rope_tables {
+            let (cos, sin) = rope_tables(base, dim, seq, 0);
+            ropes.push((self.upload(&cos)?, self.upload(&sin)?));
+        }
+        let mut schedules: HashMap<usize, ([CudaSlice<u8>; 4], bool)> = HashMap::new();
+        // Pointer tables and dims stay alive until the stream has run every launch.
+        let mut tables: Vec<CudaSlice<u64>> = Vec::new();
+        let mut dims_kept: Vec<CudaSlice<i64>> = Vec::new();
+        for s in 0..self.plan.steps.len() {
+            match self.plan.steps[s].clone() {
+                Step::Schedule { id } => {
+                    let (mask, support) = &self.masks[id];
+                    let built: BuiltSchedule = build_schedule(
+                        &self.plan.schedules[id],
+                        mask,
+                        support,
+                        batch,
+                        seq,
+                        &host_inputs,
+                    );
+                    let parts = [
+                        self.upload(&built.rows)?,
+                        self.upload(&built.tiles)?,
+                        self.upload(&built.columns)?,
+                        self.upload(&built.column_tiles)?,
+                    ];
+                    schedules.insert(id, (parts, built.per_batch));
+                }
+                Step::Kernel {
+                    kernel,
+                    operands,
+                    grid,
+                    schedule,
+                } => {
+                    let ptr = |slice: &CudaSlice<u8>| slice.device_ptr(&self.stream).0;
+                    let mut pointers = Vec::with_capacity(operands.len());
+                    for operand in &operands {
+                        let p = match *operand {
+                            Operand::Input(i) => ptr(&device_inputs[i]),
+                            Operand::Weight(i) => ptr(&self.weights[i]),
+                            Operand::Packed(i) => ptr(&self.packed[i]),
+                            Operand::Value(i) => ptr(&self.slots[self.plan.values[i].slot]),
+                            Operand::Constant(i) => ptr(&self.constants[i]),
+                            Operand::Positions => ptr(&positions),
+                            Operand::Workspace(i) => ptr(&self.workspaces[i]),
+                            Operand::ScheduleRows(i) => ptr(&schedules[&i].0[0]),
+                            Operand::ScheduleTiles(i) => ptr(&schedules[&i].0[1]),
+                            Operand::ScheduleColumns(i) => ptr(&schedules[&i].0[2]),
+                            Operand::ScheduleColumnTiles(i) => ptr(&schedules[&i].0[3]),
+                            Operand::RopeCos(i) => ptr(&ropes[i].0),
+                            Operand::RopeSin(i) => ptr(&ropes[i].1),
+                            Operand::CacheKeys(_)
+                            | Operand::CacheValues(_)
+                            | Operand::CachePositions(_) => unreachable!("checked above"),
+                        };
+                        pointers.push(p);
+                    }
+                    let per_batch = schedule
+                        .and_then(|id| schedules.get(&id))
+                        .is_some_and(|s| s.1);
+                    let dims = [batch as i64, seq as i64, i64::from(per_batch), 0];
+                    let table = self
+                        .stream
+                        .clone_htod(&pointers)
+                        .map_err(cuda_error("copying a pointer table"))?;
+                    let dims_dev = self
+                        .stream
+                        .clone_htod(&dims)
+                        .map_err(cuda_error("copying dims"))?;
+                    let programs = grid.programs(batch, seq) as i64;
+                    if programs > 0 {
+                        let blocks = (programs as u64).div_ceil(u64::from(THREADS_PER_BLOCK));
+                        let config = LaunchConfig {
+                            grid_dim: (blocks as u32, 1, 1),
+                            block_dim: (THREADS_PER_BLOCK, 1, 1),
+                            shared_mem_bytes: 0,
+                        };
+                        let mut launch = self.stream.launch_builder(&self.functions[kernel]);
+                        launch.arg(&table);
+                        launch.arg(&dims_dev);
+                        launch.arg(&programs);
+                        // SAFETY: the entry takes (buffers, dims, programs); the buffers are
+                        // sized by the plan for these dims, as on the CPU.
+                        unsafe { launch.launch(config) }.map_err(cuda_error(&format!(
+                            "launching {}",
+                            self.plan.kernels[kernel].symbol
+                        )))?;
+                    }
+                    tables.push(table);
+                    dims_kept.push(dims_dev);
+                }
+            }
+        }
+        let mut outputs = BTreeMap::new();
+        for (name, v) in &self.plan.outputs {
+            let spec = &self.plan.values[*v];
+            let shape: Vec<usize> = spec.shape.iter().map(|e| e.resolve(batch, seq)).collect();
+            let count: usize = shape.iter().product();
+            debug_assert_eq!(spec.elem, ElemType::F32);
+            let bytes: Vec<u8> = self
+                .stream
+                .clone_dtoh(&self.slots[spec.slot])
+                .map_err(cuda_error("copying from the GPU"))?;
+            let values: Vec<f32> = bytes[..count * 4]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            outputs.insert(
+                name.clone(),
+                ArrayD::from_shape_vec(IxDyn(&shape), values).expect("the count matches the shape"),
+            );
+        }
+        drop((tables, dims_kept));
+        Ok(outputs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_memory_is_read_from_the_ptx() {
+        let ptx = "\t.local .align 64 .b8 \t__local_depot1[2176];\n\t.local .align 16 .b8 \t__local_depot7[40960];\n";
+        assert_eq!(local_bytes(ptx), 40960);
+        assert_eq!(local_bytes(""), 0);
+    }
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Prepares a GPU check on this machine (which has the compiler) for a GPU machine (which
+# needs nothing but its driver): the runtime-only binary, each example compiled for the GPU,
+# its weights and tokens, and the CPU's logits to compare with. Then, on the GPU machine:
+#   scripts/gpu-check.sh DIR
+# Usage: scripts/gpu-prepare.sh [DIR] [sm_90|sm_80]   (default target/gpu-check, sm_90)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-target/gpu-check}
+sm=${2:-sm_90}
+cargo build --release --bin zebra
+cargo build --profile dist -p zebra-run
+zebra=target/release/zebra
+rm -rf "$out"
+mkdir -p "$out"
+cp target/dist/zebra-run "$out/"
+cp scripts/gpu-check.sh "$out/"
+$zebra encode "A zebra model attends globally in one layer of each group and locally in the others; the rest of this prompt is filler to pass a few tiles of 64 positions: the herd walks along the river and eats grass while the sun sets over the wide plain." -o "$out/tokens.npy"
+for file in examples/zebra_tiny.zb examples/attention/*.zb; do
+    name=$(basename "$file" .zb)
+    [ "$name" = document ] && continue   # needs a side input
+    mkdir -p "$out/$name"
+    $zebra init "$file" --seed 1 -o "$out/$name/weights.safetensors" >/dev/null
+    $zebra compile "$file" --emit artifact --target "$sm" --max-seq-len 1024 -o "$out/$name/gpu" >/dev/null
+    $zebra run "$file" --weights "$out/$name/weights.safetensors" --tokens "$out/tokens.npy" \
+        --output "$out/$name/cpu-logits.npy" >/dev/null
+    echo "prepared $name"
+done
+du -sh "$out"
