@@ -26,4 +26,15 @@ for file in examples/zebra_tiny.zb examples/attention/*.zb; do
         --output "$out/$name/cpu-logits.npy" >/dev/null
     echo "prepared $name"
 done
+# Training steps: the same five steps on the GPU must give the CPU's losses.
+mkdir -p "$out/train"
+cp README.md "$out/train/corpus.txt"
+$zebra init examples/zebra_tiny.zb --seed 3 -o "$out/train/weights.safetensors" >/dev/null
+$zebra compile examples/zebra_tiny.zb --emit artifact --for train --target "$sm" --max-seq-len 256 -o "$out/train/gpu" >/dev/null
+$zebra compile examples/zebra_tiny.zb --emit artifact --for train --max-seq-len 256 -o "$out/train/cpu" >/dev/null
+target/dist/zebra-run train "$out/train/cpu" --weights "$out/train/weights.safetensors" \
+    --data "$out/train/corpus.txt" --steps 5 --seq-len 128 --batch 2 --lr 1e-3 \
+    --out "$out/train/cpu-trained.safetensors" > "$out/train/cpu-losses.jsonl"
+rm -rf "$out/train/cpu"
+echo "prepared training"
 du -sh "$out"

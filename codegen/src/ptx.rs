@@ -61,20 +61,26 @@ pub fn entry(symbol: &str) -> String {
 /// Replaces the math NVPTX cannot lower with PTX approximations, in LLVM IR text.
 fn gpu_math(ir: &str) -> String {
     // Scalar replacements: the intrinsic or libm function, and its definition's name.
-    const SCALAR: [(&str, &str); 4] = [
+    const SCALAR: [(&str, &str); 6] = [
         ("@llvm.exp.f32(", "@zebra.gpu.exp("),
         ("@llvm.log.f32(", "@zebra.gpu.log("),
         ("@llvm.log2.f32(", "@zebra.gpu.log2("),
+        ("@llvm.sin.f32(", "@zebra.gpu.sin("),
+        ("@llvm.cos.f32(", "@zebra.gpu.cos("),
         ("@tanhf(", "@zebra.gpu.tanh("),
     ];
+    const VECTOR: [&str; 5] = ["exp", "log", "log2", "sin", "cos"];
     let mut out = String::with_capacity(ir.len());
     let mut vector_widths: Vec<(String, usize)> = Vec::new();
     for line in ir.lines() {
+        // Declared again below, for the definitions that use them.
+        let redeclared = ["@llvm.roundeven.f32(", "@llvm.fma.f32("];
         if line.starts_with("declare")
             && (SCALAR.iter().any(|(from, _)| line.contains(from))
-                || ["@llvm.exp.v", "@llvm.log.v", "@llvm.log2.v"]
+                || redeclared.iter().any(|f| line.contains(f))
+                || VECTOR
                     .iter()
-                    .any(|f| line.contains(f)))
+                    .any(|f| line.contains(&format!("@llvm.{f}.v"))))
         {
             continue;
         }
@@ -85,7 +91,7 @@ fn gpu_math(ir: &str) -> String {
         for (from, to) in SCALAR {
             line = line.replace(from, to);
         }
-        for func in ["exp", "log", "log2"] {
+        for func in VECTOR {
             let prefix = format!("@llvm.{func}.v");
             while let Some(at) = line.find(&prefix) {
                 let rest = &line[at + prefix.len()..];
@@ -123,6 +129,33 @@ define internal float @zebra.gpu.log(float %x) alwaysinline {
   %l = call float @llvm.nvvm.lg2.approx.f(float %x)
   %r = fmul float %l, 0x3FE62E4300000000
   ret float %r
+}
+
+; sin and cos of the argument reduced to [-pi, pi] (2 pi in two parts, Cody and Waite),
+; then the PTX approximations (absolute error about 2^-21 there).
+declare float @llvm.nvvm.sin.approx.f(float)
+declare float @llvm.nvvm.cos.approx.f(float)
+declare float @llvm.roundeven.f32(float)
+declare float @llvm.fma.f32(float, float, float)
+
+define internal float @zebra.gpu.reduce(float %x) alwaysinline {
+  %q = fmul float %x, 0x3FC45F3060000000
+  %k = call float @llvm.roundeven.f32(float %q)
+  %r1 = call float @llvm.fma.f32(float %k, float -6.28125, float %x)
+  %r = call float @llvm.fma.f32(float %k, float 0xBF5FB54440000000, float %r1)
+  ret float %r
+}
+
+define internal float @zebra.gpu.sin(float %x) alwaysinline {
+  %r = call float @zebra.gpu.reduce(float %x)
+  %s = call float @llvm.nvvm.sin.approx.f(float %r)
+  ret float %s
+}
+
+define internal float @zebra.gpu.cos(float %x) alwaysinline {
+  %r = call float @zebra.gpu.reduce(float %x)
+  %c = call float @llvm.nvvm.cos.approx.f(float %r)
+  ret float %c
 }
 
 ; tanh(x) = 1 - 2 / (e^(2x) + 1): exact limits at both infinities.

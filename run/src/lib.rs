@@ -18,7 +18,7 @@ use zebra_runtime::generate::Generator;
 use zebra_runtime::optim::{AdamW, AdamWConfig};
 use zebra_runtime::sample::{Sampler, Sampling};
 use zebra_runtime::train::Trainer;
-use zebra_runtime::{Artifact, CpuModel, Tensor};
+use zebra_runtime::{Artifact, CpuModel, Executor, Tensor};
 
 #[derive(Parser)]
 #[command(
@@ -106,6 +106,9 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// `cpu`, or `cuda` for an artifact compiled with --target sm_80 or sm_90.
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
 }
 
@@ -316,6 +319,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
             seed,
             out: out_path,
             threads,
+            device,
         } => {
             if steps == 0 || seq_len == 0 || batch == 0 {
                 bail!("--steps, --seq-len and --batch must be positive");
@@ -335,7 +339,12 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
                 warmup_steps: (steps / 20).clamp(1, 200),
                 ..AdamWConfig::default()
             };
-            let mut trainer = Trainer::new(&artifact, &weights, AdamW::default(), config, threads)?;
+            let executor: Box<dyn Executor> = match device.as_str() {
+                "cpu" => Box::new(CpuModel::load(&artifact, &weights, threads)?),
+                "cuda" => Box::new(CudaModel::load(&artifact, &weights)?),
+                other => bail!("unknown device `{other}`: `cpu` or `cuda`"),
+            };
+            let mut trainer = Trainer::with_executor(executor, &weights, AdamW::default(), config)?;
             let mut pending = Some(first);
             for step in 1..=steps {
                 let b = match pending.take() {

@@ -31,3 +31,45 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     hash
 }
 pub use cpu::{CpuModel, RuntimeError, Tensor};
+
+/// What runs a plan: the CPU executor or the CUDA one.
+pub trait Executor {
+    fn plan(&self) -> &plan::Plan;
+    /// Runs the plan on `[B, T]` inputs; returns its outputs.
+    fn run(
+        &mut self,
+        inputs: &std::collections::BTreeMap<String, Tensor>,
+    ) -> Result<std::collections::BTreeMap<String, ndarray::ArrayD<f32>>, RuntimeError>;
+    /// Replaces the weights.
+    fn set_weights(&mut self, weights: &zebra_ir::Weights) -> Result<(), RuntimeError>;
+}
+
+impl Executor for CpuModel {
+    fn plan(&self) -> &plan::Plan {
+        CpuModel::plan(self)
+    }
+    fn run(
+        &mut self,
+        inputs: &std::collections::BTreeMap<String, Tensor>,
+    ) -> Result<std::collections::BTreeMap<String, ndarray::ArrayD<f32>>, RuntimeError> {
+        CpuModel::run(self, inputs)
+    }
+    fn set_weights(&mut self, weights: &zebra_ir::Weights) -> Result<(), RuntimeError> {
+        CpuModel::set_weights(self, weights)
+    }
+}
+
+impl Executor for cuda::CudaModel {
+    fn plan(&self) -> &plan::Plan {
+        cuda::CudaModel::plan(self)
+    }
+    fn run(
+        &mut self,
+        inputs: &std::collections::BTreeMap<String, Tensor>,
+    ) -> Result<std::collections::BTreeMap<String, ndarray::ArrayD<f32>>, RuntimeError> {
+        cuda::CudaModel::run(self, inputs)
+    }
+    fn set_weights(&mut self, weights: &zebra_ir::Weights) -> Result<(), RuntimeError> {
+        cuda::CudaModel::set_weights(self, weights)
+    }
+}

@@ -6,6 +6,7 @@ use std::path::Path;
 use ndarray::{ArrayD, IxDyn};
 use zebra_ir::Weights;
 
+use crate::Executor;
 use crate::cpu::{CpuModel, RuntimeError, Tensor};
 use crate::data::Batch;
 use crate::optim::{AdamW, AdamWConfig};
@@ -22,7 +23,7 @@ pub struct StepReport {
 
 /// A model being trained: its compiled training step, its parameters and the optimizer.
 pub struct Trainer {
-    model: CpuModel,
+    model: Box<dyn Executor>,
     pub params: BTreeMap<String, Vec<f32>>,
     shapes: BTreeMap<String, Vec<usize>>,
     pub optimizer: AdamW,
@@ -44,12 +45,25 @@ impl Trainer {
         threads: usize,
     ) -> Result<Trainer, RuntimeError> {
         let model = CpuModel::load(dir, weights, threads)?;
+        Trainer::with_executor(Box::new(model), weights, optimizer, config)
+    }
+
+    /// A trainer on any executor (the CPU's, or a GPU's) whose plan is a training step.
+    pub fn with_executor(
+        model: Box<dyn Executor>,
+        weights: &Weights,
+        optimizer: AdamW,
+        config: AdamWConfig,
+    ) -> Result<Trainer, RuntimeError> {
         let mut params = BTreeMap::new();
         let mut shapes = BTreeMap::new();
         for spec in &model.plan().weights {
             let tensor = weights
                 .get(&spec.name)
-                .expect("CpuModel::load checked every weight");
+                .ok_or_else(|| RuntimeError::MissingWeight {
+                    name: spec.name.clone(),
+                    expected: spec.shape.clone(),
+                })?;
             params.insert(spec.name.clone(), tensor.iter().copied().collect());
             shapes.insert(spec.name.clone(), spec.shape.clone());
         }

@@ -62,6 +62,41 @@ fn every_program_compiles_to_ptx_for_sm80_and_sm90() {
     }
 }
 
+/// The training step and the generation plans of zebra_tiny compile for the GPU too (their
+/// kernels use more math: sin and cos in RoPE's gradient, logarithms in the loss).
+#[test]
+fn training_and_generation_plans_compile_to_ptx() {
+    let out = tempfile::tempdir().unwrap();
+    let (_, checked) = check_ok(&root().join("examples/zebra_tiny.zb"));
+    let graph = optimize(&lower(&checked.program.models[0]), &Options::default())
+        .unwrap()
+        .graph;
+    let train = zebra_passes::autodiff::training_graph(&graph).unwrap();
+    let train = optimize(&train, &Options::default()).unwrap().graph;
+    for (name, graph, mode) in [
+        ("train", &train, PlanMode::Forward),
+        ("prefill", &graph, PlanMode::Prefill),
+        ("decode", &graph, PlanMode::Decode),
+    ] {
+        let dir = out.path().join(name);
+        let options = BuildOptions {
+            mode,
+            max_seq_len: 256,
+            cache: None,
+        };
+        build_gpu(
+            graph,
+            &dir,
+            &options,
+            GpuTarget::from_name("sm_90").unwrap(),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let ptx = std::fs::read_to_string(dir.join("kernels.ptx")).unwrap();
+        assert!(!ptx.contains(".extern"), "{name}: calls outside the module");
+        assert!(ptx.contains("sin.approx") || name != "train", "{name}");
+    }
+}
+
 fn tiny_gpu_artifact(dir: &std::path::Path) -> (zebra_ir::Weights, zebra_frontend::ModelSpec) {
     let (_, checked) = check_ok(&root().join("examples/zebra_tiny.zb"));
     let spec = checked.program.models[0].clone();
