@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every prepared example (scripts/gpu-prepare.sh) on the GPU through zebra-run and
-# compares its logits with the CPU's; prints one JSON line per example.
+# compares its logits with the CPU's (forward passes, decode steps against the KV caches,
+# training steps, sampled generation); prints one JSON line per check, fails if any fails.
 # Usage: scripts/gpu-check.sh DIR [TOLERANCE]   (relative to the largest logit; default 1e-4)
 set -uo pipefail
 dir=${1:?usage: gpu-check.sh DIR [TOLERANCE]}
@@ -34,6 +35,46 @@ if [ -d "$dir/train/gpu" ]; then
         [ "$ok" = true ] || failed=1
     else
         echo '{"example": "training steps", "ok": false, "error": "the GPU run failed"}'
+        failed=1
+    fi
+fi
+# Teacher-forced decoding for one program per kind of KV cache: every step's logits.
+for example in "$dir"/decode-*/; do
+    name=$(basename "$example")
+    if "$run" decode "$example/gpu" --device cuda --weights "$example/weights.safetensors" \
+        --tokens "$dir/tokens.npy" --prompt-len 40 --output "$example/gpu-decode-logits.npy"; then
+        result=$("$run" diff "$example/gpu-decode-logits.npy" "$example/cpu-decode-logits.npy" --tolerance "$tolerance" 2>&1)
+        status=$?
+        echo "{\"example\": \"$name\", \"result\": $(echo "$result" | head -1)}"
+        [ $status -eq 0 ] || failed=1
+    else
+        echo "{\"example\": \"$name\", \"ok\": false, \"error\": \"the GPU run failed\"}"
+        failed=1
+    fi
+done
+if [ -d "$dir/generate/gpu" ]; then
+    # Teacher-forced decoding: every step's logits against the CPU's.
+    if "$run" decode "$dir/generate/gpu" --device cuda --weights "$dir/generate/weights.safetensors" \
+        --tokens "$dir/tokens.npy" --prompt-len 40 --output "$dir/generate/gpu-decode-logits.npy"; then
+        result=$("$run" diff "$dir/generate/gpu-decode-logits.npy" "$dir/generate/cpu-decode-logits.npy" --tolerance "$tolerance" 2>&1)
+        status=$?
+        echo "{\"example\": \"decode steps\", \"result\": $(echo "$result" | head -1)}"
+        [ $status -eq 0 ] || failed=1
+    else
+        echo '{"example": "decode steps", "ok": false, "error": "the GPU run failed"}'
+        failed=1
+    fi
+    if "$run" generate "$dir/generate/gpu" --device cuda --weights "$dir/generate/weights.safetensors" \
+        --prompt "$(cat "$dir/generate/prompt.txt")" --max-tokens 200 --temperature 1 --seed 7 \
+        > "$dir/generate/gpu.txt"; then
+        if cmp -s "$dir/generate/gpu.txt" "$dir/generate/cpu.txt"; then
+            echo '{"example": "sampled generation, 200 tokens, seed 7", "ok": true}'
+        else
+            echo '{"example": "sampled generation, 200 tokens, seed 7", "ok": false, "error": "the GPU wrote other tokens than the CPU"}'
+            failed=1
+        fi
+    else
+        echo '{"example": "sampled generation", "ok": false, "error": "the GPU run failed"}'
         failed=1
     fi
 fi

@@ -37,4 +37,28 @@ target/dist/zebra-run train "$out/train/cpu" --weights "$out/train/weights.safet
     --out "$out/train/cpu-trained.safetensors" > "$out/train/cpu-losses.jsonl"
 rm -rf "$out/train/cpu"
 echo "prepared training"
+
+# Generation: sampling with a seed on the GPU must write what the CPU writes (200 tokens,
+# past several wraps of the rings of 32).
+mkdir -p "$out/generate"
+$zebra init examples/zebra_tiny.zb --seed 4 -o "$out/generate/weights.safetensors" >/dev/null
+$zebra compile examples/zebra_tiny.zb --emit artifact --for generate --target "$sm" --max-seq-len 512 -o "$out/generate/gpu" >/dev/null
+$zebra compile examples/zebra_tiny.zb --emit artifact --for generate --max-seq-len 512 -o "$out/generate/cpu" >/dev/null
+printf '%s' "the herd walks along the river and eats grass while the sun sets over the wide plain" > "$out/generate/prompt.txt"
+target/dist/zebra-run generate "$out/generate/cpu" --weights "$out/generate/weights.safetensors" \
+    --prompt "$(cat "$out/generate/prompt.txt")" --max-tokens 200 --temperature 1 --seed 7 2>/dev/null > "$out/generate/cpu.txt"
+target/dist/zebra-run decode "$out/generate/cpu" --weights "$out/generate/weights.safetensors" \
+    --tokens "$out/tokens.npy" --prompt-len 40 --output "$out/generate/cpu-decode-logits.npy"
+rm -rf "$out/generate/cpu"
+# Decode steps for each kind of KV cache: every key, a ring, sinks and a ring.
+for name in causal sliding_window sinks; do
+    d="$out/decode-$name"
+    mkdir -p "$d"
+    $zebra init "examples/attention/$name.zb" --seed 5 -o "$d/weights.safetensors" >/dev/null
+    $zebra compile "examples/attention/$name.zb" --emit artifact --for generate --target "$sm" --max-seq-len 512 -o "$d/gpu" >/dev/null
+    $zebra compile "examples/attention/$name.zb" --emit artifact --for generate --max-seq-len 512 -o "$d/cpu" >/dev/null
+    target/dist/zebra-run decode "$d/cpu" --weights "$d/weights.safetensors" --tokens "$out/tokens.npy" --prompt-len 40 --output "$d/cpu-decode-logits.npy"
+    rm -rf "$d/cpu"
+done
+echo "prepared generation"
 du -sh "$out"

@@ -159,7 +159,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     let compile_start = Instant::now();
     let (prefill, decode) = generation_models(&loaded, context, args.threads)?;
     let compile = compile_start.elapsed();
-    let mut generator = Generator::from_parts(prefill, decode)?;
+    let mut generator = Generator::from_parts(Box::new(prefill), Box::new(decode))?;
     let min_prompt = generator.min_prompt();
     if prompt.len() < min_prompt {
         bail!(
@@ -191,13 +191,13 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
             loaded.spec.layers.len()
         );
         eprintln!("compile         {:.2} s", compile.as_secs_f64());
-        print_stats(&stats, &generator.decode);
+        print_stats(&stats, generator.decode.as_ref());
     }
     Ok(())
 }
 
 /// The timings and the KV cache of a generation, to stderr.
-pub fn print_stats(stats: &GenerationStats, decode: &CpuModel) {
+pub fn print_stats(stats: &GenerationStats, decode: &dyn zebra_runtime::Executor) {
     let prefill = stats.prefill.as_secs_f64();
     let steps = stats.generated.saturating_sub(1).max(1);
     eprintln!(

@@ -53,6 +53,24 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Decode given tokens (teacher-forced) with an artifact built with `--for generate`: the
+    /// first --prompt-len tokens are prefilled, the rest decoded one by one; writes the
+    /// logits of every decode step, `[steps, vocab]` (a check of the KV-cache path).
+    Decode {
+        artifact: PathBuf,
+        #[arg(long)]
+        weights: PathBuf,
+        #[arg(long)]
+        tokens: PathBuf,
+        #[arg(long)]
+        prompt_len: usize,
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Compare two .npy arrays: the largest difference, relative to the largest value of the
     /// second; fails above --tolerance.
     Diff {
@@ -80,6 +98,9 @@ enum Command {
         seed: u64,
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// `cpu`, or `cuda` for an artifact compiled with --target sm_80 or sm_90.
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Training steps with an artifact built with `--for train`: one JSON line per step; the
     /// trained weights are written to --out.
@@ -230,6 +251,52 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
             );
             Ok(())
         }
+        Command::Decode {
+            artifact,
+            weights,
+            tokens,
+            prompt_len,
+            output,
+            threads,
+            device,
+        } => {
+            let weights = load_weights(&weights)?;
+            let mut generator = match device.as_str() {
+                "cpu" => Generator::load(&artifact, &weights, threads)?,
+                "cuda" => Generator::load_cuda(&artifact, &weights)?,
+                other => bail!("unknown device `{other}`: `cpu` or `cuda`"),
+            };
+            let tokens = read_tokens(&tokens)?;
+            let all: Vec<i64> = tokens
+                .index_axis(ndarray::Axis(0), 0)
+                .iter()
+                .copied()
+                .collect();
+            if prompt_len == 0 || prompt_len >= all.len() {
+                bail!(
+                    "--prompt-len must be between 1 and the number of tokens less one ({})",
+                    all.len() - 1
+                );
+            }
+            let prompt =
+                ndarray::Array2::from_shape_vec((1, prompt_len), all[..prompt_len].to_vec())?
+                    .into_dyn();
+            let inputs = BTreeMap::from([("tokens".to_string(), Tensor::I64(prompt))]);
+            let outputs = generator.prefill.run(&inputs)?;
+            generator.decode.start_decode(&outputs)?;
+            let mut rows = Vec::new();
+            for &token in &all[prompt_len..] {
+                let step = generator
+                    .decode
+                    .decode(&ndarray::ArrayD::from_elem(ndarray::IxDyn(&[1, 1]), token))?;
+                rows.extend(step["logits"].iter().copied());
+            }
+            let steps = all.len() - prompt_len;
+            let vocab = rows.len() / steps;
+            let logits = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[steps, vocab]), rows)?;
+            npy::write(&output, &logits)?;
+            Ok(())
+        }
         Command::Diff { a, b, tolerance } => {
             let x = npy::read_floats(&a)?;
             let y = npy::read_floats(&b)?;
@@ -265,6 +332,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
             top_p,
             seed,
             threads,
+            device,
         } => {
             let sampling = Sampling {
                 temperature,
@@ -280,7 +348,11 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
                 );
             }
             let weights = load_weights(&weights)?;
-            let mut generator = Generator::load(&artifact, &weights, threads)?;
+            let mut generator = match device.as_str() {
+                "cpu" => Generator::load(&artifact, &weights, threads)?,
+                "cuda" => Generator::load_cuda(&artifact, &weights)?,
+                other => bail!("unknown device `{other}`: `cpu` or `cuda`"),
+            };
             let tokens = zebra_runtime::data::encode(&prompt);
             if tokens.is_empty() {
                 bail!("the prompt is empty");

@@ -292,6 +292,84 @@ pub(crate) fn check_inputs(
     Ok((batch, seq))
 }
 
+/// KV caches filled from a prefill plan's outputs (`cache:{c}:k` and `cache:{c}:v`,
+/// `[B, KV, T, D]`) for the prompt's `T` tokens, with room for `capacity` tokens when given;
+/// also `B` and `T`.
+pub(crate) fn fill_caches(
+    plan: &Plan,
+    prefill: &BTreeMap<String, ArrayD<f32>>,
+    capacity: Option<usize>,
+) -> Result<(Vec<KvCache>, usize, usize), RuntimeError> {
+    let mut caches = Vec::new();
+    let mut shape = None;
+    for (c, spec) in plan.caches.iter().enumerate() {
+        let get = |part: &str| {
+            prefill.get(&format!("cache:{c}:{part}")).ok_or_else(|| {
+                RuntimeError::Decode(format!(
+                    "the prefill outputs have no `cache:{c}:{part}`: the prefill and \
+                     decode plans are not of the same model"
+                ))
+            })
+        };
+        let (k, v) = (get("k")?, get("v")?);
+        let [b, kv, t, d] = k.shape() else {
+            return Err(RuntimeError::Decode(
+                "prefill keys are not [B, KV, T, D]".into(),
+            ));
+        };
+        if (*kv, *d) != (spec.kv_heads, spec.head_dim) || v.shape() != k.shape() {
+            return Err(RuntimeError::Decode(format!(
+                "prefill keys of cache {c} have shape {:?}, expected [B, {}, T, {}]",
+                k.shape(),
+                spec.kv_heads,
+                spec.head_dim
+            )));
+        }
+        if *shape.get_or_insert((*b, *t)) != (*b, *t) {
+            return Err(RuntimeError::Decode(
+                "prefill caches disagree on B and T".into(),
+            ));
+        }
+        if *t < spec.min_prompt {
+            return Err(RuntimeError::Decode(format!(
+                "the mask of layer {} lets the first {} positions see later ones: the \
+                 prompt must hold at least {} tokens, it has {t}",
+                spec.layer.map_or("?".into(), |l| l.to_string()),
+                spec.min_prompt,
+                spec.min_prompt
+            )));
+        }
+        if *t > plan.max_seq_len {
+            return Err(RuntimeError::TooLong {
+                found: *t,
+                max: plan.max_seq_len,
+            });
+        }
+        let mut cache = KvCache::new(spec.clone(), *b);
+        cache.reserve(spec.slots_for(capacity.unwrap_or(*t).max(*t)));
+        // Only the positions the cache keeps: the sinks and the last ring's worth.
+        let first_kept = match spec.ring {
+            Some(r) => t.saturating_sub(r).max(spec.sinks.min(*t)),
+            None => 0,
+        };
+        let kept = (0..spec.sinks.min(*t)).chain(first_kept..*t);
+        for p in kept {
+            let slot = spec.slot(p);
+            cache.set_position(slot, p);
+            for row in 0..*b {
+                for g in 0..*kv {
+                    let key: Vec<f32> = (0..*d).map(|x| k[[row, g, p, x]]).collect();
+                    let value: Vec<f32> = (0..*d).map(|x| v[[row, g, p, x]]).collect();
+                    cache.write(slot, row, g, &key, &value);
+                }
+            }
+        }
+        caches.push(cache);
+    }
+    let (batch, tokens) = shape.unwrap_or((1, 0));
+    Ok((caches, batch, tokens))
+}
+
 /// A model loaded for the CPU.
 pub struct CpuModel {
     plan: Plan,
@@ -693,73 +771,7 @@ impl CpuModel {
                 "this plan has no decode step; compile the model for generation".into(),
             ));
         }
-        let mut caches = Vec::new();
-        let mut shape = None;
-        for (c, spec) in self.plan.caches.iter().enumerate() {
-            let get = |part: &str| {
-                prefill.get(&format!("cache:{c}:{part}")).ok_or_else(|| {
-                    RuntimeError::Decode(format!(
-                        "the prefill outputs have no `cache:{c}:{part}`: the prefill and \
-                         decode plans are not of the same model"
-                    ))
-                })
-            };
-            let (k, v) = (get("k")?, get("v")?);
-            let [b, kv, t, d] = k.shape() else {
-                return Err(RuntimeError::Decode(
-                    "prefill keys are not [B, KV, T, D]".into(),
-                ));
-            };
-            if (*kv, *d) != (spec.kv_heads, spec.head_dim) || v.shape() != k.shape() {
-                return Err(RuntimeError::Decode(format!(
-                    "prefill keys of cache {c} have shape {:?}, expected [B, {}, T, {}]",
-                    k.shape(),
-                    spec.kv_heads,
-                    spec.head_dim
-                )));
-            }
-            if *shape.get_or_insert((*b, *t)) != (*b, *t) {
-                return Err(RuntimeError::Decode(
-                    "prefill caches disagree on B and T".into(),
-                ));
-            }
-            if *t < spec.min_prompt {
-                return Err(RuntimeError::Decode(format!(
-                    "the mask of layer {} lets the first {} positions see later ones: the \
-                     prompt must hold at least {} tokens, it has {t}",
-                    spec.layer.map_or("?".into(), |l| l.to_string()),
-                    spec.min_prompt,
-                    spec.min_prompt
-                )));
-            }
-            if *t > self.plan.max_seq_len {
-                return Err(RuntimeError::TooLong {
-                    found: *t,
-                    max: self.plan.max_seq_len,
-                });
-            }
-            let mut cache = KvCache::new(spec.clone(), *b);
-            cache.reserve(spec.slots_for(*t));
-            // Only the positions the cache keeps: the sinks and the last ring's worth.
-            let first_kept = match spec.ring {
-                Some(r) => t.saturating_sub(r).max(spec.sinks.min(*t)),
-                None => 0,
-            };
-            let kept = (0..spec.sinks.min(*t)).chain(first_kept..*t);
-            for p in kept {
-                let slot = spec.slot(p);
-                cache.set_position(slot, p);
-                for row in 0..*b {
-                    for g in 0..*kv {
-                        let key: Vec<f32> = (0..*d).map(|x| k[[row, g, p, x]]).collect();
-                        let value: Vec<f32> = (0..*d).map(|x| v[[row, g, p, x]]).collect();
-                        cache.write(slot, row, g, &key, &value);
-                    }
-                }
-            }
-            caches.push(cache);
-        }
-        let (batch, tokens) = shape.unwrap_or((1, 0));
+        let (caches, batch, tokens) = fill_caches(&self.plan, prefill, None)?;
         self.caches = caches;
         self.cache_batch = batch;
         self.cached_tokens = tokens;

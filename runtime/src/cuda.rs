@@ -24,9 +24,10 @@ use zebra_ir::schedule::Support;
 use crate::artifact::Artifact;
 use crate::buffer::Buffer;
 use crate::cpu::{
-    BuiltSchedule, RuntimeError, Tensor, as_words, build_schedule, check_inputs, fill, rope_tables,
-    words, words_of_i64,
+    BuiltSchedule, RuntimeError, Tensor, as_words, build_schedule, check_inputs, fill, fill_caches,
+    rope_tables, words, words_of_i64,
 };
+use crate::kv::KvCache;
 use crate::pack::pack;
 use crate::plan::{ElemType, Operand, Plan, Step, volume};
 
@@ -72,6 +73,12 @@ pub struct CudaModel {
     masks: Vec<(Expr, Support)>,
     slots: Vec<CudaSlice<u8>>,
     workspaces: Vec<CudaSlice<u8>>,
+    /// A decode plan's KV caches: on the host for their layout and sizes, on the GPU their
+    /// keys, values and positions (room for the plan's whole context, allocated once).
+    host_caches: Vec<KvCache>,
+    caches: Vec<[CudaSlice<u8>; 3]>,
+    cached_tokens: usize,
+    cache_batch: usize,
     /// The GPU's name, for reports.
     pub device: String,
 }
@@ -155,6 +162,10 @@ impl CudaModel {
             masks,
             slots: Vec::new(),
             workspaces: Vec::new(),
+            host_caches: Vec::new(),
+            caches: Vec::new(),
+            cached_tokens: 0,
+            cache_batch: 0,
             device,
         };
         model.constants = model
@@ -221,19 +232,116 @@ impl CudaModel {
         Ok(())
     }
 
+    /// Whether this is a decode plan (its attention runs against KV caches).
+    pub fn is_decode(&self) -> bool {
+        self.plan.steps.iter().any(|s| {
+            matches!(s, Step::Kernel { operands, .. }
+                if operands.iter().any(|o| matches!(o, Operand::CacheKeys(_))))
+        })
+    }
+
     /// Runs the model on `[B, T]` inputs; returns the outputs.
     pub fn run(
         &mut self,
         inputs: &BTreeMap<String, Tensor>,
     ) -> Result<BTreeMap<String, ArrayD<f32>>, RuntimeError> {
-        if self.plan.steps.iter().any(|s| {
-            matches!(s, Step::Kernel { operands, .. }
-                if operands.iter().any(|o| matches!(o, Operand::CacheKeys(_))))
-        }) {
-            return Err(RuntimeError::Cuda(
-                "decode plans do not run on the GPU yet; generate on the CPU".into(),
+        if self.is_decode() {
+            return Err(RuntimeError::Decode(
+                "this is a decode plan: run it with `decode`".into(),
             ));
         }
+        self.run_at(inputs, 0)
+    }
+
+    /// Starts decoding after a prompt: the KV caches from a prefill plan's outputs.
+    pub fn start_decode(
+        &mut self,
+        prefill: &BTreeMap<String, ArrayD<f32>>,
+    ) -> Result<(), RuntimeError> {
+        if !self.is_decode() {
+            return Err(RuntimeError::Decode(
+                "this plan has no decode step; compile the model for generation".into(),
+            ));
+        }
+        let (host, batch, tokens) = fill_caches(&self.plan, prefill, Some(self.plan.max_seq_len))?;
+        self.caches = host
+            .iter()
+            .map(|c| {
+                Ok([
+                    self.upload(&c.keys)?,
+                    self.upload(&c.values)?,
+                    self.upload(&c.positions)?,
+                ])
+            })
+            .collect::<Result<_, RuntimeError>>()?;
+        self.host_caches = host;
+        self.cache_batch = batch;
+        self.cached_tokens = tokens;
+        Ok(())
+    }
+
+    /// One decode step (`tokens [B, 1]`) at the position after those the caches hold.
+    pub fn decode(
+        &mut self,
+        tokens: &ArrayD<i64>,
+    ) -> Result<BTreeMap<String, ArrayD<f32>>, RuntimeError> {
+        if self.caches.len() != self.plan.caches.len() {
+            return Err(RuntimeError::Decode(
+                "decoding has not started: prefill a prompt first".into(),
+            ));
+        }
+        if tokens.shape() != [self.cache_batch, 1] {
+            return Err(RuntimeError::InputShape {
+                name: "tokens".into(),
+                expected: format!(" [{}, 1]", self.cache_batch),
+                found: tokens.shape().to_vec(),
+            });
+        }
+        let position = self.cached_tokens;
+        if position + 1 > self.plan.max_seq_len {
+            return Err(RuntimeError::TooLong {
+                found: position + 1,
+                max: self.plan.max_seq_len,
+            });
+        }
+        for (host, device) in self.host_caches.iter().zip(&mut self.caches) {
+            let slot = host.spec.slot(position);
+            let mut view = device[2].slice_mut(slot * 8..slot * 8 + 8);
+            self.stream
+                .memcpy_htod(&(position as i64).to_le_bytes(), &mut view)
+                .map_err(cuda_error("writing a cache position"))?;
+        }
+        let inputs = BTreeMap::from([("tokens".to_string(), Tensor::I64(tokens.clone()))]);
+        let outputs = self.run_at(&inputs, position)?;
+        self.cached_tokens += 1;
+        Ok(outputs)
+    }
+
+    /// Tokens the KV caches have seen.
+    pub fn cached_tokens(&self) -> usize {
+        self.cached_tokens
+    }
+
+    /// Bytes of keys and values the caches hold, and what full attention would hold.
+    pub fn cache_bytes(&self) -> (usize, usize) {
+        let held = self
+            .host_caches
+            .iter()
+            .map(|c| c.bytes(self.cached_tokens))
+            .sum();
+        let full = self
+            .host_caches
+            .iter()
+            .map(|c| self.cached_tokens * self.cache_batch * c.spec.kv_heads * c.spec.head_dim * 8)
+            .sum();
+        (held, full)
+    }
+
+    fn run_at(
+        &mut self,
+        inputs: &BTreeMap<String, Tensor>,
+        offset: usize,
+    ) -> Result<BTreeMap<String, ArrayD<f32>>, RuntimeError> {
         let (batch, seq) = check_inputs(&self.plan, inputs)?;
         let mut host_inputs: Vec<Buffer> = Vec::new();
         for spec in &self.plan.inputs {
@@ -261,11 +369,13 @@ impl CudaModel {
             .map(|(shape, elem)| self.zeroed(volume(shape, batch, seq) * elem.size()))
             .collect::<Result<_, _>>()?;
         let positions = self.upload(&words_of_i64(
-            (0..seq as i64).collect::<Vec<_>>().into_iter(),
+            (offset as i64..(offset + seq) as i64)
+                .collect::<Vec<_>>()
+                .into_iter(),
         ))?;
         let mut ropes = Vec::new();
         for &(base, dim) in &self.plan.rope_tables {
-            let (cos, sin) = rope_tables(base, dim, seq, 0);
+            let (cos, sin) = rope_tables(base, dim, seq, offset);
             ropes.push((self.upload(&cos)?, self.upload(&sin)?));
         }
         let mut schedules: HashMap<usize, ([CudaSlice<u8>; 4], bool)> = HashMap::new();
@@ -315,16 +425,21 @@ impl CudaModel {
                             Operand::ScheduleColumnTiles(i) => ptr(&schedules[&i].0[3]),
                             Operand::RopeCos(i) => ptr(&ropes[i].0),
                             Operand::RopeSin(i) => ptr(&ropes[i].1),
-                            Operand::CacheKeys(_)
-                            | Operand::CacheValues(_)
-                            | Operand::CachePositions(_) => unreachable!("checked above"),
+                            Operand::CacheKeys(i) => ptr(&self.caches[i][0]),
+                            Operand::CacheValues(i) => ptr(&self.caches[i][1]),
+                            Operand::CachePositions(i) => ptr(&self.caches[i][2]),
                         };
                         pointers.push(p);
                     }
                     let per_batch = schedule
                         .and_then(|id| schedules.get(&id))
                         .is_some_and(|s| s.1);
-                    let dims = [batch as i64, seq as i64, i64::from(per_batch), 0];
+                    let dims = [
+                        batch as i64,
+                        seq as i64,
+                        i64::from(per_batch),
+                        offset as i64,
+                    ];
                     let table = self
                         .stream
                         .clone_htod(&pointers)

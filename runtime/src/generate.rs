@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 use ndarray::{ArrayD, IxDyn};
 use zebra_ir::Weights;
 
+use crate::Executor;
 use crate::cpu::{CpuModel, RuntimeError, Tensor};
 use crate::sample::Sampler;
 
 /// A model loaded for generation: its prefill and decode plans.
 pub struct Generator {
-    pub prefill: CpuModel,
-    pub decode: CpuModel,
+    pub prefill: Box<dyn Executor>,
+    pub decode: Box<dyn Executor>,
 }
 
 /// What a generation did.
@@ -35,12 +36,23 @@ impl Generator {
     /// writes them).
     pub fn load(dir: &Path, weights: &Weights, threads: usize) -> Result<Generator, RuntimeError> {
         Generator::from_parts(
-            CpuModel::load(&dir.join("prefill"), weights, threads)?,
-            CpuModel::load(&dir.join("decode"), weights, threads)?,
+            Box::new(CpuModel::load(&dir.join("prefill"), weights, threads)?),
+            Box::new(CpuModel::load(&dir.join("decode"), weights, threads)?),
         )
     }
 
-    pub fn from_parts(prefill: CpuModel, decode: CpuModel) -> Result<Generator, RuntimeError> {
+    /// Loads `dir/prefill` and `dir/decode` compiled for a GPU, on GPU 0.
+    pub fn load_cuda(dir: &Path, weights: &Weights) -> Result<Generator, RuntimeError> {
+        Generator::from_parts(
+            Box::new(crate::cuda::CudaModel::load(&dir.join("prefill"), weights)?),
+            Box::new(crate::cuda::CudaModel::load(&dir.join("decode"), weights)?),
+        )
+    }
+
+    pub fn from_parts(
+        prefill: Box<dyn Executor>,
+        decode: Box<dyn Executor>,
+    ) -> Result<Generator, RuntimeError> {
         if !decode.is_decode() || prefill.plan().caches.len() != decode.plan().caches.len() {
             return Err(RuntimeError::Decode(
                 "these are not the prefill and decode plans of one model".into(),

@@ -42,34 +42,66 @@ pub trait Executor {
     ) -> Result<std::collections::BTreeMap<String, ndarray::ArrayD<f32>>, RuntimeError>;
     /// Replaces the weights.
     fn set_weights(&mut self, weights: &zebra_ir::Weights) -> Result<(), RuntimeError>;
+    /// Whether the plan is a decode step (with KV caches).
+    fn is_decode(&self) -> bool;
+    /// Fills the KV caches from a prefill plan's outputs.
+    fn start_decode(
+        &mut self,
+        prefill: &std::collections::BTreeMap<String, ndarray::ArrayD<f32>>,
+    ) -> Result<(), RuntimeError>;
+    /// One decode step for `tokens [B, 1]`.
+    fn decode(
+        &mut self,
+        tokens: &ndarray::ArrayD<i64>,
+    ) -> Result<std::collections::BTreeMap<String, ndarray::ArrayD<f32>>, RuntimeError>;
+    /// Tokens the caches hold.
+    fn cached_tokens(&self) -> usize;
+    /// KV-cache bytes held, and what full attention would hold.
+    fn cache_bytes(&self) -> (usize, usize);
 }
 
-impl Executor for CpuModel {
-    fn plan(&self) -> &plan::Plan {
-        CpuModel::plan(self)
-    }
-    fn run(
-        &mut self,
-        inputs: &std::collections::BTreeMap<String, Tensor>,
-    ) -> Result<std::collections::BTreeMap<String, ndarray::ArrayD<f32>>, RuntimeError> {
-        CpuModel::run(self, inputs)
-    }
-    fn set_weights(&mut self, weights: &zebra_ir::Weights) -> Result<(), RuntimeError> {
-        CpuModel::set_weights(self, weights)
-    }
+/// Implements [`Executor`] by the type's own methods of the same names.
+macro_rules! executor {
+    ($ty:ty) => {
+        impl Executor for $ty {
+            fn plan(&self) -> &plan::Plan {
+                <$ty>::plan(self)
+            }
+            fn run(
+                &mut self,
+                inputs: &std::collections::BTreeMap<String, Tensor>,
+            ) -> Result<std::collections::BTreeMap<String, ndarray::ArrayD<f32>>, RuntimeError>
+            {
+                <$ty>::run(self, inputs)
+            }
+            fn set_weights(&mut self, weights: &zebra_ir::Weights) -> Result<(), RuntimeError> {
+                <$ty>::set_weights(self, weights)
+            }
+            fn is_decode(&self) -> bool {
+                <$ty>::is_decode(self)
+            }
+            fn start_decode(
+                &mut self,
+                prefill: &std::collections::BTreeMap<String, ndarray::ArrayD<f32>>,
+            ) -> Result<(), RuntimeError> {
+                <$ty>::start_decode(self, prefill)
+            }
+            fn decode(
+                &mut self,
+                tokens: &ndarray::ArrayD<i64>,
+            ) -> Result<std::collections::BTreeMap<String, ndarray::ArrayD<f32>>, RuntimeError>
+            {
+                <$ty>::decode(self, tokens)
+            }
+            fn cached_tokens(&self) -> usize {
+                <$ty>::cached_tokens(self)
+            }
+            fn cache_bytes(&self) -> (usize, usize) {
+                <$ty>::cache_bytes(self)
+            }
+        }
+    };
 }
 
-impl Executor for cuda::CudaModel {
-    fn plan(&self) -> &plan::Plan {
-        cuda::CudaModel::plan(self)
-    }
-    fn run(
-        &mut self,
-        inputs: &std::collections::BTreeMap<String, Tensor>,
-    ) -> Result<std::collections::BTreeMap<String, ndarray::ArrayD<f32>>, RuntimeError> {
-        cuda::CudaModel::run(self, inputs)
-    }
-    fn set_weights(&mut self, weights: &zebra_ir::Weights) -> Result<(), RuntimeError> {
-        cuda::CudaModel::set_weights(self, weights)
-    }
-}
+executor!(CpuModel);
+executor!(cuda::CudaModel);

@@ -1038,6 +1038,32 @@ fn the_runtime_only_binary_runs_compiled_artifacts() {
     ]);
     assert!(out.ok, "{}", out.stderr);
     assert_eq!(text, out.stdout);
+    // Teacher-forced decoding: each step's logits are the forward's at that position.
+    let stepped = path(dir.path(), "stepped.npy");
+    run_tool(&[
+        "decode",
+        &generate,
+        "--weights",
+        &weights,
+        "--tokens",
+        &tokens,
+        "--prompt-len",
+        "4",
+        "--output",
+        &stepped,
+    ])
+    .unwrap();
+    let stepped = npy::read_floats(Path::new(&stepped)).unwrap();
+    assert_eq!(stepped.shape(), [5, 256]);
+    for (step, row) in stepped.outer_iter().enumerate() {
+        for (v, x) in row.iter().enumerate() {
+            let y = b[[0, 4 + step, v]];
+            assert!(
+                (x - y).abs() < 1e-4,
+                "decode step {step}, token {v}: {x} vs {y}"
+            );
+        }
+    }
     let error =
         run_tool(&["generate", &forward, "--weights", &weights, "--prompt", "a"]).unwrap_err();
     assert!(error.contains("--for generate"), "{error}");
