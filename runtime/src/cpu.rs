@@ -370,6 +370,47 @@ pub(crate) fn fill_caches(
     Ok((caches, batch, tokens))
 }
 
+/// The position of the next decode step, once decoding has started (`started` caches of the
+/// plan's) and the tokens are `[B, 1]` for the caches' `B`.
+pub(crate) fn next_position(
+    plan: &Plan,
+    started: usize,
+    batch: usize,
+    cached: usize,
+    tokens: &ArrayD<i64>,
+) -> Result<usize, RuntimeError> {
+    if started != plan.caches.len() {
+        return Err(RuntimeError::Decode(
+            "decoding has not started: prefill a prompt first".into(),
+        ));
+    }
+    if tokens.shape() != [batch, 1] {
+        return Err(RuntimeError::InputShape {
+            name: "tokens".into(),
+            expected: format!(" [{batch}, 1]"),
+            found: tokens.shape().to_vec(),
+        });
+    }
+    if cached + 1 > plan.max_seq_len {
+        return Err(RuntimeError::TooLong {
+            found: cached + 1,
+            max: plan.max_seq_len,
+        });
+    }
+    Ok(cached)
+}
+
+/// Bytes of keys and values `caches` hold after `tokens` tokens of `batch` rows, and what
+/// caches of every position (full attention in every layer) would hold.
+pub(crate) fn cache_bytes(caches: &[KvCache], tokens: usize, batch: usize) -> (usize, usize) {
+    let held = caches.iter().map(|c| c.bytes(tokens)).sum();
+    let full = caches
+        .iter()
+        .map(|c| tokens * batch * c.spec.kv_heads * c.spec.head_dim * 8)
+        .sum();
+    (held, full)
+}
+
 /// A model loaded for the CPU.
 pub struct CpuModel {
     plan: Plan,
@@ -754,10 +795,7 @@ impl CpuModel {
 
     /// Whether this is a decode plan (its attention runs against KV caches).
     pub fn is_decode(&self) -> bool {
-        self.plan.steps.iter().any(|s| {
-            matches!(s, Step::Kernel { operands, .. }
-                if operands.iter().any(|o| matches!(o, Operand::CacheKeys(_))))
-        })
+        self.plan.is_decode()
     }
 
     /// Starts decoding after a prompt: fills the KV caches from a prefill plan's outputs
@@ -784,25 +822,13 @@ impl CpuModel {
         &mut self,
         tokens: &ArrayD<i64>,
     ) -> Result<BTreeMap<String, ArrayD<f32>>, RuntimeError> {
-        if self.caches.len() != self.plan.caches.len() {
-            return Err(RuntimeError::Decode(
-                "decoding has not started: prefill a prompt first".into(),
-            ));
-        }
-        if tokens.shape() != [self.cache_batch, 1] {
-            return Err(RuntimeError::InputShape {
-                name: "tokens".into(),
-                expected: format!(" [{}, 1]", self.cache_batch),
-                found: tokens.shape().to_vec(),
-            });
-        }
-        let position = self.cached_tokens;
-        if position + 1 > self.plan.max_seq_len {
-            return Err(RuntimeError::TooLong {
-                found: position + 1,
-                max: self.plan.max_seq_len,
-            });
-        }
+        let position = next_position(
+            &self.plan,
+            self.caches.len(),
+            self.cache_batch,
+            self.cached_tokens,
+            tokens,
+        )?;
         for cache in &mut self.caches {
             let slot = cache.spec.slot(position);
             cache.reserve(slot + 1);
@@ -822,17 +848,7 @@ impl CpuModel {
     /// Bytes of keys and values the caches hold now, and what caches of every position
     /// (full attention in every layer) would hold.
     pub fn cache_bytes(&self) -> (usize, usize) {
-        let held = self
-            .caches
-            .iter()
-            .map(|c| c.bytes(self.cached_tokens))
-            .sum();
-        let full = self
-            .caches
-            .iter()
-            .map(|c| self.cached_tokens * self.cache_batch * c.spec.kv_heads * c.spec.head_dim * 8)
-            .sum();
-        (held, full)
+        cache_bytes(&self.caches, self.cached_tokens, self.cache_batch)
     }
 
     fn pointer(

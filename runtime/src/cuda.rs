@@ -24,8 +24,8 @@ use zebra_ir::schedule::Support;
 use crate::artifact::Artifact;
 use crate::buffer::Buffer;
 use crate::cpu::{
-    BuiltSchedule, RuntimeError, Tensor, as_words, build_schedule, check_inputs, fill, fill_caches,
-    rope_tables, words, words_of_i64,
+    BuiltSchedule, RuntimeError, Tensor, as_words, build_schedule, cache_bytes, check_inputs, fill,
+    fill_caches, next_position, rope_tables, words, words_of_i64,
 };
 use crate::kv::KvCache;
 use crate::pack::pack;
@@ -234,10 +234,7 @@ impl CudaModel {
 
     /// Whether this is a decode plan (its attention runs against KV caches).
     pub fn is_decode(&self) -> bool {
-        self.plan.steps.iter().any(|s| {
-            matches!(s, Step::Kernel { operands, .. }
-                if operands.iter().any(|o| matches!(o, Operand::CacheKeys(_))))
-        })
+        self.plan.is_decode()
     }
 
     /// Runs the model on `[B, T]` inputs; returns the outputs.
@@ -285,25 +282,13 @@ impl CudaModel {
         &mut self,
         tokens: &ArrayD<i64>,
     ) -> Result<BTreeMap<String, ArrayD<f32>>, RuntimeError> {
-        if self.caches.len() != self.plan.caches.len() {
-            return Err(RuntimeError::Decode(
-                "decoding has not started: prefill a prompt first".into(),
-            ));
-        }
-        if tokens.shape() != [self.cache_batch, 1] {
-            return Err(RuntimeError::InputShape {
-                name: "tokens".into(),
-                expected: format!(" [{}, 1]", self.cache_batch),
-                found: tokens.shape().to_vec(),
-            });
-        }
-        let position = self.cached_tokens;
-        if position + 1 > self.plan.max_seq_len {
-            return Err(RuntimeError::TooLong {
-                found: position + 1,
-                max: self.plan.max_seq_len,
-            });
-        }
+        let position = next_position(
+            &self.plan,
+            self.caches.len(),
+            self.cache_batch,
+            self.cached_tokens,
+            tokens,
+        )?;
         for (host, device) in self.host_caches.iter().zip(&mut self.caches) {
             let slot = host.spec.slot(position);
             let mut view = device[2].slice_mut(slot * 8..slot * 8 + 8);
@@ -324,17 +309,7 @@ impl CudaModel {
 
     /// Bytes of keys and values the caches hold, and what full attention would hold.
     pub fn cache_bytes(&self) -> (usize, usize) {
-        let held = self
-            .host_caches
-            .iter()
-            .map(|c| c.bytes(self.cached_tokens))
-            .sum();
-        let full = self
-            .host_caches
-            .iter()
-            .map(|c| self.cached_tokens * self.cache_batch * c.spec.kv_heads * c.spec.head_dim * 8)
-            .sum();
-        (held, full)
+        cache_bytes(&self.host_caches, self.cached_tokens, self.cache_batch)
     }
 
     fn run_at(

@@ -259,6 +259,16 @@ pub struct Plan {
     pub caches: Vec<CacheSpec>,
 }
 
+impl Plan {
+    /// Whether this is a decode plan: its attention runs against KV caches.
+    pub fn is_decode(&self) -> bool {
+        self.steps.iter().any(|s| {
+            matches!(s, Step::Kernel { operands, .. }
+                if operands.iter().any(|o| matches!(o, Operand::CacheKeys(_))))
+        })
+    }
+}
+
 /// Serde for f32 lists with non-finite values: numbers, else `"inf"`, `"-inf"`, `"nan"`.
 mod floats {
     use serde::de::Error;
