@@ -78,4 +78,8 @@ if [ -d "$dir/generate/gpu" ]; then
         failed=1
     fi
 fi
+# The tensor-core attention kernels: checks, then the benchmark beside PyTorch.
+if [ -d "$dir/attention" ]; then
+    bash "$dir/gpu-attention.sh" "$dir" || failed=1
+fi
 exit $failed

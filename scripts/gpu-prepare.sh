@@ -61,4 +61,14 @@ for name in causal sliding_window sinks; do
     rm -rf "$d/cpu"
 done
 echo "prepared generation"
+
+# Tensor-core attention kernels: every example's, one in f16, and the benchmark shapes.
+cp scripts/gpu-attention.sh bench/torch_gpu_attention.py "$out/"
+for file in examples/zebra_tiny.zb examples/attention/*.zb examples/models/*.zb bench/gpu_attention.zb; do
+    name=$(basename "$file" .zb)
+    [ "$name" = gpu_attention ] && name=bench
+    $zebra compile "$file" --for attention --emit artifact --target "$sm" -o "$out/attention/$name" >/dev/null
+done
+$zebra compile examples/zebra_tiny.zb --for attention --dtype f16 --emit artifact --target "$sm" -o "$out/attention/zebra_tiny_f16" >/dev/null
+echo "prepared attention"
 du -sh "$out"

@@ -117,6 +117,7 @@ pub fn check(path: &Path) -> Result<()> {
 
 pub struct CompileArgs<'a> {
     pub purpose: crate::Purpose,
+    pub dtype: crate::Dtype,
     pub file: &'a Path,
     pub emit: Emit,
     pub output: Option<&'a Path>,
@@ -245,9 +246,23 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
         args.emit,
         Emit::Mlir | Emit::Llvm | Emit::Asm | Emit::Ptx | Emit::Artifact
     );
-    if args.purpose != crate::Purpose::Forward && args.emit != Emit::Artifact {
+    let attention_only = args.purpose == crate::Purpose::Attention;
+    if args.purpose != crate::Purpose::Forward && args.emit != Emit::Artifact && !attention_only {
         bail!("--for says what an artifact is for: use it with --emit artifact -o DIR");
     }
+    if attention_only
+        && !(matches!(args.target, Target::Sm80 | Target::Sm90)
+            && matches!(args.emit, Emit::Mlir | Emit::Llvm | Emit::Ptx | Emit::Artifact))
+    {
+        bail!(
+            "--for attention builds tensor-core kernels: use it with --target sm_80 or sm_90 \
+             and --emit mlir, llvm, ptx or artifact"
+        );
+    }
+    let half = match args.dtype {
+        crate::Dtype::Bf16 => zebra_codegen::kernels::attention_mma::Half::Bf16,
+        crate::Dtype::F16 => zebra_codegen::kernels::attention_mma::Half::F16,
+    };
     let gpu = match args.target {
         Target::Cpu => None,
         Target::Sm80 => zebra_codegen::ptx::GpuTarget::from_name("sm_80"),
@@ -296,6 +311,18 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
     };
     let start = Instant::now();
     let text = match (args.emit, gpu) {
+        (Emit::Mlir | Emit::Llvm | Emit::Ptx, Some(target)) if attention_only => {
+            zebra_codegen::artifact::emit_gpu_attention(
+                &optimized.graph,
+                target,
+                half,
+                match args.emit {
+                    Emit::Mlir => None,
+                    Emit::Llvm => Some(zebra_codegen::ptx::GpuOutput::OptimizedIr),
+                    _ => Some(zebra_codegen::ptx::GpuOutput::Ptx),
+                },
+            )?
+        }
         (Emit::Mlir | Emit::Llvm | Emit::Ptx, Some(target)) => zebra_codegen::artifact::emit_gpu(
             &optimized.graph,
             args.max_seq_len,
@@ -327,7 +354,26 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
             let dir = args
                 .output
                 .ok_or_else(|| anyhow!("--emit artifact needs the directory to write: -o DIR"))?;
+            if let (true, Some(target)) = (attention_only, gpu) {
+                let start = Instant::now();
+                let n = zebra_codegen::artifact::build_gpu_attention(
+                    &optimized.graph,
+                    dir,
+                    target,
+                    half,
+                )?;
+                timings.push(("codegen".into(), start.elapsed()));
+                print_timings(args.file, args.timings, &timings);
+                println!(
+                    "wrote {} ({n} tensor-core attention kernels for {}, {})",
+                    dir.display(),
+                    target.describe(),
+                    half.name()
+                );
+                return Ok(());
+            }
             let report = match args.purpose {
+                crate::Purpose::Attention => bail!("--for attention needs --target sm_80 or sm_90"),
                 crate::Purpose::Forward => build_for(
                     &optimized.graph,
                     dir,

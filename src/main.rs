@@ -53,6 +53,17 @@ pub enum Purpose {
     Forward,
     Generate,
     Train,
+    /// The model's distinct attentions alone, as tensor-core kernels with 16-bit inputs
+    /// (`attention.json` and `kernels.ptx`; with --target sm_80 or sm_90), for `zebra-run
+    /// attention`.
+    Attention,
+}
+
+/// The 16-bit input type of tensor-core kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Dtype {
+    Bf16,
+    F16,
 }
 
 // Parsed once per process: the size of the largest variant does not matter.
@@ -94,6 +105,9 @@ enum Command {
         /// with KV caches) or training (the training step: loss and gradients).
         #[arg(long = "for", value_enum, default_value = "forward")]
         purpose: Purpose,
+        /// The input type of tensor-core kernels (--for attention).
+        #[arg(long, value_enum, default_value = "bf16")]
+        dtype: Dtype,
     },
     /// Write deterministic random weights for a model (safetensors, Hugging Face names).
     Init {
@@ -352,8 +366,10 @@ fn main() -> ExitCode {
             explain,
             max_seq_len,
             purpose,
+            dtype,
         } => commands::compile(&commands::CompileArgs {
             purpose,
+            dtype,
             file: &file,
             emit,
             output: output.as_deref(),

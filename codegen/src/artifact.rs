@@ -236,3 +236,94 @@ pub fn build_gpu(
         link: Duration::ZERO,
     })
 }
+
+/// The tensor-core attention kernels of a graph for a GPU, as MLIR, optimized LLVM IR or
+/// PTX (`zebra compile --for attention --emit ...`).
+pub fn emit_gpu_attention(
+    graph: &Graph,
+    target: crate::ptx::GpuTarget,
+    half: crate::kernels::attention_mma::Half,
+    what: Option<crate::ptx::GpuOutput>,
+) -> Result<String, CodegenError> {
+    let kernels = named_mma_attentions(graph, target, half)?;
+    let Some(what) = what else {
+        let functions: Vec<String> = kernels
+            .iter()
+            .map(|(symbol, kernel, tiles)| {
+                crate::kernels::attention_mma::attention_mma(symbol, kernel, half, *tiles)
+            })
+            .collect();
+        let text = crate::mlir::module(&functions);
+        Mlir::new().verify(&text)?;
+        return Ok(text);
+    };
+    let ir = crate::ptx::mma_llvm_ir(&kernels, half, &Mlir::new())?;
+    crate::ptx::compile(&ir, target, what)
+}
+
+fn named_mma_attentions(
+    graph: &Graph,
+    target: crate::ptx::GpuTarget,
+    half: crate::kernels::attention_mma::Half,
+) -> Result<
+    Vec<(
+        String,
+        zebra_ir::op::AttentionKernel,
+        crate::kernels::attention_mma::MmaTiles,
+    )>,
+    CodegenError,
+> {
+    let kernels = crate::ptx::mma_attentions(graph, target)?;
+    if kernels.is_empty() {
+        return Err(CodegenError::Io(
+            "the graph has no fused attention to compile for tensor cores".into(),
+        ));
+    }
+    Ok(kernels
+        .into_iter()
+        .map(|(kernel, tiles)| (crate::ptx::mma_symbol(&kernel, half, target), kernel, tiles))
+        .collect())
+}
+
+/// Compiles the tensor-core attention kernels of a graph into an artifact directory:
+/// `attention.json` and `kernels.ptx`. Returns the number of kernels.
+pub fn build_gpu_attention(
+    graph: &Graph,
+    out_dir: &Path,
+    target: crate::ptx::GpuTarget,
+    half: crate::kernels::attention_mma::Half,
+) -> Result<usize, CodegenError> {
+    let kernels = named_mma_attentions(graph, target, half)?;
+    let ir = crate::ptx::mma_llvm_ir(&kernels, half, &Mlir::new())?;
+    let ptx = crate::ptx::compile(&ir, target, crate::ptx::GpuOutput::Ptx)?;
+    let artifact = zebra_runtime::artifact::AttentionArtifact {
+        format: zebra_runtime::artifact::ATTENTION_FORMAT,
+        target: target.name(),
+        dtype: half.name().into(),
+        library: "kernels.ptx".into(),
+        library_hash: format!("{:016x}", fnv1a(ptx.as_bytes())),
+        kernels: kernels
+            .iter()
+            .map(|(symbol, kernel, tiles)| zebra_runtime::artifact::AttentionEntry {
+                name: kernel.name.clone(),
+                entry: format!("{symbol}_mma"),
+                heads: kernel.heads as usize,
+                kv_heads: kernel.kv_heads as usize,
+                head_dim: tiles.head_dim,
+                block_q: tiles.block_q,
+                block_k: tiles.block_k,
+                threads: crate::kernels::attention_mma::THREADS,
+                shared_bytes: tiles.shared_bytes(),
+                scale: kernel.scale,
+                mask: kernel.mask.to_string(),
+                score: kernel.score.as_ref().map(|s| s.to_string()),
+                sides: kernel.sides.clone(),
+            })
+            .collect(),
+    };
+    write(&out_dir.join("kernels.ptx"), ptx.as_bytes())?;
+    let json =
+        serde_json::to_string_pretty(&artifact).map_err(|e| CodegenError::Io(e.to_string()))?;
+    write(&out_dir.join("attention.json"), json.as_bytes())?;
+    Ok(kernels.len())
+}

@@ -21,6 +21,7 @@ use inkwell::targets::{
 };
 
 use crate::CodegenError;
+use crate::kernels::attention_mma::{Half, MAX_HEAD_DIM, MmaTiles, attention_mma, entry_ir};
 use crate::plan::Planned;
 
 /// The f32 vector width GPU kernels are generated for (the widest load a thread issues).
@@ -239,6 +240,101 @@ pub fn gpu_llvm_ir(planned: &Planned, mlir: &crate::backend::Mlir) -> Result<Str
         .map(|k| k.symbol.clone())
         .collect();
     Ok(format!("{}{}", gpu_math(&ir), entries(&symbols)))
+}
+
+/// The tensor-core attention kernels of a graph, one per distinct attention (the first
+/// occurrence's label), with the tiles each takes on `target`; an attention whose head
+/// dimension the tensor-core kernel cannot take is an error that names it.
+pub fn mma_attentions(
+    graph: &zebra_ir::Graph,
+    target: GpuTarget,
+) -> Result<Vec<(zebra_ir::op::AttentionKernel, MmaTiles)>, CodegenError> {
+    let mut out: Vec<(zebra_ir::op::AttentionKernel, MmaTiles)> = Vec::new();
+    let Some(order) = graph.topo_order() else {
+        return Err(CodegenError::Io("the graph has a cycle".into()));
+    };
+    for id in order {
+        let zebra_ir::Op::Attention(kernel) = &graph.node(id).op else {
+            continue;
+        };
+        let tiles = MmaTiles::for_head_dim(kernel.head_dim as usize, target.sm).ok_or_else(|| {
+            CodegenError::Io(format!(
+                "attention `{}`: the tensor-core kernel takes head dims that are multiples of 16 \
+                 up to {MAX_HEAD_DIM}, not {}",
+                kernel.name, kernel.head_dim
+            ))
+        })?;
+        let mut kernel = (**kernel).clone();
+        kernel.block_q = tiles.block_q as u64;
+        kernel.block_k = tiles.block_k as u64;
+        kernel.merge_heads = false;
+        if out.iter().any(|(k, _)| k.same_computation(&kernel)) {
+            continue;
+        }
+        out.push((kernel, tiles));
+    }
+    Ok(out)
+}
+
+/// The symbol of a tensor-core attention kernel.
+pub fn mma_symbol(kernel: &zebra_ir::op::AttentionKernel, half: Half, target: GpuTarget) -> String {
+    let description = format!(
+        "{:?} {:?} {} {} {} {} {} {:?} {} {}",
+        kernel.mask.to_string(),
+        kernel.score.as_ref().map(|s| s.to_string()),
+        kernel.scale,
+        kernel.heads,
+        kernel.kv_heads,
+        kernel.head_dim,
+        kernel.block_k,
+        kernel.sides,
+        half.name(),
+        target.name()
+    );
+    let label: String = kernel
+        .name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!(
+        "zebra_attention_mma_{label}_{:016x}",
+        crate::kernels::fnv1a(description.as_bytes())
+    )
+}
+
+/// The LLVM IR of tensor-core attention kernels (before optimization): the MLIR functions
+/// lowered as every kernel is, the GPU math, and one entry per kernel.
+pub fn mma_llvm_ir(
+    kernels: &[(String, zebra_ir::op::AttentionKernel, MmaTiles)],
+    half: Half,
+    mlir: &crate::backend::Mlir,
+) -> Result<String, CodegenError> {
+    let functions: Vec<String> = kernels
+        .iter()
+        .map(|(symbol, kernel, tiles)| attention_mma(symbol, kernel, half, *tiles))
+        .collect();
+    let text = crate::mlir::module(&functions);
+    let ir = mlir.to_llvm_ir(&text)?;
+    let mut out = gpu_math(&ir);
+    // Each function is inlined into its entry and needs no copy of its own.
+    for (symbol, _, _) in kernels {
+        out = out.replacen(
+            &format!("define void @{symbol}("),
+            &format!("define internal void @{symbol}("),
+            1,
+        );
+    }
+    out.push_str(
+        "
+declare i32 @llvm.nvvm.read.ptx.sreg.tid.x()
+declare i32 @llvm.nvvm.read.ptx.sreg.ctaid.x()
+declare i32 @llvm.nvvm.read.ptx.sreg.ctaid.y()
+",
+    );
+    for (symbol, _, tiles) in kernels {
+        out.push_str(&entry_ir(symbol, *tiles));
+    }
+    Ok(out)
 }
 
 /// What LLVM's NVPTX backend produces.

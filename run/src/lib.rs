@@ -131,6 +131,27 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Run the tensor-core attention kernels of an artifact built with `zebra compile --for
+    /// attention --target sm_80|sm_90 --emit artifact` on random 16-bit inputs: one JSON line
+    /// per kernel with its median time, TFLOP/s over the visible score elements, and the
+    /// check of sampled output rows against an f64 reference. Fails if a check fails.
+    Attention {
+        artifact: PathBuf,
+        #[arg(long, default_value_t = 4096)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 20)]
+        repeats: usize,
+        /// Output rows checked against the reference (0: none).
+        #[arg(long, default_value_t = 64)]
+        check_rows: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Write q, k, v and out (f32 .npy) under DIR/{kernel}/ for other tools to compare.
+        #[arg(long, value_name = "DIR")]
+        save: Option<PathBuf>,
+    },
 }
 
 fn read_tokens(path: &Path) -> Result<ArrayD<i64>> {
@@ -204,6 +225,39 @@ fn info(dir: &Path, out: &mut dyn Write) -> Result<()> {
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
     match cli.command {
         Command::Info { artifact } => info(&artifact, out),
+        Command::Attention {
+            artifact,
+            seq_len,
+            batch,
+            repeats,
+            check_rows,
+            seed,
+            save,
+        } => {
+            let options = zebra_runtime::cuda_attention::AttentionOptions {
+                seq_len,
+                batch,
+                repeats,
+                check_rows,
+                seed,
+                save,
+            };
+            let runs = zebra_runtime::cuda_attention::run_attention(&artifact, &options)?;
+            let mut failed = Vec::new();
+            for run in &runs {
+                writeln!(out, "{}", serde_json::to_string(run)?)?;
+                if !run.ok {
+                    failed.push(run.name.clone());
+                }
+            }
+            if !failed.is_empty() {
+                bail!(
+                    "the GPU's output differs from the reference beyond the tolerance for {}",
+                    failed.join(", ")
+                );
+            }
+            Ok(())
+        }
         Command::Forward {
             artifact,
             weights,

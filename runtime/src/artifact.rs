@@ -133,3 +133,111 @@ fn check(plan: &Plan) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The format version of `attention.json`.
+pub const ATTENTION_FORMAT: u32 = 1;
+
+/// A GPU artifact of tensor-core attention kernels (`zebra compile --for attention`): each
+/// distinct attention of a model as one PTX entry, with what a launch needs. The kernels
+/// take 16-bit `q [B, H, T, D]`, `k` and `v [B, KV, T, D]` and write `out [B, H, T, D]`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AttentionArtifact {
+    pub format: u32,
+    /// `sm_80` or `sm_90`.
+    pub target: String,
+    /// `bf16` or `f16`.
+    pub dtype: String,
+    pub library: String,
+    pub library_hash: String,
+    pub kernels: Vec<AttentionEntry>,
+}
+
+/// One tensor-core attention kernel: a grid of (`ceil(T / block_q)`, `B * heads`) blocks
+/// of `threads` threads, taking `(buffers, dims)` as the plan's kernels do (buffers: q, k,
+/// v, out, schedule rows, schedule tiles, side inputs; dims: B, T, per-batch schedule).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AttentionEntry {
+    /// The attention kind's label.
+    pub name: String,
+    pub entry: String,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub block_q: usize,
+    pub block_k: usize,
+    pub threads: usize,
+    pub shared_bytes: usize,
+    pub scale: f64,
+    /// The mask and score modifier, in the IR's expression syntax.
+    pub mask: String,
+    pub score: Option<String>,
+    pub sides: Vec<String>,
+}
+
+impl AttentionArtifact {
+    /// Reads and checks `attention.json` and its PTX in `dir`.
+    pub fn load(dir: &Path) -> Result<(AttentionArtifact, String), ArtifactError> {
+        let path = dir.join("attention.json");
+        if !path.exists() {
+            return Err(ArtifactError::Corrupt {
+                path: dir.to_path_buf(),
+                message: "no attention.json: not an attention artifact (compile with \
+                          --for attention --target sm_90 --emit artifact)"
+                    .into(),
+            });
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| ArtifactError::Read {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let corrupt = |message: String| ArtifactError::Corrupt {
+            path: path.clone(),
+            message,
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+        let format = value
+            .get("format")
+            .and_then(|f| f.as_u64())
+            .ok_or_else(|| corrupt("no format".into()))?;
+        if format != u64::from(ATTENTION_FORMAT) {
+            return Err(ArtifactError::Format {
+                path,
+                found: format as u32,
+                expected: ATTENTION_FORMAT,
+            });
+        }
+        let artifact: AttentionArtifact =
+            serde_json::from_value(value).map_err(|e| corrupt(e.to_string()))?;
+        for k in &artifact.kernels {
+            if k.heads == 0
+                || k.kv_heads == 0
+                || !k.heads.is_multiple_of(k.kv_heads)
+                || k.head_dim == 0
+                || k.block_q == 0
+                || k.block_k == 0
+                || k.threads == 0
+            {
+                return Err(corrupt(format!("kernel `{}` has impossible shapes", k.name)));
+            }
+        }
+        let library = dir.join(&artifact.library);
+        let ptx = std::fs::read_to_string(&library).map_err(|e| ArtifactError::Corrupt {
+            path: library.clone(),
+            message: format!("the kernel library cannot be read: {e}"),
+        })?;
+        if format!("{:016x}", crate::fnv1a(ptx.as_bytes())) != artifact.library_hash {
+            return Err(ArtifactError::Corrupt {
+                path: library,
+                message: "the kernel library does not match attention.json (its hash differs)"
+                    .into(),
+            });
+        }
+        for k in &artifact.kernels {
+            if !ptx.contains(&format!(".entry {}(", k.entry)) {
+                return Err(corrupt(format!("the PTX has no entry `{}`", k.entry)));
+            }
+        }
+        Ok((artifact, ptx))
+    }
+}

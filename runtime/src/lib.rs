@@ -7,6 +7,7 @@ pub mod buffer;
 pub mod checkpoint;
 pub mod cpu;
 pub mod cuda;
+pub mod cuda_attention;
 pub mod data;
 pub mod generate;
 pub mod kv;
