@@ -331,8 +331,8 @@ declare i32 @llvm.nvvm.read.ptx.sreg.ctaid.x()
 declare i32 @llvm.nvvm.read.ptx.sreg.ctaid.y()
 ",
     );
-    for (symbol, _, tiles) in kernels {
-        out.push_str(&entry_ir(symbol, *tiles));
+    for (symbol, _, _) in kernels {
+        out.push_str(&entry_ir(symbol));
     }
     Ok(out)
 }

@@ -299,10 +299,24 @@ pub fn run_attention(
         let table = stream.clone_htod(&pointers).map_err(err("copying a pointer table"))?;
         let dims = [b as i64, t as i64, i64::from(built.per_batch)];
         let dims_dev = stream.clone_htod(&dims).map_err(err("copying dims"))?;
+        // The kernel's shared memory is dynamic; above 48 KiB a block must opt in.
+        if kernel.shared_bytes > 48 * 1024 {
+            function
+                .set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    kernel.shared_bytes as i32,
+                )
+                .map_err(|e| {
+                    RuntimeError::Cuda(format!(
+                        "{} needs {} bytes of shared memory, which this GPU refuses: {e:?}",
+                        kernel.entry, kernel.shared_bytes
+                    ))
+                })?;
+        }
         let config = LaunchConfig {
             grid_dim: (t.div_ceil(kernel.block_q) as u32, (b * h) as u32, 1),
             block_dim: (kernel.threads as u32, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: kernel.shared_bytes as u32,
         };
         let launch = || -> Result<(), RuntimeError> {
             let mut builder = stream.launch_builder(&function);

@@ -49,12 +49,10 @@ impl Half {
     }
 }
 
-/// Warps per block; each owns 16 query rows.
+/// Warps per block.
 pub const WARPS: usize = 4;
 /// Threads per block.
 pub const THREADS: usize = WARPS * 32;
-/// Query rows per block.
-pub const BLOCK_Q: usize = WARPS * 16;
 /// The largest head dimension the kernel takes.
 pub const MAX_HEAD_DIM: usize = 256;
 
@@ -64,22 +62,27 @@ pub struct MmaTiles {
     pub block_q: usize,
     pub block_k: usize,
     pub head_dim: usize,
+    /// Row blocks of 16 query rows per warp: two where the accumulators fit the registers
+    /// (each K and V fragment read from shared memory then feeds two `mma`s), else one.
+    pub row_blocks: usize,
 }
 
 impl MmaTiles {
-    /// Keys per tile: 64 while a K and a V tile of 64 padded rows fit in 48 KiB of static
-    /// shared memory (every sm_80 and sm_90 block may use that much without opting in), 32
-    /// beyond (head dims over 128), or `None` when the head dimension cannot be taken (not a
-    /// multiple of 16, or over 256).
+    /// The tiles for a head dimension, or `None` when the kernel cannot take it (not a
+    /// multiple of 16, over 256, or a target before sm_80). Up to 128: 128 query rows (two
+    /// row blocks per warp) by 64 keys; beyond, the output accumulators alone take 128
+    /// registers a thread: 64 rows (one row block) by 32 keys. sm_80 and sm_90 take the same
+    /// tiles; their shared memory (at most 99 KiB here) fits both.
     pub fn for_head_dim(head_dim: usize, sm: u32) -> Option<MmaTiles> {
         if head_dim == 0 || !head_dim.is_multiple_of(16) || head_dim > MAX_HEAD_DIM || sm < 80 {
             return None;
         }
-        let block_k = if head_dim <= 128 { 64 } else { 32 };
+        let (row_blocks, block_k) = if head_dim <= 128 { (2, 64) } else { (1, 32) };
         Some(MmaTiles {
-            block_q: BLOCK_Q,
+            block_q: WARPS * 16 * row_blocks,
             block_k,
             head_dim,
+            row_blocks,
         })
     }
 
@@ -88,17 +91,31 @@ impl MmaTiles {
         self.head_dim + 8
     }
 
-    /// Shared memory per block, in bytes: one K and one V tile.
-    pub fn shared_bytes(&self) -> usize {
-        2 * self.block_k * self.row() * 2
+    /// Byte offsets of the K and V tiles in shared memory (the Q tile is at 0).
+    pub fn k_offset(&self) -> usize {
+        self.block_q * self.row() * 2
     }
 
-    /// The 32-bit registers a thread holds live through the key loop (Q fragments, the
-    /// output accumulators, one tile of scores, and softmax state), before the compiler's
-    /// own temporaries: a lower bound that must stay well under 255.
+    pub fn v_offset(&self) -> usize {
+        self.k_offset() + self.block_k * self.row() * 2
+    }
+
+    /// Shared memory per block, in bytes: the Q tile, one K and one V tile.
+    pub fn shared_bytes(&self) -> usize {
+        self.v_offset() + self.block_k * self.row() * 2
+    }
+
+    /// The shared memory a block of `sm` may use (opting in above 48 KiB).
+    pub fn shared_limit(sm: u32) -> usize {
+        if sm >= 90 { 227 * 1024 } else { 163 * 1024 }
+    }
+
+    /// The 32-bit registers a thread holds live through the key loop (the output
+    /// accumulators, one tile of scores, softmax state), before the compiler's own
+    /// temporaries: a lower bound that must stay well under 255.
     pub fn live_registers(&self) -> usize {
-        let d = self.head_dim;
-        d / 16 * 4 + d / 8 * 4 + self.block_k / 8 * 4 + 4
+        let (d, m) = (self.head_dim, self.row_blocks);
+        m * (d / 8 * 4 + self.block_k / 8 * 4 + 4)
     }
 }
 
@@ -212,6 +229,10 @@ fn barrier(b: &mut Builder) {
     asm(b, "bar.sync 0;", "", &[], &[], true);
 }
 
+fn commit(b: &mut Builder) {
+    asm(b, "cp.async.commit_group;", "", &[], &[], true);
+}
+
 fn wait_copies(b: &mut Builder) {
     asm(b, "cp.async.wait_group 0;", "", &[], &[], true);
 }
@@ -228,14 +249,21 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    /// Copies key tile `kt` of `src` (`kv_base`: the head's first element) into the shared
-    /// tile at byte offset `offset`, zero-filling rows past the end; one `cp.async` group.
-    fn load_tile(&self, b: &mut Builder, src: &Val, kv_base: &Val, kt: &Val, offset: usize) {
-        let (d, bk) = (self.tiles.head_dim, self.tiles.block_k);
+    /// Copies tile `index` of `rows` rows of `src` (`base`: the head's first element) into
+    /// shared memory at byte offset `offset`, zero-filling rows past the end. Not committed.
+    fn load_rows(
+        &self,
+        b: &mut Builder,
+        src: &Val,
+        base: &Val,
+        (index, rows): (&Val, usize),
+        offset: usize,
+    ) {
+        let d = self.tiles.head_dim;
         let chunks_per_row = d / 8;
-        let chunks = bk * chunks_per_row;
-        let cbk = b.i64(bk as i64);
-        let first_key = b.muli(kt, &cbk);
+        let chunks = rows * chunks_per_row;
+        let crows = b.i64(rows as i64);
+        let first_key = b.muli(index, &crows);
         let c1 = b.i64(1);
         let last = b.subi(&self.t, &c1);
         for i in 0..chunks.div_ceil(THREADS) {
@@ -250,7 +278,7 @@ impl Ctx<'_> {
                 let key = b.mini(&key, &last);
                 let cd = b.i64(d as i64);
                 let at = b.muli(&key, &cd);
-                let at = b.addi(kv_base, &at);
+                let at = b.addi(base, &at);
                 let c8 = b.i64(8);
                 let col_at = b.muli(&col, &c8);
                 let at = b.addi(&at, &col_at);
@@ -284,7 +312,12 @@ impl Ctx<'_> {
                 b.if_then(&take, emit);
             }
         }
-        asm(b, "cp.async.commit_group;", "", &[], &[], true);
+    }
+
+    /// Copies key tile `kt` into shared memory at `offset`, as one `cp.async` group.
+    fn load_tile(&self, b: &mut Builder, src: &Val, kv_base: &Val, kt: &Val, offset: usize) {
+        self.load_rows(b, src, kv_base, (kt, self.tiles.block_k), offset);
+        commit(b);
     }
 
     /// The shared-memory address (i32) of element (`row`, `col`) of the tile at `offset`.
@@ -315,7 +348,7 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
     let mut b = Builder::new();
     let b = &mut b;
     let d = tiles.head_dim;
-    let (bq, bk) = (tiles.block_q, tiles.block_k);
+    let (bq, bk, mb) = (tiles.block_q, tiles.block_k, tiles.row_blocks);
     let heads = kernel.heads as i64;
     let group = (kernel.heads / kernel.kv_heads.max(1)).max(1) as i64;
     let bufs = Val("%bufs".into());
@@ -323,7 +356,8 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
     let qt = Val("%qt".into());
     let bh = Val("%bh".into());
     let tid = Val("%tid".into());
-    let (c0, c1) = (b.i64(0), b.i64(1));
+    let (c0, c1, c2) = (b.i64(0), b.i64(1), b.i64(2));
+    let c8 = b.i64(8);
     let smem = b.op("llvm.ptrtoint %smem : !llvm.ptr<3> to i32");
     let q = b.ptr_at(&bufs, 0);
     let k = b.ptr_at(&bufs, 1);
@@ -331,8 +365,6 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
     let out = b.ptr_at(&bufs, 3);
     let sched_rows = b.ptr_at(&bufs, 4);
     let sched_tiles = b.ptr_at(&bufs, 5);
-    let batches = b.i64_at(&dims, 0);
-    let _ = batches;
     let t = b.i64_at(&dims, 1);
     let per_batch = b.i64_at(&dims, 2);
     let ch = b.i64(heads);
@@ -347,7 +379,6 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
     let c4 = b.i64(4);
     let g = b.divi(&lane, &c4);
     let c = b.remi(&lane, &c4);
-    let c2 = b.i64(2);
     let two_c = b.muli(&c, &c2);
     let side_rows: Vec<(String, Val)> = kernel
         .sides
@@ -369,13 +400,20 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
     let kv_base = b.muli(&kv_head, &td);
     let cbq = b.i64(bq as i64);
     let q0 = b.muli(&qt, &cbq);
-    let c16 = b.i64(16);
-    let row0 = b.muli(&warp, &c16);
-    let row0 = b.addi(&q0, &row0);
-    let row0 = b.addi(&row0, &g);
-    let c8 = b.i64(8);
-    let row1 = b.addi(&row0, &c8);
-    let last_row = b.subi(&t, &c1);
+    // Warp w owns rows [w * 16 * mb, (w + 1) * 16 * mb) of the tile: row block `m` is rows
+    // 16m.. of those; a thread holds rows g and g + 8 of each row block.
+    let warp_rows = b.i64((16 * mb) as i64);
+    let warp_first = b.muli(&warp, &warp_rows);
+    let rows: Vec<[Val; 2]> = (0..mb)
+        .map(|m| {
+            let off = b.i64((16 * m) as i64);
+            let r0 = b.addi(&warp_first, &off);
+            let r0 = b.addi(&r0, &g);
+            let r0 = b.addi(&q0, &r0);
+            let r1 = b.addi(&r0, &c8);
+            [r0, r1]
+        })
+        .collect();
     let ctx = Ctx {
         kernel,
         half,
@@ -385,25 +423,15 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
         t: t.clone(),
         smem,
     };
-    let v_offset = bk * tiles.row() * 2;
-
-    // Q as A fragments, one per 16 columns: rows g and g + 8, columns 2c and 2c + 8.
-    let q_frags: Vec<Vec<Val>> = (0..d / 16)
-        .map(|kk| {
-            [(&row0, 0), (&row1, 0), (&row0, 8), (&row1, 8)]
-                .into_iter()
-                .map(|(row, col)| {
-                    let row = b.mini(row, &last_row);
-                    let at = b.muli(&row, &cd);
-                    let at = b.addi(&q_base, &at);
-                    let off = b.i64((kk * 16 + col) as i64);
-                    let at = b.addi(&at, &off);
-                    let at = b.addi(&at, &two_c);
-                    b.load(&q, &at, "i16", "i32")
-                })
-                .collect()
-        })
-        .collect();
+    let (k_offset, v_offset) = (tiles.k_offset(), tiles.v_offset());
+    let (lrow, lmat) = ctx.lane_split(b);
+    // The ldmatrix rows of an A fragment (and of a transposed V fragment): lanes 8m..8m+8
+    // give rows (m % 2) * 8.. and columns (m / 2) * 8..
+    let half_row = b.remi(&lmat, &c2);
+    let half_row = b.muli(&half_row, &c8);
+    let frag_row = b.addi(&lrow, &half_row);
+    let frag_col = b.divi(&lmat, &c2);
+    let frag_col = b.muli(&frag_col, &c8);
 
     // This query tile's row of the schedule.
     let n_qt = b.ceil_div(&t, &cbq);
@@ -414,30 +442,36 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
     let next = b.addi(&row, &c1);
     let end = b.load(&sched_rows, &next, I64, I64);
     let any = b.cmpi("slt", &start, &end, I64);
+    // The Q tile and the first K tile, one copy group.
     b.if_then(&any, |b| {
+        ctx.load_rows(b, &q, &q_base, (&qt, bq), 0);
         let entry = b.load(&sched_tiles, &start, I64, I64);
         let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
-        ctx.load_tile(b, &k, &kv_base, &kt, 0);
+        ctx.load_tile(b, &k, &kv_base, &kt, k_offset);
     });
 
     let zero = b.f32(0.0);
     let neg_inf = b.op(format!("arith.constant {} : f32", f32_literal(f32::NEG_INFINITY)));
+    // Carried: per row block the output accumulators (d / 8 tiles of 4), then per row
+    // (2 per row block) the running maximum, then per row the running sum.
     let n_o = d / 8 * 4;
-    let mut carried: Vec<(Val, String)> = (0..n_o).map(|_| (zero.clone(), F32.to_string())).collect();
-    carried.extend([
-        (neg_inf.clone(), F32.to_string()),
-        (neg_inf.clone(), F32.to_string()),
-        (zero.clone(), F32.to_string()),
-        (zero.clone(), F32.to_string()),
-    ]);
+    let n_rows = 2 * mb;
+    let mut carried: Vec<(Val, String)> = (0..mb * n_o)
+        .map(|_| (zero.clone(), F32.to_string()))
+        .collect();
+    carried.extend((0..n_rows).map(|_| (neg_inf.clone(), F32.to_string())));
+    carried.extend((0..n_rows).map(|_| (zero.clone(), F32.to_string())));
     let log2e = std::f64::consts::LOG2_E;
     let narrow = vexpr::fits_in_32_bits(&kernel.mask, heads)
         && kernel
             .score
             .as_ref()
             .is_none_or(|s| vexpr::fits_in_32_bits(s, heads));
+    // Index of element `lane` of row `r` (0: row g, 1: row g + 8) of score tile `n` of row
+    // block `m` in the flat list of a thread's scores.
+    let sf = |m: usize, n: usize, r: usize, lane: usize| ((m * (bk / 8) + n) * 2 + r) * 2 + lane;
     let finals = b.for_range(&start, &end, &c1, &carried, |b, i, acc| {
-        let (o_in, state) = acc.split_at(n_o);
+        let (o_in, state) = acc.split_at(mb * n_o);
         let entry = b.load(&sched_tiles, i, I64, I64);
         let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
         let partial = b.bin("andi", &entry, &c1, I64);
@@ -451,75 +485,98 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
         barrier(b);
         ctx.load_tile(b, &v, &kv_base, &kt, v_offset);
 
-        // S = Q K^T, eight keys per accumulator tile.
-        let (lrow, lmat) = ctx.lane_split(b);
-        let mut s: Vec<Vec<Val>> = Vec::new();
-        for n in 0..bk / 8 {
-            let mut acc = vec![zero.clone(); 4];
-            let key = b.i64((n * 8) as i64);
-            let key = b.addi(&key, &lrow);
-            let mut kk = 0;
-            while kk < d / 16 {
-                if kk + 1 < d / 16 {
+        // S = Q K^T, 16 columns of Q at a time (two at once where the head dim allows): the
+        // A fragments of every row block, then per 8 keys one K fragment for all of them.
+        let mut s: Vec<Vec<Vec<Val>>> = vec![vec![vec![zero.clone(); 4]; bk / 8]; mb];
+        let mut kk = 0;
+        while kk < d / 16 {
+            let pair = kk + 1 < d / 16;
+            let steps = if pair { 2 } else { 1 };
+            let a: Vec<Vec<Vec<Val>>> = (0..mb)
+                .map(|m| {
+                    (kk..kk + steps)
+                        .map(|step| {
+                            let r = b.i64((m * 16) as i64);
+                            let r = b.addi(&warp_first, &r);
+                            let r = b.addi(&r, &frag_row);
+                            let col = b.i64((step * 16) as i64);
+                            let col = b.addi(&col, &frag_col);
+                            let at = ctx.shared_at(b, &r, &col, 0);
+                            ldmatrix4(b, &at, false)
+                        })
+                        .collect()
+                })
+                .collect();
+            for n in 0..bk / 8 {
+                let key = b.i64((n * 8) as i64);
+                let key = b.addi(&key, &lrow);
+                let kf: Vec<Val> = if pair {
                     let col = b.muli(&lmat, &c8);
                     let off = b.i64((kk * 16) as i64);
                     let col = b.addi(&col, &off);
-                    let at = ctx.shared_at(b, &key, &col, 0);
-                    let r = ldmatrix4(b, &at, false);
-                    acc = mma(b, half, &q_frags[kk], [&r[0], &r[1]], &acc);
-                    acc = mma(b, half, &q_frags[kk + 1], [&r[2], &r[3]], &acc);
-                    kk += 2;
+                    let at = ctx.shared_at(b, &key, &col, k_offset);
+                    ldmatrix4(b, &at, false)
                 } else {
-                    let c2 = b.i64(2);
-                    let m = b.remi(&lmat, &c2);
-                    let col = b.muli(&m, &c8);
+                    let m2 = b.remi(&lmat, &c2);
+                    let col = b.muli(&m2, &c8);
                     let off = b.i64((kk * 16) as i64);
                     let col = b.addi(&col, &off);
-                    let at = ctx.shared_at(b, &key, &col, 0);
-                    let r = ldmatrix2(b, &at);
-                    acc = mma(b, half, &q_frags[kk], [&r[0], &r[1]], &acc);
-                    kk += 1;
+                    let at = ctx.shared_at(b, &key, &col, k_offset);
+                    ldmatrix2(b, &at)
+                };
+                for m in 0..mb {
+                    for step in 0..steps {
+                        let bf = [&kf[2 * step], &kf[2 * step + 1]];
+                        s[m][n] = mma(b, half, &a[m][step], bf, &s[m][n]);
+                    }
                 }
             }
-            s.push(acc);
+            kk += steps;
         }
 
         // Scale and modify (base 2 for the softmax), and mask where the tile needs it.
         let plain_scale = b.f32((kernel.scale * log2e) as f32);
         let scale = b.f32(kernel.scale as f32);
         let log2e_c = b.f32(log2e as f32);
+        let key_of = |b: &mut Builder, n: usize| {
+            let kpos = b.i64((n * 8) as i64);
+            let kpos = b.addi(&k0, &kpos);
+            b.addi(&kpos, &two_c)
+        };
         let mut flat: Vec<Val> = Vec::new();
-        for (n, acc) in s.iter().enumerate() {
-            for r in 0..2 {
-                let qpos = if r == 0 { &row0 } else { &row1 };
-                let (x0, x1) = (&acc[2 * r], &acc[2 * r + 1]);
-                match &kernel.score {
-                    None => {
-                        flat.push(b.bin("mulf", x0, &plain_scale, F32));
-                        flat.push(b.bin("mulf", x1, &plain_scale, F32));
-                    }
-                    Some(expr) => {
-                        let y0 = b.bin("mulf", x0, &scale, F32);
-                        let y1 = b.bin("mulf", x1, &scale, F32);
-                        let pair = b.op(format!("vector.from_elements {y0}, {y1} : vector<2xf32>"));
-                        let kpos = b.i64((n * 8) as i64);
-                        let kpos = b.addi(&k0, &kpos);
-                        let kpos = b.addi(&kpos, &two_c);
-                        let env = VecEnv {
-                            n: 2,
-                            q: qpos.clone(),
-                            k0: kpos,
-                            h: h.clone(),
-                            b: batch.clone(),
-                            score: Some(pair),
-                            sides: &side_rows,
-                            narrow,
-                            keys: None,
-                        };
-                        let m = vexpr::score(b, expr, &env);
-                        for lane in 0..2 {
-                            let x = b.op(format!("vector.extract {m}[{lane}] : f32 from vector<2xf32>"));
-                            flat.push(b.bin("mulf", &x, &log2e_c, F32));
+        for (m, tiles_m) in s.iter().enumerate() {
+            for (n, acc) in tiles_m.iter().enumerate() {
+                for (r, qpos) in rows[m].iter().enumerate() {
+                    let (x0, x1) = (&acc[2 * r], &acc[2 * r + 1]);
+                    match &kernel.score {
+                        None => {
+                            flat.push(b.bin("mulf", x0, &plain_scale, F32));
+                            flat.push(b.bin("mulf", x1, &plain_scale, F32));
+                        }
+                        Some(expr) => {
+                            let y0 = b.bin("mulf", x0, &scale, F32);
+                            let y1 = b.bin("mulf", x1, &scale, F32);
+                            let pair =
+                                b.op(format!("vector.from_elements {y0}, {y1} : vector<2xf32>"));
+                            let kpos = key_of(b, n);
+                            let env = VecEnv {
+                                n: 2,
+                                q: qpos.clone(),
+                                k0: kpos,
+                                h: h.clone(),
+                                b: batch.clone(),
+                                score: Some(pair),
+                                sides: &side_rows,
+                                narrow,
+                                keys: None,
+                            };
+                            let modified = vexpr::score(b, expr, &env);
+                            for lane in 0..2 {
+                                let x = b.op(format!(
+                                    "vector.extract {modified}[{lane}] : f32 from vector<2xf32>"
+                                ));
+                                flat.push(b.bin("mulf", &x, &log2e_c, F32));
+                            }
                         }
                     }
                 }
@@ -531,30 +588,30 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
             &types,
             |b| {
                 let mut outv = Vec::new();
-                for n in 0..bk / 8 {
-                    for r in 0..2 {
-                        let qpos = if r == 0 { &row0 } else { &row1 };
-                        let kpos = b.i64((n * 8) as i64);
-                        let kpos = b.addi(&k0, &kpos);
-                        let kpos = b.addi(&kpos, &two_c);
-                        let env = VecEnv {
-                            n: 2,
-                            q: qpos.clone(),
-                            k0: kpos,
-                            h: h.clone(),
-                            b: batch.clone(),
-                            score: None,
-                            sides: &side_rows,
-                            narrow,
-                            keys: None,
-                        };
-                        let seen = vexpr::mask(b, &kernel.mask, &env);
-                        let below = env.keys_below(b, &t);
-                        let seen = b.bin("andi", &seen, &below, "vector<2xi1>");
-                        for lane in 0..2 {
-                            let ok = b.op(format!("vector.extract {seen}[{lane}] : i1 from vector<2xi1>"));
-                            let x = &flat[(n * 2 + r) * 2 + lane];
-                            outv.push(b.select(&ok, x, &neg_inf, F32));
+                for rows_m in &rows {
+                    for n in 0..bk / 8 {
+                        for qpos in rows_m {
+                            let kpos = key_of(b, n);
+                            let env = VecEnv {
+                                n: 2,
+                                q: qpos.clone(),
+                                k0: kpos,
+                                h: h.clone(),
+                                b: batch.clone(),
+                                score: None,
+                                sides: &side_rows,
+                                narrow,
+                                keys: None,
+                            };
+                            let seen = vexpr::mask(b, &kernel.mask, &env);
+                            let below = env.keys_below(b, &t);
+                            let seen = b.bin("andi", &seen, &below, "vector<2xi1>");
+                            for lane in 0..2 {
+                                let ok = b.op(format!(
+                                    "vector.extract {seen}[{lane}] : i1 from vector<2xi1>"
+                                ));
+                                outv.push(b.select(&ok, &flat[outv.len()], &neg_inf, F32));
+                            }
                         }
                     }
                 }
@@ -563,59 +620,63 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
             |_| flat.clone(),
         );
 
-        // Online softmax, per row (r = 0: row g, r = 1: row g + 8).
+        // Online softmax, per row: the row's maximum over this tile (across the four
+        // threads that hold it), the rescaling of what came before, the probabilities.
         let mut o: Vec<Val> = o_in.to_vec();
         let mut p = masked.clone();
-        let mut next_state = Vec::new();
+        let mut maxima = Vec::new();
         let mut sums = Vec::new();
-        for r in 0..2 {
-            let (m_old, l_old) = (&state[r], &state[2 + r]);
-            let mut mx = neg_inf.clone();
-            for n in 0..bk / 8 {
-                for lane in 0..2 {
-                    mx = b.op(format!(
-                        "arith.maximumf {mx}, {} : f32",
-                        masked[(n * 2 + r) * 2 + lane]
-                    ));
+        for m in 0..mb {
+            for r in 0..2 {
+                let row_index = 2 * m + r;
+                let (m_old, l_old) = (&state[row_index], &state[n_rows + row_index]);
+                let mut mx = neg_inf.clone();
+                for n in 0..bk / 8 {
+                    for lane in 0..2 {
+                        let x = &masked[sf(m, n, r, lane)];
+                        mx = b.op(format!("arith.maximumf {mx}, {x} : f32"));
+                    }
                 }
-            }
-            for bit in [1, 2] {
-                let other = shuffle_xor(b, &mx, bit);
-                mx = b.op(format!("arith.maximumf {mx}, {other} : f32"));
-            }
-            let m_new = b.op(format!("arith.maximumf {m_old}, {mx} : f32"));
-            let empty = b.cmpf("oeq", &m_new, &neg_inf, F32);
-            let m_safe = b.select(&empty, &zero, &m_new, F32);
-            let diff = b.bin("subf", m_old, &m_safe, F32);
-            let alpha = exp2(b, &diff);
-            let mut sum = b.bin("mulf", l_old, &alpha, F32);
-            for n in 0..bk / 8 {
-                for lane in 0..2 {
-                    let at = (n * 2 + r) * 2 + lane;
-                    let x = b.bin("subf", &masked[at], &m_safe, F32);
-                    let e = exp2(b, &x);
-                    sum = b.bin("addf", &sum, &e, F32);
-                    p[at] = e;
+                for bit in [1, 2] {
+                    let other = shuffle_xor(b, &mx, bit);
+                    mx = b.op(format!("arith.maximumf {mx}, {other} : f32"));
                 }
-            }
-            for n in 0..d / 8 {
-                for lane in 0..2 {
-                    let at = n * 4 + 2 * r + lane;
-                    o[at] = b.bin("mulf", &o[at], &alpha, F32);
+                let m_new = b.op(format!("arith.maximumf {m_old}, {mx} : f32"));
+                let empty = b.cmpf("oeq", &m_new, &neg_inf, F32);
+                let m_safe = b.select(&empty, &zero, &m_new, F32);
+                let diff = b.bin("subf", m_old, &m_safe, F32);
+                let alpha = exp2(b, &diff);
+                let mut sum = b.bin("mulf", l_old, &alpha, F32);
+                for n in 0..bk / 8 {
+                    for lane in 0..2 {
+                        let at = sf(m, n, r, lane);
+                        let x = b.bin("subf", &masked[at], &m_safe, F32);
+                        let e = exp2(b, &x);
+                        sum = b.bin("addf", &sum, &e, F32);
+                        p[at] = e;
+                    }
                 }
+                for n in 0..d / 8 {
+                    for lane in 0..2 {
+                        let at = m * n_o + n * 4 + 2 * r + lane;
+                        o[at] = b.bin("mulf", &o[at], &alpha, F32);
+                    }
+                }
+                maxima.push(m_new);
+                sums.push(sum);
             }
-            next_state.push(m_new);
-            sums.push(sum);
         }
-        next_state.extend(sums);
 
-        // P as A fragments: keys 16j.. of rows g and g + 8.
-        let pf = |n: usize, r: usize, lane: usize| (n * 2 + r) * 2 + lane;
-        let p_frags: Vec<Vec<Val>> = (0..bk / 16)
-            .map(|j| {
-                [(2 * j, 0), (2 * j, 1), (2 * j + 1, 0), (2 * j + 1, 1)]
-                    .into_iter()
-                    .map(|(n, r)| pack(b, half, &p[pf(n, r, 0)], &p[pf(n, r, 1)]))
+        // P as A fragments: per row block, keys 16j.. of rows g and g + 8.
+        let p_frags: Vec<Vec<Vec<Val>>> = (0..mb)
+            .map(|m| {
+                (0..bk / 16)
+                    .map(|j| {
+                        [(2 * j, 0), (2 * j, 1), (2 * j + 1, 0), (2 * j + 1, 1)]
+                            .into_iter()
+                            .map(|(n, r)| pack(b, half, &p[sf(m, n, r, 0)], &p[sf(m, n, r, 1)]))
+                            .collect()
+                    })
                     .collect()
             })
             .collect();
@@ -627,68 +688,64 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
         b.if_then(&more, |b| {
             let entry = b.load(&sched_tiles, &following, I64, I64);
             let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
-            ctx.load_tile(b, &k, &kv_base, &kt, 0);
+            ctx.load_tile(b, &k, &kv_base, &kt, k_offset);
         });
 
-        // O += P V: V fragments by ldmatrix.trans, two 8-column output tiles at a time.
-        let c2 = b.i64(2);
-        let half_row = b.remi(&lmat, &c2);
-        let half_row = b.muli(&half_row, &c8);
-        let key_in = b.addi(&lrow, &half_row);
-        let col_pair = b.divi(&lmat, &c2);
-        let col_pair = b.muli(&col_pair, &c8);
-        for (j, a) in p_frags.iter().enumerate() {
+        // O += P V: V fragments by ldmatrix.trans, two 8-column output tiles at a time,
+        // each for every row block.
+        for j in 0..bk / 16 {
             let key = b.i64((j * 16) as i64);
-            let key = b.addi(&key, &key_in);
+            let key = b.addi(&key, &frag_row);
             for np in 0..d / 16 {
                 let col = b.i64((np * 16) as i64);
-                let col = b.addi(&col, &col_pair);
+                let col = b.addi(&col, &frag_col);
                 let at = ctx.shared_at(b, &key, &col, v_offset);
                 let r = ldmatrix4(b, &at, true);
-                let (lo, hi) = (2 * np * 4, (2 * np + 1) * 4);
-                let acc = mma(b, half, a, [&r[0], &r[1]], &o[lo..lo + 4]);
-                o.splice(lo..lo + 4, acc);
-                let acc = mma(b, half, a, [&r[2], &r[3]], &o[hi..hi + 4]);
-                o.splice(hi..hi + 4, acc);
+                for (m, a) in p_frags.iter().enumerate() {
+                    for (half_tile, bf) in [[&r[0], &r[1]], [&r[2], &r[3]]].into_iter().enumerate() {
+                        let at = m * n_o + (2 * np + half_tile) * 4;
+                        let acc = mma(b, half, &a[j], bf, &o[at..at + 4]);
+                        o.splice(at..at + 4, acc);
+                    }
+                }
             }
         }
-        o.extend(next_state);
+        o.extend(maxima);
+        o.extend(sums);
         o
     });
 
     // The row sums across the four threads of a row, then O / l (zeros for a row that saw
     // no key), stored as 16-bit pairs.
-    let (o, state) = finals.split_at(n_o);
+    let (o, state) = finals.split_at(mb * n_o);
     let one = b.f32(1.0);
-    let mut inverse = Vec::new();
-    for r in 0..2 {
-        let mut l = state[2 + r].clone();
-        for bit in [1, 2] {
-            let other = shuffle_xor(b, &l, bit);
-            l = b.bin("addf", &l, &other, F32);
-        }
-        let seen = b.cmpf("ogt", &l, &zero, F32);
-        let inv = b.bin("divf", &one, &l, F32);
-        inverse.push(b.select(&seen, &inv, &zero, F32));
-    }
-    for (r, row) in [&row0, &row1].into_iter().enumerate() {
-        let inside = b.cmpi("slt", row, &t, I64);
-        b.if_then(&inside, |b| {
-            let at = b.muli(row, &cd);
-            let at = b.addi(&q_base, &at);
-            let at = b.addi(&at, &two_c);
-            for n in 0..d / 8 {
-                let x0 = b.bin("mulf", &o[n * 4 + 2 * r], &inverse[r], F32);
-                let x1 = b.bin("mulf", &o[n * 4 + 2 * r + 1], &inverse[r], F32);
-                let packed = pack(b, half, &x0, &x1);
-                let off = b.i64((n * 8) as i64);
-                let at = b.addi(&at, &off);
-                b.store(&packed, &out, &at, "i16", "i32");
+    for (m, rows_m) in rows.iter().enumerate() {
+        for (r, row) in rows_m.iter().enumerate() {
+            let mut l = state[n_rows + 2 * m + r].clone();
+            for bit in [1, 2] {
+                let other = shuffle_xor(b, &l, bit);
+                l = b.bin("addf", &l, &other, F32);
             }
-        });
+            let seen = b.cmpf("ogt", &l, &zero, F32);
+            let inv = b.bin("divf", &one, &l, F32);
+            let inverse = b.select(&seen, &inv, &zero, F32);
+            let inside = b.cmpi("slt", row, &t, I64);
+            b.if_then(&inside, |b| {
+                let at = b.muli(row, &cd);
+                let at = b.addi(&q_base, &at);
+                let at = b.addi(&at, &two_c);
+                for n in 0..d / 8 {
+                    let x0 = b.bin("mulf", &o[m * n_o + n * 4 + 2 * r], &inverse, F32);
+                    let x1 = b.bin("mulf", &o[m * n_o + n * 4 + 2 * r + 1], &inverse, F32);
+                    let packed = pack(b, half, &x0, &x1);
+                    let off = b.i64((n * 8) as i64);
+                    let at = b.addi(&at, &off);
+                    b.store(&packed, &out, &at, "i16", "i32");
+                }
+            });
+        }
     }
-    let _ = ctx.kernel;
-    let _ = ctx.half;
+    let _ = (ctx.kernel, ctx.half);
     finish(b, name)
 }
 
@@ -706,12 +763,12 @@ fn finish(b: &mut Builder, name: &str) -> String {
 }
 
 /// The PTX entry of a tensor-core attention kernel, in LLVM IR: `{name}_mma(buffers, dims)`,
-/// launched on a grid of (query tiles, batch rows * heads) blocks of [`THREADS`] threads,
-/// with its shared memory.
-pub fn entry_ir(name: &str, tiles: MmaTiles) -> String {
+/// launched on a grid of (query tiles, batch rows * heads) blocks of [`THREADS`] threads
+/// with [`MmaTiles::shared_bytes`] of dynamic shared memory.
+pub fn entry_ir(name: &str) -> String {
     format!(
         "
-@{name}_smem = internal addrspace(3) global [{bytes} x i8] undef, align 16
+@{name}_smem = external addrspace(3) global [0 x i8], align 16
 
 define ptx_kernel void @{name}_mma(ptr %bufs, ptr %dims) \"nvvm.maxntid\"=\"{threads}\" {{
   %tid = call i32 @llvm.nvvm.read.ptx.sreg.tid.x()
@@ -724,7 +781,6 @@ define ptx_kernel void @{name}_mma(ptr %bufs, ptr %dims) \"nvvm.maxntid\"=\"{thr
   ret void
 }}
 ",
-        bytes = tiles.shared_bytes(),
         threads = THREADS
     )
 }
