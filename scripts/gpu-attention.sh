@@ -14,15 +14,17 @@ python=${PYTHON:-python3}
 failed=0
 for artifact in "$dir"/attention/*/; do
     name=$(basename "$artifact")
-    [ "$name" = bench ] && continue
+    case "$name" in bench*) continue ;; esac
     while read -r line; do
         echo "{\"example\": \"$name\", \"result\": $line}"
     done < <("$run" attention "$artifact" --seq-len 1000 --batch 2 --repeats 3 --check-rows 48 2>&1 || echo "{\"ok\": false, \"error\": \"zebra-run attention failed\"}")
 done | tee "$dir/attention-checks.jsonl"
-grep -q '"ok": *false\|"ok":false\|error' "$dir/attention-checks.jsonl" && failed=1
+grep -q '"ok": *false\|"ok":false\|"error"' "$dir/attention-checks.jsonl" && failed=1
 bench="$dir/attention/bench"
 if [ -d "$bench" ]; then
-    "$run" attention "$bench" --seq-len "$seq_len" --repeats 20 --check-rows 8 || failed=1
+    for variant in "$dir"/attention/bench*/; do
+        "$run" attention "$variant" --seq-len "$seq_len" --repeats 20 --check-rows 8 || failed=1
+    done
     if command -v "$python" >/dev/null; then
         "$python" "$dir/torch_gpu_attention.py" --seq-len "$seq_len" || true
         saved=$(mktemp -d)

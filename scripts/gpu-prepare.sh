@@ -70,5 +70,8 @@ for file in examples/zebra_tiny.zb examples/attention/*.zb examples/models/*.zb 
     $zebra compile "$file" --for attention --emit artifact --target "$sm" -o "$out/attention/$name" >/dev/null
 done
 $zebra compile examples/zebra_tiny.zb --for attention --dtype f16 --emit artifact --target "$sm" -o "$out/attention/zebra_tiny_f16" >/dev/null
+# The benchmark shapes again with other tiles, to compare: 32 keys per tile, two K/V stages.
+$zebra compile bench/gpu_attention.zb --for attention --block-k 32 --emit artifact --target "$sm" -o "$out/attention/bench_bk32" >/dev/null
+$zebra compile bench/gpu_attention.zb --for attention --stages 2 --emit artifact --target "$sm" -o "$out/attention/bench_2stage" >/dev/null
 echo "prepared attention"
 du -sh "$out"

@@ -118,6 +118,7 @@ pub fn check(path: &Path) -> Result<()> {
 pub struct CompileArgs<'a> {
     pub purpose: crate::Purpose,
     pub dtype: crate::Dtype,
+    pub mma: zebra_codegen::kernels::attention_mma::MmaSettings,
     pub file: &'a Path,
     pub emit: Emit,
     pub output: Option<&'a Path>,
@@ -259,6 +260,12 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
              and --emit mlir, llvm, ptx or artifact"
         );
     }
+    if args.mma != Default::default() && !attention_only {
+        bail!(
+            "--stages and --block-k are settings of tensor-core attention kernels: use them \
+             with --for attention"
+        );
+    }
     let half = match args.dtype {
         crate::Dtype::Bf16 => zebra_codegen::kernels::attention_mma::Half::Bf16,
         crate::Dtype::F16 => zebra_codegen::kernels::attention_mma::Half::F16,
@@ -316,6 +323,7 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
                 &optimized.graph,
                 target,
                 half,
+                args.mma,
                 match args.emit {
                     Emit::Mlir => None,
                     Emit::Llvm => Some(zebra_codegen::ptx::GpuOutput::OptimizedIr),
@@ -361,6 +369,7 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
                     dir,
                     target,
                     half,
+                    args.mma,
                 )?;
                 timings.push(("codegen".into(), start.elapsed()));
                 print_timings(args.file, args.timings, &timings);

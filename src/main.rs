@@ -108,6 +108,14 @@ enum Command {
         /// The input type of tensor-core kernels (--for attention).
         #[arg(long, value_enum, default_value = "bf16")]
         dtype: Dtype,
+        /// K/V pipeline stages of tensor-core attention kernels, 1 or 2 (--for attention;
+        /// default 1).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+        stages: Option<u8>,
+        /// Keys per tile of tensor-core attention kernels (--for attention; default: 64 for
+        /// head dims up to 128, else 32).
+        #[arg(long, value_parser = ["16", "32", "64", "128"])]
+        block_k: Option<String>,
     },
     /// Write deterministic random weights for a model (safetensors, Hugging Face names).
     Init {
@@ -367,9 +375,15 @@ fn main() -> ExitCode {
             max_seq_len,
             purpose,
             dtype,
+            stages,
+            block_k,
         } => commands::compile(&commands::CompileArgs {
             purpose,
             dtype,
+            mma: zebra_codegen::kernels::attention_mma::MmaSettings {
+                stages: stages.map(usize::from),
+                block_k: block_k.and_then(|k| k.parse().ok()),
+            },
             file: &file,
             emit,
             output: output.as_deref(),

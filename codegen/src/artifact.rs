@@ -243,9 +243,10 @@ pub fn emit_gpu_attention(
     graph: &Graph,
     target: crate::ptx::GpuTarget,
     half: crate::kernels::attention_mma::Half,
+    settings: crate::kernels::attention_mma::MmaSettings,
     what: Option<crate::ptx::GpuOutput>,
 ) -> Result<String, CodegenError> {
-    let kernels = named_mma_attentions(graph, target, half)?;
+    let kernels = named_mma_attentions(graph, target, half, settings)?;
     let Some(what) = what else {
         let functions: Vec<String> = kernels
             .iter()
@@ -261,10 +262,13 @@ pub fn emit_gpu_attention(
     crate::ptx::compile(&ir, target, what)
 }
 
+/// The tensor-core attentions of a graph with their symbols; `settings` override the
+/// target's choices.
 fn named_mma_attentions(
     graph: &Graph,
     target: crate::ptx::GpuTarget,
     half: crate::kernels::attention_mma::Half,
+    settings: crate::kernels::attention_mma::MmaSettings,
 ) -> Result<
     Vec<(
         String,
@@ -281,7 +285,11 @@ fn named_mma_attentions(
     }
     Ok(kernels
         .into_iter()
-        .map(|(kernel, tiles)| (crate::ptx::mma_symbol(&kernel, half, target), kernel, tiles))
+        .map(|(mut kernel, tiles)| {
+            let tiles = tiles.with(&settings);
+            kernel.block_k = tiles.block_k as u64;
+            (crate::ptx::mma_symbol(&kernel, tiles, half, target), kernel, tiles)
+        })
         .collect())
 }
 
@@ -292,8 +300,9 @@ pub fn build_gpu_attention(
     out_dir: &Path,
     target: crate::ptx::GpuTarget,
     half: crate::kernels::attention_mma::Half,
+    settings: crate::kernels::attention_mma::MmaSettings,
 ) -> Result<usize, CodegenError> {
-    let kernels = named_mma_attentions(graph, target, half)?;
+    let kernels = named_mma_attentions(graph, target, half, settings)?;
     let ir = crate::ptx::mma_llvm_ir(&kernels, half, &Mlir::new())?;
     let ptx = crate::ptx::compile(&ir, target, crate::ptx::GpuOutput::Ptx)?;
     let artifact = zebra_runtime::artifact::AttentionArtifact {

@@ -277,9 +277,15 @@ pub fn mma_attentions(
 }
 
 /// The symbol of a tensor-core attention kernel.
-pub fn mma_symbol(kernel: &zebra_ir::op::AttentionKernel, half: Half, target: GpuTarget) -> String {
+pub fn mma_symbol(
+    kernel: &zebra_ir::op::AttentionKernel,
+    tiles: MmaTiles,
+    half: Half,
+    target: GpuTarget,
+) -> String {
     let description = format!(
-        "{:?} {:?} {} {} {} {} {} {:?} {} {}",
+        "{:?} {:?} {:?} {} {} {} {} {} {:?} {} {}",
+        tiles,
         kernel.mask.to_string(),
         kernel.score.as_ref().map(|s| s.to_string()),
         kernel.scale,
@@ -329,6 +335,7 @@ pub fn mma_llvm_ir(
 declare i32 @llvm.nvvm.read.ptx.sreg.tid.x()
 declare i32 @llvm.nvvm.read.ptx.sreg.ctaid.x()
 declare i32 @llvm.nvvm.read.ptx.sreg.ctaid.y()
+declare i32 @llvm.nvvm.read.ptx.sreg.nctaid.x()
 ",
     );
     for (symbol, _, _) in kernels {
@@ -347,6 +354,7 @@ pub enum GpuOutput {
 
 /// Optimizes GPU LLVM IR at O3 and emits PTX (or the optimized IR).
 pub fn compile(ir: &str, target: GpuTarget, output: GpuOutput) -> Result<String, CodegenError> {
+    let arch = target.name();
     Target::initialize_nvptx(&InitializationConfig::default());
     let context = LlvmContext::create();
     let buffer = MemoryBuffer::create_from_memory_range_copy(ir.as_bytes(), "kernels");
@@ -359,13 +367,13 @@ pub fn compile(ir: &str, target: GpuTarget, output: GpuOutput) -> Result<String,
     let machine = llvm_target
         .create_target_machine(
             &triple,
-            &target.name(),
+            &arch,
             "+ptx80",
             OptimizationLevel::Aggressive,
             RelocMode::Default,
             CodeModel::Default,
         )
-        .ok_or_else(|| CodegenError::Llvm(format!("no target machine for {}", target.name())))?;
+        .ok_or_else(|| CodegenError::Llvm(format!("no target machine for {arch}")))?;
     module.set_triple(&triple);
     module.set_data_layout(&machine.get_target_data().get_data_layout());
     module

@@ -56,6 +56,15 @@ pub const THREADS: usize = WARPS * 32;
 /// The largest head dimension the kernel takes.
 pub const MAX_HEAD_DIM: usize = 256;
 
+/// Settings of the tensor-core attention kernels that override the target's choice.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MmaSettings {
+    /// K/V stages in flight, 1 or 2.
+    pub stages: Option<usize>,
+    /// Keys per tile: 16, 32, 64 or 128.
+    pub block_k: Option<usize>,
+}
+
 /// The tiles of a tensor-core attention kernel for one head dimension and target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MmaTiles {
@@ -65,14 +74,19 @@ pub struct MmaTiles {
     /// Row blocks of 16 query rows per warp: two where the accumulators fit the registers
     /// (each K and V fragment read from shared memory then feeds two `mma`s), else one.
     pub row_blocks: usize,
+    /// K and V tiles in flight: 1 (the next K tile's copy overlaps `P V`, the V tile's
+    /// `Q K^T`), or 2 (the next K and V tiles are copied while the whole of this one is
+    /// computed; one barrier per tile).
+    pub stages: usize,
 }
 
 impl MmaTiles {
     /// The tiles for a head dimension, or `None` when the kernel cannot take it (not a
     /// multiple of 16, over 256, or a target before sm_80). Up to 128: 128 query rows (two
     /// row blocks per warp) by 64 keys; beyond, the output accumulators alone take 128
-    /// registers a thread: 64 rows (one row block) by 32 keys. sm_80 and sm_90 take the same
-    /// tiles; their shared memory (at most 99 KiB here) fits both.
+    /// registers a thread: 64 rows (one row block) by 32 keys. One K/V stage on both
+    /// targets: on an H100, two stages measured 8.4 ms against one stage's 7.5 ms for the
+    /// benchmark's global attention (bench/gpu_attention.zb, T = 16384).
     pub fn for_head_dim(head_dim: usize, sm: u32) -> Option<MmaTiles> {
         if head_dim == 0 || !head_dim.is_multiple_of(16) || head_dim > MAX_HEAD_DIM || sm < 80 {
             return None;
@@ -83,7 +97,20 @@ impl MmaTiles {
             block_k,
             head_dim,
             row_blocks,
+            stages: 1,
         })
+    }
+
+    /// The same tiles with some settings overridden (a tuning run's).
+    pub fn with(self, settings: &MmaSettings) -> MmaTiles {
+        MmaTiles {
+            stages: settings.stages.map_or(self.stages, |s| s.clamp(1, 2)),
+            block_k: settings
+                .block_k
+                .filter(|k| k.is_multiple_of(16) && (16..=128).contains(k))
+                .unwrap_or(self.block_k),
+            ..self
+        }
     }
 
     /// Elements per padded shared-memory row.
@@ -91,18 +118,24 @@ impl MmaTiles {
         self.head_dim + 8
     }
 
-    /// Byte offsets of the K and V tiles in shared memory (the Q tile is at 0).
+    /// Bytes of one K (or V) tile in shared memory.
+    pub fn kv_tile_bytes(&self) -> usize {
+        self.block_k * self.row() * 2
+    }
+
+    /// Byte offsets of stage 0's K and V tiles in shared memory (the Q tile is at 0; stage
+    /// `s` is `s * 2 * kv_tile_bytes` further).
     pub fn k_offset(&self) -> usize {
         self.block_q * self.row() * 2
     }
 
     pub fn v_offset(&self) -> usize {
-        self.k_offset() + self.block_k * self.row() * 2
+        self.k_offset() + self.kv_tile_bytes()
     }
 
-    /// Shared memory per block, in bytes: the Q tile, one K and one V tile.
+    /// Shared memory per block, in bytes: the Q tile, then K and V tiles per stage.
     pub fn shared_bytes(&self) -> usize {
-        self.v_offset() + self.block_k * self.row() * 2
+        self.k_offset() + self.stages * 2 * self.kv_tile_bytes()
     }
 
     /// The shared memory a block of `sm` may use (opting in above 48 KiB).
@@ -257,7 +290,7 @@ impl Ctx<'_> {
         src: &Val,
         base: &Val,
         (index, rows): (&Val, usize),
-        offset: usize,
+        offset: &Val,
     ) {
         let d = self.tiles.head_dim;
         let chunks_per_row = d / 8;
@@ -283,13 +316,12 @@ impl Ctx<'_> {
                 let col_at = b.muli(&col, &c8);
                 let at = b.addi(&at, &col_at);
                 let from = b.gep(src, &at, "i16");
+                let c16 = b.i64(16);
                 let row_bytes = b.i64((self.tiles.row() * 2) as i64);
                 let to = b.muli(&row, &row_bytes);
-                let c16 = b.i64(16);
                 let col_bytes = b.muli(&col, &c16);
                 let to = b.addi(&to, &col_bytes);
-                let base = b.i64(offset as i64);
-                let to = b.addi(&to, &base);
+                let to = b.addi(&to, offset);
                 let to = trunc32(b, &to);
                 let to = b.bin("addi", &to, &self.smem, "i32");
                 let full = const_i32(b, 16);
@@ -314,21 +346,19 @@ impl Ctx<'_> {
         }
     }
 
-    /// Copies key tile `kt` into shared memory at `offset`, as one `cp.async` group.
-    fn load_tile(&self, b: &mut Builder, src: &Val, kv_base: &Val, kt: &Val, offset: usize) {
+    /// Copies key tile `kt` into shared memory at `offset`.
+    fn load_tile(&self, b: &mut Builder, src: &Val, kv_base: &Val, kt: &Val, offset: &Val) {
         self.load_rows(b, src, kv_base, (kt, self.tiles.block_k), offset);
-        commit(b);
     }
 
     /// The shared-memory address (i32) of element (`row`, `col`) of the tile at `offset`.
-    fn shared_at(&self, b: &mut Builder, row: &Val, col: &Val, offset: usize) -> Val {
+    fn shared_at(&self, b: &mut Builder, row: &Val, col: &Val, offset: &Val) -> Val {
         let row_bytes = b.i64((self.tiles.row() * 2) as i64);
         let at = b.muli(row, &row_bytes);
         let c2 = b.i64(2);
         let col_bytes = b.muli(col, &c2);
         let at = b.addi(&at, &col_bytes);
-        let base = b.i64(offset as i64);
-        let at = b.addi(&at, &base);
+        let at = b.addi(&at, offset);
         let at = trunc32(b, &at);
         b.bin("addi", &at, &self.smem, "i32")
     }
@@ -442,12 +472,19 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
     let next = b.addi(&row, &c1);
     let end = b.load(&sched_rows, &next, I64, I64);
     let any = b.cmpi("slt", &start, &end, I64);
-    // The Q tile and the first K tile, one copy group.
+    // The Q tile and the first K tile (and V tile, with two stages), one copy group.
+    let stages = tiles.stages;
+    let stage0_k = b.i64(k_offset as i64);
+    let stage0_v = b.i64(v_offset as i64);
     b.if_then(&any, |b| {
-        ctx.load_rows(b, &q, &q_base, (&qt, bq), 0);
+        ctx.load_rows(b, &q, &q_base, (&qt, bq), &c0);
         let entry = b.load(&sched_tiles, &start, I64, I64);
         let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
-        ctx.load_tile(b, &k, &kv_base, &kt, k_offset);
+        ctx.load_tile(b, &k, &kv_base, &kt, &stage0_k);
+        if stages == 2 {
+            ctx.load_tile(b, &v, &kv_base, &kt, &stage0_v);
+        }
+        commit(b);
     });
 
     let zero = b.f32(0.0);
@@ -483,7 +520,32 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
         let needs_mask = b.bin("ori", &partial, &tail, "i1");
         wait_copies(b);
         barrier(b);
-        ctx.load_tile(b, &v, &kv_base, &kt, v_offset);
+        let following = b.addi(i, &c1);
+        let more = b.cmpi("slt", &following, &end, I64);
+        // This tile's stage, and the copies of the next.
+        let (k_at, v_at) = if stages == 2 {
+            let index = b.subi(i, &start);
+            let stage = b.remi(&index, &c2);
+            let stride = b.i64((2 * tiles.kv_tile_bytes()) as i64);
+            let shift = b.muli(&stage, &stride);
+            let k_at = b.addi(&stage0_k, &shift);
+            let v_at = b.addi(&stage0_v, &shift);
+            let other = b.subi(&stride, &shift);
+            b.if_then(&more, |b| {
+                let entry = b.load(&sched_tiles, &following, I64, I64);
+                let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
+                let next_k = b.addi(&stage0_k, &other);
+                let next_v = b.addi(&stage0_v, &other);
+                ctx.load_tile(b, &k, &kv_base, &kt, &next_k);
+                ctx.load_tile(b, &v, &kv_base, &kt, &next_v);
+                commit(b);
+            });
+            (k_at, v_at)
+        } else {
+            ctx.load_tile(b, &v, &kv_base, &kt, &stage0_v);
+            commit(b);
+            (stage0_k.clone(), stage0_v.clone())
+        };
 
         // S = Q K^T, 16 columns of Q at a time (two at once where the head dim allows): the
         // A fragments of every row block, then per 8 keys one K fragment for all of them.
@@ -501,7 +563,7 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
                             let r = b.addi(&r, &frag_row);
                             let col = b.i64((step * 16) as i64);
                             let col = b.addi(&col, &frag_col);
-                            let at = ctx.shared_at(b, &r, &col, 0);
+                            let at = ctx.shared_at(b, &r, &col, &c0);
                             ldmatrix4(b, &at, false)
                         })
                         .collect()
@@ -514,14 +576,14 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
                     let col = b.muli(&lmat, &c8);
                     let off = b.i64((kk * 16) as i64);
                     let col = b.addi(&col, &off);
-                    let at = ctx.shared_at(b, &key, &col, k_offset);
+                    let at = ctx.shared_at(b, &key, &col, &k_at);
                     ldmatrix4(b, &at, false)
                 } else {
                     let m2 = b.remi(&lmat, &c2);
                     let col = b.muli(&m2, &c8);
                     let off = b.i64((kk * 16) as i64);
                     let col = b.addi(&col, &off);
-                    let at = ctx.shared_at(b, &key, &col, k_offset);
+                    let at = ctx.shared_at(b, &key, &col, &k_at);
                     ldmatrix2(b, &at)
                 };
                 for m in 0..mb {
@@ -536,6 +598,10 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
 
         // Scale and modify (base 2 for the softmax), and mask where the tile needs it.
         let plain_scale = b.f32((kernel.scale * log2e) as f32);
+        // Without a score modifier the scale is applied where the exponent is formed, `x *
+        // scale - max` in one fma (the maximum of the raw scores, scaled, is the maximum of
+        // the scaled ones for a positive scale).
+        let deferred_scale = kernel.score.is_none() && kernel.scale > 0.0;
         let scale = b.f32(kernel.scale as f32);
         let log2e_c = b.f32(log2e as f32);
         let key_of = |b: &mut Builder, n: usize| {
@@ -550,8 +616,13 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
                     let (x0, x1) = (&acc[2 * r], &acc[2 * r + 1]);
                     match &kernel.score {
                         None => {
-                            flat.push(b.bin("mulf", x0, &plain_scale, F32));
-                            flat.push(b.bin("mulf", x1, &plain_scale, F32));
+                            if deferred_scale {
+                                flat.push(x0.clone());
+                                flat.push(x1.clone());
+                            } else {
+                                flat.push(b.bin("mulf", x0, &plain_scale, F32));
+                                flat.push(b.bin("mulf", x1, &plain_scale, F32));
+                            }
                         }
                         Some(expr) => {
                             let y0 = b.bin("mulf", x0, &scale, F32);
@@ -641,16 +712,24 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
                     let other = shuffle_xor(b, &mx, bit);
                     mx = b.op(format!("arith.maximumf {mx}, {other} : f32"));
                 }
+                if deferred_scale {
+                    mx = b.bin("mulf", &mx, &plain_scale, F32);
+                }
                 let m_new = b.op(format!("arith.maximumf {m_old}, {mx} : f32"));
                 let empty = b.cmpf("oeq", &m_new, &neg_inf, F32);
                 let m_safe = b.select(&empty, &zero, &m_new, F32);
+                let neg_m = b.op(format!("arith.negf {m_safe} : f32"));
                 let diff = b.bin("subf", m_old, &m_safe, F32);
                 let alpha = exp2(b, &diff);
                 let mut sum = b.bin("mulf", l_old, &alpha, F32);
                 for n in 0..bk / 8 {
                     for lane in 0..2 {
                         let at = sf(m, n, r, lane);
-                        let x = b.bin("subf", &masked[at], &m_safe, F32);
+                        let x = if deferred_scale {
+                            b.fma(&masked[at], &plain_scale, &neg_m, F32)
+                        } else {
+                            b.bin("subf", &masked[at], &m_safe, F32)
+                        };
                         let e = exp2(b, &x);
                         sum = b.bin("addf", &sum, &e, F32);
                         p[at] = e;
@@ -681,15 +760,16 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
             })
             .collect();
 
-        wait_copies(b);
-        barrier(b);
-        let following = b.addi(i, &c1);
-        let more = b.cmpi("slt", &following, &end, I64);
-        b.if_then(&more, |b| {
-            let entry = b.load(&sched_tiles, &following, I64, I64);
-            let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
-            ctx.load_tile(b, &k, &kv_base, &kt, k_offset);
-        });
+        if stages == 1 {
+            wait_copies(b);
+            barrier(b);
+            b.if_then(&more, |b| {
+                let entry = b.load(&sched_tiles, &following, I64, I64);
+                let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
+                ctx.load_tile(b, &k, &kv_base, &kt, &stage0_k);
+                commit(b);
+            });
+        }
 
         // O += P V: V fragments by ldmatrix.trans, two 8-column output tiles at a time,
         // each for every row block.
@@ -699,7 +779,7 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
             for np in 0..d / 16 {
                 let col = b.i64((np * 16) as i64);
                 let col = b.addi(&col, &frag_col);
-                let at = ctx.shared_at(b, &key, &col, v_offset);
+                let at = ctx.shared_at(b, &key, &col, &v_at);
                 let r = ldmatrix4(b, &at, true);
                 for (m, a) in p_frags.iter().enumerate() {
                     for (half_tile, bf) in [[&r[0], &r[1]], [&r[2], &r[3]]].into_iter().enumerate() {
@@ -764,7 +844,9 @@ fn finish(b: &mut Builder, name: &str) -> String {
 
 /// The PTX entry of a tensor-core attention kernel, in LLVM IR: `{name}_mma(buffers, dims)`,
 /// launched on a grid of (query tiles, batch rows * heads) blocks of [`THREADS`] threads
-/// with [`MmaTiles::shared_bytes`] of dynamic shared memory.
+/// with [`MmaTiles::shared_bytes`] of dynamic shared memory. Block `x` takes query tile
+/// `tiles - 1 - x`: under a causal mask the longest rows start first and the short ones fill
+/// the end of the launch.
 pub fn entry_ir(name: &str) -> String {
     format!(
         "
@@ -772,7 +854,10 @@ pub fn entry_ir(name: &str) -> String {
 
 define ptx_kernel void @{name}_mma(ptr %bufs, ptr %dims) \"nvvm.maxntid\"=\"{threads}\" {{
   %tid = call i32 @llvm.nvvm.read.ptx.sreg.tid.x()
-  %qt = call i32 @llvm.nvvm.read.ptx.sreg.ctaid.x()
+  %block = call i32 @llvm.nvvm.read.ptx.sreg.ctaid.x()
+  %blocks = call i32 @llvm.nvvm.read.ptx.sreg.nctaid.x()
+  %last = sub i32 %blocks, 1
+  %qt = sub i32 %last, %block
   %bh = call i32 @llvm.nvvm.read.ptx.sreg.ctaid.y()
   %tid64 = zext i32 %tid to i64
   %qt64 = zext i32 %qt to i64
