@@ -253,7 +253,10 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
     }
     if attention_only
         && !(matches!(args.target, Target::Sm80 | Target::Sm90)
-            && matches!(args.emit, Emit::Mlir | Emit::Llvm | Emit::Ptx | Emit::Artifact))
+            && matches!(
+                args.emit,
+                Emit::Mlir | Emit::Llvm | Emit::Ptx | Emit::Artifact
+            ))
     {
         bail!(
             "--for attention builds tensor-core kernels: use it with --target sm_80 or sm_90 \

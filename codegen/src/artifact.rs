@@ -288,7 +288,11 @@ fn named_mma_attentions(
         .map(|(mut kernel, tiles)| {
             let tiles = tiles.with(&settings);
             kernel.block_k = tiles.block_k as u64;
-            (crate::ptx::mma_symbol(&kernel, tiles, half, target), kernel, tiles)
+            (
+                crate::ptx::mma_symbol(&kernel, tiles, half, target),
+                kernel,
+                tiles,
+            )
         })
         .collect())
 }
@@ -313,21 +317,23 @@ pub fn build_gpu_attention(
         library_hash: format!("{:016x}", fnv1a(ptx.as_bytes())),
         kernels: kernels
             .iter()
-            .map(|(symbol, kernel, tiles)| zebra_runtime::artifact::AttentionEntry {
-                name: kernel.name.clone(),
-                entry: format!("{symbol}_mma"),
-                heads: kernel.heads as usize,
-                kv_heads: kernel.kv_heads as usize,
-                head_dim: tiles.head_dim,
-                block_q: tiles.block_q,
-                block_k: tiles.block_k,
-                threads: crate::kernels::attention_mma::THREADS,
-                shared_bytes: tiles.shared_bytes(),
-                scale: kernel.scale,
-                mask: kernel.mask.to_string(),
-                score: kernel.score.as_ref().map(|s| s.to_string()),
-                sides: kernel.sides.clone(),
-            })
+            .map(
+                |(symbol, kernel, tiles)| zebra_runtime::artifact::AttentionEntry {
+                    name: kernel.name.clone(),
+                    entry: format!("{symbol}_mma"),
+                    heads: kernel.heads as usize,
+                    kv_heads: kernel.kv_heads as usize,
+                    head_dim: tiles.head_dim,
+                    block_q: tiles.block_q,
+                    block_k: tiles.block_k,
+                    threads: crate::kernels::attention_mma::THREADS,
+                    shared_bytes: tiles.shared_bytes(),
+                    scale: kernel.scale,
+                    mask: kernel.mask.to_string(),
+                    score: kernel.score.as_ref().map(|s| s.to_string()),
+                    sides: kernel.sides.clone(),
+                },
+            )
             .collect(),
     };
     write(&out_dir.join("kernels.ptx"), ptx.as_bytes())?;

@@ -218,7 +218,10 @@ impl AttentionArtifact {
                 || k.block_k == 0
                 || k.threads == 0
             {
-                return Err(corrupt(format!("kernel `{}` has impossible shapes", k.name)));
+                return Err(corrupt(format!(
+                    "kernel `{}` has impossible shapes",
+                    k.name
+                )));
             }
         }
         let library = dir.join(&artifact.library);

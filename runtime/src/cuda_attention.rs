@@ -8,9 +8,9 @@ use std::path::Path;
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use zebra_ir::Var;
 use zebra_ir::expr::{Env, Expr, Scalar, parse_expr};
 use zebra_ir::schedule::Support;
-use zebra_ir::Var;
 
 use crate::artifact::{AttentionArtifact, AttentionEntry};
 use crate::cpu::{RuntimeError, build_schedule, words_of_i64};
@@ -133,8 +133,11 @@ pub fn f16_value(h: u16) -> f32 {
     }
 }
 
+/// Rounds an f32 to a 16-bit type, and reads one back.
+type Codec = (fn(f32) -> u16, fn(u16) -> f32);
+
 /// The 16-bit codec of an artifact's dtype.
-fn codec(dtype: &str) -> Result<(fn(f32) -> u16, fn(u16) -> f32), RuntimeError> {
+fn codec(dtype: &str) -> Result<Codec, RuntimeError> {
     match dtype {
         "bf16" => Ok((bf16_bits, bf16_value)),
         "f16" => Ok((f16_bits, f16_value)),
@@ -212,7 +215,9 @@ pub fn run_attention(
         .map_err(|e| RuntimeError::Cuda(format!("cannot open GPU 0: {e:?}")))?;
     let device = ctx.name().unwrap_or_else(|_| "GPU 0".into());
     let stream = ctx.default_stream();
-    let err = |what: &'static str| move |e: cudarc::driver::DriverError| RuntimeError::Cuda(format!("{what}: {e:?}"));
+    let err = |what: &'static str| {
+        move |e: cudarc::driver::DriverError| RuntimeError::Cuda(format!("{what}: {e:?}"))
+    };
     let module = ctx
         .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
         .map_err(err("the driver refused the PTX"))?;
@@ -248,8 +253,11 @@ pub fn run_attention(
         let side_buffers: Vec<crate::buffer::Buffer> = sides
             .iter()
             .map(|(_, values)| {
-                let padded: Vec<i64> =
-                    values.iter().copied().chain(std::iter::repeat_n(0, 8)).collect();
+                let padded: Vec<i64> = values
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0, 8))
+                    .collect();
                 words_of_i64(padded.into_iter())
             })
             .collect();
@@ -270,7 +278,9 @@ pub fn run_attention(
         let upload16 = |values: &[u16]| -> Result<CudaSlice<u16>, RuntimeError> {
             let mut padded = values.to_vec();
             padded.resize(values.len() + 64, 0);
-            stream.clone_htod(&padded).map_err(err("copying to the GPU"))
+            stream
+                .clone_htod(&padded)
+                .map_err(err("copying to the GPU"))
         };
         let words = |buffer: &crate::buffer::Buffer| -> Result<CudaSlice<u64>, RuntimeError> {
             let mut w: Vec<u64> = buffer.to_vec();
@@ -296,7 +306,9 @@ pub fn run_attention(
             tiles_dev.device_ptr(&stream).0,
         ];
         pointers.extend(side_devs.iter().map(|s| s.device_ptr(&stream).0));
-        let table = stream.clone_htod(&pointers).map_err(err("copying a pointer table"))?;
+        let table = stream
+            .clone_htod(&pointers)
+            .map_err(err("copying a pointer table"))?;
         let dims = [b as i64, t as i64, i64::from(built.per_batch)];
         let dims_dev = stream.clone_htod(&dims).map_err(err("copying dims"))?;
         // The kernel's shared memory is dynamic; above 48 KiB a block must opt in.
@@ -342,14 +354,15 @@ pub fn run_attention(
         }
         times.sort_by(f64::total_cmp);
         let time_ms = times[times.len() / 2];
-        let out: Vec<u16> = stream.clone_dtoh(&out_dev).map_err(err("copying from the GPU"))?;
+        let out: Vec<u16> = stream
+            .clone_dtoh(&out_dev)
+            .map_err(err("copying from the GPU"))?;
         let out = &out[..b * h * t * d];
 
         let tiles_total = t.div_ceil(kernel.block_q) * t.div_ceil(kernel.block_k);
         // The schedule's buffers are padded: its entries end where its last row does.
         let schedules = if built.per_batch { b } else { 1 };
-        let tiles_visited =
-            built.rows[schedules * t.div_ceil(kernel.block_q)] as usize / schedules;
+        let tiles_visited = built.rows[schedules * t.div_ceil(kernel.block_q)] as usize / schedules;
         let visible = count_visible(kernel, &mask, &sides, b, t, &built);
         let tflops = visible as f64 * 4.0 * d as f64 / (time_ms * 1e-3) / 1e12;
 
@@ -412,7 +425,11 @@ pub fn run_attention(
             for (c, want) in reference.iter().enumerate() {
                 let got = f64::from(decode(out[((bi * h + hi) * t + qi) * d + c]));
                 let error = (got - want).abs() / (atol + rtol * want.abs());
-                worst = if error.is_nan() { f64::INFINITY } else { worst.max(error) };
+                worst = if error.is_nan() {
+                    f64::INFINITY
+                } else {
+                    worst.max(error)
+                };
             }
         }
         if let Some(save) = &options.save {
@@ -538,8 +555,9 @@ fn save_arrays(
         ("out", arrays[3], kernel.heads),
     ] {
         let floats: Vec<f32> = values.iter().map(|&x| decode(x)).collect();
-        let array = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[batch, heads, seq, d]), floats)
-            .map_err(|e| RuntimeError::Cuda(format!("{name}: {e}")))?;
+        let array =
+            ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[batch, heads, seq, d]), floats)
+                .map_err(|e| RuntimeError::Cuda(format!("{name}: {e}")))?;
         let path = folder.join(format!("{name}.npy"));
         zebra_ir::npy::write(&path, &array)
             .map_err(|e| RuntimeError::Cuda(format!("cannot write {}: {e}", path.display())))?;

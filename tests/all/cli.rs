@@ -1147,3 +1147,137 @@ fn compile_emits_ptx_for_nvidia_targets() {
         out.stderr
     );
 }
+
+/// `zebra compile --for attention` writes tensor-core kernels (PTX, MLIR, an artifact that
+/// `zebra-run attention` reads), and refuses what does not make sense with a reason.
+#[test]
+fn compile_for_attention_builds_tensor_core_kernels() {
+    use clap::Parser;
+    let zb = example("zebra_tiny.zb");
+    let out = zebra(&[
+        "compile",
+        &zb,
+        "--for",
+        "attention",
+        "--target",
+        "sm_80",
+        "--emit",
+        "ptx",
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32")
+    );
+    let out = zebra(&[
+        "compile",
+        &zb,
+        "--for",
+        "attention",
+        "--target",
+        "sm_90",
+        "--dtype",
+        "f16",
+        "--emit",
+        "mlir",
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32")
+    );
+
+    let dir = temp();
+    let artifact = path(dir.path(), "attention");
+    let out = zebra(&[
+        "compile",
+        &zb,
+        "--for",
+        "attention",
+        "--target",
+        "sm_90",
+        "--block-k",
+        "32",
+        "--emit",
+        "artifact",
+        "-o",
+        &artifact,
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("2 tensor-core attention kernels"),
+        "{}",
+        out.stdout
+    );
+    let run = |args: &[&str]| -> Result<String, String> {
+        let cli = zebra_run::Cli::try_parse_from(
+            std::iter::once("zebra-run").chain(args.iter().copied()),
+        )
+        .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        zebra_run::run(cli, &mut out).map_err(|e| format!("{e:#}"))?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    };
+    if !zebra_runtime::cuda::driver_present() {
+        let error = run(&["attention", &artifact, "--seq-len", "100"]).unwrap_err();
+        assert!(error.contains("no NVIDIA driver was found"), "{error}");
+    }
+    // A model artifact is not an attention artifact.
+    let model = path(dir.path(), "model");
+    let out = zebra(&[
+        "compile", &zb, "--target", "sm_90", "--emit", "artifact", "-o", &model,
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    let error = run(&["attention", &model]).unwrap_err();
+    assert!(error.contains("not an attention artifact"), "{error}");
+
+    for (args, says) in [
+        (
+            vec!["--for", "attention", "--emit", "ptx"],
+            "--target sm_80 or sm_90",
+        ),
+        (
+            vec!["--for", "attention", "--target", "sm_90", "--emit", "opt"],
+            "--emit mlir, llvm, ptx or artifact",
+        ),
+        (
+            vec!["--stages", "2", "--target", "sm_90", "--emit", "ptx"],
+            "use them with --for attention",
+        ),
+        (
+            vec![
+                "--for",
+                "attention",
+                "--target",
+                "sm_90",
+                "--emit",
+                "ptx",
+                "--stages",
+                "3",
+            ],
+            "3 is not in 1..=2",
+        ),
+        (
+            vec![
+                "--for",
+                "attention",
+                "--target",
+                "sm_90",
+                "--emit",
+                "ptx",
+                "--block-k",
+                "48",
+            ],
+            "invalid value '48'",
+        ),
+    ] {
+        let mut all = vec!["compile", zb.as_str()];
+        all.extend(args.iter().copied());
+        let out = zebra(&all);
+        assert!(
+            !out.ok && out.stderr.contains(says),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
+}

@@ -164,7 +164,11 @@ fn asm(
 ) -> Vec<Val> {
     let names: Vec<String> = args.iter().map(|(v, _)| v.0.clone()).collect();
     let types: Vec<&str> = args.iter().map(|(_, t)| *t).collect();
-    let effects = if side_effects { "has_side_effects " } else { "" };
+    let effects = if side_effects {
+        "has_side_effects "
+    } else {
+        ""
+    };
     let head = format!(
         "llvm.inline_asm {effects}asm_dialect = att \"{text}\", \"{constraints}\" {} : ({})",
         names.join(", "),
@@ -249,7 +253,15 @@ fn pack(b: &mut Builder, half: Half, lo: &Val, hi: &Val) -> Val {
 }
 
 fn exp2(b: &mut Builder, x: &Val) -> Val {
-    asm(b, "ex2.approx.ftz.f32 $0, $1;", "=f,f", &[(x, F32)], &[F32], false).remove(0)
+    asm(
+        b,
+        "ex2.approx.ftz.f32 $0, $1;",
+        "=f,f",
+        &[(x, F32)],
+        &[F32],
+        false,
+    )
+    .remove(0)
 }
 
 /// The value of `x` in the thread whose lane differs from this one's in bit `mask`.
@@ -488,7 +500,10 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
     });
 
     let zero = b.f32(0.0);
-    let neg_inf = b.op(format!("arith.constant {} : f32", f32_literal(f32::NEG_INFINITY)));
+    let neg_inf = b.op(format!(
+        "arith.constant {} : f32",
+        f32_literal(f32::NEG_INFINITY)
+    ));
     // Carried: per row block the output accumulators (d / 8 tiles of 4), then per row
     // (2 per row block) the running maximum, then per row the running sum.
     let n_o = d / 8 * 4;
@@ -569,6 +584,8 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
                         .collect()
                 })
                 .collect();
+            // The scores of key tile `n` of every row block: `s[m][n]`.
+            #[allow(clippy::needless_range_loop)]
             for n in 0..bk / 8 {
                 let key = b.i64((n * 8) as i64);
                 let key = b.addi(&key, &lrow);
@@ -782,7 +799,8 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
                 let at = ctx.shared_at(b, &key, &col, &v_at);
                 let r = ldmatrix4(b, &at, true);
                 for (m, a) in p_frags.iter().enumerate() {
-                    for (half_tile, bf) in [[&r[0], &r[1]], [&r[2], &r[3]]].into_iter().enumerate() {
+                    for (half_tile, bf) in [[&r[0], &r[1]], [&r[2], &r[3]]].into_iter().enumerate()
+                    {
                         let at = m * n_o + (2 * np + half_tile) * 4;
                         let acc = mma(b, half, &a[j], bf, &o[at..at + 4]);
                         o.splice(at..at + 4, acc);
@@ -868,4 +886,51 @@ define ptx_kernel void @{name}_mma(ptr %bufs, ptr %dims) \"nvvm.maxntid\"=\"{thr
 ",
         threads = THREADS
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_fit_every_head_dim_and_target() {
+        for sm in [80, 90] {
+            for d in (16..=MAX_HEAD_DIM).step_by(16) {
+                let tiles = MmaTiles::for_head_dim(d, sm).unwrap();
+                assert!(
+                    tiles.shared_bytes() <= MmaTiles::shared_limit(sm),
+                    "{tiles:?}"
+                );
+                assert!(tiles.live_registers() < 255, "{tiles:?}");
+                assert_eq!(tiles.block_q, WARPS * 16 * tiles.row_blocks);
+                // Every thread copies whole 16-byte chunks.
+                assert!((tiles.block_k * d / 8).is_multiple_of(8), "{tiles:?}");
+            }
+            assert_eq!(MmaTiles::for_head_dim(128, sm).unwrap().block_q, 128);
+            assert_eq!(MmaTiles::for_head_dim(256, sm).unwrap().block_q, 64);
+        }
+        for bad in [0, 8, 24, 72 + 1, 272] {
+            assert_eq!(MmaTiles::for_head_dim(bad, 90), None, "{bad}");
+        }
+        assert_eq!(MmaTiles::for_head_dim(64, 75), None);
+    }
+
+    #[test]
+    fn settings_override_only_what_they_name() {
+        let tiles = MmaTiles::for_head_dim(128, 90).unwrap();
+        let same = tiles.with(&MmaSettings::default());
+        assert_eq!(same, tiles);
+        let other = tiles.with(&MmaSettings {
+            stages: Some(2),
+            block_k: Some(32),
+        });
+        assert_eq!((other.stages, other.block_k, other.block_q), (2, 32, 128));
+        assert!(other.shared_bytes() > tiles.shared_bytes() - tiles.kv_tile_bytes());
+        // Out-of-range settings leave the target's choice.
+        let kept = tiles.with(&MmaSettings {
+            stages: None,
+            block_k: Some(24),
+        });
+        assert_eq!(kept.block_k, 64);
+    }
 }

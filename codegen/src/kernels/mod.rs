@@ -3,8 +3,8 @@
 //! read at run time, so one kernel serves every length.
 
 pub mod attention;
-pub mod attention_mma;
 pub mod attention_grad;
+pub mod attention_mma;
 pub mod decode;
 pub mod elementwise;
 pub mod gemm;
