@@ -102,7 +102,8 @@ enum Command {
         #[arg(long, default_value_t = DEFAULT_MAX_SEQ_LEN)]
         max_seq_len: usize,
         /// What an artifact is for: a forward pass, generation (`prefill/` and `decode/`,
-        /// with KV caches) or training (the training step: loss and gradients).
+        /// with KV caches), training (the training step: loss and gradients), or the
+        /// attentions alone as tensor-core kernels (also with --emit ptx, mlir or llvm).
         #[arg(long = "for", value_enum, default_value = "forward")]
         purpose: Purpose,
         /// The input type of tensor-core kernels (--for attention).
