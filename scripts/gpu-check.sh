@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every prepared example (scripts/gpu-prepare.sh) on the GPU through zebra-run and
 # compares its logits with the CPU's (forward passes, decode steps against the KV caches,
-# training steps, sampled generation); prints one JSON line per check, fails if any fails.
+# training steps, sampled generation) and, for the golden models, with the logits Hugging Face
+# transformers computed; then the tensor-core attention kernels (scripts/gpu-attention.sh:
+# checks, and the benchmark beside PyTorch). One JSON line per check; fails if any fails.
 # Usage: scripts/gpu-check.sh DIR [TOLERANCE]   (relative to the largest logit; default 1e-4)
 set -uo pipefail
 dir=${1:?usage: gpu-check.sh DIR [TOLERANCE]}
@@ -22,6 +24,20 @@ for example in "$dir"/*/; do
     status=$?
     echo "{\"example\": \"$name\", \"result\": $(echo "$result" | head -1)}"
     [ $status -eq 0 ] || failed=1
+done
+# The golden models against the logits Hugging Face transformers (PyTorch) computed.
+for example in "$dir"/golden-*/; do
+    name=$(basename "$example")
+    if "$run" forward "$example/gpu" --device cuda --weights "$example/weights.safetensors" \
+        --tokens "$example/tokens.npy" --output "$example/gpu-logits.npy" 2>/dev/null; then
+        result=$("$run" diff "$example/gpu-logits.npy" "$example/hf-logits.npy" --tolerance "$tolerance" 2>&1)
+        status=$?
+        echo "{\"example\": \"$name vs transformers\", \"result\": $(echo "$result" | head -1)}"
+        [ $status -eq 0 ] || failed=1
+    else
+        echo "{\"example\": \"$name\", \"ok\": false, \"error\": \"the GPU run failed\"}"
+        failed=1
+    fi
 done
 if [ -d "$dir/train/gpu" ]; then
     if "$run" train "$dir/train/gpu" --device cuda --weights "$dir/train/weights.safetensors" \

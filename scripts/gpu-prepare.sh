@@ -26,6 +26,18 @@ for file in examples/zebra_tiny.zb examples/attention/*.zb; do
         --output "$out/$name/cpu-logits.npy" >/dev/null
     echo "prepared $name"
 done
+# The golden models: logits that PyTorch (Hugging Face transformers) computed, to compare the
+# GPU's with directly.
+for file in tests/fixtures/golden/*.zb; do
+    name=golden-$(basename "$file" .zb)
+    mkdir -p "$out/$name"
+    $zebra compile "$file" --emit artifact --target "$sm" --max-seq-len 64 -o "$out/$name/gpu" >/dev/null
+    cp tests/fixtures/golden/tiny_llama.safetensors "$out/$name/weights.safetensors"
+    cp tests/fixtures/golden/tokens.npy "$out/$name/tokens.npy"
+    cp "tests/fixtures/golden/logits_$(basename "$file" .zb).npy" "$out/$name/hf-logits.npy"
+done
+echo "prepared golden"
+
 # Training steps: the same five steps on the GPU must give the CPU's losses.
 mkdir -p "$out/train"
 cp README.md "$out/train/corpus.txt"
