@@ -2,19 +2,21 @@
 //! kernel description as the CPU's (mask and score modifier compiled in, the tile schedule
 //! read at run time, GQA by head index), lowered the way a GPU wants it.
 //!
-//! One block of four warps per (query tile of 64 rows, batch row and head); each warp owns
-//! 16 query rows. Q stays in registers as `mma` A fragments for the whole kernel. For each
-//! key tile the schedule lists: the K tile and then the V tile are copied into shared memory
-//! with `cp.async` (V's copy overlaps `S = Q K^T`, the next K tile's copy overlaps `O += P V`),
-//! `S` comes from `mma.sync.m16n8k16` with K fragments from `ldmatrix`, the mask is evaluated
-//! only on partial tiles (and the tile past the end of the sequence), the online softmax runs
-//! in base 2 on the accumulator fragments (row maxima and sums across the four threads of a
-//! row with `shfl`), and `P` is repacked in registers into A fragments for `O += P V`, with
-//! V fragments from `ldmatrix.trans`. Inputs and the output are bf16 or f16; scores,
-//! softmax and accumulation are f32.
+//! One block of four warps per (query tile, batch row and head); each warp owns one or two
+//! row blocks of 16 queries ([`MmaTiles`]: two for head dims up to 128, so that every K and V
+//! fragment read from shared memory feeds two `mma`s). The Q tile is copied into shared memory
+//! once; for each key tile the schedule lists, the K tile and then the V tile are copied with
+//! `cp.async` (V's copy overlaps `S = Q K^T`, the next K tile's copy overlaps `O += P V`; with
+//! two stages both are copied a tile ahead). `S` comes from `mma.sync.m16n8k16` with Q and K
+//! fragments from `ldmatrix`; the mask is evaluated only on partial tiles (and the tile past
+//! the end of the sequence); the online softmax runs in base 2 on the accumulator fragments,
+//! the scale folded into the exponent's `fma`, row maxima and sums across the four threads of
+//! a row by `shfl`; `P` is repacked in registers into A fragments for `O += P V`, with V
+//! fragments from `ldmatrix.trans`. Inputs and the output are bf16 or f16; scores, softmax and
+//! accumulation are f32. Block `x` takes query tile `tiles - 1 - x`.
 //!
-//! Shared-memory rows are padded by 8 elements, so that the eight rows an `ldmatrix` reads
-//! fall in distinct banks.
+//! Shared memory is dynamic (the runtime opts in above 48 KiB); its rows are padded by 8
+//! elements, so that the eight rows an `ldmatrix` reads fall in distinct banks.
 //!
 //! Buffers: `q [B, H, T, D]`, `k [B, KV, T, D]`, `v [B, KV, T, D]`, `out [B, H, T, D]`, the
 //! schedule's row offsets and tiles, then the side inputs `[B, T]` (i64, padded by 8).
