@@ -11,32 +11,36 @@ tolerance=${2:-1e-4}
 run="$dir/zebra-run"
 failed=0
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || true
+# One JSON line: logits A against logits B for check NAME.
+compare() {
+    local result status
+    result=$("$run" diff "$2" "$3" --tolerance "$tolerance" 2>&1)
+    status=$?
+    echo "{\"example\": \"$1\", \"result\": $(echo "$result" | head -1)}"
+    [ $status -eq 0 ] || failed=1
+}
+gpu_failed() {
+    echo "{\"example\": \"$1\", \"ok\": false, \"error\": \"the GPU run failed\"}"
+    failed=1
+}
 for example in "$dir"/*/; do
     name=$(basename "$example")
     [ -f "$example/cpu-logits.npy" ] || continue
     if ! "$run" forward "$example/gpu" --device cuda --weights "$example/weights.safetensors" \
         --tokens "$dir/tokens.npy" --output "$example/gpu-logits.npy"; then
-        echo "{\"example\": \"$name\", \"ok\": false, \"error\": \"the GPU run failed\"}"
-        failed=1
+        gpu_failed "$name"
         continue
     fi
-    result=$("$run" diff "$example/gpu-logits.npy" "$example/cpu-logits.npy" --tolerance "$tolerance" 2>&1)
-    status=$?
-    echo "{\"example\": \"$name\", \"result\": $(echo "$result" | head -1)}"
-    [ $status -eq 0 ] || failed=1
+    compare "$name" "$example/gpu-logits.npy" "$example/cpu-logits.npy"
 done
 # The golden models against the logits Hugging Face transformers (PyTorch) computed.
 for example in "$dir"/golden-*/; do
     name=$(basename "$example")
     if "$run" forward "$example/gpu" --device cuda --weights "$example/weights.safetensors" \
         --tokens "$example/tokens.npy" --output "$example/gpu-logits.npy" 2>/dev/null; then
-        result=$("$run" diff "$example/gpu-logits.npy" "$example/hf-logits.npy" --tolerance "$tolerance" 2>&1)
-        status=$?
-        echo "{\"example\": \"$name vs transformers\", \"result\": $(echo "$result" | head -1)}"
-        [ $status -eq 0 ] || failed=1
+        compare "$name vs transformers" "$example/gpu-logits.npy" "$example/hf-logits.npy"
     else
-        echo "{\"example\": \"$name\", \"ok\": false, \"error\": \"the GPU run failed\"}"
-        failed=1
+        gpu_failed "$name"
     fi
 done
 if [ -d "$dir/train/gpu" ]; then
@@ -59,26 +63,18 @@ for example in "$dir"/decode-*/; do
     name=$(basename "$example")
     if "$run" decode "$example/gpu" --device cuda --weights "$example/weights.safetensors" \
         --tokens "$dir/tokens.npy" --prompt-len 40 --output "$example/gpu-decode-logits.npy"; then
-        result=$("$run" diff "$example/gpu-decode-logits.npy" "$example/cpu-decode-logits.npy" --tolerance "$tolerance" 2>&1)
-        status=$?
-        echo "{\"example\": \"$name\", \"result\": $(echo "$result" | head -1)}"
-        [ $status -eq 0 ] || failed=1
+        compare "$name" "$example/gpu-decode-logits.npy" "$example/cpu-decode-logits.npy"
     else
-        echo "{\"example\": \"$name\", \"ok\": false, \"error\": \"the GPU run failed\"}"
-        failed=1
+        gpu_failed "$name"
     fi
 done
 if [ -d "$dir/generate/gpu" ]; then
     # Teacher-forced decoding: every step's logits against the CPU's.
     if "$run" decode "$dir/generate/gpu" --device cuda --weights "$dir/generate/weights.safetensors" \
         --tokens "$dir/tokens.npy" --prompt-len 40 --output "$dir/generate/gpu-decode-logits.npy"; then
-        result=$("$run" diff "$dir/generate/gpu-decode-logits.npy" "$dir/generate/cpu-decode-logits.npy" --tolerance "$tolerance" 2>&1)
-        status=$?
-        echo "{\"example\": \"decode steps\", \"result\": $(echo "$result" | head -1)}"
-        [ $status -eq 0 ] || failed=1
+        compare "decode steps" "$dir/generate/gpu-decode-logits.npy" "$dir/generate/cpu-decode-logits.npy"
     else
-        echo '{"example": "decode steps", "ok": false, "error": "the GPU run failed"}'
-        failed=1
+        gpu_failed "decode steps"
     fi
     if "$run" generate "$dir/generate/gpu" --device cuda --weights "$dir/generate/weights.safetensors" \
         --prompt "$(cat "$dir/generate/prompt.txt")" --max-tokens 200 --temperature 1 --seed 7 \

@@ -36,29 +36,11 @@ impl Artifact {
         if !plan_path.exists() {
             return Err(ArtifactError::Missing(dir.to_path_buf()));
         }
-        let text = std::fs::read_to_string(&plan_path).map_err(|e| ArtifactError::Read {
-            path: plan_path.clone(),
-            message: e.to_string(),
-        })?;
-        let corrupt = |message: String| ArtifactError::Corrupt {
+        let plan: Plan = read_versioned(&plan_path, PLAN_FORMAT, "no plan format")?;
+        check(&plan).map_err(|message| ArtifactError::Corrupt {
             path: plan_path.clone(),
             message,
-        };
-        let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
-        let format = value
-            .get("format")
-            .and_then(|f| f.as_u64())
-            .ok_or_else(|| corrupt("no plan format".into()))?;
-        if format != u64::from(PLAN_FORMAT) {
-            return Err(ArtifactError::Format {
-                path: plan_path,
-                found: format as u32,
-                expected: PLAN_FORMAT,
-            });
-        }
-        let plan: Plan = serde_json::from_value(value).map_err(|e| corrupt(e.to_string()))?;
-        check(&plan).map_err(corrupt)?;
+        })?;
         let library = dir.join(&plan.library);
         if !library.exists() {
             return Err(ArtifactError::Corrupt {
@@ -71,6 +53,37 @@ impl Artifact {
             plan,
         })
     }
+}
+
+/// Reads a JSON file whose `format` field must be `expected`, as a `T`; `missing` is the
+/// complaint when it has no format at all.
+fn read_versioned<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    expected: u32,
+    missing: &str,
+) -> Result<T, ArtifactError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ArtifactError::Read {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let corrupt = |message: String| ArtifactError::Corrupt {
+        path: path.to_path_buf(),
+        message,
+    };
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+    let format = value
+        .get("format")
+        .and_then(|f| f.as_u64())
+        .ok_or_else(|| corrupt(missing.into()))?;
+    if format != u64::from(expected) {
+        return Err(ArtifactError::Format {
+            path: path.to_path_buf(),
+            found: format as u32,
+            expected,
+        });
+    }
+    serde_json::from_value(value).map_err(|e| corrupt(e.to_string()))
 }
 
 /// Checks that every index in the plan points at something.
@@ -186,29 +199,11 @@ impl AttentionArtifact {
                     .into(),
             });
         }
-        let text = std::fs::read_to_string(&path).map_err(|e| ArtifactError::Read {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        let artifact: AttentionArtifact = read_versioned(&path, ATTENTION_FORMAT, "no format")?;
         let corrupt = |message: String| ArtifactError::Corrupt {
             path: path.clone(),
             message,
         };
-        let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
-        let format = value
-            .get("format")
-            .and_then(|f| f.as_u64())
-            .ok_or_else(|| corrupt("no format".into()))?;
-        if format != u64::from(ATTENTION_FORMAT) {
-            return Err(ArtifactError::Format {
-                path,
-                found: format as u32,
-                expected: ATTENTION_FORMAT,
-            });
-        }
-        let artifact: AttentionArtifact =
-            serde_json::from_value(value).map_err(|e| corrupt(e.to_string()))?;
         for k in &artifact.kernels {
             if k.heads == 0
                 || k.kv_heads == 0

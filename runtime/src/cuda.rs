@@ -43,7 +43,19 @@ pub fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
-fn cuda_error(what: &str) -> impl Fn(cudarc::driver::DriverError) -> RuntimeError + '_ {
+/// An error unless a CUDA driver can be loaded here (cudarc panics on first use without one).
+pub(crate) fn require_driver() -> Result<(), RuntimeError> {
+    if driver_present() {
+        return Ok(());
+    }
+    Err(RuntimeError::Cuda(
+        "no NVIDIA driver was found (libcuda.so cannot be loaded): running on the GPU needs \
+         an NVIDIA GPU and its driver"
+            .into(),
+    ))
+}
+
+pub(crate) fn cuda_error(what: &str) -> impl Fn(cudarc::driver::DriverError) -> RuntimeError + '_ {
     move |e| RuntimeError::Cuda(format!("{what}: {e:?}"))
 }
 
@@ -112,13 +124,7 @@ impl CudaModel {
                 message: "it is not the PTX this plan was built with; recompile the model".into(),
             });
         }
-        if !driver_present() {
-            return Err(RuntimeError::Cuda(
-                "no NVIDIA driver was found (libcuda.so cannot be loaded): running on the GPU \
-                 needs an NVIDIA GPU and its driver"
-                    .into(),
-            ));
-        }
+        require_driver()?;
         let ctx = CudaContext::new(0).map_err(cuda_error("cannot open GPU 0"))?;
         let device = ctx.name().unwrap_or_else(|_| "GPU 0".into());
         // Each thread's stack holds its kernel's scratch arrays.

@@ -14,6 +14,7 @@ use zebra_ir::schedule::Support;
 
 use crate::artifact::{AttentionArtifact, AttentionEntry};
 use crate::cpu::{RuntimeError, build_schedule, words_of_i64};
+use crate::cuda::cuda_error;
 use crate::plan::ScheduleSpec;
 
 /// What `zebra-run attention` is asked for.
@@ -201,26 +202,16 @@ pub fn run_attention(
 ) -> Result<Vec<AttentionRun>, RuntimeError> {
     let (artifact, ptx) = AttentionArtifact::load(dir)?;
     let (encode, decode) = codec(&artifact.dtype)?;
-    if !crate::cuda::driver_present() {
-        return Err(RuntimeError::Cuda(
-            "no NVIDIA driver was found (libcuda.so cannot be loaded): running on the GPU \
-             needs an NVIDIA GPU and its driver"
-                .into(),
-        ));
-    }
+    crate::cuda::require_driver()?;
     if options.seq_len == 0 || options.batch == 0 {
         return Err(RuntimeError::Empty);
     }
-    let ctx = cudarc::driver::CudaContext::new(0)
-        .map_err(|e| RuntimeError::Cuda(format!("cannot open GPU 0: {e:?}")))?;
+    let ctx = cudarc::driver::CudaContext::new(0).map_err(cuda_error("cannot open GPU 0"))?;
     let device = ctx.name().unwrap_or_else(|_| "GPU 0".into());
     let stream = ctx.default_stream();
-    let err = |what: &'static str| {
-        move |e: cudarc::driver::DriverError| RuntimeError::Cuda(format!("{what}: {e:?}"))
-    };
     let module = ctx
         .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-        .map_err(err("the driver refused the PTX"))?;
+        .map_err(cuda_error("the driver refused the PTX"))?;
     let mut runs = Vec::new();
     for kernel in &artifact.kernels {
         let function = module
@@ -280,17 +271,19 @@ pub fn run_attention(
             padded.resize(values.len() + 64, 0);
             stream
                 .clone_htod(&padded)
-                .map_err(err("copying to the GPU"))
+                .map_err(cuda_error("copying to the GPU"))
         };
         let words = |buffer: &crate::buffer::Buffer| -> Result<CudaSlice<u64>, RuntimeError> {
             let mut w: Vec<u64> = buffer.to_vec();
             w.resize(w.len() + 8, 0);
-            stream.clone_htod(&w).map_err(err("copying to the GPU"))
+            stream
+                .clone_htod(&w)
+                .map_err(cuda_error("copying to the GPU"))
         };
         let (q_dev, k_dev, v_dev) = (upload16(&q)?, upload16(&k)?, upload16(&v)?);
         let out_dev: CudaSlice<u16> = stream
             .alloc_zeros(b * h * t * d + 64)
-            .map_err(err("allocating GPU memory"))?;
+            .map_err(cuda_error("allocating GPU memory"))?;
         let rows_dev = words(&built.rows)?;
         let tiles_dev = words(&built.tiles)?;
         let side_devs = side_buffers
@@ -308,9 +301,11 @@ pub fn run_attention(
         pointers.extend(side_devs.iter().map(|s| s.device_ptr(&stream).0));
         let table = stream
             .clone_htod(&pointers)
-            .map_err(err("copying a pointer table"))?;
+            .map_err(cuda_error("copying a pointer table"))?;
         let dims = [b as i64, t as i64, i64::from(built.per_batch)];
-        let dims_dev = stream.clone_htod(&dims).map_err(err("copying dims"))?;
+        let dims_dev = stream
+            .clone_htod(&dims)
+            .map_err(cuda_error("copying dims"))?;
         // The kernel's shared memory is dynamic; above 48 KiB a block must opt in.
         if kernel.shared_bytes > 48 * 1024 {
             function
@@ -341,22 +336,33 @@ pub fn run_attention(
                 .map_err(|e| RuntimeError::Cuda(format!("launching {}: {e:?}", kernel.entry)))
         };
         launch()?;
-        stream.synchronize().map_err(err("running the kernel"))?;
+        stream
+            .synchronize()
+            .map_err(cuda_error("running the kernel"))?;
         let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let mut times = Vec::new();
         for _ in 0..options.repeats.max(1) {
-            let start = ctx.new_event(flags).map_err(err("creating an event"))?;
-            let end = ctx.new_event(flags).map_err(err("creating an event"))?;
-            start.record(&stream).map_err(err("recording an event"))?;
+            let start = ctx
+                .new_event(flags)
+                .map_err(cuda_error("creating an event"))?;
+            let end = ctx
+                .new_event(flags)
+                .map_err(cuda_error("creating an event"))?;
+            start
+                .record(&stream)
+                .map_err(cuda_error("recording an event"))?;
             launch()?;
-            end.record(&stream).map_err(err("recording an event"))?;
-            times.push(f64::from(start.elapsed_ms(&end).map_err(err("timing"))?));
+            end.record(&stream)
+                .map_err(cuda_error("recording an event"))?;
+            times.push(f64::from(
+                start.elapsed_ms(&end).map_err(cuda_error("timing"))?,
+            ));
         }
         times.sort_by(f64::total_cmp);
         let time_ms = times[times.len() / 2];
         let out: Vec<u16> = stream
             .clone_dtoh(&out_dev)
-            .map_err(err("copying from the GPU"))?;
+            .map_err(cuda_error("copying from the GPU"))?;
         let out = &out[..b * h * t * d];
 
         let tiles_total = t.div_ceil(kernel.block_q) * t.div_ceil(kernel.block_k);
@@ -495,7 +501,7 @@ fn count_visible(
     let rows: Vec<u64> = built.rows.iter().copied().collect();
     let tiles: Vec<u64> = built.tiles.iter().copied().collect();
     let n_qt = seq.div_ceil(kernel.block_q);
-    let per_head = kernel.mask.contains('h');
+    let per_head = mask.vars().contains(&Var::H);
     let heads = if per_head { kernel.heads } else { 1 };
     let mut total = 0u64;
     for b in 0..batch {

@@ -29,6 +29,17 @@ fn zebra(args: &[&str]) -> Output {
     }
 }
 
+/// Runs `zebra-run` in this process: its standard output, or its error.
+fn zebra_run(args: &[&str]) -> Result<String, String> {
+    use clap::Parser;
+    let cli =
+        zebra_run::Cli::try_parse_from(std::iter::once("zebra-run").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    zebra_run::run(cli, &mut out).map_err(|e| format!("{e:#}"))?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
 fn path(dir: &Path, name: &str) -> String {
     dir.join(name).to_string_lossy().into_owned()
 }
@@ -929,7 +940,6 @@ fn bad_training_and_generation_inputs_are_refused() {
 /// generation and training steps, with the results of the compiler's own commands.
 #[test]
 fn the_runtime_only_binary_runs_compiled_artifacts() {
-    use clap::Parser;
     let dir = temp();
     let data = corpus(dir.path());
     let run = path(dir.path(), "run");
@@ -953,15 +963,7 @@ fn the_runtime_only_binary_runs_compiled_artifacts() {
         assert!(out.ok, "{}", out.stderr);
         out_dir
     };
-    let run_tool = |args: &[&str]| -> Result<String, String> {
-        let cli = zebra_run::Cli::try_parse_from(
-            std::iter::once("zebra-run").chain(args.iter().copied()),
-        )
-        .map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
-        zebra_run::run(cli, &mut out).map_err(|e| format!("{e:#}"))?;
-        Ok(String::from_utf8_lossy(&out).into_owned())
-    };
+    let run_tool = zebra_run;
 
     // Forward: the logits of `zebra run`.
     let forward = artifact("forward");
@@ -1152,7 +1154,6 @@ fn compile_emits_ptx_for_nvidia_targets() {
 /// `zebra-run attention` reads), and refuses what does not make sense with a reason.
 #[test]
 fn compile_for_attention_builds_tensor_core_kernels() {
-    use clap::Parser;
     let zb = example("zebra_tiny.zb");
     let out = zebra(&[
         "compile",
@@ -1209,15 +1210,7 @@ fn compile_for_attention_builds_tensor_core_kernels() {
         "{}",
         out.stdout
     );
-    let run = |args: &[&str]| -> Result<String, String> {
-        let cli = zebra_run::Cli::try_parse_from(
-            std::iter::once("zebra-run").chain(args.iter().copied()),
-        )
-        .map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
-        zebra_run::run(cli, &mut out).map_err(|e| format!("{e:#}"))?;
-        Ok(String::from_utf8_lossy(&out).into_owned())
-    };
+    let run = zebra_run;
     if !zebra_runtime::cuda::driver_present() {
         let error = run(&["attention", &artifact, "--seq-len", "100"]).unwrap_err();
         assert!(error.contains("no NVIDIA driver was found"), "{error}");

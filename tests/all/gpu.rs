@@ -67,10 +67,7 @@ fn every_program_compiles_to_ptx_for_sm80_and_sm90() {
 #[test]
 fn training_and_generation_plans_compile_to_ptx() {
     let out = tempfile::tempdir().unwrap();
-    let (_, checked) = check_ok(&root().join("examples/zebra_tiny.zb"));
-    let graph = optimize(&lower(&checked.program.models[0]), &Options::default())
-        .unwrap()
-        .graph;
+    let graph = tiny_graph();
     let train = zebra_passes::autodiff::training_graph(&graph).unwrap();
     let train = optimize(&train, &Options::default()).unwrap().graph;
     for (name, graph, mode) in [
@@ -188,6 +185,14 @@ fn zebra_tiny_on_the_gpu_matches_the_cpu() {
     crate::common::assert_close(&a, &b, 1e-4, "zebra_tiny on the GPU");
 }
 
+/// zebra_tiny, optimized.
+fn tiny_graph() -> zebra_ir::Graph {
+    let (_, checked) = check_ok(&root().join("examples/zebra_tiny.zb"));
+    optimize(&lower(&checked.program.models[0]), &Options::default())
+        .unwrap()
+        .graph
+}
+
 /// Every attention of every example compiles to tensor-core kernels for sm_80 and sm_90:
 /// one entry per distinct attention taking (buffers, dims), built on `mma.sync`, `ldmatrix`
 /// and `cp.async`, within the target's shared memory, with no local memory of LLVM's own,
@@ -262,10 +267,7 @@ fn every_attention_compiles_to_tensor_core_ptx() {
 #[test]
 fn ptx_of_the_zebra_attention_kernels() {
     use zebra_codegen::kernels::attention_mma::{Half, MmaSettings};
-    let (_, checked) = check_ok(&root().join("examples/zebra_tiny.zb"));
-    let graph = optimize(&lower(&checked.program.models[0]), &Options::default())
-        .unwrap()
-        .graph;
+    let graph = tiny_graph();
     let ptx = zebra_codegen::artifact::emit_gpu_attention(
         &graph,
         GpuTarget { sm: 90 },
@@ -291,10 +293,7 @@ fn attention_artifacts_round_trip_and_broken_ones_are_refused() {
     use zebra_codegen::kernels::attention_mma::{Half, MmaSettings};
     use zebra_runtime::artifact::AttentionArtifact;
     let out = tempfile::tempdir().unwrap();
-    let (_, checked) = check_ok(&root().join("examples/zebra_tiny.zb"));
-    let graph = optimize(&lower(&checked.program.models[0]), &Options::default())
-        .unwrap()
-        .graph;
+    let graph = tiny_graph();
     let dir = out.path().join("attention");
     let n = zebra_codegen::artifact::build_gpu_attention(
         &graph,
@@ -390,10 +389,7 @@ fn tensor_core_attention_runs_or_says_why_not() {
     use zebra_codegen::kernels::attention_mma::{Half, MmaSettings};
     use zebra_runtime::cuda_attention::{AttentionOptions, run_attention};
     let out = tempfile::tempdir().unwrap();
-    let (_, checked) = check_ok(&root().join("examples/zebra_tiny.zb"));
-    let graph = optimize(&lower(&checked.program.models[0]), &Options::default())
-        .unwrap()
-        .graph;
+    let graph = tiny_graph();
     zebra_codegen::artifact::build_gpu_attention(
         &graph,
         out.path(),

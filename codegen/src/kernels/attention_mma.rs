@@ -285,9 +285,7 @@ fn wait_copies(b: &mut Builder) {
 }
 
 /// The generator's view of one kernel being built.
-struct Ctx<'a> {
-    kernel: &'a AttentionKernel,
-    half: Half,
+struct Ctx {
     tiles: MmaTiles,
     tid: Val,
     lane: Val,
@@ -295,7 +293,7 @@ struct Ctx<'a> {
     smem: Val,
 }
 
-impl Ctx<'_> {
+impl Ctx {
     /// Copies tile `index` of `rows` rows of `src` (`base`: the head's first element) into
     /// shared memory at byte offset `offset`, zero-filling rows past the end. Not committed.
     fn load_rows(
@@ -459,8 +457,6 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
         })
         .collect();
     let ctx = Ctx {
-        kernel,
-        half,
         tiles,
         tid: tid.clone(),
         lane: lane.clone(),
@@ -845,7 +841,6 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
             });
         }
     }
-    let _ = (ctx.kernel, ctx.half);
     finish(b, name)
 }
 
