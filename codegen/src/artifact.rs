@@ -251,7 +251,13 @@ pub fn emit_gpu_attention(
         let functions: Vec<String> = kernels
             .iter()
             .map(|(symbol, kernel, tiles)| {
-                crate::kernels::attention_mma::attention_mma(symbol, kernel, half, *tiles)
+                crate::kernels::attention_mma::attention_mma(
+                    symbol,
+                    kernel,
+                    half,
+                    *tiles,
+                    crate::kernels::warp::Lowering::Ptx,
+                )
             })
             .collect();
         let text = crate::mlir::module(&functions);
@@ -297,6 +303,29 @@ fn named_mma_attentions(
         .collect())
 }
 
+/// The description of a tensor-core attention kernel that the runtime launches and checks.
+pub fn attention_entry(
+    symbol: &str,
+    kernel: &zebra_ir::op::AttentionKernel,
+    tiles: crate::kernels::attention_mma::MmaTiles,
+) -> zebra_runtime::artifact::AttentionEntry {
+    zebra_runtime::artifact::AttentionEntry {
+        name: kernel.name.clone(),
+        entry: format!("{symbol}_mma"),
+        heads: kernel.heads as usize,
+        kv_heads: kernel.kv_heads as usize,
+        head_dim: tiles.head_dim,
+        block_q: tiles.block_q,
+        block_k: tiles.block_k,
+        threads: crate::kernels::attention_mma::THREADS,
+        shared_bytes: tiles.shared_bytes(),
+        scale: kernel.scale,
+        mask: kernel.mask.to_string(),
+        score: kernel.score.as_ref().map(|s| s.to_string()),
+        sides: kernel.sides.clone(),
+    }
+}
+
 /// Compiles the tensor-core attention kernels of a graph into an artifact directory:
 /// `attention.json` and `kernels.ptx`. Returns the number of kernels.
 pub fn build_gpu_attention(
@@ -317,23 +346,7 @@ pub fn build_gpu_attention(
         library_hash: format!("{:016x}", fnv1a(ptx.as_bytes())),
         kernels: kernels
             .iter()
-            .map(
-                |(symbol, kernel, tiles)| zebra_runtime::artifact::AttentionEntry {
-                    name: kernel.name.clone(),
-                    entry: format!("{symbol}_mma"),
-                    heads: kernel.heads as usize,
-                    kv_heads: kernel.kv_heads as usize,
-                    head_dim: tiles.head_dim,
-                    block_q: tiles.block_q,
-                    block_k: tiles.block_k,
-                    threads: crate::kernels::attention_mma::THREADS,
-                    shared_bytes: tiles.shared_bytes(),
-                    scale: kernel.scale,
-                    mask: kernel.mask.to_string(),
-                    score: kernel.score.as_ref().map(|s| s.to_string()),
-                    sides: kernel.sides.clone(),
-                },
-            )
+            .map(|(symbol, kernel, tiles)| attention_entry(symbol, kernel, *tiles))
             .collect(),
     };
     write(&out_dir.join("kernels.ptx"), ptx.as_bytes())?;

@@ -112,6 +112,25 @@ impl Mlir {
 
     /// Verifies a module, lowers it to the LLVM dialect and translates it to LLVM IR.
     pub fn to_llvm_ir(&self, text: &str) -> Result<String, CodegenError> {
+        let module = self.lower(text)?;
+        // SAFETY: the module is a verified LLVM-dialect module; the returned string is
+        // malloc'ed by MLIR and freed below.
+        unsafe {
+            let raw = mlir_sys::mlirTranslateModuleToLLVMIRToString(module.as_operation().to_raw());
+            if raw.is_null() {
+                return Err(CodegenError::Mlir(format!(
+                    "translation to LLVM IR failed: {}",
+                    self.take_diagnostics()
+                )));
+            }
+            let text = std::ffi::CStr::from_ptr(raw).to_string_lossy().into_owned();
+            free(raw.cast());
+            Ok(text)
+        }
+    }
+
+    /// Parses and verifies a module and lowers it to the LLVM dialect.
+    pub fn lower(&self, text: &str) -> Result<Module<'_>, CodegenError> {
         let mut module = Module::parse(&self.context, text).ok_or_else(|| {
             CodegenError::Mlir(format!(
                 "the kernel module does not parse: {}",
@@ -133,20 +152,7 @@ impl Mlir {
                 self.take_diagnostics()
             ))
         })?;
-        // SAFETY: the module is a verified LLVM-dialect module; the returned string is
-        // malloc'ed by MLIR and freed below.
-        unsafe {
-            let raw = mlir_sys::mlirTranslateModuleToLLVMIRToString(module.as_operation().to_raw());
-            if raw.is_null() {
-                return Err(CodegenError::Mlir(format!(
-                    "translation to LLVM IR failed: {}",
-                    self.take_diagnostics()
-                )));
-            }
-            let text = std::ffi::CStr::from_ptr(raw).to_string_lossy().into_owned();
-            free(raw.cast());
-            Ok(text)
-        }
+        Ok(module)
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod artifact;
 pub mod backend;
+pub mod emulate;
 pub mod kernels;
 pub mod mlir;
 pub mod plan;

@@ -22,6 +22,7 @@ use inkwell::targets::{
 
 use crate::CodegenError;
 use crate::kernels::attention_mma::{Half, MAX_HEAD_DIM, MmaTiles, attention_mma, entry_ir};
+use crate::kernels::warp::Lowering;
 use crate::plan::Planned;
 
 /// The f32 vector width GPU kernels are generated for (the widest load a thread issues).
@@ -317,7 +318,7 @@ pub fn mma_llvm_ir(
 ) -> Result<String, CodegenError> {
     let functions: Vec<String> = kernels
         .iter()
-        .map(|(symbol, kernel, tiles)| attention_mma(symbol, kernel, half, *tiles))
+        .map(|(symbol, kernel, tiles)| attention_mma(symbol, kernel, half, *tiles, Lowering::Ptx))
         .collect();
     let text = crate::mlir::module(&functions);
     let ir = mlir.to_llvm_ir(&text)?;

@@ -3,6 +3,7 @@
 //! on a thread pool.
 
 pub mod artifact;
+pub mod attention_check;
 pub mod buffer;
 pub mod checkpoint;
 pub mod cpu;

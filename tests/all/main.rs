@@ -5,6 +5,7 @@ mod cli;
 mod codegen;
 mod common;
 mod diagnostics;
+mod emulated;
 mod generate;
 mod golden;
 mod gpu;

@@ -24,6 +24,7 @@
 
 use zebra_ir::op::AttentionKernel;
 
+use super::warp::Lowering;
 use crate::mlir::{Builder, F32, I64, Val, f32_literal};
 use crate::vexpr::{self, VecEnv};
 
@@ -154,44 +155,6 @@ impl MmaTiles {
     }
 }
 
-/// Emits inline PTX: `results` are the types of the outputs (none, one, or several, read
-/// back from a struct).
-fn asm(
-    b: &mut Builder,
-    text: &str,
-    constraints: &str,
-    args: &[(&Val, &str)],
-    results: &[&str],
-    side_effects: bool,
-) -> Vec<Val> {
-    let names: Vec<String> = args.iter().map(|(v, _)| v.0.clone()).collect();
-    let types: Vec<&str> = args.iter().map(|(_, t)| *t).collect();
-    let effects = if side_effects {
-        "has_side_effects "
-    } else {
-        ""
-    };
-    let head = format!(
-        "llvm.inline_asm {effects}asm_dialect = att \"{text}\", \"{constraints}\" {} : ({})",
-        names.join(", "),
-        types.join(", ")
-    );
-    match results {
-        [] => {
-            b.line(format!("{head} -> ()"));
-            Vec::new()
-        }
-        [one] => vec![b.op(format!("{head} -> {one}"))],
-        many => {
-            let st = format!("!llvm.struct<({})>", many.join(", "));
-            let s = b.op(format!("{head} -> {st}"));
-            (0..many.len())
-                .map(|i| b.op(format!("llvm.extractvalue {s}[{i}] : {st}")))
-                .collect()
-        }
-    }
-}
-
 fn const_i32(b: &mut Builder, v: i64) -> Val {
     b.op(format!("arith.constant {v} : i32"))
 }
@@ -200,92 +163,9 @@ fn trunc32(b: &mut Builder, v: &Val) -> Val {
     b.op(format!("arith.trunci {v} : i64 to i32"))
 }
 
-/// `d = a * b + c` on one m16n8k16 tile: A in four registers, B in two, C and D in four f32.
-fn mma(b: &mut Builder, half: Half, a: &[Val], bf: [&Val; 2], c: &[Val]) -> Vec<Val> {
-    let t = half.name();
-    let text = format!(
-        "mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32 {{$0,$1,$2,$3}}, {{$4,$5,$6,$7}}, {{$8,$9}}, {{$10,$11,$12,$13}};"
-    );
-    let args: Vec<(&Val, &str)> = a
-        .iter()
-        .map(|v| (v, "i32"))
-        .chain(bf.iter().map(|v| (*v, "i32")))
-        .chain(c.iter().map(|v| (v, F32)))
-        .collect();
-    asm(
-        b,
-        &text,
-        "=f,=f,=f,=f,r,r,r,r,r,r,0,1,2,3",
-        &args,
-        &[F32, F32, F32, F32],
-        false,
-    )
-}
-
-/// Four 8x8 matrices of 16-bit values from shared memory (each thread gives one row's
-/// address), transposed or not.
-fn ldmatrix4(b: &mut Builder, address: &Val, trans: bool) -> Vec<Val> {
-    let trans = if trans { ".trans" } else { "" };
-    asm(
-        b,
-        &format!("ldmatrix.sync.aligned.m8n8.x4{trans}.shared.b16 {{$0,$1,$2,$3}}, [$4];"),
-        "=r,=r,=r,=r,r",
-        &[(address, "i32")],
-        &["i32", "i32", "i32", "i32"],
-        true,
-    )
-}
-
-/// Two 8x8 matrices (threads 0..16 give the rows).
-fn ldmatrix2(b: &mut Builder, address: &Val) -> Vec<Val> {
-    asm(
-        b,
-        "ldmatrix.sync.aligned.m8n8.x2.shared.b16 {$0,$1}, [$2];",
-        "=r,=r,r",
-        &[(address, "i32")],
-        &["i32", "i32"],
-        true,
-    )
-}
-
-/// Two f32 values rounded to a pair of 16-bit values (`lo` in the low half).
-fn pack(b: &mut Builder, half: Half, lo: &Val, hi: &Val) -> Val {
-    let text = format!("cvt.rn.{}x2.f32 $0, $2, $1;", half.name());
-    asm(b, &text, "=r,f,f", &[(lo, F32), (hi, F32)], &["i32"], false).remove(0)
-}
-
-fn exp2(b: &mut Builder, x: &Val) -> Val {
-    asm(
-        b,
-        "ex2.approx.ftz.f32 $0, $1;",
-        "=f,f",
-        &[(x, F32)],
-        &[F32],
-        false,
-    )
-    .remove(0)
-}
-
-/// The value of `x` in the thread whose lane differs from this one's in bit `mask`.
-fn shuffle_xor(b: &mut Builder, x: &Val, mask: u32) -> Val {
-    let text = format!("shfl.sync.bfly.b32 $0, $1, {mask}, 31, 0xffffffff;");
-    asm(b, &text, "=f,f", &[(x, F32)], &[F32], true).remove(0)
-}
-
-fn barrier(b: &mut Builder) {
-    asm(b, "bar.sync 0;", "", &[], &[], true);
-}
-
-fn commit(b: &mut Builder) {
-    asm(b, "cp.async.commit_group;", "", &[], &[], true);
-}
-
-fn wait_copies(b: &mut Builder) {
-    asm(b, "cp.async.wait_group 0;", "", &[], &[], true);
-}
-
 /// The generator's view of one kernel being built.
 struct Ctx {
+    isa: Lowering,
     tiles: MmaTiles,
     tid: Val,
     lane: Val,
@@ -339,14 +219,7 @@ impl Ctx {
                 let full = const_i32(b, 16);
                 let none = const_i32(b, 0);
                 let size = b.select(&inside, &full, &none, "i32");
-                asm(
-                    b,
-                    "cp.async.cg.shared.global [$0], [$1], 16, $2;",
-                    "r,l,r",
-                    &[(&to, "i32"), (&from, "!llvm.ptr"), (&size, "i32")],
-                    &[],
-                    true,
-                );
+                self.isa.cp_async(b, &to, &from, &size);
             };
             if (i + 1) * THREADS <= chunks {
                 emit(b);
@@ -386,7 +259,13 @@ impl Ctx {
 /// The MLIR function of a tensor-core attention kernel: `@name(buffers, dims, query tile,
 /// batch row * heads + head, thread, shared memory)`; the PTX entry that calls it is
 /// [`entry_ir`]'s.
-pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: MmaTiles) -> String {
+pub fn attention_mma(
+    name: &str,
+    kernel: &AttentionKernel,
+    half: Half,
+    tiles: MmaTiles,
+    isa: Lowering,
+) -> String {
     let mut b = Builder::new();
     let b = &mut b;
     let d = tiles.head_dim;
@@ -457,6 +336,7 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
         })
         .collect();
     let ctx = Ctx {
+        isa,
         tiles,
         tid: tid.clone(),
         lane: lane.clone(),
@@ -494,7 +374,7 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
         if stages == 2 {
             ctx.load_tile(b, &v, &kv_base, &kt, &stage0_v);
         }
-        commit(b);
+        isa.commit(b);
     });
 
     let zero = b.f32(0.0);
@@ -531,8 +411,8 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
         let k_end = b.addi(&k0, &cbk);
         let tail = b.cmpi("sgt", &k_end, &t, I64);
         let needs_mask = b.bin("ori", &partial, &tail, "i1");
-        wait_copies(b);
-        barrier(b);
+        isa.wait_copies(b);
+        isa.barrier(b);
         let following = b.addi(i, &c1);
         let more = b.cmpi("slt", &following, &end, I64);
         // This tile's stage, and the copies of the next.
@@ -551,12 +431,12 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
                 let next_v = b.addi(&stage0_v, &other);
                 ctx.load_tile(b, &k, &kv_base, &kt, &next_k);
                 ctx.load_tile(b, &v, &kv_base, &kt, &next_v);
-                commit(b);
+                isa.commit(b);
             });
             (k_at, v_at)
         } else {
             ctx.load_tile(b, &v, &kv_base, &kt, &stage0_v);
-            commit(b);
+            isa.commit(b);
             (stage0_k.clone(), stage0_v.clone())
         };
 
@@ -577,7 +457,7 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
                             let col = b.i64((step * 16) as i64);
                             let col = b.addi(&col, &frag_col);
                             let at = ctx.shared_at(b, &r, &col, &c0);
-                            ldmatrix4(b, &at, false)
+                            isa.ldmatrix(b, &at, 4, false)
                         })
                         .collect()
                 })
@@ -592,19 +472,19 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
                     let off = b.i64((kk * 16) as i64);
                     let col = b.addi(&col, &off);
                     let at = ctx.shared_at(b, &key, &col, &k_at);
-                    ldmatrix4(b, &at, false)
+                    isa.ldmatrix(b, &at, 4, false)
                 } else {
                     let m2 = b.remi(&lmat, &c2);
                     let col = b.muli(&m2, &c8);
                     let off = b.i64((kk * 16) as i64);
                     let col = b.addi(&col, &off);
                     let at = ctx.shared_at(b, &key, &col, &k_at);
-                    ldmatrix2(b, &at)
+                    isa.ldmatrix(b, &at, 2, false)
                 };
                 for m in 0..mb {
                     for step in 0..steps {
                         let bf = [&kf[2 * step], &kf[2 * step + 1]];
-                        s[m][n] = mma(b, half, &a[m][step], bf, &s[m][n]);
+                        s[m][n] = isa.mma(b, half, &a[m][step], bf, &s[m][n]);
                     }
                 }
             }
@@ -724,7 +604,7 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
                     }
                 }
                 for bit in [1, 2] {
-                    let other = shuffle_xor(b, &mx, bit);
+                    let other = isa.shuffle_xor(b, &mx, bit);
                     mx = b.op(format!("arith.maximumf {mx}, {other} : f32"));
                 }
                 if deferred_scale {
@@ -735,7 +615,7 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
                 let m_safe = b.select(&empty, &zero, &m_new, F32);
                 let neg_m = b.op(format!("arith.negf {m_safe} : f32"));
                 let diff = b.bin("subf", m_old, &m_safe, F32);
-                let alpha = exp2(b, &diff);
+                let alpha = isa.exp2(b, &diff);
                 let mut sum = b.bin("mulf", l_old, &alpha, F32);
                 for n in 0..bk / 8 {
                     for lane in 0..2 {
@@ -745,7 +625,7 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
                         } else {
                             b.bin("subf", &masked[at], &m_safe, F32)
                         };
-                        let e = exp2(b, &x);
+                        let e = isa.exp2(b, &x);
                         sum = b.bin("addf", &sum, &e, F32);
                         p[at] = e;
                     }
@@ -768,7 +648,7 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
                     .map(|j| {
                         [(2 * j, 0), (2 * j, 1), (2 * j + 1, 0), (2 * j + 1, 1)]
                             .into_iter()
-                            .map(|(n, r)| pack(b, half, &p[sf(m, n, r, 0)], &p[sf(m, n, r, 1)]))
+                            .map(|(n, r)| isa.pack(b, half, &p[sf(m, n, r, 0)], &p[sf(m, n, r, 1)]))
                             .collect()
                     })
                     .collect()
@@ -776,13 +656,13 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
             .collect();
 
         if stages == 1 {
-            wait_copies(b);
-            barrier(b);
+            isa.wait_copies(b);
+            isa.barrier(b);
             b.if_then(&more, |b| {
                 let entry = b.load(&sched_tiles, &following, I64, I64);
                 let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
                 ctx.load_tile(b, &k, &kv_base, &kt, &stage0_k);
-                commit(b);
+                isa.commit(b);
             });
         }
 
@@ -795,12 +675,12 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
                 let col = b.i64((np * 16) as i64);
                 let col = b.addi(&col, &frag_col);
                 let at = ctx.shared_at(b, &key, &col, &v_at);
-                let r = ldmatrix4(b, &at, true);
+                let r = isa.ldmatrix(b, &at, 4, true);
                 for (m, a) in p_frags.iter().enumerate() {
                     for (half_tile, bf) in [[&r[0], &r[1]], [&r[2], &r[3]]].into_iter().enumerate()
                     {
                         let at = m * n_o + (2 * np + half_tile) * 4;
-                        let acc = mma(b, half, &a[j], bf, &o[at..at + 4]);
+                        let acc = isa.mma(b, half, &a[j], bf, &o[at..at + 4]);
                         o.splice(at..at + 4, acc);
                     }
                 }
@@ -819,7 +699,7 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
         for (r, row) in rows_m.iter().enumerate() {
             let mut l = state[n_rows + 2 * m + r].clone();
             for bit in [1, 2] {
-                let other = shuffle_xor(b, &l, bit);
+                let other = isa.shuffle_xor(b, &l, bit);
                 l = b.bin("addf", &l, &other, F32);
             }
             let seen = b.cmpf("ogt", &l, &zero, F32);
@@ -833,7 +713,7 @@ pub fn attention_mma(name: &str, kernel: &AttentionKernel, half: Half, tiles: Mm
                 for n in 0..d / 8 {
                     let x0 = b.bin("mulf", &o[m * n_o + n * 4 + 2 * r], &inverse, F32);
                     let x1 = b.bin("mulf", &o[m * n_o + n * 4 + 2 * r + 1], &inverse, F32);
-                    let packed = pack(b, half, &x0, &x1);
+                    let packed = isa.pack(b, half, &x0, &x1);
                     let off = b.i64((n * 8) as i64);
                     let at = b.addi(&at, &off);
                     b.store(&packed, &out, &at, "i16", "i32");

@@ -11,6 +11,7 @@ pub mod gemm;
 pub mod generic;
 pub mod loss;
 pub mod matmul;
+pub mod warp;
 
 use zebra_ir::op::{AttentionKernel, Op};
 use zebra_ir::types::TensorType;

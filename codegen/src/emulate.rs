@@ -1,0 +1,550 @@
+//! A warp emulator: runs the tensor-core kernels on the CPU, so that they are tested on
+//! every machine, GPU or not.
+//!
+//! The kernel is generated exactly as for the GPU, with the warp-level operations lowered to
+//! calls into this module ([`Lowering::Emulated`]) instead of inline PTX, compiled for the
+//! host through MLIR's JIT, and run with one OS thread per GPU thread: a block's threads
+//! share its shared memory and its barrier, a warp's 32 threads exchange their registers
+//! through the warp's slots for `mma.sync`, `ldmatrix` and shuffles, with the semantics the
+//! PTX ISA gives them (fragment layouts of `m16n8k16`, the lane-to-row map of `ldmatrix`,
+//! `.trans`, bf16/f16 rounding to nearest even). `cp.async` copies wait in their group until
+//! `cp.async.wait_group`, as on the GPU, so a read of shared memory before its wait sees
+//! stale data here too. Misaligned or out-of-range shared-memory accesses are errors that
+//! name the operation, the thread and the address.
+//!
+//! It is slow (every warp operation is two barrier waits of 32 OS threads), made for tests
+//! at small sizes; speed is measured on a GPU.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use melior::ExecutionEngine;
+use zebra_runtime::artifact::AttentionEntry;
+use zebra_runtime::attention_check::{bf16_bits, bf16_value, f16_bits, f16_value};
+
+use crate::CodegenError;
+use crate::backend::Mlir;
+use crate::kernels::attention_mma::{Half, MmaTiles, THREADS, attention_mma};
+use crate::kernels::warp::{EMULATOR_FUNCTIONS, Lowering, emulator_declarations};
+
+/// A barrier whose waiters yield the processor instead of sleeping on a futex: with a few
+/// hundred emulated threads on a few cores, most waits end within one round of the
+/// scheduler, and waking sleepers costs more than that.
+struct YieldBarrier {
+    threads: usize,
+    arrived: AtomicUsize,
+    generation: AtomicUsize,
+}
+
+impl YieldBarrier {
+    fn new(threads: usize) -> YieldBarrier {
+        YieldBarrier {
+            threads,
+            arrived: AtomicUsize::new(0),
+            generation: AtomicUsize::new(0),
+        }
+    }
+
+    fn wait(&self) {
+        let generation = self.generation.load(Ordering::Acquire);
+        if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.threads {
+            self.arrived.store(0, Ordering::Relaxed);
+            self.generation.fetch_add(1, Ordering::Release);
+            return;
+        }
+        while self.generation.load(Ordering::Acquire) == generation {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// Words a lane contributes to a warp exchange (at most: six for `mma`).
+const SLOT_WORDS: usize = 8;
+
+/// One warp's meeting point: two sets of slots, used by turns, so that one barrier per
+/// exchange suffices (a lane can write a set again only after every lane has passed the
+/// next exchange's barrier, and so has read it).
+struct WarpState {
+    barrier: YieldBarrier,
+    slots: [Mutex<[[u32; SLOT_WORDS]; 32]>; 2],
+}
+
+/// One block's state, shared by its threads.
+struct Block {
+    shared: *mut u8,
+    shared_bytes: usize,
+    barrier: YieldBarrier,
+    warps: Vec<WarpState>,
+    error: Mutex<Option<String>>,
+}
+
+// SAFETY: the shared-memory pointer is only dereferenced inside bounds checks, by the
+// block's threads, which the kernel orders with its barriers as it does on the GPU.
+unsafe impl Sync for Block {}
+
+/// A pending `cp.async`.
+struct Copy {
+    to: u32,
+    from: *const u8,
+    size: u32,
+}
+
+/// What a thread knows of itself.
+struct Lane {
+    block: *const Block,
+    warp: usize,
+    lane: usize,
+    open: Vec<Copy>,
+    groups: VecDeque<Vec<Copy>>,
+    results: [u32; 4],
+    /// Which set of the warp's slots the next exchange uses.
+    turn: usize,
+}
+
+thread_local! {
+    static LANE: RefCell<Option<Lane>> = const { RefCell::new(None) };
+}
+
+fn with_lane<R>(f: impl FnOnce(&mut Lane, &Block) -> R) -> R {
+    LANE.with(|cell| {
+        let mut lane = cell.borrow_mut();
+        let lane = lane
+            .as_mut()
+            .expect("a warp operation outside an emulated kernel");
+        // SAFETY: the block outlives its threads (they run in a scope that borrows it).
+        let block = unsafe { &*lane.block };
+        f(lane, block)
+    })
+}
+
+impl Block {
+    fn fail(&self, message: String) {
+        let mut error = self.error.lock().unwrap_or_else(|e| e.into_inner());
+        if error.is_none() {
+            *error = Some(message);
+        }
+    }
+
+    /// The shared memory at `address`, `len` bytes, aligned to `align`, or an error.
+    fn at(
+        &self,
+        lane: &Lane,
+        what: &str,
+        address: u32,
+        len: usize,
+        align: usize,
+    ) -> Option<*mut u8> {
+        let address = address as usize;
+        if !address.is_multiple_of(align) || address + len > self.shared_bytes {
+            self.fail(format!(
+                "{what} in thread {} reads or writes shared memory at byte {address} ({len} \
+                 bytes, aligned to {align}) of a block's {} bytes",
+                lane.warp * 32 + lane.lane,
+                self.shared_bytes
+            ));
+            return None;
+        }
+        // SAFETY: in bounds, checked above.
+        Some(unsafe { self.shared.add(address) })
+    }
+}
+
+/// Every lane's `words`, exchanged among the warp's 32 threads.
+fn exchange(lane: &mut Lane, block: &Block, words: [u32; SLOT_WORDS]) -> [[u32; SLOT_WORDS]; 32] {
+    let warp = &block.warps[lane.warp];
+    let slots = &warp.slots[lane.turn];
+    lane.turn ^= 1;
+    slots.lock().unwrap_or_else(|e| e.into_inner())[lane.lane] = words;
+    warp.barrier.wait();
+    *slots.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn half_of(word: u32, high: bool) -> u16 {
+    if high {
+        (word >> 16) as u16
+    } else {
+        word as u16
+    }
+}
+
+fn mma(half: Half, a: [u32; 4], b: [u32; 2], c: [f32; 4]) {
+    let value = |h: u16| match half {
+        Half::Bf16 => bf16_value(h),
+        Half::F16 => f16_value(h),
+    };
+    with_lane(|lane, block| {
+        let all = exchange(lane, block, [a[0], a[1], a[2], a[3], b[0], b[1], 0, 0]);
+        // A is 16 x 16 (row-major), B 16 x 8 (k by n): lane l, group g = l / 4, t = l % 4,
+        // holds A[g][2t..], A[g + 8][2t..], A[g][2t + 8..], A[g + 8][2t + 8..] and
+        // B[2t..][g], B[2t + 8..][g], two consecutive elements per register.
+        let mut am = [[0f32; 16]; 16];
+        let mut bm = [[0f32; 8]; 16];
+        for (l, words) in all.iter().enumerate() {
+            let (g, t) = (l / 4, l % 4);
+            for (r, (row, col)) in [
+                (g, 2 * t),
+                (g + 8, 2 * t),
+                (g, 2 * t + 8),
+                (g + 8, 2 * t + 8),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                am[row][col] = value(half_of(words[r], false));
+                am[row][col + 1] = value(half_of(words[r], true));
+            }
+            for (r, k) in [2 * t, 2 * t + 8].into_iter().enumerate() {
+                bm[k][g] = value(half_of(words[4 + r], false));
+                bm[k + 1][g] = value(half_of(words[4 + r], true));
+            }
+        }
+        let (g, t) = (lane.lane / 4, lane.lane % 4);
+        for (i, (row, col)) in [
+            (g, 2 * t),
+            (g, 2 * t + 1),
+            (g + 8, 2 * t),
+            (g + 8, 2 * t + 1),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let dot: f32 = (0..16).map(|k| am[row][k] * bm[k][col]).sum();
+            lane.results[i] = (c[i] + dot).to_bits();
+        }
+    });
+}
+
+extern "C" fn emu_mma_bf16(
+    a0: u32,
+    a1: u32,
+    a2: u32,
+    a3: u32,
+    b0: u32,
+    b1: u32,
+    c0: f32,
+    c1: f32,
+    c2: f32,
+    c3: f32,
+) {
+    mma(Half::Bf16, [a0, a1, a2, a3], [b0, b1], [c0, c1, c2, c3]);
+}
+
+extern "C" fn emu_mma_f16(
+    a0: u32,
+    a1: u32,
+    a2: u32,
+    a3: u32,
+    b0: u32,
+    b1: u32,
+    c0: f32,
+    c1: f32,
+    c2: f32,
+    c3: f32,
+) {
+    mma(Half::F16, [a0, a1, a2, a3], [b0, b1], [c0, c1, c2, c3]);
+}
+
+extern "C" fn emu_ldmatrix(address: u32, count: u32, trans: u32) {
+    with_lane(|lane, block| {
+        let count = count as usize;
+        // Lanes 8m..8m + 8 give the rows of matrix m: eight 16-bit values, 16 bytes.
+        let mut row = [0u32; SLOT_WORDS];
+        if lane.lane < 8 * count
+            && let Some(at) = block.at(lane, "ldmatrix", address, 16, 16)
+        {
+            for (i, word) in row.iter_mut().take(4).enumerate() {
+                // SAFETY: `at` has 16 bytes in bounds.
+                *word = unsafe { at.add(4 * i).cast::<u32>().read_unaligned() };
+            }
+        }
+        let all = exchange(lane, block, row);
+        let element = |l: usize, i: usize| half_of(all[l][i / 2], i % 2 == 1);
+        let (r, c) = (lane.lane / 4, 2 * (lane.lane % 4));
+        for m in 0..count {
+            let (lo, hi) = if trans == 0 {
+                (element(8 * m + r, c), element(8 * m + r, c + 1))
+            } else {
+                (element(8 * m + c, r), element(8 * m + c + 1, r))
+            };
+            lane.results[m] = u32::from(lo) | (u32::from(hi) << 16);
+        }
+    });
+}
+
+extern "C" fn emu_result(index: u32) -> u32 {
+    with_lane(|lane, _| lane.results[index as usize & 3])
+}
+
+extern "C" fn emu_pack_bf16(lo: f32, hi: f32) -> u32 {
+    u32::from(bf16_bits(lo)) | (u32::from(bf16_bits(hi)) << 16)
+}
+
+extern "C" fn emu_pack_f16(lo: f32, hi: f32) -> u32 {
+    u32::from(f16_bits(lo)) | (u32::from(f16_bits(hi)) << 16)
+}
+
+extern "C" fn emu_exp2(x: f32) -> f32 {
+    let y = x.exp2();
+    if y.is_subnormal() { 0.0 } else { y }
+}
+
+extern "C" fn emu_shfl_xor(x: f32, mask: u32) -> f32 {
+    with_lane(|lane, block| {
+        let all = exchange(lane, block, [x.to_bits(), 0, 0, 0, 0, 0, 0, 0]);
+        f32::from_bits(all[(lane.lane ^ mask as usize) & 31][0])
+    })
+}
+
+extern "C" fn emu_barrier() {
+    with_lane(|_, block| {
+        block.barrier.wait();
+    });
+}
+
+extern "C" fn emu_cp_async(to: u32, from: *const u8, size: u32) {
+    with_lane(|lane, _| lane.open.push(Copy { to, from, size }));
+}
+
+extern "C" fn emu_commit() {
+    with_lane(|lane, _| {
+        let group = std::mem::take(&mut lane.open);
+        lane.groups.push_back(group);
+    });
+}
+
+extern "C" fn emu_wait(pending: u32) {
+    with_lane(|lane, block| {
+        while lane.groups.len() > pending as usize {
+            for copy in lane.groups.pop_front().unwrap_or_default() {
+                let Some(at) = block.at(lane, "cp.async", copy.to, 16, 16) else {
+                    continue;
+                };
+                let size = (copy.size as usize).min(16);
+                // SAFETY: `at` has 16 bytes in bounds; the source is a buffer of the launch,
+                // padded past its end, as on the GPU.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(copy.from, at, size);
+                    std::ptr::write_bytes(at.add(size), 0, 16 - size);
+                }
+            }
+        }
+    });
+}
+
+/// The emulator's functions by the names the kernels call.
+fn functions() -> [(&'static str, *mut ()); 12] {
+    [
+        ("zebra_emu_mma_bf16", emu_mma_bf16 as *mut ()),
+        ("zebra_emu_mma_f16", emu_mma_f16 as *mut ()),
+        ("zebra_emu_ldmatrix", emu_ldmatrix as *mut ()),
+        ("zebra_emu_result", emu_result as *mut ()),
+        ("zebra_emu_pack_bf16", emu_pack_bf16 as *mut ()),
+        ("zebra_emu_pack_f16", emu_pack_f16 as *mut ()),
+        ("zebra_emu_exp2", emu_exp2 as *mut ()),
+        ("zebra_emu_shfl_xor", emu_shfl_xor as *mut ()),
+        ("zebra_emu_barrier", emu_barrier as *mut ()),
+        ("zebra_emu_cp_async", emu_cp_async as *mut ()),
+        ("zebra_emu_commit", emu_commit as *mut ()),
+        ("zebra_emu_wait", emu_wait as *mut ()),
+    ]
+}
+
+/// The body of a block: `(buffers, dims, block x, block y, thread)`.
+type BlockFn = unsafe extern "C" fn(*const u64, *const i64, i64, i64, i64);
+
+/// A tensor-core kernel compiled for the emulator.
+pub struct EmulatedKernel {
+    _engine: ExecutionEngine,
+    function: BlockFn,
+    threads: usize,
+    shared_bytes: usize,
+}
+
+impl EmulatedKernel {
+    /// Compiles the MLIR function `name(buffers, dims, x, y, thread, shared)` of `text` (a
+    /// kernel generated with [`Lowering::Emulated`]).
+    fn compile(
+        function: &str,
+        name: &str,
+        threads: usize,
+        shared_bytes: usize,
+    ) -> Result<EmulatedKernel, CodegenError> {
+        let wrapper = format!(
+            "  func.func @{name}_emulated(%bufs: !llvm.ptr, %dims: !llvm.ptr, %x: i64, %y: i64, %tid: i64) {{
+    %shared = llvm.mlir.zero : !llvm.ptr<3>
+    func.call @{name}(%bufs, %dims, %x, %y, %tid, %shared) : (!llvm.ptr, !llvm.ptr, i64, i64, i64, !llvm.ptr<3>) -> ()
+    return
+  }}
+"
+        );
+        let text = format!(
+            "module {{\n{}{function}{wrapper}}}\n",
+            emulator_declarations()
+        );
+        let mlir = Mlir::new();
+        let module = mlir.lower(&text)?;
+        let engine = ExecutionEngine::new(&module, 2, &[], false, false);
+        for (symbol, address) in functions() {
+            debug_assert!(EMULATOR_FUNCTIONS.iter().any(|(n, _, _)| *n == symbol));
+            // SAFETY: each address is an `extern "C"` function with the argument and result
+            // types the kernels declare for `symbol`.
+            unsafe { engine.register_symbol(symbol, address) };
+        }
+        let address = engine.lookup(&format!("{name}_emulated"));
+        if address.is_null() {
+            return Err(CodegenError::Mlir(format!(
+                "the emulated kernel `{name}` did not compile"
+            )));
+        }
+        // SAFETY: the wrapper above has exactly this signature.
+        let function: BlockFn = unsafe { std::mem::transmute::<*mut (), BlockFn>(address) };
+        Ok(EmulatedKernel {
+            _engine: engine,
+            function,
+            threads,
+            shared_bytes,
+        })
+    }
+
+    /// Runs the blocks `(x, y)` of `grid` one after the other, each with its threads on OS
+    /// threads; `buffers` are host addresses, padded past their ends as for the GPU.
+    pub fn launch(
+        &self,
+        grid: (usize, usize),
+        buffers: &[u64],
+        dims: &[i64],
+    ) -> Result<(), CodegenError> {
+        let warps = self.threads.div_ceil(32);
+        for y in 0..grid.1 {
+            for x in 0..grid.0 {
+                let mut shared = vec![0u8; self.shared_bytes.max(16)];
+                let block = Block {
+                    shared: shared.as_mut_ptr(),
+                    shared_bytes: self.shared_bytes,
+                    barrier: YieldBarrier::new(self.threads),
+                    warps: (0..warps)
+                        .map(|_| WarpState {
+                            barrier: YieldBarrier::new(32),
+                            slots: [
+                                Mutex::new([[0; SLOT_WORDS]; 32]),
+                                Mutex::new([[0; SLOT_WORDS]; 32]),
+                            ],
+                        })
+                        .collect(),
+                    error: Mutex::new(None),
+                };
+                let block_ref = &block;
+                let function = self.function;
+                let (buffers, dims) = (buffers.as_ptr() as usize, dims.as_ptr() as usize);
+                std::thread::scope(|scope| {
+                    for tid in 0..self.threads {
+                        scope.spawn(move || {
+                            LANE.with(|cell| {
+                                *cell.borrow_mut() = Some(Lane {
+                                    block: block_ref,
+                                    warp: tid / 32,
+                                    lane: tid % 32,
+                                    open: Vec::new(),
+                                    groups: VecDeque::new(),
+                                    results: [0; 4],
+                                    turn: 0,
+                                });
+                            });
+                            // SAFETY: the kernel reads the buffers and dims of the launch,
+                            // which outlive the scope.
+                            unsafe {
+                                function(
+                                    buffers as *const u64,
+                                    dims as *const i64,
+                                    x as i64,
+                                    y as i64,
+                                    tid as i64,
+                                );
+                            }
+                            LANE.with(|cell| cell.borrow_mut().take());
+                        });
+                    }
+                });
+                drop(shared);
+                if let Some(error) = block.error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+                    return Err(CodegenError::Io(format!(
+                        "emulated block ({x}, {y}): {error}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A tensor-core attention kernel compiled for the emulator, with the description the
+/// runtime's checks take.
+pub struct EmulatedAttention {
+    pub kernel: EmulatedKernel,
+    pub entry: AttentionEntry,
+}
+
+impl EmulatedAttention {
+    pub fn compile(
+        name: &str,
+        attention: &zebra_ir::op::AttentionKernel,
+        half: Half,
+        tiles: MmaTiles,
+    ) -> Result<EmulatedAttention, CodegenError> {
+        let function = attention_mma(name, attention, half, tiles, Lowering::Emulated);
+        let kernel = EmulatedKernel::compile(&function, name, THREADS, tiles.shared_bytes())?;
+        let entry = crate::artifact::attention_entry(name, attention, tiles);
+        Ok(EmulatedAttention { kernel, entry })
+    }
+
+    /// Runs the kernel on 16-bit `q`, `k`, `v` (`[B, H or KV, T, D]`) into `out`, with the
+    /// schedule's and side inputs' word buffers and the dims of
+    /// [`zebra_runtime::attention_check::AttentionCase`]. Query tile `x` of the grid is
+    /// the tile the GPU's block `tiles - 1 - x` takes; the order does not matter here.
+    pub fn run(
+        &self,
+        [q, k, v]: [&[u16]; 3],
+        out: &mut [u16],
+        words: &[Vec<u64>],
+        dims: [i64; 3],
+    ) -> Result<(), CodegenError> {
+        let (b, t) = (dims[0] as usize, dims[1] as usize);
+        let e = &self.entry;
+        let expect = |what: &str, len: usize, heads: usize| {
+            let want = b * heads * t * e.head_dim;
+            if len == want {
+                Ok(())
+            } else {
+                Err(CodegenError::Io(format!(
+                    "emulated attention: `{what}` has {len} elements, not {want}"
+                )))
+            }
+        };
+        expect("q", q.len(), e.heads)?;
+        expect("k", k.len(), e.kv_heads)?;
+        expect("v", v.len(), e.kv_heads)?;
+        expect("out", out.len(), e.heads)?;
+        // The kernel reads whole 16-byte rows clamped to the sequence, and may read a little
+        // past the last one: pad as the GPU path does.
+        let padded = |x: &[u16]| -> Vec<u16> {
+            let mut p = x.to_vec();
+            p.resize(x.len() + 64, 0);
+            p
+        };
+        let (q, k, v) = (padded(q), padded(k), padded(v));
+        let mut o = vec![0u16; out.len() + 64];
+        let mut buffers: Vec<u64> = vec![
+            q.as_ptr() as u64,
+            k.as_ptr() as u64,
+            v.as_ptr() as u64,
+            o.as_mut_ptr() as u64,
+        ];
+        buffers.extend(words.iter().map(|w| w.as_ptr() as u64));
+        self.kernel
+            .launch((t.div_ceil(e.block_q), b * e.heads), &buffers, &dims)?;
+        out.copy_from_slice(&o[..out.len()]);
+        Ok(())
+    }
+}
