@@ -117,7 +117,7 @@ pub fn check(path: &Path) -> Result<()> {
 
 pub struct CompileArgs<'a> {
     pub purpose: crate::Purpose,
-    pub dtype: crate::Dtype,
+    pub dtype: Option<crate::Dtype>,
     pub mma: zebra_codegen::kernels::attention_mma::MmaSettings,
     pub file: &'a Path,
     pub emit: Emit,
@@ -269,14 +269,29 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
              with --for attention"
         );
     }
-    let half = match args.dtype {
-        crate::Dtype::Bf16 => zebra_codegen::kernels::attention_mma::Half::Bf16,
-        crate::Dtype::F16 => zebra_codegen::kernels::attention_mma::Half::F16,
-    };
     let gpu = match args.target {
         Target::Cpu => None,
         Target::Sm80 => zebra_codegen::ptx::GpuTarget::from_name("sm_80"),
         Target::Sm90 => zebra_codegen::ptx::GpuTarget::from_name("sm_90"),
+    };
+    use zebra_codegen::kernels::attention_mma::Half;
+    let sixteen = |dtype: crate::Dtype| match dtype {
+        crate::Dtype::F32 => None,
+        crate::Dtype::Bf16 => Some(Half::Bf16),
+        crate::Dtype::F16 => Some(Half::F16),
+    };
+    // The attention kernels' 16-bit type, and the model kernels' tensor-core type (none: f32).
+    let (half, tensor_cores) = match (args.dtype, attention_only) {
+        (Some(crate::Dtype::F32), true) => bail!(
+            "--for attention builds tensor-core kernels, whose inputs are bf16 or f16, not f32"
+        ),
+        (dtype, true) => (dtype.and_then(sixteen).unwrap_or(Half::Bf16), None),
+        (Some(dtype), false) if sixteen(dtype).is_some() && gpu.is_none() => bail!(
+            "--dtype {} runs projections on a GPU's tensor cores: use it with --target sm_80 \
+             or sm_90 (the CPU computes in f32)",
+            sixteen(dtype).map_or("f32", Half::name)
+        ),
+        (dtype, false) => (Half::Bf16, dtype.and_then(sixteen)),
     };
     if gpu.is_some() && args.emit == Emit::Asm {
         bail!(
@@ -344,6 +359,7 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
                 zebra_codegen::ptx::GpuOutput::Ptx
             },
             args.emit == Emit::Mlir,
+            tensor_cores,
         )?,
         (Emit::Dot, _) => zebra_ir::dot::to_dot(shown),
         (Emit::Mlir, None) => {
@@ -392,6 +408,7 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
                     args.max_seq_len,
                     Default::default(),
                     gpu,
+                    tensor_cores,
                 )?,
                 crate::Purpose::Generate => {
                     let mut total = zebra_codegen::artifact::BuildReport::default();
@@ -405,6 +422,7 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
                             args.max_seq_len,
                             mode,
                             gpu,
+                            tensor_cores,
                         )?;
                         total.kernels += report.kernels;
                         total.compiled += report.compiled;
@@ -418,7 +436,14 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
                     let train = zebra_passes::autodiff::training_graph(&optimized.graph)?;
                     let train =
                         zebra_passes::optimize(&train, &zebra_passes::Options::default())?.graph;
-                    build_for(&train, dir, args.max_seq_len, Default::default(), gpu)?
+                    build_for(
+                        &train,
+                        dir,
+                        args.max_seq_len,
+                        Default::default(),
+                        gpu,
+                        tensor_cores,
+                    )?
                 }
             };
             timings.push(("codegen".into(), report.codegen));
@@ -471,6 +496,7 @@ fn build_for(
     max_seq_len: usize,
     mode: zebra_codegen::plan::PlanMode,
     gpu: Option<zebra_codegen::ptx::GpuTarget>,
+    tensor_cores: Option<zebra_codegen::kernels::attention_mma::Half>,
 ) -> Result<zebra_codegen::artifact::BuildReport> {
     match gpu {
         None => build_artifact_mode(graph, dir, max_seq_len, mode),
@@ -481,7 +507,11 @@ fn build_for(
                 cache: None,
             };
             Ok(zebra_codegen::artifact::build_gpu(
-                graph, dir, &options, target,
+                graph,
+                dir,
+                &options,
+                target,
+                tensor_cores,
             )?)
         }
     }

@@ -59,9 +59,11 @@ pub enum Purpose {
     Attention,
 }
 
-/// The 16-bit input type of tensor-core kernels.
+/// The type GPU kernels compute in: f32 throughout, or tensor cores with operands rounded to
+/// bf16 or f16 (accumulating in f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Dtype {
+    F32,
     Bf16,
     F16,
 }
@@ -106,9 +108,10 @@ enum Command {
         /// attentions alone as tensor-core kernels (also with --emit ptx, mlir or llvm).
         #[arg(long = "for", value_enum, default_value = "forward")]
         purpose: Purpose,
-        /// The input type of tensor-core kernels (--for attention).
-        #[arg(long, value_enum, default_value = "bf16")]
-        dtype: Dtype,
+        /// What GPU kernels compute in. A model's artifact: f32 (the default), or bf16 or f16
+        /// for projections on tensor cores. --for attention: bf16 (the default) or f16.
+        #[arg(long, value_enum)]
+        dtype: Option<Dtype>,
         /// K/V pipeline stages of tensor-core attention kernels, 1 or 2 (--for attention;
         /// default 1).
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]

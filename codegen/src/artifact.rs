@@ -103,8 +103,31 @@ pub fn build(
     out_dir: &Path,
     options: &BuildOptions,
 ) -> Result<BuildReport, CodegenError> {
+    build_with_vector(graph, out_dir, options, None)
+}
+
+/// As [`build`], with the kernels generated for `vector` f32 lanes (at most the host's
+/// widest) instead of the host's widest. With the GPU's width, [`crate::ptx::GPU_VECTOR`],
+/// the weights are packed as on the GPU, so that the warp emulator's tensor-core kernels can
+/// stand in for the projections ([`zebra_runtime::CpuModel::substitute`]).
+pub fn build_with_vector(
+    graph: &Graph,
+    out_dir: &Path,
+    options: &BuildOptions,
+    vector: Option<usize>,
+) -> Result<BuildReport, CodegenError> {
     let start = Instant::now();
-    let (planned, target) = plan_for_host(graph, options.max_seq_len, options.mode)?;
+    let mut target = CpuTarget::host()?;
+    if let Some(vector) = vector {
+        target.vector = vector.clamp(1, target.vector);
+    }
+    let planned = plan(
+        graph,
+        &target.describe(),
+        target.vector,
+        options.max_seq_len,
+        options.mode,
+    )?;
     let cache_dir = match &options.cache {
         Some(cache) => cache.dir.clone(),
         None => out_dir.join(".objects"),
@@ -175,15 +198,16 @@ fn gpu_ir(
     max_seq_len: usize,
     mode: crate::plan::PlanMode,
     target: crate::ptx::GpuTarget,
+    half: Option<crate::kernels::attention_mma::Half>,
 ) -> Result<(Planned, String), CodegenError> {
-    let planned = plan(
+    let mut planned = plan(
         graph,
         &target.describe(),
         crate::ptx::GPU_VECTOR,
         max_seq_len,
         mode,
     )?;
-    let ir = crate::ptx::gpu_llvm_ir(&planned, &Mlir::new())?;
+    let ir = crate::ptx::gpu_llvm_ir(&mut planned, half, &Mlir::new())?;
     Ok((planned, ir))
 }
 
@@ -194,32 +218,35 @@ pub fn emit_gpu(
     target: crate::ptx::GpuTarget,
     what: crate::ptx::GpuOutput,
     mlir_only: bool,
+    half: Option<crate::kernels::attention_mma::Half>,
 ) -> Result<String, CodegenError> {
     if mlir_only {
-        let planned = plan(
+        let mut planned = plan(
             graph,
             &target.describe(),
             crate::ptx::GPU_VECTOR,
             max_seq_len,
             PlanMode::Forward,
         )?;
-        let text = kernels_mlir(&planned, crate::ptx::GPU_VECTOR);
+        let (text, _) = crate::ptx::gpu_mlir(&mut planned, half);
         Mlir::new().verify(&text)?;
         return Ok(text);
     }
-    let (_, ir) = gpu_ir(graph, max_seq_len, PlanMode::Forward, target)?;
+    let (_, ir) = gpu_ir(graph, max_seq_len, PlanMode::Forward, target, half)?;
     crate::ptx::compile(&ir, target, what)
 }
 
-/// Compiles a graph into a GPU artifact directory: `plan.json` and `kernels.ptx`.
+/// Compiles a graph into a GPU artifact directory: `plan.json` and `kernels.ptx`. With
+/// `half`, the projections run on tensor cores, their operands rounded to that type.
 pub fn build_gpu(
     graph: &Graph,
     out_dir: &Path,
     options: &BuildOptions,
     target: crate::ptx::GpuTarget,
+    half: Option<crate::kernels::attention_mma::Half>,
 ) -> Result<BuildReport, CodegenError> {
     let start = Instant::now();
-    let (planned, ir) = gpu_ir(graph, options.max_seq_len, options.mode, target)?;
+    let (planned, ir) = gpu_ir(graph, options.max_seq_len, options.mode, target, half)?;
     let ptx = crate::ptx::compile(&ir, target, crate::ptx::GpuOutput::Ptx)?;
     let codegen = start.elapsed();
     let mut plan = planned.plan;

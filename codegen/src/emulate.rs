@@ -333,8 +333,19 @@ extern "C" fn emu_wait(pending: u32) {
     });
 }
 
+extern "C" fn emu_st_shared(address: u32, w0: u32, w1: u32, w2: u32, w3: u32) {
+    with_lane(|lane, block| {
+        if let Some(at) = block.at(lane, "st.shared", address, 16, 16) {
+            for (i, w) in [w0, w1, w2, w3].into_iter().enumerate() {
+                // SAFETY: `at` has 16 bytes in bounds.
+                unsafe { at.add(4 * i).cast::<u32>().write_unaligned(w) };
+            }
+        }
+    });
+}
+
 /// The emulator's functions by the names the kernels call.
-fn functions() -> [(&'static str, *mut ()); 12] {
+fn functions() -> [(&'static str, *mut ()); 13] {
     [
         ("zebra_emu_mma_bf16", emu_mma_bf16 as *mut ()),
         ("zebra_emu_mma_f16", emu_mma_f16 as *mut ()),
@@ -348,6 +359,7 @@ fn functions() -> [(&'static str, *mut ()); 12] {
         ("zebra_emu_cp_async", emu_cp_async as *mut ()),
         ("zebra_emu_commit", emu_commit as *mut ()),
         ("zebra_emu_wait", emu_wait as *mut ()),
+        ("zebra_emu_st_shared", emu_st_shared as *mut ()),
     ]
 }
 
@@ -362,10 +374,15 @@ pub struct EmulatedKernel {
     shared_bytes: usize,
 }
 
+// SAFETY: after compilation the engine is only kept alive (its code is immutable), and the
+// function it compiled keeps its state in the launch's blocks and threads.
+unsafe impl Send for EmulatedKernel {}
+unsafe impl Sync for EmulatedKernel {}
+
 impl EmulatedKernel {
     /// Compiles the MLIR function `name(buffers, dims, x, y, thread, shared)` of `text` (a
     /// kernel generated with [`Lowering::Emulated`]).
-    fn compile(
+    pub fn compile(
         function: &str,
         name: &str,
         threads: usize,
@@ -477,6 +494,18 @@ impl EmulatedKernel {
         }
         Ok(())
     }
+}
+
+/// A tensor-core projection compiled for the emulator: launch it on the grid
+/// `(ceil(B T / block_m), column_blocks)` with the CPU kernel's buffers (16-byte aligned).
+pub fn compile_projection(
+    name: &str,
+    projection: &crate::kernels::projection_mma::ProjectionMma,
+    half: Half,
+) -> Result<EmulatedKernel, CodegenError> {
+    let function =
+        crate::kernels::projection_mma::projection_mma(name, projection, half, Lowering::Emulated);
+    EmulatedKernel::compile(&function, name, THREADS, projection.shared_bytes())
 }
 
 /// A tensor-core attention kernel compiled for the emulator, with the description the

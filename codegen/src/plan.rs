@@ -80,6 +80,7 @@ impl Planner<'_> {
         self.plan.kernels.push(KernelInfo {
             symbol: symbol.clone(),
             description: spec.description(self.vector),
+            tensor_cores: None,
         });
         self.kernels.push(spec);
         self.symbols.insert(symbol, i);

@@ -21,7 +21,12 @@ use inkwell::targets::{
 };
 
 use crate::CodegenError;
-use crate::kernels::attention_mma::{Half, MAX_HEAD_DIM, MmaTiles, attention_mma, entry_ir};
+use crate::kernels::attention_mma::{
+    Half, MAX_HEAD_DIM, MmaTiles, THREADS, attention_mma, entry_ir,
+};
+use crate::kernels::projection_mma::{
+    ProjectionMma, entry_ir as projection_entry_ir, projection_mma,
+};
 use crate::kernels::warp::Lowering;
 use crate::plan::Planned;
 
@@ -230,9 +235,15 @@ done:
     out
 }
 
-/// The LLVM IR of a planned graph's kernels for the GPU (before optimization).
-pub fn gpu_llvm_ir(planned: &Planned, mlir: &crate::backend::Mlir) -> Result<String, CodegenError> {
-    let text = crate::artifact::kernels_mlir(planned, GPU_VECTOR);
+/// The LLVM IR of a planned graph's kernels for the GPU (before optimization). With `half`,
+/// the projections also get tensor-core versions in that type, which the plan's kernels then
+/// name (`tensor_cores`) for the runtime to launch instead.
+pub fn gpu_llvm_ir(
+    planned: &mut Planned,
+    half: Option<Half>,
+    mlir: &crate::backend::Mlir,
+) -> Result<String, CodegenError> {
+    let (text, tensor_core) = gpu_mlir(planned, half);
     let ir = mlir.to_llvm_ir(&text)?;
     let symbols: Vec<String> = planned
         .plan
@@ -240,7 +251,52 @@ pub fn gpu_llvm_ir(planned: &Planned, mlir: &crate::backend::Mlir) -> Result<Str
         .iter()
         .map(|k| k.symbol.clone())
         .collect();
-    Ok(format!("{}{}", gpu_math(&ir), entries(&symbols)))
+    let mut out = gpu_math(&ir);
+    for name in &tensor_core {
+        // Inlined into its entry: no copy of its own.
+        out = out.replacen(
+            &format!("define void @{name}("),
+            &format!("define internal void @{name}("),
+            1,
+        );
+    }
+    out.push_str(&entries(&symbols));
+    if !tensor_core.is_empty() {
+        out.push_str("declare i32 @llvm.nvvm.read.ptx.sreg.ctaid.y()\n");
+    }
+    for name in &tensor_core {
+        out.push_str(&projection_entry_ir(name));
+    }
+    Ok(out)
+}
+
+/// The MLIR module of a planned graph's kernels for the GPU, with the tensor-core
+/// projections' functions when `half` is set (their names are returned; the plan's kernels
+/// name their entries).
+pub fn gpu_mlir(planned: &mut Planned, half: Option<Half>) -> (String, Vec<String>) {
+    let mut text = crate::artifact::kernels_mlir(planned, GPU_VECTOR);
+    let mut tensor_core = Vec::new();
+    if let Some(half) = half {
+        for (spec, info) in planned.kernels.iter().zip(&mut planned.plan.kernels) {
+            let Some(projection) = ProjectionMma::of(spec) else {
+                continue;
+            };
+            let name = format!("{}_tc", info.symbol);
+            let function = projection_mma(&name, &projection, half, Lowering::Ptx);
+            let end = text.rfind('}').expect("a module ends with a brace");
+            text.insert_str(end, &function);
+            info.tensor_cores = Some(zebra_runtime::plan::TensorCoreLaunch {
+                entry: format!("{name}_mma"),
+                dtype: half.name().into(),
+                block_rows: projection.block_m(),
+                column_blocks: projection.column_blocks(),
+                threads: THREADS,
+                shared_bytes: projection.shared_bytes(),
+            });
+            tensor_core.push(name);
+        }
+    }
+    (text, tensor_core)
 }
 
 /// The tensor-core attention kernels of a graph, one per distinct attention (the first

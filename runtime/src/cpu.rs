@@ -411,11 +411,16 @@ pub(crate) fn cache_bytes(caches: &[KvCache], tokens: usize, batch: usize) -> (u
     (held, full)
 }
 
+/// Runs a whole kernel step in place of the library's kernel: given the step's buffers and
+/// dims (`B`, `T`, per-batch schedule, first position).
+pub type KernelSubstitute = Box<dyn Fn(&[*mut u8], [i64; 4]) + Send + Sync>;
+
 /// A model loaded for the CPU.
 pub struct CpuModel {
     plan: Plan,
     _library: libloading::Library,
     kernels: Vec<KernelFn>,
+    substitutes: HashMap<usize, KernelSubstitute>,
     weights: Vec<Buffer>,
     packed: Vec<Buffer>,
     constants: Vec<Buffer>,
@@ -564,6 +569,7 @@ impl CpuModel {
             plan,
             _library: library,
             kernels,
+            substitutes: HashMap::new(),
             weights: Vec::new(),
             packed: Vec::new(),
             constants,
@@ -772,6 +778,10 @@ impl CpuModel {
                         i64::from(per_batch),
                         offset as i64,
                     ];
+                    if let Some(substitute) = self.substitutes.get(&kernel) {
+                        substitute(&pointers, dims);
+                        continue;
+                    }
                     let programs = grid.programs(batch, seq);
                     // A single token's kernels are too small to share out (waking the pool
                     // costs more than they do), except attention over a long KV cache.
@@ -796,6 +806,13 @@ impl CpuModel {
     /// Whether this is a decode plan (its attention runs against KV caches).
     pub fn is_decode(&self) -> bool {
         self.plan.is_decode()
+    }
+
+    /// Runs kernel `kernel` of the plan (an index into `plan().kernels`) by `substitute`
+    /// from now on: the warp emulator's tensor-core kernels stand in this way for the
+    /// library's, so that a whole model runs with them on a machine without a GPU.
+    pub fn substitute(&mut self, kernel: usize, substitute: KernelSubstitute) {
+        self.substitutes.insert(kernel, substitute);
     }
 
     /// Starts decoding after a prompt: fills the KV caches from a prefill plan's outputs

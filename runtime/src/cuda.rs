@@ -73,6 +73,27 @@ fn local_bytes(ptx: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// Lets a kernel use more than 48 KiB of dynamic shared memory, as blocks must opt in.
+pub(crate) fn opt_in_shared(
+    function: &CudaFunction,
+    entry: &str,
+    bytes: usize,
+) -> Result<(), RuntimeError> {
+    if bytes <= 48 * 1024 {
+        return Ok(());
+    }
+    function
+        .set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .map_err(|e| {
+            RuntimeError::Cuda(format!(
+                "{entry} needs {bytes} bytes of shared memory, which this GPU refuses: {e:?}"
+            ))
+        })
+}
+
 /// A model loaded on an NVIDIA GPU.
 pub struct CudaModel {
     plan: Plan,
@@ -141,12 +162,19 @@ impl CudaModel {
             .kernels
             .iter()
             .map(|k| {
-                let entry = format!("{}_grid", k.symbol);
-                module
+                let entry = match &k.tensor_cores {
+                    Some(launch) => launch.entry.clone(),
+                    None => format!("{}_grid", k.symbol),
+                };
+                let function = module
                     .load_function(&entry)
-                    .map_err(|_| RuntimeError::Symbol(entry.clone()))
+                    .map_err(|_| RuntimeError::Symbol(entry.clone()))?;
+                if let Some(launch) = &k.tensor_cores {
+                    opt_in_shared(&function, &entry, launch.shared_bytes)?;
+                }
+                Ok(function)
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, RuntimeError>>()?;
         let masks = plan
             .schedules
             .iter()
@@ -430,7 +458,27 @@ impl CudaModel {
                         .clone_htod(&dims)
                         .map_err(cuda_error("copying dims"))?;
                     let programs = grid.programs(batch, seq) as i64;
-                    if programs > 0 {
+                    if let Some(launch) = &self.plan.kernels[kernel].tensor_cores {
+                        let rows = batch * seq;
+                        if rows > 0 {
+                            let config = LaunchConfig {
+                                grid_dim: (
+                                    rows.div_ceil(launch.block_rows) as u32,
+                                    launch.column_blocks as u32,
+                                    1,
+                                ),
+                                block_dim: (launch.threads as u32, 1, 1),
+                                shared_mem_bytes: launch.shared_bytes as u32,
+                            };
+                            let mut builder = self.stream.launch_builder(&self.functions[kernel]);
+                            builder.arg(&table);
+                            builder.arg(&dims_dev);
+                            // SAFETY: the entry takes (buffers, dims), the buffers of the
+                            // kernel it replaces, sized by the plan for these dims.
+                            unsafe { builder.launch(config) }
+                                .map_err(cuda_error(&format!("launching {}", launch.entry)))?;
+                        }
+                    } else if programs > 0 {
                         let blocks = (programs as u64).div_ceil(u64::from(THREADS_PER_BLOCK));
                         let config = LaunchConfig {
                             grid_dim: (blocks as u32, 1, 1),

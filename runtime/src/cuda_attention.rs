@@ -122,19 +122,7 @@ pub fn run_attention(
             .clone_htod(&case.dims())
             .map_err(cuda_error("copying dims"))?;
         // The kernel's shared memory is dynamic; above 48 KiB a block must opt in.
-        if kernel.shared_bytes > 48 * 1024 {
-            function
-                .set_attribute(
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    kernel.shared_bytes as i32,
-                )
-                .map_err(|e| {
-                    RuntimeError::Cuda(format!(
-                        "{} needs {} bytes of shared memory, which this GPU refuses: {e:?}",
-                        kernel.entry, kernel.shared_bytes
-                    ))
-                })?;
-        }
+        crate::cuda::opt_in_shared(&function, &kernel.entry, kernel.shared_bytes)?;
         let config = LaunchConfig {
             grid_dim: (t.div_ceil(kernel.block_q) as u32, (b * h) as u32, 1),
             block_dim: (kernel.threads as u32, 1, 1),

@@ -219,6 +219,24 @@ pub enum Step {
 pub struct KernelInfo {
     pub symbol: String,
     pub description: String,
+    /// On a GPU, a tensor-core version of the kernel, launched instead of the grid of
+    /// programs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensor_cores: Option<TensorCoreLaunch>,
+}
+
+/// How to launch a tensor-core kernel: entry `(buffers, dims)` on a grid of
+/// `(ceil(B T / block_rows), column_blocks)` blocks of `threads` threads, with
+/// `shared_bytes` of dynamic shared memory.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TensorCoreLaunch {
+    pub entry: String,
+    /// The 16-bit type the kernel rounds its operands to (`bf16` or `f16`).
+    pub dtype: String,
+    pub block_rows: usize,
+    pub column_blocks: usize,
+    pub threads: usize,
+    pub shared_bytes: usize,
 }
 
 /// The whole plan.

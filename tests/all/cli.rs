@@ -1215,6 +1215,22 @@ fn compile_for_attention_builds_tensor_core_kernels() {
         let error = run(&["attention", &artifact, "--seq-len", "100"]).unwrap_err();
         assert!(error.contains("no NVIDIA driver was found"), "{error}");
     }
+    // A model's artifact with its projections on tensor cores names their entries.
+    let bf16 = path(dir.path(), "bf16");
+    let out = zebra(&[
+        "compile", &zb, "--target", "sm_80", "--dtype", "bf16", "--emit", "artifact", "-o", &bf16,
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    let plan = zebra_runtime::Artifact::load(std::path::Path::new(&bf16))
+        .unwrap()
+        .plan;
+    assert!(
+        plan.kernels
+            .iter()
+            .any(|k| k.tensor_cores.as_ref().is_some_and(|t| t.dtype == "bf16")),
+        "{:?}",
+        plan.kernels
+    );
     // A model artifact is not an attention artifact.
     let model = path(dir.path(), "model");
     let out = zebra(&[
@@ -1262,6 +1278,30 @@ fn compile_for_attention_builds_tensor_core_kernels() {
                 "48",
             ],
             "invalid value '48'",
+        ),
+        (
+            vec![
+                "--for",
+                "attention",
+                "--target",
+                "sm_90",
+                "--dtype",
+                "f32",
+                "--emit",
+                "ptx",
+            ],
+            "bf16 or f16, not f32",
+        ),
+        (
+            vec![
+                "--dtype",
+                "bf16",
+                "--emit",
+                "artifact",
+                "-o",
+                "/nonexistent",
+            ],
+            "use it with --target sm_80 or sm_90",
         ),
     ] {
         let mut all = vec!["compile", zb.as_str()];

@@ -166,3 +166,302 @@ fn tensor_core_variants_in_the_emulator() {
     let error = global_case.worst_error(&global_entry, "bf16", &out, 48, 3);
     assert!(error > 1.0, "the check passed another attention: {error}");
 }
+
+/// f32 values at a 16-byte aligned address (the kernels read activations and weights with
+/// 16-byte loads, as device memory allows).
+#[repr(C, align(16))]
+#[derive(Clone, Copy, Default)]
+struct Aligned([f32; 4]);
+
+fn aligned(values: &[f32]) -> Vec<Aligned> {
+    let mut out = vec![Aligned::default(); values.len().div_ceil(4) + 16];
+    for (i, v) in values.iter().enumerate() {
+        out[i / 4].0[i % 4] = *v;
+    }
+    out
+}
+
+fn read(buffer: &[Aligned], n: usize) -> Vec<f32> {
+    buffer.iter().flat_map(|a| a.0).take(n).collect()
+}
+
+/// The tensor-core projections (`linear` with RMSNorm and a residual, `swiglu`,
+/// `heads_proj` with RoPE) in the emulator against an f64 reference computed from the same
+/// 16-bit-rounded operands: only f32 accumulation separates them. Shapes cover a row count,
+/// `K` and `N` that are not multiples of the tiles, `K` not a multiple of 8 or 4, and more
+/// columns than one tile.
+#[test]
+fn tensor_core_projections_in_the_emulator() {
+    use rand::{Rng, SeedableRng};
+    use zebra_codegen::emulate::compile_projection;
+    use zebra_codegen::kernels::projection_mma::{PANEL, ProjectionKind, ProjectionMma};
+    use zebra_runtime::attention_check::{bf16_bits, bf16_value, f16_bits, f16_value};
+    use zebra_runtime::plan::PackSpec;
+
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let cases = [
+        (
+            ProjectionKind::Linear { residual: true },
+            72,
+            40,
+            Some(1e-5),
+            Half::Bf16,
+        ),
+        (
+            ProjectionKind::Linear { residual: false },
+            30,
+            150,
+            None,
+            Half::F16,
+        ),
+        (ProjectionKind::SwiGlu, 64, 176, Some(1e-5), Half::Bf16),
+        (ProjectionKind::SwiGlu, 36, 48, None, Half::Bf16),
+        (
+            ProjectionKind::Heads {
+                heads: 3,
+                rope: true,
+            },
+            64,
+            16,
+            Some(1e-5),
+            Half::Bf16,
+        ),
+        (
+            ProjectionKind::Heads {
+                heads: 2,
+                rope: true,
+            },
+            40,
+            32,
+            None,
+            Half::F16,
+        ),
+        (
+            ProjectionKind::Heads {
+                heads: 2,
+                rope: false,
+            },
+            64,
+            48,
+            Some(1e-6),
+            Half::Bf16,
+        ),
+    ];
+    let (batch, seq) = (2usize, 75usize);
+    let m = batch * seq;
+    for (kind, k, n, norm_eps, half) in cases {
+        let p = ProjectionMma {
+            kind,
+            k,
+            n,
+            norm_eps,
+        };
+        let what = format!("{p:?} {}", half.name());
+        let round = |x: f32| -> f64 {
+            f64::from(match half {
+                Half::Bf16 => bf16_value(bf16_bits(x)),
+                Half::F16 => f16_value(f16_bits(x)),
+            })
+        };
+        let mut random = |len: usize| -> Vec<f32> {
+            (0..len).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
+        };
+        let (heads, rope) = match kind {
+            ProjectionKind::Heads { heads, rope } => (heads, rope),
+            _ => (1, false),
+        };
+        let total_n = heads * n;
+        let x = random(m * k);
+        let gain: Vec<f32> = random(k).iter().map(|g| 1.0 + 0.5 * g).collect();
+        let weights: Vec<Vec<f32>> = (0..if kind == ProjectionKind::SwiGlu { 2 } else { 1 })
+            .map(|_| random(total_n * k))
+            .collect();
+        let spec = PackSpec {
+            weight: 0,
+            norm: norm_eps.map(|_| 0),
+            transposed: false,
+            n: total_n,
+            k,
+            group: n,
+            nr: PANEL,
+        };
+        let packed: Vec<Vec<f32>> = weights
+            .iter()
+            .map(|w| zebra_runtime::pack::pack(w, norm_eps.map(|_| gain.as_slice()), &spec))
+            .collect();
+        let residual = random(m * n);
+        let (cos, sin) = (random(seq * n / 2), random(seq * n / 2));
+        let out_len = m * total_n;
+
+        let kernel =
+            compile_projection("projection", &p, half).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let x_buf = aligned(&x);
+        let packed_bufs: Vec<Vec<Aligned>> = packed.iter().map(|w| aligned(w)).collect();
+        let res_buf = aligned(&residual);
+        let (cos_buf, sin_buf) = (aligned(&cos), aligned(&sin));
+        let mut out_buf = aligned(&vec![f32::NAN; out_len]);
+        let mut buffers: Vec<u64> = vec![x_buf.as_ptr() as u64];
+        buffers.extend(packed_bufs.iter().map(|w| w.as_ptr() as u64));
+        if kind == (ProjectionKind::Linear { residual: true }) {
+            buffers.push(res_buf.as_ptr() as u64);
+        }
+        if rope {
+            buffers.push(cos_buf.as_ptr() as u64);
+            buffers.push(sin_buf.as_ptr() as u64);
+        }
+        buffers.push(out_buf.as_mut_ptr() as u64);
+        let dims = [batch as i64, seq as i64, 0, 0];
+        kernel
+            .launch(
+                (m.div_ceil(p.block_m()), p.column_blocks()),
+                &buffers,
+                &dims,
+            )
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let out = read(&out_buf, out_len);
+
+        // The reference: packed column `col` of group `g` is at panel g * ceil(n / 8) + col / 8.
+        let packed_at = |w: &[f32], col: usize, kk: usize| -> f64 {
+            let (g, c) = (col / n, col % n);
+            let panel = g * n.div_ceil(PANEL) + c / PANEL;
+            round(w[(panel * k + kk) * PANEL + c % PANEL])
+        };
+        let mut worst = 0.0f64;
+        for row in 0..m {
+            let xs = &x[row * k..(row + 1) * k];
+            let inverse = match norm_eps {
+                Some(eps) => {
+                    let ms: f64 = xs.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / k as f64;
+                    1.0 / (ms + eps).sqrt()
+                }
+                None => 1.0,
+            };
+            let dot = |w: &[f32], col: usize| -> (f64, f64) {
+                let (mut s, mut a) = (0.0, 0.0);
+                for (kk, xv) in xs.iter().enumerate() {
+                    let term = round(*xv) * packed_at(w, col, kk);
+                    s += term;
+                    a += term.abs();
+                }
+                (s * inverse, a * inverse)
+            };
+            let (bi, ti) = (row / seq, row % seq);
+            for col in 0..total_n {
+                let (want, scale, got) = match kind {
+                    ProjectionKind::Linear { residual: with } => {
+                        let (s, a) = dot(&packed[0], col);
+                        let r = if with {
+                            f64::from(residual[row * n + col])
+                        } else {
+                            0.0
+                        };
+                        (s + r, a + r.abs(), out[row * n + col])
+                    }
+                    ProjectionKind::SwiGlu => {
+                        let (gs, ga) = dot(&packed[0], col);
+                        let (us, ua) = dot(&packed[1], col);
+                        let silu = gs / (1.0 + (-gs).exp());
+                        (silu * us, ga * ua + ga + ua, out[row * n + col])
+                    }
+                    ProjectionKind::Heads { .. } => {
+                        let (h, d) = (col / n, col % n);
+                        let at = ((bi * heads + h) * seq + ti) * n + d;
+                        if rope {
+                            let half_d = n / 2;
+                            let j = d % half_d;
+                            let (c, s) = (
+                                f64::from(cos[ti * half_d + j]),
+                                f64::from(sin[ti * half_d + j]),
+                            );
+                            let (x1, a1) = dot(&packed[0], h * n + j);
+                            let (x2, a2) = dot(&packed[0], h * n + j + half_d);
+                            let want = if d < half_d {
+                                x1 * c - x2 * s
+                            } else {
+                                x2 * c + x1 * s
+                            };
+                            (want, a1 + a2, out[at])
+                        } else {
+                            let (s, a) = dot(&packed[0], col);
+                            (s, a, out[at])
+                        }
+                    }
+                };
+                let error = (f64::from(got) - want).abs() / (1e-4 * scale + 1e-6);
+                assert!(
+                    error <= 1.0,
+                    "{what}: row {row} column {col}: {got} against {want} (scale {scale})"
+                );
+                worst = worst.max(error);
+            }
+        }
+        assert!(worst > 0.0, "{what}: suspiciously exact");
+    }
+}
+
+/// zebra_tiny's forward pass on the CPU with every projection replaced by its tensor-core
+/// kernel in the emulator, launched as the CUDA runtime launches it (the plan's buffers,
+/// `(ceil(B T / block_rows), column_blocks)` blocks): its logits are the f32 plan's within
+/// bf16 rounding. This checks what the GPU plan relies on: the kernels' buffer order, the
+/// weight packing and the launch geometry.
+#[test]
+fn zebra_tiny_with_tensor_core_projections_in_the_emulator() {
+    use std::collections::BTreeMap;
+    use zebra_codegen::artifact::{BuildOptions, build_with_vector};
+    use zebra_codegen::emulate::compile_projection;
+    use zebra_codegen::kernels::projection_mma::ProjectionMma;
+    use zebra_codegen::plan::PlanMode;
+    use zebra_runtime::{CpuModel, Tensor};
+
+    let (_, checked) = check_ok(&root().join("examples/zebra_tiny.zb"));
+    let spec = checked.program.models[0].clone();
+    let graph = optimize(&lower(&spec), &Options::default()).unwrap().graph;
+    let out = tempfile::tempdir().unwrap();
+    let options = BuildOptions {
+        mode: PlanMode::Forward,
+        max_seq_len: 256,
+        cache: None,
+    };
+    let vector = zebra_codegen::ptx::GPU_VECTOR;
+    build_with_vector(&graph, out.path(), &options, Some(vector)).unwrap();
+    let planned =
+        zebra_codegen::plan::plan(&graph, "emulated", vector, 256, PlanMode::Forward).unwrap();
+    let weights = zebra_frontend::init::random_weights(&spec, 2);
+    let mut cpu = CpuModel::load(out.path(), &weights, 2).unwrap();
+    let mut emulated = CpuModel::load(out.path(), &weights, 2).unwrap();
+    assert_eq!(planned.plan.kernels, cpu.plan().kernels);
+    let mut substituted = 0;
+    for (i, kernel) in planned.kernels.iter().enumerate() {
+        let Some(projection) = ProjectionMma::of(kernel) else {
+            continue;
+        };
+        let compiled = compile_projection("projection", &projection, Half::Bf16).unwrap();
+        emulated.substitute(
+            i,
+            Box::new(move |pointers, dims| {
+                let buffers: Vec<u64> = pointers.iter().map(|p| *p as u64).collect();
+                let rows = (dims[0] * dims[1]) as usize;
+                let grid = (
+                    rows.div_ceil(projection.block_m()),
+                    projection.column_blocks(),
+                );
+                compiled.launch(grid, &buffers, &dims).unwrap();
+            }),
+        );
+        substituted += 1;
+    }
+    // The attention's projections, the output projection, SwiGLU's, and the LM head.
+    assert!(substituted >= 4, "only {substituted} projections");
+    let tokens = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[2, 70]), |i| {
+        ((i[0] * 31 + i[1] * 7) % 256) as i64
+    });
+    let inputs = BTreeMap::from([("tokens".to_string(), Tensor::I64(tokens))]);
+    let a = emulated.run(&inputs).unwrap()["logits"].mapv(f64::from);
+    let b = cpu.run(&inputs).unwrap()["logits"].mapv(f64::from);
+    crate::common::assert_close(&a, &b, 2e-2, "zebra_tiny, projections in bf16");
+    let differ = a
+        .iter()
+        .zip(b.iter())
+        .any(|(x, y)| (x - y).abs() > 1e-6 * y.abs().max(1.0));
+    assert!(differ, "the emulated kernels did not run");
+}

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use zebra_codegen::artifact::{BuildOptions, build_gpu};
+use zebra_codegen::kernels::attention_mma::Half;
 use zebra_codegen::plan::PlanMode;
 use zebra_codegen::ptx::{GpuTarget, entries_of, entry};
 use zebra_passes::{Options, optimize};
@@ -35,10 +36,16 @@ fn every_program_compiles_to_ptx_for_sm80_and_sm90() {
                     cache: None,
                 };
                 let what = format!("{} ({}) for {sm}", relative(&path), spec.name);
-                build_gpu(&graph, &dir, &options, target).unwrap_or_else(|e| panic!("{what}: {e}"));
+                // sm_80 in f32; sm_90 with the projections on tensor cores in bf16.
+                let half = (sm == "sm_90").then_some(Half::Bf16);
+                build_gpu(&graph, &dir, &options, target, half)
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
                 let ptx = std::fs::read_to_string(dir.join("kernels.ptx")).unwrap();
                 assert!(ptx.contains(&format!(".target {sm}")), "{what}");
-                assert!(!ptx.contains(".extern"), "{what}: calls outside the module");
+                assert!(
+                    !ptx.contains(".extern .func"),
+                    "{what}: calls outside the module"
+                );
                 let plan = zebra_runtime::Artifact::load(&dir).unwrap().plan;
                 let entries = entries_of(&ptx);
                 for kernel in &plan.kernels {
@@ -55,8 +62,35 @@ fn every_program_compiles_to_ptx_for_sm80_and_sm90() {
                         "{what}: {name} needs {} bytes of local memory",
                         found.local_bytes
                     );
+                    let Some(launch) = &kernel.tensor_cores else {
+                        continue;
+                    };
+                    let found = entries
+                        .iter()
+                        .find(|e| e.name == launch.entry)
+                        .unwrap_or_else(|| panic!("{what}: no entry {}", launch.entry));
+                    // (buffers, dims), on the blocks the plan says.
+                    assert_eq!(found.params.len(), 2, "{what}: {:?}", found.params);
+                    assert_eq!(found.local_bytes, 0, "{what}: {} spilled", launch.entry);
+                    assert!(launch.shared_bytes <= 48 * 1024, "{what}: {launch:?}");
+                    assert_eq!((launch.threads, launch.dtype.as_str()), (128, "bf16"));
                 }
-                assert_eq!(entries.len(), plan.kernels.len(), "{what}");
+                let tensor_cores = plan
+                    .kernels
+                    .iter()
+                    .filter(|k| k.tensor_cores.is_some())
+                    .count();
+                // Every model has projections; in f32 none is on tensor cores.
+                if half.is_some() && !plan.kernels.is_empty() {
+                    assert!(tensor_cores > 0, "{what}: no tensor-core projection");
+                    assert!(
+                        ptx.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16"),
+                        "{what}"
+                    );
+                } else {
+                    assert_eq!(tensor_cores, 0, "{what}");
+                }
+                assert_eq!(entries.len(), plan.kernels.len() + tensor_cores, "{what}");
             }
         }
     }
@@ -86,10 +120,14 @@ fn training_and_generation_plans_compile_to_ptx() {
             &dir,
             &options,
             GpuTarget::from_name("sm_90").unwrap(),
+            Some(zebra_codegen::kernels::attention_mma::Half::Bf16),
         )
         .unwrap_or_else(|e| panic!("{name}: {e}"));
         let ptx = std::fs::read_to_string(dir.join("kernels.ptx")).unwrap();
-        assert!(!ptx.contains(".extern"), "{name}: calls outside the module");
+        assert!(
+            !ptx.contains(".extern .func"),
+            "{name}: calls outside the module"
+        );
         assert!(ptx.contains("sin.approx") || name != "train", "{name}");
     }
 }
@@ -108,6 +146,7 @@ fn tiny_gpu_artifact(dir: &std::path::Path) -> (zebra_ir::Weights, zebra_fronten
         dir,
         &options,
         GpuTarget::from_name("sm_90").unwrap(),
+        None,
     )
     .unwrap();
     (zebra_frontend::init::random_weights(&spec, 2), spec)

@@ -11,6 +11,7 @@ pub mod gemm;
 pub mod generic;
 pub mod loss;
 pub mod matmul;
+pub mod projection_mma;
 pub mod warp;
 
 use zebra_ir::op::{AttentionKernel, Op};

@@ -22,7 +22,7 @@ pub enum Lowering {
 
 /// The emulator's functions, as the emulated kernels declare them: (name, argument types,
 /// result type).
-pub const EMULATOR_FUNCTIONS: [(&str, &str, &str); 12] = [
+pub const EMULATOR_FUNCTIONS: [(&str, &str, &str); 13] = [
     (
         "zebra_emu_mma_bf16",
         "i32, i32, i32, i32, i32, i32, f32, f32, f32, f32",
@@ -42,6 +42,7 @@ pub const EMULATOR_FUNCTIONS: [(&str, &str, &str); 12] = [
     ("zebra_emu_barrier", "", ""),
     ("zebra_emu_cp_async", "i32, !llvm.ptr, i32", ""),
     ("zebra_emu_commit", "", ""),
+    ("zebra_emu_st_shared", "i32, i32, i32, i32, i32", ""),
     ("zebra_emu_wait", "i32", ""),
 ];
 
@@ -277,6 +278,32 @@ impl Lowering {
             }
             Lowering::Emulated => {
                 call(b, "zebra_emu_cp_async", &args, None);
+            }
+        }
+    }
+
+    /// Stores four 32-bit words (16 bytes, aligned to 16) at shared address `address`.
+    pub fn store_shared(self, b: &mut Builder, address: &Val, words: [&Val; 4]) {
+        let args = [
+            (address, "i32"),
+            (words[0], "i32"),
+            (words[1], "i32"),
+            (words[2], "i32"),
+            (words[3], "i32"),
+        ];
+        match self {
+            Lowering::Ptx => {
+                asm(
+                    b,
+                    "st.shared.v4.b32 [$0], {$1,$2,$3,$4};",
+                    "r,r,r,r,r",
+                    &args,
+                    &[],
+                    true,
+                );
+            }
+            Lowering::Emulated => {
+                call(b, "zebra_emu_st_shared", &args, None);
             }
         }
     }
