@@ -200,6 +200,14 @@ fn gpu_ir(
     target: crate::ptx::GpuTarget,
     half: Option<crate::kernels::attention_mma::Half>,
 ) -> Result<(Planned, String), CodegenError> {
+    let retiled;
+    let graph = match half {
+        Some(_) => {
+            retiled = crate::kernels::tensor_core::retile(graph, target.sm);
+            &retiled
+        }
+        None => graph,
+    };
     let mut planned = plan(
         graph,
         &target.describe(),
@@ -207,7 +215,7 @@ fn gpu_ir(
         max_seq_len,
         mode,
     )?;
-    let ir = crate::ptx::gpu_llvm_ir(&mut planned, half, &Mlir::new())?;
+    let ir = crate::ptx::gpu_llvm_ir(&mut planned, half, target.sm, &Mlir::new())?;
     Ok((planned, ir))
 }
 
@@ -221,14 +229,15 @@ pub fn emit_gpu(
     half: Option<crate::kernels::attention_mma::Half>,
 ) -> Result<String, CodegenError> {
     if mlir_only {
+        let retiled = half.map(|_| crate::kernels::tensor_core::retile(graph, target.sm));
         let mut planned = plan(
-            graph,
+            retiled.as_ref().unwrap_or(graph),
             &target.describe(),
             crate::ptx::GPU_VECTOR,
             max_seq_len,
             PlanMode::Forward,
         )?;
-        let (text, _) = crate::ptx::gpu_mlir(&mut planned, half);
+        let (text, _) = crate::ptx::gpu_mlir(&mut planned, half, target.sm);
         Mlir::new().verify(&text)?;
         return Ok(text);
     }
@@ -284,6 +293,7 @@ pub fn emit_gpu_attention(
                     half,
                     *tiles,
                     crate::kernels::warp::Lowering::Ptx,
+                    crate::kernels::attention_mma::AttentionIo::Half,
                 )
             })
             .collect();

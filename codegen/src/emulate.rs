@@ -522,7 +522,14 @@ impl EmulatedAttention {
         half: Half,
         tiles: MmaTiles,
     ) -> Result<EmulatedAttention, CodegenError> {
-        let function = attention_mma(name, attention, half, tiles, Lowering::Emulated);
+        let function = attention_mma(
+            name,
+            attention,
+            half,
+            tiles,
+            Lowering::Emulated,
+            crate::kernels::attention_mma::AttentionIo::Half,
+        );
         let kernel = EmulatedKernel::compile(&function, name, THREADS, tiles.shared_bytes())?;
         let entry = crate::artifact::attention_entry(name, attention, tiles);
         Ok(EmulatedAttention { kernel, entry })

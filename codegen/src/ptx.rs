@@ -22,11 +22,9 @@ use inkwell::targets::{
 
 use crate::CodegenError;
 use crate::kernels::attention_mma::{
-    Half, MAX_HEAD_DIM, MmaTiles, THREADS, attention_mma, entry_ir,
+    AttentionIo, Half, MAX_HEAD_DIM, MmaTiles, THREADS, attention_mma, entry_ir,
 };
-use crate::kernels::projection_mma::{
-    ProjectionMma, entry_ir as projection_entry_ir, projection_mma,
-};
+use crate::kernels::tensor_core::{self, TensorCoreKernel};
 use crate::kernels::warp::Lowering;
 use crate::plan::Planned;
 
@@ -241,9 +239,10 @@ done:
 pub fn gpu_llvm_ir(
     planned: &mut Planned,
     half: Option<Half>,
+    sm: u32,
     mlir: &crate::backend::Mlir,
 ) -> Result<String, CodegenError> {
-    let (text, tensor_core) = gpu_mlir(planned, half);
+    let (text, tensor_core) = gpu_mlir(planned, half, sm);
     let ir = mlir.to_llvm_ir(&text)?;
     let symbols: Vec<String> = planned
         .plan
@@ -252,7 +251,7 @@ pub fn gpu_llvm_ir(
         .map(|k| k.symbol.clone())
         .collect();
     let mut out = gpu_math(&ir);
-    for name in &tensor_core {
+    for (name, _) in &tensor_core {
         // Inlined into its entry: no copy of its own.
         out = out.replacen(
             &format!("define void @{name}("),
@@ -262,38 +261,41 @@ pub fn gpu_llvm_ir(
     }
     out.push_str(&entries(&symbols));
     if !tensor_core.is_empty() {
-        out.push_str("declare i32 @llvm.nvvm.read.ptx.sreg.ctaid.y()\n");
+        out.push_str(
+            "declare i32 @llvm.nvvm.read.ptx.sreg.ctaid.y()\ndeclare i32 @llvm.nvvm.read.ptx.sreg.nctaid.x()\n",
+        );
     }
-    for name in &tensor_core {
-        out.push_str(&projection_entry_ir(name));
+    for (name, kernel) in &tensor_core {
+        out.push_str(&kernel.entry_ir(name));
     }
     Ok(out)
 }
 
-/// The MLIR module of a planned graph's kernels for the GPU, with the tensor-core
-/// projections' functions when `half` is set (their names are returned; the plan's kernels
-/// name their entries).
-pub fn gpu_mlir(planned: &mut Planned, half: Option<Half>) -> (String, Vec<String>) {
+/// The MLIR module of a planned graph's kernels for the GPU, with the functions of the
+/// kernels that run on tensor cores when `half` is set (their names are returned; the
+/// plan's kernels name their entries).
+pub fn gpu_mlir(
+    planned: &mut Planned,
+    half: Option<Half>,
+    sm: u32,
+) -> (String, Vec<(String, TensorCoreKernel)>) {
     let mut text = crate::artifact::kernels_mlir(planned, GPU_VECTOR);
     let mut tensor_core = Vec::new();
     if let Some(half) = half {
-        for (spec, info) in planned.kernels.iter().zip(&mut planned.plan.kernels) {
-            let Some(projection) = ProjectionMma::of(spec) else {
-                continue;
-            };
+        for (i, kernel) in tensor_core::select(planned, sm) {
+            let info = &mut planned.plan.kernels[i];
             let name = format!("{}_tc", info.symbol);
-            let function = projection_mma(&name, &projection, half, Lowering::Ptx);
+            let function = kernel.function(&name, half, Lowering::Ptx);
             let end = text.rfind('}').expect("a module ends with a brace");
             text.insert_str(end, &function);
             info.tensor_cores = Some(zebra_runtime::plan::TensorCoreLaunch {
                 entry: format!("{name}_mma"),
                 dtype: half.name().into(),
-                block_rows: projection.block_m(),
-                column_blocks: projection.column_blocks(),
+                grid: kernel.grid(),
                 threads: THREADS,
-                shared_bytes: projection.shared_bytes(),
+                shared_bytes: kernel.shared_bytes(),
             });
-            tensor_core.push(name);
+            tensor_core.push((name, kernel));
         }
     }
     (text, tensor_core)
@@ -374,7 +376,16 @@ pub fn mma_llvm_ir(
 ) -> Result<String, CodegenError> {
     let functions: Vec<String> = kernels
         .iter()
-        .map(|(symbol, kernel, tiles)| attention_mma(symbol, kernel, half, *tiles, Lowering::Ptx))
+        .map(|(symbol, kernel, tiles)| {
+            attention_mma(
+                symbol,
+                kernel,
+                half,
+                *tiles,
+                Lowering::Ptx,
+                AttentionIo::Half,
+            )
+        })
         .collect();
     let text = crate::mlir::module(&functions);
     let ir = mlir.to_llvm_ir(&text)?;

@@ -459,14 +459,10 @@ impl CudaModel {
                         .map_err(cuda_error("copying dims"))?;
                     let programs = grid.programs(batch, seq) as i64;
                     if let Some(launch) = &self.plan.kernels[kernel].tensor_cores {
-                        let rows = batch * seq;
-                        if rows > 0 {
+                        let (x, y) = launch.grid.blocks(batch, seq);
+                        if x * y > 0 {
                             let config = LaunchConfig {
-                                grid_dim: (
-                                    rows.div_ceil(launch.block_rows) as u32,
-                                    launch.column_blocks as u32,
-                                    1,
-                                ),
+                                grid_dim: (x as u32, y as u32, 1),
                                 block_dim: (launch.threads as u32, 1, 1),
                                 shared_mem_bytes: launch.shared_bytes as u32,
                             };

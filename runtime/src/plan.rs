@@ -225,18 +225,36 @@ pub struct KernelInfo {
     pub tensor_cores: Option<TensorCoreLaunch>,
 }
 
-/// How to launch a tensor-core kernel: entry `(buffers, dims)` on a grid of
-/// `(ceil(B T / block_rows), column_blocks)` blocks of `threads` threads, with
-/// `shared_bytes` of dynamic shared memory.
+/// How to launch a tensor-core kernel: entry `(buffers, dims)` on `grid`'s blocks of
+/// `threads` threads, with `shared_bytes` of dynamic shared memory.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TensorCoreLaunch {
     pub entry: String,
     /// The 16-bit type the kernel rounds its operands to (`bf16` or `f16`).
     pub dtype: String,
-    pub block_rows: usize,
-    pub column_blocks: usize,
+    pub grid: TensorCoreGrid,
     pub threads: usize,
     pub shared_bytes: usize,
+}
+
+/// The blocks of a tensor-core launch, for `B` rows of `T` tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TensorCoreGrid {
+    /// `(ceil(B T / rows), columns)`: tiles of rows of the `[B T, N]` activations.
+    Rows { rows: usize, columns: usize },
+    /// `(ceil(T / block_q), B heads)`: query tiles, per batch row and head.
+    Attention { block_q: usize, heads: usize },
+}
+
+impl TensorCoreGrid {
+    /// The grid's `(x, y)` blocks.
+    pub fn blocks(self, batch: usize, seq: usize) -> (usize, usize) {
+        match self {
+            TensorCoreGrid::Rows { rows, columns } => ((batch * seq).div_ceil(rows), columns),
+            TensorCoreGrid::Attention { block_q, heads } => (seq.div_ceil(block_q), batch * heads),
+        }
+    }
 }
 
 /// The whole plan.

@@ -37,7 +37,7 @@ fn build_at(graph: &Graph, dir: &Path, max_seq_len: usize) -> BuildReport {
     build(graph, dir, &options).unwrap_or_else(|e| panic!("building `{}`: {e}", graph.name))
 }
 
-fn tensors(inputs: &BTreeMap<String, Value>) -> BTreeMap<String, Tensor> {
+pub fn tensors(inputs: &BTreeMap<String, Value>) -> BTreeMap<String, Tensor> {
     inputs
         .iter()
         .map(|(name, value)| {

@@ -399,23 +399,28 @@ fn tensor_core_projections_in_the_emulator() {
     }
 }
 
-/// zebra_tiny's forward pass on the CPU with every projection replaced by its tensor-core
-/// kernel in the emulator, launched as the CUDA runtime launches it (the plan's buffers,
-/// `(ceil(B T / block_rows), column_blocks)` blocks): its logits are the f32 plan's within
-/// bf16 rounding. This checks what the GPU plan relies on: the kernels' buffer order, the
-/// weight packing and the launch geometry.
-#[test]
-fn zebra_tiny_with_tensor_core_projections_in_the_emulator() {
-    use std::collections::BTreeMap;
+/// A model's forward pass on the CPU with every kernel its GPU plan runs on tensor cores in
+/// bf16 (projections, `pack_kv`'s stand-in, the attention) replaced by that kernel in the
+/// emulator, launched as the CUDA runtime launches it: its logits are the f32 plan's within
+/// bf16 rounding. This checks what the GPU plan relies on: which kernels may switch (every
+/// reader of a 16-bit buffer is a tensor-core kernel), the buffer order, the weight packing,
+/// the schedule's tiles and the launch grids. Returns the kinds of kernels substituted.
+fn forward_on_tensor_cores_in_the_emulator(
+    path: &std::path::Path,
+    seq: usize,
+) -> Vec<&'static str> {
     use zebra_codegen::artifact::{BuildOptions, build_with_vector};
-    use zebra_codegen::emulate::compile_projection;
-    use zebra_codegen::kernels::projection_mma::ProjectionMma;
+    use zebra_codegen::emulate::EmulatedKernel;
+    use zebra_codegen::kernels::attention_mma::THREADS;
+    use zebra_codegen::kernels::tensor_core::{TensorCoreKernel, retile, select};
+    use zebra_codegen::kernels::warp::Lowering;
     use zebra_codegen::plan::PlanMode;
-    use zebra_runtime::{CpuModel, Tensor};
+    use zebra_runtime::CpuModel;
 
-    let (_, checked) = check_ok(&root().join("examples/zebra_tiny.zb"));
+    let (_, checked) = check_ok(path);
     let spec = checked.program.models[0].clone();
     let graph = optimize(&lower(&spec), &Options::default()).unwrap().graph;
+    let graph = retile(&graph, 90);
     let out = tempfile::tempdir().unwrap();
     let options = BuildOptions {
         mode: PlanMode::Forward,
@@ -430,38 +435,61 @@ fn zebra_tiny_with_tensor_core_projections_in_the_emulator() {
     let mut cpu = CpuModel::load(out.path(), &weights, 2).unwrap();
     let mut emulated = CpuModel::load(out.path(), &weights, 2).unwrap();
     assert_eq!(planned.plan.kernels, cpu.plan().kernels);
-    let mut substituted = 0;
-    for (i, kernel) in planned.kernels.iter().enumerate() {
-        let Some(projection) = ProjectionMma::of(kernel) else {
-            continue;
-        };
-        let compiled = compile_projection("projection", &projection, Half::Bf16).unwrap();
+    let mut kinds = Vec::new();
+    for (i, kernel) in select(&planned, 90) {
+        let name = format!("kernel{i}");
+        let function = kernel.function(&name, Half::Bf16, Lowering::Emulated);
+        let compiled =
+            EmulatedKernel::compile(&function, &name, THREADS, kernel.shared_bytes()).unwrap();
+        let grid = kernel.grid();
         emulated.substitute(
             i,
             Box::new(move |pointers, dims| {
                 let buffers: Vec<u64> = pointers.iter().map(|p| *p as u64).collect();
-                let rows = (dims[0] * dims[1]) as usize;
-                let grid = (
-                    rows.div_ceil(projection.block_m()),
-                    projection.column_blocks(),
-                );
-                compiled.launch(grid, &buffers, &dims).unwrap();
+                let blocks = grid.blocks(dims[0] as usize, dims[1] as usize);
+                compiled.launch(blocks, &buffers, &dims).unwrap();
             }),
         );
-        substituted += 1;
+        kinds.push(match kernel {
+            TensorCoreKernel::Projection(_) => "projection",
+            TensorCoreKernel::PackHalf { .. } => "pack",
+            TensorCoreKernel::Attention { .. } => "attention",
+        });
     }
-    // The attention's projections, the output projection, SwiGLU's, and the LM head.
-    assert!(substituted >= 4, "only {substituted} projections");
-    let tokens = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[2, 70]), |i| {
-        ((i[0] * 31 + i[1] * 7) % 256) as i64
-    });
-    let inputs = BTreeMap::from([("tokens".to_string(), Tensor::I64(tokens))]);
+    let inputs = crate::codegen::tensors(&crate::common::random_inputs(&spec, 2, seq, 5));
     let a = emulated.run(&inputs).unwrap()["logits"].mapv(f64::from);
     let b = cpu.run(&inputs).unwrap()["logits"].mapv(f64::from);
-    crate::common::assert_close(&a, &b, 2e-2, "zebra_tiny, projections in bf16");
+    let what = format!("{} on tensor cores (bf16)", relative(path));
+    crate::common::assert_close(&a, &b, 2e-2, &what);
     let differ = a
         .iter()
         .zip(b.iter())
         .any(|(x, y)| (x - y).abs() > 1e-6 * y.abs().max(1.0));
-    assert!(differ, "the emulated kernels did not run");
+    assert!(differ, "{what}: the emulated kernels did not run");
+    kinds
+}
+
+#[test]
+fn zebra_tiny_on_tensor_cores_in_the_emulator() {
+    let kinds =
+        forward_on_tensor_cores_in_the_emulator(&root().join("examples/zebra_tiny.zb"), 150);
+    for kind in ["projection", "pack", "attention"] {
+        assert!(
+            kinds.contains(&kind),
+            "no {kind} on tensor cores: {kinds:?}"
+        );
+    }
+    // Two attention kinds (global, local), one pack_kv.
+    assert_eq!(kinds.iter().filter(|k| **k == "attention").count(), 2);
+}
+
+/// Document masking reads a side input: the tensor-core attention reads the document ids
+/// and a schedule per batch row.
+#[test]
+fn document_masking_on_tensor_cores_in_the_emulator() {
+    let kinds = forward_on_tensor_cores_in_the_emulator(
+        &root().join("examples/attention/document.zb"),
+        140,
+    );
+    assert!(kinds.contains(&"attention"), "{kinds:?}");
 }

@@ -163,6 +163,17 @@ fn trunc32(b: &mut Builder, v: &Val) -> Val {
     b.op(format!("arith.trunci {v} : i64 to i32"))
 }
 
+/// What a tensor-core attention kernel reads and writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AttentionIo {
+    /// 16-bit `q`, `k`, `v` and output, `[B, heads, T, D]` (attention artifacts).
+    Half,
+    /// As a model's plan has them: `q` in f32 (rounded while it is copied to shared
+    /// memory), 16-bit `k` and `v` (converted by [`super::pack_half`]), and the output in
+    /// f32, `[B, T, heads * D]` when the kernel merges heads, else `[B, heads, T, D]`.
+    Plan,
+}
+
 /// The generator's view of one kernel being built.
 struct Ctx {
     isa: Lowering,
@@ -231,6 +242,80 @@ impl Ctx {
         }
     }
 
+    /// As [`Ctx::load_rows`] from f32 values, rounded to 16 bits on the way (synchronous:
+    /// a barrier makes them visible).
+    fn load_rows_f32(
+        &self,
+        b: &mut Builder,
+        half: Half,
+        src: &Val,
+        base: &Val,
+        (index, rows): (&Val, usize),
+        offset: &Val,
+    ) {
+        let d = self.tiles.head_dim;
+        let chunks_per_row = d / 8;
+        let chunks = rows * chunks_per_row;
+        let crows = b.i64(rows as i64);
+        let first_key = b.muli(index, &crows);
+        let c1 = b.i64(1);
+        let last = b.subi(&self.t, &c1);
+        for i in 0..chunks.div_ceil(THREADS) {
+            let emit = |b: &mut Builder| {
+                let off = b.i64((i * THREADS) as i64);
+                let chunk = b.addi(&self.tid, &off);
+                let per_row = b.i64(chunks_per_row as i64);
+                let row = b.divi(&chunk, &per_row);
+                let col = b.remi(&chunk, &per_row);
+                let key = b.addi(&first_key, &row);
+                let inside = b.cmpi("slt", &key, &self.t, I64);
+                let key = b.mini(&key, &last);
+                let cd = b.i64(d as i64);
+                let at = b.muli(&key, &cd);
+                let at = b.addi(base, &at);
+                let c8 = b.i64(8);
+                let col_at = b.muli(&col, &c8);
+                let at = b.addi(&at, &col_at);
+                let zero = b.f32(0.0);
+                let v4 = crate::mlir::vf32(4);
+                let mut values = Vec::new();
+                for part in 0..2 {
+                    let off = b.i64(4 * part);
+                    let i = b.addi(&at, &off);
+                    let ptr = b.gep(src, &i, F32);
+                    let v = b.op(format!(
+                        "llvm.load {ptr} {{alignment = 16 : i64}} : !llvm.ptr -> {v4}"
+                    ));
+                    for lane in 0..4 {
+                        let x = b.op(format!("vector.extract {v}[{lane}] : f32 from {v4}"));
+                        values.push(b.select(&inside, &x, &zero, F32));
+                    }
+                }
+                let words: Vec<Val> = values
+                    .chunks(2)
+                    .map(|pair| self.isa.pack(b, half, &pair[0], &pair[1]))
+                    .collect();
+                let c16 = b.i64(16);
+                let row_bytes = b.i64((self.tiles.row() * 2) as i64);
+                let to = b.muli(&row, &row_bytes);
+                let col_bytes = b.muli(&col, &c16);
+                let to = b.addi(&to, &col_bytes);
+                let to = b.addi(&to, offset);
+                let to = trunc32(b, &to);
+                let to = b.bin("addi", &to, &self.smem, "i32");
+                self.isa
+                    .store_shared(b, &to, [&words[0], &words[1], &words[2], &words[3]]);
+            };
+            if (i + 1) * THREADS <= chunks {
+                emit(b);
+            } else {
+                let off = b.i64((chunks - i * THREADS) as i64);
+                let take = b.cmpi("slt", &self.tid, &off, I64);
+                b.if_then(&take, emit);
+            }
+        }
+    }
+
     /// Copies key tile `kt` into shared memory at `offset`.
     fn load_tile(&self, b: &mut Builder, src: &Val, kv_base: &Val, kt: &Val, offset: &Val) {
         self.load_rows(b, src, kv_base, (kt, self.tiles.block_k), offset);
@@ -265,6 +350,7 @@ pub fn attention_mma(
     half: Half,
     tiles: MmaTiles,
     isa: Lowering,
+    io: AttentionIo,
 ) -> String {
     let mut b = Builder::new();
     let b = &mut b;
@@ -367,7 +453,10 @@ pub fn attention_mma(
     let stage0_k = b.i64(k_offset as i64);
     let stage0_v = b.i64(v_offset as i64);
     b.if_then(&any, |b| {
-        ctx.load_rows(b, &q, &q_base, (&qt, bq), &c0);
+        match io {
+            AttentionIo::Half => ctx.load_rows(b, &q, &q_base, (&qt, bq), &c0),
+            AttentionIo::Plan => ctx.load_rows_f32(b, half, &q, &q_base, (&qt, bq), &c0),
+        }
         let entry = b.load(&sched_tiles, &start, I64, I64);
         let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
         ctx.load_tile(b, &k, &kv_base, &kt, &stage0_k);
@@ -707,16 +796,35 @@ pub fn attention_mma(
             let inverse = b.select(&seen, &inv, &zero, F32);
             let inside = b.cmpi("slt", row, &t, I64);
             b.if_then(&inside, |b| {
-                let at = b.muli(row, &cd);
-                let at = b.addi(&q_base, &at);
+                let at = if io == AttentionIo::Plan && kernel.merge_heads {
+                    // [B, T, heads * D]
+                    let at = b.muli(&batch, &t);
+                    let at = b.addi(&at, row);
+                    let at = b.muli(&at, &ch);
+                    let at = b.addi(&at, &h);
+                    b.muli(&at, &cd)
+                } else {
+                    let at = b.muli(row, &cd);
+                    b.addi(&q_base, &at)
+                };
                 let at = b.addi(&at, &two_c);
                 for n in 0..d / 8 {
                     let x0 = b.bin("mulf", &o[m * n_o + n * 4 + 2 * r], &inverse, F32);
                     let x1 = b.bin("mulf", &o[m * n_o + n * 4 + 2 * r + 1], &inverse, F32);
-                    let packed = isa.pack(b, half, &x0, &x1);
                     let off = b.i64((n * 8) as i64);
                     let at = b.addi(&at, &off);
-                    b.store(&packed, &out, &at, "i16", "i32");
+                    match io {
+                        AttentionIo::Half => {
+                            let packed = isa.pack(b, half, &x0, &x1);
+                            b.store(&packed, &out, &at, "i16", "i32");
+                        }
+                        AttentionIo::Plan => {
+                            b.store(&x0, &out, &at, F32, F32);
+                            let c1 = b.i64(1);
+                            let next = b.addi(&at, &c1);
+                            b.store(&x1, &out, &next, F32, F32);
+                        }
+                    }
                 }
             });
         }

@@ -12,6 +12,7 @@ pub mod generic;
 pub mod loss;
 pub mod matmul;
 pub mod projection_mma;
+pub mod tensor_core;
 pub mod warp;
 
 use zebra_ir::op::{AttentionKernel, Op};

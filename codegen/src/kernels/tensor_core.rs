@@ -1,0 +1,304 @@
+//! Which kernels of a model's GPU plan run on tensor cores, and how they are built and
+//! launched. With a 16-bit type chosen (`zebra compile --target sm_XX --dtype bf16|f16`):
+//!
+//! - the projections ([`ProjectionMma`]);
+//! - the fused attention ([`attention_mma`] reading the plan's f32 queries and writing its
+//!   f32 output), where the tensor-core kernel takes the head dim and the attention needs no
+//!   log-sum-exp (the training step's forward keeps the f32 kernel, whose output the backward
+//!   reads);
+//! - `pack_kv` before such an attention, replaced by [`pack_half`]: keys and values rounded
+//!   to 16 bits, `[B, KV, T, D]`, in the workspaces the attention reads.
+//!
+//! The plan itself is unchanged: the same steps, buffers and schedules, so that every kernel
+//! still has its portable f32 version, and a kernel runs on tensor cores only where every
+//! step that reads what it writes does too.
+
+use zebra_ir::op::AttentionKernel;
+use zebra_ir::{Graph, Op};
+use zebra_runtime::plan::{Operand, Step, TensorCoreGrid};
+
+use super::KernelSpec;
+use super::attention_mma::{AttentionIo, Half, MmaTiles, THREADS, attention_mma};
+use super::projection_mma::{ProjectionMma, projection_mma};
+use super::warp::Lowering;
+use crate::mlir::{Builder, F32, I64, Val, vf32};
+use crate::plan::Planned;
+
+/// Rows of `[B T]` per block of `pack_half`.
+const PACK_ROWS: usize = 16;
+
+/// A kernel of a plan on tensor cores.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TensorCoreKernel {
+    Projection(ProjectionMma),
+    /// Keys and values rounded to 16 bits for a tensor-core attention.
+    PackHalf {
+        kv_heads: usize,
+        head_dim: usize,
+    },
+    Attention {
+        kernel: AttentionKernel,
+        tiles: MmaTiles,
+    },
+}
+
+impl TensorCoreKernel {
+    /// The MLIR function `@name(buffers, dims, x, y, thread, shared memory)`.
+    pub fn function(&self, name: &str, half: Half, isa: Lowering) -> String {
+        match self {
+            TensorCoreKernel::Projection(p) => projection_mma(name, p, half, isa),
+            TensorCoreKernel::PackHalf { kv_heads, head_dim } => {
+                pack_half(name, *kv_heads, *head_dim, half, isa)
+            }
+            TensorCoreKernel::Attention { kernel, tiles } => {
+                attention_mma(name, kernel, half, *tiles, isa, AttentionIo::Plan)
+            }
+        }
+    }
+
+    pub fn grid(&self) -> TensorCoreGrid {
+        match self {
+            TensorCoreKernel::Projection(p) => TensorCoreGrid::Rows {
+                rows: p.block_m(),
+                columns: p.column_blocks(),
+            },
+            TensorCoreKernel::PackHalf { .. } => TensorCoreGrid::Rows {
+                rows: PACK_ROWS,
+                columns: 1,
+            },
+            TensorCoreKernel::Attention { kernel, tiles } => TensorCoreGrid::Attention {
+                block_q: tiles.block_q,
+                heads: kernel.heads as usize,
+            },
+        }
+    }
+
+    pub fn shared_bytes(&self) -> usize {
+        match self {
+            TensorCoreKernel::Projection(p) => p.shared_bytes(),
+            TensorCoreKernel::PackHalf { .. } => 0,
+            TensorCoreKernel::Attention { tiles, .. } => tiles.shared_bytes(),
+        }
+    }
+
+    /// The PTX entry `{name}_mma(buffers, dims)`, in LLVM IR.
+    pub fn entry_ir(&self, name: &str) -> String {
+        match self {
+            TensorCoreKernel::Attention { .. } => super::attention_mma::entry_ir(name),
+            _ => super::projection_mma::entry_ir(name),
+        }
+    }
+}
+
+/// The graph with each attention's tiles those of the tensor-core kernel for its head dim
+/// on `sm`, where there is one (the schedule is built for the kernel's tiles).
+pub fn retile(graph: &Graph, sm: u32) -> Graph {
+    let mut graph = graph.clone();
+    for id in graph.node_ids() {
+        let node = graph.node_mut(id);
+        if let Op::Attention(kernel) | Op::AttentionLse(kernel) | Op::AttentionGrad { kernel, .. } =
+            &mut node.op
+            && let Some(tiles) = MmaTiles::for_head_dim(kernel.head_dim as usize, sm)
+        {
+            kernel.block_q = tiles.block_q as u64;
+            kernel.block_k = tiles.block_k as u64;
+        }
+    }
+    graph
+}
+
+/// The kernels of a planned graph that run on tensor cores on `sm`, by kernel index.
+pub fn select(planned: &Planned, sm: u32) -> Vec<(usize, TensorCoreKernel)> {
+    let steps: Vec<(usize, &Vec<Operand>)> = planned
+        .plan
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Kernel {
+                kernel, operands, ..
+            } => Some((*kernel, operands)),
+            Step::Schedule { .. } => None,
+        })
+        .collect();
+    // Attentions whose kernel the tensor cores can run, with their tiles.
+    let mut attention: Vec<(usize, AttentionKernel, MmaTiles)> = planned
+        .kernels
+        .iter()
+        .enumerate()
+        .filter_map(|(i, spec)| {
+            let KernelSpec::Attention { kernel, lse: false } = spec else {
+                return None;
+            };
+            let tiles = MmaTiles::for_head_dim(kernel.head_dim as usize, sm)?;
+            let fits = tiles.block_q as u64 == kernel.block_q
+                && kernel.block_k.is_multiple_of(16)
+                && (16..=128).contains(&kernel.block_k);
+            fits.then(|| {
+                let tiles = MmaTiles {
+                    block_k: kernel.block_k as usize,
+                    ..tiles
+                };
+                (i, kernel.clone(), tiles)
+            })
+        })
+        .collect();
+    // pack_kv kernels whose every output is read by those attentions alone (as their keys
+    // and values), and the attentions whose keys and values all come from such kernels: to
+    // a fixed point, as dropping one may drop the other.
+    let mut packs: Vec<(usize, usize, usize)>;
+    loop {
+        packs = Vec::new();
+        for (i, spec) in planned.kernels.iter().enumerate() {
+            let KernelSpec::PackKv { head_dim, .. } = spec else {
+                continue;
+            };
+            let mut kv_heads = None;
+            let mut ok = true;
+            for (_, ops) in steps.iter().filter(|(k, _)| *k == i) {
+                for (position, written) in [(1, ops[2]), (2, ops[3])] {
+                    for (reader, rops) in &steps {
+                        for (at, _) in rops.iter().enumerate().filter(|(_, o)| **o == written) {
+                            match attention.iter().find(|(a, _, _)| a == reader) {
+                                Some((_, kernel, _)) if at == position => {
+                                    let kv = kernel.kv_heads as usize;
+                                    ok &= kv_heads.replace(kv).is_none_or(|k| k == kv);
+                                }
+                                _ if *reader == i => {}
+                                _ => ok = false,
+                            }
+                        }
+                    }
+                }
+            }
+            if let (true, Some(kv)) = (ok, kv_heads) {
+                packs.push((i, kv, *head_dim));
+            }
+        }
+        let before = attention.len();
+        attention.retain(|(a, _, _)| {
+            steps.iter().filter(|(k, _)| k == a).all(|(_, ops)| {
+                [ops[1], ops[2]].iter().all(|read| {
+                    steps.iter().any(|(writer, wops)| {
+                        packs.iter().any(|(p, _, _)| p == writer)
+                            && (wops[2] == *read || wops[3] == *read)
+                    })
+                })
+            })
+        });
+        if attention.len() == before {
+            break;
+        }
+    }
+    let mut out: Vec<(usize, TensorCoreKernel)> = Vec::new();
+    for (i, spec) in planned.kernels.iter().enumerate() {
+        if let Some(p) = ProjectionMma::of(spec) {
+            out.push((i, TensorCoreKernel::Projection(p)));
+        } else if let Some((_, kernel, tiles)) = attention.iter().find(|(a, _, _)| *a == i) {
+            out.push((
+                i,
+                TensorCoreKernel::Attention {
+                    kernel: kernel.clone(),
+                    tiles: *tiles,
+                },
+            ));
+        } else if let Some((_, kv_heads, head_dim)) = packs.iter().find(|(p, _, _)| *p == i) {
+            out.push((
+                i,
+                TensorCoreKernel::PackHalf {
+                    kv_heads: *kv_heads,
+                    head_dim: *head_dim,
+                },
+            ));
+        }
+    }
+    out
+}
+
+/// `pack_kv`'s stand-in before a tensor-core attention: `k` and `v` (f32, `[B, KV, T, D]`)
+/// rounded to 16 bits into `kp` and `vp` (same layout). Buffers: k, v, kp, vp. A block
+/// converts [`PACK_ROWS`] rows of `B T`, 8 elements per thread at a time.
+pub fn pack_half(
+    name: &str,
+    kv_heads: usize,
+    head_dim: usize,
+    half: Half,
+    isa: Lowering,
+) -> String {
+    let mut builder = Builder::new();
+    let b = &mut builder;
+    let bufs = Val("%bufs".into());
+    let dims = Val("%dims".into());
+    let bx = Val("%bx".into());
+    let tid = Val("%tid".into());
+    let k = b.ptr_at(&bufs, 0);
+    let v = b.ptr_at(&bufs, 1);
+    let kp = b.ptr_at(&bufs, 2);
+    let vp = b.ptr_at(&bufs, 3);
+    let batch = b.i64_at(&dims, 0);
+    let t = b.i64_at(&dims, 1);
+    let rows = b.muli(&batch, &t);
+    let per_row = kv_heads * head_dim / 8;
+    let chunks = b.i64((PACK_ROWS * per_row) as i64);
+    let step = b.i64(THREADS as i64);
+    let cpr = b.i64(per_row as i64);
+    let per_head = b.i64((head_dim / 8) as i64);
+    let crows = b.i64(PACK_ROWS as i64);
+    let ckv = b.i64(kv_heads as i64);
+    let cd = b.i64(head_dim as i64);
+    let c8 = b.i64(8);
+    let first = b.muli(&bx, &crows);
+    b.for_range(&tid, &chunks, &step, &[], |b, c, _| {
+        let r = b.divi(c, &cpr);
+        let rem = b.remi(c, &cpr);
+        let kvh = b.divi(&rem, &per_head);
+        let col = b.remi(&rem, &per_head);
+        let row = b.addi(&first, &r);
+        let inside = b.cmpi("slt", &row, &rows, I64);
+        b.if_then(&inside, |b| {
+            let bi = b.divi(&row, &t);
+            let ti = b.remi(&row, &t);
+            let at = b.muli(&bi, &ckv);
+            let at = b.addi(&at, &kvh);
+            let at = b.muli(&at, &t);
+            let at = b.addi(&at, &ti);
+            let at = b.muli(&at, &cd);
+            let col = b.muli(&col, &c8);
+            let at = b.addi(&at, &col);
+            let v4 = vf32(4);
+            for (src, dst) in [(&k, &kp), (&v, &vp)] {
+                let mut values = Vec::new();
+                for part in 0..2 {
+                    let off = b.i64(4 * part);
+                    let i = b.addi(&at, &off);
+                    let ptr = b.gep(src, &i, F32);
+                    let x = b.op(format!(
+                        "llvm.load {ptr} {{alignment = 16 : i64}} : !llvm.ptr -> {v4}"
+                    ));
+                    for lane in 0..4 {
+                        values.push(b.op(format!("vector.extract {x}[{lane}] : f32 from {v4}")));
+                    }
+                }
+                // Element `at` of 16 bits is word `at / 2` of 32.
+                let c2 = b.i64(2);
+                let word = b.divi(&at, &c2);
+                for (j, pair) in values.chunks(2).enumerate() {
+                    let packed = isa.pack(b, half, &pair[0], &pair[1]);
+                    let cj = b.i64(j as i64);
+                    let w = b.addi(&word, &cj);
+                    b.store(&packed, dst, &w, "i32", "i32");
+                }
+            }
+        });
+        vec![]
+    });
+    let body = builder.finish(name);
+    body.replacen(
+        &format!(
+            "func.func @{name}(%bufs: !llvm.ptr, %dims: !llvm.ptr, %first: i64, %last: i64) {{"
+        ),
+        &format!(
+            "func.func private @{name}(%bufs: !llvm.ptr, %dims: !llvm.ptr, %bx: i64, %by: i64, %tid: i64, %smem: !llvm.ptr<3>) attributes {{passthrough = [\"alwaysinline\"]}} {{"
+        ),
+        1,
+    )
+}
