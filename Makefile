@@ -11,6 +11,7 @@ demo: setup
 	scripts/demo.sh
 
 test: setup
+	scripts/ptxas.sh
 	cargo test --workspace
 
 # A minute of coverage-guided fuzzing of the frontend (needs `cargo install cargo-fuzz`).

@@ -4,17 +4,21 @@
 # training steps, sampled generation) and, for the golden models, with the logits Hugging Face
 # transformers computed; then the tensor-core attention kernels (scripts/gpu-attention.sh:
 # checks, and the benchmark beside PyTorch). One JSON line per check; fails if any fails.
+# The same examples compiled with --dtype bf16 (projections and attention on tensor cores,
+# operands rounded to bf16, f32 accumulation) are compared with a bf16 tolerance: 2e-2 of the
+# largest logit. Then the forward benchmark of a 492M-parameter model, f32 against bf16.
 # Usage: scripts/gpu-check.sh DIR [TOLERANCE]   (relative to the largest logit; default 1e-4)
 set -uo pipefail
 dir=${1:?usage: gpu-check.sh DIR [TOLERANCE]}
 tolerance=${2:-1e-4}
+bf16_tolerance=2e-2
 run="$dir/zebra-run"
 failed=0
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || true
 # One JSON line: logits A against logits B for check NAME.
 compare() {
     local result status
-    result=$("$run" diff "$2" "$3" --tolerance "$tolerance" 2>&1)
+    result=$("$run" diff "$2" "$3" --tolerance "${4:-$tolerance}" 2>&1)
     status=$?
     echo "{\"example\": \"$1\", \"result\": $(echo "$result" | head -1)}"
     [ $status -eq 0 ] || failed=1
@@ -32,6 +36,12 @@ for example in "$dir"/*/; do
         continue
     fi
     compare "$name" "$example/gpu-logits.npy" "$example/cpu-logits.npy"
+    if "$run" forward "$example/gpu-bf16" --device cuda --weights "$example/weights.safetensors" \
+        --tokens "$dir/tokens.npy" --output "$example/gpu-bf16-logits.npy"; then
+        compare "$name, bf16 tensor cores" "$example/gpu-bf16-logits.npy" "$example/cpu-logits.npy" "$bf16_tolerance"
+    else
+        gpu_failed "$name, bf16 tensor cores"
+    fi
 done
 # The golden models against the logits Hugging Face transformers (PyTorch) computed.
 for example in "$dir"/golden-*/; do
@@ -41,6 +51,12 @@ for example in "$dir"/golden-*/; do
         compare "$name vs transformers" "$example/gpu-logits.npy" "$example/hf-logits.npy"
     else
         gpu_failed "$name"
+    fi
+    if "$run" forward "$example/gpu-bf16" --device cuda --weights "$example/weights.safetensors" \
+        --tokens "$example/tokens.npy" --output "$example/gpu-bf16-logits.npy" 2>/dev/null; then
+        compare "$name, bf16 tensor cores, vs transformers" "$example/gpu-bf16-logits.npy" "$example/hf-logits.npy" "$bf16_tolerance"
+    else
+        gpu_failed "$name, bf16 tensor cores"
     fi
 done
 if [ -d "$dir/train/gpu" ]; then
@@ -89,6 +105,16 @@ if [ -d "$dir/generate/gpu" ]; then
         echo '{"example": "sampled generation", "ok": false, "error": "the GPU run failed"}'
         failed=1
     fi
+fi
+# The forward benchmark: the median of 3 passes in f32 and in bf16, and their logits compared.
+if [ -d "$dir/model" ]; then
+    for dtype in f32 bf16; do
+        if ! "$run" forward "$dir/model/$dtype" --device cuda --random-weights 1 \
+            --tokens "$dir/model/tokens.npy" --output "$dir/model/$dtype-logits.npy" --repeat 3 --json; then
+            gpu_failed "model benchmark, $dtype"
+        fi
+    done
+    compare "model benchmark, bf16 against f32" "$dir/model/bf16-logits.npy" "$dir/model/f32-logits.npy" "$bf16_tolerance"
 fi
 # The tensor-core attention kernels: checks, then the benchmark beside PyTorch.
 if [ -d "$dir/attention" ]; then

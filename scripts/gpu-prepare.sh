@@ -22,6 +22,7 @@ for file in examples/zebra_tiny.zb examples/attention/*.zb; do
     mkdir -p "$out/$name"
     $zebra init "$file" --seed 1 -o "$out/$name/weights.safetensors" >/dev/null
     $zebra compile "$file" --emit artifact --target "$sm" --max-seq-len 1024 -o "$out/$name/gpu" >/dev/null
+    $zebra compile "$file" --emit artifact --target "$sm" --dtype bf16 --max-seq-len 1024 -o "$out/$name/gpu-bf16" >/dev/null
     $zebra run "$file" --weights "$out/$name/weights.safetensors" --tokens "$out/tokens.npy" \
         --output "$out/$name/cpu-logits.npy" >/dev/null
     echo "prepared $name"
@@ -32,6 +33,7 @@ for file in tests/fixtures/golden/*.zb; do
     name=golden-$(basename "$file" .zb)
     mkdir -p "$out/$name"
     $zebra compile "$file" --emit artifact --target "$sm" --max-seq-len 64 -o "$out/$name/gpu" >/dev/null
+    $zebra compile "$file" --emit artifact --target "$sm" --dtype bf16 --max-seq-len 64 -o "$out/$name/gpu-bf16" >/dev/null
     cp tests/fixtures/golden/tiny_llama.safetensors "$out/$name/weights.safetensors"
     cp tests/fixtures/golden/tokens.npy "$out/$name/tokens.npy"
     cp "tests/fixtures/golden/logits_$(basename "$file" .zb).npy" "$out/$name/hf-logits.npy"
@@ -73,6 +75,22 @@ for name in causal sliding_window sinks; do
     rm -rf "$d/cpu"
 done
 echo "prepared generation"
+
+# The forward benchmark: a 492M-parameter Zebra model at T = 4096, in f32 and in bf16 on
+# tensor cores (random weights, made on the GPU machine: they are too large to carry).
+mkdir -p "$out/model"
+$zebra compile bench/gpu_model.zb --emit artifact --target "$sm" --max-seq-len 4096 -o "$out/model/f32" >/dev/null
+$zebra compile bench/gpu_model.zb --emit artifact --target "$sm" --dtype bf16 --max-seq-len 4096 -o "$out/model/bf16" >/dev/null
+python3 - "$out/model/tokens.npy" <<'PY'
+import struct, sys
+# [1, 4096] int64 tokens, as .npy (no numpy needed).
+header = "{'descr': '<i8', 'fortran_order': False, 'shape': (1, 4096), }"
+header += " " * (63 - (10 + len(header)) % 64) + "\n"
+with open(sys.argv[1], "wb") as f:
+    f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode())
+    f.write(b"".join(struct.pack("<q", (i * 7919) % 32000) for i in range(4096)))
+PY
+echo "prepared the model benchmark"
 
 # Tensor-core attention kernels: every example's, one in f16, and the benchmark shapes.
 cp scripts/gpu-attention.sh bench/torch_gpu_attention.py "$out/"

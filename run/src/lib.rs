@@ -39,8 +39,12 @@ enum Command {
     /// output, `logits`, unless --name picks another).
     Forward {
         artifact: PathBuf,
-        #[arg(long)]
-        weights: PathBuf,
+        #[arg(long, required_unless_present = "random_weights")]
+        weights: Option<PathBuf>,
+        /// Deterministic random weights of the plan's shapes instead of --weights (norm gains
+        /// 1, the rest of standard deviation 0.02), for benchmarks of large models.
+        #[arg(long, conflicts_with = "weights")]
+        random_weights: Option<u64>,
         #[arg(long)]
         tokens: PathBuf,
         #[arg(long)]
@@ -52,6 +56,13 @@ enum Command {
         /// `cpu`, or `cuda` for an artifact compiled with --target sm_80 or sm_90.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Timed passes after the first (which loads kernels and warms caches); the median is
+        /// reported. 0: time the first pass.
+        #[arg(long, default_value_t = 0)]
+        repeat: usize,
+        /// Also print the timing as a JSON line on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Decode given tokens (teacher-forced) with an artifact built with `--for generate`: the
     /// first --prompt-len tokens are prefilled, the rest decoded one by one; writes the
@@ -261,34 +272,79 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Forward {
             artifact,
             weights,
+            random_weights,
             tokens,
             output,
             name,
             threads,
             device,
+            repeat,
+            json,
         } => {
-            let weights = load_weights(&weights)?;
+            let weights = match (weights, random_weights) {
+                (Some(path), _) => load_weights(&path)?,
+                (None, Some(seed)) => {
+                    zebra_runtime::artifact::random_weights(&Artifact::load(&artifact)?.plan, seed)
+                }
+                (None, None) => bail!("give the weights: --weights FILE or --random-weights SEED"),
+            };
+            let tokens = read_tokens(&tokens)?;
+            let shape = tokens.shape().to_vec();
             let mut inputs = BTreeMap::new();
-            inputs.insert("tokens".to_string(), Tensor::I64(read_tokens(&tokens)?));
+            inputs.insert("tokens".to_string(), Tensor::I64(tokens));
+            // The first pass, then `repeat` timed ones: their median.
+            fn timed<M>(
+                model: &mut M,
+                repeat: usize,
+                run: impl Fn(&mut M) -> Result<BTreeMap<String, ArrayD<f32>>>,
+            ) -> Result<(BTreeMap<String, ArrayD<f32>>, std::time::Duration)> {
+                let start = Instant::now();
+                let mut outputs = run(model)?;
+                let mut times = vec![start.elapsed()];
+                if repeat > 0 {
+                    times.clear();
+                    for _ in 0..repeat {
+                        let start = Instant::now();
+                        outputs = run(model)?;
+                        times.push(start.elapsed());
+                    }
+                }
+                times.sort();
+                Ok((outputs, times[times.len() / 2]))
+            }
             let (mut outputs, names, elapsed, on) = match device.as_str() {
                 "cpu" => {
                     let mut model = CpuModel::load(&artifact, &weights, threads)?;
-                    let start = Instant::now();
-                    let outputs = model.run(&inputs)?;
+                    let (outputs, elapsed) = timed(&mut model, repeat, |m| Ok(m.run(&inputs)?))?;
                     let names: Vec<String> =
                         model.plan().outputs.iter().map(|o| o.0.clone()).collect();
-                    (outputs, names, start.elapsed(), "the CPU".to_string())
+                    (outputs, names, elapsed, "the CPU".to_string())
                 }
                 "cuda" => {
                     let mut model = CudaModel::load(&artifact, &weights)?;
-                    let start = Instant::now();
-                    let outputs = model.run(&inputs)?;
+                    let (outputs, elapsed) = timed(&mut model, repeat, |m| Ok(m.run(&inputs)?))?;
                     let names: Vec<String> =
                         model.plan().outputs.iter().map(|o| o.0.clone()).collect();
-                    (outputs, names, start.elapsed(), model.device.clone())
+                    (outputs, names, elapsed, model.device.clone())
                 }
                 other => bail!("unknown device `{other}`: `cpu` or `cuda`"),
             };
+            if json {
+                let tokens: usize = shape.iter().product();
+                let seconds = elapsed.as_secs_f64();
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({
+                        "artifact": artifact.display().to_string(),
+                        "device": on,
+                        "tokens_shape": shape,
+                        "time_ms": seconds * 1e3,
+                        "tokens_per_s": tokens as f64 / seconds.max(1e-12),
+                        "timed_passes": repeat.max(1),
+                    })
+                )?;
+            }
             let name = name.unwrap_or_else(|| names.first().cloned().unwrap_or("logits".into()));
             let value = outputs.remove(&name).ok_or_else(|| {
                 anyhow!(

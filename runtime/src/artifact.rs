@@ -239,3 +239,27 @@ impl AttentionArtifact {
         Ok((artifact, ptx))
     }
 }
+
+/// Deterministic random weights of the shapes a plan reads, for benchmarks of models whose
+/// weights are too large to carry: norm gains 1, every other weight uniform with standard
+/// deviation 0.02.
+pub fn random_weights(plan: &crate::plan::Plan, seed: u64) -> zebra_ir::Weights {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let half_width = 0.02 * 3f32.sqrt();
+    let mut weights = zebra_ir::Weights::new();
+    for spec in &plan.weights {
+        let count: usize = spec.shape.iter().product();
+        let values: Vec<f32> = if spec.name.ends_with("norm.weight") {
+            vec![1.0; count]
+        } else {
+            (0..count)
+                .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * half_width)
+                .collect()
+        };
+        let array = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&spec.shape), values)
+            .expect("the count is the shape's");
+        weights.insert(spec.name.clone(), array);
+    }
+    weights
+}

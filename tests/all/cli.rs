@@ -1005,6 +1005,31 @@ fn the_runtime_only_binary_runs_compiled_artifacts() {
         .zip(&b)
         .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
     assert!(worst < 1e-5, "zebra-run and zebra run differ by {worst}");
+    // Timed passes on random weights of the plan's shapes (benchmarks of large models), as
+    // JSON; the weights must come from somewhere.
+    let json = run_tool(&[
+        "forward",
+        &forward,
+        "--random-weights",
+        "3",
+        "--tokens",
+        &tokens,
+        "--output",
+        &ours,
+        "--repeat",
+        "2",
+        "--json",
+    ])
+    .unwrap();
+    let line: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(line["timed_passes"], 2, "{json}");
+    assert_eq!(line["tokens_shape"], serde_json::json!([1, 9]), "{json}");
+    assert!(line["time_ms"].as_f64().unwrap() > 0.0, "{json}");
+    let random = npy::read_floats(Path::new(&ours)).unwrap();
+    assert!(random.iter().all(|x| x.is_finite()) && random != a);
+    let error =
+        run_tool(&["forward", &forward, "--tokens", &tokens, "--output", &ours]).unwrap_err();
+    assert!(error.contains("--weights"), "{error}");
 
     // Generation: what `zebra generate` writes.
     let generate = artifact("generate");

@@ -463,3 +463,128 @@ fn tensor_core_attention_runs_or_says_why_not() {
         assert_eq!(run.tiles_total, 3 * 5);
     }
 }
+
+/// NVIDIA's PTX assembler, where this machine has it (`scripts/ptxas.sh` fetches it into
+/// target/ptxas; `ZEBRA_PTXAS` names another).
+fn ptxas() -> Option<std::path::PathBuf> {
+    if let Some(path) = std::env::var_os("ZEBRA_PTXAS") {
+        return Some(path.into());
+    }
+    let local = root().join("target/ptxas/ptxas");
+    local.exists().then_some(local)
+}
+
+/// What ptxas says of each entry: (name, registers, spill store bytes).
+fn assemble(ptxas: &std::path::Path, ptx: &std::path::Path, sm: &str) -> Vec<(String, u32, u32)> {
+    let out = std::process::Command::new(ptxas)
+        .args([&format!("-arch={sm}"), "-v", "-o", "/dev/null"])
+        .arg(ptx)
+        .output()
+        .expect("ptxas runs");
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "ptxas refused {}:\n{text}",
+        ptx.display()
+    );
+    let mut entries: Vec<(String, u32, u32)> = Vec::new();
+    let number = |line: &str, before: &str| -> u32 {
+        let at = line.find(before).expect("the field is there");
+        line[..at]
+            .split_whitespace()
+            .last()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    for line in text.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let name = rest.split('\'').next().unwrap_or_default().to_string();
+            entries.push((name, 0, 0));
+        } else if line.contains("spill stores")
+            && let Some(last) = entries.last_mut()
+        {
+            last.2 = number(line, "bytes spill stores");
+        } else if line.contains("Used ")
+            && line.contains(" registers")
+            && let Some(last) = entries.last_mut()
+        {
+            last.1 = number(line, "registers");
+        }
+    }
+    entries
+}
+
+/// Where ptxas is present: every kernel of zebra_tiny's plans (forward in f32 and with
+/// tensor cores in bf16 and f16, training, generation), of the benchmark model in bf16, and
+/// the tensor-core attention kernels of every example assemble for sm_80 and sm_90; the
+/// tensor-core kernels fit the registers (at most 128 bytes spilled, as the attention kernel
+/// with head dim 128 does a little).
+#[test]
+fn gpu_kernels_assemble_with_ptxas() {
+    use zebra_codegen::kernels::attention_mma::MmaSettings;
+    let Some(ptxas) = ptxas() else {
+        eprintln!("skipped: no ptxas (run scripts/ptxas.sh, or set ZEBRA_PTXAS)");
+        return;
+    };
+    let out = tempfile::tempdir().unwrap();
+    let tiny = tiny_graph();
+    let train = zebra_passes::autodiff::training_graph(&tiny).unwrap();
+    let train = optimize(&train, &Options::default()).unwrap().graph;
+    let (_, checked) = check_ok(&root().join("bench/gpu_model.zb"));
+    let bench = optimize(&lower(&checked.program.models[0]), &Options::default())
+        .unwrap()
+        .graph;
+    let (mut checked_entries, mut most_registers) = (0, 0);
+    for sm in ["sm_80", "sm_90"] {
+        let target = GpuTarget::from_name(sm).unwrap();
+        let mut dirs = Vec::new();
+        for (name, graph, mode, half) in [
+            ("f32", &tiny, PlanMode::Forward, None),
+            ("bf16", &tiny, PlanMode::Forward, Some(Half::Bf16)),
+            ("f16", &tiny, PlanMode::Forward, Some(Half::F16)),
+            ("train", &train, PlanMode::Forward, Some(Half::Bf16)),
+            ("decode", &tiny, PlanMode::Decode, Some(Half::Bf16)),
+            ("bench", &bench, PlanMode::Forward, Some(Half::Bf16)),
+        ] {
+            let dir = out.path().join(format!("{name}-{sm}"));
+            let options = BuildOptions {
+                mode,
+                max_seq_len: 4096,
+                cache: None,
+            };
+            build_gpu(graph, &dir, &options, target, half).unwrap();
+            dirs.push(dir);
+        }
+        for path in crate::common::examples() {
+            let (_, checked) = check_ok(&path);
+            let graph = optimize(&lower(&checked.program.models[0]), &Options::default())
+                .unwrap()
+                .graph;
+            let dir = out
+                .path()
+                .join(format!("attention-{}-{sm}", checked.program.models[0].name));
+            zebra_codegen::artifact::build_gpu_attention(
+                &graph,
+                &dir,
+                target,
+                Half::Bf16,
+                MmaSettings::default(),
+            )
+            .unwrap();
+            dirs.push(dir);
+        }
+        for dir in dirs {
+            for (entry, registers, spilled) in assemble(&ptxas, &dir.join("kernels.ptx"), sm) {
+                assert!(registers <= 255, "{entry}: {registers} registers");
+                if entry.ends_with("_mma") {
+                    assert!(spilled <= 128, "{entry} ({sm}) spills {spilled} bytes");
+                }
+                checked_entries += 1;
+                most_registers = most_registers.max(registers);
+            }
+        }
+    }
+    assert!(checked_entries > 100, "{checked_entries}");
+    // The tensor-core kernels keep their accumulators in registers: ptxas's report was read.
+    assert!(most_registers > 128, "{most_registers}");
+}
