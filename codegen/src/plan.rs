@@ -37,7 +37,7 @@ pub struct Planned {
     pub kernels: Vec<KernelSpec>,
 }
 
-fn extent(dim: Dim) -> Extent {
+pub(crate) fn extent(dim: Dim) -> Extent {
     match dim {
         Dim::Const(n) => Extent::Const(n),
         Dim::Sym(Sym::Batch) => Extent::Batch,

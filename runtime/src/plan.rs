@@ -238,21 +238,39 @@ pub struct TensorCoreLaunch {
 }
 
 /// The blocks of a tensor-core launch, for `B` rows of `T` tokens.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TensorCoreGrid {
     /// `(ceil(B T / rows), columns)`: tiles of rows of the `[B T, N]` activations.
     Rows { rows: usize, columns: usize },
     /// `(ceil(T / block_q), B heads)`: query tiles, per batch row and head.
     Attention { block_q: usize, heads: usize },
+    /// `(ceil(M / block_m) ceil(N / block_n), batch)`: output tiles of each batch entry.
+    MatMul {
+        batch: Vec<Extent>,
+        m: Extent,
+        n: Extent,
+        block_m: usize,
+        block_n: usize,
+    },
 }
 
 impl TensorCoreGrid {
     /// The grid's `(x, y)` blocks.
-    pub fn blocks(self, batch: usize, seq: usize) -> (usize, usize) {
+    pub fn blocks(&self, batch: usize, seq: usize) -> (usize, usize) {
         match self {
-            TensorCoreGrid::Rows { rows, columns } => ((batch * seq).div_ceil(rows), columns),
-            TensorCoreGrid::Attention { block_q, heads } => (seq.div_ceil(block_q), batch * heads),
+            TensorCoreGrid::Rows { rows, columns } => ((batch * seq).div_ceil(*rows), *columns),
+            TensorCoreGrid::Attention { block_q, heads } => (seq.div_ceil(*block_q), batch * heads),
+            TensorCoreGrid::MatMul {
+                batch: entries,
+                m,
+                n,
+                block_m,
+                block_n,
+            } => (
+                m.resolve(batch, seq).div_ceil(*block_m) * n.resolve(batch, seq).div_ceil(*block_n),
+                volume(entries, batch, seq),
+            ),
         }
     }
 }

@@ -409,6 +409,16 @@ fn forward_on_tensor_cores_in_the_emulator(
     path: &std::path::Path,
     seq: usize,
 ) -> Vec<&'static str> {
+    on_tensor_cores_in_the_emulator(path, seq, false)
+}
+
+/// As [`forward_on_tensor_cores_in_the_emulator`], for the forward pass or the training step
+/// (whose outputs, the loss and every weight's gradient, are each compared).
+fn on_tensor_cores_in_the_emulator(
+    path: &std::path::Path,
+    seq: usize,
+    train: bool,
+) -> Vec<&'static str> {
     use zebra_codegen::artifact::{BuildOptions, build_with_vector};
     use zebra_codegen::emulate::EmulatedKernel;
     use zebra_codegen::kernels::attention_mma::THREADS;
@@ -419,7 +429,11 @@ fn forward_on_tensor_cores_in_the_emulator(
 
     let (_, checked) = check_ok(path);
     let spec = checked.program.models[0].clone();
-    let graph = optimize(&lower(&spec), &Options::default()).unwrap().graph;
+    let mut graph = optimize(&lower(&spec), &Options::default()).unwrap().graph;
+    if train {
+        let training = zebra_passes::autodiff::training_graph(&graph).unwrap();
+        graph = optimize(&training, &Options::default()).unwrap().graph;
+    }
     let graph = retile(&graph, 90);
     let out = tempfile::tempdir().unwrap();
     let options = BuildOptions {
@@ -454,18 +468,36 @@ fn forward_on_tensor_cores_in_the_emulator(
             TensorCoreKernel::Projection(_) => "projection",
             TensorCoreKernel::PackHalf { .. } => "pack",
             TensorCoreKernel::Attention { .. } => "attention",
+            TensorCoreKernel::MatMul(_) => "matmul",
         });
     }
-    let inputs = crate::codegen::tensors(&crate::common::random_inputs(&spec, 2, seq, 5));
-    let a = emulated.run(&inputs).unwrap()["logits"].mapv(f64::from);
-    let b = cpu.run(&inputs).unwrap()["logits"].mapv(f64::from);
-    let what = format!("{} on tensor cores (bf16)", relative(path));
-    crate::common::assert_close(&a, &b, 2e-2, &what);
-    let differ = a
-        .iter()
-        .zip(b.iter())
-        .any(|(x, y)| (x - y).abs() > 1e-6 * y.abs().max(1.0));
-    assert!(differ, "{what}: the emulated kernels did not run");
+    let mut inputs = crate::codegen::tensors(&crate::common::random_inputs(&spec, 2, seq, 5));
+    if train {
+        let zebra_runtime::Tensor::I64(tokens) = &inputs["tokens"] else {
+            unreachable!("token ids are integers")
+        };
+        let targets = tokens.mapv(|t| (t + 1) % spec.vocab as i64);
+        inputs.insert("targets".into(), zebra_runtime::Tensor::I64(targets));
+    }
+    let a = emulated.run(&inputs).unwrap();
+    let b = cpu.run(&inputs).unwrap();
+    let mut differ = false;
+    for (name, expected) in &b {
+        let got = a[name].mapv(f64::from);
+        let expected = expected.mapv(f64::from);
+        let what = format!("{} on tensor cores (bf16): {name}", relative(path));
+        // A gradient through bf16 products is as close as the products are.
+        crate::common::assert_close(&got, &expected, if train { 5e-2 } else { 2e-2 }, &what);
+        differ |= got
+            .iter()
+            .zip(expected.iter())
+            .any(|(x, y)| (x - y).abs() > 1e-6 * y.abs().max(1.0));
+    }
+    assert!(
+        differ,
+        "{}: the emulated kernels did not run",
+        relative(path)
+    );
     kinds
 }
 
@@ -483,6 +515,16 @@ fn zebra_tiny_on_tensor_cores_in_the_emulator() {
     assert_eq!(kinds.iter().filter(|k| **k == "attention").count(), 2);
 }
 
+/// zebra_tiny's training step with its projections and the backward's products of
+/// activations on tensor cores: the loss and every gradient are the f32 step's within bf16
+/// rounding.
+#[test]
+fn zebra_tiny_training_step_on_tensor_cores_in_the_emulator() {
+    let kinds = on_tensor_cores_in_the_emulator(&root().join("examples/zebra_tiny.zb"), 70, true);
+    assert!(kinds.contains(&"matmul"), "{kinds:?}");
+    assert!(kinds.contains(&"projection"), "{kinds:?}");
+}
+
 /// Document masking reads a side input: the tensor-core attention reads the document ids
 /// and a schedule per batch row.
 #[test]
@@ -492,4 +534,97 @@ fn document_masking_on_tensor_cores_in_the_emulator() {
         140,
     );
     assert!(kinds.contains(&"attention"), "{kinds:?}");
+}
+
+/// The tensor-core product of activations (the backward's `dx = dy w` and `dw = x^T dy`) in
+/// the emulator against an f64 reference on the same 16-bit operands, for every combination
+/// of transposed and shared operands, with sizes that are constants, `T`, or `B`, none of
+/// them multiples of the tiles.
+#[test]
+fn tensor_core_matmul_in_the_emulator() {
+    use rand::{Rng, SeedableRng};
+    use zebra_codegen::emulate::EmulatedKernel;
+    use zebra_codegen::kernels::attention_mma::THREADS;
+    use zebra_codegen::kernels::matmul::MatMulShape;
+    use zebra_codegen::kernels::tensor_core::TensorCoreKernel;
+    use zebra_codegen::kernels::warp::Lowering;
+    use zebra_ir::types::{Dim, Sym};
+    use zebra_runtime::attention_check::{bf16_bits, bf16_value};
+
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
+    let (batch, seq) = (2usize, 75usize);
+    let t = Dim::Sym(Sym::Seq);
+    let cases = [
+        // dx = dy w: [B, T, K] by a shared [K, N].
+        (t, Dim::Const(72), Dim::Const(40), false, false, true, false),
+        // dw = x^T dy: reduces over T.
+        (Dim::Const(48), t, Dim::Const(70), true, false, true, true),
+        // Both transposed, both batched, N = T.
+        (Dim::Const(33), Dim::Const(20), t, true, true, true, true),
+        // A shared, B transposed.
+        (t, Dim::Const(64), Dim::Const(136), false, true, false, true),
+    ];
+    for (m, k, n, a_t, b_t, a_batched, b_batched) in cases {
+        let shape = MatMulShape {
+            batch: vec![Dim::Sym(Sym::Batch)],
+            m,
+            k,
+            n,
+            a_t,
+            b_t,
+            a_batched,
+            b_batched,
+        };
+        let what = shape.describe();
+        let size = |d: Dim| match d {
+            Dim::Const(c) => c as usize,
+            _ => seq,
+        };
+        let (mm, kk, nn) = (size(m), size(k), size(n));
+        let mut random = |len: usize| -> Vec<f32> {
+            (0..len).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
+        };
+        let a = random(if a_batched { batch } else { 1 } * mm * kk);
+        let b = random(if b_batched { batch } else { 1 } * kk * nn);
+        let kernel = TensorCoreKernel::MatMul(shape.clone());
+        let function = kernel.function("matmul", Half::Bf16, Lowering::Emulated);
+        let compiled =
+            EmulatedKernel::compile(&function, "matmul", THREADS, kernel.shared_bytes()).unwrap();
+        let (a_buf, b_buf) = (aligned(&a), aligned(&b));
+        let mut c_buf = aligned(&vec![f32::NAN; batch * mm * nn]);
+        let buffers = [
+            a_buf.as_ptr() as u64,
+            b_buf.as_ptr() as u64,
+            c_buf.as_mut_ptr() as u64,
+        ];
+        let dims = [batch as i64, seq as i64, 0, 0];
+        compiled
+            .launch(kernel.grid().blocks(batch, seq), &buffers, &dims)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let c = read(&c_buf, batch * mm * nn);
+        let round = |x: f32| f64::from(bf16_value(bf16_bits(x)));
+        for bi in 0..batch {
+            let (ab, bb) = (
+                if a_batched { bi * mm * kk } else { 0 },
+                if b_batched { bi * kk * nn } else { 0 },
+            );
+            for i in 0..mm {
+                for j in 0..nn {
+                    let (mut want, mut scale) = (0.0, 0.0);
+                    for l in 0..kk {
+                        let x = a[ab + if a_t { l * mm + i } else { i * kk + l }];
+                        let y = b[bb + if b_t { j * kk + l } else { l * nn + j }];
+                        let term = round(x) * round(y);
+                        want += term;
+                        scale += term.abs();
+                    }
+                    let got = f64::from(c[(bi * mm + i) * nn + j]);
+                    assert!(
+                        (got - want).abs() <= 1e-4 * scale + 1e-6,
+                        "{what}: [{bi}, {i}, {j}]: {got} against {want}"
+                    );
+                }
+            }
+        }
+    }
 }

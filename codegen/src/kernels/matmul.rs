@@ -55,7 +55,7 @@ impl MatMulShape {
     }
 }
 
-fn resolve(b: &mut Builder, dim: Dim, batch: &Val, seq: &Val) -> Val {
+pub(crate) fn resolve(b: &mut Builder, dim: Dim, batch: &Val, seq: &Val) -> Val {
     match dim {
         Dim::Const(n) => b.i64(n as i64),
         Dim::Sym(Sym::Batch) => batch.clone(),

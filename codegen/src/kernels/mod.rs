@@ -11,6 +11,7 @@ pub mod gemm;
 pub mod generic;
 pub mod loss;
 pub mod matmul;
+pub mod matmul_mma;
 pub mod projection_mma;
 pub mod tensor_core;
 pub mod warp;

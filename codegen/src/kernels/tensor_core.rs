@@ -1,7 +1,8 @@
 //! Which kernels of a model's GPU plan run on tensor cores, and how they are built and
 //! launched. With a 16-bit type chosen (`zebra compile --target sm_XX --dtype bf16|f16`):
 //!
-//! - the projections ([`ProjectionMma`]);
+//! - the projections ([`ProjectionMma`]) and the products of activations of the training
+//!   step's backward ([`matmul_mma`]);
 //! - the fused attention ([`attention_mma`] reading the plan's f32 queries and writing its
 //!   f32 output), where the tensor-core kernel takes the head dim and the attention needs no
 //!   log-sum-exp (the training step's forward keeps the f32 kernel, whose output the backward
@@ -19,6 +20,8 @@ use zebra_runtime::plan::{Operand, Step, TensorCoreGrid};
 
 use super::KernelSpec;
 use super::attention_mma::{AttentionIo, Half, MmaTiles, THREADS, attention_mma};
+use super::matmul::MatMulShape;
+use super::matmul_mma::matmul_mma;
 use super::projection_mma::{ProjectionMma, projection_mma};
 use super::warp::Lowering;
 use crate::mlir::{Builder, F32, I64, Val, vf32};
@@ -40,6 +43,7 @@ pub enum TensorCoreKernel {
         kernel: AttentionKernel,
         tiles: MmaTiles,
     },
+    MatMul(MatMulShape),
 }
 
 impl TensorCoreKernel {
@@ -53,6 +57,7 @@ impl TensorCoreKernel {
             TensorCoreKernel::Attention { kernel, tiles } => {
                 attention_mma(name, kernel, half, *tiles, isa, AttentionIo::Plan)
             }
+            TensorCoreKernel::MatMul(shape) => matmul_mma(name, shape, half, isa),
         }
     }
 
@@ -70,6 +75,17 @@ impl TensorCoreKernel {
                 block_q: tiles.block_q,
                 heads: kernel.heads as usize,
             },
+            TensorCoreKernel::MatMul(shape) => TensorCoreGrid::MatMul {
+                batch: shape
+                    .batch
+                    .iter()
+                    .map(|d| crate::plan::extent(*d))
+                    .collect(),
+                m: crate::plan::extent(shape.m),
+                n: crate::plan::extent(shape.n),
+                block_m: super::matmul_mma::BLOCK_M,
+                block_n: super::matmul_mma::BLOCK_N,
+            },
         }
     }
 
@@ -78,6 +94,7 @@ impl TensorCoreKernel {
             TensorCoreKernel::Projection(p) => p.shared_bytes(),
             TensorCoreKernel::PackHalf { .. } => 0,
             TensorCoreKernel::Attention { tiles, .. } => tiles.shared_bytes(),
+            TensorCoreKernel::MatMul(shape) => super::matmul_mma::shared_bytes(shape),
         }
     }
 
@@ -193,6 +210,8 @@ pub fn select(planned: &Planned, sm: u32) -> Vec<(usize, TensorCoreKernel)> {
     for (i, spec) in planned.kernels.iter().enumerate() {
         if let Some(p) = ProjectionMma::of(spec) {
             out.push((i, TensorCoreKernel::Projection(p)));
+        } else if let KernelSpec::MatMul(shape) = spec {
+            out.push((i, TensorCoreKernel::MatMul(shape.clone())));
         } else if let Some((_, kernel, tiles)) = attention.iter().find(|(a, _, _)| *a == i) {
             out.push((
                 i,
