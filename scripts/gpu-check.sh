@@ -59,21 +59,26 @@ for example in "$dir"/golden-*/; do
         gpu_failed "$name, bf16 tensor cores"
     fi
 done
-if [ -d "$dir/train/gpu" ]; then
-    if "$run" train "$dir/train/gpu" --device cuda --weights "$dir/train/weights.safetensors" \
+# Five training steps on the GPU against the CPU's losses: f32 (within 10 x the tolerance),
+# and bf16 on tensor cores (within the bf16 tolerance).
+for variant in gpu gpu-bf16; do
+    [ -d "$dir/train/$variant" ] || continue
+    name="training steps"; limit=$(awk -v t="$tolerance" 'BEGIN {print t * 10}')
+    if [ "$variant" = gpu-bf16 ]; then name="training steps, bf16 tensor cores"; limit=$bf16_tolerance; fi
+    if "$run" train "$dir/train/$variant" --device cuda --weights "$dir/train/weights.safetensors" \
         --data "$dir/train/corpus.txt" --steps 5 --seq-len 128 --batch 2 --lr 1e-3 \
-        --out "$dir/train/gpu-trained.safetensors" > "$dir/train/gpu-losses.jsonl"; then
+        --out "$dir/train/$variant-trained.safetensors" > "$dir/train/$variant-losses.jsonl"; then
         losses() { grep -o '"loss":[^,]*' "$1" | cut -d: -f2; }
-        worst=$(paste <(losses "$dir/train/gpu-losses.jsonl") <(losses "$dir/train/cpu-losses.jsonl") |
+        worst=$(paste <(losses "$dir/train/$variant-losses.jsonl") <(losses "$dir/train/cpu-losses.jsonl") |
             awk '{d = $1 - $2; if (d < 0) d = -d; r = d / ($2 < 0 ? -$2 : $2); if (r > w) w = r} END {print w + 0}')
-        ok=$(awk -v w="$worst" -v t="$tolerance" 'BEGIN {print (w <= t * 10) ? "true" : "false"}')
-        echo "{\"example\": \"training steps\", \"gpu\": [$(losses "$dir/train/gpu-losses.jsonl" | paste -sd,)], \"cpu\": [$(losses "$dir/train/cpu-losses.jsonl" | paste -sd,)], \"max_relative_diff\": $worst, \"ok\": $ok}"
+        ok=$(awk -v w="$worst" -v t="$limit" 'BEGIN {print (w <= t) ? "true" : "false"}')
+        echo "{\"example\": \"$name\", \"gpu\": [$(losses "$dir/train/$variant-losses.jsonl" | paste -sd,)], \"cpu\": [$(losses "$dir/train/cpu-losses.jsonl" | paste -sd,)], \"max_relative_diff\": $worst, \"ok\": $ok}"
         [ "$ok" = true ] || failed=1
     else
-        echo '{"example": "training steps", "ok": false, "error": "the GPU run failed"}'
+        echo "{\"example\": \"$name\", \"ok\": false, \"error\": \"the GPU run failed\"}"
         failed=1
     fi
-fi
+done
 # Teacher-forced decoding for one program per kind of KV cache: every step's logits.
 for example in "$dir"/decode-*/; do
     name=$(basename "$example")
@@ -91,6 +96,12 @@ if [ -d "$dir/generate/gpu" ]; then
         compare "decode steps" "$dir/generate/gpu-decode-logits.npy" "$dir/generate/cpu-decode-logits.npy"
     else
         gpu_failed "decode steps"
+    fi
+    if "$run" decode "$dir/generate/gpu-bf16" --device cuda --weights "$dir/generate/weights.safetensors" \
+        --tokens "$dir/tokens.npy" --prompt-len 40 --output "$dir/generate/gpu-bf16-decode-logits.npy"; then
+        compare "decode steps, bf16 tensor cores" "$dir/generate/gpu-bf16-decode-logits.npy" "$dir/generate/cpu-decode-logits.npy" "$bf16_tolerance"
+    else
+        gpu_failed "decode steps, bf16 tensor cores"
     fi
     if "$run" generate "$dir/generate/gpu" --device cuda --weights "$dir/generate/weights.safetensors" \
         --prompt "$(cat "$dir/generate/prompt.txt")" --max-tokens 200 --temperature 1 --seed 7 \

@@ -45,6 +45,7 @@ mkdir -p "$out/train"
 cp README.md "$out/train/corpus.txt"
 $zebra init examples/zebra_tiny.zb --seed 3 -o "$out/train/weights.safetensors" >/dev/null
 $zebra compile examples/zebra_tiny.zb --emit artifact --for train --target "$sm" --max-seq-len 256 -o "$out/train/gpu" >/dev/null
+$zebra compile examples/zebra_tiny.zb --emit artifact --for train --target "$sm" --dtype bf16 --max-seq-len 256 -o "$out/train/gpu-bf16" >/dev/null
 $zebra compile examples/zebra_tiny.zb --emit artifact --for train --max-seq-len 256 -o "$out/train/cpu" >/dev/null
 target/dist/zebra-run train "$out/train/cpu" --weights "$out/train/weights.safetensors" \
     --data "$out/train/corpus.txt" --steps 5 --seq-len 128 --batch 2 --lr 1e-3 \
@@ -57,6 +58,7 @@ echo "prepared training"
 mkdir -p "$out/generate"
 $zebra init examples/zebra_tiny.zb --seed 4 -o "$out/generate/weights.safetensors" >/dev/null
 $zebra compile examples/zebra_tiny.zb --emit artifact --for generate --target "$sm" --max-seq-len 512 -o "$out/generate/gpu" >/dev/null
+$zebra compile examples/zebra_tiny.zb --emit artifact --for generate --target "$sm" --dtype bf16 --max-seq-len 512 -o "$out/generate/gpu-bf16" >/dev/null
 $zebra compile examples/zebra_tiny.zb --emit artifact --for generate --max-seq-len 512 -o "$out/generate/cpu" >/dev/null
 printf '%s' "the herd walks along the river and eats grass while the sun sets over the wide plain" > "$out/generate/prompt.txt"
 target/dist/zebra-run generate "$out/generate/cpu" --weights "$out/generate/weights.safetensors" \
