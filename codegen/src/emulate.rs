@@ -216,35 +216,28 @@ fn mma(half: Half, a: [u32; 4], b: [u32; 2], c: [f32; 4]) {
     });
 }
 
-extern "C" fn emu_mma_bf16(
-    a0: u32,
-    a1: u32,
-    a2: u32,
-    a3: u32,
-    b0: u32,
-    b1: u32,
-    c0: f32,
-    c1: f32,
-    c2: f32,
-    c3: f32,
-) {
-    mma(Half::Bf16, [a0, a1, a2, a3], [b0, b1], [c0, c1, c2, c3]);
+/// The `extern "C"` entry of `mma` for one 16-bit type.
+macro_rules! emu_mma {
+    ($name:ident, $half:expr) => {
+        extern "C" fn $name(
+            a0: u32,
+            a1: u32,
+            a2: u32,
+            a3: u32,
+            b0: u32,
+            b1: u32,
+            c0: f32,
+            c1: f32,
+            c2: f32,
+            c3: f32,
+        ) {
+            mma($half, [a0, a1, a2, a3], [b0, b1], [c0, c1, c2, c3]);
+        }
+    };
 }
 
-extern "C" fn emu_mma_f16(
-    a0: u32,
-    a1: u32,
-    a2: u32,
-    a3: u32,
-    b0: u32,
-    b1: u32,
-    c0: f32,
-    c1: f32,
-    c2: f32,
-    c3: f32,
-) {
-    mma(Half::F16, [a0, a1, a2, a3], [b0, b1], [c0, c1, c2, c3]);
-}
+emu_mma!(emu_mma_bf16, Half::Bf16);
+emu_mma!(emu_mma_f16, Half::F16);
 
 extern "C" fn emu_ldmatrix(address: u32, count: u32, trans: u32) {
     with_lane(|lane, block| {

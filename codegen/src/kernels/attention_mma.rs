@@ -24,6 +24,7 @@
 
 use zebra_ir::op::AttentionKernel;
 
+use super::block::{ChunkedTile, block_function, load8, pack8, shared_address};
 use super::warp::Lowering;
 use crate::mlir::{Builder, F32, I64, Val, f32_literal};
 use crate::vexpr::{self, VecEnv};
@@ -159,10 +160,6 @@ fn const_i32(b: &mut Builder, v: i64) -> Val {
     b.op(format!("arith.constant {v} : i32"))
 }
 
-fn trunc32(b: &mut Builder, v: &Val) -> Val {
-    b.op(format!("arith.trunci {v} : i64 to i32"))
-}
-
 /// What a tensor-core attention kernel reads and writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AttentionIo {
@@ -186,7 +183,9 @@ struct Ctx {
 
 impl Ctx {
     /// Copies tile `index` of `rows` rows of `src` (`base`: the head's first element) into
-    /// shared memory at byte offset `offset`, zero-filling rows past the end. Not committed.
+    /// shared memory at byte offset `offset`, zero-filling rows past the end: 16-bit values
+    /// by `cp.async` (not committed), or with `from_f32`, f32 values rounded to that type on
+    /// the way (synchronous: a barrier makes them visible).
     fn load_rows(
         &self,
         b: &mut Builder,
@@ -194,143 +193,83 @@ impl Ctx {
         base: &Val,
         (index, rows): (&Val, usize),
         offset: &Val,
+        from_f32: Option<Half>,
     ) {
         let d = self.tiles.head_dim;
-        let chunks_per_row = d / 8;
-        let chunks = rows * chunks_per_row;
+        let tile = ChunkedTile {
+            rows,
+            per_row: d / 8,
+        };
         let crows = b.i64(rows as i64);
         let first_key = b.muli(index, &crows);
         let c1 = b.i64(1);
         let last = b.subi(&self.t, &c1);
-        for i in 0..chunks.div_ceil(THREADS) {
-            let emit = |b: &mut Builder| {
-                let off = b.i64((i * THREADS) as i64);
-                let chunk = b.addi(&self.tid, &off);
-                let per_row = b.i64(chunks_per_row as i64);
-                let row = b.divi(&chunk, &per_row);
-                let col = b.remi(&chunk, &per_row);
-                let key = b.addi(&first_key, &row);
+        for i in 0..tile.slots() {
+            tile.for_slot(b, &self.tid, i, |b, row, col| {
+                let key = b.addi(&first_key, row);
                 let inside = b.cmpi("slt", &key, &self.t, I64);
                 let key = b.mini(&key, &last);
                 let cd = b.i64(d as i64);
                 let at = b.muli(&key, &cd);
                 let at = b.addi(base, &at);
                 let c8 = b.i64(8);
-                let col_at = b.muli(&col, &c8);
+                let col_at = b.muli(col, &c8);
                 let at = b.addi(&at, &col_at);
-                let from = b.gep(src, &at, "i16");
-                let c16 = b.i64(16);
-                let row_bytes = b.i64((self.tiles.row() * 2) as i64);
-                let to = b.muli(&row, &row_bytes);
-                let col_bytes = b.muli(&col, &c16);
-                let to = b.addi(&to, &col_bytes);
-                let to = b.addi(&to, offset);
-                let to = trunc32(b, &to);
-                let to = b.bin("addi", &to, &self.smem, "i32");
-                let full = const_i32(b, 16);
-                let none = const_i32(b, 0);
-                let size = b.select(&inside, &full, &none, "i32");
-                self.isa.cp_async(b, &to, &from, &size);
-            };
-            if (i + 1) * THREADS <= chunks {
-                emit(b);
-            } else {
-                let off = b.i64((chunks - i * THREADS) as i64);
-                let take = b.cmpi("slt", &self.tid, &off, I64);
-                b.if_then(&take, emit);
-            }
-        }
-    }
-
-    /// As [`Ctx::load_rows`] from f32 values, rounded to 16 bits on the way (synchronous:
-    /// a barrier makes them visible).
-    fn load_rows_f32(
-        &self,
-        b: &mut Builder,
-        half: Half,
-        src: &Val,
-        base: &Val,
-        (index, rows): (&Val, usize),
-        offset: &Val,
-    ) {
-        let d = self.tiles.head_dim;
-        let chunks_per_row = d / 8;
-        let chunks = rows * chunks_per_row;
-        let crows = b.i64(rows as i64);
-        let first_key = b.muli(index, &crows);
-        let c1 = b.i64(1);
-        let last = b.subi(&self.t, &c1);
-        for i in 0..chunks.div_ceil(THREADS) {
-            let emit = |b: &mut Builder| {
-                let off = b.i64((i * THREADS) as i64);
-                let chunk = b.addi(&self.tid, &off);
-                let per_row = b.i64(chunks_per_row as i64);
-                let row = b.divi(&chunk, &per_row);
-                let col = b.remi(&chunk, &per_row);
-                let key = b.addi(&first_key, &row);
-                let inside = b.cmpi("slt", &key, &self.t, I64);
-                let key = b.mini(&key, &last);
-                let cd = b.i64(d as i64);
-                let at = b.muli(&key, &cd);
-                let at = b.addi(base, &at);
-                let c8 = b.i64(8);
-                let col_at = b.muli(&col, &c8);
-                let at = b.addi(&at, &col_at);
-                let zero = b.f32(0.0);
-                let v4 = crate::mlir::vf32(4);
-                let mut values = Vec::new();
-                for part in 0..2 {
-                    let off = b.i64(4 * part);
-                    let i = b.addi(&at, &off);
-                    let ptr = b.gep(src, &i, F32);
-                    let v = b.op(format!(
-                        "llvm.load {ptr} {{alignment = 16 : i64}} : !llvm.ptr -> {v4}"
-                    ));
-                    for lane in 0..4 {
-                        let x = b.op(format!("vector.extract {v}[{lane}] : f32 from {v4}"));
-                        values.push(b.select(&inside, &x, &zero, F32));
+                let col_bytes = |b: &mut Builder| {
+                    let c16 = b.i64(16);
+                    b.muli(col, &c16)
+                };
+                match from_f32 {
+                    None => {
+                        let from = b.gep(src, &at, "i16");
+                        let col_bytes = col_bytes(b);
+                        let to = shared_address(
+                            b,
+                            &self.smem,
+                            row,
+                            &col_bytes,
+                            self.tiles.row() * 2,
+                            offset,
+                        );
+                        let full = const_i32(b, 16);
+                        let none = const_i32(b, 0);
+                        let size = b.select(&inside, &full, &none, "i32");
+                        self.isa.cp_async(b, &to, &from, &size);
+                    }
+                    Some(half) => {
+                        let zero = b.f32(0.0);
+                        let values: Vec<Val> = load8(b, src, &at, true)
+                            .iter()
+                            .map(|x| b.select(&inside, x, &zero, F32))
+                            .collect();
+                        let words = pack8(b, self.isa, half, &values);
+                        let col_bytes = col_bytes(b);
+                        let to = shared_address(
+                            b,
+                            &self.smem,
+                            row,
+                            &col_bytes,
+                            self.tiles.row() * 2,
+                            offset,
+                        );
+                        self.isa
+                            .store_shared(b, &to, [&words[0], &words[1], &words[2], &words[3]]);
                     }
                 }
-                let words: Vec<Val> = values
-                    .chunks(2)
-                    .map(|pair| self.isa.pack(b, half, &pair[0], &pair[1]))
-                    .collect();
-                let c16 = b.i64(16);
-                let row_bytes = b.i64((self.tiles.row() * 2) as i64);
-                let to = b.muli(&row, &row_bytes);
-                let col_bytes = b.muli(&col, &c16);
-                let to = b.addi(&to, &col_bytes);
-                let to = b.addi(&to, offset);
-                let to = trunc32(b, &to);
-                let to = b.bin("addi", &to, &self.smem, "i32");
-                self.isa
-                    .store_shared(b, &to, [&words[0], &words[1], &words[2], &words[3]]);
-            };
-            if (i + 1) * THREADS <= chunks {
-                emit(b);
-            } else {
-                let off = b.i64((chunks - i * THREADS) as i64);
-                let take = b.cmpi("slt", &self.tid, &off, I64);
-                b.if_then(&take, emit);
-            }
+            });
         }
     }
 
     /// Copies key tile `kt` into shared memory at `offset`.
     fn load_tile(&self, b: &mut Builder, src: &Val, kv_base: &Val, kt: &Val, offset: &Val) {
-        self.load_rows(b, src, kv_base, (kt, self.tiles.block_k), offset);
+        self.load_rows(b, src, kv_base, (kt, self.tiles.block_k), offset, None);
     }
 
     /// The shared-memory address (i32) of element (`row`, `col`) of the tile at `offset`.
     fn shared_at(&self, b: &mut Builder, row: &Val, col: &Val, offset: &Val) -> Val {
-        let row_bytes = b.i64((self.tiles.row() * 2) as i64);
-        let at = b.muli(row, &row_bytes);
         let c2 = b.i64(2);
         let col_bytes = b.muli(col, &c2);
-        let at = b.addi(&at, &col_bytes);
-        let at = b.addi(&at, offset);
-        let at = trunc32(b, &at);
-        b.bin("addi", &at, &self.smem, "i32")
+        shared_address(b, &self.smem, row, &col_bytes, self.tiles.row() * 2, offset)
     }
 
     /// The lane's row and column within the 8x8 matrix group of an `ldmatrix`: lanes 8m..8m+8
@@ -453,10 +392,8 @@ pub fn attention_mma(
     let stage0_k = b.i64(k_offset as i64);
     let stage0_v = b.i64(v_offset as i64);
     b.if_then(&any, |b| {
-        match io {
-            AttentionIo::Half => ctx.load_rows(b, &q, &q_base, (&qt, bq), &c0),
-            AttentionIo::Plan => ctx.load_rows_f32(b, half, &q, &q_base, (&qt, bq), &c0),
-        }
+        let from_f32 = (io == AttentionIo::Plan).then_some(half);
+        ctx.load_rows(b, &q, &q_base, (&qt, bq), &c0, from_f32);
         let entry = b.load(&sched_tiles, &start, I64, I64);
         let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
         ctx.load_tile(b, &k, &kv_base, &kt, &stage0_k);
@@ -833,16 +770,7 @@ pub fn attention_mma(
 }
 
 fn finish(b: &mut Builder, name: &str) -> String {
-    let body = std::mem::take(b).finish(name);
-    body.replacen(
-        &format!(
-            "func.func @{name}(%bufs: !llvm.ptr, %dims: !llvm.ptr, %first: i64, %last: i64) {{"
-        ),
-        &format!(
-            "func.func private @{name}(%bufs: !llvm.ptr, %dims: !llvm.ptr, %qt: i64, %bh: i64, %tid: i64, %smem: !llvm.ptr<3>) attributes {{passthrough = [\"alwaysinline\"]}} {{"
-        ),
-        1,
-    )
+    block_function(std::mem::take(b), name, "qt", "bh")
 }
 
 /// The PTX entry of a tensor-core attention kernel, in LLVM IR: `{name}_mma(buffers, dims)`,
@@ -851,26 +779,7 @@ fn finish(b: &mut Builder, name: &str) -> String {
 /// `tiles - 1 - x`: under a causal mask the longest rows start first and the short ones fill
 /// the end of the launch.
 pub fn entry_ir(name: &str) -> String {
-    format!(
-        "
-@{name}_smem = external addrspace(3) global [0 x i8], align 16
-
-define ptx_kernel void @{name}_mma(ptr %bufs, ptr %dims) \"nvvm.maxntid\"=\"{threads}\" {{
-  %tid = call i32 @llvm.nvvm.read.ptx.sreg.tid.x()
-  %block = call i32 @llvm.nvvm.read.ptx.sreg.ctaid.x()
-  %blocks = call i32 @llvm.nvvm.read.ptx.sreg.nctaid.x()
-  %last = sub i32 %blocks, 1
-  %qt = sub i32 %last, %block
-  %bh = call i32 @llvm.nvvm.read.ptx.sreg.ctaid.y()
-  %tid64 = zext i32 %tid to i64
-  %qt64 = zext i32 %qt to i64
-  %bh64 = zext i32 %bh to i64
-  call void @{name}(ptr %bufs, ptr %dims, i64 %qt64, i64 %bh64, i64 %tid64, ptr addrspace(3) @{name}_smem)
-  ret void
-}}
-",
-        threads = THREADS
-    )
+    super::block::entry_ir(name, true)
 }
 
 #[cfg(test)]

@@ -68,6 +68,24 @@ pub(crate) fn resolve(b: &mut Builder, dim: Dim, batch: &Val, seq: &Val) -> Val 
     }
 }
 
+/// The first elements of batch entry `bi` in `A`, `B` and `C`, given `M K`, `K N` and `M N`
+/// (an operand shared by the batch starts at 0).
+pub(crate) fn batch_bases(
+    b: &mut Builder,
+    shape: &MatMulShape,
+    bi: &Val,
+    [mk, kn, mn]: [&Val; 3],
+) -> (Val, Val, Val) {
+    let c0 = b.i64(0);
+    let a_base = if shape.a_batched {
+        b.muli(bi, mk)
+    } else {
+        c0.clone()
+    };
+    let b_base = if shape.b_batched { b.muli(bi, kn) } else { c0 };
+    (a_base, b_base, b.muli(bi, mn))
+}
+
 /// The product of `shape`. Grid: `batch * ceil(M / 64) * ceil(ceil(N / nr) / 4)`.
 pub fn matmul(name: &str, shape: &MatMulShape, vector: usize) -> String {
     let w = vector;
@@ -112,17 +130,7 @@ pub fn matmul(name: &str, shape: &MatMulShape, vector: usize) -> String {
         let rest = b.divi(pid, &n_cb);
         let rb = b.remi(&rest, &n_rb);
         let bi = b.divi(&rest, &n_rb);
-        let a_base = if shape.a_batched {
-            b.muli(&bi, &mk)
-        } else {
-            c0.clone()
-        };
-        let b_base = if shape.b_batched {
-            b.muli(&bi, &kn)
-        } else {
-            c0.clone()
-        };
-        let c_base = b.muli(&bi, &mn);
+        let (a_base, b_base, c_base) = batch_bases(b, shape, &bi, [&mk, &kn, &mn]);
         let r0 = b.muli(&rb, &mb);
         let left = b.subi(&m, &r0);
         let rows_valid = b.mini(&mb, &left);

@@ -12,9 +12,12 @@
 //! dims at run time, so `K = T` (a weight's gradient) works like any other.
 //!
 //! Entry `{name}_mma(buffers, dims)`, grid (`ceil(M / 128) ceil(N / 64)`, batch),
-//! [`THREADS`] threads.
+//! 128 threads.
 
-use super::attention_mma::{Half, THREADS, WARPS};
+use super::attention_mma::{Half, WARPS};
+use super::block::{
+    ChunkedTile, block_function, element_address, pack8, sliced_product, store_chunk,
+};
 use super::matmul::MatMulShape;
 use super::warp::Lowering;
 use crate::mlir::{Builder, F32, I64, Val};
@@ -44,6 +47,13 @@ impl Tile {
 
     fn bytes(&self) -> usize {
         self.outer * self.row_bytes()
+    }
+
+    fn chunks(&self) -> ChunkedTile {
+        ChunkedTile {
+            rows: self.outer,
+            per_row: self.inner / 8,
+        }
     }
 }
 
@@ -81,10 +91,6 @@ pub fn shared_bytes(shape: &MatMulShape) -> usize {
     a.bytes() + b.bytes()
 }
 
-fn trunc32(b: &mut Builder, v: &Val) -> Val {
-    b.op(format!("arith.trunci {v} : i64 to i32"))
-}
-
 /// The MLIR function of a tensor-core matmul: `@name(buffers, dims, tile, batch entry,
 /// thread, shared memory)`.
 pub fn matmul_mma(name: &str, shape: &MatMulShape, half: Half, isa: Lowering) -> String {
@@ -96,7 +102,7 @@ pub fn matmul_mma(name: &str, shape: &MatMulShape, half: Half, isa: Lowering) ->
     let bi = Val("%by".into());
     let tid = Val("%tid".into());
     let smem = b.op("llvm.ptrtoint %smem : !llvm.ptr<3> to i32");
-    let (c0, c1, c2) = (b.i64(0), b.i64(1), b.i64(2));
+    let (c0, c2) = (b.i64(0), b.i64(2));
     let (c4, c8) = (b.i64(4), b.i64(8));
     let a = b.ptr_at(&bufs, 0);
     let bm = b.ptr_at(&bufs, 1);
@@ -117,17 +123,7 @@ pub fn matmul_mma(name: &str, shape: &MatMulShape, half: Half, isa: Lowering) ->
     let mk = b.muli(&m, &k);
     let kn = b.muli(&k, &n);
     let mn = b.muli(&m, &n);
-    let a_base = if shape.a_batched {
-        b.muli(&bi, &mk)
-    } else {
-        c0.clone()
-    };
-    let b_base = if shape.b_batched {
-        b.muli(&bi, &kn)
-    } else {
-        c0.clone()
-    };
-    let c_base = b.muli(&bi, &mn);
+    let (a_base, b_base, c_base) = super::matmul::batch_bases(b, shape, &bi, [&mk, &kn, &mn]);
     let c32 = b.i64(32);
     let warp = b.divi(&tid, &c32);
     let lane = b.remi(&tid, &c32);
@@ -172,8 +168,7 @@ pub fn matmul_mma(name: &str, shape: &MatMulShape, half: Half, isa: Lowering) ->
         .into_iter()
         .flat_map(|is_a| {
             let tile = if is_a { a_tile } else { b_tile };
-            let chunks = tile.outer * tile.inner / 8;
-            (0..chunks.div_ceil(THREADS)).map(move |i| (is_a, i))
+            (0..tile.chunks().slots()).map(move |i| (is_a, i))
         })
         .collect();
     let read_slice = |b: &mut Builder, kt: &Val| -> Vec<Val> {
@@ -183,11 +178,7 @@ pub fn matmul_mma(name: &str, shape: &MatMulShape, half: Half, isa: Lowering) ->
         for &(is_a, i) in &slots {
             let op = if is_a { &a_op } else { &b_op };
             let (o0, o_len, i0, i_len) = extents(is_a, &k0);
-            let per_row = b.i64((op.tile.inner / 8) as i64);
-            let off = b.i64((i * THREADS) as i64);
-            let chunk = b.addi(&tid, &off);
-            let r = b.divi(&chunk, &per_row);
-            let col = b.remi(&chunk, &per_row);
+            let (r, col) = op.tile.chunks().position(b, &tid, i);
             let outer = b.addi(&o0, &r);
             let col = b.muli(&col, &c8);
             let inner = b.addi(&i0, &col);
@@ -207,41 +198,25 @@ pub fn matmul_mma(name: &str, shape: &MatMulShape, half: Half, isa: Lowering) ->
                     b.select(&inside, &v, &zero, F32)
                 })
                 .collect();
-            for pair in values.chunks(2) {
-                words.push(isa.pack(b, half, &pair[0], &pair[1]));
-            }
+            words.extend(pack8(b, isa, half, &values));
         }
         words
     };
     let store_slice = |b: &mut Builder, words: &[Val]| {
         for (s, &(is_a, i)) in slots.iter().enumerate() {
             let tile = if is_a { a_tile } else { b_tile };
-            let chunks = tile.outer * tile.inner / 8;
-            let emit = |b: &mut Builder| {
-                let off = b.i64((i * THREADS) as i64);
-                let chunk = b.addi(&tid, &off);
-                let cpr = b.i64((tile.inner / 8) as i64);
-                let r = b.divi(&chunk, &cpr);
-                let col = b.remi(&chunk, &cpr);
-                let crb = b.i64(tile.row_bytes() as i64);
-                let at = b.muli(&r, &crb);
-                let c16 = b.i64(16);
-                let col = b.muli(&col, &c16);
-                let at = b.addi(&at, &col);
-                let coff = b.i64(tile.offset as i64);
-                let at = b.addi(&at, &coff);
-                let at = trunc32(b, &at);
-                let at = b.bin("addi", &at, &smem, "i32");
-                let ws = &words[4 * s..4 * s + 4];
-                isa.store_shared(b, &at, [&ws[0], &ws[1], &ws[2], &ws[3]]);
-            };
-            if (i + 1) * THREADS <= chunks {
-                emit(b);
-            } else {
-                let off = b.i64((chunks - i * THREADS) as i64);
-                let take = b.cmpi("slt", &tid, &off, I64);
-                b.if_then(&take, emit);
-            }
+            let ws = &words[4 * s..4 * s + 4];
+            let place = (tile.chunks(), i);
+            store_chunk(
+                b,
+                isa,
+                &smem,
+                &tid,
+                place,
+                tile.row_bytes(),
+                tile.offset,
+                ws,
+            );
         }
     };
 
@@ -254,86 +229,72 @@ pub fn matmul_mma(name: &str, shape: &MatMulShape, half: Half, isa: Lowering) ->
     let hi = b.divi(&lmat, &c2);
     let hi = b.muli(&hi, &c8);
     let shared_at = |b: &mut Builder, tile: &Tile, row: &Val, col: &Val| {
-        let crb = b.i64(tile.row_bytes() as i64);
-        let at = b.muli(row, &crb);
-        let col = b.muli(col, &c2);
-        let at = b.addi(&at, &col);
-        let coff = b.i64(tile.offset as i64);
-        let at = b.addi(&at, &coff);
-        let at = trunc32(b, &at);
-        b.bin("addi", &at, &smem, "i32")
+        element_address(b, &smem, (row, col), tile.row_bytes(), tile.offset)
     };
 
     let n_acc = ROW_BLOCKS * BLOCK_N / 8 * 4;
     let cbk = b.i64(BLOCK_K as i64);
     let slices = b.ceil_div(&k, &cbk);
-    let first = read_slice(b, &c0);
-    let mut carried: Vec<(Val, String)> = (0..n_acc)
-        .map(|_| (zero.clone(), F32.to_string()))
-        .collect();
-    carried.extend(first.iter().map(|v| (v.clone(), "i32".to_string())));
-    let finals = b.for_range(&c0, &slices, &c1, &carried, |b, kt, state| {
-        let (acc, words) = state.split_at(n_acc);
-        let mut acc = acc.to_vec();
-        isa.barrier(b);
-        store_slice(b, words);
-        isa.barrier(b);
-        let next = b.addi(kt, &c1);
-        let more = b.cmpi("slt", &next, &slices, I64);
-        let clamped = b.select(&more, &next, &c0, I64);
-        let next_words = read_slice(b, &clamped);
-        for step in 0..BLOCK_K / 16 {
-            let ks = b.i64((step * 16) as i64);
-            // A fragments: rows m, columns k.
-            let frags: Vec<Vec<Val>> = (0..ROW_BLOCKS)
-                .map(|blk| {
-                    let off = b.i64((16 * blk) as i64);
-                    let m_first = b.addi(&warp_first, &off);
-                    if shape.a_t {
-                        // [k][m]: matrix j is k (j / 2) * 8.., m (j % 2) * 8..
-                        let row = b.addi(&ks, &lrow);
+    let finals = sliced_product(
+        b,
+        isa,
+        &slices,
+        n_acc,
+        read_slice,
+        store_slice,
+        |b, mut acc| {
+            for step in 0..BLOCK_K / 16 {
+                let ks = b.i64((step * 16) as i64);
+                // A fragments: rows m, columns k.
+                let frags: Vec<Vec<Val>> = (0..ROW_BLOCKS)
+                    .map(|blk| {
+                        let off = b.i64((16 * blk) as i64);
+                        let m_first = b.addi(&warp_first, &off);
+                        if shape.a_t {
+                            // [k][m]: matrix j is k (j / 2) * 8.., m (j % 2) * 8..
+                            let row = b.addi(&ks, &lrow);
+                            let row = b.addi(&row, &hi);
+                            let col = b.addi(&m_first, &lo);
+                            let at = shared_at(b, &a_tile, &row, &col);
+                            isa.ldmatrix(b, &at, 4, true)
+                        } else {
+                            let row = b.addi(&m_first, &lrow);
+                            let row = b.addi(&row, &lo);
+                            let col = b.addi(&ks, &hi);
+                            let at = shared_at(b, &a_tile, &row, &col);
+                            isa.ldmatrix(b, &at, 4, false)
+                        }
+                    })
+                    .collect();
+                for np in 0..BLOCK_N / 16 {
+                    let nc = b.i64((np * 16) as i64);
+                    let r = if shape.b_t {
+                        // [n][k]: matrix j is n (j / 2) * 8.., k (j % 2) * 8..
+                        let row = b.addi(&nc, &lrow);
                         let row = b.addi(&row, &hi);
-                        let col = b.addi(&m_first, &lo);
-                        let at = shared_at(b, &a_tile, &row, &col);
-                        isa.ldmatrix(b, &at, 4, true)
-                    } else {
-                        let row = b.addi(&m_first, &lrow);
-                        let row = b.addi(&row, &lo);
-                        let col = b.addi(&ks, &hi);
-                        let at = shared_at(b, &a_tile, &row, &col);
+                        let col = b.addi(&ks, &lo);
+                        let at = shared_at(b, &b_tile, &row, &col);
                         isa.ldmatrix(b, &at, 4, false)
-                    }
-                })
-                .collect();
-            for np in 0..BLOCK_N / 16 {
-                let nc = b.i64((np * 16) as i64);
-                let r = if shape.b_t {
-                    // [n][k]: matrix j is n (j / 2) * 8.., k (j % 2) * 8..
-                    let row = b.addi(&nc, &lrow);
-                    let row = b.addi(&row, &hi);
-                    let col = b.addi(&ks, &lo);
-                    let at = shared_at(b, &b_tile, &row, &col);
-                    isa.ldmatrix(b, &at, 4, false)
-                } else {
-                    // [k][n]: matrix j is k (j % 2) * 8.., n (j / 2) * 8..
-                    let row = b.addi(&ks, &lrow);
-                    let row = b.addi(&row, &lo);
-                    let col = b.addi(&nc, &hi);
-                    let at = shared_at(b, &b_tile, &row, &col);
-                    isa.ldmatrix(b, &at, 4, true)
-                };
-                for (blk, af) in frags.iter().enumerate() {
-                    for (h, bf) in [[&r[0], &r[1]], [&r[2], &r[3]]].into_iter().enumerate() {
-                        let at = (blk * BLOCK_N / 8 + 2 * np + h) * 4;
-                        let d = isa.mma(b, half, af, bf, &acc[at..at + 4]);
-                        acc.splice(at..at + 4, d);
+                    } else {
+                        // [k][n]: matrix j is k (j % 2) * 8.., n (j / 2) * 8..
+                        let row = b.addi(&ks, &lrow);
+                        let row = b.addi(&row, &lo);
+                        let col = b.addi(&nc, &hi);
+                        let at = shared_at(b, &b_tile, &row, &col);
+                        isa.ldmatrix(b, &at, 4, true)
+                    };
+                    for (blk, af) in frags.iter().enumerate() {
+                        for (h, bf) in [[&r[0], &r[1]], [&r[2], &r[3]]].into_iter().enumerate() {
+                            let at = (blk * BLOCK_N / 8 + 2 * np + h) * 4;
+                            let d = isa.mma(b, half, af, bf, &acc[at..at + 4]);
+                            acc.splice(at..at + 4, d);
+                        }
                     }
                 }
             }
-        }
-        acc.extend(next_words);
-        acc
-    });
+            acc
+        },
+    );
 
     // C[row][col]: accumulator (blk, n-tile j, element 2 r + e) is row warp_first + 16 blk +
     // g + 8 r, column j * 8 + 2 q + e of the tile.
@@ -365,14 +326,5 @@ pub fn matmul_mma(name: &str, shape: &MatMulShape, half: Half, isa: Lowering) ->
             });
         }
     }
-    let body = builder.finish(name);
-    body.replacen(
-        &format!(
-            "func.func @{name}(%bufs: !llvm.ptr, %dims: !llvm.ptr, %first: i64, %last: i64) {{"
-        ),
-        &format!(
-            "func.func private @{name}(%bufs: !llvm.ptr, %dims: !llvm.ptr, %bx: i64, %by: i64, %tid: i64, %smem: !llvm.ptr<3>) attributes {{passthrough = [\"alwaysinline\"]}} {{"
-        ),
-        1,
-    )
+    block_function(builder, name, "bx", "by")
 }

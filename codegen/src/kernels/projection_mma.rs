@@ -17,10 +17,13 @@
 //! add, SwiGLU and RoPE happen in f32 before the store.
 //!
 //! Entry `{name}_mma(buffers, dims)`, grid (`ceil(B T / block_m)`, column tiles or heads),
-//! [`THREADS`] threads, [`ProjectionMma::shared_bytes`] of dynamic shared memory.
+//! 128 threads, [`ProjectionMma::shared_bytes`] of dynamic shared memory.
 
 use super::KernelSpec;
-use super::attention_mma::{Half, THREADS, WARPS};
+use super::attention_mma::{Half, WARPS};
+use super::block::{
+    ChunkedTile, block_function, element_address, load8, pack8, sliced_product, store_chunk,
+};
 use super::warp::Lowering;
 use crate::mlir::{Builder, F32, I64, Val, vf32};
 
@@ -152,10 +155,6 @@ impl ProjectionMma {
     }
 }
 
-fn trunc32(b: &mut Builder, v: &Val) -> Val {
-    b.op(format!("arith.trunci {v} : i64 to i32"))
-}
-
 /// The MLIR function of a tensor-core projection: `@name(buffers, dims, row tile, column
 /// tile or head, thread, shared memory)`; the PTX entry is [`entry_ir`]'s.
 pub fn projection_mma(name: &str, p: &ProjectionMma, half: Half, isa: Lowering) -> String {
@@ -272,24 +271,26 @@ pub fn projection_mma(name: &str, p: &ProjectionMma, half: Half, isa: Lowering) 
 
     // The global reads of slice `kt`: per chunk of 8 elements, the 4 packed 16-bit pairs and
     // where they go in shared memory. The activations' chunks first, then each weight's.
-    let x_chunks = bm * BLOCK_K / 8;
-    let w_chunks = BLOCK_K * bn / 8;
-    let chunk_slots: Vec<(usize, usize)> = (0..x_chunks.div_ceil(THREADS))
+    let x_tile = ChunkedTile {
+        rows: bm,
+        per_row: BLOCK_K / 8,
+    };
+    let w_tile = ChunkedTile {
+        rows: BLOCK_K,
+        per_row: bn / 8,
+    };
+    let chunk_slots: Vec<(usize, usize)> = (0..x_tile.slots())
         .map(|i| (usize::MAX, i))
-        .chain((0..weights).flat_map(|wi| (0..w_chunks.div_ceil(THREADS)).map(move |i| (wi, i))))
+        .chain((0..weights).flat_map(|wi| (0..w_tile.slots()).map(move |i| (wi, i))))
         .collect();
     let read_slice = |b: &mut Builder, kt: &Val| -> Vec<Val> {
         let cbk = b.i64(BLOCK_K as i64);
         let k0 = b.muli(kt, &cbk);
         let mut words = Vec::new();
         for &(wi, i) in &chunk_slots {
-            let off = b.i64((i * THREADS) as i64);
-            let chunk = b.addi(&tid, &off);
             let eight: Vec<Val> = if wi == usize::MAX {
-                // Activations: row chunk / (BK / 8), columns (chunk % (BK / 8)) * 8.
-                let per_row = b.i64((BLOCK_K / 8) as i64);
-                let r = b.divi(&chunk, &per_row);
-                let col = b.remi(&chunk, &per_row);
+                // Activations: a row of the tile, 8 columns.
+                let (r, col) = x_tile.position(b, &tid, i);
                 let row = b.addi(&m0, &r);
                 let row = b.mini(&row, &last_row);
                 let col = b.muli(&col, &c8);
@@ -318,10 +319,8 @@ pub fn projection_mma(name: &str, p: &ProjectionMma, half: Half, isa: Lowering) 
                         .collect()
                 }
             } else {
-                // Weights: slice row chunk / (BN / 8), panel chunk % (BN / 8).
-                let per_row = b.i64((bn / 8) as i64);
-                let kr = b.divi(&chunk, &per_row);
-                let pj = b.remi(&chunk, &per_row);
+                // Weights: a row of the slice, one panel.
+                let (kr, pj) = w_tile.position(b, &tid, i);
                 let panel = b.addi(&panel0, &pj);
                 let kk = b.addi(&k0, &kr);
                 let in_k = b.cmpi("slt", &kk, &ck, I64);
@@ -338,44 +337,19 @@ pub fn projection_mma(name: &str, p: &ProjectionMma, half: Half, isa: Lowering) 
                     .map(|v| b.select(&inside, v, &zero, F32))
                     .collect()
             };
-            for pair in eight.chunks(2) {
-                words.push(isa.pack(b, half, &pair[0], &pair[1]));
-            }
+            words.extend(pack8(b, isa, half, &eight));
         }
         words
     };
     let store_slice = |b: &mut Builder, words: &[Val]| {
         for (s, &(wi, i)) in chunk_slots.iter().enumerate() {
-            let (chunks, per_row, row_bytes, offset) = if wi == usize::MAX {
-                (x_chunks, BLOCK_K / 8, p.x_row_bytes(), 0)
+            let (tile, row_bytes, offset) = if wi == usize::MAX {
+                (x_tile, p.x_row_bytes(), 0)
             } else {
-                (w_chunks, bn / 8, p.w_row_bytes(), p.w_offset(wi))
+                (w_tile, p.w_row_bytes(), p.w_offset(wi))
             };
-            let emit = |b: &mut Builder| {
-                let off = b.i64((i * THREADS) as i64);
-                let chunk = b.addi(&tid, &off);
-                let cpr = b.i64(per_row as i64);
-                let r = b.divi(&chunk, &cpr);
-                let col = b.remi(&chunk, &cpr);
-                let crb = b.i64(row_bytes as i64);
-                let at = b.muli(&r, &crb);
-                let c16 = b.i64(16);
-                let col = b.muli(&col, &c16);
-                let at = b.addi(&at, &col);
-                let coff = b.i64(offset as i64);
-                let at = b.addi(&at, &coff);
-                let at = trunc32(b, &at);
-                let at = b.bin("addi", &at, &smem, "i32");
-                let ws = &words[4 * s..4 * s + 4];
-                isa.store_shared(b, &at, [&ws[0], &ws[1], &ws[2], &ws[3]]);
-            };
-            if (i + 1) * THREADS <= chunks {
-                emit(b);
-            } else {
-                let off = b.i64((chunks - i * THREADS) as i64);
-                let take = b.cmpi("slt", &tid, &off, I64);
-                b.if_then(&take, emit);
-            }
+            let ws = &words[4 * s..4 * s + 4];
+            store_chunk(b, isa, &smem, &tid, (tile, i), row_bytes, offset, ws);
         }
     };
 
@@ -389,69 +363,54 @@ pub fn projection_mma(name: &str, p: &ProjectionMma, half: Half, isa: Lowering) 
     let frag_col = b.divi(&lmat, &c2);
     let frag_col = b.muli(&frag_col, &c8);
     let shared_at = |b: &mut Builder, row: &Val, col: &Val, row_bytes: usize, offset: usize| {
-        let crb = b.i64(row_bytes as i64);
-        let at = b.muli(row, &crb);
-        let col = b.muli(col, &c2);
-        let at = b.addi(&at, &col);
-        let coff = b.i64(offset as i64);
-        let at = b.addi(&at, &coff);
-        let at = trunc32(b, &at);
-        b.bin("addi", &at, &smem, "i32")
+        element_address(b, &smem, (row, col), row_bytes, offset)
     };
 
     let slices = b.i64(p.k.div_ceil(BLOCK_K) as i64);
-    let first = read_slice(b, &c0);
     let n_acc = mb * n_tiles * 4 * weights;
-    let mut carried: Vec<(Val, String)> = (0..n_acc)
-        .map(|_| (zero.clone(), F32.to_string()))
-        .collect();
-    carried.extend(first.iter().map(|v| (v.clone(), "i32".to_string())));
-    let finals = b.for_range(&c0, &slices, &c1, &carried, |b, kt, state| {
-        let (acc, words) = state.split_at(n_acc);
-        let mut acc = acc.to_vec();
-        // Every warp is done with the previous slice before it is overwritten.
-        isa.barrier(b);
-        store_slice(b, words);
-        isa.barrier(b);
-        // The next slice's reads overlap this one's products.
-        let next_kt = b.addi(kt, &c1);
-        let more = b.cmpi("slt", &next_kt, &slices, I64);
-        let clamped = b.select(&more, &next_kt, &c0, I64);
-        let next_words = read_slice(b, &clamped);
-        for step in 0..BLOCK_K / 16 {
-            let a: Vec<Vec<Val>> = (0..mb)
-                .map(|blk| {
-                    let off = b.i64((16 * blk) as i64);
-                    let r = b.addi(&warp_first, &off);
-                    let r = b.addi(&r, &frag_row);
-                    let kc = b.i64((step * 16) as i64);
-                    let col = b.addi(&kc, &frag_col);
-                    let at = shared_at(b, &r, &col, p.x_row_bytes(), 0);
-                    isa.ldmatrix(b, &at, 4, false)
-                })
-                .collect();
-            for wi in 0..weights {
-                for np in 0..bn / 16 {
-                    let kr = b.i64((step * 16) as i64);
-                    let kr = b.addi(&kr, &frag_row);
-                    let nc = b.i64((np * 16) as i64);
-                    let col = b.addi(&nc, &frag_col);
-                    let at = shared_at(b, &kr, &col, p.w_row_bytes(), p.w_offset(wi));
-                    let r = isa.ldmatrix(b, &at, 4, true);
-                    for (blk, a) in a.iter().enumerate() {
-                        for (h, bf) in [[&r[0], &r[1]], [&r[2], &r[3]]].into_iter().enumerate() {
-                            let at = ((wi * mb + blk) * n_tiles + 2 * np + h) * 4;
-                            let d = isa.mma(b, half, a, bf, &acc[at..at + 4]);
-                            acc.splice(at..at + 4, d);
+    let acc = sliced_product(
+        b,
+        isa,
+        &slices,
+        n_acc,
+        read_slice,
+        store_slice,
+        |b, mut acc| {
+            for step in 0..BLOCK_K / 16 {
+                let a: Vec<Vec<Val>> = (0..mb)
+                    .map(|blk| {
+                        let off = b.i64((16 * blk) as i64);
+                        let r = b.addi(&warp_first, &off);
+                        let r = b.addi(&r, &frag_row);
+                        let kc = b.i64((step * 16) as i64);
+                        let col = b.addi(&kc, &frag_col);
+                        let at = shared_at(b, &r, &col, p.x_row_bytes(), 0);
+                        isa.ldmatrix(b, &at, 4, false)
+                    })
+                    .collect();
+                for wi in 0..weights {
+                    for np in 0..bn / 16 {
+                        let kr = b.i64((step * 16) as i64);
+                        let kr = b.addi(&kr, &frag_row);
+                        let nc = b.i64((np * 16) as i64);
+                        let col = b.addi(&nc, &frag_col);
+                        let at = shared_at(b, &kr, &col, p.w_row_bytes(), p.w_offset(wi));
+                        let r = isa.ldmatrix(b, &at, 4, true);
+                        for (blk, a) in a.iter().enumerate() {
+                            for (h, bf) in [[&r[0], &r[1]], [&r[2], &r[3]]].into_iter().enumerate()
+                            {
+                                let at = ((wi * mb + blk) * n_tiles + 2 * np + h) * 4;
+                                let d = isa.mma(b, half, a, bf, &acc[at..at + 4]);
+                                acc.splice(at..at + 4, d);
+                            }
                         }
                     }
                 }
             }
-        }
-        acc.extend(next_words);
-        acc
-    });
-    let acc = &finals[..n_acc];
+            acc
+        },
+    );
+    let acc = &acc[..];
 
     // The epilogue: element (row block blk, row half r, n-tile j, element e) is
     // acc[((wi * mb + blk) * n_tiles + j) * 4 + 2 r + e] at row `rows[2 blk + r]`, column
@@ -560,65 +519,13 @@ pub fn projection_mma(name: &str, p: &ProjectionMma, half: Half, isa: Lowering) 
             });
         }
     }
-    let body = builder.finish(name);
-    body.replacen(
-        &format!(
-            "func.func @{name}(%bufs: !llvm.ptr, %dims: !llvm.ptr, %first: i64, %last: i64) {{"
-        ),
-        &format!(
-            "func.func private @{name}(%bufs: !llvm.ptr, %dims: !llvm.ptr, %bx: i64, %by: i64, %tid: i64, %smem: !llvm.ptr<3>) attributes {{passthrough = [\"alwaysinline\"]}} {{"
-        ),
-        1,
-    )
-}
-
-/// Eight f32 values from `base[at..at + 8]`, by two 16-byte loads where `aligned`.
-fn load8(b: &mut Builder, base: &Val, at: &Val, aligned: bool) -> Vec<Val> {
-    if !aligned {
-        return (0..8)
-            .map(|e| {
-                let ce = b.i64(e);
-                let i = b.addi(at, &ce);
-                b.load(base, &i, F32, F32)
-            })
-            .collect();
-    }
-    let v4 = vf32(4);
-    let mut out = Vec::new();
-    for half in 0..2 {
-        let off = b.i64(4 * half);
-        let i = b.addi(at, &off);
-        let ptr = b.gep(base, &i, F32);
-        let v = b.op(format!(
-            "llvm.load {ptr} {{alignment = 16 : i64}} : !llvm.ptr -> {v4}"
-        ));
-        for lane in 0..4 {
-            out.push(b.op(format!("vector.extract {v}[{lane}] : f32 from {v4}")));
-        }
-    }
-    out
+    block_function(builder, name, "bx", "by")
 }
 
 /// The PTX entry of a tensor-core projection, in LLVM IR: `{name}_mma(buffers, dims)` on a
-/// grid of (row tiles, column tiles or heads) blocks of [`THREADS`] threads.
+/// grid of (row tiles, column tiles or heads) blocks of 128 threads.
 pub fn entry_ir(name: &str) -> String {
-    format!(
-        "
-@{name}_smem = external addrspace(3) global [0 x i8], align 16
-
-define ptx_kernel void @{name}_mma(ptr %bufs, ptr %dims) \"nvvm.maxntid\"=\"{threads}\" {{
-  %tid = call i32 @llvm.nvvm.read.ptx.sreg.tid.x()
-  %bx = call i32 @llvm.nvvm.read.ptx.sreg.ctaid.x()
-  %by = call i32 @llvm.nvvm.read.ptx.sreg.ctaid.y()
-  %tid64 = zext i32 %tid to i64
-  %bx64 = zext i32 %bx to i64
-  %by64 = zext i32 %by to i64
-  call void @{name}(ptr %bufs, ptr %dims, i64 %bx64, i64 %by64, i64 %tid64, ptr addrspace(3) @{name}_smem)
-  ret void
-}}
-",
-        threads = THREADS
-    )
+    super::block::entry_ir(name, false)
 }
 
 #[cfg(test)]

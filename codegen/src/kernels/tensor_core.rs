@@ -20,11 +20,12 @@ use zebra_runtime::plan::{Operand, Step, TensorCoreGrid};
 
 use super::KernelSpec;
 use super::attention_mma::{AttentionIo, Half, MmaTiles, THREADS, attention_mma};
+use super::block::{block_function, load8, pack8};
 use super::matmul::MatMulShape;
 use super::matmul_mma::matmul_mma;
 use super::projection_mma::{ProjectionMma, projection_mma};
 use super::warp::Lowering;
-use crate::mlir::{Builder, F32, I64, Val, vf32};
+use crate::mlir::{Builder, I64, Val};
 use crate::plan::Planned;
 
 /// Rows of `[B T]` per block of `pack_half`.
@@ -283,41 +284,19 @@ pub fn pack_half(
             let at = b.muli(&at, &cd);
             let col = b.muli(&col, &c8);
             let at = b.addi(&at, &col);
-            let v4 = vf32(4);
             for (src, dst) in [(&k, &kp), (&v, &vp)] {
-                let mut values = Vec::new();
-                for part in 0..2 {
-                    let off = b.i64(4 * part);
-                    let i = b.addi(&at, &off);
-                    let ptr = b.gep(src, &i, F32);
-                    let x = b.op(format!(
-                        "llvm.load {ptr} {{alignment = 16 : i64}} : !llvm.ptr -> {v4}"
-                    ));
-                    for lane in 0..4 {
-                        values.push(b.op(format!("vector.extract {x}[{lane}] : f32 from {v4}")));
-                    }
-                }
+                let values = load8(b, src, &at, true);
                 // Element `at` of 16 bits is word `at / 2` of 32.
                 let c2 = b.i64(2);
                 let word = b.divi(&at, &c2);
-                for (j, pair) in values.chunks(2).enumerate() {
-                    let packed = isa.pack(b, half, &pair[0], &pair[1]);
+                for (j, packed) in pack8(b, isa, half, &values).iter().enumerate() {
                     let cj = b.i64(j as i64);
                     let w = b.addi(&word, &cj);
-                    b.store(&packed, dst, &w, "i32", "i32");
+                    b.store(packed, dst, &w, "i32", "i32");
                 }
             }
         });
         vec![]
     });
-    let body = builder.finish(name);
-    body.replacen(
-        &format!(
-            "func.func @{name}(%bufs: !llvm.ptr, %dims: !llvm.ptr, %first: i64, %last: i64) {{"
-        ),
-        &format!(
-            "func.func private @{name}(%bufs: !llvm.ptr, %dims: !llvm.ptr, %bx: i64, %by: i64, %tid: i64, %smem: !llvm.ptr<3>) attributes {{passthrough = [\"alwaysinline\"]}} {{"
-        ),
-        1,
-    )
+    block_function(builder, name, "bx", "by")
 }
