@@ -10,7 +10,9 @@
 //! `.trans`, bf16/f16 rounding to nearest even). `cp.async` copies wait in their group until
 //! `cp.async.wait_group`, as on the GPU, so a read of shared memory before its wait sees
 //! stale data here too. Misaligned or out-of-range shared-memory accesses are errors that
-//! name the operation, the thread and the address.
+//! name the operation, the thread and the address, and so are races: a thread reading what
+//! another wrote, or writing what another read or wrote, with no barrier between (a
+//! `cp.async` may land any time from its issue to its wait).
 //!
 //! It is slow (every warp operation is two barrier waits of 32 OS threads), made for tests
 //! at small sizes; speed is measured on a GPU.
@@ -18,7 +20,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use melior::ExecutionEngine;
 use zebra_runtime::artifact::AttentionEntry;
@@ -78,6 +80,16 @@ struct Block {
     barrier: YieldBarrier,
     warps: Vec<WarpState>,
     error: Mutex<Option<String>>,
+    /// Per 16 bytes of shared memory, its last write and its last read, as `(interval << 32)
+    /// | (thread + 1)`, where an interval is the time between two block barriers (0: none).
+    written: Vec<AtomicU64>,
+    read: Vec<AtomicU64>,
+}
+
+/// An access to shared memory in an interval between barriers, by a thread, as the shadow
+/// arrays hold it.
+fn access(interval: usize, thread: usize) -> u64 {
+    ((interval as u64) << 32) | (thread as u64 + 1)
 }
 
 // SAFETY: the shared-memory pointer is only dereferenced inside bounds checks, by the
@@ -89,6 +101,8 @@ struct Copy {
     to: u32,
     from: *const u8,
     size: u32,
+    /// The interval it was issued in.
+    since: usize,
 }
 
 /// What a thread knows of itself.
@@ -101,6 +115,12 @@ struct Lane {
     results: [u32; 4],
     /// Which set of the warp's slots the next exchange uses.
     turn: usize,
+}
+
+impl Lane {
+    fn thread(&self) -> usize {
+        self.warp * 32 + self.lane
+    }
 }
 
 thread_local! {
@@ -125,6 +145,45 @@ impl Block {
         if error.is_none() {
             *error = Some(message);
         }
+    }
+
+    /// The interval between barriers the block is in.
+    fn interval(&self) -> usize {
+        self.barrier.generation.load(Ordering::Acquire) + 1
+    }
+
+    /// Records that `thread` reads the 16 bytes at `address` now; a write of them by another
+    /// thread in this interval (no barrier between) is a race.
+    fn check_read(&self, thread: usize, what: &str, address: u32) {
+        let granule = address as usize / 16;
+        let now = self.interval();
+        let written = self.written[granule].load(Ordering::Acquire);
+        if written >> 32 == now as u64 && written & 0xffff_ffff != thread as u64 + 1 {
+            self.fail(format!(
+                "{what} in thread {thread} reads shared memory at byte {address}, which thread                  {} wrote with no barrier between",
+                (written & 0xffff_ffff) - 1
+            ));
+        }
+        self.read[granule].store(access(now, thread), Ordering::Release);
+    }
+
+    /// Records that `thread` writes the 16 bytes at `address` now, the write having started
+    /// in interval `since` (a `cp.async` lands any time from its issue to its wait); a read
+    /// or write of them by another thread in that time is a race.
+    fn check_write(&self, thread: usize, what: &str, address: u32, since: usize) {
+        let granule = address as usize / 16;
+        let now = self.interval();
+        for (shadow, verb) in [(&self.read, "reads"), (&self.written, "writes")] {
+            let other = shadow[granule].load(Ordering::Acquire);
+            let (when, who) = ((other >> 32) as usize, other & 0xffff_ffff);
+            if who != 0 && who != thread as u64 + 1 && (since..=now).contains(&when) {
+                self.fail(format!(
+                    "{what} in thread {thread} writes shared memory at byte {address}, which                      thread {} {verb} with no barrier between",
+                    who - 1
+                ));
+            }
+        }
+        self.written[granule].store(access(now, thread), Ordering::Release);
     }
 
     /// The shared memory at `address`, `len` bytes, aligned to `align`, or an error.
@@ -247,6 +306,7 @@ extern "C" fn emu_ldmatrix(address: u32, count: u32, trans: u32) {
         if lane.lane < 8 * count
             && let Some(at) = block.at(lane, "ldmatrix", address, 16, 16)
         {
+            block.check_read(lane.thread(), "ldmatrix", address);
             for (i, word) in row.iter_mut().take(4).enumerate() {
                 // SAFETY: `at` has 16 bytes in bounds.
                 *word = unsafe { at.add(4 * i).cast::<u32>().read_unaligned() };
@@ -297,7 +357,15 @@ extern "C" fn emu_barrier() {
 }
 
 extern "C" fn emu_cp_async(to: u32, from: *const u8, size: u32) {
-    with_lane(|lane, _| lane.open.push(Copy { to, from, size }));
+    with_lane(|lane, block| {
+        let since = block.interval();
+        lane.open.push(Copy {
+            to,
+            from,
+            size,
+            since,
+        });
+    });
 }
 
 extern "C" fn emu_commit() {
@@ -314,6 +382,7 @@ extern "C" fn emu_wait(pending: u32) {
                 let Some(at) = block.at(lane, "cp.async", copy.to, 16, 16) else {
                     continue;
                 };
+                block.check_write(lane.thread(), "cp.async", copy.to, copy.since);
                 let size = (copy.size as usize).min(16);
                 // SAFETY: `at` has 16 bytes in bounds; the source is a buffer of the launch,
                 // padded past its end, as on the GPU.
@@ -329,6 +398,7 @@ extern "C" fn emu_wait(pending: u32) {
 extern "C" fn emu_st_shared(address: u32, w0: u32, w1: u32, w2: u32, w3: u32) {
     with_lane(|lane, block| {
         if let Some(at) = block.at(lane, "st.shared", address, 16, 16) {
+            block.check_write(lane.thread(), "st.shared", address, block.interval());
             for (i, w) in [w0, w1, w2, w3].into_iter().enumerate() {
                 // SAFETY: `at` has 16 bytes in bounds.
                 unsafe { at.add(4 * i).cast::<u32>().write_unaligned(w) };
@@ -444,6 +514,12 @@ impl EmulatedKernel {
                         })
                         .collect(),
                     error: Mutex::new(None),
+                    written: (0..self.shared_bytes.div_ceil(16))
+                        .map(|_| AtomicU64::new(0))
+                        .collect(),
+                    read: (0..self.shared_bytes.div_ceil(16))
+                        .map(|_| AtomicU64::new(0))
+                        .collect(),
                 };
                 let block_ref = &block;
                 let function = self.function;

@@ -628,3 +628,51 @@ fn tensor_core_matmul_in_the_emulator() {
         }
     }
 }
+
+/// The emulator reports races on shared memory: the projection kernel with either of the
+/// barriers around its copy of a slice into shared memory removed fails to run, naming the
+/// race (a read of what another thread wrote, or a write over what another read, with no
+/// barrier between); with both it runs.
+#[test]
+fn the_emulator_finds_a_missing_barrier() {
+    use zebra_codegen::emulate::EmulatedKernel;
+    use zebra_codegen::kernels::attention_mma::THREADS;
+    use zebra_codegen::kernels::projection_mma::{ProjectionKind, ProjectionMma};
+    use zebra_codegen::kernels::tensor_core::TensorCoreKernel;
+    use zebra_codegen::kernels::warp::Lowering;
+
+    let p = ProjectionMma {
+        kind: ProjectionKind::Linear { residual: false },
+        k: 96,
+        n: 64,
+        norm_eps: None,
+    };
+    let kernel = TensorCoreKernel::Projection(p);
+    let function = kernel.function("proj", Half::Bf16, Lowering::Emulated);
+    let barrier = "func.call @zebra_emu_barrier() : () -> ()";
+    assert_eq!(function.matches(barrier).count(), 2, "{function}");
+    let (m, k, n) = (200, p.k, p.n);
+    let x = aligned(&vec![0.5; m * k]);
+    let w = aligned(&vec![0.25; n * k]);
+    let mut out = aligned(&vec![0.0; m * n]);
+    let buffers = [
+        x.as_ptr() as u64,
+        w.as_ptr() as u64,
+        out.as_mut_ptr() as u64,
+    ];
+    let dims = [1, m as i64, 0, 0];
+    let run = |text: &str| {
+        let compiled = EmulatedKernel::compile(text, "proj", THREADS, p.shared_bytes()).unwrap();
+        compiled.launch(kernel.grid().blocks(1, m), &buffers, &dims)
+    };
+    run(&function).unwrap();
+    for (which, says) in [(0, "writes shared memory"), (1, "reads shared memory")] {
+        let at = function.match_indices(barrier).nth(which).unwrap().0;
+        let broken = format!("{}{}", &function[..at], &function[at + barrier.len()..]);
+        let error = run(&broken).unwrap_err().to_string();
+        assert!(
+            error.contains(says) && error.contains("no barrier between"),
+            "barrier {which}: {error}"
+        );
+    }
+}
