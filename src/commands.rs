@@ -782,3 +782,101 @@ pub fn toolchain() -> Result<()> {
     }
     Ok(())
 }
+
+pub struct EmulateArgs<'a> {
+    pub file: &'a Path,
+    pub model: Option<&'a str>,
+    pub seq_len: usize,
+    pub batch: usize,
+    pub rows: usize,
+    pub dtype: crate::Dtype,
+    pub target: Target,
+    pub seed: u64,
+}
+
+/// `zebra emulate`: the tensor-core attention kernels of a model in the warp emulator.
+pub fn emulate(args: &EmulateArgs) -> Result<()> {
+    use zebra_codegen::kernels::attention_mma::Half;
+    let half = match args.dtype {
+        crate::Dtype::Bf16 => Half::Bf16,
+        crate::Dtype::F16 => Half::F16,
+        crate::Dtype::F32 => bail!("tensor-core kernels take bf16 or f16 inputs, not f32"),
+    };
+    let gpu = zebra_codegen::ptx::GpuTarget::from_name(args.target.name())
+        .ok_or_else(|| anyhow!("--target is sm_80 or sm_90 for the emulator"))?;
+    if args.seq_len == 0 || args.batch == 0 {
+        bail!("--seq-len and --batch must be at least 1");
+    }
+    let mut timings = Vec::new();
+    let (source, graph) = load_graph(args.file, args.model, &mut timings)?;
+    let options = zebra_passes::Options {
+        target: args.target,
+        ..zebra_passes::Options::default()
+    };
+    let optimized = zebra_passes::optimize(&graph, &options)?;
+    warn_unfused(args.file, &source, &optimized.graph);
+    let kernels = zebra_codegen::artifact::named_mma_attentions(
+        &optimized.graph,
+        gpu,
+        half,
+        Default::default(),
+    )?;
+    let mut failed = Vec::new();
+    for (symbol, kernel, tiles) in &kernels {
+        let start = Instant::now();
+        let emulated =
+            zebra_codegen::emulate::EmulatedAttention::compile(symbol, kernel, half, *tiles)?;
+        let entry = &emulated.entry;
+        let case = zebra_runtime::attention_check::AttentionCase::new(
+            entry,
+            half.name(),
+            args.batch,
+            args.seq_len,
+            args.seed,
+        )?;
+        let mut out = vec![0u16; args.batch * entry.heads * args.seq_len * entry.head_dim];
+        emulated.run(
+            [&case.q, &case.k, &case.v],
+            &mut out,
+            &case.word_buffers(),
+            case.dims(),
+        )?;
+        let worst = case.worst_error(entry, half.name(), &out, args.rows, args.seed);
+        let (visited, total) = case.tiles(entry);
+        let ok = worst <= 1.0;
+        if !ok {
+            failed.push(entry.name.clone());
+        }
+        println!(
+            "{}",
+            serde_json::json!({
+                "name": entry.name,
+                "mask": entry.mask,
+                "score": entry.score,
+                "dtype": half.name(),
+                "target": gpu.name(),
+                "heads": entry.heads,
+                "kv_heads": entry.kv_heads,
+                "head_dim": entry.head_dim,
+                "block_q": entry.block_q,
+                "block_k": entry.block_k,
+                "shared_bytes": entry.shared_bytes,
+                "batch": args.batch,
+                "seq_len": args.seq_len,
+                "tiles_visited": visited,
+                "tiles_total": total,
+                "checked_rows": args.rows,
+                "worst_error": worst,
+                "ok": ok,
+                "emulated_ms": start.elapsed().as_secs_f64() * 1e3,
+            })
+        );
+    }
+    if !failed.is_empty() {
+        bail!(
+            "the tensor-core kernel of {} does not match the reference",
+            failed.join(", ")
+        );
+    }
+    Ok(())
+}

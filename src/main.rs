@@ -335,6 +335,29 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
+    /// Run a model's tensor-core attention kernels (as `--for attention` builds them) in the
+    /// warp emulator on this CPU, on random inputs, and check sampled rows against an f64
+    /// reference: a new attention variant's GPU kernel checked without a GPU. One JSON line
+    /// per kernel; fails if any check fails.
+    Emulate {
+        file: PathBuf,
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, default_value_t = 200)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 2)]
+        batch: usize,
+        /// Output rows checked against the reference (the first and last among them).
+        #[arg(long, default_value_t = 32)]
+        rows: usize,
+        #[arg(long, value_enum, default_value = "bf16")]
+        dtype: Dtype,
+        /// sm_80 or sm_90.
+        #[arg(long, default_value = "sm_90")]
+        target: zebra_passes::Target,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Check that MLIR and LLVM work here: JIT a small MLIR function, create CPU and PTX targets.
     Toolchain,
     /// Encode text as byte-level token ids (vocabulary 256) into an int64 .npy file [1, T].
@@ -427,6 +450,25 @@ fn main() -> ExitCode {
         }),
         Command::Encode { text, output } => commands::encode(&text, &output),
         Command::Toolchain => commands::toolchain(),
+        Command::Emulate {
+            file,
+            model,
+            seq_len,
+            batch,
+            rows,
+            dtype,
+            target,
+            seed,
+        } => commands::emulate(&commands::EmulateArgs {
+            file: &file,
+            model: model.as_deref(),
+            seq_len,
+            batch,
+            rows,
+            dtype,
+            target,
+            seed,
+        }),
         Command::Generate {
             source,
             prompt,

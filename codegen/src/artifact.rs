@@ -307,7 +307,8 @@ pub fn emit_gpu_attention(
 
 /// The tensor-core attentions of a graph with their symbols; `settings` override the
 /// target's choices.
-fn named_mma_attentions(
+#[allow(clippy::type_complexity)]
+pub fn named_mma_attentions(
     graph: &Graph,
     target: crate::ptx::GpuTarget,
     half: crate::kernels::attention_mma::Half,

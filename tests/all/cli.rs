@@ -1339,3 +1339,41 @@ fn compile_for_attention_builds_tensor_core_kernels() {
         );
     }
 }
+
+/// `zebra emulate` runs a model's tensor-core attention kernels in the warp emulator and
+/// checks them (one JSON line each), and refuses a target or type it cannot emulate.
+#[test]
+fn emulate_checks_tensor_core_attention_without_a_gpu() {
+    let zb = root()
+        .join("examples/attention/softcap.zb")
+        .to_string_lossy()
+        .into_owned();
+    let out = zebra(&["emulate", &zb, "--seq-len", "90", "--batch", "1"]);
+    assert!(out.ok, "{}", out.stderr);
+    let lines: Vec<serde_json::Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!lines.is_empty());
+    for line in &lines {
+        assert_eq!(line["ok"], true, "{line}");
+        assert!(line["worst_error"].as_f64().unwrap() > 0.0, "{line}");
+        assert_eq!(line["seq_len"], 90);
+    }
+    assert!(lines.iter().any(|l| l["score"].is_string()), "soft-capping");
+    for (args, says) in [
+        (vec!["--target", "cpu"], "sm_80 or sm_90"),
+        (vec!["--dtype", "f32"], "not f32"),
+        (vec!["--seq-len", "0"], "at least 1"),
+    ] {
+        let mut all = vec!["emulate", zb.as_str()];
+        all.extend(args);
+        let out = zebra(&all);
+        assert!(
+            !out.ok && out.stderr.contains(says),
+            "{says}: {}",
+            out.stderr
+        );
+    }
+}
