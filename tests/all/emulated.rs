@@ -412,42 +412,38 @@ fn forward_on_tensor_cores_in_the_emulator(
     on_tensor_cores_in_the_emulator(path, seq, false)
 }
 
-/// As [`forward_on_tensor_cores_in_the_emulator`], for the forward pass or the training step
-/// (whose outputs, the loss and every weight's gradient, are each compared).
-fn on_tensor_cores_in_the_emulator(
-    path: &std::path::Path,
-    seq: usize,
-    train: bool,
-) -> Vec<&'static str> {
+/// A graph's plan for `mode` (retiled for the tensor-core attention, 4-lane vectors so that
+/// the weights are packed as on the GPU) loaded twice for the CPU: as compiled, and with every
+/// kernel the bf16 GPU plan runs on tensor cores replaced by that kernel in the emulator,
+/// launched as the CUDA runtime launches it. Also returns the kinds of kernels replaced.
+fn models_on_tensor_cores(
+    graph: &zebra_ir::Graph,
+    mode: zebra_codegen::plan::PlanMode,
+    dir: &std::path::Path,
+    weights: &zebra_ir::Weights,
+) -> (
+    zebra_runtime::CpuModel,
+    zebra_runtime::CpuModel,
+    Vec<&'static str>,
+) {
     use zebra_codegen::artifact::{BuildOptions, build_with_vector};
     use zebra_codegen::emulate::EmulatedKernel;
     use zebra_codegen::kernels::attention_mma::THREADS;
     use zebra_codegen::kernels::tensor_core::{TensorCoreKernel, retile, select};
     use zebra_codegen::kernels::warp::Lowering;
-    use zebra_codegen::plan::PlanMode;
     use zebra_runtime::CpuModel;
 
-    let (_, checked) = check_ok(path);
-    let spec = checked.program.models[0].clone();
-    let mut graph = optimize(&lower(&spec), &Options::default()).unwrap().graph;
-    if train {
-        let training = zebra_passes::autodiff::training_graph(&graph).unwrap();
-        graph = optimize(&training, &Options::default()).unwrap().graph;
-    }
-    let graph = retile(&graph, 90);
-    let out = tempfile::tempdir().unwrap();
+    let graph = retile(graph, 90);
     let options = BuildOptions {
-        mode: PlanMode::Forward,
+        mode,
         max_seq_len: 256,
         cache: None,
     };
     let vector = zebra_codegen::ptx::GPU_VECTOR;
-    build_with_vector(&graph, out.path(), &options, Some(vector)).unwrap();
-    let planned =
-        zebra_codegen::plan::plan(&graph, "emulated", vector, 256, PlanMode::Forward).unwrap();
-    let weights = zebra_frontend::init::random_weights(&spec, 2);
-    let mut cpu = CpuModel::load(out.path(), &weights, 2).unwrap();
-    let mut emulated = CpuModel::load(out.path(), &weights, 2).unwrap();
+    build_with_vector(&graph, dir, &options, Some(vector)).unwrap();
+    let planned = zebra_codegen::plan::plan(&graph, "emulated", vector, 256, mode).unwrap();
+    let cpu = CpuModel::load(dir, weights, 2).unwrap();
+    let mut emulated = CpuModel::load(dir, weights, 2).unwrap();
     assert_eq!(planned.plan.kernels, cpu.plan().kernels);
     let mut kinds = Vec::new();
     for (i, kernel) in select(&planned, 90) {
@@ -471,6 +467,29 @@ fn on_tensor_cores_in_the_emulator(
             TensorCoreKernel::MatMul(_) => "matmul",
         });
     }
+    (cpu, emulated, kinds)
+}
+
+/// As [`forward_on_tensor_cores_in_the_emulator`], for the forward pass or the training step
+/// (whose outputs, the loss and every weight's gradient, are each compared).
+fn on_tensor_cores_in_the_emulator(
+    path: &std::path::Path,
+    seq: usize,
+    train: bool,
+) -> Vec<&'static str> {
+    use zebra_codegen::plan::PlanMode;
+
+    let (_, checked) = check_ok(path);
+    let spec = checked.program.models[0].clone();
+    let mut graph = optimize(&lower(&spec), &Options::default()).unwrap().graph;
+    if train {
+        let training = zebra_passes::autodiff::training_graph(&graph).unwrap();
+        graph = optimize(&training, &Options::default()).unwrap().graph;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let weights = zebra_frontend::init::random_weights(&spec, 2);
+    let (mut cpu, mut emulated, kinds) =
+        models_on_tensor_cores(&graph, PlanMode::Forward, out.path(), &weights);
     let mut inputs = crate::codegen::tensors(&crate::common::random_inputs(&spec, 2, seq, 5));
     if train {
         let zebra_runtime::Tensor::I64(tokens) = &inputs["tokens"] else {
@@ -674,5 +693,47 @@ fn the_emulator_finds_a_missing_barrier() {
             error.contains(says) && error.contains("no barrier between"),
             "barrier {which}: {error}"
         );
+    }
+}
+
+/// zebra_tiny's generation plans in bf16 on tensor cores: the prefill (projections and the
+/// attention) and then 40 decode steps (projections) against the KV caches, past several
+/// wraps of the local layers' rings, give the f32 plans' logits at every step within bf16
+/// rounding.
+#[test]
+fn zebra_tiny_decoding_on_tensor_cores_in_the_emulator() {
+    use ndarray::s;
+    use std::collections::BTreeMap;
+    use zebra_codegen::plan::PlanMode;
+    use zebra_runtime::Tensor;
+
+    let (_, checked) = check_ok(&root().join("examples/zebra_tiny.zb"));
+    let spec = checked.program.models[0].clone();
+    let graph = optimize(&lower(&spec), &Options::default()).unwrap().graph;
+    let weights = zebra_frontend::init::random_weights(&spec, 3);
+    let out = tempfile::tempdir().unwrap();
+    let (mut prefill, mut prefill_tc, kinds) =
+        models_on_tensor_cores(&graph, PlanMode::Prefill, &out.path().join("p"), &weights);
+    assert!(kinds.contains(&"attention"), "{kinds:?}");
+    let (mut decode, mut decode_tc, kinds) =
+        models_on_tensor_cores(&graph, PlanMode::Decode, &out.path().join("d"), &weights);
+    assert!(kinds.contains(&"projection"), "{kinds:?}");
+    let all = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[2, 110]), |i| {
+        ((i[0] * 37 + i[1] * 11) % spec.vocab) as i64
+    });
+    let prompt = 70;
+    let first = BTreeMap::from([(
+        "tokens".to_string(),
+        Tensor::I64(all.slice(s![.., ..prompt]).to_owned().into_dyn()),
+    )]);
+    decode.start_decode(&prefill.run(&first).unwrap()).unwrap();
+    decode_tc
+        .start_decode(&prefill_tc.run(&first).unwrap())
+        .unwrap();
+    for t in prompt..110 {
+        let next = all.slice(s![.., t..t + 1]).to_owned().into_dyn();
+        let want = decode.decode(&next).unwrap()["logits"].mapv(f64::from);
+        let got = decode_tc.decode(&next).unwrap()["logits"].mapv(f64::from);
+        crate::common::assert_close(&got, &want, 2e-2, &format!("decode step {t}"));
     }
 }
