@@ -29,7 +29,7 @@ use zebra_runtime::attention_check::{bf16_bits, bf16_value, f16_bits, f16_value}
 use crate::CodegenError;
 use crate::backend::Mlir;
 use crate::kernels::attention_mma::{Half, MmaTiles, THREADS, attention_mma};
-use crate::kernels::warp::{EMULATOR_FUNCTIONS, Lowering, emulator_declarations};
+use crate::kernels::warp::Lowering;
 
 /// A barrier whose waiters yield the processor instead of sleeping on a futex: with a few
 /// hundred emulated threads on a few cores, most waits end within one round of the
@@ -407,23 +407,70 @@ extern "C" fn emu_st_shared(address: u32, w0: u32, w1: u32, w2: u32, w3: u32) {
     });
 }
 
-/// The emulator's functions by the names the kernels call.
-fn functions() -> [(&'static str, *mut ()); 13] {
+/// The emulator's functions: the name the kernels call, the MLIR argument and result types
+/// they declare, and the `extern "C"` function of those types.
+fn functions() -> [(&'static str, &'static str, &'static str, *mut ()); 13] {
+    let mma = "i32, i32, i32, i32, i32, i32, f32, f32, f32, f32";
     [
-        ("zebra_emu_mma_bf16", emu_mma_bf16 as *mut ()),
-        ("zebra_emu_mma_f16", emu_mma_f16 as *mut ()),
-        ("zebra_emu_ldmatrix", emu_ldmatrix as *mut ()),
-        ("zebra_emu_result", emu_result as *mut ()),
-        ("zebra_emu_pack_bf16", emu_pack_bf16 as *mut ()),
-        ("zebra_emu_pack_f16", emu_pack_f16 as *mut ()),
-        ("zebra_emu_exp2", emu_exp2 as *mut ()),
-        ("zebra_emu_shfl_xor", emu_shfl_xor as *mut ()),
-        ("zebra_emu_barrier", emu_barrier as *mut ()),
-        ("zebra_emu_cp_async", emu_cp_async as *mut ()),
-        ("zebra_emu_commit", emu_commit as *mut ()),
-        ("zebra_emu_wait", emu_wait as *mut ()),
-        ("zebra_emu_st_shared", emu_st_shared as *mut ()),
+        ("zebra_emu_mma_bf16", mma, "", emu_mma_bf16 as *mut ()),
+        ("zebra_emu_mma_f16", mma, "", emu_mma_f16 as *mut ()),
+        (
+            "zebra_emu_ldmatrix",
+            "i32, i32, i32",
+            "",
+            emu_ldmatrix as *mut (),
+        ),
+        ("zebra_emu_result", "i32", "i32", emu_result as *mut ()),
+        (
+            "zebra_emu_pack_bf16",
+            "f32, f32",
+            "i32",
+            emu_pack_bf16 as *mut (),
+        ),
+        (
+            "zebra_emu_pack_f16",
+            "f32, f32",
+            "i32",
+            emu_pack_f16 as *mut (),
+        ),
+        ("zebra_emu_exp2", "f32", "f32", emu_exp2 as *mut ()),
+        (
+            "zebra_emu_shfl_xor",
+            "f32, i32",
+            "f32",
+            emu_shfl_xor as *mut (),
+        ),
+        ("zebra_emu_barrier", "", "", emu_barrier as *mut ()),
+        (
+            "zebra_emu_cp_async",
+            "i32, !llvm.ptr, i32",
+            "",
+            emu_cp_async as *mut (),
+        ),
+        ("zebra_emu_commit", "", "", emu_commit as *mut ()),
+        ("zebra_emu_wait", "i32", "", emu_wait as *mut ()),
+        (
+            "zebra_emu_st_shared",
+            "i32, i32, i32, i32, i32",
+            "",
+            emu_st_shared as *mut (),
+        ),
     ]
+}
+
+/// The MLIR declarations of the emulator's functions.
+fn declarations() -> String {
+    functions()
+        .iter()
+        .map(|(name, args, result, _)| {
+            let result = if result.is_empty() {
+                String::new()
+            } else {
+                format!(" -> {result}")
+            };
+            format!("  func.func private @{name}({args}){result}\n")
+        })
+        .collect()
 }
 
 /// The body of a block: `(buffers, dims, block x, block y, thread)`.
@@ -459,15 +506,11 @@ impl EmulatedKernel {
   }}
 "
         );
-        let text = format!(
-            "module {{\n{}{function}{wrapper}}}\n",
-            emulator_declarations()
-        );
+        let text = format!("module {{\n{}{function}{wrapper}}}\n", declarations());
         let mlir = Mlir::new();
         let module = mlir.lower(&text)?;
         let engine = ExecutionEngine::new(&module, 2, &[], false, false);
-        for (symbol, address) in functions() {
-            debug_assert!(EMULATOR_FUNCTIONS.iter().any(|(n, _, _)| *n == symbol));
+        for (symbol, _, _, address) in functions() {
             // SAFETY: each address is an `extern "C"` function with the argument and result
             // types the kernels declare for `symbol`.
             unsafe { engine.register_symbol(symbol, address) };

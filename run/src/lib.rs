@@ -181,6 +181,27 @@ fn read_tokens(path: &Path) -> Result<ArrayD<i64>> {
     Ok(tokens)
 }
 
+/// A plan loaded on `device` (`cpu` or `cuda`), and what to call the device.
+fn executor(
+    device: &str,
+    artifact: &Path,
+    weights: &Weights,
+    threads: usize,
+) -> Result<(Box<dyn Executor>, String)> {
+    Ok(match device {
+        "cpu" => (
+            Box::new(CpuModel::load(artifact, weights, threads)?),
+            "the CPU".into(),
+        ),
+        "cuda" => {
+            let model = CudaModel::load(artifact, weights)?;
+            let name = model.device.clone();
+            (Box::new(model), name)
+        }
+        other => bail!("unknown device `{other}`: `cpu` or `cuda`"),
+    })
+}
+
 fn load_weights(path: &Path) -> Result<Weights> {
     Weights::load(path).with_context(|| format!("cannot load the weights {}", path.display()))
 }
@@ -292,43 +313,22 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
             let shape = tokens.shape().to_vec();
             let mut inputs = BTreeMap::new();
             inputs.insert("tokens".to_string(), Tensor::I64(tokens));
-            // The first pass, then `repeat` timed ones: their median.
-            fn timed<M>(
-                model: &mut M,
-                repeat: usize,
-                run: impl Fn(&mut M) -> Result<BTreeMap<String, ArrayD<f32>>>,
-            ) -> Result<(BTreeMap<String, ArrayD<f32>>, std::time::Duration)> {
-                let start = Instant::now();
-                let mut outputs = run(model)?;
-                let mut times = vec![start.elapsed()];
-                if repeat > 0 {
-                    times.clear();
-                    for _ in 0..repeat {
-                        let start = Instant::now();
-                        outputs = run(model)?;
-                        times.push(start.elapsed());
-                    }
+            let (mut model, on) = executor(&device, &artifact, &weights, threads)?;
+            // The first pass, then `repeat` timed ones: their median (else the first's time).
+            let start = Instant::now();
+            let mut outputs = model.run(&inputs)?;
+            let mut times = vec![start.elapsed()];
+            if repeat > 0 {
+                times.clear();
+                for _ in 0..repeat {
+                    let start = Instant::now();
+                    outputs = model.run(&inputs)?;
+                    times.push(start.elapsed());
                 }
-                times.sort();
-                Ok((outputs, times[times.len() / 2]))
             }
-            let (mut outputs, names, elapsed, on) = match device.as_str() {
-                "cpu" => {
-                    let mut model = CpuModel::load(&artifact, &weights, threads)?;
-                    let (outputs, elapsed) = timed(&mut model, repeat, |m| Ok(m.run(&inputs)?))?;
-                    let names: Vec<String> =
-                        model.plan().outputs.iter().map(|o| o.0.clone()).collect();
-                    (outputs, names, elapsed, "the CPU".to_string())
-                }
-                "cuda" => {
-                    let mut model = CudaModel::load(&artifact, &weights)?;
-                    let (outputs, elapsed) = timed(&mut model, repeat, |m| Ok(m.run(&inputs)?))?;
-                    let names: Vec<String> =
-                        model.plan().outputs.iter().map(|o| o.0.clone()).collect();
-                    (outputs, names, elapsed, model.device.clone())
-                }
-                other => bail!("unknown device `{other}`: `cpu` or `cuda`"),
-            };
+            times.sort();
+            let elapsed = times[times.len() / 2];
+            let names: Vec<String> = model.plan().outputs.iter().map(|o| o.0.clone()).collect();
             if json {
                 let tokens: usize = shape.iter().product();
                 let seconds = elapsed.as_secs_f64();
@@ -521,11 +521,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
                 warmup_steps: (steps / 20).clamp(1, 200),
                 ..AdamWConfig::default()
             };
-            let executor: Box<dyn Executor> = match device.as_str() {
-                "cpu" => Box::new(CpuModel::load(&artifact, &weights, threads)?),
-                "cuda" => Box::new(CudaModel::load(&artifact, &weights)?),
-                other => bail!("unknown device `{other}`: `cpu` or `cuda`"),
-            };
+            let (executor, _) = executor(&device, &artifact, &weights, threads)?;
             let mut trainer = Trainer::with_executor(executor, &weights, AdamW::default(), config)?;
             let mut pending = Some(first);
             for step in 1..=steps {

@@ -23,6 +23,25 @@ fn block_rows(block_q: usize) -> usize {
         .unwrap_or(1)
 }
 
+/// The entries `start..end` of tile `tile` in a schedule whose row offsets are `rows`: one
+/// set of `tiles` rows per batch row when `per_batch` is 1, else one shared set. `one` is the
+/// constant 1.
+pub(crate) fn schedule_range(
+    b: &mut Builder,
+    rows: &Val,
+    (batch, per_batch, tiles): (&Val, &Val, &Val),
+    tile: &Val,
+    one: &Val,
+) -> (Val, Val) {
+    let shared = b.muli(batch, per_batch);
+    let shared = b.muli(&shared, tiles);
+    let row = b.addi(&shared, tile);
+    let start = b.load(rows, &row, I64, I64);
+    let next = b.addi(&row, one);
+    let end = b.load(rows, &next, I64, I64);
+    (start, end)
+}
+
 /// The largest vector width (at most `max`) that divides `d`.
 pub fn vector_width(d: usize, max: usize) -> usize {
     [16, 8, 4, 2, 1]
@@ -387,12 +406,7 @@ pub fn attention(name: &str, kernel: &AttentionKernel, lse: bool, max_vector: us
         };
 
         // This query tile's row of the schedule.
-        let shared = b.muli(&batch, &per_batch);
-        let shared = b.muli(&shared, &n_qt);
-        let row = b.addi(&shared, &qt);
-        let start = b.load(&sched_rows, &row, I64, I64);
-        let next = b.addi(&row, &c1);
-        let end = b.load(&sched_rows, &next, I64, I64);
+        let (start, end) = schedule_range(b, &sched_rows, (&batch, &per_batch, &n_qt), &qt, &c1);
         b.for_range(&start, &end, &c1, &[], |b, entry_index, _| {
             let entry = b.load(&sched_tiles, entry_index, I64, I64);
             let kt_index = b.op(format!("arith.shrsi {entry}, {c1} : i64"));

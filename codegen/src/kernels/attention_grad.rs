@@ -16,7 +16,7 @@
 
 use zebra_ir::op::AttentionKernel;
 
-use crate::kernels::attention::{Layout, dot_panel, weighted_sum};
+use crate::kernels::attention::{Layout, dot_panel, schedule_range, weighted_sum};
 use crate::mlir::{Builder, F32, I64, Val, entry, vf32};
 use crate::vexpr::{self, VecEnv};
 
@@ -354,12 +354,7 @@ pub fn attention_dq(name: &str, kernel: &AttentionKernel, max_vector: usize) -> 
             });
             vec![]
         });
-        let shared = b.muli(&batch, &per_batch);
-        let shared = b.muli(&shared, &n_qt);
-        let row = b.addi(&shared, &qt);
-        let start = b.load(&sched_rows, &row, I64, I64);
-        let next = b.addi(&row, &c1);
-        let end = b.load(&sched_rows, &next, I64, I64);
+        let (start, end) = schedule_range(b, &sched_rows, (&batch, &per_batch, &n_qt), &qt, &c1);
         b.for_range(&start, &end, &c1, &[], |b, entry_index, _| {
             let entry = b.load(&sched_tiles, entry_index, I64, I64);
             let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
@@ -525,12 +520,7 @@ pub fn attention_dkv(name: &str, kernel: &AttentionKernel, max_vector: usize) ->
                 vec![]
             });
         }
-        let shared = b.muli(&batch, &per_batch);
-        let shared = b.muli(&shared, &n_kt);
-        let row = b.addi(&shared, &kt);
-        let start = b.load(&col_rows, &row, I64, I64);
-        let next = b.addi(&row, &c1);
-        let end = b.load(&col_rows, &next, I64, I64);
+        let (start, end) = schedule_range(b, &col_rows, (&batch, &per_batch, &n_kt), &kt, &c1);
         let h0 = b.muli(&kvh, &group);
         let h1 = b.addi(&h0, &group);
         b.for_range(&h0, &h1, &c1, &[], |b, h, _| {

@@ -24,6 +24,7 @@
 
 use zebra_ir::op::AttentionKernel;
 
+use super::attention::schedule_range;
 use super::block::{ChunkedTile, block_function, load8, pack8, shared_address};
 use super::warp::Lowering;
 use crate::mlir::{Builder, F32, I64, Val, f32_literal};
@@ -215,22 +216,17 @@ impl Ctx {
                 let c8 = b.i64(8);
                 let col_at = b.muli(col, &c8);
                 let at = b.addi(&at, &col_at);
-                let col_bytes = |b: &mut Builder| {
+                // Computed after the source, as the PTX snapshots have it.
+                let to = |b: &mut Builder| {
                     let c16 = b.i64(16);
-                    b.muli(col, &c16)
+                    let col_bytes = b.muli(col, &c16);
+                    let row_bytes = self.tiles.row() * 2;
+                    shared_address(b, &self.smem, row, &col_bytes, row_bytes, offset)
                 };
                 match from_f32 {
                     None => {
                         let from = b.gep(src, &at, "i16");
-                        let col_bytes = col_bytes(b);
-                        let to = shared_address(
-                            b,
-                            &self.smem,
-                            row,
-                            &col_bytes,
-                            self.tiles.row() * 2,
-                            offset,
-                        );
+                        let to = to(b);
                         let full = const_i32(b, 16);
                         let none = const_i32(b, 0);
                         let size = b.select(&inside, &full, &none, "i32");
@@ -243,15 +239,7 @@ impl Ctx {
                             .map(|x| b.select(&inside, x, &zero, F32))
                             .collect();
                         let words = pack8(b, self.isa, half, &values);
-                        let col_bytes = col_bytes(b);
-                        let to = shared_address(
-                            b,
-                            &self.smem,
-                            row,
-                            &col_bytes,
-                            self.tiles.row() * 2,
-                            offset,
-                        );
+                        let to = to(b);
                         self.isa
                             .store_shared(b, &to, [&words[0], &words[1], &words[2], &words[3]]);
                     }
@@ -380,12 +368,7 @@ pub fn attention_mma(
 
     // This query tile's row of the schedule.
     let n_qt = b.ceil_div(&t, &cbq);
-    let shared = b.muli(&batch, &per_batch);
-    let shared = b.muli(&shared, &n_qt);
-    let row = b.addi(&shared, &qt);
-    let start = b.load(&sched_rows, &row, I64, I64);
-    let next = b.addi(&row, &c1);
-    let end = b.load(&sched_rows, &next, I64, I64);
+    let (start, end) = schedule_range(b, &sched_rows, (&batch, &per_batch, &n_qt), &qt, &c1);
     let any = b.cmpi("slt", &start, &end, I64);
     // The Q tile and the first K tile (and V tile, with two stages), one copy group.
     let stages = tiles.stages;
@@ -525,10 +508,23 @@ pub fn attention_mma(
         let deferred_scale = kernel.score.is_none() && kernel.scale > 0.0;
         let scale = b.f32(kernel.scale as f32);
         let log2e_c = b.f32(log2e as f32);
-        let key_of = |b: &mut Builder, n: usize| {
+        // The mask's and score's view of the two columns a thread holds of score tile `n`,
+        // in row `qpos`.
+        let env_at = |b: &mut Builder, qpos: &Val, n: usize, score: Option<Val>| {
             let kpos = b.i64((n * 8) as i64);
             let kpos = b.addi(&k0, &kpos);
-            b.addi(&kpos, &two_c)
+            let kpos = b.addi(&kpos, &two_c);
+            VecEnv {
+                n: 2,
+                q: qpos.clone(),
+                k0: kpos,
+                h: h.clone(),
+                b: batch.clone(),
+                score,
+                sides: &side_rows,
+                narrow,
+                keys: None,
+            }
         };
         let mut flat: Vec<Val> = Vec::new();
         for (m, tiles_m) in s.iter().enumerate() {
@@ -550,18 +546,7 @@ pub fn attention_mma(
                             let y1 = b.bin("mulf", x1, &scale, F32);
                             let pair =
                                 b.op(format!("vector.from_elements {y0}, {y1} : vector<2xf32>"));
-                            let kpos = key_of(b, n);
-                            let env = VecEnv {
-                                n: 2,
-                                q: qpos.clone(),
-                                k0: kpos,
-                                h: h.clone(),
-                                b: batch.clone(),
-                                score: Some(pair),
-                                sides: &side_rows,
-                                narrow,
-                                keys: None,
-                            };
+                            let env = env_at(b, qpos, n, Some(pair));
                             let modified = vexpr::score(b, expr, &env);
                             for lane in 0..2 {
                                 let x = b.op(format!(
@@ -583,18 +568,7 @@ pub fn attention_mma(
                 for rows_m in &rows {
                     for n in 0..bk / 8 {
                         for qpos in rows_m {
-                            let kpos = key_of(b, n);
-                            let env = VecEnv {
-                                n: 2,
-                                q: qpos.clone(),
-                                k0: kpos,
-                                h: h.clone(),
-                                b: batch.clone(),
-                                score: None,
-                                sides: &side_rows,
-                                narrow,
-                                keys: None,
-                            };
+                            let env = env_at(b, qpos, n, None);
                             let seen = vexpr::mask(b, &kernel.mask, &env);
                             let below = env.keys_below(b, &t);
                             let seen = b.bin("andi", &seen, &below, "vector<2xi1>");

@@ -20,46 +20,6 @@ pub enum Lowering {
     Emulated,
 }
 
-/// The emulator's functions, as the emulated kernels declare them: (name, argument types,
-/// result type).
-pub const EMULATOR_FUNCTIONS: [(&str, &str, &str); 13] = [
-    (
-        "zebra_emu_mma_bf16",
-        "i32, i32, i32, i32, i32, i32, f32, f32, f32, f32",
-        "",
-    ),
-    (
-        "zebra_emu_mma_f16",
-        "i32, i32, i32, i32, i32, i32, f32, f32, f32, f32",
-        "",
-    ),
-    ("zebra_emu_ldmatrix", "i32, i32, i32", ""),
-    ("zebra_emu_result", "i32", "i32"),
-    ("zebra_emu_pack_bf16", "f32, f32", "i32"),
-    ("zebra_emu_pack_f16", "f32, f32", "i32"),
-    ("zebra_emu_exp2", "f32", "f32"),
-    ("zebra_emu_shfl_xor", "f32, i32", "f32"),
-    ("zebra_emu_barrier", "", ""),
-    ("zebra_emu_cp_async", "i32, !llvm.ptr, i32", ""),
-    ("zebra_emu_commit", "", ""),
-    ("zebra_emu_st_shared", "i32, i32, i32, i32, i32", ""),
-    ("zebra_emu_wait", "i32", ""),
-];
-
-/// The MLIR declarations of the emulator's functions.
-pub fn emulator_declarations() -> String {
-    let mut out = String::new();
-    for (name, args, result) in EMULATOR_FUNCTIONS {
-        let result = if result.is_empty() {
-            String::new()
-        } else {
-            format!(" -> {result}")
-        };
-        out.push_str(&format!("  func.func private @{name}({args}){result}\n"));
-    }
-    out
-}
-
 /// Emits inline PTX: `results` are the types of the outputs (none, one, or several, read
 /// back from a struct).
 fn asm(
