@@ -265,8 +265,8 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
     }
     if args.mma != Default::default() && !attention_only {
         bail!(
-            "--stages and --block-k are settings of tensor-core attention kernels: use them \
-             with --for attention"
+            "--stages, --block-k, --block-q and --mma are settings of tensor-core attention \
+             kernels: use them with --for attention"
         );
     }
     let gpu = match args.target {
@@ -792,6 +792,7 @@ pub struct EmulateArgs<'a> {
     pub dtype: crate::Dtype,
     pub target: Target,
     pub seed: u64,
+    pub mma: zebra_codegen::kernels::attention_mma::MmaSettings,
 }
 
 /// `zebra emulate`: the tensor-core attention kernels of a model in the warp emulator.
@@ -815,12 +816,8 @@ pub fn emulate(args: &EmulateArgs) -> Result<()> {
     };
     let optimized = zebra_passes::optimize(&graph, &options)?;
     warn_unfused(args.file, &source, &optimized.graph);
-    let kernels = zebra_codegen::artifact::named_mma_attentions(
-        &optimized.graph,
-        gpu,
-        half,
-        Default::default(),
-    )?;
+    let kernels =
+        zebra_codegen::artifact::named_mma_attentions(&optimized.graph, gpu, half, args.mma)?;
     let mut failed = Vec::new();
     for (symbol, kernel, tiles) in &kernels {
         let start = Instant::now();

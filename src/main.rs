@@ -120,6 +120,14 @@ enum Command {
         /// head dims up to 128, else 32).
         #[arg(long, value_parser = ["16", "32", "64", "128"])]
         block_k: Option<String>,
+        /// Queries per tile of `mma.sync` attention kernels, 64 or 128 (--for attention;
+        /// default: 128 for head dims up to 128, else 64).
+        #[arg(long, value_parser = ["64", "128"])]
+        block_q: Option<String>,
+        /// The tensor-core instruction of attention kernels (--for attention): sync
+        /// (`mma.sync`, the default) or wgmma (sm_90's warpgroup products, --target sm_90).
+        #[arg(long, value_parser = ["sync", "wgmma"])]
+        mma: Option<String>,
     },
     /// Write deterministic random weights for a model (safetensors, Hugging Face names).
     Init {
@@ -357,6 +365,12 @@ enum Command {
         target: zebra_passes::Target,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// The tensor-core instruction: sync (`mma.sync`) or wgmma (sm_90).
+        #[arg(long, value_parser = ["sync", "wgmma"], default_value = "sync")]
+        mma: String,
+        /// Keys per tile (default: the target's choice).
+        #[arg(long, value_parser = ["16", "32", "64", "128"])]
+        block_k: Option<String>,
     },
     /// Check that MLIR and LLVM work here: JIT a small MLIR function, create CPU and PTX targets.
     Toolchain,
@@ -404,12 +418,18 @@ fn main() -> ExitCode {
             dtype,
             stages,
             block_k,
+            block_q,
+            mma,
         } => commands::compile(&commands::CompileArgs {
             purpose,
             dtype,
             mma: zebra_codegen::kernels::attention_mma::MmaSettings {
                 stages: stages.map(usize::from),
                 block_k: block_k.and_then(|k| k.parse().ok()),
+                block_q: block_q.and_then(|q| q.parse().ok()),
+                product: mma
+                    .as_deref()
+                    .and_then(zebra_codegen::kernels::attention_mma::Product::from_name),
             },
             file: &file,
             emit,
@@ -459,6 +479,8 @@ fn main() -> ExitCode {
             dtype,
             target,
             seed,
+            mma,
+            block_k,
         } => commands::emulate(&commands::EmulateArgs {
             file: &file,
             model: model.as_deref(),
@@ -468,6 +490,11 @@ fn main() -> ExitCode {
             dtype,
             target,
             seed,
+            mma: zebra_codegen::kernels::attention_mma::MmaSettings {
+                block_k: block_k.and_then(|k| k.parse().ok()),
+                product: zebra_codegen::kernels::attention_mma::Product::from_name(&mma),
+                ..Default::default()
+            },
         }),
         Command::Generate {
             source,

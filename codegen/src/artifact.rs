@@ -321,6 +321,12 @@ pub fn named_mma_attentions(
     )>,
     CodegenError,
 > {
+    if settings.product == Some(crate::kernels::attention_mma::Product::Wgmma) && target.sm < 90 {
+        return Err(CodegenError::Io(format!(
+            "wgmma attention kernels run on sm_90, not {}",
+            target.name()
+        )));
+    }
     let kernels = crate::ptx::mma_attentions(graph, target)?;
     if kernels.is_empty() {
         return Err(CodegenError::Io(
@@ -376,9 +382,17 @@ pub fn build_gpu_attention(
     let kernels = named_mma_attentions(graph, target, half, settings)?;
     let ir = crate::ptx::mma_llvm_ir(&kernels, half, &Mlir::new())?;
     let ptx = crate::ptx::compile(&ir, target, crate::ptx::GpuOutput::Ptx)?;
+    // wgmma kernels are for sm_90a (the PTX says so).
+    let wgmma = kernels
+        .iter()
+        .any(|(_, _, tiles)| tiles.product == crate::kernels::attention_mma::Product::Wgmma);
     let artifact = zebra_runtime::artifact::AttentionArtifact {
         format: zebra_runtime::artifact::ATTENTION_FORMAT,
-        target: target.name(),
+        target: if wgmma {
+            format!("{}a", target.name())
+        } else {
+            target.name()
+        },
         dtype: half.name().into(),
         library: "kernels.ptx".into(),
         library_hash: format!("{:016x}", fnv1a(ptx.as_bytes())),

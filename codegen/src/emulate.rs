@@ -73,17 +73,33 @@ struct WarpState {
     slots: [Mutex<[[u32; SLOT_WORDS]; 32]>; 2],
 }
 
+/// One warpgroup's meeting point for `wgmma` (four warps), as [`WarpState`] for a warp.
+struct GroupState {
+    barrier: YieldBarrier,
+    slots: [Mutex<Vec<[u32; SLOT_WORDS]>>; 2],
+}
+
+/// Threads per warpgroup.
+const GROUP_THREADS: usize = 128;
+
 /// One block's state, shared by its threads.
 struct Block {
     shared: *mut u8,
     shared_bytes: usize,
     barrier: YieldBarrier,
     warps: Vec<WarpState>,
+    groups: Vec<GroupState>,
     error: Mutex<Option<String>>,
-    /// Per 16 bytes of shared memory, its last write and its last read, as `(interval << 32)
+    /// Per 4 bytes of shared memory, its last write and its last read, as `(interval << 32)
     /// | (thread + 1)`, where an interval is the time between two block barriers (0: none).
     written: Vec<AtomicU64>,
     read: Vec<AtomicU64>,
+    /// Per 4 bytes of shared memory, when it was last written, and per thread, when it last
+    /// ran `fence.proxy.async`, on one clock: what a thread wrote is visible to `wgmma` once
+    /// it has fenced after the write.
+    write_time: Vec<AtomicU64>,
+    fenced: Vec<AtomicU64>,
+    clock: AtomicU64,
 }
 
 /// An access to shared memory in an interval between barriers, by a thread, as the shadow
@@ -105,6 +121,10 @@ struct Copy {
     since: usize,
 }
 
+/// What a `wgmma` read from shared memory: (address, value) pairs, checked again when the
+/// thread waits for it (the operands must not change while it is in flight).
+type Operands = Vec<(u32, u16)>;
+
 /// What a thread knows of itself.
 struct Lane {
     block: *const Block,
@@ -112,10 +132,20 @@ struct Lane {
     lane: usize,
     open: Vec<Copy>,
     groups: VecDeque<Vec<Copy>>,
-    results: [u32; 4],
+    results: [u32; RESULTS],
     /// Which set of the warp's slots the next exchange uses.
     turn: usize,
+    /// The same for the warpgroup's slots.
+    group_turn: usize,
+    /// The accumulators of the next `wgmma`.
+    accumulators: [f32; RESULTS],
+    /// `wgmma`s issued and not committed, and committed batches not waited for.
+    open_wgmma: Vec<Operands>,
+    wgmma_batches: VecDeque<Vec<Operands>>,
 }
+
+/// Results a warp operation gives a thread (at most: 128 accumulators of `wgmma` m64n256).
+const RESULTS: usize = 128;
 
 impl Lane {
     fn thread(&self) -> usize {
@@ -152,38 +182,62 @@ impl Block {
         self.barrier.generation.load(Ordering::Acquire) + 1
     }
 
-    /// Records that `thread` reads the 16 bytes at `address` now; a write of them by another
-    /// thread in this interval (no barrier between) is a race.
-    fn check_read(&self, thread: usize, what: &str, address: u32) {
-        let granule = address as usize / 16;
+    /// Records that `thread` reads the `len` bytes at `address` now; a write of them by
+    /// another thread in this interval (no barrier between) is a race.
+    fn check_read(&self, thread: usize, what: &str, address: u32, len: usize) {
         let now = self.interval();
-        let written = self.written[granule].load(Ordering::Acquire);
-        if written >> 32 == now as u64 && written & 0xffff_ffff != thread as u64 + 1 {
-            self.fail(format!(
-                "{what} in thread {thread} reads shared memory at byte {address}, which thread                  {} wrote with no barrier between",
-                (written & 0xffff_ffff) - 1
-            ));
-        }
-        self.read[granule].store(access(now, thread), Ordering::Release);
-    }
-
-    /// Records that `thread` writes the 16 bytes at `address` now, the write having started
-    /// in interval `since` (a `cp.async` lands any time from its issue to its wait); a read
-    /// or write of them by another thread in that time is a race.
-    fn check_write(&self, thread: usize, what: &str, address: u32, since: usize) {
-        let granule = address as usize / 16;
-        let now = self.interval();
-        for (shadow, verb) in [(&self.read, "reads"), (&self.written, "writes")] {
-            let other = shadow[granule].load(Ordering::Acquire);
-            let (when, who) = ((other >> 32) as usize, other & 0xffff_ffff);
-            if who != 0 && who != thread as u64 + 1 && (since..=now).contains(&when) {
+        for word in address as usize / 4..(address as usize + len).div_ceil(4) {
+            let written = self.written[word].load(Ordering::Acquire);
+            if written >> 32 == now as u64 && written & 0xffff_ffff != thread as u64 + 1 {
                 self.fail(format!(
-                    "{what} in thread {thread} writes shared memory at byte {address}, which                      thread {} {verb} with no barrier between",
-                    who - 1
+                    "{what} in thread {thread} reads shared memory at byte {address}, which \
+                     thread {} wrote with no barrier between",
+                    (written & 0xffff_ffff) - 1
                 ));
             }
+            self.read[word].store(access(now, thread), Ordering::Release);
         }
-        self.written[granule].store(access(now, thread), Ordering::Release);
+    }
+
+    /// Records that `thread` writes the `len` bytes at `address` now, the write having
+    /// started in interval `since` (a `cp.async` lands any time from its issue to its wait);
+    /// a read or write of them by another thread in that time is a race.
+    fn check_write(&self, thread: usize, what: &str, address: u32, len: usize, since: usize) {
+        let now = self.interval();
+        let time = self.clock.fetch_add(1, Ordering::AcqRel) + 1;
+        for word in address as usize / 4..(address as usize + len).div_ceil(4) {
+            for (shadow, verb) in [(&self.read, "reads"), (&self.written, "writes")] {
+                let other = shadow[word].load(Ordering::Acquire);
+                let (when, who) = ((other >> 32) as usize, other & 0xffff_ffff);
+                if who != 0 && who != thread as u64 + 1 && (since..=now).contains(&when) {
+                    self.fail(format!(
+                        "{what} in thread {thread} writes shared memory at byte {address}, \
+                         which thread {} {verb} with no barrier between",
+                        who - 1
+                    ));
+                }
+            }
+            self.written[word].store(access(now, thread), Ordering::Release);
+            self.write_time[word].store(time, Ordering::Release);
+        }
+    }
+
+    /// Checks that what `wgmma` reads at `address` (2 bytes) was fenced for the async proxy
+    /// by the thread that wrote it.
+    fn check_async_read(&self, thread: usize, address: u32) {
+        let word = address as usize / 4;
+        let writer = self.written[word].load(Ordering::Acquire) & 0xffff_ffff;
+        if writer == 0 {
+            return;
+        }
+        let writer = writer as usize - 1;
+        let written = self.write_time[word].load(Ordering::Acquire);
+        if self.fenced[writer].load(Ordering::Acquire) < written {
+            self.fail(format!(
+                "wgmma in thread {thread} reads shared memory at byte {address}, which thread \
+                 {writer} wrote with no fence.proxy.async after it"
+            ));
+        }
     }
 
     /// The shared memory at `address`, `len` bytes, aligned to `align`, or an error.
@@ -306,7 +360,7 @@ extern "C" fn emu_ldmatrix(address: u32, count: u32, trans: u32) {
         if lane.lane < 8 * count
             && let Some(at) = block.at(lane, "ldmatrix", address, 16, 16)
         {
-            block.check_read(lane.thread(), "ldmatrix", address);
+            block.check_read(lane.thread(), "ldmatrix", address, 16);
             for (i, word) in row.iter_mut().take(4).enumerate() {
                 // SAFETY: `at` has 16 bytes in bounds.
                 *word = unsafe { at.add(4 * i).cast::<u32>().read_unaligned() };
@@ -327,7 +381,7 @@ extern "C" fn emu_ldmatrix(address: u32, count: u32, trans: u32) {
 }
 
 extern "C" fn emu_result(index: u32) -> u32 {
-    with_lane(|lane, _| lane.results[index as usize & 3])
+    with_lane(|lane, _| lane.results[index as usize % RESULTS])
 }
 
 extern "C" fn emu_pack_bf16(lo: f32, hi: f32) -> u32 {
@@ -382,7 +436,7 @@ extern "C" fn emu_wait(pending: u32) {
                 let Some(at) = block.at(lane, "cp.async", copy.to, 16, 16) else {
                     continue;
                 };
-                block.check_write(lane.thread(), "cp.async", copy.to, copy.since);
+                block.check_write(lane.thread(), "cp.async", copy.to, 16, copy.since);
                 let size = (copy.size as usize).min(16);
                 // SAFETY: `at` has 16 bytes in bounds; the source is a buffer of the launch,
                 // padded past its end, as on the GPU.
@@ -398,7 +452,7 @@ extern "C" fn emu_wait(pending: u32) {
 extern "C" fn emu_st_shared(address: u32, w0: u32, w1: u32, w2: u32, w3: u32) {
     with_lane(|lane, block| {
         if let Some(at) = block.at(lane, "st.shared", address, 16, 16) {
-            block.check_write(lane.thread(), "st.shared", address, block.interval());
+            block.check_write(lane.thread(), "st.shared", address, 16, block.interval());
             for (i, w) in [w0, w1, w2, w3].into_iter().enumerate() {
                 // SAFETY: `at` has 16 bytes in bounds.
                 unsafe { at.add(4 * i).cast::<u32>().write_unaligned(w) };
@@ -407,9 +461,194 @@ extern "C" fn emu_st_shared(address: u32, w0: u32, w1: u32, w2: u32, w3: u32) {
     });
 }
 
+extern "C" fn emu_st_shared32(address: u32, word: u32) {
+    with_lane(|lane, block| {
+        if let Some(at) = block.at(lane, "st.shared.b32", address, 4, 4) {
+            block.check_write(lane.thread(), "st.shared.b32", address, 4, block.interval());
+            // SAFETY: `at` has 4 bytes in bounds.
+            unsafe { at.cast::<u32>().write_unaligned(word) };
+        }
+    });
+}
+
+extern "C" fn emu_fence_proxy_async() {
+    with_lane(|lane, block| {
+        let time = block.clock.fetch_add(1, Ordering::AcqRel) + 1;
+        block.fenced[lane.thread()].store(time, Ordering::Release);
+    });
+}
+
+extern "C" fn emu_wgmma_fence() {}
+
+extern "C" fn emu_wgmma_acc(index: u32, value: f32) {
+    with_lane(|lane, _| lane.accumulators[index as usize % RESULTS] = value);
+}
+
+/// Every thread of the warpgroup's `words`, exchanged (as [`exchange`] for a warp).
+fn exchange_group(
+    lane: &mut Lane,
+    block: &Block,
+    words: [u32; SLOT_WORDS],
+) -> Vec<[u32; SLOT_WORDS]> {
+    let thread = lane.thread();
+    let group = &block.groups[thread / GROUP_THREADS];
+    let slots = &group.slots[lane.group_turn];
+    lane.group_turn ^= 1;
+    slots.lock().unwrap_or_else(|e| e.into_inner())[thread % GROUP_THREADS] = words;
+    group.barrier.wait();
+    slots.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// A shared-memory matrix descriptor of `wgmma`, decoded: start, leading (K) and stride
+/// (M or N) byte offsets between 8 x 16-byte core matrices; `None` for layouts the emulator
+/// does not take (swizzled, or a base offset).
+fn descriptor(desc: u64) -> Option<(u32, u32, u32)> {
+    let field = |shift: u32| (((desc >> shift) & 0x3fff) as u32) << 4;
+    let swizzle = desc >> 62;
+    let base_offset = (desc >> 49) & 7;
+    (swizzle == 0 && base_offset == 0).then(|| (field(0), field(16), field(32)))
+}
+
+/// The byte address of element (`mn`, `k`) of a K-major operand without swizzling: core
+/// matrices of 8 rows (M or N) by 8 elements of K, each 128 contiguous bytes, `lbo` apart
+/// along K and `sbo` apart along M or N.
+fn k_major_address((start, lbo, sbo): (u32, u32, u32), mn: usize, k: usize) -> u32 {
+    start + (mn / 8) as u32 * sbo + (k / 8) as u32 * lbo + (mn % 8) as u32 * 16 + (k % 8) as u32 * 2
+}
+
+#[allow(clippy::too_many_arguments)]
+extern "C" fn emu_wgmma(
+    kind: u32,
+    n: u32,
+    from_registers: u32,
+    a_desc: u64,
+    a0: u32,
+    a1: u32,
+    a2: u32,
+    a3: u32,
+    b_desc: u64,
+) {
+    let half = if kind == 1 { Half::F16 } else { Half::Bf16 };
+    let value = |h: u16| match half {
+        Half::Bf16 => bf16_value(h),
+        Half::F16 => f16_value(h),
+    };
+    with_lane(|lane, block| {
+        let thread = lane.thread();
+        let words = [
+            a0,
+            a1,
+            a2,
+            a3,
+            a_desc as u32,
+            (a_desc >> 32) as u32,
+            b_desc as u32,
+            (b_desc >> 32) as u32,
+        ];
+        let all = exchange_group(lane, block, words);
+        let first = thread - thread % GROUP_THREADS;
+        if all
+            .iter()
+            .any(|w| w[6..] != words[6..] || (from_registers == 0 && w[4..6] != words[4..6]))
+        {
+            block.fail(format!(
+                "wgmma in thread {thread}: the threads of its warpgroup gave different descriptors"
+            ));
+            return;
+        }
+        let (Some(bd), Some(ad)) = (
+            descriptor(b_desc),
+            if from_registers == 0 {
+                descriptor(a_desc)
+            } else {
+                Some((0, 0, 0))
+            },
+        ) else {
+            block.fail(format!(
+                "wgmma in thread {thread}: a descriptor with swizzling or a base offset, which the emulator does not take"
+            ));
+            return;
+        };
+        let mut operands: Operands = Vec::new();
+        let mut read = |address: u32, lane: &Lane| -> f32 {
+            let Some(at) = block.at(lane, "wgmma", address, 2, 2) else {
+                return 0.0;
+            };
+            block.check_async_read(thread, address);
+            block.check_read(thread, "wgmma", address, 2);
+            // SAFETY: `at` has 2 bytes in bounds.
+            let h = unsafe { at.cast::<u16>().read_unaligned() };
+            operands.push((address, h));
+            value(h)
+        };
+        let warp = (thread % GROUP_THREADS) / 32;
+        let (g, t) = (lane.lane / 4, lane.lane % 4);
+        // The thread's two rows of A (of the warp's 16: g and g + 8), 16 values each.
+        let mut a = [[0f32; 16]; 2];
+        for (r, row) in a.iter_mut().enumerate() {
+            let local = g + 8 * r;
+            for (k, x) in row.iter_mut().enumerate() {
+                *x = if from_registers == 1 {
+                    // Lane (local % 8) * 4 + (k % 8) / 2 of the warp holds it, in register
+                    // (local >= 8) + 2 (k >= 8), half k % 2.
+                    let owner = first + warp * 32 + (local % 8) * 4 + (k % 8) / 2;
+                    let reg = usize::from(local >= 8) + 2 * usize::from(k >= 8);
+                    value(half_of(all[owner - first][reg], k % 2 == 1))
+                } else {
+                    read(k_major_address(ad, 16 * warp + local, k), lane)
+                };
+            }
+        }
+        for j in 0..n as usize / 8 {
+            for c in 0..2 {
+                let col = 8 * j + 2 * t + c;
+                let column: Vec<f32> = (0..16)
+                    .map(|k| read(k_major_address(bd, col, k), lane))
+                    .collect();
+                for (r, row) in a.iter().enumerate() {
+                    let i = 4 * j + 2 * r + c;
+                    let dot: f32 = row.iter().zip(&column).map(|(x, y)| x * y).sum();
+                    lane.results[i] = (lane.accumulators[i] + dot).to_bits();
+                }
+            }
+        }
+        lane.open_wgmma.push(operands);
+    });
+}
+
+extern "C" fn emu_wgmma_commit() {
+    with_lane(|lane, _| {
+        let batch = std::mem::take(&mut lane.open_wgmma);
+        lane.wgmma_batches.push_back(batch);
+    });
+}
+
+extern "C" fn emu_wgmma_wait(pending: u32) {
+    with_lane(|lane, block| {
+        while lane.wgmma_batches.len() > pending as usize {
+            for operands in lane.wgmma_batches.pop_front().unwrap_or_default() {
+                for (address, h) in operands {
+                    let Some(at) = block.at(lane, "wgmma", address, 2, 2) else {
+                        continue;
+                    };
+                    // SAFETY: `at` has 2 bytes in bounds.
+                    if unsafe { at.cast::<u16>().read_unaligned() } != h {
+                        block.fail(format!(
+                            "wgmma in thread {}: shared memory at byte {address} changed while \
+                             the wgmma reading it was in flight",
+                            lane.thread()
+                        ));
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}
+
 /// The emulator's functions: the name the kernels call, the MLIR argument and result types
 /// they declare, and the `extern "C"` function of those types.
-fn functions() -> [(&'static str, &'static str, &'static str, *mut ()); 13] {
+fn functions() -> [(&'static str, &'static str, &'static str, *mut ()); 20] {
     let mma = "i32, i32, i32, i32, i32, i32, f32, f32, f32, f32";
     [
         ("zebra_emu_mma_bf16", mma, "", emu_mma_bf16 as *mut ()),
@@ -455,6 +694,38 @@ fn functions() -> [(&'static str, &'static str, &'static str, *mut ()); 13] {
             "",
             emu_st_shared as *mut (),
         ),
+        (
+            "zebra_emu_st_shared32",
+            "i32, i32",
+            "",
+            emu_st_shared32 as *mut (),
+        ),
+        (
+            "zebra_emu_fence_proxy_async",
+            "",
+            "",
+            emu_fence_proxy_async as *mut (),
+        ),
+        ("zebra_emu_wgmma_fence", "", "", emu_wgmma_fence as *mut ()),
+        (
+            "zebra_emu_wgmma_acc",
+            "i32, f32",
+            "",
+            emu_wgmma_acc as *mut (),
+        ),
+        (
+            "zebra_emu_wgmma",
+            "i32, i32, i32, i64, i32, i32, i32, i32, i64",
+            "",
+            emu_wgmma as *mut (),
+        ),
+        (
+            "zebra_emu_wgmma_commit",
+            "",
+            "",
+            emu_wgmma_commit as *mut (),
+        ),
+        ("zebra_emu_wgmma_wait", "i32", "", emu_wgmma_wait as *mut ()),
     ]
 }
 
@@ -540,6 +811,11 @@ impl EmulatedKernel {
         dims: &[i64],
     ) -> Result<(), CodegenError> {
         let warps = self.threads.div_ceil(32);
+        let shadow = || -> Vec<AtomicU64> {
+            (0..self.shared_bytes.div_ceil(4))
+                .map(|_| AtomicU64::new(0))
+                .collect()
+        };
         for y in 0..grid.1 {
             for x in 0..grid.0 {
                 let mut shared = vec![0u8; self.shared_bytes.max(16)];
@@ -556,13 +832,21 @@ impl EmulatedKernel {
                             ],
                         })
                         .collect(),
+                    groups: (0..self.threads.div_ceil(GROUP_THREADS))
+                        .map(|_| GroupState {
+                            barrier: YieldBarrier::new(GROUP_THREADS.min(self.threads)),
+                            slots: [
+                                Mutex::new(vec![[0; SLOT_WORDS]; GROUP_THREADS]),
+                                Mutex::new(vec![[0; SLOT_WORDS]; GROUP_THREADS]),
+                            ],
+                        })
+                        .collect(),
                     error: Mutex::new(None),
-                    written: (0..self.shared_bytes.div_ceil(16))
-                        .map(|_| AtomicU64::new(0))
-                        .collect(),
-                    read: (0..self.shared_bytes.div_ceil(16))
-                        .map(|_| AtomicU64::new(0))
-                        .collect(),
+                    written: shadow(),
+                    read: shadow(),
+                    write_time: shadow(),
+                    fenced: (0..self.threads).map(|_| AtomicU64::new(0)).collect(),
+                    clock: AtomicU64::new(0),
                 };
                 let block_ref = &block;
                 let function = self.function;
@@ -577,8 +861,12 @@ impl EmulatedKernel {
                                     lane: tid % 32,
                                     open: Vec::new(),
                                     groups: VecDeque::new(),
-                                    results: [0; 4],
+                                    results: [0; RESULTS],
                                     turn: 0,
+                                    group_turn: 0,
+                                    accumulators: [0.0; RESULTS],
+                                    open_wgmma: Vec::new(),
+                                    wgmma_batches: VecDeque::new(),
                                 });
                             });
                             // SAFETY: the kernel reads the buffers and dims of the launch,
@@ -592,7 +880,17 @@ impl EmulatedKernel {
                                     tid as i64,
                                 );
                             }
-                            LANE.with(|cell| cell.borrow_mut().take());
+                            LANE.with(|cell| {
+                                if let Some(lane) = cell.borrow_mut().take()
+                                    && (!lane.open_wgmma.is_empty()
+                                        || !lane.wgmma_batches.is_empty())
+                                {
+                                    block_ref.fail(format!(
+                                        "thread {} ended with wgmma products it never waited for",
+                                        lane.thread()
+                                    ));
+                                }
+                            });
                         });
                     }
                 });
@@ -642,7 +940,18 @@ impl EmulatedAttention {
             Lowering::Emulated,
             crate::kernels::attention_mma::AttentionIo::Half,
         );
-        let kernel = EmulatedKernel::compile(&function, name, THREADS, tiles.shared_bytes())?;
+        EmulatedAttention::from_function(&function, name, attention, tiles)
+    }
+
+    /// The same from the kernel's MLIR function as [`attention_mma`] generates it with
+    /// [`Lowering::Emulated`] (or as a test altered it).
+    pub fn from_function(
+        function: &str,
+        name: &str,
+        attention: &zebra_ir::op::AttentionKernel,
+        tiles: MmaTiles,
+    ) -> Result<EmulatedAttention, CodegenError> {
+        let kernel = EmulatedKernel::compile(function, name, THREADS, tiles.shared_bytes())?;
         let entry = crate::artifact::attention_entry(name, attention, tiles);
         Ok(EmulatedAttention { kernel, entry })
     }

@@ -422,7 +422,12 @@ pub enum GpuOutput {
 
 /// Optimizes GPU LLVM IR at O3 and emits PTX (or the optimized IR).
 pub fn compile(ir: &str, target: GpuTarget, output: GpuOutput) -> Result<String, CodegenError> {
-    let arch = target.name();
+    // `wgmma` is an sm_90a instruction: PTX that uses it is for that architecture alone.
+    let arch = if ir.contains("wgmma.") && target.sm == 90 {
+        "sm_90a".to_string()
+    } else {
+        target.name()
+    };
     Target::initialize_nvptx(&InitializationConfig::default());
     let context = LlvmContext::create();
     let buffer = MemoryBuffer::create_from_memory_range_copy(ir.as_bytes(), "kernels");

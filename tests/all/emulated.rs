@@ -3,7 +3,7 @@
 //! barriers emulated, checked against the f64 reference on every machine, GPU or not.
 
 use zebra_codegen::emulate::EmulatedAttention;
-use zebra_codegen::kernels::attention_mma::{Half, MmaSettings, MmaTiles};
+use zebra_codegen::kernels::attention_mma::{Half, MmaSettings, MmaTiles, Product};
 use zebra_codegen::ptx::{GpuTarget, mma_attentions};
 use zebra_ir::op::AttentionKernel;
 use zebra_passes::{Options, optimize};
@@ -62,13 +62,32 @@ fn two_heads(kernel: &AttentionKernel) -> AttentionKernel {
 /// the tiles, with two batch rows (document masks get a schedule per row).
 #[test]
 fn every_attention_matches_the_reference_in_the_emulator() {
+    every_attention_in_the_emulator(80, MmaSettings::default());
+}
+
+/// The same on sm_90's `wgmma` (one warpgroup of 64 query rows per block, operands read from
+/// shared memory through matrix descriptors, V transposed in shared memory).
+#[test]
+fn every_attention_on_wgmma_matches_the_reference_in_the_emulator() {
+    every_attention_in_the_emulator(
+        90,
+        MmaSettings {
+            product: Some(Product::Wgmma),
+            ..MmaSettings::default()
+        },
+    );
+}
+
+fn every_attention_in_the_emulator(sm: u32, settings: MmaSettings) {
     let mut seen: Vec<AttentionKernel> = Vec::new();
     for path in crate::common::examples() {
         let (_, checked) = check_ok(&path);
         for spec in &checked.program.models {
             let graph = optimize(&lower(spec), &Options::default()).unwrap().graph;
-            for (kernel, tiles) in mma_attentions(&graph, GpuTarget { sm: 80 }).unwrap() {
-                let kernel = two_heads(&kernel);
+            for (kernel, tiles) in mma_attentions(&graph, GpuTarget { sm }).unwrap() {
+                let mut kernel = two_heads(&kernel);
+                let tiles = tiles.with(&settings);
+                kernel.block_q = tiles.block_q as u64;
                 if seen.iter().any(|k| k.same_computation(&kernel)) {
                     continue;
                 }
@@ -109,7 +128,7 @@ fn tensor_core_variants_in_the_emulator() {
         };
         (kernel, MmaTiles::for_head_dim(d as usize, 90).unwrap())
     };
-    let cases: [(u64, MmaSettings, Half, (usize, usize)); 7] = [
+    let cases: [(u64, MmaSettings, Half, (usize, usize)); 8] = [
         (64, MmaSettings::default(), Half::Bf16, (1, 1)),
         (64, MmaSettings::default(), Half::F16, (1, 77)),
         (128, MmaSettings::default(), Half::Bf16, (1, 200)),
@@ -118,7 +137,7 @@ fn tensor_core_variants_in_the_emulator() {
             32,
             MmaSettings {
                 stages: Some(2),
-                block_k: None,
+                ..MmaSettings::default()
             },
             Half::Bf16,
             (2, 300),
@@ -128,6 +147,7 @@ fn tensor_core_variants_in_the_emulator() {
             MmaSettings {
                 stages: Some(2),
                 block_k: Some(16),
+                ..MmaSettings::default()
             },
             Half::F16,
             (1, 150),
@@ -135,17 +155,27 @@ fn tensor_core_variants_in_the_emulator() {
         (
             16,
             MmaSettings {
-                stages: None,
                 block_k: Some(128),
+                ..MmaSettings::default()
             },
             Half::Bf16,
             (1, 300),
+        ),
+        (
+            64,
+            MmaSettings {
+                block_q: Some(64),
+                ..MmaSettings::default()
+            },
+            Half::Bf16,
+            (1, 150),
         ),
     ];
     for (d, settings, half, shape) in cases {
         for (kernel, _) in &kernels {
             let (mut kernel, tiles) = with_dim(kernel, d);
             let tiles = tiles.with(&settings);
+            kernel.block_q = tiles.block_q as u64;
             kernel.block_k = tiles.block_k as u64;
             let error = emulated_error(&kernel, tiles, half, shape);
             assert!(
@@ -165,6 +195,113 @@ fn tensor_core_variants_in_the_emulator() {
     let global_case = AttentionCase::new(&global_entry, "bf16", 1, 200, 7).unwrap();
     let error = global_case.worst_error(&global_entry, "bf16", &out, 48, 3);
     assert!(error > 1.0, "the check passed another attention: {error}");
+}
+
+/// The `wgmma` attention at the head dims and key tiles it takes (16 to 256; 16, 64 and
+/// 128 keys), in bf16 and f16, at T = 1, inside one tile and past several, with GQA.
+#[test]
+fn wgmma_variants_in_the_emulator() {
+    let (_, checked) = check_ok(&root().join("examples/zebra_tiny.zb"));
+    let graph = optimize(&lower(&checked.program.models[0]), &Options::default())
+        .unwrap()
+        .graph;
+    let kernels = mma_attentions(&graph, GpuTarget { sm: 90 }).unwrap();
+    // (head dim, keys per tile, type, (batch, T))
+    type Case = (u64, Option<usize>, Half, (usize, usize));
+    let cases: [Case; 5] = [
+        (16, Some(16), Half::Bf16, (1, 1)),
+        (64, None, Half::F16, (1, 77)),
+        (128, Some(128), Half::Bf16, (1, 200)),
+        (256, None, Half::Bf16, (1, 100)),
+        (32, Some(64), Half::Bf16, (2, 300)),
+    ];
+    for (d, block_k, half, shape) in cases {
+        for (kernel, _) in &kernels {
+            let mut kernel = AttentionKernel {
+                head_dim: d,
+                scale: 1.0 / (d as f64).sqrt(),
+                ..two_heads(kernel)
+            };
+            let tiles = MmaTiles::for_head_dim(d as usize, 90)
+                .unwrap()
+                .with(&MmaSettings {
+                    block_k,
+                    product: Some(Product::Wgmma),
+                    ..MmaSettings::default()
+                });
+            assert_eq!(tiles.block_q, 64);
+            kernel.block_q = 64;
+            kernel.block_k = tiles.block_k as u64;
+            let error = emulated_error(&kernel, tiles, half, shape);
+            assert!(
+                error <= 1.0,
+                "`{}` head dim {d}, {tiles:?}, {}, {shape:?}: error {error}",
+                kernel.name,
+                half.name()
+            );
+        }
+    }
+}
+
+/// The emulator holds `wgmma` kernels to the rules of the asynchronous proxy: without the
+/// `fence.proxy.async` after the copies into shared memory, the products' reads are
+/// reported; without the last wait, the products left in flight are.
+#[test]
+fn the_emulator_finds_a_missing_wgmma_fence_or_wait() {
+    use zebra_codegen::emulate::EmulatedAttention;
+    use zebra_codegen::kernels::attention_mma::{AttentionIo, attention_mma};
+    use zebra_codegen::kernels::warp::Lowering;
+
+    let (_, checked) = check_ok(&root().join("examples/zebra_tiny.zb"));
+    let graph = optimize(&lower(&checked.program.models[0]), &Options::default())
+        .unwrap()
+        .graph;
+    let (kernel, tiles) = mma_attentions(&graph, GpuTarget { sm: 90 })
+        .unwrap()
+        .remove(0);
+    let tiles = tiles.with(&MmaSettings {
+        product: Some(Product::Wgmma),
+        ..MmaSettings::default()
+    });
+    let kernel = AttentionKernel {
+        block_q: 64,
+        ..two_heads(&kernel)
+    };
+    let function = attention_mma(
+        "wg",
+        &kernel,
+        Half::Bf16,
+        tiles,
+        Lowering::Emulated,
+        AttentionIo::Half,
+    );
+    let run = |text: &str| -> Result<(), String> {
+        let emulated = EmulatedAttention::from_function(text, "wg", &kernel, tiles)
+            .map_err(|e| e.to_string())?;
+        let case = AttentionCase::new(&emulated.entry, "bf16", 1, 100, 7).unwrap();
+        let mut out = vec![0u16; emulated.entry.heads * 100 * emulated.entry.head_dim];
+        emulated
+            .run(
+                [&case.q, &case.k, &case.v],
+                &mut out,
+                &case.word_buffers(),
+                case.dims(),
+            )
+            .map_err(|e| e.to_string())
+    };
+    run(&function).unwrap();
+    let fence = "func.call @zebra_emu_fence_proxy_async() : () -> ()";
+    assert_eq!(function.matches(fence).count(), 2);
+    let error = run(&function.replace(fence, "")).unwrap_err();
+    assert!(
+        error.contains("wgmma") && error.contains("no fence.proxy.async"),
+        "{error}"
+    );
+    let wait = "func.call @zebra_emu_wgmma_wait(";
+    let last = function.rfind(wait).unwrap();
+    let end = last + function[last..].find('\n').unwrap();
+    let error = run(&format!("{}{}", &function[..last], &function[end..])).unwrap_err();
+    assert!(error.contains("never waited for"), "{error}");
 }
 
 /// f32 values at a 16-byte aligned address (the kernels read activations and weights with

@@ -346,6 +346,7 @@ fn attention_artifacts_round_trip_and_broken_ones_are_refused() {
         MmaSettings {
             stages: Some(2),
             block_k: Some(32),
+            ..MmaSettings::default()
         },
     )
     .unwrap();
@@ -487,6 +488,13 @@ fn assemble(ptxas: &std::path::Path, ptx: &std::path::Path, sm: &str) -> Vec<(St
         "ptxas refused {}:\n{text}",
         ptx.display()
     );
+    // ptxas runs `wgmma`s one after the other when it cannot keep their accumulators in
+    // place, and says so.
+    assert!(
+        !text.contains("serialized"),
+        "ptxas serializes wgmma in {}:\n{text}",
+        ptx.display()
+    );
     let mut entries: Vec<(String, u32, u32)> = Vec::new();
     let number = |line: &str, before: &str| -> u32 {
         let at = line.find(before).expect("the field is there");
@@ -516,12 +524,13 @@ fn assemble(ptxas: &std::path::Path, ptx: &std::path::Path, sm: &str) -> Vec<(St
 
 /// Where ptxas is present: every kernel of zebra_tiny's plans (forward in f32 and with
 /// tensor cores in bf16 and f16, training, generation), of the benchmark model in bf16, and
-/// the tensor-core attention kernels of every example assemble for sm_80 and sm_90; the
+/// the tensor-core attention kernels of every example assemble for sm_80 and sm_90 (and
+/// their `wgmma` versions for sm_90a, which ptxas does not serialize); the
 /// tensor-core kernels fit the registers (at most 128 bytes spilled, as the attention kernel
 /// with head dim 128 does a little).
 #[test]
 fn gpu_kernels_assemble_with_ptxas() {
-    use zebra_codegen::kernels::attention_mma::MmaSettings;
+    use zebra_codegen::kernels::attention_mma::{MmaSettings, Product};
     let Some(ptxas) = ptxas() else {
         eprintln!("skipped: no ptxas (run scripts/ptxas.sh, or set ZEBRA_PTXAS)");
         return;
@@ -553,7 +562,7 @@ fn gpu_kernels_assemble_with_ptxas() {
                 cache: None,
             };
             build_gpu(graph, &dir, &options, target, half).unwrap();
-            dirs.push(dir);
+            dirs.push((dir, sm));
         }
         for path in crate::common::examples() {
             let (_, checked) = check_ok(&path);
@@ -571,13 +580,36 @@ fn gpu_kernels_assemble_with_ptxas() {
                 MmaSettings::default(),
             )
             .unwrap();
-            dirs.push(dir);
+            dirs.push((dir, sm));
+            if sm == "sm_90" {
+                // The wgmma kernels, for sm_90a, with both key tiles.
+                for block_k in [64, 128] {
+                    let dir = out.path().join(format!(
+                        "wgmma-{block_k}-{}",
+                        checked.program.models[0].name
+                    ));
+                    let settings = MmaSettings {
+                        product: Some(Product::Wgmma),
+                        block_k: Some(block_k),
+                        ..MmaSettings::default()
+                    };
+                    zebra_codegen::artifact::build_gpu_attention(
+                        &graph,
+                        &dir,
+                        target,
+                        Half::Bf16,
+                        settings,
+                    )
+                    .unwrap();
+                    dirs.push((dir, "sm_90a"));
+                }
+            }
         }
-        for dir in dirs {
-            for (entry, registers, spilled) in assemble(&ptxas, &dir.join("kernels.ptx"), sm) {
+        for (dir, arch) in dirs {
+            for (entry, registers, spilled) in assemble(&ptxas, &dir.join("kernels.ptx"), arch) {
                 assert!(registers <= 255, "{entry}: {registers} registers");
                 if entry.ends_with("_mma") {
-                    assert!(spilled <= 128, "{entry} ({sm}) spills {spilled} bytes");
+                    assert!(spilled <= 128, "{entry} ({arch}) spills {spilled} bytes");
                 }
                 checked_entries += 1;
                 most_registers = most_registers.max(registers);

@@ -25,8 +25,8 @@
 use zebra_ir::op::AttentionKernel;
 
 use super::attention::schedule_range;
-use super::block::{ChunkedTile, block_function, load8, pack8, shared_address};
-use super::warp::Lowering;
+use super::block::{ChunkedTile, block_function, load8, pack8, shared_address, trunc32};
+use super::warp::{Lowering, WgmmaA};
 use crate::mlir::{Builder, F32, I64, Val, f32_literal};
 use crate::vexpr::{self, VecEnv};
 
@@ -61,13 +61,38 @@ pub const THREADS: usize = WARPS * 32;
 /// The largest head dimension the kernel takes.
 pub const MAX_HEAD_DIM: usize = 256;
 
+/// The tensor-core instruction a kernel's products run on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Product {
+    /// `mma.sync.m16n8k16`, per warp, operands from registers (sm_80 on).
+    #[default]
+    Sync,
+    /// `wgmma.mma_async` m64nNk16, per warpgroup of four warps, B (and for `Q K^T` A too)
+    /// read from shared memory through matrix descriptors (sm_90a).
+    Wgmma,
+}
+
+impl Product {
+    pub fn from_name(name: &str) -> Option<Product> {
+        match name {
+            "sync" => Some(Product::Sync),
+            "wgmma" => Some(Product::Wgmma),
+            _ => None,
+        }
+    }
+}
+
 /// Settings of the tensor-core attention kernels that override the target's choice.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MmaSettings {
-    /// K/V stages in flight, 1 or 2.
+    /// K/V stages in flight, 1 or 2 (`mma.sync` only).
     pub stages: Option<usize>,
     /// Keys per tile: 16, 32, 64 or 128.
     pub block_k: Option<usize>,
+    /// Queries per tile, 64 or 128 (`mma.sync` only: one or two row blocks per warp).
+    pub block_q: Option<usize>,
+    /// The instruction of the products.
+    pub product: Option<Product>,
 }
 
 /// The tiles of a tensor-core attention kernel for one head dimension and target.
@@ -83,6 +108,7 @@ pub struct MmaTiles {
     /// `Q K^T`), or 2 (the next K and V tiles are copied while the whole of this one is
     /// computed; one barrier per tile).
     pub stages: usize,
+    pub product: Product,
 }
 
 impl MmaTiles {
@@ -103,24 +129,61 @@ impl MmaTiles {
             head_dim,
             row_blocks,
             stages: 1,
+            product: Product::Sync,
         })
     }
 
-    /// The same tiles with some settings overridden (a tuning run's).
+    /// The same tiles with some settings overridden (a tuning run's). With `wgmma`, a block
+    /// is one warpgroup of 64 query rows (a row block per warp) and one K/V stage.
     pub fn with(self, settings: &MmaSettings) -> MmaTiles {
+        let product = settings.product.unwrap_or(self.product);
+        let row_blocks = match (product, settings.block_q) {
+            (Product::Wgmma, _) => 1,
+            (Product::Sync, Some(64)) => 1,
+            (Product::Sync, Some(128)) if self.head_dim <= 128 => 2,
+            (Product::Sync, _) => self.row_blocks,
+        };
+        let block_k = settings
+            .block_k
+            .filter(|k| k.is_multiple_of(16) && (16..=128).contains(k))
+            .unwrap_or(self.block_k);
+        // Beyond head dim 128 the output accumulators of `wgmma` take 128 registers a thread:
+        // more than 32 keys' scores beside them spill (ptxas: 200 bytes at 64 keys).
+        let block_k = match product {
+            Product::Wgmma if self.head_dim > 128 => block_k.min(32),
+            _ => block_k,
+        };
         MmaTiles {
-            stages: settings.stages.map_or(self.stages, |s| s.clamp(1, 2)),
-            block_k: settings
-                .block_k
-                .filter(|k| k.is_multiple_of(16) && (16..=128).contains(k))
-                .unwrap_or(self.block_k),
+            stages: match product {
+                Product::Wgmma => 1,
+                Product::Sync => settings.stages.map_or(self.stages, |s| s.clamp(1, 2)),
+            },
+            block_k,
+            row_blocks,
+            block_q: WARPS * 16 * row_blocks,
+            product,
             ..self
         }
     }
 
-    /// Elements per padded shared-memory row.
+    /// Elements per padded shared-memory row (the Q and K tiles of `wgmma` kernels are in
+    /// core matrices instead, unpadded).
     pub fn row(&self) -> usize {
         self.head_dim + 8
+    }
+
+    /// Bytes of a Q or K tile of `rows` rows as the products read it.
+    fn operand_bytes(&self, rows: usize) -> usize {
+        match self.product {
+            Product::Sync => rows * self.row() * 2,
+            Product::Wgmma => rows * self.head_dim * 2,
+        }
+    }
+
+    /// Byte offset of the transposed V tile of a `wgmma` kernel (after the V tile as it is
+    /// copied): head dims by keys, in core matrices.
+    pub fn vt_offset(&self) -> usize {
+        self.v_offset() + self.kv_tile_bytes()
     }
 
     /// Bytes of one K (or V) tile in shared memory.
@@ -131,16 +194,20 @@ impl MmaTiles {
     /// Byte offsets of stage 0's K and V tiles in shared memory (the Q tile is at 0; stage
     /// `s` is `s * 2 * kv_tile_bytes` further).
     pub fn k_offset(&self) -> usize {
-        self.block_q * self.row() * 2
+        self.operand_bytes(self.block_q)
     }
 
     pub fn v_offset(&self) -> usize {
-        self.k_offset() + self.kv_tile_bytes()
+        self.k_offset() + self.operand_bytes(self.block_k)
     }
 
-    /// Shared memory per block, in bytes: the Q tile, then K and V tiles per stage.
+    /// Shared memory per block, in bytes: the Q tile, then K and V tiles per stage (and for
+    /// `wgmma`, the transposed V tile).
     pub fn shared_bytes(&self) -> usize {
-        self.k_offset() + self.stages * 2 * self.kv_tile_bytes()
+        match self.product {
+            Product::Sync => self.k_offset() + self.stages * 2 * self.kv_tile_bytes(),
+            Product::Wgmma => self.vt_offset() + self.block_k * self.head_dim * 2,
+        }
     }
 
     /// The shared memory a block of `sm` may use (opting in above 48 KiB).
@@ -186,7 +253,12 @@ impl Ctx {
     /// Copies tile `index` of `rows` rows of `src` (`base`: the head's first element) into
     /// shared memory at byte offset `offset`, zero-filling rows past the end: 16-bit values
     /// by `cp.async` (not committed), or with `from_f32`, f32 values rounded to that type on
-    /// the way (synchronous: a barrier makes them visible).
+    /// the way (synchronous: a barrier makes them visible). In padded rows, or with `core`,
+    /// in the core matrices `wgmma` reads (8 rows by 16 bytes, 128 contiguous bytes each,
+    /// row-major over the tile): a thread's chunk `c` goes to byte `16 c`, from row
+    /// `8 (c / (8 per_row)) + c % 8` and chunk `(c / 8) % per_row` of it, so that each eight
+    /// threads fill one core matrix and each row is read 64 contiguous bytes at a time.
+    #[allow(clippy::too_many_arguments)]
     fn load_rows(
         &self,
         b: &mut Builder,
@@ -195,6 +267,7 @@ impl Ctx {
         (index, rows): (&Val, usize),
         offset: &Val,
         from_f32: Option<Half>,
+        core: bool,
     ) {
         let d = self.tiles.head_dim;
         let tile = ChunkedTile {
@@ -207,6 +280,23 @@ impl Ctx {
         let last = b.subi(&self.t, &c1);
         for i in 0..tile.slots() {
             tile.for_slot(b, &self.tid, i, |b, row, col| {
+                let (row, col, chunk) = if core {
+                    let per_row = b.i64(tile.per_row as i64);
+                    let chunk = b.muli(row, &per_row);
+                    let chunk = b.addi(&chunk, col);
+                    let c8 = b.i64(8);
+                    let group = b.i64(8 * tile.per_row as i64);
+                    let r = b.divi(&chunk, &group);
+                    let r = b.muli(&r, &c8);
+                    let within = b.remi(&chunk, &c8);
+                    let r = b.addi(&r, &within);
+                    let cc = b.divi(&chunk, &c8);
+                    let cc = b.remi(&cc, &per_row);
+                    (r, cc, Some(chunk))
+                } else {
+                    (row.clone(), col.clone(), None)
+                };
+                let (row, col) = (&row, &col);
                 let key = b.addi(&first_key, row);
                 let inside = b.cmpi("slt", &key, &self.t, I64);
                 let key = b.mini(&key, &last);
@@ -219,9 +309,18 @@ impl Ctx {
                 // Computed after the source, as the PTX snapshots have it.
                 let to = |b: &mut Builder| {
                     let c16 = b.i64(16);
-                    let col_bytes = b.muli(col, &c16);
-                    let row_bytes = self.tiles.row() * 2;
-                    shared_address(b, &self.smem, row, &col_bytes, row_bytes, offset)
+                    match &chunk {
+                        Some(chunk) => {
+                            let bytes = b.muli(chunk, &c16);
+                            let c0 = b.i64(0);
+                            shared_address(b, &self.smem, &c0, &bytes, 0, offset)
+                        }
+                        None => {
+                            let col_bytes = b.muli(col, &c16);
+                            let row_bytes = self.tiles.row() * 2;
+                            shared_address(b, &self.smem, row, &col_bytes, row_bytes, offset)
+                        }
+                    }
                 };
                 match from_f32 {
                     None => {
@@ -248,9 +347,40 @@ impl Ctx {
         }
     }
 
-    /// Copies key tile `kt` into shared memory at `offset`.
-    fn load_tile(&self, b: &mut Builder, src: &Val, kv_base: &Val, kt: &Val, offset: &Val) {
-        self.load_rows(b, src, kv_base, (kt, self.tiles.block_k), offset, None);
+    /// Copies key tile `kt` into shared memory at `offset` (in core matrices with `core`).
+    fn load_tile(
+        &self,
+        b: &mut Builder,
+        src: &Val,
+        kv_base: &Val,
+        kt: &Val,
+        offset: &Val,
+        core: bool,
+    ) {
+        self.load_rows(
+            b,
+            src,
+            kv_base,
+            (kt, self.tiles.block_k),
+            offset,
+            None,
+            core,
+        );
+    }
+
+    /// The matrix descriptor of a `wgmma` operand at byte `offset` of shared memory, in core
+    /// matrices `lbo` bytes apart along K and `sbo` apart along M or N, without swizzling.
+    fn descriptor(&self, b: &mut Builder, offset: usize, lbo: usize, sbo: usize) -> Val {
+        let at = b.i64(offset as i64);
+        let at = trunc32(b, &at);
+        let at = b.bin("addi", &at, &self.smem, "i32");
+        let at = b.op(format!("arith.extui {at} : i32 to i64"));
+        let c4 = b.i64(4);
+        let at = b.op(format!("arith.shrui {at}, {c4} : i64"));
+        let mask = b.i64(0x3fff);
+        let at = b.bin("andi", &at, &mask, I64);
+        let fields = b.i64((((lbo >> 4) << 16) | ((sbo >> 4) << 32)) as i64);
+        b.bin("ori", &at, &fields, I64)
     }
 
     /// The shared-memory address (i32) of element (`row`, `col`) of the tile at `offset`.
@@ -283,6 +413,7 @@ pub fn attention_mma(
     let b = &mut b;
     let d = tiles.head_dim;
     let (bq, bk, mb) = (tiles.block_q, tiles.block_k, tiles.row_blocks);
+    let wg = tiles.product == Product::Wgmma;
     let heads = kernel.heads as i64;
     let group = (kernel.heads / kernel.kv_heads.max(1)).max(1) as i64;
     let bufs = Val("%bufs".into());
@@ -376,12 +507,12 @@ pub fn attention_mma(
     let stage0_v = b.i64(v_offset as i64);
     b.if_then(&any, |b| {
         let from_f32 = (io == AttentionIo::Plan).then_some(half);
-        ctx.load_rows(b, &q, &q_base, (&qt, bq), &c0, from_f32);
+        ctx.load_rows(b, &q, &q_base, (&qt, bq), &c0, from_f32, wg);
         let entry = b.load(&sched_tiles, &start, I64, I64);
         let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
-        ctx.load_tile(b, &k, &kv_base, &kt, &stage0_k);
+        ctx.load_tile(b, &k, &kv_base, &kt, &stage0_k, wg);
         if stages == 2 {
-            ctx.load_tile(b, &v, &kv_base, &kt, &stage0_v);
+            ctx.load_tile(b, &v, &kv_base, &kt, &stage0_v, false);
         }
         isa.commit(b);
     });
@@ -421,6 +552,9 @@ pub fn attention_mma(
         let tail = b.cmpi("sgt", &k_end, &t, I64);
         let needs_mask = b.bin("ori", &partial, &tail, "i1");
         isa.wait_copies(b);
+        if wg {
+            isa.fence_proxy_async(b);
+        }
         isa.barrier(b);
         let following = b.addi(i, &c1);
         let more = b.cmpi("slt", &following, &end, I64);
@@ -438,67 +572,44 @@ pub fn attention_mma(
                 let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
                 let next_k = b.addi(&stage0_k, &other);
                 let next_v = b.addi(&stage0_v, &other);
-                ctx.load_tile(b, &k, &kv_base, &kt, &next_k);
-                ctx.load_tile(b, &v, &kv_base, &kt, &next_v);
+                ctx.load_tile(b, &k, &kv_base, &kt, &next_k, false);
+                ctx.load_tile(b, &v, &kv_base, &kt, &next_v, false);
                 isa.commit(b);
             });
             (k_at, v_at)
         } else {
-            ctx.load_tile(b, &v, &kv_base, &kt, &stage0_v);
+            ctx.load_tile(b, &v, &kv_base, &kt, &stage0_v, false);
             isa.commit(b);
             (stage0_k.clone(), stage0_v.clone())
         };
 
-        // S = Q K^T, 16 columns of Q at a time (two at once where the head dim allows): the
-        // A fragments of every row block, then per 8 keys one K fragment for all of them.
-        let mut s: Vec<Vec<Vec<Val>>> = vec![vec![vec![zero.clone(); 4]; bk / 8]; mb];
-        let mut kk = 0;
-        while kk < d / 16 {
-            let pair = kk + 1 < d / 16;
-            let steps = if pair { 2 } else { 1 };
-            let a: Vec<Vec<Vec<Val>>> = (0..mb)
-                .map(|m| {
-                    (kk..kk + steps)
-                        .map(|step| {
-                            let r = b.i64((m * 16) as i64);
-                            let r = b.addi(&warp_first, &r);
-                            let r = b.addi(&r, &frag_row);
-                            let col = b.i64((step * 16) as i64);
-                            let col = b.addi(&col, &frag_col);
-                            let at = ctx.shared_at(b, &r, &col, &c0);
-                            isa.ldmatrix(b, &at, 4, false)
-                        })
-                        .collect()
-                })
-                .collect();
-            // The scores of key tile `n` of every row block: `s[m][n]`.
-            #[allow(clippy::needless_range_loop)]
-            for n in 0..bk / 8 {
-                let key = b.i64((n * 8) as i64);
-                let key = b.addi(&key, &lrow);
-                let kf: Vec<Val> = if pair {
-                    let col = b.muli(&lmat, &c8);
-                    let off = b.i64((kk * 16) as i64);
-                    let col = b.addi(&col, &off);
-                    let at = ctx.shared_at(b, &key, &col, &k_at);
-                    isa.ldmatrix(b, &at, 4, false)
-                } else {
-                    let m2 = b.remi(&lmat, &c2);
-                    let col = b.muli(&m2, &c8);
-                    let off = b.i64((kk * 16) as i64);
-                    let col = b.addi(&col, &off);
-                    let at = ctx.shared_at(b, &key, &col, &k_at);
-                    isa.ldmatrix(b, &at, 2, false)
-                };
-                for m in 0..mb {
-                    for step in 0..steps {
-                        let bf = [&kf[2 * step], &kf[2 * step + 1]];
-                        s[m][n] = isa.mma(b, half, &a[m][step], bf, &s[m][n]);
-                    }
-                }
+        let mut o: Vec<Val> = o_in.to_vec();
+        let s = if wg {
+            // S = Q K^T on the warpgroup, 16 columns of Q at a time; its wait also finishes
+            // the previous tile's `O += P V`, so that O may be rescaled.
+            isa.wgmma_fence(b);
+            let mut acc = vec![zero.clone(); bk / 2];
+            let sbo = d / 8 * 128;
+            for step in 0..d / 16 {
+                let qd = ctx.descriptor(b, step * 256, 128, sbo);
+                let kd = ctx.descriptor(b, k_offset + step * 256, 128, sbo);
+                acc = isa.wgmma(b, half, WgmmaA::Shared(&qd), &kd, &acc);
             }
-            kk += steps;
-        }
+            isa.wgmma_commit(b);
+            acc.extend(o.iter().cloned());
+            let done = isa.wgmma_wait(b, 0, &acc);
+            o = done[bk / 2..].to_vec();
+            vec![done[..bk / 2].chunks(4).map(<[Val]>::to_vec).collect()]
+        } else {
+            sync_scores(
+                b,
+                &ctx,
+                half,
+                (&warp_first, &frag_row, &frag_col),
+                (&lrow, &lmat),
+                &k_at,
+            )
+        };
 
         // Scale and modify (base 2 for the softmax), and mask where the tile needs it.
         let plain_scale = b.f32((kernel.scale * log2e) as f32);
@@ -588,7 +699,6 @@ pub fn attention_mma(
 
         // Online softmax, per row: the row's maximum over this tile (across the four
         // threads that hold it), the rescaling of what came before, the probabilities.
-        let mut o: Vec<Val> = o_in.to_vec();
         let mut p = masked.clone();
         let mut maxima = Vec::new();
         let mut sums = Vec::new();
@@ -661,9 +771,28 @@ pub fn attention_mma(
             b.if_then(&more, |b| {
                 let entry = b.load(&sched_tiles, &following, I64, I64);
                 let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
-                ctx.load_tile(b, &k, &kv_base, &kt, &stage0_k);
+                ctx.load_tile(b, &k, &kv_base, &kt, &stage0_k, wg);
                 isa.commit(b);
             });
+        }
+
+        if wg {
+            // V transposed into the core matrices `wgmma` reads (head dims by keys), then
+            // O += P V on the warpgroup, P from registers; waited for with the next tile's
+            // scores (or after the loop).
+            transpose_v(b, &ctx, (&warp, &lrow, &lmat, &g, &two_c), &v_at);
+            isa.fence_proxy_async(b);
+            isa.barrier(b);
+            isa.wgmma_fence(b);
+            let sbo = bk / 8 * 128;
+            for (j, a) in p_frags[0].iter().enumerate() {
+                let vd = ctx.descriptor(b, tiles.vt_offset() + j * 256, 128, sbo);
+                o = isa.wgmma(b, half, WgmmaA::Registers(a), &vd, &o);
+            }
+            isa.wgmma_commit(b);
+            o.extend(maxima);
+            o.extend(sums);
+            return o;
         }
 
         // O += P V: V fragments by ldmatrix.trans, two 8-column output tiles at a time,
@@ -694,6 +823,13 @@ pub fn attention_mma(
     // The row sums across the four threads of a row, then O / l (zeros for a row that saw
     // no key), stored as 16-bit pairs.
     let (o, state) = finals.split_at(mb * n_o);
+    let waited;
+    let o = if wg {
+        waited = isa.wgmma_wait(b, 0, o);
+        &waited[..]
+    } else {
+        o
+    };
     let one = b.f32(1.0);
     for (m, rows_m) in rows.iter().enumerate() {
         for (r, row) in rows_m.iter().enumerate() {
@@ -741,6 +877,132 @@ pub fn attention_mma(
         }
     }
     finish(b, name)
+}
+
+/// `S = Q K^T` of one key tile on `mma.sync`, 16 columns of Q at a time (two at once where
+/// the head dim allows): the A fragments of every row block, then per 8 keys one K fragment
+/// for all of them. Returns the scores of key tile `n` of row block `m` as `s[m][n]`.
+fn sync_scores(
+    b: &mut Builder,
+    ctx: &Ctx,
+    half: Half,
+    (warp_first, frag_row, frag_col): (&Val, &Val, &Val),
+    (lrow, lmat): (&Val, &Val),
+    k_at: &Val,
+) -> Vec<Vec<Vec<Val>>> {
+    let (d, bk, mb) = (ctx.tiles.head_dim, ctx.tiles.block_k, ctx.tiles.row_blocks);
+    let isa = ctx.isa;
+    let zero = b.f32(0.0);
+    let (c0, c2, c8) = (b.i64(0), b.i64(2), b.i64(8));
+    let mut s: Vec<Vec<Vec<Val>>> = vec![vec![vec![zero.clone(); 4]; bk / 8]; mb];
+    let mut kk = 0;
+    while kk < d / 16 {
+        let pair = kk + 1 < d / 16;
+        let steps = if pair { 2 } else { 1 };
+        let a: Vec<Vec<Vec<Val>>> = (0..mb)
+            .map(|m| {
+                (kk..kk + steps)
+                    .map(|step| {
+                        let r = b.i64((m * 16) as i64);
+                        let r = b.addi(warp_first, &r);
+                        let r = b.addi(&r, frag_row);
+                        let col = b.i64((step * 16) as i64);
+                        let col = b.addi(&col, frag_col);
+                        let at = ctx.shared_at(b, &r, &col, &c0);
+                        isa.ldmatrix(b, &at, 4, false)
+                    })
+                    .collect()
+            })
+            .collect();
+        // The scores of key tile `n` of every row block: `s[m][n]`.
+        #[allow(clippy::needless_range_loop)]
+        for n in 0..bk / 8 {
+            let key = b.i64((n * 8) as i64);
+            let key = b.addi(&key, lrow);
+            let kf: Vec<Val> = if pair {
+                let col = b.muli(lmat, &c8);
+                let off = b.i64((kk * 16) as i64);
+                let col = b.addi(&col, &off);
+                let at = ctx.shared_at(b, &key, &col, k_at);
+                isa.ldmatrix(b, &at, 4, false)
+            } else {
+                let m2 = b.remi(lmat, &c2);
+                let col = b.muli(&m2, &c8);
+                let off = b.i64((kk * 16) as i64);
+                let col = b.addi(&col, &off);
+                let at = ctx.shared_at(b, &key, &col, k_at);
+                isa.ldmatrix(b, &at, 2, false)
+            };
+            for m in 0..mb {
+                for step in 0..steps {
+                    let bf = [&kf[2 * step], &kf[2 * step + 1]];
+                    s[m][n] = isa.mma(b, half, &a[m][step], bf, &s[m][n]);
+                }
+            }
+        }
+        kk += steps;
+    }
+    s
+}
+
+/// Copies the V tile at byte `v_at` (padded rows of keys) transposed into the core
+/// matrices of the `wgmma` kernel's V tile (rows of head dims, keys along K): 8 x 8 blocks
+/// four at a time by `ldmatrix.trans`, the warps taking every fourth group of four; each
+/// lane then holds two keys of one head dim per block and stores them as one word.
+fn transpose_v(
+    b: &mut Builder,
+    ctx: &Ctx,
+    (warp, lrow, lmat, g, two_c): (&Val, &Val, &Val, &Val, &Val),
+    v_at: &Val,
+) {
+    let (d, bk) = (ctx.tiles.head_dim, ctx.tiles.block_k);
+    let isa = ctx.isa;
+    let quads = bk / 8 * (d / 8) / 4;
+    let (c4, c8) = (b.i64(4), b.i64(8));
+    let per_dim = b.i64((d / 8) as i64);
+    for i in 0..quads.div_ceil(WARPS) {
+        let emit = |b: &mut Builder| {
+            let off = b.i64((i * WARPS) as i64);
+            let quad = b.addi(warp, &off);
+            let first = b.muli(&quad, &c4);
+            let block = b.addi(&first, lmat);
+            let kb = b.divi(&block, &per_dim);
+            let db = b.remi(&block, &per_dim);
+            let key = b.muli(&kb, &c8);
+            let key = b.addi(&key, lrow);
+            let col = b.muli(&db, &c8);
+            let at = ctx.shared_at(b, &key, &col, v_at);
+            let words = isa.ldmatrix(b, &at, 4, true);
+            for (m, word) in words.iter().enumerate() {
+                let cm = b.i64(m as i64);
+                let block = b.addi(&first, &cm);
+                let kb = b.divi(&block, &per_dim);
+                let db = b.remi(&block, &per_dim);
+                let cpr = b.i64((bk / 8) as i64);
+                let core = b.muli(&db, &cpr);
+                let core = b.addi(&core, &kb);
+                let c128 = b.i64(128);
+                let at = b.muli(&core, &c128);
+                let c16 = b.i64(16);
+                let row = b.muli(g, &c16);
+                let at = b.addi(&at, &row);
+                let c2 = b.i64(2);
+                let col = b.muli(two_c, &c2);
+                let at = b.addi(&at, &col);
+                let base = b.i64(ctx.tiles.vt_offset() as i64);
+                let c0 = b.i64(0);
+                let to = shared_address(b, &ctx.smem, &c0, &at, 0, &base);
+                isa.store_shared32(b, &to, word);
+            }
+        };
+        if (i + 1) * WARPS <= quads {
+            emit(b);
+        } else {
+            let limit = b.i64((quads - i * WARPS) as i64);
+            let take = b.cmpi("slt", warp, &limit, I64);
+            b.if_then(&take, emit);
+        }
+    }
 }
 
 fn finish(b: &mut Builder, name: &str) -> String {
@@ -791,6 +1053,7 @@ mod tests {
         let other = tiles.with(&MmaSettings {
             stages: Some(2),
             block_k: Some(32),
+            ..MmaSettings::default()
         });
         assert_eq!((other.stages, other.block_k, other.block_q), (2, 32, 128));
         assert!(other.shared_bytes() > tiles.shared_bytes() - tiles.kv_tile_bytes());
@@ -798,7 +1061,36 @@ mod tests {
         let kept = tiles.with(&MmaSettings {
             stages: None,
             block_k: Some(24),
+            block_q: Some(96),
+            product: None,
         });
-        assert_eq!(kept.block_k, 64);
+        assert_eq!((kept.block_k, kept.block_q), (64, 128));
+        let narrow = tiles.with(&MmaSettings {
+            block_q: Some(64),
+            ..MmaSettings::default()
+        });
+        assert_eq!((narrow.block_q, narrow.row_blocks), (64, 1));
+        // wgmma: one warpgroup of 64 rows, one stage, whatever else is asked.
+        let wgmma = tiles.with(&MmaSettings {
+            stages: Some(2),
+            block_q: Some(128),
+            block_k: Some(128),
+            product: Some(Product::Wgmma),
+        });
+        assert_eq!(
+            (wgmma.block_q, wgmma.row_blocks, wgmma.stages, wgmma.block_k),
+            (64, 1, 1, 128)
+        );
+        let wide = MmaTiles::for_head_dim(256, 90).unwrap().with(&MmaSettings {
+            block_k: Some(128),
+            product: Some(Product::Wgmma),
+            ..MmaSettings::default()
+        });
+        assert_eq!(wide.block_k, 32);
+        // Q (64 x 128) and K (128 x 128) unpadded, V padded, V transposed.
+        assert_eq!(
+            wgmma.shared_bytes(),
+            64 * 128 * 2 + 128 * 128 * 2 + 128 * 136 * 2 + 128 * 128 * 2
+        );
     }
 }

@@ -1,5 +1,5 @@
 //! The warp-level operations of the tensor-core kernels (`mma.sync`, `ldmatrix`, `cp.async`,
-//! shuffles, barriers), in one of two lowerings:
+//! shuffles, barriers, and sm_90's warpgroup `wgmma`), in one of two lowerings:
 //!
 //! - [`Lowering::Ptx`]: inline PTX (`llvm.inline_asm`), what runs on the GPU;
 //! - [`Lowering::Emulated`]: calls to the warp emulator's functions ([`crate::emulate`]), so
@@ -12,6 +12,14 @@
 
 use super::attention_mma::Half;
 use crate::mlir::{Builder, F32, Val};
+
+/// Where a `wgmma` reads its A operand.
+pub enum WgmmaA<'a> {
+    /// A shared-memory matrix descriptor (i64).
+    Shared(&'a Val),
+    /// Four 32-bit registers per thread.
+    Registers(&'a [Val]),
+}
 
 /// How the warp-level operations are lowered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -264,6 +272,169 @@ impl Lowering {
             }
             Lowering::Emulated => {
                 call(b, "zebra_emu_st_shared", &args, None);
+            }
+        }
+    }
+
+    /// Stores one 32-bit word at shared address `address` (aligned to 4).
+    pub fn store_shared32(self, b: &mut Builder, address: &Val, word: &Val) {
+        let args = [(address, "i32"), (word, "i32")];
+        match self {
+            Lowering::Ptx => {
+                asm(b, "st.shared.b32 [$0], $1;", "r,r", &args, &[], true);
+            }
+            Lowering::Emulated => {
+                call(b, "zebra_emu_st_shared32", &args, None);
+            }
+        }
+    }
+
+    /// Makes this thread's writes to shared memory (stores, landed `cp.async` copies)
+    /// visible to the asynchronous proxy that `wgmma` reads shared memory through; a barrier
+    /// after it makes them visible to every thread's `wgmma`.
+    pub fn fence_proxy_async(self, b: &mut Builder) {
+        match self {
+            Lowering::Ptx => {
+                asm(b, "fence.proxy.async.shared::cta;", "", &[], &[], true);
+            }
+            Lowering::Emulated => {
+                call(b, "zebra_emu_fence_proxy_async", &[], None);
+            }
+        }
+    }
+
+    /// Orders the warpgroup's register accesses before the `wgmma`s that follow (needed
+    /// before the first of a batch, whose accumulators or A registers other instructions
+    /// wrote).
+    pub fn wgmma_fence(self, b: &mut Builder) {
+        match self {
+            Lowering::Ptx => {
+                asm(b, "wgmma.fence.sync.aligned;", "", &[], &[], true);
+            }
+            Lowering::Emulated => {
+                call(b, "zebra_emu_wgmma_fence", &[], None);
+            }
+        }
+    }
+
+    /// Starts `d += a * b` on one m64nNk16 tile for the warpgroup (`n` = 8..256, a multiple
+    /// of 8): A (64 x 16) from shared memory through a descriptor or from four registers
+    /// per thread (the layout of an `mma.m16n8k16` A fragment, warp `w` holding rows
+    /// 16w..), B (16 x n, K-major) through a descriptor; `acc` are the thread's `n / 2` f32
+    /// accumulators (per 8 columns `j`: rows g and g + 8 of the warp's 16, columns 8j + 2t
+    /// and 8j + 2t + 1). The results are not to be read before [`Lowering::wgmma_wait`].
+    pub fn wgmma(
+        self,
+        b: &mut Builder,
+        half: Half,
+        a: WgmmaA,
+        b_desc: &Val,
+        acc: &[Val],
+    ) -> Vec<Val> {
+        let n = acc.len() * 2;
+        assert!(n.is_multiple_of(8) && (8..=256).contains(&n));
+        let t = half.name();
+        let one = const_i32(b, 1);
+        let mut args: Vec<(&Val, &str)> = Vec::new();
+        match &a {
+            WgmmaA::Shared(desc) => args.push((desc, "i64")),
+            WgmmaA::Registers(regs) => args.extend(regs.iter().map(|r| (r, "i32"))),
+        }
+        args.push((b_desc, "i64"));
+        match self {
+            Lowering::Ptx => {
+                let m = acc.len();
+                args.push((&one, "i32"));
+                args.extend(acc.iter().map(|v| (v, F32)));
+                let outs: Vec<String> = (0..m).map(|i| format!("${i}")).collect();
+                let (a_text, a_constraints, next) = match &a {
+                    WgmmaA::Shared(_) => (format!("${m}"), "l".to_string(), m + 1),
+                    WgmmaA::Registers(_) => (
+                        format!("{{${},${},${},${}}}", m, m + 1, m + 2, m + 3),
+                        "r,r,r,r".to_string(),
+                        m + 4,
+                    ),
+                };
+                let trans = match &a {
+                    WgmmaA::Shared(_) => "1, 1, 0, 0",
+                    WgmmaA::Registers(_) => "1, 1, 0",
+                };
+                let text = format!(
+                    "{{ .reg .pred p; setp.ne.b32 p, ${}, 0; wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t} {{{}}}, {a_text}, ${next}, p, {trans}; }}",
+                    next + 1,
+                    outs.join(",")
+                );
+                let mut constraints: Vec<String> = vec!["=f".to_string(); m];
+                constraints.push(a_constraints);
+                constraints.push("l".into());
+                constraints.push("r".into());
+                constraints.extend((0..m).map(|i| i.to_string()));
+                asm(b, &text, &constraints.join(","), &args, &vec![F32; m], true)
+            }
+            Lowering::Emulated => {
+                for (i, v) in acc.iter().enumerate() {
+                    let index = const_i32(b, i as i64);
+                    call(b, "zebra_emu_wgmma_acc", &[(&index, "i32"), (v, F32)], None);
+                }
+                let zero = b.op("arith.constant 0 : i64");
+                let none = const_i32(b, 0);
+                let (desc, regs): (&Val, [&Val; 4]) = match &a {
+                    WgmmaA::Shared(desc) => (desc, [&none, &none, &none, &none]),
+                    WgmmaA::Registers(r) => (&zero, [&r[0], &r[1], &r[2], &r[3]]),
+                };
+                let from_registers = const_i32(b, i64::from(matches!(a, WgmmaA::Registers(_))));
+                let cn = const_i32(b, n as i64);
+                let kind = const_i32(b, i64::from(half == Half::F16));
+                call(
+                    b,
+                    "zebra_emu_wgmma",
+                    &[
+                        (&kind, "i32"),
+                        (&cn, "i32"),
+                        (&from_registers, "i32"),
+                        (desc, "i64"),
+                        (regs[0], "i32"),
+                        (regs[1], "i32"),
+                        (regs[2], "i32"),
+                        (regs[3], "i32"),
+                        (b_desc, "i64"),
+                    ],
+                    None,
+                );
+                results(b, acc.len(), F32)
+            }
+        }
+    }
+
+    /// Closes the warpgroup's open batch of `wgmma`s.
+    pub fn wgmma_commit(self, b: &mut Builder) {
+        match self {
+            Lowering::Ptx => {
+                asm(b, "wgmma.commit_group.sync.aligned;", "", &[], &[], true);
+            }
+            Lowering::Emulated => {
+                call(b, "zebra_emu_wgmma_commit", &[], None);
+            }
+        }
+    }
+
+    /// Waits until at most `pending` committed batches of `wgmma`s are in flight, and gives
+    /// back `acc` (accumulators of finished batches) as readable values: they pass through
+    /// the wait, so that no read of them is moved before it.
+    pub fn wgmma_wait(self, b: &mut Builder, pending: u32, acc: &[Val]) -> Vec<Val> {
+        match self {
+            Lowering::Ptx => {
+                let text = format!("wgmma.wait_group.sync.aligned {pending};");
+                let m = acc.len();
+                let mut constraints: Vec<String> = vec!["=f".to_string(); m];
+                constraints.extend((0..m).map(|i| i.to_string()));
+                let args: Vec<(&Val, &str)> = acc.iter().map(|v| (v, F32)).collect();
+                asm(b, &text, &constraints.join(","), &args, &vec![F32; m], true)
+            }
+            Lowering::Emulated => {
+                let n = const_i32(b, i64::from(pending));
+                call(b, "zebra_emu_wgmma_wait", &[(&n, "i32")], None);
+                acc.to_vec()
             }
         }
     }
