@@ -102,8 +102,19 @@ for file in examples/zebra_tiny.zb examples/attention/*.zb examples/models/*.zb 
     $zebra compile "$file" --for attention --emit artifact --target "$sm" -o "$out/attention/$name" >/dev/null
 done
 $zebra compile examples/zebra_tiny.zb --for attention --dtype f16 --emit artifact --target "$sm" -o "$out/attention/zebra_tiny_f16" >/dev/null
-# The benchmark shapes again with other tiles, to compare: 32 keys per tile, two K/V stages.
-$zebra compile bench/gpu_attention.zb --for attention --block-k 32 --emit artifact --target "$sm" -o "$out/attention/bench_bk32" >/dev/null
-$zebra compile bench/gpu_attention.zb --for attention --stages 2 --emit artifact --target "$sm" -o "$out/attention/bench_2stage" >/dev/null
+# The benchmark shapes again with other kernels, to compare: 64 queries per tile on
+# mma.sync; on sm_90, wgmma (V read in place, 64 and 128 keys per tile; V transposed first).
+$zebra compile bench/gpu_attention.zb --for attention --block-q 64 --emit artifact --target "$sm" -o "$out/attention/bench_bq64" >/dev/null
+if [ "$sm" = sm_90 ]; then
+    # Every example's attentions on wgmma too, checked like the others.
+    for file in examples/zebra_tiny.zb examples/attention/*.zb examples/models/*.zb; do
+        name=$(basename "$file" .zb)
+        $zebra compile "$file" --for attention --mma wgmma --emit artifact --target "$sm" -o "$out/attention/${name}_wgmma" >/dev/null
+    done
+    $zebra compile examples/zebra_tiny.zb --for attention --mma wgmma-vt --emit artifact --target "$sm" -o "$out/attention/zebra_tiny_wgmma_vt" >/dev/null
+    $zebra compile bench/gpu_attention.zb --for attention --mma wgmma --emit artifact --target "$sm" -o "$out/attention/bench_wgmma" >/dev/null
+    $zebra compile bench/gpu_attention.zb --for attention --mma wgmma --block-k 128 --emit artifact --target "$sm" -o "$out/attention/bench_wgmma_bk128" >/dev/null
+    $zebra compile bench/gpu_attention.zb --for attention --mma wgmma-vt --emit artifact --target "$sm" -o "$out/attention/bench_wgmma_vt" >/dev/null
+fi
 echo "prepared attention"
 du -sh "$out"

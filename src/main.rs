@@ -125,8 +125,9 @@ enum Command {
         #[arg(long, value_parser = ["64", "128"])]
         block_q: Option<String>,
         /// The tensor-core instruction of attention kernels (--for attention): sync
-        /// (`mma.sync`, the default) or wgmma (sm_90's warpgroup products, --target sm_90).
-        #[arg(long, value_parser = ["sync", "wgmma"])]
+        /// (`mma.sync`, the default), or wgmma (sm_90's warpgroup products, --target sm_90;
+        /// wgmma-vt: with V transposed in shared memory first).
+        #[arg(long, value_parser = ["sync", "wgmma", "wgmma-vt"])]
         mma: Option<String>,
     },
     /// Write deterministic random weights for a model (safetensors, Hugging Face names).
@@ -365,8 +366,8 @@ enum Command {
         target: zebra_passes::Target,
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        /// The tensor-core instruction: sync (`mma.sync`) or wgmma (sm_90).
-        #[arg(long, value_parser = ["sync", "wgmma"], default_value = "sync")]
+        /// The tensor-core instruction: sync (`mma.sync`), wgmma or wgmma-vt (sm_90).
+        #[arg(long, value_parser = ["sync", "wgmma", "wgmma-vt"], default_value = "sync")]
         mma: String,
         /// Keys per tile (default: the target's choice).
         #[arg(long, value_parser = ["16", "32", "64", "128"])]

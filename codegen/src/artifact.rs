@@ -321,7 +321,7 @@ pub fn named_mma_attentions(
     )>,
     CodegenError,
 > {
-    if settings.product == Some(crate::kernels::attention_mma::Product::Wgmma) && target.sm < 90 {
+    if settings.product.is_some_and(|p| p.is_wgmma()) && target.sm < 90 {
         return Err(CodegenError::Io(format!(
             "wgmma attention kernels run on sm_90, not {}",
             target.name()
@@ -383,9 +383,7 @@ pub fn build_gpu_attention(
     let ir = crate::ptx::mma_llvm_ir(&kernels, half, &Mlir::new())?;
     let ptx = crate::ptx::compile(&ir, target, crate::ptx::GpuOutput::Ptx)?;
     // wgmma kernels are for sm_90a (the PTX says so).
-    let wgmma = kernels
-        .iter()
-        .any(|(_, _, tiles)| tiles.product == crate::kernels::attention_mma::Product::Wgmma);
+    let wgmma = kernels.iter().any(|(_, _, tiles)| tiles.product.is_wgmma());
     let artifact = zebra_runtime::artifact::AttentionArtifact {
         format: zebra_runtime::artifact::ATTENTION_FORMAT,
         target: if wgmma {

@@ -516,6 +516,14 @@ fn k_major_address((start, lbo, sbo): (u32, u32, u32), mn: usize, k: usize) -> u
     start + (mn / 8) as u32 * sbo + (k / 8) as u32 * lbo + (mn % 8) as u32 * 16 + (k % 8) as u32 * 2
 }
 
+/// The byte address of element (`n`, `k`) of an N-major B operand without swizzling: core
+/// matrices of 8 rows of K by 8 elements of N, each 128 contiguous bytes, `lbo` apart along
+/// K and `sbo` apart along N (the PTX ISA's canonical layout `((T,1,m),(8,k)) :
+/// ((1,T,SBO),(1T,LBO))`).
+fn n_major_address((start, lbo, sbo): (u32, u32, u32), n: usize, k: usize) -> u32 {
+    start + (n / 8) as u32 * sbo + (k / 8) as u32 * lbo + (k % 8) as u32 * 16 + (n % 8) as u32 * 2
+}
+
 #[allow(clippy::too_many_arguments)]
 extern "C" fn emu_wgmma(
     kind: u32,
@@ -528,7 +536,9 @@ extern "C" fn emu_wgmma(
     a3: u32,
     b_desc: u64,
 ) {
-    let half = if kind == 1 { Half::F16 } else { Half::Bf16 };
+    // Bit 0: f16 (else bf16); bit 1: B is N-major (else K-major).
+    let half = if kind & 1 == 1 { Half::F16 } else { Half::Bf16 };
+    let n_major_b = kind & 2 != 0;
     let value = |h: u16| match half {
         Half::Bf16 => bf16_value(h),
         Half::F16 => f16_value(h),
@@ -603,7 +613,14 @@ extern "C" fn emu_wgmma(
             for c in 0..2 {
                 let col = 8 * j + 2 * t + c;
                 let column: Vec<f32> = (0..16)
-                    .map(|k| read(k_major_address(bd, col, k), lane))
+                    .map(|k| {
+                        let at = if n_major_b {
+                            n_major_address(bd, col, k)
+                        } else {
+                            k_major_address(bd, col, k)
+                        };
+                        read(at, lane)
+                    })
                     .collect();
                 for (r, row) in a.iter().enumerate() {
                     let i = 4 * j + 2 * r + c;

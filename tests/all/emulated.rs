@@ -197,8 +197,9 @@ fn tensor_core_variants_in_the_emulator() {
     assert!(error > 1.0, "the check passed another attention: {error}");
 }
 
-/// The `wgmma` attention at the head dims and key tiles it takes (16 to 256; 16, 64 and
-/// 128 keys), in bf16 and f16, at T = 1, inside one tile and past several, with GQA.
+/// The `wgmma` attention, with V read in place and transposed first, at the head dims and
+/// key tiles it takes (16 to 256; 16, 64 and 128 keys), in bf16 and f16, at T = 1, inside
+/// one tile and past several, with GQA.
 #[test]
 fn wgmma_variants_in_the_emulator() {
     let (_, checked) = check_ok(&root().join("examples/zebra_tiny.zb"));
@@ -215,7 +216,10 @@ fn wgmma_variants_in_the_emulator() {
         (256, None, Half::Bf16, (1, 100)),
         (32, Some(64), Half::Bf16, (2, 300)),
     ];
-    for (d, block_k, half, shape) in cases {
+    for ((d, block_k, half, shape), product) in cases
+        .into_iter()
+        .flat_map(|c| [(c, Product::Wgmma), (c, Product::WgmmaTransposedV)])
+    {
         for (kernel, _) in &kernels {
             let mut kernel = AttentionKernel {
                 head_dim: d,
@@ -226,7 +230,7 @@ fn wgmma_variants_in_the_emulator() {
                 .unwrap()
                 .with(&MmaSettings {
                     block_k,
-                    product: Some(Product::Wgmma),
+                    product: Some(product),
                     ..MmaSettings::default()
                 });
             assert_eq!(tiles.block_q, 64);
@@ -245,7 +249,9 @@ fn wgmma_variants_in_the_emulator() {
 
 /// The emulator holds `wgmma` kernels to the rules of the asynchronous proxy: without the
 /// `fence.proxy.async` after the copies into shared memory, the products' reads are
-/// reported; without the last wait, the products left in flight are.
+/// reported; without the last wait, the products left in flight are. (A copy landing on
+/// an operand of a product in flight is reported too: the kernel's two V buffers came of
+/// it.)
 #[test]
 fn the_emulator_finds_a_missing_wgmma_fence_or_wait() {
     use zebra_codegen::emulate::EmulatedAttention;

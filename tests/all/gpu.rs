@@ -582,14 +582,18 @@ fn gpu_kernels_assemble_with_ptxas() {
             .unwrap();
             dirs.push((dir, sm));
             if sm == "sm_90" {
-                // The wgmma kernels, for sm_90a, with both key tiles.
-                for block_k in [64, 128] {
+                // The wgmma kernels, for sm_90a, with both key tiles and both V layouts.
+                for (product, block_k) in [
+                    (Product::Wgmma, 64),
+                    (Product::Wgmma, 128),
+                    (Product::WgmmaTransposedV, 64),
+                ] {
                     let dir = out.path().join(format!(
-                        "wgmma-{block_k}-{}",
+                        "{product:?}-{block_k}-{}",
                         checked.program.models[0].name
                     ));
                     let settings = MmaSettings {
-                        product: Some(Product::Wgmma),
+                        product: Some(product),
                         block_k: Some(block_k),
                         ..MmaSettings::default()
                     };

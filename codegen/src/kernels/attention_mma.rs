@@ -68,8 +68,11 @@ pub enum Product {
     #[default]
     Sync,
     /// `wgmma.mma_async` m64nNk16, per warpgroup of four warps, B (and for `Q K^T` A too)
-    /// read from shared memory through matrix descriptors (sm_90a).
+    /// read from shared memory through matrix descriptors (sm_90a); V read as it is copied
+    /// (N-major: head dims contiguous).
     Wgmma,
+    /// The same with V first transposed in shared memory, so that every operand is K-major.
+    WgmmaTransposedV,
 }
 
 impl Product {
@@ -77,8 +80,13 @@ impl Product {
         match name {
             "sync" => Some(Product::Sync),
             "wgmma" => Some(Product::Wgmma),
+            "wgmma-vt" => Some(Product::WgmmaTransposedV),
             _ => None,
         }
+    }
+
+    pub fn is_wgmma(self) -> bool {
+        self != Product::Sync
     }
 }
 
@@ -138,7 +146,7 @@ impl MmaTiles {
     pub fn with(self, settings: &MmaSettings) -> MmaTiles {
         let product = settings.product.unwrap_or(self.product);
         let row_blocks = match (product, settings.block_q) {
-            (Product::Wgmma, _) => 1,
+            (Product::Wgmma | Product::WgmmaTransposedV, _) => 1,
             (Product::Sync, Some(64)) => 1,
             (Product::Sync, Some(128)) if self.head_dim <= 128 => 2,
             (Product::Sync, _) => self.row_blocks,
@@ -150,13 +158,13 @@ impl MmaTiles {
         // Beyond head dim 128 the output accumulators of `wgmma` take 128 registers a thread:
         // more than 32 keys' scores beside them spill (ptxas: 200 bytes at 64 keys).
         let block_k = match product {
-            Product::Wgmma if self.head_dim > 128 => block_k.min(32),
+            _ if product.is_wgmma() && self.head_dim > 128 => block_k.min(32),
             _ => block_k,
         };
         MmaTiles {
             stages: match product {
-                Product::Wgmma => 1,
                 Product::Sync => settings.stages.map_or(self.stages, |s| s.clamp(1, 2)),
+                _ => 1,
             },
             block_k,
             row_blocks,
@@ -176,12 +184,12 @@ impl MmaTiles {
     fn operand_bytes(&self, rows: usize) -> usize {
         match self.product {
             Product::Sync => rows * self.row() * 2,
-            Product::Wgmma => rows * self.head_dim * 2,
+            _ => rows * self.head_dim * 2,
         }
     }
 
-    /// Byte offset of the transposed V tile of a `wgmma` kernel (after the V tile as it is
-    /// copied): head dims by keys, in core matrices.
+    /// Byte offset of the transposed V tile of a `wgmma-vt` kernel (after the V tile as it
+    /// is copied, in padded rows): head dims by keys, in core matrices.
     pub fn vt_offset(&self) -> usize {
         self.v_offset() + self.kv_tile_bytes()
     }
@@ -201,12 +209,13 @@ impl MmaTiles {
         self.k_offset() + self.operand_bytes(self.block_k)
     }
 
-    /// Shared memory per block, in bytes: the Q tile, then K and V tiles per stage (and for
-    /// `wgmma`, the transposed V tile).
+    /// Shared memory per block, in bytes: the Q tile, then K and V tiles per stage (for
+    /// `wgmma`, two V tiles, or the V tile and its transpose).
     pub fn shared_bytes(&self) -> usize {
         match self.product {
             Product::Sync => self.k_offset() + self.stages * 2 * self.kv_tile_bytes(),
-            Product::Wgmma => self.vt_offset() + self.block_k * self.head_dim * 2,
+            Product::Wgmma => self.v_offset() + 2 * self.block_k * self.head_dim * 2,
+            Product::WgmmaTransposedV => self.vt_offset() + self.block_k * self.head_dim * 2,
         }
     }
 
@@ -372,7 +381,12 @@ impl Ctx {
     /// matrices `lbo` bytes apart along K and `sbo` apart along M or N, without swizzling.
     fn descriptor(&self, b: &mut Builder, offset: usize, lbo: usize, sbo: usize) -> Val {
         let at = b.i64(offset as i64);
-        let at = trunc32(b, &at);
+        self.descriptor_at(b, &at, lbo, sbo)
+    }
+
+    /// The same at a byte offset known at run time (i64).
+    fn descriptor_at(&self, b: &mut Builder, offset: &Val, lbo: usize, sbo: usize) -> Val {
+        let at = trunc32(b, offset);
         let at = b.bin("addi", &at, &self.smem, "i32");
         let at = b.op(format!("arith.extui {at} : i32 to i64"));
         let c4 = b.i64(4);
@@ -413,7 +427,10 @@ pub fn attention_mma(
     let b = &mut b;
     let d = tiles.head_dim;
     let (bq, bk, mb) = (tiles.block_q, tiles.block_k, tiles.row_blocks);
-    let wg = tiles.product == Product::Wgmma;
+    let wg = tiles.product.is_wgmma();
+    // V in core matrices as copied (read N-major), or in padded rows (to transpose, or for
+    // ldmatrix).
+    let v_core = tiles.product == Product::Wgmma;
     let heads = kernel.heads as i64;
     let group = (kernel.heads / kernel.kv_heads.max(1)).max(1) as i64;
     let bufs = Val("%bufs".into());
@@ -578,9 +595,20 @@ pub fn attention_mma(
             });
             (k_at, v_at)
         } else {
-            ctx.load_tile(b, &v, &kv_base, &kt, &stage0_v, false);
+            // V read in place by `wgmma` alternates between two buffers: this tile's copy
+            // must not land on the previous tile's, which `O += P V` may still be reading.
+            let v_at = if v_core {
+                let index = b.subi(i, &start);
+                let buffer = b.remi(&index, &c2);
+                let size = b.i64((bk * d * 2) as i64);
+                let shift = b.muli(&buffer, &size);
+                b.addi(&stage0_v, &shift)
+            } else {
+                stage0_v.clone()
+            };
+            ctx.load_tile(b, &v, &kv_base, &kt, &v_at, v_core);
             isa.commit(b);
-            (stage0_k.clone(), stage0_v.clone())
+            (stage0_k.clone(), v_at)
         };
 
         let mut o: Vec<Val> = o_in.to_vec();
@@ -593,7 +621,7 @@ pub fn attention_mma(
             for step in 0..d / 16 {
                 let qd = ctx.descriptor(b, step * 256, 128, sbo);
                 let kd = ctx.descriptor(b, k_offset + step * 256, 128, sbo);
-                acc = isa.wgmma(b, half, WgmmaA::Shared(&qd), &kd, &acc);
+                acc = isa.wgmma(b, half, WgmmaA::Shared(&qd), &kd, true, &acc);
             }
             isa.wgmma_commit(b);
             acc.extend(o.iter().cloned());
@@ -767,6 +795,9 @@ pub fn attention_mma(
 
         if stages == 1 {
             isa.wait_copies(b);
+            if v_core {
+                isa.fence_proxy_async(b);
+            }
             isa.barrier(b);
             b.if_then(&more, |b| {
                 let entry = b.load(&sched_tiles, &following, I64, I64);
@@ -777,17 +808,28 @@ pub fn attention_mma(
         }
 
         if wg {
-            // V transposed into the core matrices `wgmma` reads (head dims by keys), then
             // O += P V on the warpgroup, P from registers; waited for with the next tile's
-            // scores (or after the loop).
-            transpose_v(b, &ctx, (&warp, &lrow, &lmat, &g, &two_c), &v_at);
-            isa.fence_proxy_async(b);
-            isa.barrier(b);
+            // scores (or after the loop). V is read N-major where it was copied: core
+            // matrices of 8 keys by 8 head dims, 128 bytes apart along the head dims and
+            // `D / 8` core matrices apart along the keys; or first transposed into core
+            // matrices of 8 head dims by 8 keys (K-major).
+            let vt = !v_core;
+            if vt {
+                transpose_v(b, &ctx, (&warp, &lrow, &lmat, &g, &two_c), &v_at);
+                isa.fence_proxy_async(b);
+                isa.barrier(b);
+            }
             isa.wgmma_fence(b);
-            let sbo = bk / 8 * 128;
             for (j, a) in p_frags[0].iter().enumerate() {
-                let vd = ctx.descriptor(b, tiles.vt_offset() + j * 256, 128, sbo);
-                o = isa.wgmma(b, half, WgmmaA::Registers(a), &vd, &o);
+                let vd = if vt {
+                    ctx.descriptor(b, tiles.vt_offset() + j * 256, 128, bk / 8 * 128)
+                } else {
+                    let along_keys = d / 8 * 128;
+                    let slice = b.i64((2 * j * along_keys) as i64);
+                    let at = b.addi(&v_at, &slice);
+                    ctx.descriptor_at(b, &at, along_keys, 128)
+                };
+                o = isa.wgmma(b, half, WgmmaA::Registers(a), &vd, vt, &o);
             }
             isa.wgmma_commit(b);
             o.extend(maxima);

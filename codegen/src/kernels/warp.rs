@@ -318,17 +318,19 @@ impl Lowering {
     }
 
     /// Starts `d += a * b` on one m64nNk16 tile for the warpgroup (`n` = 8..256, a multiple
-    /// of 8): A (64 x 16) from shared memory through a descriptor or from four registers
-    /// per thread (the layout of an `mma.m16n8k16` A fragment, warp `w` holding rows
-    /// 16w..), B (16 x n, K-major) through a descriptor; `acc` are the thread's `n / 2` f32
-    /// accumulators (per 8 columns `j`: rows g and g + 8 of the warp's 16, columns 8j + 2t
-    /// and 8j + 2t + 1). The results are not to be read before [`Lowering::wgmma_wait`].
+    /// of 8): A (64 x 16) from shared memory through a K-major descriptor or from four
+    /// registers per thread (the layout of an `mma.m16n8k16` A fragment, warp `w` holding
+    /// rows 16w..), B (16 x n) through a descriptor, K-major where `k_major_b`, else
+    /// N-major; `acc` are the thread's `n / 2` f32 accumulators (per 8 columns `j`: rows g
+    /// and g + 8 of the warp's 16, columns 8j + 2t and 8j + 2t + 1). The results are not to
+    /// be read before [`Lowering::wgmma_wait`].
     pub fn wgmma(
         self,
         b: &mut Builder,
         half: Half,
         a: WgmmaA,
         b_desc: &Val,
+        k_major_b: bool,
         acc: &[Val],
     ) -> Vec<Val> {
         let n = acc.len() * 2;
@@ -355,9 +357,10 @@ impl Lowering {
                         m + 4,
                     ),
                 };
+                let trans_b = u8::from(!k_major_b);
                 let trans = match &a {
-                    WgmmaA::Shared(_) => "1, 1, 0, 0",
-                    WgmmaA::Registers(_) => "1, 1, 0",
+                    WgmmaA::Shared(_) => format!("1, 1, 0, {trans_b}"),
+                    WgmmaA::Registers(_) => format!("1, 1, {trans_b}"),
                 };
                 let text = format!(
                     "{{ .reg .pred p; setp.ne.b32 p, ${}, 0; wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t} {{{}}}, {a_text}, ${next}, p, {trans}; }}",
@@ -384,7 +387,10 @@ impl Lowering {
                 };
                 let from_registers = const_i32(b, i64::from(matches!(a, WgmmaA::Registers(_))));
                 let cn = const_i32(b, n as i64);
-                let kind = const_i32(b, i64::from(half == Half::F16));
+                let kind = const_i32(
+                    b,
+                    i64::from(half == Half::F16) | (i64::from(!k_major_b) << 1),
+                );
                 call(
                     b,
                     "zebra_emu_wgmma",
