@@ -103,7 +103,8 @@ for file in examples/zebra_tiny.zb examples/attention/*.zb examples/models/*.zb 
 done
 $zebra compile examples/zebra_tiny.zb --for attention --dtype f16 --emit artifact --target "$sm" -o "$out/attention/zebra_tiny_f16" >/dev/null
 # The benchmark shapes again with other kernels, to compare: 64 queries per tile on
-# mma.sync; on sm_90, wgmma (V read in place, 64 and 128 keys per tile; V transposed first).
+# mma.sync; on sm_90, wgmma (two warpgroups, V read in place, 64 and 128 keys per tile; one
+# warpgroup; V transposed first).
 $zebra compile bench/gpu_attention.zb --for attention --block-q 64 --emit artifact --target "$sm" -o "$out/attention/bench_bq64" >/dev/null
 if [ "$sm" = sm_90 ]; then
     # Every example's attentions on wgmma too, checked like the others.
@@ -112,8 +113,10 @@ if [ "$sm" = sm_90 ]; then
         $zebra compile "$file" --for attention --mma wgmma --emit artifact --target "$sm" -o "$out/attention/${name}_wgmma" >/dev/null
     done
     $zebra compile examples/zebra_tiny.zb --for attention --mma wgmma-vt --emit artifact --target "$sm" -o "$out/attention/zebra_tiny_wgmma_vt" >/dev/null
+    $zebra compile examples/zebra_tiny.zb --for attention --mma wgmma --block-q 64 --emit artifact --target "$sm" -o "$out/attention/zebra_tiny_wgmma_bq64" >/dev/null
     $zebra compile bench/gpu_attention.zb --for attention --mma wgmma --emit artifact --target "$sm" -o "$out/attention/bench_wgmma" >/dev/null
     $zebra compile bench/gpu_attention.zb --for attention --mma wgmma --block-k 128 --emit artifact --target "$sm" -o "$out/attention/bench_wgmma_bk128" >/dev/null
+    $zebra compile bench/gpu_attention.zb --for attention --mma wgmma --block-q 64 --emit artifact --target "$sm" -o "$out/attention/bench_wgmma_bq64" >/dev/null
     $zebra compile bench/gpu_attention.zb --for attention --mma wgmma-vt --emit artifact --target "$sm" -o "$out/attention/bench_wgmma_vt" >/dev/null
 fi
 echo "prepared attention"

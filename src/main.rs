@@ -120,8 +120,8 @@ enum Command {
         /// head dims up to 128, else 32).
         #[arg(long, value_parser = ["16", "32", "64", "128"])]
         block_k: Option<String>,
-        /// Queries per tile of `mma.sync` attention kernels, 64 or 128 (--for attention;
-        /// default: 128 for head dims up to 128, else 64).
+        /// Queries per tile of attention kernels, 64 or 128 (--for attention; default: 128 for
+        /// head dims up to 128, else 64; with wgmma, one or two warpgroups).
         #[arg(long, value_parser = ["64", "128"])]
         block_q: Option<String>,
         /// The tensor-core instruction of attention kernels (--for attention): sync

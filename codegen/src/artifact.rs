@@ -361,7 +361,7 @@ pub fn attention_entry(
         head_dim: tiles.head_dim,
         block_q: tiles.block_q,
         block_k: tiles.block_k,
-        threads: crate::kernels::attention_mma::THREADS,
+        threads: tiles.threads(),
         shared_bytes: tiles.shared_bytes(),
         scale: kernel.scale,
         mask: kernel.mask.to_string(),

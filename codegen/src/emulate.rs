@@ -968,7 +968,8 @@ impl EmulatedAttention {
         attention: &zebra_ir::op::AttentionKernel,
         tiles: MmaTiles,
     ) -> Result<EmulatedAttention, CodegenError> {
-        let kernel = EmulatedKernel::compile(function, name, THREADS, tiles.shared_bytes())?;
+        let kernel =
+            EmulatedKernel::compile(function, name, tiles.threads(), tiles.shared_bytes())?;
         let entry = crate::artifact::attention_entry(name, attention, tiles);
         Ok(EmulatedAttention { kernel, entry })
     }

@@ -22,7 +22,7 @@ use inkwell::targets::{
 
 use crate::CodegenError;
 use crate::kernels::attention_mma::{
-    AttentionIo, Half, MAX_HEAD_DIM, MmaTiles, THREADS, attention_mma, entry_ir,
+    AttentionIo, Half, MAX_HEAD_DIM, MmaTiles, attention_mma, entry_ir,
 };
 use crate::kernels::tensor_core::{self, TensorCoreKernel};
 use crate::kernels::warp::Lowering;
@@ -292,7 +292,7 @@ pub fn gpu_mlir(
                 entry: format!("{name}_mma"),
                 dtype: half.name().into(),
                 grid: kernel.grid(),
-                threads: THREADS,
+                threads: kernel.threads(),
                 shared_bytes: kernel.shared_bytes(),
             });
             tensor_core.push((name, kernel));
@@ -406,8 +406,8 @@ declare i32 @llvm.nvvm.read.ptx.sreg.ctaid.y()
 declare i32 @llvm.nvvm.read.ptx.sreg.nctaid.x()
 ",
     );
-    for (symbol, _, _) in kernels {
-        out.push_str(&entry_ir(symbol));
+    for (symbol, _, tiles) in kernels {
+        out.push_str(&entry_ir(symbol, tiles));
     }
     Ok(out)
 }

@@ -197,9 +197,9 @@ fn tensor_core_variants_in_the_emulator() {
     assert!(error > 1.0, "the check passed another attention: {error}");
 }
 
-/// The `wgmma` attention, with V read in place and transposed first, at the head dims and
-/// key tiles it takes (16 to 256; 16, 64 and 128 keys), in bf16 and f16, at T = 1, inside
-/// one tile and past several, with GQA.
+/// The `wgmma` attention, with V read in place and transposed first, with one and two
+/// warpgroups, at the head dims and key tiles it takes (16 to 256; 16, 64 and 128 keys), in
+/// bf16 and f16, at T = 1, inside one tile and past several, with GQA.
 #[test]
 fn wgmma_variants_in_the_emulator() {
     let (_, checked) = check_ok(&root().join("examples/zebra_tiny.zb"));
@@ -207,16 +207,17 @@ fn wgmma_variants_in_the_emulator() {
         .unwrap()
         .graph;
     let kernels = mma_attentions(&graph, GpuTarget { sm: 90 }).unwrap();
-    // (head dim, keys per tile, type, (batch, T))
-    type Case = (u64, Option<usize>, Half, (usize, usize));
-    let cases: [Case; 5] = [
-        (16, Some(16), Half::Bf16, (1, 1)),
-        (64, None, Half::F16, (1, 77)),
-        (128, Some(128), Half::Bf16, (1, 200)),
-        (256, None, Half::Bf16, (1, 100)),
-        (32, Some(64), Half::Bf16, (2, 300)),
+    // (head dim, keys and queries per tile, type, (batch, T))
+    type Case = (u64, (Option<usize>, Option<usize>), Half, (usize, usize));
+    let cases: [Case; 6] = [
+        (16, (Some(16), None), Half::Bf16, (1, 1)),
+        (64, (None, Some(64)), Half::F16, (1, 77)),
+        (128, (Some(128), None), Half::Bf16, (1, 200)),
+        (256, (None, None), Half::Bf16, (1, 100)),
+        (32, (Some(64), None), Half::Bf16, (2, 300)),
+        (32, (Some(32), Some(64)), Half::Bf16, (1, 150)),
     ];
-    for ((d, block_k, half, shape), product) in cases
+    for ((d, (block_k, block_q), half, shape), product) in cases
         .into_iter()
         .flat_map(|c| [(c, Product::Wgmma), (c, Product::WgmmaTransposedV)])
     {
@@ -230,11 +231,15 @@ fn wgmma_variants_in_the_emulator() {
                 .unwrap()
                 .with(&MmaSettings {
                     block_k,
+                    block_q,
                     product: Some(product),
                     ..MmaSettings::default()
                 });
-            assert_eq!(tiles.block_q, 64);
-            kernel.block_q = 64;
+            assert_eq!(
+                tiles.block_q,
+                if d <= 128 { block_q.unwrap_or(128) } else { 64 }
+            );
+            kernel.block_q = tiles.block_q as u64;
             kernel.block_k = tiles.block_k as u64;
             let error = emulated_error(&kernel, tiles, half, shape);
             assert!(
@@ -270,7 +275,7 @@ fn the_emulator_finds_a_missing_wgmma_fence_or_wait() {
         ..MmaSettings::default()
     });
     let kernel = AttentionKernel {
-        block_q: 64,
+        block_q: tiles.block_q as u64,
         ..two_heads(&kernel)
     };
     let function = attention_mma(

@@ -54,9 +54,10 @@ impl Half {
     }
 }
 
-/// Warps per block.
+/// Warps per block of the `mma.sync` kernels (a `wgmma` attention kernel has four per
+/// warpgroup: [`MmaTiles::warps`]).
 pub const WARPS: usize = 4;
-/// Threads per block.
+/// Threads per block of the `mma.sync` kernels.
 pub const THREADS: usize = WARPS * 32;
 /// The largest head dimension the kernel takes.
 pub const MAX_HEAD_DIM: usize = 256;
@@ -117,6 +118,9 @@ pub struct MmaTiles {
     /// computed; one barrier per tile).
     pub stages: usize,
     pub product: Product,
+    /// Warps per block: 4, or with `wgmma` 8 (two warpgroups of 64 rows sharing the K and
+    /// V tiles).
+    pub warps: usize,
 }
 
 impl MmaTiles {
@@ -138,6 +142,7 @@ impl MmaTiles {
             row_blocks,
             stages: 1,
             product: Product::Sync,
+            warps: WARPS,
         })
     }
 
@@ -145,6 +150,14 @@ impl MmaTiles {
     /// is one warpgroup of 64 query rows (a row block per warp) and one K/V stage.
     pub fn with(self, settings: &MmaSettings) -> MmaTiles {
         let product = settings.product.unwrap_or(self.product);
+        // wgmma: one warpgroup (64 rows) or two (128 rows, the default up to head dim 128:
+        // each K and V tile copied serves twice the queries).
+        let warps = match (product.is_wgmma(), settings.block_q) {
+            (false, _) => WARPS,
+            (true, Some(64)) => 4,
+            (true, _) if self.head_dim <= 128 => 8,
+            (true, _) => 4,
+        };
         let row_blocks = match (product, settings.block_q) {
             (Product::Wgmma | Product::WgmmaTransposedV, _) => 1,
             (Product::Sync, Some(64)) => 1,
@@ -168,10 +181,16 @@ impl MmaTiles {
             },
             block_k,
             row_blocks,
-            block_q: WARPS * 16 * row_blocks,
+            block_q: warps * 16 * row_blocks,
             product,
+            warps,
             ..self
         }
+    }
+
+    /// Threads per block.
+    pub fn threads(&self) -> usize {
+        self.warps * 32
     }
 
     /// Elements per padded shared-memory row (the Q and K tiles of `wgmma` kernels are in
@@ -282,6 +301,7 @@ impl Ctx {
         let tile = ChunkedTile {
             rows,
             per_row: d / 8,
+            threads: self.tiles.threads(),
         };
         let crows = b.i64(rows as i64);
         let first_key = b.muli(index, &crows);
@@ -618,8 +638,15 @@ pub fn attention_mma(
             isa.wgmma_fence(b);
             let mut acc = vec![zero.clone(); bk / 2];
             let sbo = d / 8 * 128;
+            // This warpgroup's 64 rows of the Q tile.
+            let c4 = b.i64(4);
+            let group = b.divi(&warp, &c4);
+            let rows_bytes = b.i64((64 * d * 2) as i64);
+            let q_at = b.muli(&group, &rows_bytes);
             for step in 0..d / 16 {
-                let qd = ctx.descriptor(b, step * 256, 128, sbo);
+                let off = b.i64((step * 256) as i64);
+                let at = b.addi(&q_at, &off);
+                let qd = ctx.descriptor_at(b, &at, 128, sbo);
                 let kd = ctx.descriptor(b, k_offset + step * 256, 128, sbo);
                 acc = isa.wgmma(b, half, WgmmaA::Shared(&qd), &kd, true, &acc);
             }
@@ -1002,9 +1029,10 @@ fn transpose_v(
     let quads = bk / 8 * (d / 8) / 4;
     let (c4, c8) = (b.i64(4), b.i64(8));
     let per_dim = b.i64((d / 8) as i64);
-    for i in 0..quads.div_ceil(WARPS) {
+    let warps = ctx.tiles.warps;
+    for i in 0..quads.div_ceil(warps) {
         let emit = |b: &mut Builder| {
-            let off = b.i64((i * WARPS) as i64);
+            let off = b.i64((i * warps) as i64);
             let quad = b.addi(warp, &off);
             let first = b.muli(&quad, &c4);
             let block = b.addi(&first, lmat);
@@ -1037,10 +1065,10 @@ fn transpose_v(
                 isa.store_shared32(b, &to, word);
             }
         };
-        if (i + 1) * WARPS <= quads {
+        if (i + 1) * warps <= quads {
             emit(b);
         } else {
-            let limit = b.i64((quads - i * WARPS) as i64);
+            let limit = b.i64((quads - i * warps) as i64);
             let take = b.cmpi("slt", warp, &limit, I64);
             b.if_then(&take, emit);
         }
@@ -1052,12 +1080,12 @@ fn finish(b: &mut Builder, name: &str) -> String {
 }
 
 /// The PTX entry of a tensor-core attention kernel, in LLVM IR: `{name}_mma(buffers, dims)`,
-/// launched on a grid of (query tiles, batch rows * heads) blocks of [`THREADS`] threads
-/// with [`MmaTiles::shared_bytes`] of dynamic shared memory. Block `x` takes query tile
-/// `tiles - 1 - x`: under a causal mask the longest rows start first and the short ones fill
-/// the end of the launch.
-pub fn entry_ir(name: &str) -> String {
-    super::block::entry_ir(name, true)
+/// launched on a grid of (query tiles, batch rows * heads) blocks of
+/// [`MmaTiles::threads`] threads with [`MmaTiles::shared_bytes`] of dynamic shared memory.
+/// Block `x` takes query tile `tiles - 1 - x`: under a causal mask the longest rows start
+/// first and the short ones fill the end of the launch.
+pub fn entry_ir(name: &str, tiles: &MmaTiles) -> String {
+    super::block::entry_ir(name, true, tiles.threads())
 }
 
 #[cfg(test)]
@@ -1074,7 +1102,7 @@ mod tests {
                     "{tiles:?}"
                 );
                 assert!(tiles.live_registers() < 255, "{tiles:?}");
-                assert_eq!(tiles.block_q, WARPS * 16 * tiles.row_blocks);
+                assert_eq!(tiles.block_q, tiles.warps * 16 * tiles.row_blocks);
                 // Every thread copies whole 16-byte chunks.
                 assert!((tiles.block_k * d / 8).is_multiple_of(8), "{tiles:?}");
             }
@@ -1112,27 +1140,37 @@ mod tests {
             ..MmaSettings::default()
         });
         assert_eq!((narrow.block_q, narrow.row_blocks), (64, 1));
-        // wgmma: one warpgroup of 64 rows, one stage, whatever else is asked.
+        // wgmma: two warpgroups of 64 rows (or one with 64 queries a tile), one stage,
+        // whatever else is asked.
         let wgmma = tiles.with(&MmaSettings {
             stages: Some(2),
-            block_q: Some(128),
+            block_q: None,
             block_k: Some(128),
             product: Some(Product::Wgmma),
         });
         assert_eq!(
             (wgmma.block_q, wgmma.row_blocks, wgmma.stages, wgmma.block_k),
-            (64, 1, 1, 128)
+            (128, 1, 1, 128)
         );
+        assert_eq!(wgmma.threads(), 256);
+        let one_group = tiles.with(&MmaSettings {
+            block_q: Some(64),
+            product: Some(Product::WgmmaTransposedV),
+            ..MmaSettings::default()
+        });
+        assert_eq!((one_group.block_q, one_group.threads()), (64, 128));
         let wide = MmaTiles::for_head_dim(256, 90).unwrap().with(&MmaSettings {
             block_k: Some(128),
             product: Some(Product::Wgmma),
             ..MmaSettings::default()
         });
         assert_eq!(wide.block_k, 32);
-        // Q (64 x 128) and K (128 x 128) unpadded, V padded, V transposed.
+        // Q (128 x 128), K (128 x 128) and two V tiles, unpadded.
+        assert_eq!(wgmma.shared_bytes(), 4 * 128 * 128 * 2);
+        // Q (64 x 128), K (64 x 128), V padded and V transposed.
         assert_eq!(
-            wgmma.shared_bytes(),
-            64 * 128 * 2 + 128 * 128 * 2 + 128 * 136 * 2 + 128 * 128 * 2
+            one_group.shared_bytes(),
+            64 * 128 * 2 + 64 * 128 * 2 + 64 * 136 * 2 + 64 * 128 * 2
         );
     }
 }

@@ -2,7 +2,7 @@
 //! addresses, and the copy of tiles into shared memory in 16-byte chunks, each thread taking
 //! every [`THREADS`]-th chunk.
 
-use super::attention_mma::{Half, THREADS};
+use super::attention_mma::Half;
 use super::warp::Lowering;
 use crate::mlir::{Builder, F32, I64, Val, vf32};
 
@@ -42,12 +42,14 @@ pub(crate) fn shared_address(
     b.bin("addi", &at, smem, "i32")
 }
 
-/// A tile of `rows` rows of `per_row` 16-byte chunks, copied chunk by chunk: thread `tid`
-/// takes chunks `tid + i THREADS` for `i` in [`ChunkedTile::slots`].
+/// A tile of `rows` rows of `per_row` 16-byte chunks, copied chunk by chunk by a block of
+/// `threads` threads: thread `tid` takes chunks `tid + i threads` for `i` in
+/// [`ChunkedTile::slots`].
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ChunkedTile {
     pub rows: usize,
     pub per_row: usize,
+    pub threads: usize,
 }
 
 impl ChunkedTile {
@@ -57,13 +59,13 @@ impl ChunkedTile {
 
     /// How many chunks each thread takes (the last only where `tid` is low enough).
     pub fn slots(&self) -> usize {
-        self.chunks().div_ceil(THREADS)
+        self.chunks().div_ceil(self.threads)
     }
 
     /// The row and the chunk in the row of this thread's chunk of slot `i` (past the tile's
     /// end in the last slot, for threads [`ChunkedTile::for_slot`] leaves out).
     pub fn position(&self, b: &mut Builder, tid: &Val, i: usize) -> (Val, Val) {
-        let off = b.i64((i * THREADS) as i64);
+        let off = b.i64((i * self.threads) as i64);
         let chunk = b.addi(tid, &off);
         let per_row = b.i64(self.per_row as i64);
         (b.divi(&chunk, &per_row), b.remi(&chunk, &per_row))
@@ -83,10 +85,10 @@ impl ChunkedTile {
             let (row, col) = self.position(b, tid, i);
             body(b, &row, &col);
         };
-        if (i + 1) * THREADS <= chunks {
+        if (i + 1) * self.threads <= chunks {
             emit(b);
         } else {
-            let off = b.i64((chunks - i * THREADS) as i64);
+            let off = b.i64((chunks - i * self.threads) as i64);
             let take = b.cmpi("slt", tid, &off, I64);
             b.if_then(&take, emit);
         }
@@ -166,9 +168,9 @@ pub(crate) fn pack8(b: &mut Builder, isa: Lowering, half: Half, values: &[Val]) 
 }
 
 /// The PTX entry of a block function, in LLVM IR: `{name}_mma(buffers, dims)` on a grid of
-/// blocks of [`THREADS`] threads, passing `(blockIdx.x, blockIdx.y)`, or with `reverse_x`
+/// blocks of `threads` threads, passing `(blockIdx.x, blockIdx.y)`, or with `reverse_x`
 /// `(gridDim.x - 1 - blockIdx.x, blockIdx.y)` (the longest causal query tiles first).
-pub(crate) fn entry_ir(name: &str, reverse_x: bool) -> String {
+pub(crate) fn entry_ir(name: &str, reverse_x: bool, threads: usize) -> String {
     let x = if reverse_x {
         "  %block = call i32 @llvm.nvvm.read.ptx.sreg.ctaid.x()
   %blocks = call i32 @llvm.nvvm.read.ptx.sreg.nctaid.x()
@@ -191,8 +193,7 @@ define ptx_kernel void @{name}_mma(ptr %bufs, ptr %dims) \"nvvm.maxntid\"=\"{thr
   call void @{name}(ptr %bufs, ptr %dims, i64 %x64, i64 %y64, i64 %tid64, ptr addrspace(3) @{name}_smem)
   ret void
 }}
-",
-        threads = THREADS
+"
     )
 }
 

@@ -53,6 +53,7 @@ impl Tile {
         ChunkedTile {
             rows: self.outer,
             per_row: self.inner / 8,
+            threads: super::attention_mma::THREADS,
         }
     }
 }

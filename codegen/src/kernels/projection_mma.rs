@@ -274,10 +274,12 @@ pub fn projection_mma(name: &str, p: &ProjectionMma, half: Half, isa: Lowering) 
     let x_tile = ChunkedTile {
         rows: bm,
         per_row: BLOCK_K / 8,
+        threads: super::attention_mma::THREADS,
     };
     let w_tile = ChunkedTile {
         rows: BLOCK_K,
         per_row: bn / 8,
+        threads: super::attention_mma::THREADS,
     };
     let chunk_slots: Vec<(usize, usize)> = (0..x_tile.slots())
         .map(|i| (usize::MAX, i))
@@ -525,7 +527,7 @@ pub fn projection_mma(name: &str, p: &ProjectionMma, half: Half, isa: Lowering) 
 /// The PTX entry of a tensor-core projection, in LLVM IR: `{name}_mma(buffers, dims)` on a
 /// grid of (row tiles, column tiles or heads) blocks of 128 threads.
 pub fn entry_ir(name: &str) -> String {
-    super::block::entry_ir(name, false)
+    super::block::entry_ir(name, false, super::attention_mma::THREADS)
 }
 
 #[cfg(test)]

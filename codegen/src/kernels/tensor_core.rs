@@ -90,6 +90,13 @@ impl TensorCoreKernel {
         }
     }
 
+    pub fn threads(&self) -> usize {
+        match self {
+            TensorCoreKernel::Attention { tiles, .. } => tiles.threads(),
+            _ => THREADS,
+        }
+    }
+
     pub fn shared_bytes(&self) -> usize {
         match self {
             TensorCoreKernel::Projection(p) => p.shared_bytes(),
@@ -102,7 +109,9 @@ impl TensorCoreKernel {
     /// The PTX entry `{name}_mma(buffers, dims)`, in LLVM IR.
     pub fn entry_ir(&self, name: &str) -> String {
         match self {
-            TensorCoreKernel::Attention { .. } => super::attention_mma::entry_ir(name),
+            TensorCoreKernel::Attention { tiles, .. } => {
+                super::attention_mma::entry_ir(name, tiles)
+            }
             _ => super::projection_mma::entry_ir(name),
         }
     }
