@@ -224,8 +224,11 @@ impl MmaTiles {
         self.operand_bytes(self.block_q)
     }
 
+    /// After the K tiles: two for `wgmma` (the next tile's copy lands while this one is
+    /// read), else one per stage.
     pub fn v_offset(&self) -> usize {
-        self.k_offset() + self.operand_bytes(self.block_k)
+        let k_tiles = if self.product == Product::Wgmma { 2 } else { 1 };
+        self.k_offset() + k_tiles * self.operand_bytes(self.block_k)
     }
 
     /// Shared memory per block, in bytes: the Q tile, then K and V tiles per stage (for
@@ -552,6 +555,11 @@ pub fn attention_mma(
             ctx.load_tile(b, &v, &kv_base, &kt, &stage0_v, false);
         }
         isa.commit(b);
+        if v_core {
+            // The first V tile in a group of its own, waited for after the scores.
+            ctx.load_tile(b, &v, &kv_base, &kt, &stage0_v, true);
+            isa.commit(b);
+        }
     });
 
     let zero = b.f32(0.0);
@@ -588,13 +596,52 @@ pub fn attention_mma(
         let k_end = b.addi(&k0, &cbk);
         let tail = b.cmpi("sgt", &k_end, &t, I64);
         let needs_mask = b.bin("ori", &partial, &tail, "i1");
-        isa.wait_copies(b);
+        if v_core {
+            // This K tile; this V tile may still be on its way.
+            isa.wait_copies_but(b, 1);
+        } else {
+            isa.wait_copies(b);
+        }
         if wg {
             isa.fence_proxy_async(b);
         }
         isa.barrier(b);
         let following = b.addi(i, &c1);
         let more = b.cmpi("slt", &following, &end, I64);
+        // With `wgmma` (V in place), K and V tiles alternate between two buffers each, and
+        // the next tile's copies are issued a step ahead: K's now (its buffer's last reader,
+        // the previous tile's scores, was waited for before the last barrier), V's after
+        // the scores (once the previous tile's `O += P V` is done).
+        let (buffer_shift, next_shift) = if v_core {
+            let index = b.subi(i, &start);
+            let buffer = b.remi(&index, &c2);
+            let other = b.subi(&c1, &buffer);
+            (Some(buffer), Some(other))
+        } else {
+            (None, None)
+        };
+        let shifted = |b: &mut Builder, base: &Val, which: &Option<Val>| -> Val {
+            match which {
+                Some(buffer) => {
+                    let size = b.i64((bk * d * 2) as i64);
+                    let shift = b.muli(buffer, &size);
+                    b.addi(base, &shift)
+                }
+                None => base.clone(),
+            }
+        };
+        let next_tile = |b: &mut Builder| {
+            let entry = b.load(&sched_tiles, &following, I64, I64);
+            b.op(format!("arith.shrsi {entry}, {c1} : i64"))
+        };
+        if v_core {
+            b.if_then(&more, |b| {
+                let kt = next_tile(b);
+                let at = shifted(b, &stage0_k, &next_shift);
+                ctx.load_tile(b, &k, &kv_base, &kt, &at, true);
+                isa.commit(b);
+            });
+        }
         // This tile's stage, and the copies of the next.
         let (k_at, v_at) = if stages == 2 {
             let index = b.subi(i, &start);
@@ -614,21 +661,15 @@ pub fn attention_mma(
                 isa.commit(b);
             });
             (k_at, v_at)
+        } else if v_core {
+            (
+                shifted(b, &stage0_k, &buffer_shift),
+                shifted(b, &stage0_v, &buffer_shift),
+            )
         } else {
-            // V read in place by `wgmma` alternates between two buffers: this tile's copy
-            // must not land on the previous tile's, which `O += P V` may still be reading.
-            let v_at = if v_core {
-                let index = b.subi(i, &start);
-                let buffer = b.remi(&index, &c2);
-                let size = b.i64((bk * d * 2) as i64);
-                let shift = b.muli(&buffer, &size);
-                b.addi(&stage0_v, &shift)
-            } else {
-                stage0_v.clone()
-            };
-            ctx.load_tile(b, &v, &kv_base, &kt, &v_at, v_core);
+            ctx.load_tile(b, &v, &kv_base, &kt, &stage0_v, false);
             isa.commit(b);
-            (stage0_k.clone(), v_at)
+            (stage0_k.clone(), stage0_v.clone())
         };
 
         let mut o: Vec<Val> = o_in.to_vec();
@@ -647,7 +688,8 @@ pub fn attention_mma(
                 let off = b.i64((step * 256) as i64);
                 let at = b.addi(&q_at, &off);
                 let qd = ctx.descriptor_at(b, &at, 128, sbo);
-                let kd = ctx.descriptor(b, k_offset + step * 256, 128, sbo);
+                let at = b.addi(&k_at, &off);
+                let kd = ctx.descriptor_at(b, &at, 128, sbo);
                 acc = isa.wgmma(b, half, WgmmaA::Shared(&qd), &kd, true, &acc);
             }
             isa.wgmma_commit(b);
@@ -820,11 +862,31 @@ pub fn attention_mma(
             })
             .collect();
 
-        if stages == 1 {
+        if v_core {
+            // This V tile (the next K tile may still be on its way), then the next V tile
+            // into the other buffer.
+            b.if_else(
+                &more,
+                &[],
+                |b| {
+                    isa.wait_copies_but(b, 1);
+                    vec![]
+                },
+                |b| {
+                    isa.wait_copies(b);
+                    vec![]
+                },
+            );
+            isa.fence_proxy_async(b);
+            isa.barrier(b);
+            b.if_then(&more, |b| {
+                let kt = next_tile(b);
+                let at = shifted(b, &stage0_v, &next_shift);
+                ctx.load_tile(b, &v, &kv_base, &kt, &at, true);
+                isa.commit(b);
+            });
+        } else if stages == 1 {
             isa.wait_copies(b);
-            if v_core {
-                isa.fence_proxy_async(b);
-            }
             isa.barrier(b);
             b.if_then(&more, |b| {
                 let entry = b.load(&sched_tiles, &following, I64, I64);
@@ -1165,8 +1227,9 @@ mod tests {
             ..MmaSettings::default()
         });
         assert_eq!(wide.block_k, 32);
-        // Q (128 x 128), K (128 x 128) and two V tiles, unpadded.
-        assert_eq!(wgmma.shared_bytes(), 4 * 128 * 128 * 2);
+        // Q (128 x 128), two K (128 x 128) and two V tiles, unpadded.
+        assert_eq!(wgmma.shared_bytes(), 5 * 128 * 128 * 2);
+        assert!(wgmma.shared_bytes() <= MmaTiles::shared_limit(90));
         // Q (64 x 128), K (64 x 128), V padded and V transposed.
         assert_eq!(
             one_group.shared_bytes(),

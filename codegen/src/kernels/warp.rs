@@ -459,13 +459,19 @@ impl Lowering {
 
     /// Waits for every committed copy group of the thread.
     pub fn wait_copies(self, b: &mut Builder) {
+        self.wait_copies_but(b, 0);
+    }
+
+    /// Waits for the thread's committed copy groups but the `pending` newest.
+    pub fn wait_copies_but(self, b: &mut Builder, pending: u32) {
         match self {
             Lowering::Ptx => {
-                asm(b, "cp.async.wait_group 0;", "", &[], &[], true);
+                let text = format!("cp.async.wait_group {pending};");
+                asm(b, &text, "", &[], &[], true);
             }
             Lowering::Emulated => {
-                let none = const_i32(b, 0);
-                call(b, "zebra_emu_wait", &[(&none, "i32")], None);
+                let n = const_i32(b, i64::from(pending));
+                call(b, "zebra_emu_wait", &[(&n, "i32")], None);
             }
         }
     }
