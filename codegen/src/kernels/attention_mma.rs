@@ -18,6 +18,13 @@
 //! Shared memory is dynamic (the runtime opts in above 48 KiB); its rows are padded by 8
 //! elements, so that the eight rows an `ldmatrix` reads fall in distinct banks.
 //!
+//! On sm_90 the products can run on warpgroup MMAs instead ([`Product::Wgmma`]): one or two
+//! warpgroups of 64 rows per block, Q and K in unpadded K-major core matrices read through
+//! matrix descriptors, V read N-major where it was copied, and a loop pipelined so that each
+//! tile's softmax runs while the previous tile's `O += P V` is on the tensor cores
+//! ([`Product::WgmmaTransposedV`]: V transposed first, a plain loop). The fragment layouts
+//! of a warp's 16 rows are those of `mma.sync`, so the mask, softmax and epilogue are shared.
+//!
 //! Buffers: `q [B, H, T, D]`, `k [B, KV, T, D]`, `v [B, KV, T, D]`, `out [B, H, T, D]`, the
 //! schedule's row offsets and tiles, then the side inputs `[B, T]` (i64, padded by 8).
 //! Dims: `B`, `T`, and whether the schedule has one set of rows per batch row.
@@ -224,8 +231,8 @@ impl MmaTiles {
         self.operand_bytes(self.block_q)
     }
 
-    /// After the K tiles: two for `wgmma` (the next tile's copy lands while this one is
-    /// read), else one per stage.
+    /// After the K tiles: two for `wgmma` with V in place (the next tile's copy lands while
+    /// this one is read), else one per stage.
     pub fn v_offset(&self) -> usize {
         let k_tiles = if self.product == Product::Wgmma { 2 } else { 1 };
         self.k_offset() + k_tiles * self.operand_bytes(self.block_k)
@@ -268,6 +275,15 @@ pub enum AttentionIo {
     /// memory), 16-bit `k` and `v` (converted by [`super::pack_half`]), and the output in
     /// f32, `[B, T, heads * D]` when the kernel merges heads, else `[B, heads, T, D]`.
     Plan,
+}
+
+/// What the softmax of one key tile gives: per row block and 16 keys the P fragment (four
+/// words), per row the factor that rescales what came before, the new maxima and sums.
+struct SoftmaxStep {
+    p_frags: Vec<Vec<Vec<Val>>>,
+    alphas: Vec<Val>,
+    maxima: Vec<Val>,
+    sums: Vec<Val>,
 }
 
 /// The generator's view of one kernel being built.
@@ -545,24 +561,53 @@ pub fn attention_mma(
     let stages = tiles.stages;
     let stage0_k = b.i64(k_offset as i64);
     let stage0_v = b.i64(v_offset as i64);
-    b.if_then(&any, |b| {
-        let from_f32 = (io == AttentionIo::Plan).then_some(half);
-        ctx.load_rows(b, &q, &q_base, (&qt, bq), &c0, from_f32, wg);
-        let entry = b.load(&sched_tiles, &start, I64, I64);
-        let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
-        ctx.load_tile(b, &k, &kv_base, &kt, &stage0_k, wg);
-        if stages == 2 {
-            ctx.load_tile(b, &v, &kv_base, &kt, &stage0_v, false);
-        }
-        isa.commit(b);
-        if v_core {
-            // The first V tile in a group of its own, waited for after the scores.
-            ctx.load_tile(b, &v, &kv_base, &kt, &stage0_v, true);
-            isa.commit(b);
-        }
-    });
-
     let zero = b.f32(0.0);
+    // The K tile at byte `k_at` times this warpgroup's 64 rows of the Q tile, started on the
+    // warpgroup and committed (not waited for).
+    let issue_scores = |b: &mut Builder, k_at: &Val| -> Vec<Val> {
+        isa.wgmma_fence(b);
+        let mut acc = vec![zero.clone(); bk / 2];
+        let sbo = d / 8 * 128;
+        let c4 = b.i64(4);
+        let group = b.divi(&warp, &c4);
+        let rows_bytes = b.i64((64 * d * 2) as i64);
+        let q_at = b.muli(&group, &rows_bytes);
+        for step in 0..d / 16 {
+            let off = b.i64((step * 256) as i64);
+            let at = b.addi(&q_at, &off);
+            let qd = ctx.descriptor_at(b, &at, 128, sbo);
+            let at = b.addi(k_at, &off);
+            let kd = ctx.descriptor_at(b, &at, 128, sbo);
+            acc = isa.wgmma(b, half, WgmmaA::Shared(&qd), &kd, true, &acc);
+        }
+        isa.wgmma_commit(b);
+        acc
+    };
+    let tile_at = |b: &mut Builder, index: &Val| -> Val {
+        let entry = b.load(&sched_tiles, index, I64, I64);
+        b.op(format!("arith.shrsi {entry}, {c1} : i64"))
+    };
+    // Buffer `n` (an i64 value) of the tiles at byte `base`.
+    let buffer_at = |b: &mut Builder, base: &Val, n: &Val| -> Val {
+        let size = b.i64((bk * d * 2) as i64);
+        let shift = b.muli(n, &size);
+        b.addi(base, &shift)
+    };
+    // The Q tile and the first K tile (and V tile, with two stages), one copy group (the
+    // pipelined `wgmma` loop makes its own).
+    if !v_core {
+        b.if_then(&any, |b| {
+            let from_f32 = (io == AttentionIo::Plan).then_some(half);
+            ctx.load_rows(b, &q, &q_base, (&qt, bq), &c0, from_f32, wg);
+            let kt = tile_at(b, &start);
+            ctx.load_tile(b, &k, &kv_base, &kt, &stage0_k, wg);
+            if stages == 2 {
+                ctx.load_tile(b, &v, &kv_base, &kt, &stage0_v, false);
+            }
+            isa.commit(b);
+        });
+    }
+
     let neg_inf = b.op(format!(
         "arith.constant {} : f32",
         f32_literal(f32::NEG_INFINITY)
@@ -585,129 +630,15 @@ pub fn attention_mma(
     // Index of element `lane` of row `r` (0: row g, 1: row g + 8) of score tile `n` of row
     // block `m` in the flat list of a thread's scores.
     let sf = |m: usize, n: usize, r: usize, lane: usize| ((m * (bk / 8) + n) * 2 + r) * 2 + lane;
-    let finals = b.for_range(&start, &end, &c1, &carried, |b, i, acc| {
-        let (o_in, state) = acc.split_at(mb * n_o);
-        let entry = b.load(&sched_tiles, i, I64, I64);
-        let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
-        let partial = b.bin("andi", &entry, &c1, I64);
-        let partial = b.cmpi("ne", &partial, &c0, I64);
-        let cbk = b.i64(bk as i64);
-        let k0 = b.muli(&kt, &cbk);
-        let k_end = b.addi(&k0, &cbk);
-        let tail = b.cmpi("sgt", &k_end, &t, I64);
-        let needs_mask = b.bin("ori", &partial, &tail, "i1");
-        if v_core {
-            // This K tile; this V tile may still be on its way.
-            isa.wait_copies_but(b, 1);
-        } else {
-            isa.wait_copies(b);
-        }
-        if wg {
-            isa.fence_proxy_async(b);
-        }
-        isa.barrier(b);
-        let following = b.addi(i, &c1);
-        let more = b.cmpi("slt", &following, &end, I64);
-        // With `wgmma` (V in place), K and V tiles alternate between two buffers each, and
-        // the next tile's copies are issued a step ahead: K's now (its buffer's last reader,
-        // the previous tile's scores, was waited for before the last barrier), V's after
-        // the scores (once the previous tile's `O += P V` is done).
-        let (buffer_shift, next_shift) = if v_core {
-            let index = b.subi(i, &start);
-            let buffer = b.remi(&index, &c2);
-            let other = b.subi(&c1, &buffer);
-            (Some(buffer), Some(other))
-        } else {
-            (None, None)
-        };
-        let shifted = |b: &mut Builder, base: &Val, which: &Option<Val>| -> Val {
-            match which {
-                Some(buffer) => {
-                    let size = b.i64((bk * d * 2) as i64);
-                    let shift = b.muli(buffer, &size);
-                    b.addi(base, &shift)
-                }
-                None => base.clone(),
-            }
-        };
-        let next_tile = |b: &mut Builder| {
-            let entry = b.load(&sched_tiles, &following, I64, I64);
-            b.op(format!("arith.shrsi {entry}, {c1} : i64"))
-        };
-        if v_core {
-            b.if_then(&more, |b| {
-                let kt = next_tile(b);
-                let at = shifted(b, &stage0_k, &next_shift);
-                ctx.load_tile(b, &k, &kv_base, &kt, &at, true);
-                isa.commit(b);
-            });
-        }
-        // This tile's stage, and the copies of the next.
-        let (k_at, v_at) = if stages == 2 {
-            let index = b.subi(i, &start);
-            let stage = b.remi(&index, &c2);
-            let stride = b.i64((2 * tiles.kv_tile_bytes()) as i64);
-            let shift = b.muli(&stage, &stride);
-            let k_at = b.addi(&stage0_k, &shift);
-            let v_at = b.addi(&stage0_v, &shift);
-            let other = b.subi(&stride, &shift);
-            b.if_then(&more, |b| {
-                let entry = b.load(&sched_tiles, &following, I64, I64);
-                let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
-                let next_k = b.addi(&stage0_k, &other);
-                let next_v = b.addi(&stage0_v, &other);
-                ctx.load_tile(b, &k, &kv_base, &kt, &next_k, false);
-                ctx.load_tile(b, &v, &kv_base, &kt, &next_v, false);
-                isa.commit(b);
-            });
-            (k_at, v_at)
-        } else if v_core {
-            (
-                shifted(b, &stage0_k, &buffer_shift),
-                shifted(b, &stage0_v, &buffer_shift),
-            )
-        } else {
-            ctx.load_tile(b, &v, &kv_base, &kt, &stage0_v, false);
-            isa.commit(b);
-            (stage0_k.clone(), stage0_v.clone())
-        };
-
-        let mut o: Vec<Val> = o_in.to_vec();
-        let s = if wg {
-            // S = Q K^T on the warpgroup, 16 columns of Q at a time; its wait also finishes
-            // the previous tile's `O += P V`, so that O may be rescaled.
-            isa.wgmma_fence(b);
-            let mut acc = vec![zero.clone(); bk / 2];
-            let sbo = d / 8 * 128;
-            // This warpgroup's 64 rows of the Q tile.
-            let c4 = b.i64(4);
-            let group = b.divi(&warp, &c4);
-            let rows_bytes = b.i64((64 * d * 2) as i64);
-            let q_at = b.muli(&group, &rows_bytes);
-            for step in 0..d / 16 {
-                let off = b.i64((step * 256) as i64);
-                let at = b.addi(&q_at, &off);
-                let qd = ctx.descriptor_at(b, &at, 128, sbo);
-                let at = b.addi(&k_at, &off);
-                let kd = ctx.descriptor_at(b, &at, 128, sbo);
-                acc = isa.wgmma(b, half, WgmmaA::Shared(&qd), &kd, true, &acc);
-            }
-            isa.wgmma_commit(b);
-            acc.extend(o.iter().cloned());
-            let done = isa.wgmma_wait(b, 0, &acc);
-            o = done[bk / 2..].to_vec();
-            vec![done[..bk / 2].chunks(4).map(<[Val]>::to_vec).collect()]
-        } else {
-            sync_scores(
-                b,
-                &ctx,
-                half,
-                (&warp_first, &frag_row, &frag_col),
-                (&lrow, &lmat),
-                &k_at,
-            )
-        };
-
+    // The softmax of one key tile (its first key `k0`, masked where `needs_mask`): from
+    // its scores `s[m][n]` and the running maxima and sums (`state`), the P fragments, the
+    // factors that rescale what came before (per row), and the new maxima and sums.
+    let softmax_step = |b: &mut Builder,
+                        k0: &Val,
+                        needs_mask: &Val,
+                        s: &[Vec<Vec<Val>>],
+                        state: &[Val]|
+     -> SoftmaxStep {
         // Scale and modify (base 2 for the softmax), and mask where the tile needs it.
         let plain_scale = b.f32((kernel.scale * log2e) as f32);
         // Without a score modifier the scale is applied where the exponent is formed, `x *
@@ -720,7 +651,7 @@ pub fn attention_mma(
         // in row `qpos`.
         let env_at = |b: &mut Builder, qpos: &Val, n: usize, score: Option<Val>| {
             let kpos = b.i64((n * 8) as i64);
-            let kpos = b.addi(&k0, &kpos);
+            let kpos = b.addi(k0, &kpos);
             let kpos = b.addi(&kpos, &two_c);
             VecEnv {
                 n: 2,
@@ -769,7 +700,7 @@ pub fn attention_mma(
         }
         let types = vec![F32.to_string(); flat.len()];
         let masked = b.if_else(
-            &needs_mask,
+            needs_mask,
             &types,
             |b| {
                 let mut outv = Vec::new();
@@ -799,6 +730,7 @@ pub fn attention_mma(
         let mut p = masked.clone();
         let mut maxima = Vec::new();
         let mut sums = Vec::new();
+        let mut alphas = Vec::new();
         for m in 0..mb {
             for r in 0..2 {
                 let row_index = 2 * m + r;
@@ -837,12 +769,7 @@ pub fn attention_mma(
                         p[at] = e;
                     }
                 }
-                for n in 0..d / 8 {
-                    for lane in 0..2 {
-                        let at = m * n_o + n * 4 + 2 * r + lane;
-                        o[at] = b.bin("mulf", &o[at], &alpha, F32);
-                    }
-                }
+                alphas.push(alpha);
                 maxima.push(m_new);
                 sums.push(sum);
             }
@@ -861,101 +788,314 @@ pub fn attention_mma(
                     .collect()
             })
             .collect();
-
-        if v_core {
-            // This V tile (the next K tile may still be on its way), then the next V tile
-            // into the other buffer.
-            b.if_else(
-                &more,
-                &[],
-                |b| {
-                    isa.wait_copies_but(b, 1);
-                    vec![]
-                },
-                |b| {
-                    isa.wait_copies(b);
-                    vec![]
-                },
-            );
+        SoftmaxStep {
+            p_frags,
+            alphas,
+            maxima,
+            sums,
+        }
+    };
+    let finals = if v_core {
+        // The pipelined `wgmma` loop (V read in place). K and V tiles alternate between two
+        // buffers each (tile `j` of the row, counted from its first, in buffers `j % 2`).
+        // The step for tile `i` waits for the copies of K tile `i + 1` and V tile `i`,
+        // copies K tile `i + 2` and V tile `i + 1` into the buffers their predecessors left
+        // (whose readers every thread waited for before the barrier), starts the scores of
+        // tile `i + 1`, rescales O and starts `O += P V` of tile `i`, waits for the scores
+        // and runs their softmax while the product runs, then waits for the product.
+        // Nothing is in flight from one step to the next (ptxas would serialize every
+        // product if an accumulator in flight were copied). The first tile's scores and
+        // softmax come before the loop, the last tile's product after it.
+        let tile_info = |b: &mut Builder, index: &Val| -> (Val, Val) {
+            let entry = b.load(&sched_tiles, index, I64, I64);
+            let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
+            let partial = b.bin("andi", &entry, &c1, I64);
+            let partial = b.cmpi("ne", &partial, &c0, I64);
+            let cbk = b.i64(bk as i64);
+            let k0 = b.muli(&kt, &cbk);
+            let k_end = b.addi(&k0, &cbk);
+            let tail = b.cmpi("sgt", &k_end, &t, I64);
+            (k0, b.bin("ori", &partial, &tail, "i1"))
+        };
+        let publish = |b: &mut Builder| {
             isa.fence_proxy_async(b);
             isa.barrier(b);
-            b.if_then(&more, |b| {
-                let kt = next_tile(b);
-                let at = shifted(b, &stage0_v, &next_shift);
-                ctx.load_tile(b, &v, &kv_base, &kt, &at, true);
-                isa.commit(b);
-            });
-        } else if stages == 1 {
-            isa.wait_copies(b);
-            isa.barrier(b);
-            b.if_then(&more, |b| {
-                let entry = b.load(&sched_tiles, &following, I64, I64);
-                let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
-                ctx.load_tile(b, &k, &kv_base, &kt, &stage0_k, wg);
-                isa.commit(b);
-            });
-        }
-
-        if wg {
-            // O += P V on the warpgroup, P from registers; waited for with the next tile's
-            // scores (or after the loop). V is read N-major where it was copied: core
-            // matrices of 8 keys by 8 head dims, 128 bytes apart along the head dims and
-            // `D / 8` core matrices apart along the keys; or first transposed into core
-            // matrices of 8 head dims by 8 keys (K-major).
-            let vt = !v_core;
-            if vt {
-                transpose_v(b, &ctx, (&warp, &lrow, &lmat, &g, &two_c), &v_at);
-                isa.fence_proxy_async(b);
-                isa.barrier(b);
-            }
+        };
+        let issue_pv = |b: &mut Builder, p: &[Val], v_at: &Val, o: &[Val]| -> Vec<Val> {
+            // V read N-major: core matrices of 8 keys by 8 head dims, 128 bytes apart along
+            // the head dims and `D / 8` core matrices apart along the keys.
             isa.wgmma_fence(b);
-            for (j, a) in p_frags[0].iter().enumerate() {
-                let vd = if vt {
-                    ctx.descriptor(b, tiles.vt_offset() + j * 256, 128, bk / 8 * 128)
-                } else {
-                    let along_keys = d / 8 * 128;
-                    let slice = b.i64((2 * j * along_keys) as i64);
-                    let at = b.addi(&v_at, &slice);
-                    ctx.descriptor_at(b, &at, along_keys, 128)
-                };
-                o = isa.wgmma(b, half, WgmmaA::Registers(a), &vd, vt, &o);
+            let along_keys = d / 8 * 128;
+            let mut o = o.to_vec();
+            for (j, a) in p.chunks(4).enumerate() {
+                let slice = b.i64((2 * j * along_keys) as i64);
+                let at = b.addi(v_at, &slice);
+                let vd = ctx.descriptor_at(b, &at, along_keys, 128);
+                o = isa.wgmma(b, half, WgmmaA::Registers(a), &vd, false, &o);
             }
             isa.wgmma_commit(b);
-            o.extend(maxima);
-            o.extend(sums);
-            return o;
-        }
-
-        // O += P V: V fragments by ldmatrix.trans, two 8-column output tiles at a time,
-        // each for every row block.
-        for j in 0..bk / 16 {
-            let key = b.i64((j * 16) as i64);
-            let key = b.addi(&key, &frag_row);
-            for np in 0..d / 16 {
-                let col = b.i64((np * 16) as i64);
-                let col = b.addi(&col, &frag_col);
-                let at = ctx.shared_at(b, &key, &col, &v_at);
-                let r = isa.ldmatrix(b, &at, 4, true);
-                for (m, a) in p_frags.iter().enumerate() {
-                    for (half_tile, bf) in [[&r[0], &r[1]], [&r[2], &r[3]]].into_iter().enumerate()
-                    {
-                        let at = m * n_o + (2 * np + half_tile) * 4;
-                        let acc = isa.mma(b, half, &a[j], bf, &o[at..at + 4]);
-                        o.splice(at..at + 4, acc);
+            o
+        };
+        let rescale = |b: &mut Builder, o: &[Val], alphas: &[Val]| -> Vec<Val> {
+            let mut o = o.to_vec();
+            for (r, alpha) in alphas.iter().enumerate() {
+                for n in 0..d / 8 {
+                    for lane in 0..2 {
+                        let at = n * 4 + 2 * r + lane;
+                        o[at] = b.bin("mulf", &o[at], alpha, F32);
                     }
                 }
             }
-        }
-        o.extend(maxima);
-        o.extend(sums);
-        o
-    });
+            o
+        };
+        let scores = |acc: &[Val]| -> Vec<Vec<Vec<Val>>> {
+            vec![acc.chunks(4).map(<[Val]>::to_vec).collect()]
+        };
+        let step_values = |step: SoftmaxStep| -> Vec<Val> {
+            let mut out: Vec<Val> = step.p_frags[0].iter().flatten().cloned().collect();
+            out.extend(step.alphas);
+            out.extend(step.maxima);
+            out.extend(step.sums);
+            out
+        };
+        let words = bk / 4;
+        // P's words, then per row the factor that rescales O before P V, the maximum, the
+        // sum.
+        let mut types: Vec<String> = vec!["i32".into(); words];
+        types.extend(vec![F32.to_string(); 3 * n_rows]);
+        let first = b.if_else(
+            &any,
+            &types,
+            |b| {
+                // Q and the first K tile; then the second K tile and the first V tile.
+                let from_f32 = (io == AttentionIo::Plan).then_some(half);
+                ctx.load_rows(b, &q, &q_base, (&qt, bq), &c0, from_f32, true);
+                let kt = tile_at(b, &start);
+                ctx.load_tile(b, &k, &kv_base, &kt, &stage0_k, true);
+                isa.commit(b);
+                let second = b.addi(&start, &c1);
+                let two = b.cmpi("slt", &second, &end, I64);
+                b.if_then(&two, |b| {
+                    let kt = tile_at(b, &second);
+                    let at = buffer_at(b, &stage0_k, &c1);
+                    ctx.load_tile(b, &k, &kv_base, &kt, &at, true);
+                });
+                ctx.load_tile(b, &v, &kv_base, &kt, &stage0_v, true);
+                isa.commit(b);
+                isa.wait_copies_but(b, 1);
+                publish(b);
+                let acc = issue_scores(b, &stage0_k);
+                let acc = isa.wgmma_wait(b, 0, &acc);
+                let (k0, needs_mask) = tile_info(b, &start);
+                let mut state = vec![neg_inf.clone(); n_rows];
+                state.extend(vec![zero.clone(); n_rows]);
+                step_values(softmax_step(b, &k0, &needs_mask, &scores(&acc), &state))
+            },
+            |b| {
+                let none = b.op("arith.constant 0 : i32");
+                let mut out = vec![none; words];
+                out.extend(vec![zero.clone(); n_rows]);
+                out.extend(vec![neg_inf.clone(); n_rows]);
+                out.extend(vec![zero.clone(); n_rows]);
+                out
+            },
+        );
+        let mut carried: Vec<(Val, String)> =
+            (0..n_o).map(|_| (zero.clone(), F32.to_string())).collect();
+        carried.extend(first.iter().cloned().zip(types.iter().cloned()));
+        let last = b.subi(&end, &c1);
+        let looped = b.for_range(&start, &last, &c1, &carried, |b, i, acc| {
+            let (o, rest) = acc.split_at(n_o);
+            let (p, rest) = rest.split_at(words);
+            let (alphas, state) = rest.split_at(n_rows);
+            isa.wait_copies(b);
+            publish(b);
+            let index = b.subi(i, &start);
+            let this = b.remi(&index, &c2);
+            let other = b.subi(&c1, &this);
+            let next = b.addi(i, &c1);
+            let after = b.addi(i, &c2);
+            let later = b.cmpi("slt", &after, &end, I64);
+            b.if_then(&later, |b| {
+                let kt = tile_at(b, &after);
+                let at = buffer_at(b, &stage0_k, &this);
+                ctx.load_tile(b, &k, &kv_base, &kt, &at, true);
+            });
+            let kt = tile_at(b, &next);
+            let at = buffer_at(b, &stage0_v, &other);
+            ctx.load_tile(b, &v, &kv_base, &kt, &at, true);
+            isa.commit(b);
+            let k_at = buffer_at(b, &stage0_k, &other);
+            let acc = issue_scores(b, &k_at);
+            let o = rescale(b, o, alphas);
+            let v_at = buffer_at(b, &stage0_v, &this);
+            let o = issue_pv(b, p, &v_at, &o);
+            let acc = isa.wgmma_wait(b, 1, &acc);
+            let (k0, needs_mask) = tile_info(b, &next);
+            let step = softmax_step(b, &k0, &needs_mask, &scores(&acc), state);
+            // The product's accumulators, and its A registers, kept until it is done.
+            let (mut out, _) = isa.wgmma_wait_keeping(b, 0, &o, p);
+            out.extend(step_values(step));
+            out
+        });
+        let (o, rest) = looped.split_at(n_o);
+        let (p, rest) = rest.split_at(words);
+        let (alphas, state) = rest.split_at(n_rows);
+        let mut out = b.if_else(
+            &any,
+            &vec![F32.to_string(); n_o],
+            |b| {
+                isa.wait_copies(b);
+                publish(b);
+                let index = b.subi(&last, &start);
+                let this = b.remi(&index, &c2);
+                let o = rescale(b, o, alphas);
+                let v_at = buffer_at(b, &stage0_v, &this);
+                let o = issue_pv(b, p, &v_at, &o);
+                isa.wgmma_wait_keeping(b, 0, &o, p).0
+            },
+            |_| o.to_vec(),
+        );
+        out.extend(state.iter().cloned());
+        out
+    } else {
+        b.for_range(&start, &end, &c1, &carried, |b, i, acc| {
+            let (o_in, state) = acc.split_at(mb * n_o);
+            let entry = b.load(&sched_tiles, i, I64, I64);
+            let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
+            let partial = b.bin("andi", &entry, &c1, I64);
+            let partial = b.cmpi("ne", &partial, &c0, I64);
+            let cbk = b.i64(bk as i64);
+            let k0 = b.muli(&kt, &cbk);
+            let k_end = b.addi(&k0, &cbk);
+            let tail = b.cmpi("sgt", &k_end, &t, I64);
+            let needs_mask = b.bin("ori", &partial, &tail, "i1");
+            isa.wait_copies(b);
+            if wg {
+                isa.fence_proxy_async(b);
+            }
+            isa.barrier(b);
+            let following = b.addi(i, &c1);
+            let more = b.cmpi("slt", &following, &end, I64);
+            // This tile's stage, and the copies of the next.
+            let (k_at, v_at) = if stages == 2 {
+                let index = b.subi(i, &start);
+                let stage = b.remi(&index, &c2);
+                let stride = b.i64((2 * tiles.kv_tile_bytes()) as i64);
+                let shift = b.muli(&stage, &stride);
+                let k_at = b.addi(&stage0_k, &shift);
+                let v_at = b.addi(&stage0_v, &shift);
+                let other = b.subi(&stride, &shift);
+                b.if_then(&more, |b| {
+                    let entry = b.load(&sched_tiles, &following, I64, I64);
+                    let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
+                    let next_k = b.addi(&stage0_k, &other);
+                    let next_v = b.addi(&stage0_v, &other);
+                    ctx.load_tile(b, &k, &kv_base, &kt, &next_k, false);
+                    ctx.load_tile(b, &v, &kv_base, &kt, &next_v, false);
+                    isa.commit(b);
+                });
+                (k_at, v_at)
+            } else {
+                ctx.load_tile(b, &v, &kv_base, &kt, &stage0_v, false);
+                isa.commit(b);
+                (stage0_k.clone(), stage0_v.clone())
+            };
+
+            let mut o: Vec<Val> = o_in.to_vec();
+            let s = if wg {
+                // S = Q K^T on the warpgroup, 16 columns of Q at a time; its wait also finishes
+                // the previous tile's `O += P V`, so that O may be rescaled.
+                let mut acc = issue_scores(b, &k_at);
+                acc.extend(o.iter().cloned());
+                let done = isa.wgmma_wait(b, 0, &acc);
+                o = done[bk / 2..].to_vec();
+                vec![done[..bk / 2].chunks(4).map(<[Val]>::to_vec).collect()]
+            } else {
+                sync_scores(
+                    b,
+                    &ctx,
+                    half,
+                    (&warp_first, &frag_row, &frag_col),
+                    (&lrow, &lmat),
+                    &k_at,
+                )
+            };
+
+            let step = softmax_step(b, &k0, &needs_mask, &s, state);
+            for (row_index, alpha) in step.alphas.iter().enumerate() {
+                let (m, r) = (row_index / 2, row_index % 2);
+                for n in 0..d / 8 {
+                    for lane in 0..2 {
+                        let at = m * n_o + n * 4 + 2 * r + lane;
+                        o[at] = b.bin("mulf", &o[at], alpha, F32);
+                    }
+                }
+            }
+            let (p_frags, maxima, sums) = (step.p_frags, step.maxima, step.sums);
+
+            if stages == 1 {
+                isa.wait_copies(b);
+                isa.barrier(b);
+                b.if_then(&more, |b| {
+                    let entry = b.load(&sched_tiles, &following, I64, I64);
+                    let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
+                    ctx.load_tile(b, &k, &kv_base, &kt, &stage0_k, wg);
+                    isa.commit(b);
+                });
+            }
+
+            if wg {
+                // V transposed into core matrices of 8 head dims by 8 keys (K-major), then O +=
+                // P V on the warpgroup, P from registers; waited for with the next tile's scores
+                // (or after the loop).
+                transpose_v(b, &ctx, (&warp, &lrow, &lmat, &g, &two_c), &v_at);
+                isa.fence_proxy_async(b);
+                isa.barrier(b);
+                isa.wgmma_fence(b);
+                for (j, a) in p_frags[0].iter().enumerate() {
+                    let vd = ctx.descriptor(b, tiles.vt_offset() + j * 256, 128, bk / 8 * 128);
+                    o = isa.wgmma(b, half, WgmmaA::Registers(a), &vd, true, &o);
+                }
+                isa.wgmma_commit(b);
+                o.extend(maxima);
+                o.extend(sums);
+                return o;
+            }
+
+            // O += P V: V fragments by ldmatrix.trans, two 8-column output tiles at a time,
+            // each for every row block.
+            for j in 0..bk / 16 {
+                let key = b.i64((j * 16) as i64);
+                let key = b.addi(&key, &frag_row);
+                for np in 0..d / 16 {
+                    let col = b.i64((np * 16) as i64);
+                    let col = b.addi(&col, &frag_col);
+                    let at = ctx.shared_at(b, &key, &col, &v_at);
+                    let r = isa.ldmatrix(b, &at, 4, true);
+                    for (m, a) in p_frags.iter().enumerate() {
+                        for (half_tile, bf) in
+                            [[&r[0], &r[1]], [&r[2], &r[3]]].into_iter().enumerate()
+                        {
+                            let at = m * n_o + (2 * np + half_tile) * 4;
+                            let acc = isa.mma(b, half, &a[j], bf, &o[at..at + 4]);
+                            o.splice(at..at + 4, acc);
+                        }
+                    }
+                }
+            }
+            o.extend(maxima);
+            o.extend(sums);
+            o
+        })
+    };
 
     // The row sums across the four threads of a row, then O / l (zeros for a row that saw
     // no key), stored as 16-bit pairs.
     let (o, state) = finals.split_at(mb * n_o);
     let waited;
-    let o = if wg {
+    // (The pipelined loop waited for its last product already.)
+    let o = if wg && !v_core {
         waited = isa.wgmma_wait(b, 0, o);
         &waited[..]
     } else {

@@ -428,19 +428,37 @@ impl Lowering {
     /// back `acc` (accumulators of finished batches) as readable values: they pass through
     /// the wait, so that no read of them is moved before it.
     pub fn wgmma_wait(self, b: &mut Builder, pending: u32, acc: &[Val]) -> Vec<Val> {
+        self.wgmma_wait_keeping(b, pending, acc, &[]).0
+    }
+
+    /// The same, also passing `words` (i32: A registers of the finished products) through
+    /// the wait, so that nothing overwrites them before it.
+    pub fn wgmma_wait_keeping(
+        self,
+        b: &mut Builder,
+        pending: u32,
+        acc: &[Val],
+        words: &[Val],
+    ) -> (Vec<Val>, Vec<Val>) {
         match self {
             Lowering::Ptx => {
                 let text = format!("wgmma.wait_group.sync.aligned {pending};");
-                let m = acc.len();
+                let (m, w) = (acc.len(), words.len());
                 let mut constraints: Vec<String> = vec!["=f".to_string(); m];
-                constraints.extend((0..m).map(|i| i.to_string()));
-                let args: Vec<(&Val, &str)> = acc.iter().map(|v| (v, F32)).collect();
-                asm(b, &text, &constraints.join(","), &args, &vec![F32; m], true)
+                constraints.extend(vec!["=r".to_string(); w]);
+                constraints.extend((0..m + w).map(|i| i.to_string()));
+                let mut args: Vec<(&Val, &str)> = acc.iter().map(|v| (v, F32)).collect();
+                args.extend(words.iter().map(|v| (v, "i32")));
+                let mut types = vec![F32; m];
+                types.extend(vec!["i32"; w]);
+                let mut out = asm(b, &text, &constraints.join(","), &args, &types, true);
+                let kept = out.split_off(m);
+                (out, kept)
             }
             Lowering::Emulated => {
                 let n = const_i32(b, i64::from(pending));
                 call(b, "zebra_emu_wgmma_wait", &[(&n, "i32")], None);
-                acc.to_vec()
+                (acc.to_vec(), words.to_vec())
             }
         }
     }
