@@ -74,6 +74,17 @@ pub fn lower(spec: &ModelSpec) -> Graph {
     graph
 }
 
+/// zebra_tiny, optimized.
+pub fn tiny_graph() -> Graph {
+    let (_, checked) = check_ok(&root().join("examples/zebra_tiny.zb"));
+    zebra_passes::optimize(
+        &lower(&checked.program.models[0]),
+        &zebra_passes::Options::default(),
+    )
+    .unwrap()
+    .graph
+}
+
 /// Random token ids (and side inputs: a few documents per row) for a model.
 pub fn random_inputs(
     spec: &ModelSpec,

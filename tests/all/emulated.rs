@@ -9,7 +9,7 @@ use zebra_ir::op::AttentionKernel;
 use zebra_passes::{Options, optimize};
 use zebra_runtime::attention_check::AttentionCase;
 
-use crate::common::{check_ok, lower, relative, root};
+use crate::common::{check_ok, lower, relative, root, tiny_graph};
 
 /// Runs one attention kernel in the emulator on random inputs; returns the output and the
 /// case it ran on.
@@ -114,10 +114,7 @@ fn every_attention_in_the_emulator(sm: u32, settings: MmaSettings) {
 /// catches a kernel that computes another attention.
 #[test]
 fn tensor_core_variants_in_the_emulator() {
-    let (_, checked) = check_ok(&root().join("examples/zebra_tiny.zb"));
-    let graph = optimize(&lower(&checked.program.models[0]), &Options::default())
-        .unwrap()
-        .graph;
+    let graph = tiny_graph();
     let kernels = mma_attentions(&graph, GpuTarget { sm: 90 }).unwrap();
     assert_eq!(kernels.len(), 2);
     let with_dim = |kernel: &AttentionKernel, d: u64| -> (AttentionKernel, MmaTiles) {
@@ -202,10 +199,7 @@ fn tensor_core_variants_in_the_emulator() {
 /// bf16 and f16, at T = 1, inside one tile and past several, with GQA.
 #[test]
 fn wgmma_variants_in_the_emulator() {
-    let (_, checked) = check_ok(&root().join("examples/zebra_tiny.zb"));
-    let graph = optimize(&lower(&checked.program.models[0]), &Options::default())
-        .unwrap()
-        .graph;
+    let graph = tiny_graph();
     let kernels = mma_attentions(&graph, GpuTarget { sm: 90 }).unwrap();
     // (head dim, keys and queries per tile, type, (batch, T))
     type Case = (u64, (Option<usize>, Option<usize>), Half, (usize, usize));
@@ -263,10 +257,7 @@ fn the_emulator_finds_a_missing_wgmma_fence_or_wait() {
     use zebra_codegen::kernels::attention_mma::{AttentionIo, attention_mma};
     use zebra_codegen::kernels::warp::Lowering;
 
-    let (_, checked) = check_ok(&root().join("examples/zebra_tiny.zb"));
-    let graph = optimize(&lower(&checked.program.models[0]), &Options::default())
-        .unwrap()
-        .graph;
+    let graph = tiny_graph();
     let (kernel, tiles) = mma_attentions(&graph, GpuTarget { sm: 90 })
         .unwrap()
         .remove(0);

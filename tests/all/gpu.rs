@@ -13,7 +13,7 @@ use zebra_passes::{Options, optimize};
 use zebra_runtime::cuda::{CudaModel, driver_present};
 use zebra_runtime::{CpuModel, Tensor};
 
-use crate::common::{check_ok, lower, programs, relative, root, shrink};
+use crate::common::{check_ok, lower, programs, relative, root, shrink, tiny_graph};
 
 /// The most local memory a thread may have on sm_80 and sm_90.
 const MAX_LOCAL_BYTES: usize = 512 * 1024;
@@ -226,14 +226,6 @@ fn zebra_tiny_on_the_gpu_matches_the_cpu() {
     let a = gpu.run(&inputs).unwrap()["logits"].mapv(f64::from);
     let b = cpu.run(&inputs).unwrap()["logits"].mapv(f64::from);
     crate::common::assert_close(&a, &b, 1e-4, "zebra_tiny on the GPU");
-}
-
-/// zebra_tiny, optimized.
-fn tiny_graph() -> zebra_ir::Graph {
-    let (_, checked) = check_ok(&root().join("examples/zebra_tiny.zb"));
-    optimize(&lower(&checked.program.models[0]), &Options::default())
-        .unwrap()
-        .graph
 }
 
 /// Every attention of every example compiles to tensor-core kernels for sm_80 and sm_90:

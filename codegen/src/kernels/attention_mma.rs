@@ -587,6 +587,20 @@ pub fn attention_mma(
         let entry = b.load(&sched_tiles, index, I64, I64);
         b.op(format!("arith.shrsi {entry}, {c1} : i64"))
     };
+    // Entry `index` of the schedule: its key tile, the tile's first key, and whether the
+    // tile needs its mask (a partial tile, or past the end of the sequence).
+    let tile_info = |b: &mut Builder, index: &Val| -> (Val, Val, Val) {
+        let entry = b.load(&sched_tiles, index, I64, I64);
+        let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
+        let partial = b.bin("andi", &entry, &c1, I64);
+        let partial = b.cmpi("ne", &partial, &c0, I64);
+        let cbk = b.i64(bk as i64);
+        let k0 = b.muli(&kt, &cbk);
+        let k_end = b.addi(&k0, &cbk);
+        let tail = b.cmpi("sgt", &k_end, &t, I64);
+        let needs_mask = b.bin("ori", &partial, &tail, "i1");
+        (kt, k0, needs_mask)
+    };
     // Buffer `n` (an i64 value) of the tiles at byte `base`.
     let buffer_at = |b: &mut Builder, base: &Val, n: &Val| -> Val {
         let size = b.i64((bk * d * 2) as i64);
@@ -806,17 +820,6 @@ pub fn attention_mma(
         // Nothing is in flight from one step to the next (ptxas would serialize every
         // product if an accumulator in flight were copied). The first tile's scores and
         // softmax come before the loop, the last tile's product after it.
-        let tile_info = |b: &mut Builder, index: &Val| -> (Val, Val) {
-            let entry = b.load(&sched_tiles, index, I64, I64);
-            let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
-            let partial = b.bin("andi", &entry, &c1, I64);
-            let partial = b.cmpi("ne", &partial, &c0, I64);
-            let cbk = b.i64(bk as i64);
-            let k0 = b.muli(&kt, &cbk);
-            let k_end = b.addi(&k0, &cbk);
-            let tail = b.cmpi("sgt", &k_end, &t, I64);
-            (k0, b.bin("ori", &partial, &tail, "i1"))
-        };
         let publish = |b: &mut Builder| {
             isa.fence_proxy_async(b);
             isa.barrier(b);
@@ -886,7 +889,7 @@ pub fn attention_mma(
                 publish(b);
                 let acc = issue_scores(b, &stage0_k);
                 let acc = isa.wgmma_wait(b, 0, &acc);
-                let (k0, needs_mask) = tile_info(b, &start);
+                let (_, k0, needs_mask) = tile_info(b, &start);
                 let mut state = vec![neg_inf.clone(); n_rows];
                 state.extend(vec![zero.clone(); n_rows]);
                 step_values(softmax_step(b, &k0, &needs_mask, &scores(&acc), &state))
@@ -931,7 +934,7 @@ pub fn attention_mma(
             let v_at = buffer_at(b, &stage0_v, &this);
             let o = issue_pv(b, p, &v_at, &o);
             let acc = isa.wgmma_wait(b, 1, &acc);
-            let (k0, needs_mask) = tile_info(b, &next);
+            let (_, k0, needs_mask) = tile_info(b, &next);
             let step = softmax_step(b, &k0, &needs_mask, &scores(&acc), state);
             // The product's accumulators, and its A registers, kept until it is done.
             let (mut out, _) = isa.wgmma_wait_keeping(b, 0, &o, p);
@@ -961,15 +964,7 @@ pub fn attention_mma(
     } else {
         b.for_range(&start, &end, &c1, &carried, |b, i, acc| {
             let (o_in, state) = acc.split_at(mb * n_o);
-            let entry = b.load(&sched_tiles, i, I64, I64);
-            let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
-            let partial = b.bin("andi", &entry, &c1, I64);
-            let partial = b.cmpi("ne", &partial, &c0, I64);
-            let cbk = b.i64(bk as i64);
-            let k0 = b.muli(&kt, &cbk);
-            let k_end = b.addi(&k0, &cbk);
-            let tail = b.cmpi("sgt", &k_end, &t, I64);
-            let needs_mask = b.bin("ori", &partial, &tail, "i1");
+            let (kt, k0, needs_mask) = tile_info(b, i);
             isa.wait_copies(b);
             if wg {
                 isa.fence_proxy_async(b);
@@ -987,8 +982,7 @@ pub fn attention_mma(
                 let v_at = b.addi(&stage0_v, &shift);
                 let other = b.subi(&stride, &shift);
                 b.if_then(&more, |b| {
-                    let entry = b.load(&sched_tiles, &following, I64, I64);
-                    let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
+                    let kt = tile_at(b, &following);
                     let next_k = b.addi(&stage0_k, &other);
                     let next_v = b.addi(&stage0_v, &other);
                     ctx.load_tile(b, &k, &kv_base, &kt, &next_k, false);
@@ -1038,8 +1032,7 @@ pub fn attention_mma(
                 isa.wait_copies(b);
                 isa.barrier(b);
                 b.if_then(&more, |b| {
-                    let entry = b.load(&sched_tiles, &following, I64, I64);
-                    let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
+                    let kt = tile_at(b, &following);
                     ctx.load_tile(b, &k, &kv_base, &kt, &stage0_k, wg);
                     isa.commit(b);
                 });
