@@ -397,6 +397,10 @@ extern "C" fn emu_exp2(x: f32) -> f32 {
     if y.is_subnormal() { 0.0 } else { y }
 }
 
+extern "C" fn emu_log2(x: f32) -> f32 {
+    x.log2()
+}
+
 extern "C" fn emu_shfl_xor(x: f32, mask: u32) -> f32 {
     with_lane(|lane, block| {
         let all = exchange(lane, block, [x.to_bits(), 0, 0, 0, 0, 0, 0, 0]);
@@ -469,6 +473,17 @@ extern "C" fn emu_st_shared32(address: u32, word: u32) {
             unsafe { at.cast::<u32>().write_unaligned(word) };
         }
     });
+}
+
+extern "C" fn emu_ld_shared32(address: u32) -> u32 {
+    with_lane(|lane, block| {
+        let Some(at) = block.at(lane, "ld.shared.b32", address, 4, 4) else {
+            return 0;
+        };
+        block.check_read(lane.thread(), "ld.shared.b32", address, 4);
+        // SAFETY: `at` has 4 bytes in bounds.
+        unsafe { at.cast::<u32>().read_unaligned() }
+    })
 }
 
 extern "C" fn emu_fence_proxy_async() {
@@ -665,7 +680,7 @@ extern "C" fn emu_wgmma_wait(pending: u32) {
 
 /// The emulator's functions: the name the kernels call, the MLIR argument and result types
 /// they declare, and the `extern "C"` function of those types.
-fn functions() -> [(&'static str, &'static str, &'static str, *mut ()); 20] {
+fn functions() -> [(&'static str, &'static str, &'static str, *mut ()); 22] {
     let mma = "i32, i32, i32, i32, i32, i32, f32, f32, f32, f32";
     [
         ("zebra_emu_mma_bf16", mma, "", emu_mma_bf16 as *mut ()),
@@ -690,6 +705,13 @@ fn functions() -> [(&'static str, &'static str, &'static str, *mut ()); 20] {
             emu_pack_f16 as *mut (),
         ),
         ("zebra_emu_exp2", "f32", "f32", emu_exp2 as *mut ()),
+        ("zebra_emu_log2", "f32", "f32", emu_log2 as *mut ()),
+        (
+            "zebra_emu_ld_shared32",
+            "i32",
+            "i32",
+            emu_ld_shared32 as *mut (),
+        ),
         (
             "zebra_emu_shfl_xor",
             "f32, i32",

@@ -568,7 +568,7 @@ fn models_on_tensor_cores(
 ) {
     use zebra_codegen::artifact::{BuildOptions, build_with_vector};
     use zebra_codegen::emulate::EmulatedKernel;
-    use zebra_codegen::kernels::attention_mma::THREADS;
+    use zebra_codegen::kernels::attention_mma_grad::GradKernel;
     use zebra_codegen::kernels::tensor_core::{TensorCoreKernel, retile, select};
     use zebra_codegen::kernels::warp::Lowering;
     use zebra_runtime::CpuModel;
@@ -590,7 +590,8 @@ fn models_on_tensor_cores(
         let name = format!("kernel{i}");
         let function = kernel.function(&name, Half::Bf16, Lowering::Emulated);
         let compiled =
-            EmulatedKernel::compile(&function, &name, THREADS, kernel.shared_bytes()).unwrap();
+            EmulatedKernel::compile(&function, &name, kernel.threads(), kernel.shared_bytes())
+                .unwrap();
         let grid = kernel.grid();
         emulated.substitute(
             i,
@@ -603,7 +604,13 @@ fn models_on_tensor_cores(
         kinds.push(match kernel {
             TensorCoreKernel::Projection(_) => "projection",
             TensorCoreKernel::PackHalf { .. } => "pack",
-            TensorCoreKernel::Attention { .. } => "attention",
+            TensorCoreKernel::Attention { lse: false, .. } => "attention",
+            TensorCoreKernel::Attention { lse: true, .. } => "attention_lse",
+            TensorCoreKernel::AttentionGrad {
+                which: GradKernel::Dq,
+                ..
+            } => "attention_dq",
+            TensorCoreKernel::AttentionGrad { .. } => "attention_dkv",
             TensorCoreKernel::MatMul(_) => "matmul",
         });
     }
@@ -680,8 +687,35 @@ fn zebra_tiny_on_tensor_cores_in_the_emulator() {
 #[test]
 fn zebra_tiny_training_step_on_tensor_cores_in_the_emulator() {
     let kinds = on_tensor_cores_in_the_emulator(&root().join("examples/zebra_tiny.zb"), 70, true);
-    assert!(kinds.contains(&"matmul"), "{kinds:?}");
-    assert!(kinds.contains(&"projection"), "{kinds:?}");
+    for kind in [
+        "matmul",
+        "projection",
+        "pack",
+        "attention_lse",
+        "attention_dq",
+        "attention_dkv",
+    ] {
+        assert!(
+            kinds.contains(&kind),
+            "no {kind} on tensor cores: {kinds:?}"
+        );
+    }
+}
+
+/// The training step of attentions that the backward must get right beyond zebra_tiny's
+/// windows, with its forward and backward attention on tensor cores: a score modifier's
+/// derivative (soft-capping), a per-head bias (ALiBi, GQA: the `dK`/`dV` kernel walks every
+/// head of its KV head's group), and a side input with a schedule per batch row (document
+/// masking), at a length past one query tile.
+#[test]
+fn attention_backward_on_tensor_cores_in_the_emulator() {
+    for name in ["softcap", "alibi", "document"] {
+        let path = root().join(format!("examples/attention/{name}.zb"));
+        let kinds = on_tensor_cores_in_the_emulator(&path, 150, true);
+        for kind in ["attention_lse", "attention_dq", "attention_dkv"] {
+            assert!(kinds.contains(&kind), "{name}: no {kind}: {kinds:?}");
+        }
+    }
 }
 
 /// Document masking reads a side input: the tensor-core attention reads the document ids

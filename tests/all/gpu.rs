@@ -518,8 +518,8 @@ fn assemble(ptxas: &std::path::Path, ptx: &std::path::Path, sm: &str) -> Vec<(St
 /// tensor cores in bf16 and f16, training, generation), of the benchmark model in bf16, and
 /// the tensor-core attention kernels of every example assemble for sm_80 and sm_90 (and
 /// their `wgmma` versions for sm_90a, which ptxas does not serialize); the
-/// tensor-core kernels fit the registers (at most 128 bytes spilled, as the attention kernel
-/// with head dim 128 does a little).
+/// tensor-core kernels fit the registers (at most 128 bytes spilled, as the attention kernels
+/// with head dim 128, forward and backward, do a little).
 #[test]
 fn gpu_kernels_assemble_with_ptxas() {
     use zebra_codegen::kernels::attention_mma::{MmaSettings, Product};
@@ -535,6 +535,9 @@ fn gpu_kernels_assemble_with_ptxas() {
     let bench = optimize(&lower(&checked.program.models[0]), &Options::default())
         .unwrap()
         .graph;
+    // Its training step: the attention's backward on tensor cores at head dim 128.
+    let bench_train = zebra_passes::autodiff::training_graph(&bench).unwrap();
+    let bench_train = optimize(&bench_train, &Options::default()).unwrap().graph;
     let (mut checked_entries, mut most_registers) = (0, 0);
     for sm in ["sm_80", "sm_90"] {
         let target = GpuTarget::from_name(sm).unwrap();
@@ -546,6 +549,12 @@ fn gpu_kernels_assemble_with_ptxas() {
             ("train", &train, PlanMode::Forward, Some(Half::Bf16)),
             ("decode", &tiny, PlanMode::Decode, Some(Half::Bf16)),
             ("bench", &bench, PlanMode::Forward, Some(Half::Bf16)),
+            (
+                "bench-train",
+                &bench_train,
+                PlanMode::Forward,
+                Some(Half::Bf16),
+            ),
         ] {
             let dir = out.path().join(format!("{name}-{sm}"));
             let options = BuildOptions {

@@ -273,8 +273,16 @@ pub enum AttentionIo {
     Half,
     /// As a model's plan has them: `q` in f32 (rounded while it is copied to shared
     /// memory), 16-bit `k` and `v` (converted by [`super::pack_half`]), and the output in
-    /// f32, `[B, T, heads * D]` when the kernel merges heads, else `[B, heads, T, D]`.
-    Plan,
+    /// f32, `[B, T, heads * D]` when the kernel merges heads, else `[B, heads, T, D]`; with
+    /// `lse`, also each row's log-sum-exp of its scores (natural log, `-inf` for a row that
+    /// sees no key), `[B, heads, T]`, the last buffer, for the training step's backward.
+    Plan { lse: bool },
+}
+
+impl AttentionIo {
+    fn is_plan(self) -> bool {
+        matches!(self, AttentionIo::Plan { .. })
+    }
 }
 
 /// What the softmax of one key tile gives: per row block and 16 keys the P fragment (four
@@ -287,13 +295,13 @@ struct SoftmaxStep {
 }
 
 /// The generator's view of one kernel being built.
-struct Ctx {
-    isa: Lowering,
-    tiles: MmaTiles,
-    tid: Val,
-    lane: Val,
-    t: Val,
-    smem: Val,
+pub(super) struct Ctx {
+    pub(super) isa: Lowering,
+    pub(super) tiles: MmaTiles,
+    pub(super) tid: Val,
+    pub(super) lane: Val,
+    pub(super) t: Val,
+    pub(super) smem: Val,
 }
 
 impl Ctx {
@@ -396,7 +404,7 @@ impl Ctx {
     }
 
     /// Copies key tile `kt` into shared memory at `offset` (in core matrices with `core`).
-    fn load_tile(
+    pub(super) fn load_tile(
         &self,
         b: &mut Builder,
         src: &Val,
@@ -437,7 +445,7 @@ impl Ctx {
     }
 
     /// The shared-memory address (i32) of element (`row`, `col`) of the tile at `offset`.
-    fn shared_at(&self, b: &mut Builder, row: &Val, col: &Val, offset: &Val) -> Val {
+    pub(super) fn shared_at(&self, b: &mut Builder, row: &Val, col: &Val, offset: &Val) -> Val {
         let c2 = b.i64(2);
         let col_bytes = b.muli(col, &c2);
         shared_address(b, &self.smem, row, &col_bytes, self.tiles.row() * 2, offset)
@@ -445,7 +453,7 @@ impl Ctx {
 
     /// The lane's row and column within the 8x8 matrix group of an `ldmatrix`: lanes 8m..8m+8
     /// give the rows of matrix `m`.
-    fn lane_split(&self, b: &mut Builder) -> (Val, Val) {
+    pub(super) fn lane_split(&self, b: &mut Builder) -> (Val, Val) {
         let c8 = b.i64(8);
         (b.remi(&self.lane, &c8), b.divi(&self.lane, &c8))
     }
@@ -611,7 +619,7 @@ pub fn attention_mma(
     // pipelined `wgmma` loop makes its own).
     if !v_core {
         b.if_then(&any, |b| {
-            let from_f32 = (io == AttentionIo::Plan).then_some(half);
+            let from_f32 = io.is_plan().then_some(half);
             ctx.load_rows(b, &q, &q_base, (&qt, bq), &c0, from_f32, wg);
             let kt = tile_at(b, &start);
             ctx.load_tile(b, &k, &kv_base, &kt, &stage0_k, wg);
@@ -871,7 +879,7 @@ pub fn attention_mma(
             &types,
             |b| {
                 // Q and the first K tile; then the second K tile and the first V tile.
-                let from_f32 = (io == AttentionIo::Plan).then_some(half);
+                let from_f32 = io.is_plan().then_some(half);
                 ctx.load_rows(b, &q, &q_base, (&qt, bq), &c0, from_f32, true);
                 let kt = tile_at(b, &start);
                 ctx.load_tile(b, &k, &kv_base, &kt, &stage0_k, true);
@@ -1012,7 +1020,8 @@ pub fn attention_mma(
                     half,
                     (&warp_first, &frag_row, &frag_col),
                     (&lrow, &lmat),
-                    &k_at,
+                    &c0,
+                    (&k_at, bk),
                 )
             };
 
@@ -1106,8 +1115,25 @@ pub fn attention_mma(
             let inv = b.bin("divf", &one, &l, F32);
             let inverse = b.select(&seen, &inv, &zero, F32);
             let inside = b.cmpi("slt", row, &t, I64);
+            if io == (AttentionIo::Plan { lse: true }) {
+                // The row's log-sum-exp: the maximum and the sum are in base 2.
+                let m_row = &state[2 * m + r];
+                let log_l = isa.log2(b, &l);
+                let lse2 = b.bin("addf", m_row, &log_l, F32);
+                let ln2 = b.f32(std::f32::consts::LN_2);
+                let lse = b.bin("mulf", &lse2, &ln2, F32);
+                let lse = b.select(&seen, &lse, &neg_inf, F32);
+                let first = b.cmpi("eq", &c, &c0, I64);
+                let writes = b.bin("andi", &inside, &first, "i1");
+                b.if_then(&writes, |b| {
+                    let p = b.ptr_at(&bufs, 6 + kernel.sides.len());
+                    let at = b.muli(&q_head, &t);
+                    let at = b.addi(&at, row);
+                    b.store(&lse, &p, &at, F32, F32);
+                });
+            }
             b.if_then(&inside, |b| {
-                let at = if io == AttentionIo::Plan && kernel.merge_heads {
+                let at = if io.is_plan() && kernel.merge_heads {
                     // [B, T, heads * D]
                     let at = b.muli(&batch, &t);
                     let at = b.addi(&at, row);
@@ -1129,7 +1155,7 @@ pub fn attention_mma(
                             let packed = isa.pack(b, half, &x0, &x1);
                             b.store(&packed, &out, &at, "i16", "i32");
                         }
-                        AttentionIo::Plan => {
+                        AttentionIo::Plan { .. } => {
                             b.store(&x0, &out, &at, F32, F32);
                             let c1 = b.i64(1);
                             let next = b.addi(&at, &c1);
@@ -1145,19 +1171,23 @@ pub fn attention_mma(
 
 /// `S = Q K^T` of one key tile on `mma.sync`, 16 columns of Q at a time (two at once where
 /// the head dim allows): the A fragments of every row block, then per 8 keys one K fragment
-/// for all of them. Returns the scores of key tile `n` of row block `m` as `s[m][n]`.
-fn sync_scores(
+/// for all of them. Q is the tile at byte `q_at` (this warp's rows from `warp_first`), K the
+/// `keys` rows at byte `k_at`, both in padded rows. Returns the scores of key tile `n` of row
+/// block `m` as `s[m][n]`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn sync_scores(
     b: &mut Builder,
     ctx: &Ctx,
     half: Half,
     (warp_first, frag_row, frag_col): (&Val, &Val, &Val),
     (lrow, lmat): (&Val, &Val),
-    k_at: &Val,
+    q_at: &Val,
+    (k_at, keys): (&Val, usize),
 ) -> Vec<Vec<Vec<Val>>> {
-    let (d, bk, mb) = (ctx.tiles.head_dim, ctx.tiles.block_k, ctx.tiles.row_blocks);
+    let (d, bk, mb) = (ctx.tiles.head_dim, keys, ctx.tiles.row_blocks);
     let isa = ctx.isa;
     let zero = b.f32(0.0);
-    let (c0, c2, c8) = (b.i64(0), b.i64(2), b.i64(8));
+    let (c2, c8) = (b.i64(2), b.i64(8));
     let mut s: Vec<Vec<Vec<Val>>> = vec![vec![vec![zero.clone(); 4]; bk / 8]; mb];
     let mut kk = 0;
     while kk < d / 16 {
@@ -1172,7 +1202,7 @@ fn sync_scores(
                         let r = b.addi(&r, frag_row);
                         let col = b.i64((step * 16) as i64);
                         let col = b.addi(&col, frag_col);
-                        let at = ctx.shared_at(b, &r, &col, &c0);
+                        let at = ctx.shared_at(b, &r, &col, q_at);
                         isa.ldmatrix(b, &at, 4, false)
                     })
                     .collect()

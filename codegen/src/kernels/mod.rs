@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod attention_grad;
 pub mod attention_mma;
+pub mod attention_mma_grad;
 pub mod block;
 pub mod decode;
 pub mod elementwise;

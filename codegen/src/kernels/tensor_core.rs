@@ -4,11 +4,12 @@
 //! - the projections ([`ProjectionMma`]) and the products of activations of the training
 //!   step's backward ([`matmul_mma`]);
 //! - the fused attention ([`attention_mma`] reading the plan's f32 queries and writing its
-//!   f32 output), where the tensor-core kernel takes the head dim and the attention needs no
-//!   log-sum-exp (the training step's forward keeps the f32 kernel, whose output the backward
-//!   reads);
-//! - `pack_kv` before such an attention, replaced by [`pack_half`]: keys and values rounded
-//!   to 16 bits, `[B, KV, T, D]`, in the workspaces the attention reads.
+//!   f32 output, and in a training step its log-sum-exp), where the tensor-core kernel takes
+//!   the head dim, and its backward ([`attention_mma_grad`]: `dQ`, and `dK` with `dV`) where
+//!   the tensor-core backward does (head dims up to 128);
+//! - `pack_kv` before such attentions, replaced by [`pack_half`]: keys and values rounded
+//!   to 16 bits, `[B, KV, T, D]`, in the workspaces the attentions read (the backward's
+//!   second `pack_kv`, values then keys, gives the values and the keys again).
 //!
 //! The plan itself is unchanged: the same steps, buffers and schedules, so that every kernel
 //! still has its portable f32 version, and a kernel runs on tensor cores only where every
@@ -20,6 +21,7 @@ use zebra_runtime::plan::{Operand, Step, TensorCoreGrid};
 
 use super::KernelSpec;
 use super::attention_mma::{AttentionIo, Half, MmaTiles, THREADS, attention_mma};
+use super::attention_mma_grad::{GradKernel, GradTiles, attention_mma_grad};
 use super::block::{block_function, load8, pack8};
 use super::matmul::MatMulShape;
 use super::matmul_mma::matmul_mma;
@@ -43,6 +45,13 @@ pub enum TensorCoreKernel {
     Attention {
         kernel: AttentionKernel,
         tiles: MmaTiles,
+        /// Also writes the log-sum-exp (a training step's forward).
+        lse: bool,
+    },
+    AttentionGrad {
+        kernel: AttentionKernel,
+        tiles: GradTiles,
+        which: GradKernel,
     },
     MatMul(MatMulShape),
 }
@@ -55,9 +64,19 @@ impl TensorCoreKernel {
             TensorCoreKernel::PackHalf { kv_heads, head_dim } => {
                 pack_half(name, *kv_heads, *head_dim, half, isa)
             }
-            TensorCoreKernel::Attention { kernel, tiles } => {
-                attention_mma(name, kernel, half, *tiles, isa, AttentionIo::Plan)
-            }
+            TensorCoreKernel::Attention { kernel, tiles, lse } => attention_mma(
+                name,
+                kernel,
+                half,
+                *tiles,
+                isa,
+                AttentionIo::Plan { lse: *lse },
+            ),
+            TensorCoreKernel::AttentionGrad {
+                kernel,
+                tiles,
+                which,
+            } => attention_mma_grad(name, kernel, half, *tiles, *which, isa),
             TensorCoreKernel::MatMul(shape) => matmul_mma(name, shape, half, isa),
         }
     }
@@ -72,9 +91,26 @@ impl TensorCoreKernel {
                 rows: PACK_ROWS,
                 columns: 1,
             },
-            TensorCoreKernel::Attention { kernel, tiles } => TensorCoreGrid::Attention {
+            TensorCoreKernel::Attention { kernel, tiles, .. } => TensorCoreGrid::Attention {
                 block_q: tiles.block_q,
                 heads: kernel.heads as usize,
+            },
+            TensorCoreKernel::AttentionGrad {
+                kernel,
+                tiles,
+                which: GradKernel::Dq,
+            } => TensorCoreGrid::Attention {
+                block_q: tiles.block_q,
+                heads: kernel.heads as usize,
+            },
+            // Key tiles, per batch row and KV head.
+            TensorCoreKernel::AttentionGrad {
+                kernel,
+                tiles,
+                which: GradKernel::Dkv,
+            } => TensorCoreGrid::Attention {
+                block_q: tiles.block_k,
+                heads: kernel.kv_heads as usize,
             },
             TensorCoreKernel::MatMul(shape) => TensorCoreGrid::MatMul {
                 batch: shape
@@ -93,6 +129,7 @@ impl TensorCoreKernel {
     pub fn threads(&self) -> usize {
         match self {
             TensorCoreKernel::Attention { tiles, .. } => tiles.threads(),
+            TensorCoreKernel::AttentionGrad { tiles, which, .. } => tiles.threads(*which),
             _ => THREADS,
         }
     }
@@ -102,6 +139,7 @@ impl TensorCoreKernel {
             TensorCoreKernel::Projection(p) => p.shared_bytes(),
             TensorCoreKernel::PackHalf { .. } => 0,
             TensorCoreKernel::Attention { tiles, .. } => tiles.shared_bytes(),
+            TensorCoreKernel::AttentionGrad { tiles, which, .. } => tiles.layout(*which).bytes,
             TensorCoreKernel::MatMul(shape) => super::matmul_mma::shared_bytes(shape),
         }
     }
@@ -111,6 +149,9 @@ impl TensorCoreKernel {
         match self {
             TensorCoreKernel::Attention { tiles, .. } => {
                 super::attention_mma::entry_ir(name, tiles)
+            }
+            TensorCoreKernel::AttentionGrad { tiles, which, .. } => {
+                super::attention_mma_grad::entry_ir(name, tiles, *which)
             }
             _ => super::projection_mma::entry_ir(name),
         }
@@ -147,28 +188,58 @@ pub fn select(planned: &Planned, sm: u32) -> Vec<(usize, TensorCoreKernel)> {
             Step::Schedule { .. } => None,
         })
         .collect();
-    // Attentions whose kernel the tensor cores can run, with their tiles.
-    let mut attention: Vec<(usize, AttentionKernel, MmaTiles)> = planned
+    // Attentions (forward and backward) whose kernels the tensor cores can run.
+    let mut attention: Vec<(usize, TensorCoreKernel)> = planned
         .kernels
         .iter()
         .enumerate()
         .filter_map(|(i, spec)| {
-            let KernelSpec::Attention { kernel, lse: false } = spec else {
-                return None;
+            let kernel = match spec {
+                KernelSpec::Attention { kernel, lse } => {
+                    let tiles = MmaTiles::for_head_dim(kernel.head_dim as usize, sm)?;
+                    let fits = tiles.block_q as u64 == kernel.block_q
+                        && kernel.block_k.is_multiple_of(16)
+                        && (16..=128).contains(&kernel.block_k);
+                    let tiles = MmaTiles {
+                        block_k: kernel.block_k as usize,
+                        ..tiles
+                    };
+                    fits.then(|| TensorCoreKernel::Attention {
+                        kernel: kernel.clone(),
+                        tiles,
+                        lse: *lse,
+                    })?
+                }
+                KernelSpec::AttentionDq { kernel } | KernelSpec::AttentionDkv { kernel } => {
+                    let which = match spec {
+                        KernelSpec::AttentionDq { .. } => GradKernel::Dq,
+                        _ => GradKernel::Dkv,
+                    };
+                    TensorCoreKernel::AttentionGrad {
+                        kernel: kernel.clone(),
+                        tiles: GradTiles::of(kernel, sm)?,
+                        which,
+                    }
+                }
+                _ => return None,
             };
-            let tiles = MmaTiles::for_head_dim(kernel.head_dim as usize, sm)?;
-            let fits = tiles.block_q as u64 == kernel.block_q
-                && kernel.block_k.is_multiple_of(16)
-                && (16..=128).contains(&kernel.block_k);
-            fits.then(|| {
-                let tiles = MmaTiles {
-                    block_k: kernel.block_k as usize,
-                    ..tiles
-                };
-                (i, kernel.clone(), tiles)
-            })
+            Some((i, kernel))
         })
         .collect();
+    // Where an attention kernel reads keys and values (the backward's `dQ` reads the keys
+    // twice), and its KV heads.
+    let reads_kv = |kernel: &TensorCoreKernel| -> (&'static [usize], usize) {
+        match kernel {
+            TensorCoreKernel::Attention { kernel, .. } => (&[1, 2], kernel.kv_heads as usize),
+            TensorCoreKernel::AttentionGrad {
+                kernel,
+                which: GradKernel::Dq,
+                ..
+            } => (&[1, 2, 3], kernel.kv_heads as usize),
+            TensorCoreKernel::AttentionGrad { kernel, .. } => (&[1, 2], kernel.kv_heads as usize),
+            _ => (&[], 0),
+        }
+    };
     // pack_kv kernels whose every output is read by those attentions alone (as their keys
     // and values), and the attentions whose keys and values all come from such kernels: to
     // a fixed point, as dropping one may drop the other.
@@ -182,12 +253,15 @@ pub fn select(planned: &Planned, sm: u32) -> Vec<(usize, TensorCoreKernel)> {
             let mut kv_heads = None;
             let mut ok = true;
             for (_, ops) in steps.iter().filter(|(k, _)| *k == i) {
-                for (position, written) in [(1, ops[2]), (2, ops[3])] {
+                for written in [ops[2], ops[3]] {
                     for (reader, rops) in &steps {
                         for (at, _) in rops.iter().enumerate().filter(|(_, o)| **o == written) {
-                            match attention.iter().find(|(a, _, _)| a == reader) {
-                                Some((_, kernel, _)) if at == position => {
-                                    let kv = kernel.kv_heads as usize;
+                            let read = attention
+                                .iter()
+                                .find(|(a, _)| a == reader)
+                                .map(|(_, kernel)| reads_kv(kernel));
+                            match read {
+                                Some((positions, kv)) if positions.contains(&at) => {
                                     ok &= kv_heads.replace(kv).is_none_or(|k| k == kv);
                                 }
                                 _ if *reader == i => {}
@@ -202,7 +276,7 @@ pub fn select(planned: &Planned, sm: u32) -> Vec<(usize, TensorCoreKernel)> {
             }
         }
         let before = attention.len();
-        attention.retain(|(a, _, _)| {
+        attention.retain(|(a, _)| {
             steps.iter().filter(|(k, _)| k == a).all(|(_, ops)| {
                 [ops[1], ops[2]].iter().all(|read| {
                     steps.iter().any(|(writer, wops)| {
@@ -222,14 +296,8 @@ pub fn select(planned: &Planned, sm: u32) -> Vec<(usize, TensorCoreKernel)> {
             out.push((i, TensorCoreKernel::Projection(p)));
         } else if let KernelSpec::MatMul(shape) = spec {
             out.push((i, TensorCoreKernel::MatMul(shape.clone())));
-        } else if let Some((_, kernel, tiles)) = attention.iter().find(|(a, _, _)| *a == i) {
-            out.push((
-                i,
-                TensorCoreKernel::Attention {
-                    kernel: kernel.clone(),
-                    tiles: *tiles,
-                },
-            ));
+        } else if let Some((_, kernel)) = attention.iter().find(|(a, _)| *a == i) {
+            out.push((i, kernel.clone()));
         } else if let Some((_, kv_heads, head_dim)) = packs.iter().find(|(p, _, _)| *p == i) {
             out.push((
                 i,

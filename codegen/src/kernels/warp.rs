@@ -203,6 +203,22 @@ impl Lowering {
         }
     }
 
+    /// `log2(x)`, approximate (`-inf` for 0).
+    pub fn log2(self, b: &mut Builder, x: &Val) -> Val {
+        match self {
+            Lowering::Ptx => asm(
+                b,
+                "lg2.approx.ftz.f32 $0, $1;",
+                "=f,f",
+                &[(x, F32)],
+                &[F32],
+                false,
+            )
+            .remove(0),
+            Lowering::Emulated => call(b, "zebra_emu_log2", &[(x, F32)], Some(F32)).unwrap(),
+        }
+    }
+
     /// The value of `x` in the thread whose lane differs from this one's in bit `mask`.
     pub fn shuffle_xor(self, b: &mut Builder, x: &Val, mask: u32) -> Val {
         match self {
@@ -285,6 +301,24 @@ impl Lowering {
             }
             Lowering::Emulated => {
                 call(b, "zebra_emu_st_shared32", &args, None);
+            }
+        }
+    }
+
+    /// Loads one 32-bit word from shared address `address` (aligned to 4).
+    pub fn load_shared32(self, b: &mut Builder, address: &Val) -> Val {
+        match self {
+            Lowering::Ptx => asm(
+                b,
+                "ld.shared.b32 $0, [$1];",
+                "=r,r",
+                &[(address, "i32")],
+                &["i32"],
+                true,
+            )
+            .remove(0),
+            Lowering::Emulated => {
+                call(b, "zebra_emu_ld_shared32", &[(address, "i32")], Some("i32")).unwrap()
             }
         }
     }
