@@ -6,7 +6,8 @@
 # checks, and the benchmark beside PyTorch). One JSON line per check; fails if any fails.
 # The same examples compiled with --dtype bf16 (projections and attention on tensor cores,
 # operands rounded to bf16, f32 accumulation) are compared with a bf16 tolerance: 2e-2 of the
-# largest logit. Then the forward benchmark of a 492M-parameter model, f32 against bf16.
+# largest logit. Then the forward benchmark of a 492M-parameter model, f32 against bf16, and
+# its training step in bf16.
 # Usage: scripts/gpu-check.sh DIR [TOLERANCE]   (relative to the largest logit; default 1e-4)
 set -uo pipefail
 dir=${1:?usage: gpu-check.sh DIR [TOLERANCE]}
@@ -126,6 +127,15 @@ if [ -d "$dir/model" ]; then
         fi
     done
     compare "model benchmark, bf16 against f32" "$dir/model/bf16-logits.npy" "$dir/model/f32-logits.npy" "$bf16_tolerance"
+fi
+# The training benchmark: three bf16 steps of the same model at T = 2048 (the recall task,
+# random weights): one JSON line per step with its tokens per second.
+if [ -d "$dir/model/train-bf16" ]; then
+    if ! timeout 300 "$run" train "$dir/model/train-bf16" --device cuda --random-weights 1 \
+        --steps 3 --seq-len 2048 --batch 1 --out "$dir/model/trained.safetensors"; then
+        gpu_failed "training benchmark, bf16"
+    fi
+    rm -f "$dir/model/trained.safetensors"
 fi
 # The tensor-core attention kernels: checks, then the benchmark beside PyTorch.
 if [ -d "$dir/attention" ]; then

@@ -83,6 +83,8 @@ echo "prepared generation"
 mkdir -p "$out/model"
 $zebra compile bench/gpu_model.zb --emit artifact --target "$sm" --max-seq-len 4096 -o "$out/model/f32" >/dev/null
 $zebra compile bench/gpu_model.zb --emit artifact --target "$sm" --dtype bf16 --max-seq-len 4096 -o "$out/model/bf16" >/dev/null
+# Its training step in bf16 (projections, attention and its backward on tensor cores).
+$zebra compile bench/gpu_model.zb --emit artifact --for train --target "$sm" --dtype bf16 --max-seq-len 2048 -o "$out/model/train-bf16" >/dev/null
 python3 - "$out/model/tokens.npy" <<'PY'
 import struct, sys
 # [1, 4096] int64 tokens, as .npy (no numpy needed).

@@ -117,8 +117,12 @@ enum Command {
     /// trained weights are written to --out.
     Train {
         artifact: PathBuf,
-        #[arg(long)]
-        weights: PathBuf,
+        #[arg(long, required_unless_present = "random_weights")]
+        weights: Option<PathBuf>,
+        /// Deterministic random weights of the plan's shapes instead of --weights, for
+        /// benchmarks of large models.
+        #[arg(long, conflicts_with = "weights")]
+        random_weights: Option<u64>,
         /// A text file or folder; without it, the built-in recall task.
         #[arg(long)]
         data: Option<PathBuf>,
@@ -204,6 +208,18 @@ fn executor(
 
 fn load_weights(path: &Path) -> Result<Weights> {
     Weights::load(path).with_context(|| format!("cannot load the weights {}", path.display()))
+}
+
+/// The weights from `--weights FILE`, or `--random-weights SEED` of the artifact's shapes.
+fn weights_of(path: Option<&Path>, seed: Option<u64>, artifact: &Path) -> Result<Weights> {
+    match (path, seed) {
+        (Some(path), _) => load_weights(path),
+        (None, Some(seed)) => Ok(zebra_runtime::artifact::random_weights(
+            &Artifact::load(artifact)?.plan,
+            seed,
+        )),
+        (None, None) => bail!("give the weights: --weights FILE or --random-weights SEED"),
+    }
 }
 
 fn info(dir: &Path, out: &mut dyn Write) -> Result<()> {
@@ -302,13 +318,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
             repeat,
             json,
         } => {
-            let weights = match (weights, random_weights) {
-                (Some(path), _) => load_weights(&path)?,
-                (None, Some(seed)) => {
-                    zebra_runtime::artifact::random_weights(&Artifact::load(&artifact)?.plan, seed)
-                }
-                (None, None) => bail!("give the weights: --weights FILE or --random-weights SEED"),
-            };
+            let weights = weights_of(weights.as_deref(), random_weights, &artifact)?;
             let tokens = read_tokens(&tokens)?;
             let shape = tokens.shape().to_vec();
             let mut inputs = BTreeMap::new();
@@ -492,6 +502,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Train {
             artifact,
             weights,
+            random_weights,
             data,
             pairs,
             steps,
@@ -514,7 +525,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
                 None => Box::new(Recall::new(pairs, seed)),
             };
             let first = source.next_batch(batch, seq_len)?;
-            let weights = load_weights(&weights)?;
+            let weights = weights_of(weights.as_deref(), random_weights, &artifact)?;
             let config = AdamWConfig {
                 lr,
                 total_steps: steps,

@@ -1142,6 +1142,27 @@ fn the_runtime_only_binary_runs_compiled_artifacts() {
     ])
     .unwrap_err();
     assert!(error.contains("above the 128"), "{error}");
+    // Training steps of a model too large to carry weights for: random ones; without
+    // either, the weights are asked for.
+    let log = run_tool(&[
+        "train",
+        &train,
+        "--random-weights",
+        "1",
+        "--steps",
+        "1",
+        "--seq-len",
+        "32",
+        "--batch",
+        "1",
+        "--out",
+        &trained,
+    ])
+    .unwrap();
+    let step: serde_json::Value = serde_json::from_str(log.trim()).unwrap();
+    assert!(step["loss"].as_f64().unwrap().is_finite(), "{log}");
+    let error = run_tool(&["train", &train, "--steps", "1", "--out", &trained]).unwrap_err();
+    assert!(error.contains("--weights"), "{error}");
 }
 
 #[test]
