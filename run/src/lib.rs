@@ -234,6 +234,32 @@ fn info(dir: &Path, out: &mut dyn Write) -> Result<()> {
         writeln!(out, "  model      {}", plan.name)?;
         writeln!(out, "  target     {}", plan.target)?;
         writeln!(out, "  kernels    {}", plan.kernels.len())?;
+        let on_tensor_cores: Vec<&zebra_runtime::plan::KernelInfo> = plan
+            .kernels
+            .iter()
+            .filter(|k| k.tensor_cores.is_some())
+            .collect();
+        if let Some(first) = on_tensor_cores.first() {
+            // Kinds of kernels, from their symbols (`zebra_attention_dq_<hash>`).
+            let mut kinds: Vec<&str> = Vec::new();
+            for kernel in &on_tensor_cores {
+                let symbol = kernel
+                    .symbol
+                    .strip_prefix("zebra_")
+                    .unwrap_or(&kernel.symbol);
+                let kind = symbol.rsplit_once('_').map_or(symbol, |(kind, _)| kind);
+                if !kinds.contains(&kind) {
+                    kinds.push(kind);
+                }
+            }
+            let dtype = first.tensor_cores.as_ref().map_or("", |t| t.dtype.as_str());
+            writeln!(
+                out,
+                "  tensor     {} kernels on tensor cores ({dtype}): {}",
+                on_tensor_cores.len(),
+                kinds.join(", ")
+            )?;
+        }
         writeln!(out, "  max T      {}", plan.max_seq_len)?;
         let inputs: Vec<&str> = plan.inputs.iter().map(|i| i.name.as_str()).collect();
         writeln!(out, "  inputs     {}", inputs.join(", "))?;

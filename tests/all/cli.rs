@@ -1194,6 +1194,24 @@ fn compile_emits_ptx_for_nvidia_targets() {
         "{}",
         out.stderr
     );
+    // A bf16 training step: `zebra-run info` says which kernels run on tensor cores, the
+    // attention's backward among them.
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = path(dir.path(), "train");
+    let out = zebra(&[
+        "compile", &zb, "--target", "sm_90", "--dtype", "bf16", "--for", "train", "--emit",
+        "artifact", "-o", &artifact,
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    let info = zebra_run(&["info", &artifact]).unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.trim_start().starts_with("tensor"))
+        .unwrap_or_else(|| panic!("{info}"));
+    for kind in ["attention_dq", "attention_dkv", "linear", "gemm"] {
+        assert!(line.contains(kind), "{line}");
+    }
+    assert!(line.contains("(bf16)"), "{line}");
 }
 
 /// `zebra compile --for attention` writes tensor-core kernels (PTX, MLIR, an artifact that
