@@ -624,10 +624,21 @@ fn on_tensor_cores_in_the_emulator(
     seq: usize,
     train: bool,
 ) -> Vec<&'static str> {
-    use zebra_codegen::plan::PlanMode;
-
     let (_, checked) = check_ok(path);
     let spec = checked.program.models[0].clone();
+    model_on_tensor_cores_in_the_emulator(&spec, &relative(path), seq, train)
+}
+
+/// As [`on_tensor_cores_in_the_emulator`], for a model (`label` names it in failures).
+fn model_on_tensor_cores_in_the_emulator(
+    spec: &zebra_frontend::ModelSpec,
+    label: &str,
+    seq: usize,
+    train: bool,
+) -> Vec<&'static str> {
+    use zebra_codegen::plan::PlanMode;
+
+    let spec = spec.clone();
     let mut graph = optimize(&lower(&spec), &Options::default()).unwrap().graph;
     if train {
         let training = zebra_passes::autodiff::training_graph(&graph).unwrap();
@@ -651,7 +662,7 @@ fn on_tensor_cores_in_the_emulator(
     for (name, expected) in &b {
         let got = a[name].mapv(f64::from);
         let expected = expected.mapv(f64::from);
-        let what = format!("{} on tensor cores (bf16): {name}", relative(path));
+        let what = format!("{label} on tensor cores (bf16): {name}");
         // A gradient through bf16 products is as close as the products are.
         crate::common::assert_close(&got, &expected, if train { 5e-2 } else { 2e-2 }, &what);
         differ |= got
@@ -659,11 +670,7 @@ fn on_tensor_cores_in_the_emulator(
             .zip(expected.iter())
             .any(|(x, y)| (x - y).abs() > 1e-6 * y.abs().max(1.0));
     }
-    assert!(
-        differ,
-        "{}: the emulated kernels did not run",
-        relative(path)
-    );
+    assert!(differ, "{label}: the emulated kernels did not run");
     kinds
 }
 
@@ -715,6 +722,25 @@ fn attention_backward_on_tensor_cores_in_the_emulator() {
         for kind in ["attention_lse", "attention_dq", "attention_dkv"] {
             assert!(kinds.contains(&kind), "{name}: no {kind}: {kinds:?}");
         }
+    }
+}
+
+/// Head dim 256 (Gemma 2's soft-capped local and global layers, shrunk but for the head
+/// dim): the backward's dK/dV kernel splits the head dims between two warps per 16 keys.
+#[test]
+fn attention_backward_at_head_dim_256_on_tensor_cores_in_the_emulator() {
+    let (_, checked) = check_ok(&root().join("examples/models/gemma2.zb"));
+    let mut spec = checked.program.models[0].clone();
+    spec.vocab = 48;
+    spec.dim = 32;
+    spec.n_heads = 2;
+    spec.n_kv_heads = 1;
+    spec.ffn_hidden = 32;
+    spec.layers.truncate(2);
+    assert_eq!(spec.head_dim, 256);
+    let kinds = model_on_tensor_cores_in_the_emulator(&spec, "gemma2 (head dim 256)", 90, true);
+    for kind in ["attention_lse", "attention_dq", "attention_dkv"] {
+        assert!(kinds.contains(&kind), "no {kind}: {kinds:?}");
     }
 }
 

@@ -535,9 +535,16 @@ fn gpu_kernels_assemble_with_ptxas() {
     let bench = optimize(&lower(&checked.program.models[0]), &Options::default())
         .unwrap()
         .graph;
-    // Its training step: the attention's backward on tensor cores at head dim 128.
+    // Its training step: the attention's backward on tensor cores at head dim 128; and
+    // Gemma 2's, at head dim 256.
     let bench_train = zebra_passes::autodiff::training_graph(&bench).unwrap();
     let bench_train = optimize(&bench_train, &Options::default()).unwrap().graph;
+    let (_, checked) = check_ok(&root().join("examples/models/gemma2.zb"));
+    let gemma = optimize(&lower(&checked.program.models[0]), &Options::default())
+        .unwrap()
+        .graph;
+    let gemma_train = zebra_passes::autodiff::training_graph(&gemma).unwrap();
+    let gemma_train = optimize(&gemma_train, &Options::default()).unwrap().graph;
     let (mut checked_entries, mut most_registers) = (0, 0);
     for sm in ["sm_80", "sm_90"] {
         let target = GpuTarget::from_name(sm).unwrap();
@@ -552,6 +559,12 @@ fn gpu_kernels_assemble_with_ptxas() {
             (
                 "bench-train",
                 &bench_train,
+                PlanMode::Forward,
+                Some(Half::Bf16),
+            ),
+            (
+                "gemma2-train",
+                &gemma_train,
                 PlanMode::Forward,
                 Some(Half::Bf16),
             ),

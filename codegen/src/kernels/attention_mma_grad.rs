@@ -13,7 +13,8 @@
 //!   `dP = dO V^T`, is repacked in registers as the A fragments of `dQ += dS K` (K by
 //!   `ldmatrix.trans`).
 //! - `dK` and `dV` ([`GradKernel::Dkv`]): a block per (key tile, batch row and KV head), a
-//!   warp per 16 keys. The K and V tiles are copied once; for every head of the KV head's
+//!   warp per 16 keys (beyond head dim 128, two: both compute the scores, each accumulates
+//!   half the head dims). The K and V tiles are copied once; for every head of the KV head's
 //!   group and every query tile of the schedule's column (the query tiles that visit this
 //!   key tile), the Q and dO tiles are copied and walked [`GradTiles::chunk`] queries at a
 //!   time: `S^T = K Q^T` and `dP^T = V dO^T`, then `dV += P^T dO` and `dK += dS^T Q`
@@ -32,9 +33,8 @@ use super::warp::Lowering;
 use crate::mlir::{Builder, F32, I64, Val};
 use crate::vexpr::{self, VecEnv};
 
-/// The largest head dimension of the tensor-core backward: beyond it the `dK` and `dV`
-/// accumulators of a warp's 16 keys take more registers than a thread has.
-pub const MAX_HEAD_DIM: usize = 128;
+/// The largest head dimension of the tensor-core backward.
+pub const MAX_HEAD_DIM: usize = 256;
 
 /// Which of the two backward kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -96,12 +96,13 @@ impl GradTiles {
 
     /// Queries per step of the `dK`/`dV` kernel's walk over a query tile: the scores and
     /// `dP` of a step are held beside the `dK` and `dV` accumulators (64 registers each at
-    /// head dim 128), so 32 queries beyond head dim 64, else 64.
+    /// head dim 128, and at 256 with the head dims split), so 64 queries up to head dim 64,
+    /// 32 up to 128, 16 beyond (ptxas: 152 bytes spilled at 32).
     pub fn chunk(&self) -> usize {
-        let wanted: &[usize] = if self.head_dim <= 64 {
-            &[64, 32, 16]
-        } else {
-            &[32, 16]
+        let wanted: &[usize] = match self.head_dim {
+            0..=64 => &[64, 32, 16],
+            65..=128 => &[32, 16],
+            _ => &[16],
         };
         wanted
             .iter()
@@ -110,12 +111,30 @@ impl GradTiles {
             .unwrap_or(16)
     }
 
-    /// Warps per block: one per 16 rows of the tile the block owns.
-    pub fn warps(&self, which: GradKernel) -> usize {
+    /// Parts of the head dims whose `dK` and `dV` one warp of the `dK`/`dV` kernel
+    /// accumulates: beyond head dim 128 the accumulators of all of them would take more
+    /// registers than a thread has, so two warps share 16 keys, each computing the scores
+    /// and taking half the head dims.
+    pub fn dim_parts(&self) -> usize {
+        if self.head_dim > 128 { 2 } else { 1 }
+    }
+
+    /// [`GradTiles::dim_parts`] for `dK`/`dV`, else 1.
+    fn parts(&self, which: GradKernel) -> usize {
         match which {
-            GradKernel::Dq => self.block_q / 16,
-            GradKernel::Dkv => self.block_k / 16,
+            GradKernel::Dq => 1,
+            GradKernel::Dkv => self.dim_parts(),
         }
+    }
+
+    /// Warps per block: one per 16 rows of the tile the block owns (times
+    /// [`GradTiles::dim_parts`] for `dK`/`dV`).
+    pub fn warps(&self, which: GradKernel) -> usize {
+        self.parts(which)
+            * match which {
+                GradKernel::Dq => self.block_q / 16,
+                GradKernel::Dkv => self.block_k / 16,
+            }
     }
 
     pub fn threads(&self, which: GradKernel) -> usize {
@@ -440,9 +459,10 @@ fn a_fragments(
         .collect()
 }
 
-/// `acc += A B` for a warp's 16 rows: A as [`a_fragments`] over `rows` rows of the padded
-/// tile at byte `b_at` (from row `first`), B those rows read transposed by `ldmatrix.trans`
-/// (all head dims); `acc` holds `D / 8` accumulator tiles of four.
+/// `acc += A B` for a warp's 16 rows: A as [`a_fragments`] over rows of the padded tile at
+/// byte `b_at` (from row `first`), B those rows read transposed by `ldmatrix.trans`, head
+/// dims `col0 + 16 np` for `np` below `pairs`; `acc` holds their accumulator tiles, four
+/// values per 8 head dims.
 #[allow(clippy::too_many_arguments)]
 fn accumulate(
     b: &mut Builder,
@@ -451,14 +471,15 @@ fn accumulate(
     (frag_row, frag_col): (&Val, &Val),
     a: &[Vec<Val>],
     (b_at, first): (&Val, usize),
+    (pairs, col0): (usize, &Val),
     acc: &mut [Val],
 ) {
-    let d = ctx.tiles.head_dim;
     for (j, fragment) in a.iter().enumerate() {
         let row = b.i64((first + j * 16) as i64);
         let row = b.addi(&row, frag_row);
-        for np in 0..d / 16 {
+        for np in 0..pairs {
             let col = b.i64((np * 16) as i64);
+            let col = b.addi(&col, col0);
             let col = b.addi(&col, frag_col);
             let at = ctx.shared_at(b, &row, &col, b_at);
             let r = ctx.isa.ldmatrix(b, &at, 4, true);
@@ -475,6 +496,9 @@ fn accumulate(
 struct Common {
     ctx: Ctx,
     warp_first: Val,
+    /// The part of the head dims the warp accumulates (0 but in a dK/dV kernel beyond head
+    /// dim 128).
+    part: Val,
     g: Val,
     two_c: Val,
     frag_row: Val,
@@ -503,7 +527,11 @@ fn common(
     let g = b.divi(&lane, &c4);
     let c = b.remi(&lane, &c4);
     let two_c = b.muli(&c, &c2);
-    let warp_first = b.muli(&warp, &c16);
+    // Beyond head dim 128 two warps of the dK/dV kernel share each 16 keys.
+    let row_warps = b.i64((tiles.warps(which) / tiles.parts(which)) as i64);
+    let part = b.divi(&warp, &row_warps);
+    let row_warp = b.remi(&warp, &row_warps);
+    let warp_first = b.muli(&row_warp, &c16);
     let ctx = Ctx {
         isa,
         tiles: tiles.mma_tiles(which),
@@ -527,6 +555,7 @@ fn common(
     Common {
         ctx,
         warp_first,
+        part,
         g,
         two_c,
         frag_row,
@@ -743,6 +772,7 @@ fn dq(name: &str, kernel: &AttentionKernel, half: Half, tiles: GradTiles, isa: L
             (&cm.frag_row, &cm.frag_col),
             &frags,
             (&k_at, 0),
+            (d / 16, &c0),
             &mut acc,
         );
         // Every warp is done with this K and V tile: the next K tile's copy.
@@ -826,8 +856,12 @@ fn dkv(
     let key0 = b.addi(&key0, &cm.g);
     let key1 = b.addi(&key0, &c8);
     let keys = [key0, key1];
+    // The head dims whose dK and dV this warp accumulates: `col0..col0 + dims`.
+    let dims_per_part = d / tiles.dim_parts();
+    let c_dims = b.i64(dims_per_part as i64);
+    let col0 = b.muli(&cm.part, &c_dims);
     let zero = b.f32(0.0);
-    let n_o = d / 8 * 4;
+    let n_o = dims_per_part / 8 * 4;
     let carried: Vec<(Val, String)> = (0..2 * n_o)
         .map(|_| (zero.clone(), F32.to_string()))
         .collect();
@@ -917,8 +951,27 @@ fn dkv(
                 let frag = (&cm.frag_row, &cm.frag_col);
                 let do_at = b.i64(layout.d_o as i64);
                 let q_at = b.i64(layout.q as i64);
-                accumulate(b, ctx, half, frag, &p_frags, (&do_at, first), &mut dv);
-                accumulate(b, ctx, half, frag, &ds_frags, (&q_at, first), &mut dk);
+                let columns = (dims_per_part / 16, &col0);
+                accumulate(
+                    b,
+                    ctx,
+                    half,
+                    frag,
+                    &p_frags,
+                    (&do_at, first),
+                    columns,
+                    &mut dv,
+                );
+                accumulate(
+                    b,
+                    ctx,
+                    half,
+                    frag,
+                    &ds_frags,
+                    (&q_at, first),
+                    columns,
+                    &mut dk,
+                );
             }
             dk.extend(dv);
             dk
@@ -930,9 +983,10 @@ fn dkv(
         b.if_then(&inside, |b| {
             let at = b.muli(key, &cd);
             let at = b.addi(&kv_base, &at);
+            let at = b.addi(&at, &col0);
             let at = b.addi(&at, &cm.two_c);
             for (acc, out) in [(dk, &dk_out), (dv, &dv_out)] {
-                for n in 0..d / 8 {
+                for n in 0..dims_per_part / 8 {
                     let off = b.i64((n * 8) as i64);
                     let at = b.addi(&at, &off);
                     b.store(&acc[n * 4 + 2 * r], out, &at, F32, F32);
@@ -959,31 +1013,41 @@ mod tests {
     #[test]
     fn layouts_fit_every_target() {
         for d in (16..=MAX_HEAD_DIM).step_by(16) {
+            // The forward's tiles, which the schedule has.
+            let forward = MmaTiles::for_head_dim(d, 80).unwrap();
             let tiles = GradTiles {
-                block_q: 128,
-                block_k: 64,
+                block_q: forward.block_q,
+                block_k: forward.block_k,
                 head_dim: d,
             };
             for which in [GradKernel::Dq, GradKernel::Dkv] {
                 let layout = tiles.layout(which);
                 assert!(layout.bytes <= MmaTiles::shared_limit(80), "{d} {which:?}");
-                // The tiles do not overlap and the statistics follow them.
-                let mut starts = [layout.q, layout.d_o, layout.k, layout.v];
-                starts.sort_unstable();
-                assert_eq!(starts[0], 0);
-                assert_eq!(layout.lse, 2 * 128 * (d + 8) * 2 + 2 * 64 * (d + 8) * 2);
-                assert!(layout.partials + 128 * d / 8 * 4 == layout.bytes);
+                let (q, k) = (tiles.block_q * (d + 8) * 2, tiles.block_k * (d + 8) * 2);
+                let mut tiles_at = [(layout.q, q), (layout.d_o, q), (layout.k, k), (layout.v, k)];
+                tiles_at.sort_unstable();
+                // The tiles follow each other without overlapping, then the statistics.
+                let mut next = 0;
+                for (at, bytes) in tiles_at {
+                    assert_eq!(at, next, "{d} {which:?}");
+                    next = at + bytes;
+                }
+                assert_eq!(layout.lse, next);
+                assert_eq!(layout.partials + tiles.block_q * d / 8 * 4, layout.bytes);
+                assert!(tiles.threads(which) <= 256);
             }
             assert!(tiles.block_q.is_multiple_of(tiles.chunk()));
+            // Beyond head dim 128 two warps share each 16 keys of dK/dV.
+            assert_eq!(
+                tiles.warps(GradKernel::Dkv),
+                tiles.block_k / 16 * if d > 128 { 2 } else { 1 }
+            );
         }
-        assert_eq!(
-            GradTiles {
-                block_q: 128,
-                block_k: 64,
-                head_dim: 128
-            }
-            .chunk(),
-            32
-        );
+        let at = |d| GradTiles {
+            block_q: 128,
+            block_k: 64,
+            head_dim: d,
+        };
+        assert_eq!((at(64).chunk(), at(128).chunk()), (64, 32));
     }
 }
