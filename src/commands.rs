@@ -608,6 +608,7 @@ pub struct RunArgs<'a> {
     pub output: &'a Path,
     pub sides: &'a [String],
     pub model: Option<&'a str>,
+    pub device: &'a crate::device::DeviceArgs,
 }
 
 /// Reads token ids as `[B, T]`; a 1-D array is one sequence.
@@ -633,6 +634,15 @@ fn read_tokens(path: &Path, what: &str) -> Result<ArrayD<i64>> {
 }
 
 pub fn run(args: &RunArgs) -> Result<()> {
+    let device = crate::device::Device::from_args(args.device, args.threads)?;
+    if args.interpret
+        && device
+            != (crate::device::Device::Cpu {
+                threads: args.threads,
+            })
+    {
+        bail!("--interpret runs the reference interpreter on the CPU: leave out --device cuda");
+    }
     let (_, checked) = load(args.file)?;
     let spec = model(&checked, args.model)?;
     let graph = lower(spec)?;
@@ -686,8 +696,21 @@ pub fn run(args: &RunArgs) -> Result<()> {
         )
     } else {
         let optimized = zebra_passes::optimize(&graph, &zebra_passes::Options::default())?.graph;
-        let dir = cached_artifact(&optimized, args.max_seq_len)?;
-        let mut model = zebra_runtime::CpuModel::load(&dir, &weights, args.threads)?;
+        let (mut model, how): (Box<dyn zebra_runtime::Executor>, String) = match device {
+            crate::device::Device::Cpu { .. } => {
+                let dir = cached_artifact(&optimized, args.max_seq_len)?;
+                let model = zebra_runtime::CpuModel::load(&dir, &weights, args.threads)?;
+                let how = format!("the compiled kernels ({} threads)", model.threads());
+                (Box::new(model), how)
+            }
+            crate::device::Device::Cuda { .. } => {
+                let mode = zebra_codegen::plan::PlanMode::Forward;
+                let dir = crate::infer::artifact(&optimized, args.max_seq_len, mode, &device)?;
+                let model = zebra_runtime::cuda::CudaModel::load(&dir, &weights)?;
+                let how = format!("the GPU's kernels ({}, {})", model.device, device.key());
+                (Box::new(model), how)
+            }
+        };
         let tensors: BTreeMap<String, zebra_runtime::Tensor> = inputs
             .iter()
             .map(|(name, value)| match value {
@@ -710,11 +733,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             .get("logits")
             .ok_or_else(|| anyhow!("internal error: the plan has no `logits` output"))?
             .mapv(f64::from);
-        (
-            logits,
-            format!("the compiled kernels ({} threads)", model.threads()),
-            seconds,
-        )
+        (logits, how, seconds)
     };
     let logits32: ArrayD<f32> = logits.mapv(|x| x as f32);
     npy::write(args.output, &logits32)?;

@@ -17,8 +17,9 @@ use zebra_runtime::checkpoint;
 use zebra_runtime::data::{Batch, Recall, Source, Text};
 use zebra_runtime::generate::{GenerationStats, Generator};
 use zebra_runtime::sample::{Sampler, Sampling};
-use zebra_runtime::{CpuModel, Tensor};
+use zebra_runtime::{Executor, Tensor};
 
+use crate::device::{Device, DeviceArgs};
 use crate::train::{graph_and_hash, spec_from_source};
 
 /// A model to use: its spec, weights, and where they came from.
@@ -81,12 +82,22 @@ pub fn load(source: &Path, model_file: Option<&Path>, model: Option<&str>) -> Re
     })
 }
 
-/// The artifact of an optimized graph for one plan mode, in the cache.
-fn artifact(graph: &Graph, max_seq_len: usize, mode: PlanMode) -> Result<PathBuf> {
+/// The artifact of an optimized graph for one plan mode and device, in the cache.
+pub fn artifact(
+    graph: &Graph,
+    max_seq_len: usize,
+    mode: PlanMode,
+    device: &Device,
+) -> Result<PathBuf> {
     let cache = zebra_codegen::artifact::Cache::default_location()
         .ok_or_else(|| anyhow!("no cache directory: set ZEBRA_CACHE_DIR or HOME"))?;
     let key = zebra_codegen::kernels::fnv1a(
-        format!("{}\n{max_seq_len}\n{mode:?}", zebra_ir::print_graph(graph)).as_bytes(),
+        format!(
+            "{}\n{max_seq_len}\n{mode:?}\n{}",
+            zebra_ir::print_graph(graph),
+            device.key()
+        )
+        .as_bytes(),
     );
     let dir = cache.dir.join("artifacts").join(format!("{key:016x}"));
     let options = zebra_codegen::artifact::BuildOptions {
@@ -94,8 +105,9 @@ fn artifact(graph: &Graph, max_seq_len: usize, mode: PlanMode) -> Result<PathBuf
         max_seq_len,
         cache: Some(cache),
     };
-    zebra_codegen::artifact::build(graph, &dir, &options)
-        .map_err(|e| anyhow!("cannot compile {} for generation: {e}", graph.name))?;
+    device
+        .build(graph, &dir, &options)
+        .map_err(|e| anyhow!("cannot compile {}: {e}", graph.name))?;
     Ok(dir)
 }
 
@@ -103,13 +115,13 @@ fn artifact(graph: &Graph, max_seq_len: usize, mode: PlanMode) -> Result<PathBuf
 pub fn generation_models(
     loaded: &Loaded,
     context: usize,
-    threads: usize,
-) -> Result<(CpuModel, CpuModel)> {
-    let prefill = artifact(&loaded.optimized, context, PlanMode::Prefill)?;
-    let decode = artifact(&loaded.optimized, context, PlanMode::Decode)?;
+    device: &Device,
+) -> Result<(Box<dyn Executor>, Box<dyn Executor>)> {
+    let prefill = artifact(&loaded.optimized, context, PlanMode::Prefill, device)?;
+    let decode = artifact(&loaded.optimized, context, PlanMode::Decode, device)?;
     Ok((
-        CpuModel::load(&prefill, &loaded.weights, threads)?,
-        CpuModel::load(&decode, &loaded.weights, threads)?,
+        device.load(&prefill, &loaded.weights)?,
+        device.load(&decode, &loaded.weights)?,
     ))
 }
 
@@ -129,6 +141,7 @@ pub struct GenerateArgs<'a> {
     pub seed: u64,
     pub stats: bool,
     pub threads: usize,
+    pub device: &'a DeviceArgs,
 }
 
 /// `zebra generate`.
@@ -148,6 +161,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
             prompt.len()
         );
     }
+    let device = Device::from_args(args.device, args.threads)?;
     let loaded = load(args.source, args.model_file, args.model)?;
     if loaded.spec.vocab < 256 {
         bail!(
@@ -157,9 +171,9 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         );
     }
     let compile_start = Instant::now();
-    let (prefill, decode) = generation_models(&loaded, context, args.threads)?;
+    let (prefill, decode) = generation_models(&loaded, context, &device)?;
     let compile = compile_start.elapsed();
-    let mut generator = Generator::from_parts(Box::new(prefill), Box::new(decode))?;
+    let mut generator = Generator::from_parts(prefill, decode)?;
     let min_prompt = generator.min_prompt();
     if prompt.len() < min_prompt {
         bail!(
@@ -255,6 +269,7 @@ pub struct EvalArgs<'a> {
     pub seed: u64,
     pub json: bool,
     pub threads: usize,
+    pub device: &'a DeviceArgs,
 }
 
 /// Cross-entropy of the scored targets of a batch, from `[B, T, V]` logits: summed loss,
@@ -292,7 +307,7 @@ fn score(logits: &ArrayD<f32>, batch: &Batch) -> (f64, usize, Vec<bool>) {
     (loss, count, right)
 }
 
-fn run_batch(model: &mut CpuModel, batch: &Batch) -> Result<ArrayD<f32>> {
+fn run_batch(model: &mut dyn Executor, batch: &Batch) -> Result<ArrayD<f32>> {
     let inputs = BTreeMap::from([(
         "tokens".to_string(),
         tokens_tensor(&batch.tokens, batch.batch),
@@ -319,7 +334,7 @@ pub struct RecallScore {
 
 /// Evaluates recall at `context` on `samples` sequences of a fixed held-out seed.
 pub fn recall_accuracy(
-    model: &mut CpuModel,
+    model: &mut dyn Executor,
     pairs: usize,
     context: usize,
     samples: usize,
@@ -369,6 +384,7 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     if args.sources.is_empty() {
         bail!("give at least one run directory or weights file");
     }
+    let device = Device::from_args(args.device, args.threads)?;
     let mut columns = Vec::new();
     for source in args.sources {
         let loaded = load(source, args.model_file, args.model)?;
@@ -378,8 +394,8 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
             args.contexts.to_vec()
         };
         let longest = *contexts.iter().max().expect("at least one context");
-        let dir = crate::commands::cached_artifact(&loaded.optimized, longest)?;
-        let mut model = CpuModel::load(&dir, &loaded.weights, args.threads)?;
+        let dir = artifact(&loaded.optimized, longest, PlanMode::Forward, &device)?;
+        let mut model = device.load(&dir, &loaded.weights)?;
         let name = loaded.spec.name.clone();
         let trained = if source.is_dir() {
             checkpoint::meta(source).ok().map(|m| (m.elapsed, m.tokens))
@@ -394,7 +410,7 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
                     let batches = text.windows(args.batch, t, args.samples)?;
                     let (mut loss, mut count) = (0.0, 0);
                     for b in &batches {
-                        let logits = run_batch(&mut model, b)?;
+                        let logits = run_batch(model.as_mut(), b)?;
                         let (l, c, _) = score(&logits, b);
                         loss += l;
                         count += c;
@@ -411,7 +427,7 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
                         .or(loaded.recall_pairs)
                         .unwrap_or(Recall::DEFAULT_PAIRS);
                     Outcome::Recall(recall_accuracy(
-                        &mut model,
+                        model.as_mut(),
                         pairs,
                         t,
                         args.samples,

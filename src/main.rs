@@ -2,6 +2,7 @@
 
 mod bench;
 mod commands;
+mod device;
 mod infer;
 mod train;
 
@@ -166,6 +167,8 @@ enum Command {
         /// The longest sequence the compiled artifact will run.
         #[arg(long, default_value_t = DEFAULT_MAX_SEQ_LEN)]
         max_seq_len: usize,
+        #[command(flatten)]
+        device: device::DeviceArgs,
     },
     /// Time the compiled kernels against naive baselines; one JSON object per benchmark with
     /// --json. Benchmarks: attention-local, attention-global, forward-zebra,
@@ -272,6 +275,8 @@ enum Command {
         /// No progress bar or summary.
         #[arg(long)]
         quiet: bool,
+        #[command(flatten)]
+        device: device::DeviceArgs,
     },
     /// Generate text from a trained model, streaming tokens as they come: the prompt is
     /// prefilled with the fused attention, then tokens are decoded one by one against KV
@@ -308,6 +313,8 @@ enum Command {
         model: Option<String>,
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        #[command(flatten)]
+        device: device::DeviceArgs,
     },
     /// Evaluate trained models: perplexity on text at each context length (--data), or the
     /// recall task's accuracy by distance between key and query (--task recall). Several
@@ -343,6 +350,8 @@ enum Command {
         model: Option<String>,
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        #[command(flatten)]
+        device: device::DeviceArgs,
     },
     /// Run a model's tensor-core attention kernels (as `--for attention` builds them) in the
     /// warp emulator on this CPU, on random inputs, and check sampled rows against an f64
@@ -458,6 +467,7 @@ fn main() -> ExitCode {
             interpret,
             threads,
             max_seq_len,
+            device,
         } => commands::run(&commands::RunArgs {
             file: &file,
             weights: &weights,
@@ -468,6 +478,7 @@ fn main() -> ExitCode {
             interpret,
             threads,
             max_seq_len,
+            device: &device,
         }),
         Command::Encode { text, output } => commands::encode(&text, &output),
         Command::Toolchain => commands::toolchain(),
@@ -510,6 +521,7 @@ fn main() -> ExitCode {
             model_file,
             model,
             threads,
+            device,
         } => infer::generate(&infer::GenerateArgs {
             source: &source,
             model_file: model_file.as_deref(),
@@ -525,6 +537,7 @@ fn main() -> ExitCode {
             seed,
             stats,
             threads,
+            device: &device,
         }),
         Command::Eval {
             sources,
@@ -539,6 +552,7 @@ fn main() -> ExitCode {
             model_file,
             model,
             threads,
+            device,
         } => infer::eval(&infer::EvalArgs {
             sources: &sources,
             model_file: model_file.as_deref(),
@@ -552,6 +566,7 @@ fn main() -> ExitCode {
             seed,
             json,
             threads,
+            device: &device,
         }),
         Command::Train {
             file,
@@ -575,6 +590,7 @@ fn main() -> ExitCode {
             init_from,
             threads,
             quiet,
+            device,
         } => train::train(&train::TrainArgs {
             file,
             model,
@@ -597,6 +613,7 @@ fn main() -> ExitCode {
             init_from,
             threads,
             quiet,
+            device,
         }),
         Command::Bench {
             names,

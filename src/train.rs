@@ -26,6 +26,8 @@ use zebra_runtime::data::{Recall, Source, Text};
 use zebra_runtime::optim::{AdamW, AdamWConfig};
 use zebra_runtime::train::Trainer;
 
+use crate::device::{Device, DeviceArgs};
+
 /// The settings `zebra train` takes; `None` means "the default" (or, resuming, "the run's").
 #[derive(Debug, Default)]
 pub struct TrainArgs {
@@ -50,6 +52,7 @@ pub struct TrainArgs {
     pub init_from: Option<PathBuf>,
     pub threads: usize,
     pub quiet: bool,
+    pub device: DeviceArgs,
 }
 
 /// The error `zebra train` ends with after Ctrl-C (a checkpoint was saved).
@@ -101,12 +104,26 @@ pub fn graph_and_hash(spec: &ModelSpec) -> Result<(Graph, String)> {
 
 /// Builds the training step of a forward graph into `dir`.
 pub fn build_training_artifact(forward: &Graph, dir: &Path, max_seq_len: usize) -> Result<()> {
+    build_training_artifact_on(forward, dir, max_seq_len, &Device::Cpu { threads: 0 })
+}
+
+/// As [`build_training_artifact`], for a device.
+pub fn build_training_artifact_on(
+    forward: &Graph,
+    dir: &Path,
+    max_seq_len: usize,
+    device: &Device,
+) -> Result<()> {
     let options = zebra_passes::Options::default();
     let optimized = zebra_passes::optimize(forward, &options)?.graph;
     let train = zebra_passes::autodiff::training_graph(&optimized)?;
     let train = zebra_passes::optimize(&train, &options)?.graph;
-    crate::commands::build_artifact_at(&train, dir, max_seq_len)?;
-    Ok(())
+    let options = zebra_codegen::artifact::BuildOptions {
+        mode: zebra_codegen::plan::PlanMode::Forward,
+        max_seq_len,
+        cache: zebra_codegen::artifact::Cache::default_location(),
+    };
+    device.build(&train, dir, &options)
 }
 
 /// Weights to start from: a run directory's current checkpoint or a safetensors file.
@@ -281,6 +298,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         );
     }
 
+    let device = Device::from_args(&args.device, args.threads)?;
     // Load everything before writing anything.
     let (weights, optimizer, start, tokens0, elapsed0, data_state) = if resume {
         let ckpt = checkpoint::load(&run_dir, &hash)?;
@@ -323,15 +341,17 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         zebra_ir::weights::write_atomically(&model_file, source.as_bytes())?;
     }
     let compile_start = Instant::now();
-    let artifact = run_dir.join("artifacts/train");
-    build_training_artifact(&forward, &artifact, config.seq_len)?;
+    let artifact = match device {
+        Device::Cpu { .. } => run_dir.join("artifacts/train"),
+        Device::Cuda { .. } => run_dir.join(format!("artifacts/train-{}", device.key())),
+    };
+    build_training_artifact_on(&forward, &artifact, config.seq_len, &device)?;
     let compile_time = compile_start.elapsed().as_secs_f64();
-    let mut trainer = Trainer::new(
-        &artifact,
+    let mut trainer = Trainer::with_executor(
+        device.load(&artifact, &weights)?,
         &weights,
         optimizer,
         config.optimizer.clone(),
-        args.threads,
     )?;
 
     // Metrics: keep the lines of steps already done (a resumed run redoes the rest).

@@ -43,6 +43,16 @@ pub fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
+/// The compute capability (major, minor) of GPU 0.
+pub fn compute_capability() -> Result<(u32, u32), RuntimeError> {
+    require_driver()?;
+    let ctx = CudaContext::new(0).map_err(cuda_error("cannot open GPU 0"))?;
+    let (major, minor) = ctx
+        .compute_capability()
+        .map_err(cuda_error("cannot read GPU 0's compute capability"))?;
+    Ok((major.max(0) as u32, minor.max(0) as u32))
+}
+
 /// An error unless a CUDA driver can be loaded here (cudarc panics on first use without one).
 pub(crate) fn require_driver() -> Result<(), RuntimeError> {
     if driver_present() {

@@ -934,6 +934,82 @@ fn bad_training_and_generation_inputs_are_refused() {
     );
     let out = zebra(&["eval", &run, "--data", &data, "--context", "100000"]);
     assert!(!out.ok && out.stderr.contains("too few"), "{}", out.stderr);
+
+    // The device options: refused with a reason where they do not go together, and, on a
+    // machine without an NVIDIA driver, `--device cuda` says so before anything is written.
+    let nothing = path(dir.path(), "nothing.npy");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["generate", &run, "--prompt", "a", "--dtype", "bf16"],
+            "use them with --device cuda",
+        ),
+        (
+            vec!["eval", &run, "--task", "recall", "--device", "tpu"],
+            "unknown --device `tpu`",
+        ),
+        (
+            vec![
+                "generate", &run, "--prompt", "a", "--device", "cuda", "--dtype", "f8",
+            ],
+            "unknown --dtype `f8`",
+        ),
+        (
+            vec![
+                "train", &zb, "--out", &out_dir, "--device", "cuda", "--target", "sm_70",
+            ],
+            "unknown --target `sm_70`",
+        ),
+        (
+            vec![
+                "run",
+                &zb,
+                "--weights",
+                &nothing,
+                "--tokens",
+                &nothing,
+                "--output",
+                &nothing,
+                "--target",
+                "sm_90",
+            ],
+            "use them with --device cuda",
+        ),
+    ];
+    let mut cases = cases;
+    if !zebra_runtime::cuda::driver_present() {
+        for args in [
+            vec![
+                "train", &zb, "--out", &out_dir, "--data", &data, "--device", "cuda",
+            ],
+            vec!["generate", &run, "--prompt", "a", "--device", "cuda"],
+            vec![
+                "eval", &run, "--task", "recall", "--device", "cuda", "--dtype", "bf16",
+            ],
+            vec![
+                "run",
+                &zb,
+                "--weights",
+                &nothing,
+                "--tokens",
+                &nothing,
+                "--output",
+                &nothing,
+                "--device",
+                "cuda",
+            ],
+        ] {
+            cases.push((args, "no NVIDIA driver was found"));
+        }
+    }
+    for (args, expected) in cases {
+        let out = zebra(&args);
+        assert!(!out.ok, "{args:?} should fail");
+        assert!(out.stderr.contains(expected), "{args:?}: {}", out.stderr);
+        assert!(
+            !Path::new(&out_dir).join("checkpoint.json").exists(),
+            "{args:?} wrote a run"
+        );
+    }
 }
 
 /// `zebra-run` (the runtime-only binary) runs the artifacts `zebra compile` writes: forward,

@@ -1,0 +1,122 @@
+//! Where `zebra run`, `train`, `generate` and `eval` run their compiled plans: on this CPU's
+//! threads, or on an NVIDIA GPU (`--device cuda`), for which the plans are compiled to PTX
+//! (`--target`, by default the GPU's own, and `--dtype` for tensor cores).
+
+use std::path::Path;
+
+use anyhow::{Result, anyhow, bail};
+use zebra_codegen::artifact::BuildOptions;
+use zebra_codegen::kernels::attention_mma::Half;
+use zebra_codegen::ptx::GpuTarget;
+use zebra_ir::{Graph, Weights};
+use zebra_runtime::{CpuModel, Executor};
+
+/// The command line's device options, shared by the commands that run models.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct DeviceArgs {
+    /// `cpu`, or `cuda` for an NVIDIA GPU (device 0).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// With --device cuda: `sm_80` or `sm_90` (default: the GPU's).
+    #[arg(long)]
+    pub target: Option<String>,
+    /// With --device cuda: `f32` (the default), or `bf16` or `f16` to run the projections
+    /// and the attention on tensor cores (f32 accumulation).
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+/// A device, checked: its GPU present, its target and type known.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Device {
+    Cpu {
+        threads: usize,
+    },
+    Cuda {
+        target: GpuTarget,
+        half: Option<Half>,
+    },
+}
+
+impl Device {
+    /// The device the options name; `--device cuda` without a driver, or options that do
+    /// not go together, are errors that say so.
+    pub fn from_args(args: &DeviceArgs, threads: usize) -> Result<Device> {
+        match args.device.as_str() {
+            "cpu" => {
+                if args.target.is_some() || args.dtype.is_some() {
+                    bail!(
+                        "--target and --dtype choose the GPU's kernels: use them with --device cuda"
+                    );
+                }
+                Ok(Device::Cpu { threads })
+            }
+            "cuda" => {
+                let half = match args.dtype.as_deref() {
+                    None | Some("f32") => None,
+                    Some(name) => Some(Half::from_name(name).ok_or_else(|| {
+                        anyhow!("unknown --dtype `{name}`: `f32`, `bf16` or `f16`")
+                    })?),
+                };
+                let named =
+                    match &args.target {
+                        Some(name) => Some(GpuTarget::from_name(name).ok_or_else(|| {
+                            anyhow!("unknown --target `{name}`: `sm_80` or `sm_90`")
+                        })?),
+                        None => None,
+                    };
+                if !zebra_runtime::cuda::driver_present() {
+                    bail!(
+                        "--device cuda: no NVIDIA driver was found (libcuda.so cannot be \
+                         loaded); run on a machine with an NVIDIA GPU, or use --device cpu"
+                    );
+                }
+                let target = match named {
+                    Some(target) => target,
+                    None => {
+                        let (major, minor) = zebra_runtime::cuda::compute_capability()?;
+                        match major {
+                            9.. => GpuTarget { sm: 90 },
+                            8 => GpuTarget { sm: 80 },
+                            _ => bail!(
+                                "the GPU has compute capability {major}.{minor}: Zebra's GPU \
+                                 kernels need sm_80 or later"
+                            ),
+                        }
+                    }
+                };
+                Ok(Device::Cuda { target, half })
+            }
+            other => bail!("unknown --device `{other}`: `cpu` or `cuda`"),
+        }
+    }
+
+    /// A short name for cache keys and reports.
+    pub fn key(&self) -> String {
+        match self {
+            Device::Cpu { .. } => "cpu".into(),
+            Device::Cuda { target, half } => {
+                format!("{}-{}", target.name(), half.map_or("f32", Half::name))
+            }
+        }
+    }
+
+    /// Compiles `graph` into the artifact directory `dir` for this device.
+    pub fn build(&self, graph: &Graph, dir: &Path, options: &BuildOptions) -> Result<()> {
+        match self {
+            Device::Cpu { .. } => zebra_codegen::artifact::build(graph, dir, options)?,
+            Device::Cuda { target, half } => {
+                zebra_codegen::artifact::build_gpu(graph, dir, options, *target, *half)?
+            }
+        };
+        Ok(())
+    }
+
+    /// Loads an artifact built by [`Device::build`] with its weights.
+    pub fn load(&self, dir: &Path, weights: &Weights) -> Result<Box<dyn Executor>> {
+        Ok(match self {
+            Device::Cpu { threads } => Box::new(CpuModel::load(dir, weights, *threads)?),
+            Device::Cuda { .. } => Box::new(zebra_runtime::cuda::CudaModel::load(dir, weights)?),
+        })
+    }
+}
