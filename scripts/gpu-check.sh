@@ -62,23 +62,26 @@ for example in "$dir"/golden-*/; do
 done
 # Five training steps on the GPU against the CPU's losses: f32 (within 10 x the tolerance),
 # and bf16 on tensor cores (within the bf16 tolerance).
-for variant in gpu gpu-bf16; do
-    [ -d "$dir/train/$variant" ] || continue
-    name="training steps"; limit=$(awk -v t="$tolerance" 'BEGIN {print t * 10}')
-    if [ "$variant" = gpu-bf16 ]; then name="training steps, bf16 tensor cores"; limit=$bf16_tolerance; fi
-    if "$run" train "$dir/train/$variant" --device cuda --weights "$dir/train/weights.safetensors" \
-        --data "$dir/train/corpus.txt" --steps 5 --seq-len 128 --batch 2 --lr 1e-3 \
-        --out "$dir/train/$variant-trained.safetensors" > "$dir/train/$variant-losses.jsonl"; then
-        losses() { grep -o '"loss":[^,]*' "$1" | cut -d: -f2; }
-        worst=$(paste <(losses "$dir/train/$variant-losses.jsonl") <(losses "$dir/train/cpu-losses.jsonl") |
-            awk '{d = $1 - $2; if (d < 0) d = -d; r = d / ($2 < 0 ? -$2 : $2); if (r > w) w = r} END {print w + 0}')
-        ok=$(awk -v w="$worst" -v t="$limit" 'BEGIN {print (w <= t) ? "true" : "false"}')
-        echo "{\"example\": \"$name\", \"gpu\": [$(losses "$dir/train/$variant-losses.jsonl" | paste -sd,)], \"cpu\": [$(losses "$dir/train/cpu-losses.jsonl" | paste -sd,)], \"max_relative_diff\": $worst, \"ok\": $ok}"
-        [ "$ok" = true ] || failed=1
-    else
-        echo "{\"example\": \"$name\", \"ok\": false, \"error\": \"the GPU run failed\"}"
-        failed=1
-    fi
+for t in "$dir"/train-*/; do
+    model=$(basename "$t" | sed 's/^train-//')
+    for variant in gpu gpu-bf16; do
+        [ -d "$t/$variant" ] || continue
+        name="training steps, $model"; limit=$(awk -v t="$tolerance" 'BEGIN {print t * 10}')
+        if [ "$variant" = gpu-bf16 ]; then name="$name, bf16 tensor cores"; limit=$bf16_tolerance; fi
+        if "$run" train "$t/$variant" --device cuda --weights "$t/weights.safetensors" \
+            --data "$t/corpus.txt" --steps 5 --seq-len 128 --batch 2 --lr 1e-3 \
+            --out "$t/$variant-trained.safetensors" > "$t/$variant-losses.jsonl"; then
+            losses() { grep -o '"loss":[^,]*' "$1" | cut -d: -f2; }
+            worst=$(paste <(losses "$t/$variant-losses.jsonl") <(losses "$t/cpu-losses.jsonl") |
+                awk '{d = $1 - $2; if (d < 0) d = -d; r = d / ($2 < 0 ? -$2 : $2); if (r > w) w = r} END {print w + 0}')
+            ok=$(awk -v w="$worst" -v t="$limit" 'BEGIN {print (w <= t) ? "true" : "false"}')
+            echo "{\"example\": \"$name\", \"gpu\": [$(losses "$t/$variant-losses.jsonl" | paste -sd,)], \"cpu\": [$(losses "$t/cpu-losses.jsonl" | paste -sd,)], \"max_relative_diff\": $worst, \"ok\": $ok}"
+            [ "$ok" = true ] || failed=1
+        else
+            echo "{\"example\": \"$name\", \"ok\": false, \"error\": \"the GPU run failed\"}"
+            failed=1
+        fi
+    done
 done
 # Teacher-forced decoding for one program per kind of KV cache: every step's logits.
 for example in "$dir"/decode-*/; do

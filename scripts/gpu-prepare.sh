@@ -40,17 +40,22 @@ for file in tests/fixtures/golden/*.zb; do
 done
 echo "prepared golden"
 
-# Training steps: the same five steps on the GPU must give the CPU's losses.
-mkdir -p "$out/train"
-cp README.md "$out/train/corpus.txt"
-$zebra init examples/zebra_tiny.zb --seed 3 -o "$out/train/weights.safetensors" >/dev/null
-$zebra compile examples/zebra_tiny.zb --emit artifact --for train --target "$sm" --max-seq-len 256 -o "$out/train/gpu" >/dev/null
-$zebra compile examples/zebra_tiny.zb --emit artifact --for train --target "$sm" --dtype bf16 --max-seq-len 256 -o "$out/train/gpu-bf16" >/dev/null
-$zebra compile examples/zebra_tiny.zb --emit artifact --for train --max-seq-len 256 -o "$out/train/cpu" >/dev/null
-target/dist/zebra-run train "$out/train/cpu" --weights "$out/train/weights.safetensors" \
-    --data "$out/train/corpus.txt" --steps 5 --seq-len 128 --batch 2 --lr 1e-3 \
-    --out "$out/train/cpu-trained.safetensors" > "$out/train/cpu-losses.jsonl"
-rm -rf "$out/train/cpu"
+# Training steps: the same five steps on the GPU must give the CPU's losses, for zebra_tiny
+# and for attentions whose backward needs more (a score modifier's derivative, ALiBi's
+# per-head bias with GQA).
+for file in examples/zebra_tiny.zb examples/attention/softcap.zb examples/attention/alibi.zb; do
+    d="$out/train-$(basename "$file" .zb)"
+    mkdir -p "$d"
+    cp README.md "$d/corpus.txt"
+    $zebra init "$file" --seed 3 -o "$d/weights.safetensors" >/dev/null
+    $zebra compile "$file" --emit artifact --for train --target "$sm" --max-seq-len 256 -o "$d/gpu" >/dev/null
+    $zebra compile "$file" --emit artifact --for train --target "$sm" --dtype bf16 --max-seq-len 256 -o "$d/gpu-bf16" >/dev/null
+    $zebra compile "$file" --emit artifact --for train --max-seq-len 256 -o "$d/cpu" >/dev/null
+    target/dist/zebra-run train "$d/cpu" --weights "$d/weights.safetensors" \
+        --data "$d/corpus.txt" --steps 5 --seq-len 128 --batch 2 --lr 1e-3 \
+        --out "$d/cpu-trained.safetensors" > "$d/cpu-losses.jsonl"
+    rm -rf "$d/cpu"
+done
 echo "prepared training"
 
 # Generation: sampling with a seed on the GPU must write what the CPU writes (200 tokens,
