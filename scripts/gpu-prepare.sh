@@ -54,7 +54,7 @@ for file in examples/zebra_tiny.zb examples/attention/softcap.zb examples/attent
     target/dist/zebra-run train "$d/cpu" --weights "$d/weights.safetensors" \
         --data "$d/corpus.txt" --steps 5 --seq-len 128 --batch 2 --lr 1e-3 \
         --out "$d/cpu-trained.safetensors" > "$d/cpu-losses.jsonl"
-    rm -rf "$d/cpu"
+    rm -rf "$d/cpu" "$d/cpu-trained.safetensors"
 done
 echo "prepared training"
 
@@ -128,3 +128,7 @@ if [ "$sm" = sm_90 ]; then
 fi
 echo "prepared attention"
 du -sh "$out"
+# A device run carries at most 64 MiB of the working tree.
+if [ "$(du -sb "$out" | cut -f1)" -gt $((64 * 1024 * 1024)) ]; then
+    echo "warning: $out is over 64 MiB, more than a device run carries" >&2
+fi
