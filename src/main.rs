@@ -147,7 +147,7 @@ enum Command {
         /// Weights in safetensors format.
         #[arg(long)]
         weights: PathBuf,
-        /// Token ids: an int32 or int64 .npy array of shape [B, T] (or [T]).
+        /// Token ids: an int32 or int64 .npy array of shape `[B, T]` (or `[T]`).
         #[arg(long)]
         tokens: PathBuf,
         /// Where to write the logits: a float32 .npy array of shape [B, T, vocab].

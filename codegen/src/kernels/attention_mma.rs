@@ -272,7 +272,7 @@ pub enum AttentionIo {
     /// 16-bit `q`, `k`, `v` and output, `[B, heads, T, D]` (attention artifacts).
     Half,
     /// As a model's plan has them: `q` in f32 (rounded while it is copied to shared
-    /// memory), 16-bit `k` and `v` (converted by [`super::pack_half`]), and the output in
+    /// memory), 16-bit `k` and `v` (converted by [`super::tensor_core::pack_half`]), and the output in
     /// f32, `[B, T, heads * D]` when the kernel merges heads, else `[B, heads, T, D]`; with
     /// `lse`, also each row's log-sum-exp of its scores (natural log, `-inf` for a row that
     /// sees no key), `[B, heads, T]`, the last buffer, for the training step's backward.

@@ -1,7 +1,7 @@
 //! The fused attention's backward on tensor cores (`mma.sync`), for the training steps of GPU
 //! plans with a 16-bit type: the two kernels of [`super::attention_grad`] with the same
 //! buffers, schedule and grids, their products on tensor cores with 16-bit operands and f32
-//! accumulation. Keys and values come as 16-bit `[B, KV, T, D]` ([`super::pack_half`]); Q,
+//! accumulation. Keys and values come as 16-bit `[B, KV, T, D]` ([`super::tensor_core::pack_half`]); Q,
 //! O, dO and the log-sum-exp in f32 as the plan has them, Q and dO rounded while they are
 //! copied into shared memory (in padded rows, as the forward's tiles).
 //!

@@ -1,6 +1,6 @@
 //! What the tensor-core kernels share: the block function's signature, shared-memory
 //! addresses, and the copy of tiles into shared memory in 16-byte chunks, each thread taking
-//! every [`THREADS`]-th chunk.
+//! every `threads`-th chunk (the block's threads: `ChunkedTile`).
 
 use super::attention_mma::Half;
 use super::warp::Lowering;

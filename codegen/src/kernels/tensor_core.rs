@@ -313,7 +313,7 @@ pub fn select(planned: &Planned, sm: u32) -> Vec<(usize, TensorCoreKernel)> {
 
 /// `pack_kv`'s stand-in before a tensor-core attention: `k` and `v` (f32, `[B, KV, T, D]`)
 /// rounded to 16 bits into `kp` and `vp` (same layout). Buffers: k, v, kp, vp. A block
-/// converts [`PACK_ROWS`] rows of `B T`, 8 elements per thread at a time.
+/// converts `PACK_ROWS` (16) rows of `B T`, 8 elements per thread at a time.
 pub fn pack_half(
     name: &str,
     kv_heads: usize,
