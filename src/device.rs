@@ -91,7 +91,19 @@ impl Device {
         }
     }
 
-    /// A short name for cache keys and reports.
+    /// The device in words, for reports.
+    pub fn describe(&self) -> String {
+        match self {
+            Device::Cpu { .. } => "the CPU".into(),
+            Device::Cuda { target, half } => format!(
+                "the GPU ({}, {})",
+                target.name(),
+                half.map_or("f32", Half::name)
+            ),
+        }
+    }
+
+    /// A short name for cache keys.
     pub fn key(&self) -> String {
         match self {
             Device::Cpu { .. } => "cpu".into(),

@@ -383,13 +383,14 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     let params: usize = trainer.params.values().map(Vec::len).sum();
     if !args.quiet {
         eprintln!(
-            "training `{}` ({:.2}M parameters) on {}, {} steps of {} x {} tokens; compiled in {compile_time:.1} s",
+            "training `{}` ({:.2}M parameters) on {}, {} steps of {} x {} tokens; compiled for {} in {compile_time:.1} s",
             spec.name,
             params as f64 / 1e6,
             data.describe(),
             config.steps,
             config.batch,
             config.seq_len,
+            device.describe(),
         );
         if resume {
             eprintln!("resuming at step {start} of {}", config.steps);
