@@ -91,15 +91,21 @@ fn row_statistics(
         b.store(&delta, deltas, i, F32, F32);
         let at = lse_row(b, i);
         let l = b.load(lse, &at, F32, F32);
-        let log2e = b.f32(std::f32::consts::LOG2_E);
-        let l2 = b.bin("mulf", &l, &log2e, F32);
-        let neg_inf = b.f32(f32::NEG_INFINITY);
-        let inf = b.f32(f32::INFINITY);
-        let hidden = b.cmpf("oeq", &l, &neg_inf, F32);
-        let l2 = b.select(&hidden, &inf, &l2, F32);
+        let l2 = lse_base2(b, &l);
         b.store(&l2, lses, i, F32, F32);
         vec![]
     });
+}
+
+/// A row's log-sum-exp (natural log, f32) in base 2, `+inf` for a row that sees no key
+/// (`-inf`), so that its probabilities `exp2(s - lse)` come out 0.
+pub(super) fn lse_base2(b: &mut Builder, l: &Val) -> Val {
+    let log2e = b.f32(std::f32::consts::LOG2_E);
+    let l2 = b.bin("mulf", l, &log2e, F32);
+    let neg_inf = b.f32(f32::NEG_INFINITY);
+    let inf = b.f32(f32::INFINITY);
+    let hidden = b.cmpf("oeq", l, &neg_inf, F32);
+    b.select(&hidden, &inf, &l2, F32)
 }
 
 /// Everything `probabilities_and_gradients` needs about the tile pair.

@@ -27,6 +27,7 @@
 use zebra_ir::op::AttentionKernel;
 
 use super::attention::schedule_range;
+use super::attention_grad::lse_base2;
 use super::attention_mma::{Ctx, Half, MmaTiles, Product, sync_scores};
 use super::block::{ChunkedTile, block_function, load8, pack8, shared_address};
 use super::warp::Lowering;
@@ -287,12 +288,8 @@ fn row_statistics(
         let pos = b.mini(&pos, &last);
         let at = lse_at(b, &pos);
         let l = b.load(lse, &at, F32, F32);
-        let log2e = b.f32(std::f32::consts::LOG2_E);
-        let l2 = b.bin("mulf", &l, &log2e, F32);
-        let neg_inf = b.f32(f32::NEG_INFINITY);
+        let l2 = lse_base2(b, &l);
         let inf = b.f32(f32::INFINITY);
-        let hidden = b.cmpf("oeq", &l, &neg_inf, F32);
-        let l2 = b.select(&hidden, &inf, &l2, F32);
         let l2 = b.select(&inside, &l2, &inf, F32);
         store_f32(b, ctx, layout.lse, r, &l2);
         let per_row = b.i64((d / 8) as i64);
@@ -495,6 +492,14 @@ fn accumulate(
 /// What both kernels set up: the block's view, lane roles, side inputs.
 struct Common {
     ctx: Ctx,
+    /// Whether the schedule has rows per batch row (dims[2]).
+    per_batch: Val,
+    /// `heads`, the heads per KV head, `kv_heads`, `D` and `T D` as i64 values.
+    ch: Val,
+    group: Val,
+    ckv: Val,
+    cd: Val,
+    td: Val,
     warp_first: Val,
     /// The part of the head dims the warp accumulates (0 but in a dK/dV kernel beyond head
     /// dim 128).
@@ -552,8 +557,20 @@ fn common(
             .score
             .as_ref()
             .is_none_or(|s| vexpr::fits_in_32_bits(s, heads));
+    let per_batch = b.i64_at(&dims, 2);
+    let ch = b.i64(kernel.heads as i64);
+    let group = b.i64((kernel.heads / kernel.kv_heads.max(1)).max(1) as i64);
+    let ckv = b.i64(kernel.kv_heads as i64);
+    let cd = b.i64(tiles.head_dim as i64);
+    let td = b.muli(&ctx.t, &cd);
     Common {
         ctx,
+        per_batch,
+        ch,
+        group,
+        ckv,
+        cd,
+        td,
         warp_first,
         part,
         g,
@@ -564,6 +581,16 @@ fn common(
         lmat,
         narrow,
     }
+}
+
+/// Entry `index` of a schedule's tiles: the tile, and whether it is partial (its mask must be
+/// evaluated).
+fn schedule_entry(b: &mut Builder, tiles: &Val, index: &Val) -> (Val, Val) {
+    let (c0, c1) = (b.i64(0), b.i64(1));
+    let entry = b.load(tiles, index, I64, I64);
+    let tile = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
+    let partial = b.bin("andi", &entry, &c1, I64);
+    (tile, b.cmpi("ne", &partial, &c0, I64))
 }
 
 /// Each side input's row `batch`, from buffer 10 on.
@@ -636,38 +663,37 @@ fn dq(name: &str, kernel: &AttentionKernel, half: Half, tiles: GradTiles, isa: L
     let ctx = &cm.ctx;
     let t = ctx.t.clone();
     let bufs = Val("%bufs".into());
-    let dims = Val("%dims".into());
     let qt = Val("%qt".into());
     let bh = Val("%bh".into());
     let [q, k, v, _, o, d_o, lse, dq_out, sched_rows, sched_tiles] =
         std::array::from_fn(|i| b.ptr_at(&bufs, i));
-    let per_batch = b.i64_at(&dims, 2);
+    let Common {
+        per_batch,
+        ch,
+        group,
+        ckv,
+        cd,
+        td,
+        ..
+    } = &cm;
     let (c0, c1) = (b.i64(0), b.i64(1));
-    let ch = b.i64(kernel.heads as i64);
-    let group = b.i64((kernel.heads / kernel.kv_heads.max(1)).max(1) as i64);
-    let ckv = b.i64(kernel.kv_heads as i64);
-    let batch = b.divi(&bh, &ch);
-    let h = b.remi(&bh, &ch);
-    let kvh = b.divi(&h, &group);
+    let batch = b.divi(&bh, ch);
+    let h = b.remi(&bh, ch);
+    let kvh = b.divi(&h, group);
     let sides = side_rows(b, kernel, &batch, &t);
-    let cd = b.i64(d as i64);
-    let td = b.muli(&t, &cd);
-    let q_head = b.muli(&batch, &ch);
+    let q_head = b.muli(&batch, ch);
     let q_head = b.addi(&q_head, &h);
-    let q_base = b.muli(&q_head, &td);
-    let kv_head = b.muli(&batch, &ckv);
+    let q_base = b.muli(&q_head, td);
+    let kv_head = b.muli(&batch, ckv);
     let kv_head = b.addi(&kv_head, &kvh);
-    let kv_base = b.muli(&kv_head, &td);
+    let kv_base = b.muli(&kv_head, td);
     let cbq = b.i64(bq as i64);
     let cbk = b.i64(bk as i64);
     let q0 = b.muli(&qt, &cbq);
     let n_qt = b.ceil_div(&t, &cbq);
-    let (start, end) = schedule_range(b, &sched_rows, (&batch, &per_batch, &n_qt), &qt, &c1);
+    let (start, end) = schedule_range(b, &sched_rows, (&batch, per_batch, &n_qt), &qt, &c1);
     let any = b.cmpi("slt", &start, &end, I64);
-    let tile_at = |b: &mut Builder, index: &Val| -> Val {
-        let entry = b.load(&sched_tiles, index, I64, I64);
-        b.op(format!("arith.shrsi {entry}, {c1} : i64"))
-    };
+    let tile_at = |b: &mut Builder, index: &Val| schedule_entry(b, &sched_tiles, index).0;
     let k_at = b.i64(layout.k as i64);
     let v_at = b.i64(layout.v as i64);
     let q_at = b.i64(layout.q as i64);
@@ -679,7 +705,7 @@ fn dq(name: &str, kernel: &AttentionKernel, half: Half, tiles: GradTiles, isa: L
         isa.commit(b);
     });
     let q_row = |b: &mut Builder, pos: &Val| {
-        let at = b.muli(pos, &cd);
+        let at = b.muli(pos, cd);
         b.addi(&q_base, &at)
     };
     let o_row = |b: &mut Builder, pos: &Val| output_row(b, kernel, (&batch, &h, &t), pos);
@@ -728,10 +754,7 @@ fn dq(name: &str, kernel: &AttentionKernel, half: Half, tiles: GradTiles, isa: L
     let n_o = d / 8 * 4;
     let carried: Vec<(Val, String)> = (0..n_o).map(|_| (zero.clone(), F32.to_string())).collect();
     let acc = b.for_range(&start, &end, &c1, &carried, |b, i, acc| {
-        let entry = b.load(&sched_tiles, i, I64, I64);
-        let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
-        let partial = b.bin("andi", &entry, &c1, I64);
-        let partial = b.cmpi("ne", &partial, &c0, I64);
+        let (kt, partial) = schedule_entry(b, &sched_tiles, i);
         let k0 = b.muli(&kt, &cbk);
         let k_end = b.addi(&k0, &cbk);
         let tail = b.cmpi("sgt", &k_end, &t, I64);
@@ -822,29 +845,31 @@ fn dkv(
     let ctx = &cm.ctx;
     let t = ctx.t.clone();
     let bufs = Val("%bufs".into());
-    let dims = Val("%dims".into());
     let kt = Val("%kt".into());
     let bkv = Val("%bkv".into());
     let [q, k, v, o, d_o, lse, dk_out, dv_out, col_rows, col_tiles] =
         std::array::from_fn(|i| b.ptr_at(&bufs, i));
-    let per_batch = b.i64_at(&dims, 2);
-    let (c0, c1) = (b.i64(0), b.i64(1));
-    let ch = b.i64(kernel.heads as i64);
-    let group = b.i64((kernel.heads / kernel.kv_heads.max(1)).max(1) as i64);
-    let ckv = b.i64(kernel.kv_heads as i64);
-    let batch = b.divi(&bkv, &ckv);
-    let kvh = b.remi(&bkv, &ckv);
+    let Common {
+        per_batch,
+        ch,
+        group,
+        ckv,
+        cd,
+        td,
+        ..
+    } = &cm;
+    let c1 = b.i64(1);
+    let batch = b.divi(&bkv, ckv);
+    let kvh = b.remi(&bkv, ckv);
     let sides = side_rows(b, kernel, &batch, &t);
-    let cd = b.i64(d as i64);
-    let td = b.muli(&t, &cd);
-    let kv_base = b.muli(&bkv, &td);
+    let kv_base = b.muli(&bkv, td);
     let cbq = b.i64(bq as i64);
     let cbk = b.i64(bk as i64);
     let k0 = b.muli(&kt, &cbk);
     let k_end = b.addi(&k0, &cbk);
     let tail = b.cmpi("sgt", &k_end, &t, I64);
     let n_kt = b.ceil_div(&t, &cbk);
-    let (start, end) = schedule_range(b, &col_rows, (&batch, &per_batch, &n_kt), &kt, &c1);
+    let (start, end) = schedule_range(b, &col_rows, (&batch, per_batch, &n_kt), &kt, &c1);
     let k_at = b.i64(layout.k as i64);
     let v_at = b.i64(layout.v as i64);
     ctx.load_tile(b, &k, &kv_base, &kt, &k_at, false);
@@ -865,12 +890,12 @@ fn dkv(
     let carried: Vec<(Val, String)> = (0..2 * n_o)
         .map(|_| (zero.clone(), F32.to_string()))
         .collect();
-    let h0 = b.muli(&kvh, &group);
-    let h1 = b.addi(&h0, &group);
+    let h0 = b.muli(&kvh, group);
+    let h1 = b.addi(&h0, group);
     let acc = b.for_range(&h0, &h1, &c1, &carried, |b, h, acc| {
-        let q_head = b.muli(&batch, &ch);
+        let q_head = b.muli(&batch, ch);
         let q_head = b.addi(&q_head, h);
-        let q_base = b.muli(&q_head, &td);
+        let q_base = b.muli(&q_head, td);
         let scope = Scope {
             kernel,
             isa,
@@ -883,14 +908,11 @@ fn dkv(
         let carried: Vec<(Val, String)> =
             acc.iter().map(|x| (x.clone(), F32.to_string())).collect();
         b.for_range(&start, &end, &c1, &carried, |b, e, acc| {
-            let entry = b.load(&col_tiles, e, I64, I64);
-            let qt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
-            let partial = b.bin("andi", &entry, &c1, I64);
-            let partial = b.cmpi("ne", &partial, &c0, I64);
+            let (qt, partial) = schedule_entry(b, &col_tiles, e);
             let needs_mask = b.bin("ori", &partial, &tail, "i1");
             let q0 = b.muli(&qt, &cbq);
             let q_row = |b: &mut Builder, pos: &Val| {
-                let at = b.muli(pos, &cd);
+                let at = b.muli(pos, cd);
                 b.addi(&q_base, &at)
             };
             let o_row = |b: &mut Builder, pos: &Val| output_row(b, kernel, (&batch, h, &t), pos);
@@ -981,7 +1003,7 @@ fn dkv(
     for (r, key) in keys.iter().enumerate() {
         let inside = b.cmpi("slt", key, &t, I64);
         b.if_then(&inside, |b| {
-            let at = b.muli(key, &cd);
+            let at = b.muli(key, cd);
             let at = b.addi(&kv_base, &at);
             let at = b.addi(&at, &col0);
             let at = b.addi(&at, &cm.two_c);
