@@ -179,79 +179,16 @@ pub fn linear(name: &str, s: Shape, norm_eps: Option<f64>, residual: bool) -> St
     let packed = b.ptr_at(&e.bufs, 1);
     let res = residual.then(|| b.ptr_at(&e.bufs, 2));
     let out = b.ptr_at(&e.bufs, if residual { 3 } else { 2 });
-    let batch = b.i64_at(&e.dims, 0);
-    let t = b.i64_at(&e.dims, 1);
-    let m = b.muli(&batch, &t);
-    let (w, nr) = (s.vector, s.nr());
-    let vt = vf32(w);
-    let (c0, c1) = (b.i64(0), b.i64(1));
-    let mb = b.i64(BLOCK_ROWS as i64);
-    let pb = b.i64(BLOCK_PANELS as i64);
-    let panels = b.i64(s.panels() as i64);
-    let n_cb = b.ceil_div(&panels, &pb);
-    let ck = b.i64(s.k as i64);
-    let cn = b.i64(s.n as i64);
-    let inv = b.alloca(BLOCK_ROWS, F32);
-    let rows_step = b.i64(ROWS as i64);
-    b.for_range(&e.first, &e.last, &c1, &[], |b, pid, _| {
-        let rb = b.divi(pid, &n_cb);
-        let cb = b.remi(pid, &n_cb);
-        let r0 = b.muli(&rb, &mb);
-        let left = b.subi(&m, &r0);
-        let rows_valid = b.mini(&mb, &left);
-        if let Some(eps) = norm_eps {
-            inverse_rms(b, &x, &r0, &rows_valid, s, eps, &inv);
+    let vt = vf32(s.vector);
+    row_panels(&mut b, s, norm_eps, &x, &[packed], &out, |b, accs, at| {
+        let value = accs[0].clone();
+        match &res {
+            Some(res) => {
+                let rv = b.load(res, at, F32, &vt);
+                b.bin("addf", &value, &rv, &vt)
+            }
+            None => value,
         }
-        let p0 = b.muli(&cb, &pb);
-        let p1 = b.addi(&p0, &pb);
-        let p1 = b.mini(&p1, &panels);
-        b.for_range(&c0, &rows_valid, &rows_step, &[], |b, i, _| {
-            let first = b.addi(&r0, i);
-            let rows = row_offsets(b, &first, &m, &ck);
-            b.for_range(&p0, &p1, &c1, &[], |b, p, _| {
-                let accs = micro_kernel(b, &x, &rows, &packed, p, s);
-                let cnr = b.i64(nr as i64);
-                let n0 = b.muli(p, &cnr);
-                for r in 0..ROWS {
-                    let rr = b.i64(r as i64);
-                    let ri = b.addi(i, &rr);
-                    let live = b.cmpi("slt", &ri, &rows_valid, I64);
-                    let accs = accs.clone();
-                    b.if_then(&live, |b| {
-                        let row = b.addi(&r0, &ri);
-                        let row_base = b.muli(&row, &cn);
-                        let scale = norm_eps.map(|_| {
-                            let r = b.load(&inv, &ri, F32, F32);
-                            b.splat(&r, F32, w)
-                        });
-                        for c in 0..2 {
-                            let off = b.i64((c * w) as i64);
-                            let n = b.addi(&n0, &off);
-                            let valid = b.subi(&cn, &n);
-                            let inside = b.cmpi("sgt", &valid, &c0, I64);
-                            let acc = accs[r * 2 + c].clone();
-                            let scale = scale.clone();
-                            let res = res.clone();
-                            b.if_then(&inside, |b| {
-                                let mut value = acc;
-                                if let Some(sc) = &scale {
-                                    value = b.bin("mulf", &value, sc, &vt);
-                                }
-                                let at = b.addi(&row_base, &n);
-                                if let Some(res) = &res {
-                                    let rv = b.load(res, &at, F32, &vt);
-                                    value = b.bin("addf", &value, &rv, &vt);
-                                }
-                                store_lanes(b, &value, &out, &at, &valid, w);
-                            });
-                        }
-                    });
-                }
-                vec![]
-            });
-            vec![]
-        });
-        vec![]
     });
     b.finish(name)
 }
@@ -265,6 +202,35 @@ pub fn swiglu(name: &str, s: Shape, norm_eps: Option<f64>) -> String {
     let gate = b.ptr_at(&e.bufs, 1);
     let up = b.ptr_at(&e.bufs, 2);
     let out = b.ptr_at(&e.bufs, 3);
+    let w = s.vector;
+    let vt = vf32(w);
+    row_panels(&mut b, s, norm_eps, &x, &[gate, up], &out, |b, accs, _| {
+        let (g, u) = (&accs[0], &accs[1]);
+        // silu(g) = g / (1 + exp(-g))
+        let neg = b.op(format!("arith.negf {g} : {vt}"));
+        let e = crate::vexpr::exp(b, &neg, w);
+        let one = b.splat_f32(1.0, w);
+        let d = b.bin("addf", &e, &one, &vt);
+        let silu = b.bin("divf", g, &d, &vt);
+        b.bin("mulf", &silu, u, &vt)
+    });
+    b.finish(name)
+}
+
+/// The grid of `linear` and `swiglu`: programs of 64 rows by 4 panels of `x @ weight` for
+/// each packed weight, each output vector scaled by its row's inverse RMS where the norm is
+/// fused; `epilogue(b, products, at)` makes the vector stored at flat index `at` of `out`
+/// (`[M, N]`) from the weights' products there.
+fn row_panels(
+    b: &mut Builder,
+    s: Shape,
+    norm_eps: Option<f64>,
+    x: &Val,
+    weights: &[Val],
+    out: &Val,
+    epilogue: impl Fn(&mut Builder, &[Val], &Val) -> Val,
+) {
+    let e = entry();
     let batch = b.i64_at(&e.dims, 0);
     let t = b.i64_at(&e.dims, 1);
     let m = b.muli(&batch, &t);
@@ -279,6 +245,7 @@ pub fn swiglu(name: &str, s: Shape, norm_eps: Option<f64>) -> String {
     let cn = b.i64(s.n as i64);
     let inv = b.alloca(BLOCK_ROWS, F32);
     let rows_step = b.i64(ROWS as i64);
+    let epilogue = &epilogue;
     b.for_range(&e.first, &e.last, &c1, &[], |b, pid, _| {
         let rb = b.divi(pid, &n_cb);
         let cb = b.remi(pid, &n_cb);
@@ -286,7 +253,7 @@ pub fn swiglu(name: &str, s: Shape, norm_eps: Option<f64>) -> String {
         let left = b.subi(&m, &r0);
         let rows_valid = b.mini(&mb, &left);
         if let Some(eps) = norm_eps {
-            inverse_rms(b, &x, &r0, &rows_valid, s, eps, &inv);
+            inverse_rms(b, x, &r0, &rows_valid, s, eps, &inv);
         }
         let p0 = b.muli(&cb, &pb);
         let p1 = b.addi(&p0, &pb);
@@ -295,15 +262,16 @@ pub fn swiglu(name: &str, s: Shape, norm_eps: Option<f64>) -> String {
             let first = b.addi(&r0, i);
             let rows = row_offsets(b, &first, &m, &ck);
             b.for_range(&p0, &p1, &c1, &[], |b, p, _| {
-                let g = micro_kernel(b, &x, &rows, &gate, p, s);
-                let u = micro_kernel(b, &x, &rows, &up, p, s);
+                let accs: Vec<Vec<Val>> = weights
+                    .iter()
+                    .map(|weight| micro_kernel(b, x, &rows, weight, p, s))
+                    .collect();
                 let cnr = b.i64(nr as i64);
                 let n0 = b.muli(p, &cnr);
                 for r in 0..ROWS {
                     let rr = b.i64(r as i64);
                     let ri = b.addi(i, &rr);
                     let live = b.cmpi("slt", &ri, &rows_valid, I64);
-                    let (g, u) = (g.clone(), u.clone());
                     b.if_then(&live, |b| {
                         let row = b.addi(&r0, &ri);
                         let row_base = b.muli(&row, &cn);
@@ -316,22 +284,20 @@ pub fn swiglu(name: &str, s: Shape, norm_eps: Option<f64>) -> String {
                             let n = b.addi(&n0, &off);
                             let valid = b.subi(&cn, &n);
                             let inside = b.cmpi("sgt", &valid, &c0, I64);
-                            let (mut gv, mut uv) = (g[r * 2 + c].clone(), u[r * 2 + c].clone());
-                            let scale = scale.clone();
                             b.if_then(&inside, |b| {
-                                if let Some(sc) = &scale {
-                                    gv = b.bin("mulf", &gv, sc, &vt);
-                                    uv = b.bin("mulf", &uv, sc, &vt);
-                                }
-                                // silu(g) = g / (1 + exp(-g))
-                                let neg = b.op(format!("arith.negf {gv} : {vt}"));
-                                let e = crate::vexpr::exp(b, &neg, w);
-                                let one = b.splat_f32(1.0, w);
-                                let d = b.bin("addf", &e, &one, &vt);
-                                let silu = b.bin("divf", &gv, &d, &vt);
-                                let value = b.bin("mulf", &silu, &uv, &vt);
+                                let products: Vec<Val> = accs
+                                    .iter()
+                                    .map(|acc| {
+                                        let v = acc[r * 2 + c].clone();
+                                        match &scale {
+                                            Some(sc) => b.bin("mulf", &v, sc, &vt),
+                                            None => v,
+                                        }
+                                    })
+                                    .collect();
                                 let at = b.addi(&row_base, &n);
-                                store_lanes(b, &value, &out, &at, &valid, w);
+                                let value = epilogue(b, &products, &at);
+                                store_lanes(b, &value, out, &at, &valid, w);
                             });
                         }
                     });
@@ -342,7 +308,6 @@ pub fn swiglu(name: &str, s: Shape, norm_eps: Option<f64>) -> String {
         });
         vec![]
     });
-    b.finish(name)
 }
 
 /// `heads_proj`: `x [B*T, K] @ w^T` split into `[B, H, T, D]`, with RMSNorm and RoPE.
