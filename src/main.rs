@@ -133,11 +133,15 @@ enum Command {
     },
     /// Write deterministic random weights for a model (safetensors, Hugging Face names).
     Init {
+        /// The model (.zb).
         file: PathBuf,
+        /// The seed of the weights.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// The safetensors file to write.
         #[arg(short, long)]
         output: PathBuf,
+        /// Which model of the source file, when it defines several.
         #[arg(long)]
         model: Option<String>,
     },
@@ -156,6 +160,7 @@ enum Command {
         /// A side input as NAME=FILE.npy (int32 or int64, the shape of the tokens).
         #[arg(long = "side", value_name = "NAME=FILE")]
         sides: Vec<String>,
+        /// Which model of the source file, when it defines several.
         #[arg(long)]
         model: Option<String>,
         /// Run the reference interpreter (f64) instead of the compiled kernels.
@@ -189,8 +194,10 @@ enum Command {
         /// The local attention's window.
         #[arg(long, default_value_t = 512)]
         window: usize,
+        /// Attention heads of the attention benchmarks.
         #[arg(long, default_value_t = 8)]
         heads: usize,
+        /// Their head dimension.
         #[arg(long, default_value_t = 64)]
         head_dim: usize,
         /// Sequences per training step (train-zebra).
@@ -213,79 +220,17 @@ enum Command {
     /// Train a model: on text (--data FILE|DIR, bytes as tokens) or the built-in associative
     /// recall task (--task recall, the default). Writes checkpoints, metrics and a loss curve
     /// to --out RUN_DIR; Ctrl-C saves a checkpoint; --resume RUN_DIR continues exactly.
-    Train {
-        /// The model (.zb); not needed with --resume.
-        file: Option<PathBuf>,
-        #[arg(long)]
-        model: Option<String>,
-        /// A text file, or a folder of them (each file one document).
-        #[arg(long)]
-        data: Option<PathBuf>,
-        /// A built-in task instead of --data: `recall`.
-        #[arg(long)]
-        task: Option<String>,
-        /// Key-value pairs per sequence of the recall task (default 4).
-        #[arg(long)]
-        pairs: Option<usize>,
-        /// Optimizer steps (default 1000).
-        #[arg(long)]
-        steps: Option<u64>,
-        /// Tokens per sequence (default 256).
-        #[arg(long)]
-        seq_len: Option<usize>,
-        /// Sequences per step (default 8).
-        #[arg(long)]
-        batch: Option<usize>,
-        /// Peak learning rate (default 1e-3).
-        #[arg(long)]
-        lr: Option<f64>,
-        /// Linear warm-up steps (default: 5% of the steps, at most 200).
-        #[arg(long)]
-        warmup: Option<u64>,
-        /// The cosine decay's floor, as a fraction of the peak (default 0.1).
-        #[arg(long)]
-        min_lr_ratio: Option<f64>,
-        /// AdamW's decoupled weight decay on matrices (default 0.1).
-        #[arg(long)]
-        weight_decay: Option<f64>,
-        /// Clip gradients to this global norm (default 1; 0 turns clipping off).
-        #[arg(long)]
-        clip: Option<f64>,
-        /// The seed of the initial weights and the data (default 0).
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Save a checkpoint every this many steps (default: every fifth of the run).
-        #[arg(long)]
-        checkpoint_every: Option<u64>,
-        /// Give every layer this attention kind (e.g. `local`, `global`): the baselines.
-        #[arg(long, value_name = "KIND")]
-        every_layer: Option<String>,
-        /// The run directory.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Continue the run in this directory where its last checkpoint stopped.
-        #[arg(long, value_name = "RUN_DIR")]
-        resume: Option<PathBuf>,
-        /// Start from these weights: a run directory's checkpoint or a safetensors file
-        /// (e.g. to continue at a longer --seq-len).
-        #[arg(long, value_name = "RUN_DIR|WEIGHTS")]
-        init_from: Option<PathBuf>,
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
-        /// No progress bar or summary.
-        #[arg(long)]
-        quiet: bool,
-        #[command(flatten)]
-        device: device::DeviceArgs,
-    },
+    Train(train::TrainArgs),
     /// Generate text from a trained model, streaming tokens as they come: the prompt is
     /// prefilled with the fused attention, then tokens are decoded one by one against KV
     /// caches that keep only what each layer's mask can still see.
     Generate {
         /// A run directory (from zebra train), or a safetensors file with --model-file.
         source: PathBuf,
+        /// The text to continue (bytes as tokens).
         #[arg(long)]
         prompt: String,
+        /// How many tokens to generate.
         #[arg(long, default_value_t = 200)]
         max_tokens: usize,
         /// 0 picks the most likely token every time.
@@ -297,6 +242,7 @@ enum Command {
         /// Sample from the most likely tokens up to this total probability (1: all).
         #[arg(long, default_value_t = 1.0)]
         top_p: f64,
+        /// The seed of the sampling.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// The longest context (prompt and generated tokens; default: their sum).
@@ -308,9 +254,10 @@ enum Command {
         /// The model's source, when SOURCE is a weights file.
         #[arg(long, value_name = "FILE.zb")]
         model_file: Option<PathBuf>,
-        /// Which model of the source file.
+        /// Which model of the source file, when it defines several.
         #[arg(long)]
         model: Option<String>,
+        /// Threads (default: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
         #[command(flatten)]
@@ -323,8 +270,10 @@ enum Command {
         /// Run directories (from zebra train), or safetensors files with --model-file.
         #[arg(required = true)]
         sources: Vec<PathBuf>,
+        /// A text file, or a folder of them: perplexity.
         #[arg(long)]
         data: Option<PathBuf>,
+        /// A built-in task instead of --data: `recall`.
         #[arg(long)]
         task: Option<String>,
         /// Context lengths (default: the run's sequence length).
@@ -336,6 +285,7 @@ enum Command {
         /// Sequences (recall) or text windows per context length.
         #[arg(long, default_value_t = 64)]
         samples: usize,
+        /// Sequences per forward pass.
         #[arg(long, default_value_t = 8)]
         batch: usize,
         /// The seed of the recall sequences (held out from training's by default).
@@ -344,10 +294,13 @@ enum Command {
         /// One JSON object per context length.
         #[arg(long)]
         json: bool,
+        /// The model's source, when the sources are weights files.
         #[arg(long, value_name = "FILE.zb")]
         model_file: Option<PathBuf>,
+        /// Which model of the source file, when it defines several.
         #[arg(long)]
         model: Option<String>,
+        /// Threads (default: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
         #[command(flatten)]
@@ -358,21 +311,27 @@ enum Command {
     /// reference: a new attention variant's GPU kernel checked without a GPU. One JSON line
     /// per kernel; fails if any check fails.
     Emulate {
+        /// The model (.zb).
         file: PathBuf,
+        /// Which model of the source file, when it defines several.
         #[arg(long)]
         model: Option<String>,
+        /// The sequence length of the random inputs.
         #[arg(long, default_value_t = 200)]
         seq_len: usize,
+        /// The batch size of the random inputs.
         #[arg(long, default_value_t = 2)]
         batch: usize,
         /// Output rows checked against the reference (the first and last among them).
         #[arg(long, default_value_t = 32)]
         rows: usize,
+        /// The kernels' 16-bit input type.
         #[arg(long, value_enum, default_value = "bf16")]
         dtype: Dtype,
         /// sm_80 or sm_90.
         #[arg(long, default_value = "sm_90")]
         target: zebra_passes::Target,
+        /// The seed of the random inputs.
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// The tensor-core instruction: sync (`mma.sync`), wgmma or wgmma-vt (sm_90).
@@ -386,7 +345,9 @@ enum Command {
     Toolchain,
     /// Encode text as byte-level token ids (vocabulary 256) into an int64 .npy file [1, T].
     Encode {
+        /// The text.
         text: String,
+        /// The .npy file to write.
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -568,53 +529,7 @@ fn main() -> ExitCode {
             threads,
             device: &device,
         }),
-        Command::Train {
-            file,
-            model,
-            data,
-            task,
-            pairs,
-            steps,
-            seq_len,
-            batch,
-            lr,
-            warmup,
-            min_lr_ratio,
-            weight_decay,
-            clip,
-            seed,
-            checkpoint_every,
-            every_layer,
-            out,
-            resume,
-            init_from,
-            threads,
-            quiet,
-            device,
-        } => train::train(&train::TrainArgs {
-            file,
-            model,
-            data,
-            task,
-            pairs,
-            steps,
-            seq_len,
-            batch,
-            lr,
-            warmup,
-            min_lr_ratio,
-            weight_decay,
-            clip,
-            seed,
-            checkpoint_every,
-            every_layer,
-            out,
-            resume,
-            init_from,
-            threads,
-            quiet,
-            device,
-        }),
+        Command::Train(args) => train::train(&args),
         Command::Bench {
             names,
             seq_len,

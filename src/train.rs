@@ -29,29 +29,72 @@ use zebra_runtime::train::Trainer;
 use crate::device::{Device, DeviceArgs};
 
 /// The settings `zebra train` takes; `None` means "the default" (or, resuming, "the run's").
-#[derive(Debug, Default)]
+#[derive(Debug, Default, clap::Args)]
 pub struct TrainArgs {
+    /// The model (.zb); not needed with --resume.
     pub file: Option<PathBuf>,
+    /// The model to train, when the file defines several.
+    #[arg(long)]
     pub model: Option<String>,
+    /// A text file, or a folder of them (each file one document).
+    #[arg(long)]
     pub data: Option<PathBuf>,
+    /// A built-in task instead of --data: `recall`.
+    #[arg(long)]
     pub task: Option<String>,
+    /// Key-value pairs per sequence of the recall task (default 4).
+    #[arg(long)]
     pub pairs: Option<usize>,
+    /// Optimizer steps (default 1000).
+    #[arg(long)]
     pub steps: Option<u64>,
+    /// Tokens per sequence (default 256).
+    #[arg(long)]
     pub seq_len: Option<usize>,
+    /// Sequences per step (default 8).
+    #[arg(long)]
     pub batch: Option<usize>,
+    /// Peak learning rate (default 1e-3).
+    #[arg(long)]
     pub lr: Option<f64>,
+    /// Linear warm-up steps (default: 5% of the steps, at most 200).
+    #[arg(long)]
     pub warmup: Option<u64>,
+    /// The cosine decay's floor, as a fraction of the peak (default 0.1).
+    #[arg(long)]
     pub min_lr_ratio: Option<f64>,
+    /// AdamW's decoupled weight decay on matrices (default 0.1).
+    #[arg(long)]
     pub weight_decay: Option<f64>,
+    /// Clip gradients to this global norm (default 1; 0 turns clipping off).
+    #[arg(long)]
     pub clip: Option<f64>,
+    /// The seed of the initial weights and the data (default 0).
+    #[arg(long)]
     pub seed: Option<u64>,
+    /// Save a checkpoint every this many steps (default: every fifth of the run).
+    #[arg(long)]
     pub checkpoint_every: Option<u64>,
+    /// Give every layer this attention kind (e.g. `local`, `global`): the baselines.
+    #[arg(long, value_name = "KIND")]
     pub every_layer: Option<String>,
+    /// The run directory.
+    #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Continue the run in this directory where its last checkpoint stopped.
+    #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
+    /// Start from these weights: a run directory's checkpoint or a safetensors file
+    /// (e.g. to continue at a longer --seq-len).
+    #[arg(long, value_name = "RUN_DIR|WEIGHTS")]
     pub init_from: Option<PathBuf>,
+    /// Threads (default: one per core).
+    #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// No progress bar or summary.
+    #[arg(long)]
     pub quiet: bool,
+    #[command(flatten)]
     pub device: DeviceArgs,
 }
 
