@@ -14,6 +14,7 @@ test: setup
 	scripts/ptxas.sh
 	cargo test --workspace
 
-# A minute of coverage-guided fuzzing of the frontend (needs `cargo install cargo-fuzz`).
+# A minute of coverage-guided fuzzing for each target: the frontend, the IR's text form,
+# weights and .npy files (needs `cargo install cargo-fuzz`).
 fuzz:
 	scripts/fuzz.sh 60
