@@ -164,12 +164,9 @@ fn header_claim(header: &str) -> Option<(String, u128)> {
                 .filter(|d| !d.is_empty())
                 .try_fold(1u128, |n, d| {
                     let d: u128 = d.trim_end_matches('L').parse().ok()?;
-                    Some(n.checked_mul(d).unwrap_or(u128::MAX))
+                    Some(n.saturating_mul(d))
                 })?;
-            Some((
-                tuple.to_string(),
-                elements.checked_mul(item).unwrap_or(u128::MAX),
-            ))
+            Some((tuple.to_string(), elements.saturating_mul(item)))
         })
         .max_by_key(|(_, n)| *n)
 }
