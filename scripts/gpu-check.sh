@@ -24,6 +24,11 @@ compare() {
     echo "{\"example\": \"$1\", \"result\": $(echo "$result" | head -1)}"
     [ $status -eq 0 ] || failed=1
 }
+# Runs zebra-run with its arguments, for at most GPU_TIMEOUT seconds (default 120; a run
+# takes seconds), so that a hang costs the device's time once.
+gpu() {
+    timeout "${GPU_TIMEOUT:-120}" "$run" "$@"
+}
 gpu_failed() {
     echo "{\"example\": \"$1\", \"ok\": false, \"error\": \"the GPU run failed\"}"
     failed=1
@@ -31,13 +36,13 @@ gpu_failed() {
 for example in "$dir"/*/; do
     name=$(basename "$example")
     [ -f "$example/cpu-logits.npy" ] || continue
-    if ! "$run" forward "$example/gpu" --device cuda --weights "$example/weights.safetensors" \
+    if ! gpu forward "$example/gpu" --device cuda --weights "$example/weights.safetensors" \
         --tokens "$dir/tokens.npy" --output "$example/gpu-logits.npy"; then
         gpu_failed "$name"
         continue
     fi
     compare "$name" "$example/gpu-logits.npy" "$example/cpu-logits.npy"
-    if "$run" forward "$example/gpu-bf16" --device cuda --weights "$example/weights.safetensors" \
+    if gpu forward "$example/gpu-bf16" --device cuda --weights "$example/weights.safetensors" \
         --tokens "$dir/tokens.npy" --output "$example/gpu-bf16-logits.npy"; then
         compare "$name, bf16 tensor cores" "$example/gpu-bf16-logits.npy" "$example/cpu-logits.npy" "$bf16_tolerance"
     else
@@ -47,13 +52,13 @@ done
 # The golden models against the logits Hugging Face transformers (PyTorch) computed.
 for example in "$dir"/golden-*/; do
     name=$(basename "$example")
-    if "$run" forward "$example/gpu" --device cuda --weights "$example/weights.safetensors" \
+    if gpu forward "$example/gpu" --device cuda --weights "$example/weights.safetensors" \
         --tokens "$example/tokens.npy" --output "$example/gpu-logits.npy" 2>/dev/null; then
         compare "$name vs transformers" "$example/gpu-logits.npy" "$example/hf-logits.npy"
     else
         gpu_failed "$name"
     fi
-    if "$run" forward "$example/gpu-bf16" --device cuda --weights "$example/weights.safetensors" \
+    if gpu forward "$example/gpu-bf16" --device cuda --weights "$example/weights.safetensors" \
         --tokens "$example/tokens.npy" --output "$example/gpu-bf16-logits.npy" 2>/dev/null; then
         compare "$name, bf16 tensor cores, vs transformers" "$example/gpu-bf16-logits.npy" "$example/hf-logits.npy" "$bf16_tolerance"
     else
@@ -68,7 +73,7 @@ for t in "$dir"/train-*/; do
         [ -d "$t/$variant" ] || continue
         name="training steps, $model"; limit=$(awk -v t="$tolerance" 'BEGIN {print t * 10}')
         if [ "$variant" = gpu-bf16 ]; then name="$name, bf16 tensor cores"; limit=$bf16_tolerance; fi
-        if "$run" train "$t/$variant" --device cuda --weights "$t/weights.safetensors" \
+        if gpu train "$t/$variant" --device cuda --weights "$t/weights.safetensors" \
             --data "$t/corpus.txt" --steps 5 --seq-len 128 --batch 2 --lr 1e-3 \
             --out "$t/$variant-trained.safetensors" > "$t/$variant-losses.jsonl"; then
             losses() { grep -o '"loss":[^,]*' "$1" | cut -d: -f2; }
@@ -86,7 +91,7 @@ done
 # Teacher-forced decoding for one program per kind of KV cache: every step's logits.
 for example in "$dir"/decode-*/; do
     name=$(basename "$example")
-    if "$run" decode "$example/gpu" --device cuda --weights "$example/weights.safetensors" \
+    if gpu decode "$example/gpu" --device cuda --weights "$example/weights.safetensors" \
         --tokens "$dir/tokens.npy" --prompt-len 40 --output "$example/gpu-decode-logits.npy"; then
         compare "$name" "$example/gpu-decode-logits.npy" "$example/cpu-decode-logits.npy"
     else
@@ -95,19 +100,19 @@ for example in "$dir"/decode-*/; do
 done
 if [ -d "$dir/generate/gpu" ]; then
     # Teacher-forced decoding: every step's logits against the CPU's.
-    if "$run" decode "$dir/generate/gpu" --device cuda --weights "$dir/generate/weights.safetensors" \
+    if gpu decode "$dir/generate/gpu" --device cuda --weights "$dir/generate/weights.safetensors" \
         --tokens "$dir/tokens.npy" --prompt-len 40 --output "$dir/generate/gpu-decode-logits.npy"; then
         compare "decode steps" "$dir/generate/gpu-decode-logits.npy" "$dir/generate/cpu-decode-logits.npy"
     else
         gpu_failed "decode steps"
     fi
-    if "$run" decode "$dir/generate/gpu-bf16" --device cuda --weights "$dir/generate/weights.safetensors" \
+    if gpu decode "$dir/generate/gpu-bf16" --device cuda --weights "$dir/generate/weights.safetensors" \
         --tokens "$dir/tokens.npy" --prompt-len 40 --output "$dir/generate/gpu-bf16-decode-logits.npy"; then
         compare "decode steps, bf16 tensor cores" "$dir/generate/gpu-bf16-decode-logits.npy" "$dir/generate/cpu-decode-logits.npy" "$bf16_tolerance"
     else
         gpu_failed "decode steps, bf16 tensor cores"
     fi
-    if "$run" generate "$dir/generate/gpu" --device cuda --weights "$dir/generate/weights.safetensors" \
+    if gpu generate "$dir/generate/gpu" --device cuda --weights "$dir/generate/weights.safetensors" \
         --prompt "$(cat "$dir/generate/prompt.txt")" --max-tokens 200 --temperature 1 --seed 7 \
         > "$dir/generate/gpu.txt"; then
         if cmp -s "$dir/generate/gpu.txt" "$dir/generate/cpu.txt"; then
@@ -124,7 +129,7 @@ fi
 # The forward benchmark: the median of 3 passes in f32 and in bf16, and their logits compared.
 if [ -d "$dir/model" ]; then
     for dtype in f32 bf16; do
-        if ! "$run" forward "$dir/model/$dtype" --device cuda --random-weights 1 \
+        if ! GPU_TIMEOUT=300 gpu forward "$dir/model/$dtype" --device cuda --random-weights 1 \
             --tokens "$dir/model/tokens.npy" --output "$dir/model/$dtype-logits.npy" --repeat 3 --json; then
             gpu_failed "model benchmark, $dtype"
         fi
@@ -134,7 +139,7 @@ fi
 # The training benchmark: three bf16 steps of the same model at T = 2048 (the recall task,
 # random weights): one JSON line per step with its tokens per second.
 if [ -d "$dir/model/train-bf16" ]; then
-    if ! timeout 300 "$run" train "$dir/model/train-bf16" --device cuda --random-weights 1 \
+    if ! GPU_TIMEOUT=300 gpu train "$dir/model/train-bf16" --device cuda --random-weights 1 \
         --steps 3 --seq-len 2048 --batch 1 --out "$dir/model/trained.safetensors"; then
         gpu_failed "training benchmark, bf16"
     fi
