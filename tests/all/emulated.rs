@@ -125,7 +125,7 @@ fn tensor_core_variants_in_the_emulator() {
         };
         (kernel, MmaTiles::for_head_dim(d as usize, 90).unwrap())
     };
-    let cases: [(u64, MmaSettings, Half, (usize, usize)); 8] = [
+    let cases: [(u64, MmaSettings, Half, (usize, usize)); 9] = [
         (64, MmaSettings::default(), Half::Bf16, (1, 1)),
         (64, MmaSettings::default(), Half::F16, (1, 77)),
         (128, MmaSettings::default(), Half::Bf16, (1, 200)),
@@ -166,6 +166,16 @@ fn tensor_core_variants_in_the_emulator() {
             },
             Half::Bf16,
             (1, 150),
+        ),
+        (
+            128,
+            MmaSettings {
+                block_q: Some(64),
+                block_k: Some(32),
+                ..MmaSettings::default()
+            },
+            Half::Bf16,
+            (1, 100),
         ),
     ];
     for (d, settings, half, shape) in cases {
