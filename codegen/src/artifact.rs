@@ -333,18 +333,20 @@ pub fn named_mma_attentions(
             "the graph has no fused attention to compile for tensor cores".into(),
         ));
     }
-    Ok(kernels
+    kernels
         .into_iter()
         .map(|(mut kernel, tiles)| {
-            let tiles = tiles.with(&settings);
+            let tiles = tiles.checked_with(&settings).map_err(|reason| {
+                CodegenError::Io(format!("attention `{}`: {reason}", kernel.name))
+            })?;
             kernel.block_k = tiles.block_k as u64;
-            (
+            Ok((
                 crate::ptx::mma_symbol(&kernel, tiles, half, target),
                 kernel,
                 tiles,
-            )
+            ))
         })
-        .collect())
+        .collect()
 }
 
 /// The description of a tensor-core attention kernel that the runtime launches and checks.

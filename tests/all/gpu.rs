@@ -596,19 +596,28 @@ fn gpu_kernels_assemble_with_ptxas() {
             .unwrap();
             dirs.push((dir, sm));
             if sm == "sm_90" {
-                // The wgmma kernels, for sm_90a, with both key tiles and both V layouts.
+                // The wgmma kernels, for sm_90a, with both key tiles and both V layouts (beyond
+                // head dim 128 they take 32 keys per tile at most: the target's choice).
+                let wide = zebra_codegen::ptx::mma_attentions(&graph, target)
+                    .unwrap()
+                    .iter()
+                    .any(|(kernel, _)| kernel.head_dim > 128);
                 for (product, block_k) in [
-                    (Product::Wgmma, 64),
-                    (Product::Wgmma, 128),
-                    (Product::WgmmaTransposedV, 64),
+                    (Product::Wgmma, Some(64)),
+                    (Product::Wgmma, Some(128)),
+                    (Product::WgmmaTransposedV, Some(64)),
                 ] {
+                    if wide && block_k == Some(128) {
+                        continue;
+                    }
+                    let block_k = block_k.filter(|_| !wide);
                     let dir = out.path().join(format!(
-                        "{product:?}-{block_k}-{}",
+                        "{product:?}-{block_k:?}-{}",
                         checked.program.models[0].name
                     ));
                     let settings = MmaSettings {
                         product: Some(product),
-                        block_k: Some(block_k),
+                        block_k,
                         ..MmaSettings::default()
                     };
                     zebra_codegen::artifact::build_gpu_attention(

@@ -195,6 +195,39 @@ impl MmaTiles {
         }
     }
 
+    /// [`MmaTiles::with`], refusing a setting it would not take as asked (a user's flag):
+    /// the reason, naming the setting and the limit.
+    pub fn checked_with(self, settings: &MmaSettings) -> Result<MmaTiles, String> {
+        let tiles = self.with(settings);
+        let d = self.head_dim;
+        let product = match tiles.product {
+            Product::Sync => "mma.sync",
+            Product::Wgmma => "wgmma",
+            Product::WgmmaTransposedV => "wgmma-vt",
+        };
+        if let Some(stages) = settings.stages.filter(|&s| s != tiles.stages) {
+            return Err(format!(
+                "{product} kernels take one K/V stage, not {stages} (their next K and V tiles are \
+                 copied a step ahead in buffers of their own)"
+            ));
+        }
+        if let Some(block_q) = settings.block_q.filter(|&q| q != tiles.block_q) {
+            return Err(format!(
+                "at head dim {d}, {product} kernels take {} queries per tile, not {block_q}: \
+                 beyond head dim 128 the output accumulators fill the registers",
+                tiles.block_q
+            ));
+        }
+        if let Some(block_k) = settings.block_k.filter(|&k| k != tiles.block_k) {
+            return Err(format!(
+                "at head dim {d}, {product} kernels take at most {} keys per tile, not \
+                 {block_k}: beyond head dim 128 more scores beside the output accumulators spill",
+                tiles.block_k
+            ));
+        }
+        Ok(tiles)
+    }
+
     /// Threads per block.
     pub fn threads(&self) -> usize {
         self.warps * 32
@@ -1390,6 +1423,44 @@ mod tests {
             ..MmaSettings::default()
         });
         assert_eq!(wide.block_k, 32);
+        // What a user asks for and a kernel cannot take is refused, naming the limit.
+        let asked = |settings: MmaSettings, d: usize| {
+            MmaTiles::for_head_dim(d, 90)
+                .unwrap()
+                .checked_with(&settings)
+                .map_err(|e| e.to_string())
+        };
+        let wgmma_2 = MmaSettings {
+            stages: Some(2),
+            product: Some(Product::Wgmma),
+            ..MmaSettings::default()
+        };
+        assert!(
+            asked(wgmma_2, 64)
+                .unwrap_err()
+                .contains("wgmma kernels take one K/V stage")
+        );
+        let q128 = MmaSettings {
+            block_q: Some(128),
+            ..MmaSettings::default()
+        };
+        assert!(asked(q128, 128).is_ok());
+        let err = asked(q128, 256).unwrap_err();
+        assert!(
+            err.contains("at head dim 256, mma.sync kernels take 64 queries per tile, not 128"),
+            "{err}"
+        );
+        let k128 = MmaSettings {
+            block_k: Some(128),
+            product: Some(Product::Wgmma),
+            ..MmaSettings::default()
+        };
+        assert_eq!(asked(k128, 128).unwrap().block_k, 128);
+        let err = asked(k128, 256).unwrap_err();
+        assert!(
+            err.contains("wgmma kernels take at most 32 keys per tile, not 128"),
+            "{err}"
+        );
         // Q (128 x 128), two K (128 x 128) and two V tiles, unpadded.
         assert_eq!(wgmma.shared_bytes(), 5 * 128 * 128 * 2);
         assert!(wgmma.shared_bytes() <= MmaTiles::shared_limit(90));
