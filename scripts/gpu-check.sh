@@ -9,6 +9,8 @@
 # largest logit. Then the forward benchmark of a 492M-parameter model, f32 against bf16, and
 # its training step in bf16.
 # Usage: scripts/gpu-check.sh DIR [TOLERANCE]   (relative to the largest logit; default 1e-4)
+# PARTS="attention model ..." runs only those parts (examples, golden, training, decode,
+# generate, model, attention), e.g. to spread the checks over several device calls.
 set -uo pipefail
 dir=${1:?usage: gpu-check.sh DIR [TOLERANCE]}
 tolerance=${2:-1e-4}
@@ -29,124 +31,144 @@ compare() {
 gpu() {
     timeout "${GPU_TIMEOUT:-120}" "$run" "$@"
 }
+# Whether part NAME runs: those named in PARTS (default: all of them).
+part() {
+    [ -z "${PARTS:-}" ] || [[ " $PARTS " == *" $1 "* ]]
+}
 gpu_failed() {
     echo "{\"example\": \"$1\", \"ok\": false, \"error\": \"the GPU run failed\"}"
     failed=1
 }
-for example in "$dir"/*/; do
-    name=$(basename "$example")
-    [ -f "$example/cpu-logits.npy" ] || continue
-    if ! gpu forward "$example/gpu" --device cuda --weights "$example/weights.safetensors" \
-        --tokens "$dir/tokens.npy" --output "$example/gpu-logits.npy"; then
-        gpu_failed "$name"
-        continue
-    fi
-    compare "$name" "$example/gpu-logits.npy" "$example/cpu-logits.npy"
-    if gpu forward "$example/gpu-bf16" --device cuda --weights "$example/weights.safetensors" \
-        --tokens "$dir/tokens.npy" --output "$example/gpu-bf16-logits.npy"; then
-        compare "$name, bf16 tensor cores" "$example/gpu-bf16-logits.npy" "$example/cpu-logits.npy" "$bf16_tolerance"
-    else
-        gpu_failed "$name, bf16 tensor cores"
-    fi
-done
-# The golden models against the logits Hugging Face transformers (PyTorch) computed.
-for example in "$dir"/golden-*/; do
-    name=$(basename "$example")
-    if gpu forward "$example/gpu" --device cuda --weights "$example/weights.safetensors" \
-        --tokens "$example/tokens.npy" --output "$example/gpu-logits.npy" 2>/dev/null; then
-        compare "$name vs transformers" "$example/gpu-logits.npy" "$example/hf-logits.npy"
-    else
-        gpu_failed "$name"
-    fi
-    if gpu forward "$example/gpu-bf16" --device cuda --weights "$example/weights.safetensors" \
-        --tokens "$example/tokens.npy" --output "$example/gpu-bf16-logits.npy" 2>/dev/null; then
-        compare "$name, bf16 tensor cores, vs transformers" "$example/gpu-bf16-logits.npy" "$example/hf-logits.npy" "$bf16_tolerance"
-    else
-        gpu_failed "$name, bf16 tensor cores"
-    fi
-done
-# Five training steps on the GPU against the CPU's losses: f32 (within 10 x the tolerance),
-# and bf16 on tensor cores (within the bf16 tolerance).
-for t in "$dir"/train-*/; do
-    model=$(basename "$t" | sed 's/^train-//')
-    for variant in gpu gpu-bf16; do
-        [ -d "$t/$variant" ] || continue
-        name="training steps, $model"; limit=$(awk -v t="$tolerance" 'BEGIN {print t * 10}')
-        if [ "$variant" = gpu-bf16 ]; then name="$name, bf16 tensor cores"; limit=$bf16_tolerance; fi
-        if gpu train "$t/$variant" --device cuda --weights "$t/weights.safetensors" \
-            --data "$t/corpus.txt" --steps 5 --seq-len 128 --batch 2 --lr 1e-3 \
-            --out "$t/$variant-trained.safetensors" > "$t/$variant-losses.jsonl"; then
-            losses() { grep -o '"loss":[^,]*' "$1" | cut -d: -f2; }
-            worst=$(paste <(losses "$t/$variant-losses.jsonl") <(losses "$t/cpu-losses.jsonl") |
-                awk '{d = $1 - $2; if (d < 0) d = -d; r = d / ($2 < 0 ? -$2 : $2); if (r > w) w = r} END {print w + 0}')
-            ok=$(awk -v w="$worst" -v t="$limit" 'BEGIN {print (w <= t) ? "true" : "false"}')
-            echo "{\"example\": \"$name\", \"gpu\": [$(losses "$t/$variant-losses.jsonl" | paste -sd,)], \"cpu\": [$(losses "$t/cpu-losses.jsonl" | paste -sd,)], \"max_relative_diff\": $worst, \"ok\": $ok}"
-            [ "$ok" = true ] || failed=1
+if part examples; then
+    for example in "$dir"/*/; do
+        name=$(basename "$example")
+        [ -f "$example/cpu-logits.npy" ] || continue
+        if ! gpu forward "$example/gpu" --device cuda --weights "$example/weights.safetensors" \
+            --tokens "$dir/tokens.npy" --output "$example/gpu-logits.npy"; then
+            gpu_failed "$name"
+            continue
+        fi
+        compare "$name" "$example/gpu-logits.npy" "$example/cpu-logits.npy"
+        if gpu forward "$example/gpu-bf16" --device cuda --weights "$example/weights.safetensors" \
+            --tokens "$dir/tokens.npy" --output "$example/gpu-bf16-logits.npy"; then
+            compare "$name, bf16 tensor cores" "$example/gpu-bf16-logits.npy" "$example/cpu-logits.npy" "$bf16_tolerance"
         else
-            echo "{\"example\": \"$name\", \"ok\": false, \"error\": \"the GPU run failed\"}"
-            failed=1
+            gpu_failed "$name, bf16 tensor cores"
         fi
     done
-done
-# Teacher-forced decoding for one program per kind of KV cache: every step's logits.
-for example in "$dir"/decode-*/; do
-    name=$(basename "$example")
-    if gpu decode "$example/gpu" --device cuda --weights "$example/weights.safetensors" \
-        --tokens "$dir/tokens.npy" --prompt-len 40 --output "$example/gpu-decode-logits.npy"; then
-        compare "$name" "$example/gpu-decode-logits.npy" "$example/cpu-decode-logits.npy"
-    else
-        gpu_failed "$name"
-    fi
-done
-if [ -d "$dir/generate/gpu" ]; then
-    # Teacher-forced decoding: every step's logits against the CPU's.
-    if gpu decode "$dir/generate/gpu" --device cuda --weights "$dir/generate/weights.safetensors" \
-        --tokens "$dir/tokens.npy" --prompt-len 40 --output "$dir/generate/gpu-decode-logits.npy"; then
-        compare "decode steps" "$dir/generate/gpu-decode-logits.npy" "$dir/generate/cpu-decode-logits.npy"
-    else
-        gpu_failed "decode steps"
-    fi
-    if gpu decode "$dir/generate/gpu-bf16" --device cuda --weights "$dir/generate/weights.safetensors" \
-        --tokens "$dir/tokens.npy" --prompt-len 40 --output "$dir/generate/gpu-bf16-decode-logits.npy"; then
-        compare "decode steps, bf16 tensor cores" "$dir/generate/gpu-bf16-decode-logits.npy" "$dir/generate/cpu-decode-logits.npy" "$bf16_tolerance"
-    else
-        gpu_failed "decode steps, bf16 tensor cores"
-    fi
-    if gpu generate "$dir/generate/gpu" --device cuda --weights "$dir/generate/weights.safetensors" \
-        --prompt "$(cat "$dir/generate/prompt.txt")" --max-tokens 200 --temperature 1 --seed 7 \
-        > "$dir/generate/gpu.txt"; then
-        if cmp -s "$dir/generate/gpu.txt" "$dir/generate/cpu.txt"; then
-            echo '{"example": "sampled generation, 200 tokens, seed 7", "ok": true}'
+fi
+# The golden models against the logits Hugging Face transformers (PyTorch) computed.
+if part golden; then
+    for example in "$dir"/golden-*/; do
+        name=$(basename "$example")
+        if gpu forward "$example/gpu" --device cuda --weights "$example/weights.safetensors" \
+            --tokens "$example/tokens.npy" --output "$example/gpu-logits.npy" 2>/dev/null; then
+            compare "$name vs transformers" "$example/gpu-logits.npy" "$example/hf-logits.npy"
         else
-            echo '{"example": "sampled generation, 200 tokens, seed 7", "ok": false, "error": "the GPU wrote other tokens than the CPU"}'
+            gpu_failed "$name"
+        fi
+        if gpu forward "$example/gpu-bf16" --device cuda --weights "$example/weights.safetensors" \
+            --tokens "$example/tokens.npy" --output "$example/gpu-bf16-logits.npy" 2>/dev/null; then
+            compare "$name, bf16 tensor cores, vs transformers" "$example/gpu-bf16-logits.npy" "$example/hf-logits.npy" "$bf16_tolerance"
+        else
+            gpu_failed "$name, bf16 tensor cores"
+        fi
+    done
+fi
+# Five training steps on the GPU against the CPU's losses: f32 (within 10 x the tolerance),
+# and bf16 on tensor cores (within the bf16 tolerance).
+if part training; then
+    for t in "$dir"/train-*/; do
+        model=$(basename "$t" | sed 's/^train-//')
+        for variant in gpu gpu-bf16; do
+            [ -d "$t/$variant" ] || continue
+            name="training steps, $model"; limit=$(awk -v t="$tolerance" 'BEGIN {print t * 10}')
+            if [ "$variant" = gpu-bf16 ]; then name="$name, bf16 tensor cores"; limit=$bf16_tolerance; fi
+            if gpu train "$t/$variant" --device cuda --weights "$t/weights.safetensors" \
+                --data "$t/corpus.txt" --steps 5 --seq-len 128 --batch 2 --lr 1e-3 \
+                --out "$t/$variant-trained.safetensors" > "$t/$variant-losses.jsonl"; then
+                losses() { grep -o '"loss":[^,]*' "$1" | cut -d: -f2; }
+                worst=$(paste <(losses "$t/$variant-losses.jsonl") <(losses "$t/cpu-losses.jsonl") |
+                    awk '{d = $1 - $2; if (d < 0) d = -d; r = d / ($2 < 0 ? -$2 : $2); if (r > w) w = r} END {print w + 0}')
+                ok=$(awk -v w="$worst" -v t="$limit" 'BEGIN {print (w <= t) ? "true" : "false"}')
+                echo "{\"example\": \"$name\", \"gpu\": [$(losses "$t/$variant-losses.jsonl" | paste -sd,)], \"cpu\": [$(losses "$t/cpu-losses.jsonl" | paste -sd,)], \"max_relative_diff\": $worst, \"ok\": $ok}"
+                [ "$ok" = true ] || failed=1
+            else
+                echo "{\"example\": \"$name\", \"ok\": false, \"error\": \"the GPU run failed\"}"
+                failed=1
+            fi
+        done
+    done
+fi
+# Teacher-forced decoding for one program per kind of KV cache: every step's logits.
+if part decode; then
+    for example in "$dir"/decode-*/; do
+        name=$(basename "$example")
+        if gpu decode "$example/gpu" --device cuda --weights "$example/weights.safetensors" \
+            --tokens "$dir/tokens.npy" --prompt-len 40 --output "$example/gpu-decode-logits.npy"; then
+            compare "$name" "$example/gpu-decode-logits.npy" "$example/cpu-decode-logits.npy"
+        else
+            gpu_failed "$name"
+        fi
+    done
+fi
+if part generate; then
+    if [ -d "$dir/generate/gpu" ]; then
+        # Teacher-forced decoding: every step's logits against the CPU's.
+        if gpu decode "$dir/generate/gpu" --device cuda --weights "$dir/generate/weights.safetensors" \
+            --tokens "$dir/tokens.npy" --prompt-len 40 --output "$dir/generate/gpu-decode-logits.npy"; then
+            compare "decode steps" "$dir/generate/gpu-decode-logits.npy" "$dir/generate/cpu-decode-logits.npy"
+        else
+            gpu_failed "decode steps"
+        fi
+        if gpu decode "$dir/generate/gpu-bf16" --device cuda --weights "$dir/generate/weights.safetensors" \
+            --tokens "$dir/tokens.npy" --prompt-len 40 --output "$dir/generate/gpu-bf16-decode-logits.npy"; then
+            compare "decode steps, bf16 tensor cores" "$dir/generate/gpu-bf16-decode-logits.npy" "$dir/generate/cpu-decode-logits.npy" "$bf16_tolerance"
+        else
+            gpu_failed "decode steps, bf16 tensor cores"
+        fi
+        if gpu generate "$dir/generate/gpu" --device cuda --weights "$dir/generate/weights.safetensors" \
+            --prompt "$(cat "$dir/generate/prompt.txt")" --max-tokens 200 --temperature 1 --seed 7 \
+            > "$dir/generate/gpu.txt"; then
+            if cmp -s "$dir/generate/gpu.txt" "$dir/generate/cpu.txt"; then
+                echo '{"example": "sampled generation, 200 tokens, seed 7", "ok": true}'
+            else
+                echo '{"example": "sampled generation, 200 tokens, seed 7", "ok": false, "error": "the GPU wrote other tokens than the CPU"}'
+                failed=1
+            fi
+        else
+            echo '{"example": "sampled generation", "ok": false, "error": "the GPU run failed"}'
             failed=1
         fi
-    else
-        echo '{"example": "sampled generation", "ok": false, "error": "the GPU run failed"}'
-        failed=1
     fi
 fi
 # The forward benchmark: the median of 3 passes in f32 and in bf16, and their logits compared.
-if [ -d "$dir/model" ]; then
-    for dtype in f32 bf16; do
-        if ! GPU_TIMEOUT=300 gpu forward "$dir/model/$dtype" --device cuda --random-weights 1 \
-            --tokens "$dir/model/tokens.npy" --output "$dir/model/$dtype-logits.npy" --repeat 3 --json; then
-            gpu_failed "model benchmark, $dtype"
-        fi
-    done
-    compare "model benchmark, bf16 against f32" "$dir/model/bf16-logits.npy" "$dir/model/f32-logits.npy" "$bf16_tolerance"
+if part model; then
+    if [ -d "$dir/model" ]; then
+        for dtype in f32 bf16; do
+            if ! GPU_TIMEOUT=300 gpu forward "$dir/model/$dtype" --device cuda --random-weights 1 \
+                --tokens "$dir/model/tokens.npy" --output "$dir/model/$dtype-logits.npy" --repeat 3 --json; then
+                gpu_failed "model benchmark, $dtype"
+            fi
+        done
+        compare "model benchmark, bf16 against f32" "$dir/model/bf16-logits.npy" "$dir/model/f32-logits.npy" "$bf16_tolerance"
+    fi
 fi
 # The training benchmark: three bf16 steps of the same model at T = 2048 (the recall task,
 # random weights): one JSON line per step with its tokens per second.
-if [ -d "$dir/model/train-bf16" ]; then
-    if ! GPU_TIMEOUT=300 gpu train "$dir/model/train-bf16" --device cuda --random-weights 1 \
-        --steps 3 --seq-len 2048 --batch 1 --out "$dir/model/trained.safetensors"; then
-        gpu_failed "training benchmark, bf16"
+if part model; then
+    if [ -d "$dir/model/train-bf16" ]; then
+        if ! GPU_TIMEOUT=300 gpu train "$dir/model/train-bf16" --device cuda --random-weights 1 \
+            --steps 3 --seq-len 2048 --batch 1 --out "$dir/model/trained.safetensors"; then
+            gpu_failed "training benchmark, bf16"
+        fi
+        rm -f "$dir/model/trained.safetensors"
     fi
-    rm -f "$dir/model/trained.safetensors"
 fi
 # The tensor-core attention kernels: checks, then the benchmark beside PyTorch.
-if [ -d "$dir/attention" ]; then
-    bash "$dir/gpu-attention.sh" "$dir" || failed=1
+if part attention; then
+    if [ -d "$dir/attention" ]; then
+        bash "$dir/gpu-attention.sh" "$dir" || failed=1
+    fi
 fi
 exit $failed
