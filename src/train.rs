@@ -110,6 +110,29 @@ impl std::fmt::Display for Interrupted {
 
 impl std::error::Error for Interrupted {}
 
+/// Refuses optimizer settings outside their range, naming the flag.
+fn check_optimizer(o: &AdamWConfig) -> Result<()> {
+    if !(0.0..=1.0).contains(&o.min_lr_ratio) {
+        bail!(
+            "--min-lr-ratio must be between 0 and 1 (a fraction of the peak learning rate), found {}",
+            o.min_lr_ratio
+        );
+    }
+    if !(o.weight_decay >= 0.0 && o.weight_decay.is_finite()) {
+        bail!(
+            "--weight-decay must be 0 or a positive number, found {}",
+            o.weight_decay
+        );
+    }
+    if !(o.clip_norm >= 0.0 && o.clip_norm.is_finite()) {
+        bail!(
+            "--clip must be 0 (no clipping) or a positive norm, found {}",
+            o.clip_norm
+        );
+    }
+    Ok(())
+}
+
 /// A model's spec from its source, with `--every-layer` applied.
 pub fn spec_from_source(
     source: &str,
@@ -286,6 +309,7 @@ fn new_run(args: &TrainArgs) -> Result<(RunConfig, PathBuf, String)> {
         clip_norm: args.clip.unwrap_or(1.0),
         ..AdamWConfig::default()
     };
+    check_optimizer(&optimizer)?;
     let base = spec_from_source(&source, file, args.model.as_deref(), None)?;
     let spec = spec_from_source(
         &source,

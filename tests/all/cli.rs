@@ -581,6 +581,31 @@ fn train_tiny(data: &str, out: &str, steps: &str, extra: &[&str]) -> Output {
     zebra(&args)
 }
 
+/// `zebra train` refuses optimizer settings out of range, naming the flag, and writes no
+/// run directory.
+#[test]
+fn train_refuses_bad_optimizer_flags() {
+    let dir = temp();
+    let data = corpus(dir.path());
+    let run = path(dir.path(), "run");
+    for (flag, says) in [
+        (
+            "--clip=-1",
+            "--clip must be 0 (no clipping) or a positive norm, found -1",
+        ),
+        (
+            "--weight-decay=nan",
+            "--weight-decay must be 0 or a positive number, found NaN",
+        ),
+        ("--min-lr-ratio=2", "--min-lr-ratio must be between 0 and 1"),
+    ] {
+        let out = train_tiny(&data, &run, "2", &[flag]);
+        assert!(!out.ok, "{flag} was accepted");
+        assert!(out.stderr.contains(says), "{flag}: {}", out.stderr);
+        assert!(!Path::new(&run).exists(), "{flag} left a run directory");
+    }
+}
+
 fn losses(run: &str) -> Vec<f64> {
     std::fs::read_to_string(Path::new(run).join("metrics.jsonl"))
         .unwrap()
