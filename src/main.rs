@@ -102,7 +102,7 @@ enum Command {
         #[arg(long, value_name = "NODE")]
         explain: Option<String>,
         /// The longest sequence a compiled artifact will run.
-        #[arg(long, default_value_t = DEFAULT_MAX_SEQ_LEN)]
+        #[arg(long, default_value_t = DEFAULT_MAX_SEQ_LEN, value_parser = zebra_runtime::parse_positive)]
         max_seq_len: usize,
         /// What an artifact is for: a forward pass, generation (`prefill/` and `decode/`,
         /// with KV caches), training (the training step: loss and gradients), or the
@@ -167,10 +167,10 @@ enum Command {
         #[arg(long)]
         interpret: bool,
         /// Threads for the compiled kernels (default: one per core).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, value_parser = zebra_runtime::parse_threads)]
         threads: usize,
         /// The longest sequence the compiled artifact will run.
-        #[arg(long, default_value_t = DEFAULT_MAX_SEQ_LEN)]
+        #[arg(long, default_value_t = DEFAULT_MAX_SEQ_LEN, value_parser = zebra_runtime::parse_positive)]
         max_seq_len: usize,
         #[command(flatten)]
         device: device::DeviceArgs,
@@ -183,25 +183,25 @@ enum Command {
     Bench {
         names: Vec<String>,
         /// The sequence length.
-        #[arg(long, default_value_t = 8192)]
+        #[arg(long, default_value_t = 8192, value_parser = zebra_runtime::parse_positive)]
         seq_len: usize,
         /// Threads (default: one per core).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, value_parser = zebra_runtime::parse_threads)]
         threads: usize,
         /// Timed runs per benchmark (the median is reported).
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 5, value_parser = zebra_runtime::parse_positive)]
         repeats: usize,
         /// The local attention's window.
-        #[arg(long, default_value_t = 512)]
+        #[arg(long, default_value_t = 512, value_parser = zebra_runtime::parse_positive)]
         window: usize,
         /// Attention heads of the attention benchmarks.
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 8, value_parser = zebra_runtime::parse_positive)]
         heads: usize,
         /// Their head dimension.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, value_parser = zebra_runtime::parse_positive)]
         head_dim: usize,
         /// Sequences per training step (train-zebra).
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 4, value_parser = zebra_runtime::parse_positive)]
         batch: usize,
         /// Skip the naive baselines (they take seconds at long lengths).
         #[arg(long)]
@@ -258,7 +258,7 @@ enum Command {
         #[arg(long)]
         model: Option<String>,
         /// Threads (default: one per core).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, value_parser = zebra_runtime::parse_threads)]
         threads: usize,
         #[command(flatten)]
         device: device::DeviceArgs,
@@ -301,7 +301,7 @@ enum Command {
         #[arg(long)]
         model: Option<String>,
         /// Threads (default: one per core).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, value_parser = zebra_runtime::parse_threads)]
         threads: usize,
         #[command(flatten)]
         device: device::DeviceArgs,

@@ -89,7 +89,7 @@ pub struct TrainArgs {
     #[arg(long, value_name = "RUN_DIR|WEIGHTS")]
     pub init_from: Option<PathBuf>,
     /// Threads (default: one per core).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = zebra_runtime::parse_threads)]
     pub threads: usize,
     /// No progress bar or summary.
     #[arg(long)]

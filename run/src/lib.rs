@@ -51,7 +51,7 @@ enum Command {
         output: PathBuf,
         #[arg(long)]
         name: Option<String>,
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, value_parser = zebra_runtime::parse_threads)]
         threads: usize,
         /// `cpu`, or `cuda` for an artifact compiled with --target sm_80 or sm_90.
         #[arg(long, default_value = "cpu")]
@@ -77,7 +77,7 @@ enum Command {
         prompt_len: usize,
         #[arg(long)]
         output: PathBuf,
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, value_parser = zebra_runtime::parse_threads)]
         threads: usize,
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -107,7 +107,7 @@ enum Command {
         top_p: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, value_parser = zebra_runtime::parse_threads)]
         threads: usize,
         /// `cpu`, or `cuda` for an artifact compiled with --target sm_80 or sm_90.
         #[arg(long, default_value = "cpu")]
@@ -140,7 +140,7 @@ enum Command {
         seed: u64,
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, value_parser = zebra_runtime::parse_threads)]
         threads: usize,
         /// `cpu`, or `cuda` for an artifact compiled with --target sm_80 or sm_90.
         #[arg(long, default_value = "cpu")]
@@ -152,11 +152,14 @@ enum Command {
     /// check of sampled output rows against an f64 reference. Fails if a check fails.
     Attention {
         artifact: PathBuf,
-        #[arg(long, default_value_t = 4096)]
+        /// The sequence length of the random inputs.
+        #[arg(long, default_value_t = 4096, value_parser = zebra_runtime::parse_positive)]
         seq_len: usize,
-        #[arg(long, default_value_t = 1)]
+        /// Their batch size.
+        #[arg(long, default_value_t = 1, value_parser = zebra_runtime::parse_positive)]
         batch: usize,
-        #[arg(long, default_value_t = 20)]
+        /// Timed runs per kernel (the median is reported).
+        #[arg(long, default_value_t = 20, value_parser = zebra_runtime::parse_positive)]
         repeats: usize,
         /// Output rows checked against the reference (0: none).
         #[arg(long, default_value_t = 64)]

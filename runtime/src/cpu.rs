@@ -25,6 +25,28 @@ type KernelFn = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64);
 /// Slack after every buffer, so that kernels may read a vector past a row's end.
 const SLACK_WORDS: usize = 64;
 
+/// The most threads a CPU model runs on; more would only cost memory and start-up time.
+pub const MAX_THREADS: usize = 1024;
+
+/// Parses a count flag that must be at least 1 (`--seq-len`, `--repeats`, ...).
+pub fn parse_positive(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{text}` is not a whole number")),
+    }
+}
+
+/// Parses a `--threads` flag: 0 (one per core) up to [`MAX_THREADS`].
+pub fn parse_threads(text: &str) -> Result<usize, String> {
+    let n: usize = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of threads"))?;
+    if n > MAX_THREADS {
+        return Err(format!("at most {MAX_THREADS} threads (0: one per core)"));
+    }
+    Ok(n)
+}
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error(transparent)]
@@ -552,6 +574,11 @@ impl CpuModel {
                 Ok((expr, support))
             })
             .collect::<Result<Vec<_>, RuntimeError>>()?;
+        if threads > MAX_THREADS {
+            return Err(RuntimeError::Threads(format!(
+                "{threads} threads asked for; at most {MAX_THREADS}"
+            )));
+        }
         let threads = if threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {

@@ -32,7 +32,7 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     }
     hash
 }
-pub use cpu::{CpuModel, RuntimeError, Tensor};
+pub use cpu::{CpuModel, MAX_THREADS, RuntimeError, Tensor, parse_positive, parse_threads};
 
 /// What runs a plan: the CPU executor or the CUDA one.
 pub trait Executor {

@@ -197,6 +197,35 @@ fn bench_refuses_bad_flags() {
     let out = zebra(&["bench", "attention-local", "--blocks", "64by64"]);
     assert!(!out.ok);
     assert!(out.stderr.contains("64by64"), "{}", out.stderr);
+    // Counts that must be positive, and a thread count past the limit, by their flags.
+    for (flag, value, says) in [
+        ("--window", "0", "must be at least 1"),
+        ("--repeats", "0", "must be at least 1"),
+        ("--heads", "two", "`two` is not a whole number"),
+        ("--threads", "100000", "at most 1024 threads"),
+    ] {
+        let out = zebra(&["bench", "attention-local", flag, value]);
+        assert!(!out.ok, "{flag} {value} was accepted");
+        assert!(
+            out.stderr
+                .contains(&format!("invalid value '{value}' for '{flag}"))
+                && out.stderr.contains(says),
+            "{flag} {value}: {}",
+            out.stderr
+        );
+    }
+    let out = zebra(&[
+        "compile",
+        "examples/zebra_tiny.zb",
+        "--emit",
+        "artifact",
+        "--max-seq-len",
+        "0",
+        "-o",
+        "unused",
+    ]);
+    assert!(!out.ok);
+    assert!(out.stderr.contains("must be at least 1"), "{}", out.stderr);
 }
 
 /// `zebra init` and `zebra run` on zebra_tiny produce logits: the compiled kernels by
