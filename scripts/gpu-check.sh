@@ -39,40 +39,36 @@ gpu_failed() {
     echo "{\"example\": \"$1\", \"ok\": false, \"error\": \"the GPU run failed\"}"
     failed=1
 }
+# Check NAME: a forward pass of EXAMPLE/VARIANT (with EXAMPLE's weights) on TOKENS, its
+# logits (EXAMPLE/VARIANT-logits.npy) against REFERENCE within TOLERANCE; fails if the run
+# does.
+forward_check() {
+    local name=$1 example=$2 variant=$3 tokens=$4 reference=$5 limit=${6:-$tolerance}
+    if gpu forward "$example/$variant" --device cuda --weights "$example/weights.safetensors" \
+        --tokens "$tokens" --output "$example/$variant-logits.npy"; then
+        compare "$name" "$example/$variant-logits.npy" "$reference" "$limit"
+    else
+        gpu_failed "$name"
+        return 1
+    fi
+}
 if part examples; then
     for example in "$dir"/*/; do
         name=$(basename "$example")
         [ -f "$example/cpu-logits.npy" ] || continue
-        if ! gpu forward "$example/gpu" --device cuda --weights "$example/weights.safetensors" \
-            --tokens "$dir/tokens.npy" --output "$example/gpu-logits.npy"; then
-            gpu_failed "$name"
-            continue
-        fi
-        compare "$name" "$example/gpu-logits.npy" "$example/cpu-logits.npy"
-        if gpu forward "$example/gpu-bf16" --device cuda --weights "$example/weights.safetensors" \
-            --tokens "$dir/tokens.npy" --output "$example/gpu-bf16-logits.npy"; then
-            compare "$name, bf16 tensor cores" "$example/gpu-bf16-logits.npy" "$example/cpu-logits.npy" "$bf16_tolerance"
-        else
-            gpu_failed "$name, bf16 tensor cores"
-        fi
+        forward_check "$name" "$example" gpu "$dir/tokens.npy" "$example/cpu-logits.npy" || continue
+        forward_check "$name, bf16 tensor cores" "$example" gpu-bf16 "$dir/tokens.npy" \
+            "$example/cpu-logits.npy" "$bf16_tolerance"
     done
 fi
 # The golden models against the logits Hugging Face transformers (PyTorch) computed.
 if part golden; then
     for example in "$dir"/golden-*/; do
         name=$(basename "$example")
-        if gpu forward "$example/gpu" --device cuda --weights "$example/weights.safetensors" \
-            --tokens "$example/tokens.npy" --output "$example/gpu-logits.npy" 2>/dev/null; then
-            compare "$name vs transformers" "$example/gpu-logits.npy" "$example/hf-logits.npy"
-        else
-            gpu_failed "$name"
-        fi
-        if gpu forward "$example/gpu-bf16" --device cuda --weights "$example/weights.safetensors" \
-            --tokens "$example/tokens.npy" --output "$example/gpu-bf16-logits.npy" 2>/dev/null; then
-            compare "$name, bf16 tensor cores, vs transformers" "$example/gpu-bf16-logits.npy" "$example/hf-logits.npy" "$bf16_tolerance"
-        else
-            gpu_failed "$name, bf16 tensor cores"
-        fi
+        forward_check "$name vs transformers" "$example" gpu "$example/tokens.npy" \
+            "$example/hf-logits.npy"
+        forward_check "$name, bf16 tensor cores, vs transformers" "$example" gpu-bf16 \
+            "$example/tokens.npy" "$example/hf-logits.npy" "$bf16_tolerance"
     done
 fi
 # Five training steps on the GPU against the CPU's losses: f32 (within 10 x the tolerance),
