@@ -110,29 +110,6 @@ impl std::fmt::Display for Interrupted {
 
 impl std::error::Error for Interrupted {}
 
-/// Refuses optimizer settings outside their range, naming the flag.
-fn check_optimizer(o: &AdamWConfig) -> Result<()> {
-    if !(0.0..=1.0).contains(&o.min_lr_ratio) {
-        bail!(
-            "--min-lr-ratio must be between 0 and 1 (a fraction of the peak learning rate), found {}",
-            o.min_lr_ratio
-        );
-    }
-    if !(o.weight_decay >= 0.0 && o.weight_decay.is_finite()) {
-        bail!(
-            "--weight-decay must be 0 or a positive number, found {}",
-            o.weight_decay
-        );
-    }
-    if !(o.clip_norm >= 0.0 && o.clip_norm.is_finite()) {
-        bail!(
-            "--clip must be 0 (no clipping) or a positive norm, found {}",
-            o.clip_norm
-        );
-    }
-    Ok(())
-}
-
 /// A model's spec from its source, with `--every-layer` applied.
 pub fn spec_from_source(
     source: &str,
@@ -296,12 +273,8 @@ fn new_run(args: &TrainArgs) -> Result<(RunConfig, PathBuf, String)> {
     if steps == 0 || seq_len == 0 || batch == 0 {
         bail!("--steps, --seq-len and --batch must be positive");
     }
-    let lr = args.lr.unwrap_or(1e-3);
-    if !(lr > 0.0 && lr.is_finite()) {
-        bail!("--lr must be a positive number, found {lr}");
-    }
     let optimizer = AdamWConfig {
-        lr,
+        lr: args.lr.unwrap_or(1e-3),
         min_lr_ratio: args.min_lr_ratio.unwrap_or(0.1),
         warmup_steps: args.warmup.unwrap_or((steps / 20).clamp(1, 200)),
         total_steps: steps,
@@ -309,7 +282,7 @@ fn new_run(args: &TrainArgs) -> Result<(RunConfig, PathBuf, String)> {
         clip_norm: args.clip.unwrap_or(1.0),
         ..AdamWConfig::default()
     };
-    check_optimizer(&optimizer)?;
+    optimizer.check().map_err(|e| anyhow!(e))?;
     let base = spec_from_source(&source, file, args.model.as_deref(), None)?;
     let spec = spec_from_source(
         &source,

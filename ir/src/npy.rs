@@ -57,9 +57,10 @@ fn check_size(path: &Path, bytes: &[u8]) -> Result<(), NpyError> {
             rest.len()
         )));
     }
+    let (header, data) = rest.split_at(header_len);
     // numpy's headers are a dict holding a tuple (a list of tuples for structured types);
     // the reader's parser takes exponential time on deeply nested brackets.
-    let depth = rest[..header_len]
+    let depth = header
         .iter()
         .scan(0i64, |depth, c| {
             match c {
@@ -76,13 +77,10 @@ fn check_size(path: &Path, bytes: &[u8]) -> Result<(), NpyError> {
             "its header nests brackets {depth} deep; a numpy header nests at most {MAX_HEADER_DEPTH}"
         )));
     }
-    let Some((shape, needed)) = std::str::from_utf8(&rest[..header_len])
-        .ok()
-        .and_then(header_claim)
-    else {
+    let Some((shape, needed)) = std::str::from_utf8(header).ok().and_then(header_claim) else {
         return Ok(());
     };
-    let data = rest.len() - header_len;
+    let data = data.len();
     if needed > data as u128 {
         let needed = match needed {
             u128::MAX => "more than 2^128".to_string(),
@@ -122,24 +120,18 @@ fn header_length(bytes: &[u8]) -> Option<(usize, &[u8])> {
 /// plain string counts one). Every statement of the key counts, in either quotes, so that a
 /// header the reader takes differently cannot slip past.
 fn header_claim(header: &str) -> Option<(String, u128)> {
-    let values = |key: &str| {
+    let values = |key: &str| -> Vec<&str> {
         let quoted = [format!("'{key}'"), format!("\"{key}\"")];
         quoted
-            .into_iter()
-            .flat_map(|q| {
-                let len = q.len();
-                header
-                    .match_indices(&q)
-                    .map(move |(at, _)| at + len)
-                    .collect::<Vec<_>>()
-            })
-            .filter_map(|at| {
-                header[at..]
+            .iter()
+            .flat_map(|q| header.match_indices(q.as_str()))
+            .filter_map(|(at, q)| {
+                header[at + q.len()..]
                     .trim_start()
                     .strip_prefix(':')
                     .map(str::trim_start)
             })
-            .collect::<Vec<&str>>()
+            .collect()
     };
     let item = values("descr")
         .iter()

@@ -546,21 +546,19 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
             if steps == 0 || seq_len == 0 || batch == 0 {
                 bail!("--steps, --seq-len and --batch must be positive");
             }
-            if !(lr > 0.0 && lr.is_finite()) {
-                bail!("--lr must be a positive number, found {lr}");
-            }
-            let mut source: Box<dyn Source> = match &data {
-                Some(path) => Box::new(Text::open(path, seed)?),
-                None => Box::new(Recall::new(pairs, seed)),
-            };
-            let first = source.next_batch(batch, seq_len)?;
-            let weights = weights_of(weights.as_deref(), random_weights, &artifact)?;
             let config = AdamWConfig {
                 lr,
                 total_steps: steps,
                 warmup_steps: (steps / 20).clamp(1, 200),
                 ..AdamWConfig::default()
             };
+            config.check().map_err(|e| anyhow!(e))?;
+            let mut source: Box<dyn Source> = match &data {
+                Some(path) => Box::new(Text::open(path, seed)?),
+                None => Box::new(Recall::new(pairs, seed)),
+            };
+            let first = source.next_batch(batch, seq_len)?;
+            let weights = weights_of(weights.as_deref(), random_weights, &artifact)?;
             let (executor, _) = executor(&device, &artifact, &weights, threads)?;
             let mut trainer = Trainer::with_executor(executor, &weights, AdamW::default(), config)?;
             let mut pending = Some(first);

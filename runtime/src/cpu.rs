@@ -28,25 +28,6 @@ const SLACK_WORDS: usize = 64;
 /// The most threads a CPU model runs on; more would only cost memory and start-up time.
 pub const MAX_THREADS: usize = 1024;
 
-/// Parses a count flag that must be at least 1 (`--seq-len`, `--repeats`, ...).
-pub fn parse_positive(text: &str) -> Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(_) => Err(format!("`{text}` is not a whole number")),
-    }
-}
-
-/// Parses a `--threads` flag: 0 (one per core) up to [`MAX_THREADS`].
-pub fn parse_threads(text: &str) -> Result<usize, String> {
-    let n: usize = text
-        .parse()
-        .map_err(|_| format!("`{text}` is not a number of threads"))?;
-    if n > MAX_THREADS {
-        return Err(format!("at most {MAX_THREADS} threads (0: one per core)"));
-    }
-    Ok(n)
-}
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error(transparent)]

@@ -32,7 +32,7 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     }
     hash
 }
-pub use cpu::{CpuModel, MAX_THREADS, RuntimeError, Tensor, parse_positive, parse_threads};
+pub use cpu::{CpuModel, MAX_THREADS, RuntimeError, Tensor};
 
 /// What runs a plan: the CPU executor or the CUDA one.
 pub trait Executor {
@@ -107,3 +107,25 @@ macro_rules! executor {
 
 executor!(CpuModel);
 executor!(cuda::CudaModel);
+
+// Flag parsers shared by `zebra` and `zebra-run`.
+
+/// Parses a count flag that must be at least 1 (`--seq-len`, `--repeats`, ...).
+pub fn parse_positive(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{text}` is not a whole number")),
+    }
+}
+
+/// Parses a `--threads` flag: 0 (one per core) up to [`MAX_THREADS`].
+pub fn parse_threads(text: &str) -> Result<usize, String> {
+    let n: usize = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of threads"))?;
+    if n > MAX_THREADS {
+        return Err(format!("at most {MAX_THREADS} threads (0: one per core)"));
+    }
+    Ok(n)
+}

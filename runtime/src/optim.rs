@@ -41,6 +41,33 @@ impl Default for AdamWConfig {
 }
 
 impl AdamWConfig {
+    /// Refuses settings outside their range, naming the command-line flag that sets each.
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(format!("--lr must be a positive number, found {}", self.lr));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return Err(format!(
+                "--min-lr-ratio must be between 0 and 1 (a fraction of the peak learning rate), \
+                 found {}",
+                self.min_lr_ratio
+            ));
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return Err(format!(
+                "--weight-decay must be 0 or a positive number, found {}",
+                self.weight_decay
+            ));
+        }
+        if !(self.clip_norm >= 0.0 && self.clip_norm.is_finite()) {
+            return Err(format!(
+                "--clip must be 0 (no clipping) or a positive norm, found {}",
+                self.clip_norm
+            ));
+        }
+        Ok(())
+    }
+
     /// The learning rate of step `step` (counted from 0).
     pub fn lr_at(&self, step: u64) -> f64 {
         if step < self.warmup_steps {
