@@ -442,10 +442,13 @@ extern "C" fn emu_wait(pending: u32) {
                 };
                 block.check_write(lane.thread(), "cp.async", copy.to, 16, copy.since);
                 let size = (copy.size as usize).min(16);
-                // SAFETY: `at` has 16 bytes in bounds; the source is a buffer of the launch,
-                // padded past its end, as on the GPU.
+                // SAFETY: `at` has 16 bytes in bounds; a copy of no bytes reads nothing (its
+                // source may lie past the buffer, as on the GPU), any other's source is a
+                // buffer of the launch, padded past its end.
                 unsafe {
-                    std::ptr::copy_nonoverlapping(copy.from, at, size);
+                    if size > 0 {
+                        std::ptr::copy_nonoverlapping(copy.from, at, size);
+                    }
                     std::ptr::write_bytes(at.add(size), 0, 16 - size);
                 }
             }

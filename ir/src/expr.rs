@@ -452,6 +452,42 @@ impl Expr {
         }
     }
 
+    /// The operands of a chain of `&&` (the expression itself when it is no `&&`).
+    pub fn conjuncts(&self) -> Vec<&Expr> {
+        match self {
+            Expr::Binary(BinOp::And, l, r) => {
+                let mut all = l.conjuncts();
+                all.extend(r.conjuncts());
+                all
+            }
+            other => vec![other],
+        }
+    }
+
+    /// Whether `self` is `k <= q` written one of the plain ways (`q >= k`, `q - k >= 0`,
+    /// `0 <= q - k`, or strictly: `k < q`, `q > k`).
+    pub fn is_key_at_most_query(&self) -> bool {
+        let (k, q) = (&Expr::Var(Var::K), &Expr::Var(Var::Q));
+        let distance =
+            |e: &Expr| matches!(e, Expr::Binary(BinOp::Sub, a, b) if **a == *q && **b == *k);
+        match self {
+            Expr::Binary(BinOp::Le | BinOp::Lt, a, b) => {
+                (**a == *k && **b == *q) || (**a == Expr::Int(0) && distance(b))
+            }
+            Expr::Binary(BinOp::Ge | BinOp::Gt, a, b) => {
+                (**a == *q && **b == *k) || (distance(a) && **b == Expr::Int(0))
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether a mask never lets a query see a later key: one of its conjuncts is
+    /// [`Expr::is_key_at_most_query`]. Then keys past the sequence's end need no check of
+    /// their own in the rows of the sequence.
+    pub fn sees_no_later_key(&self) -> bool {
+        self.conjuncts().iter().any(|c| c.is_key_at_most_query())
+    }
+
     /// Whether the value may differ between heads (reads `h`).
     pub fn depends_on_head(&self) -> bool {
         self.vars().contains(&Var::H)
@@ -1011,6 +1047,34 @@ impl ExprParser {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mask_that_sees_no_later_key_is_recognized_and_holds() {
+        let cases = [
+            ("k <= q", true),
+            ("q >= k && q - k < 8", true),
+            ("q - k < 8 && k <= q", true),
+            ("0 <= q - k && q - k < 8", true),
+            ("k < 2 || (k <= q && q - k < 8)", false),
+            ("k <= q && (k < 2 || q - k < 8)", true),
+            ("q - k >= 0", true),
+            ("k > q", false),
+            ("q - k < 8", false),
+            ("k <= q || k < 4", false),
+        ];
+        for (text, expected) in cases {
+            let e = parse_expr(text).unwrap();
+            assert_eq!(e.sees_no_later_key(), expected, "{text}");
+            if expected {
+                for q in 0..12 {
+                    for k in q + 1..16 {
+                        let at = At { q, k, doc: vec![] };
+                        assert!(!e.eval(&at).as_bool(), "{text} sees key {k} from {q}");
+                    }
+                }
+            }
+        }
+    }
 
     struct At {
         q: i64,

@@ -646,4 +646,30 @@ fn gpu_kernels_assemble_with_ptxas() {
     assert!(checked_entries > 100, "{checked_entries}");
     // The tensor-core kernels keep their accumulators in registers: ptxas's report was read.
     assert!(most_registers > 128, "{most_registers}");
+
+    // The benchmark's attention kernels (head dim 128, 128 queries by 64 keys) run at the
+    // edge of the registers: each K and V copy's addresses a constant apart, one register
+    // for all, keep them there (16 bytes spilled for sm_90, 72 for sm_80: loop invariants
+    // the copies reload; per-copy addresses spilled over 200).
+    let (_, checked) = check_ok(&root().join("bench/gpu_attention.zb"));
+    let graph = optimize(&lower(&checked.program.models[0]), &Options::default())
+        .unwrap()
+        .graph;
+    for sm in ["sm_80", "sm_90"] {
+        let dir = out.path().join(format!("bench-attention-{sm}"));
+        zebra_codegen::artifact::build_gpu_attention(
+            &graph,
+            &dir,
+            GpuTarget::from_name(sm).unwrap(),
+            Half::Bf16,
+            MmaSettings::default(),
+        )
+        .unwrap();
+        let entries = assemble(&ptxas, &dir.join("kernels.ptx"), sm);
+        assert_eq!(entries.len(), 2, "{entries:?}");
+        let most = if sm == "sm_90" { 32 } else { 96 };
+        for (entry, _, spilled) in entries {
+            assert!(spilled <= most, "{entry} ({sm}) spills {spilled} bytes");
+        }
+    }
 }

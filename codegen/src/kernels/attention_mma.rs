@@ -10,10 +10,18 @@
 //! two stages both are copied a tile ahead). `S` comes from `mma.sync.m16n8k16` with Q and K
 //! fragments from `ldmatrix`; the mask is evaluated only on partial tiles (and the tile past
 //! the end of the sequence); the online softmax runs in base 2 on the accumulator fragments,
-//! the scale folded into the exponent's `fma`, row maxima and sums across the four threads of
-//! a row by `shfl`; `P` is repacked in registers into A fragments for `O += P V`, with V
+//! the scale folded into the exponent's `fma`, row maxima (`max.f32`) and sums across the four
+//! threads of a row by `shfl`; a row's running maximum moves only when a tile's is more than
+//! [`LAZY_RESCALE`] above it, so that O is rescaled on few tiles (FlashAttention-4's lazy
+//! rescaling); `P` is repacked in registers into A fragments for `O += P V`, with V
 //! fragments from `ldmatrix.trans`. Inputs and the output are bf16 or f16; scores, softmax and
 //! accumulation are f32. Block `x` takes query tile `tiles - 1 - x`.
+//!
+//! Each thread copies consecutive rows of a K or V tile, so its copies' sources are one
+//! register plus constants; only the tile past the end checks rows, and a row past the end
+//! is a copy of no bytes (zero-filled). Per warp and key tile of the benchmark's local
+//! attention (head dim 128, 128 x 64 tiles; sm_90 SASS), that is 796 instructions on a full
+//! tile without rescaling, 256 of them `mma`, and 1005 on a partial one.
 //!
 //! Shared memory is dynamic (the runtime opts in above 48 KiB); its rows are padded by 8
 //! elements, so that the eight rows an `ldmatrix` reads fall in distinct banks.
@@ -299,6 +307,46 @@ fn const_i32(b: &mut Builder, v: i64) -> Val {
     b.op(format!("arith.constant {v} : i32"))
 }
 
+/// How far (in base 2) a row's maximum may rise past the one its probabilities are taken
+/// with before O is rescaled: a factor of 256, far from f32's and bf16's limits.
+pub const LAZY_RESCALE: f32 = 8.0;
+
+/// Multiplies the output accumulators of each row (`at(row, n, lane)`: the accumulator of
+/// the thread's row `row`, head dims `8 n + 2 (lane % 2)..`) by its factor, skipped when every
+/// factor of the thread is exactly 1 (no row's maximum moved).
+fn rescale_rows(
+    b: &mut Builder,
+    o: &[Val],
+    alphas: &[Val],
+    at: impl Fn(usize, usize, usize) -> usize,
+    d: usize,
+) -> Vec<Val> {
+    let one = b.f32(1.0);
+    let mut any = b.op("arith.constant false");
+    for alpha in alphas {
+        let moved = b.cmpf("une", alpha, &one, F32);
+        any = b.bin("ori", &any, &moved, "i1");
+    }
+    let types = vec![F32.to_string(); o.len()];
+    b.if_else(
+        &any,
+        &types,
+        |b| {
+            let mut o = o.to_vec();
+            for (row, alpha) in alphas.iter().enumerate() {
+                for n in 0..d / 8 {
+                    for lane in 0..2 {
+                        let i = at(row, n, lane);
+                        o[i] = b.bin("mulf", &o[i], alpha, F32);
+                    }
+                }
+            }
+            o
+        },
+        |_| o.to_vec(),
+    )
+}
+
 /// What a tensor-core attention kernel reads and writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AttentionIo {
@@ -367,73 +415,140 @@ impl Ctx {
         let first_key = b.muli(index, &crows);
         let c1 = b.i64(1);
         let last = b.subi(&self.t, &c1);
-        for i in 0..tile.slots() {
-            tile.for_slot(b, &self.tid, i, |b, row, col| {
-                let (row, col, chunk) = if core {
-                    let per_row = b.i64(tile.per_row as i64);
-                    let chunk = b.muli(row, &per_row);
-                    let chunk = b.addi(&chunk, col);
+        // Every row but those of the tile past the end is inside: there the copy needs no
+        // bounds check, and its source is the tile's first row plus an offset each thread
+        // computes once (the loop-invariant part, hoisted by LLVM).
+        let left = b.subi(&self.t, &first_key);
+        let copy = |b: &mut Builder, checked: bool| {
+            for i in 0..tile.slots() {
+                tile.for_slot(b, &self.tid, i, |b, row, col| {
+                    let (row, col, chunk) = if core {
+                        let per_row = b.i64(tile.per_row as i64);
+                        let chunk = b.muli(row, &per_row);
+                        let chunk = b.addi(&chunk, col);
+                        let c8 = b.i64(8);
+                        let group = b.i64(8 * tile.per_row as i64);
+                        let r = b.divi(&chunk, &group);
+                        let r = b.muli(&r, &c8);
+                        let within = b.remi(&chunk, &c8);
+                        let r = b.addi(&r, &within);
+                        let cc = b.divi(&chunk, &c8);
+                        let cc = b.remi(&cc, &per_row);
+                        (r, cc, Some(chunk))
+                    } else {
+                        (row.clone(), col.clone(), None)
+                    };
+                    let (row, col) = (&row, &col);
+                    let cd = b.i64(d as i64);
                     let c8 = b.i64(8);
-                    let group = b.i64(8 * tile.per_row as i64);
-                    let r = b.divi(&chunk, &group);
-                    let r = b.muli(&r, &c8);
-                    let within = b.remi(&chunk, &c8);
-                    let r = b.addi(&r, &within);
-                    let cc = b.divi(&chunk, &c8);
-                    let cc = b.remi(&cc, &per_row);
-                    (r, cc, Some(chunk))
-                } else {
-                    (row.clone(), col.clone(), None)
-                };
-                let (row, col) = (&row, &col);
-                let key = b.addi(&first_key, row);
-                let inside = b.cmpi("slt", &key, &self.t, I64);
-                let key = b.mini(&key, &last);
-                let cd = b.i64(d as i64);
-                let at = b.muli(&key, &cd);
-                let at = b.addi(base, &at);
-                let c8 = b.i64(8);
-                let col_at = b.muli(col, &c8);
-                let at = b.addi(&at, &col_at);
-                // Computed after the source, as the PTX snapshots have it.
-                let to = |b: &mut Builder| {
-                    let c16 = b.i64(16);
-                    match &chunk {
-                        Some(chunk) => {
-                            let bytes = b.muli(chunk, &c16);
-                            let c0 = b.i64(0);
-                            shared_address(b, &self.smem, &c0, &bytes, 0, offset)
+                    let col_at = b.muli(col, &c8);
+                    let (at, inside) = match (checked, from_f32) {
+                        // Reads f32 values itself: only rows inside.
+                        (true, Some(_)) => {
+                            let key = b.addi(&first_key, row);
+                            let inside = b.cmpi("slt", &key, &self.t, I64);
+                            let key = b.mini(&key, &last);
+                            let at = b.muli(&key, &cd);
+                            let at = b.addi(base, &at);
+                            (b.addi(&at, &col_at), Some(inside))
                         }
+                        _ => {
+                            // A `cp.async` of no bytes reads nothing: rows past the end keep
+                            // their address, so that each thread's copies stay a constant
+                            // apart.
+                            let tile_at = b.muli(&first_key, &cd);
+                            let tile_at = b.addi(base, &tile_at);
+                            match (core, tile.consecutive()) {
+                                // Slot i's row is slot 0's plus i: the thread's offset in
+                                // the tile, then i rows.
+                                (false, true) => {
+                                    let (row0, col0) = tile.position(b, &self.tid, 0);
+                                    let at = b.muli(&row0, &cd);
+                                    let col0 = b.muli(&col0, &c8);
+                                    let at = b.addi(&at, &col0);
+                                    let at = b.addi(&tile_at, &at);
+                                    let down = b.i64((i * d) as i64);
+                                    let inside = checked.then(|| {
+                                        let ahead = b.i64(i as i64);
+                                        let left = b.subi(&left, &ahead);
+                                        b.cmpi("slt", &row0, &left, I64)
+                                    });
+                                    (b.addi(&at, &down), inside)
+                                }
+                                _ => {
+                                    let at = b.muli(row, &cd);
+                                    let at = b.addi(&at, &col_at);
+                                    let inside = checked.then(|| b.cmpi("slt", row, &left, I64));
+                                    (b.addi(&tile_at, &at), inside)
+                                }
+                            }
+                        }
+                    };
+                    // Computed after the source, as the PTX snapshots have it.
+                    let to = |b: &mut Builder| {
+                        let c16 = b.i64(16);
+                        match &chunk {
+                            Some(chunk) => {
+                                let bytes = b.muli(chunk, &c16);
+                                let c0 = b.i64(0);
+                                shared_address(b, &self.smem, &c0, &bytes, 0, offset)
+                            }
+                            None => {
+                                let col_bytes = b.muli(col, &c16);
+                                let row_bytes = self.tiles.row() * 2;
+                                shared_address(b, &self.smem, row, &col_bytes, row_bytes, offset)
+                            }
+                        }
+                    };
+                    match from_f32 {
                         None => {
-                            let col_bytes = b.muli(col, &c16);
-                            let row_bytes = self.tiles.row() * 2;
-                            shared_address(b, &self.smem, row, &col_bytes, row_bytes, offset)
+                            let from = b.gep(src, &at, "i16");
+                            let to = to(b);
+                            let full = const_i32(b, 16);
+                            let size = match &inside {
+                                Some(inside) => {
+                                    let none = const_i32(b, 0);
+                                    b.select(inside, &full, &none, "i32")
+                                }
+                                None => full,
+                            };
+                            self.isa.cp_async(b, &to, &from, &size);
+                        }
+                        Some(half) => {
+                            let zero = b.f32(0.0);
+                            let values: Vec<Val> = load8(b, src, &at, true)
+                                .iter()
+                                .map(|x| match &inside {
+                                    Some(inside) => b.select(inside, x, &zero, F32),
+                                    None => x.clone(),
+                                })
+                                .collect();
+                            let words = pack8(b, self.isa, half, &values);
+                            let to = to(b);
+                            self.isa.store_shared(
+                                b,
+                                &to,
+                                [&words[0], &words[1], &words[2], &words[3]],
+                            );
                         }
                     }
-                };
-                match from_f32 {
-                    None => {
-                        let from = b.gep(src, &at, "i16");
-                        let to = to(b);
-                        let full = const_i32(b, 16);
-                        let none = const_i32(b, 0);
-                        let size = b.select(&inside, &full, &none, "i32");
-                        self.isa.cp_async(b, &to, &from, &size);
-                    }
-                    Some(half) => {
-                        let zero = b.f32(0.0);
-                        let values: Vec<Val> = load8(b, src, &at, true)
-                            .iter()
-                            .map(|x| b.select(&inside, x, &zero, F32))
-                            .collect();
-                        let words = pack8(b, self.isa, half, &values);
-                        let to = to(b);
-                        self.isa
-                            .store_shared(b, &to, [&words[0], &words[1], &words[2], &words[3]]);
-                    }
-                }
-            });
-        }
+                });
+            }
+        };
+        let end = b.addi(&first_key, &crows);
+        let whole = b.cmpi("sle", &end, &self.t, I64);
+        b.if_else(
+            &whole,
+            &[],
+            |b| {
+                copy(b, false);
+                Vec::new()
+            },
+            |b| {
+                copy(b, true);
+                Vec::new()
+            },
+        );
     }
 
     /// Copies key tile `kt` into shared memory at `offset` (in core matrices with `core`).
@@ -763,9 +878,13 @@ pub fn attention_mma(
                     for n in 0..bk / 8 {
                         for qpos in rows_m {
                             let env = env_at(b, qpos, n, None);
-                            let seen = vexpr::mask(b, &kernel.mask, &env);
-                            let below = env.keys_below(b, &t);
-                            let seen = b.bin("andi", &seen, &below, "vector<2xi1>");
+                            let mut seen = vexpr::mask(b, &kernel.mask, &env);
+                            // Rows past the end are never stored; in the others a mask
+                            // that sees no later key sees no key past the end either.
+                            if !kernel.mask.sees_no_later_key() {
+                                let below = env.keys_below(b, &t);
+                                seen = b.bin("andi", &seen, &below, "vector<2xi1>");
+                            }
                             for lane in 0..2 {
                                 let ok = b.op(format!(
                                     "vector.extract {seen}[{lane}] : i1 from vector<2xi1>"
@@ -794,22 +913,37 @@ pub fn attention_mma(
                 for n in 0..bk / 8 {
                     for lane in 0..2 {
                         let x = &masked[sf(m, n, r, lane)];
-                        mx = b.op(format!("arith.maximumf {mx}, {x} : f32"));
+                        mx = b.op(format!("llvm.intr.maxnum({mx}, {x}) : (f32, f32) -> f32"));
                     }
                 }
                 for bit in [1, 2] {
                     let other = isa.shuffle_xor(b, &mx, bit);
-                    mx = b.op(format!("arith.maximumf {mx}, {other} : f32"));
+                    mx = b.op(format!(
+                        "llvm.intr.maxnum({mx}, {other}) : (f32, f32) -> f32"
+                    ));
                 }
                 if deferred_scale {
                     mx = b.bin("mulf", &mx, &plain_scale, F32);
                 }
-                let m_new = b.op(format!("arith.maximumf {m_old}, {mx} : f32"));
+                // The running maximum moves only when this tile's is more than
+                // `LAZY_RESCALE` above it (from -inf, always), so that O is rarely rescaled:
+                // probabilities then stay below 2^LAZY_RESCALE, and the row's sum and O
+                // agree on the maximum they were taken with.
+                let grown = b.op(format!(
+                    "llvm.intr.maxnum({m_old}, {mx}) : (f32, f32) -> f32"
+                ));
+                let gap = b.bin("subf", &grown, m_old, F32);
+                let lazy = b.f32(LAZY_RESCALE);
+                let far = b.cmpf("ogt", &gap, &lazy, F32);
+                let m_new = b.select(&far, &grown, m_old, F32);
                 let empty = b.cmpf("oeq", &m_new, &neg_inf, F32);
                 let m_safe = b.select(&empty, &zero, &m_new, F32);
                 let neg_m = b.op(format!("arith.negf {m_safe} : f32"));
                 let diff = b.bin("subf", m_old, &m_safe, F32);
                 let alpha = isa.exp2(b, &diff);
+                // Exactly 1 where the maximum stayed: `rescale` skips those rows.
+                let one = b.f32(1.0);
+                let alpha = b.select(&far, &alpha, &one, F32);
                 let mut sum = b.bin("mulf", l_old, &alpha, F32);
                 for n in 0..bk / 8 {
                     for lane in 0..2 {
@@ -881,16 +1015,7 @@ pub fn attention_mma(
             o
         };
         let rescale = |b: &mut Builder, o: &[Val], alphas: &[Val]| -> Vec<Val> {
-            let mut o = o.to_vec();
-            for (r, alpha) in alphas.iter().enumerate() {
-                for n in 0..d / 8 {
-                    for lane in 0..2 {
-                        let at = n * 4 + 2 * r + lane;
-                        o[at] = b.bin("mulf", &o[at], alpha, F32);
-                    }
-                }
-            }
-            o
+            rescale_rows(b, o, alphas, |r, n, lane| n * 4 + 2 * r + lane, d)
         };
         let scores = |acc: &[Val]| -> Vec<Vec<Vec<Val>>> {
             vec![acc.chunks(4).map(<[Val]>::to_vec).collect()]
@@ -1059,15 +1184,11 @@ pub fn attention_mma(
             };
 
             let step = softmax_step(b, &k0, &needs_mask, &s, state);
-            for (row_index, alpha) in step.alphas.iter().enumerate() {
+            let o_at = |row_index: usize, n: usize, lane: usize| {
                 let (m, r) = (row_index / 2, row_index % 2);
-                for n in 0..d / 8 {
-                    for lane in 0..2 {
-                        let at = m * n_o + n * 4 + 2 * r + lane;
-                        o[at] = b.bin("mulf", &o[at], alpha, F32);
-                    }
-                }
-            }
+                m * n_o + n * 4 + 2 * r + lane
+            };
+            let mut o = rescale_rows(b, &o, &step.alphas, o_at, d);
             let (p_frags, maxima, sums) = (step.p_frags, step.maxima, step.sums);
 
             if stages == 1 {

@@ -64,11 +64,27 @@ impl ChunkedTile {
 
     /// The row and the chunk in the row of this thread's chunk of slot `i` (past the tile's
     /// end in the last slot, for threads [`ChunkedTile::for_slot`] leaves out).
+    /// Where every slot covers whole rows, each thread's slots are consecutive rows (the
+    /// threads of a row still read it whole, 16 bytes each): a thread's addresses differ
+    /// from slot to slot by a row, a constant offset in one instruction.
     pub fn position(&self, b: &mut Builder, tid: &Val, i: usize) -> (Val, Val) {
+        let per_row = b.i64(self.per_row as i64);
+        if self.consecutive() {
+            let row = b.divi(tid, &per_row);
+            let slots = b.i64(self.slots() as i64);
+            let row = b.muli(&row, &slots);
+            let down = b.i64(i as i64);
+            return (b.addi(&row, &down), b.remi(tid, &per_row));
+        }
         let off = b.i64((i * self.threads) as i64);
         let chunk = b.addi(tid, &off);
-        let per_row = b.i64(self.per_row as i64);
         (b.divi(&chunk, &per_row), b.remi(&chunk, &per_row))
+    }
+
+    /// Whether each thread's slots are consecutive rows: slot `i` is slot 0's row plus `i`
+    /// (where every slot covers whole rows; see [`ChunkedTile::position`]).
+    pub fn consecutive(&self) -> bool {
+        self.threads.is_multiple_of(self.per_row) && self.chunks().is_multiple_of(self.threads)
     }
 
     /// Runs `body(b, row, chunk in row)` for this thread's chunk of slot `i`, guarded when
