@@ -204,6 +204,55 @@ fn tensor_core_variants_in_the_emulator() {
     assert!(error > 1.0, "the check passed another attention: {error}");
 }
 
+/// Lazy rescaling, where rows' maxima keep rising: scores that grow with the key (a bias of
+/// 0.07 per key: about 6.5 in base 2 per tile of 64, so that some tiles move the maximum and
+/// others keep the old one with probabilities up to 2^8) and scores spread wide (scale 4),
+/// on `mma.sync` and on `wgmma`. A kernel that kept stale maxima without rescaling O fails.
+#[test]
+fn lazy_rescaling_in_the_emulator() {
+    let graph = tiny_graph();
+    let kernels = mma_attentions(&graph, GpuTarget { sm: 90 }).unwrap();
+    let global = &kernels[0].0;
+    assert!(global.mask.sees_no_later_key());
+    let d = 64;
+    let rising = AttentionKernel {
+        head_dim: d,
+        scale: 1.0 / (d as f64).sqrt(),
+        score: Some(zebra_ir::expr::parse_expr("score + 0.07 * (k - q)").unwrap()),
+        ..two_heads(global)
+    };
+    let spread = AttentionKernel {
+        head_dim: d,
+        scale: 4.0,
+        ..two_heads(global)
+    };
+    for settings in [
+        MmaSettings::default(),
+        MmaSettings {
+            product: Some(Product::Wgmma),
+            ..MmaSettings::default()
+        },
+    ] {
+        for kernel in [&rising, &spread] {
+            let tiles = MmaTiles::for_head_dim(d as usize, 90)
+                .unwrap()
+                .with(&settings);
+            let kernel = AttentionKernel {
+                block_q: tiles.block_q as u64,
+                block_k: tiles.block_k as u64,
+                ..kernel.clone()
+            };
+            let error = emulated_error(&kernel, tiles, Half::Bf16, (1, 400));
+            assert!(
+                error <= 1.0,
+                "{settings:?}, score {:?}, scale {}: error {error}",
+                kernel.score.as_ref().map(ToString::to_string),
+                kernel.scale
+            );
+        }
+    }
+}
+
 /// The `wgmma` attention, with V read in place and transposed first, with one and two
 /// warpgroups, at the head dims and key tiles it takes (16 to 256; 16, 64 and 128 keys), in
 /// bf16 and f16, at T = 1, inside one tile and past several, with GQA.
