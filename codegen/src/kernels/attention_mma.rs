@@ -592,6 +592,18 @@ impl Ctx {
         b.bin("ori", &at, &fields, I64)
     }
 
+    /// The descriptor of the operand `bytes` further on than `descriptor`'s (a multiple of
+    /// 16): its address field plus `bytes / 16`, which cannot carry into the next field, as
+    /// shared memory (228 KiB at most) ends before the field's 256 KiB.
+    fn descriptor_plus(b: &mut Builder, descriptor: &Val, bytes: usize) -> Val {
+        debug_assert_eq!(bytes % 16, 0);
+        if bytes == 0 {
+            return descriptor.clone();
+        }
+        let step = b.i64((bytes / 16) as i64);
+        b.addi(descriptor, &step)
+    }
+
     /// The shared-memory address (i32) of element (`row`, `col`) of the tile at `offset`.
     pub(super) fn shared_at(&self, b: &mut Builder, row: &Val, col: &Val, offset: &Val) -> Val {
         let c2 = b.i64(2);
@@ -728,12 +740,13 @@ pub fn attention_mma(
         let group = b.divi(&warp, &c4);
         let rows_bytes = b.i64((64 * d * 2) as i64);
         let q_at = b.muli(&group, &rows_bytes);
+        let (q0, k0) = (
+            ctx.descriptor_at(b, &q_at, 128, sbo),
+            ctx.descriptor_at(b, k_at, 128, sbo),
+        );
         for step in 0..d / 16 {
-            let off = b.i64((step * 256) as i64);
-            let at = b.addi(&q_at, &off);
-            let qd = ctx.descriptor_at(b, &at, 128, sbo);
-            let at = b.addi(k_at, &off);
-            let kd = ctx.descriptor_at(b, &at, 128, sbo);
+            let qd = Ctx::descriptor_plus(b, &q0, step * 256);
+            let kd = Ctx::descriptor_plus(b, &k0, step * 256);
             acc = isa.wgmma(b, half, WgmmaA::Shared(&qd), &kd, true, &acc);
         }
         isa.wgmma_commit(b);
@@ -1005,10 +1018,9 @@ pub fn attention_mma(
             isa.wgmma_fence(b);
             let along_keys = d / 8 * 128;
             let mut o = o.to_vec();
+            let v0 = ctx.descriptor_at(b, v_at, along_keys, 128);
             for (j, a) in p.chunks(4).enumerate() {
-                let slice = b.i64((2 * j * along_keys) as i64);
-                let at = b.addi(v_at, &slice);
-                let vd = ctx.descriptor_at(b, &at, along_keys, 128);
+                let vd = Ctx::descriptor_plus(b, &v0, 2 * j * along_keys);
                 o = isa.wgmma(b, half, WgmmaA::Registers(a), &vd, false, &o);
             }
             isa.wgmma_commit(b);
@@ -1209,8 +1221,9 @@ pub fn attention_mma(
                 isa.fence_proxy_async(b);
                 isa.barrier(b);
                 isa.wgmma_fence(b);
+                let v0 = ctx.descriptor(b, tiles.vt_offset(), 128, bk / 8 * 128);
                 for (j, a) in p_frags[0].iter().enumerate() {
-                    let vd = ctx.descriptor(b, tiles.vt_offset() + j * 256, 128, bk / 8 * 128);
+                    let vd = Ctx::descriptor_plus(b, &v0, j * 256);
                     o = isa.wgmma(b, half, WgmmaA::Registers(a), &vd, true, &o);
                 }
                 isa.wgmma_commit(b);
