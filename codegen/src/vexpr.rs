@@ -299,25 +299,10 @@ pub fn compile(b: &mut Builder, expr: &Expr, env: &VecEnv) -> Lanes {
                 Lanes::Int(b.bin("subi", &zero, &i, &env.int_ty()))
             }
         },
-        Expr::Binary(BinOp::And, _, _) if window_band(expr).is_some() => {
-            let (lower, upper, bound) = window_band(expr).expect("checked");
-            // `0 <= q - k < bound` as one unsigned comparison: a negative distance is
-            // above any non-negative bound as an unsigned number.
-            let distance = Expr::binary(BinOp::Sub, Expr::Var(Var::Q), Expr::Var(Var::K));
-            let d = compile(b, &distance, env);
-            let d = int(b, d, env);
-            let limit = env.splat_int(b, bound);
-            let mut seen = b.cmpi("ult", &d, &limit, &env.int_ty());
-            for (i, c) in expr.conjuncts().into_iter().enumerate() {
-                if i != lower && i != upper {
-                    let v = compile(b, c, env);
-                    let x = as_bool(b, v, env);
-                    seen = b.bin("andi", &seen, &x, &vi1(n));
-                }
-            }
-            Lanes::Bool(seen)
-        }
-        Expr::Binary(op, x, y) => binary(b, *op, x, y, env),
+        Expr::Binary(op, x, y) => match window_band(expr) {
+            Some(band) => window(b, expr, band, env),
+            None => binary(b, *op, x, y, env),
+        },
         Expr::Call(func, args) => call(b, *func, args, env),
     }
 }
@@ -325,26 +310,47 @@ pub fn compile(b: &mut Builder, expr: &Expr, env: &VecEnv) -> Lanes {
 /// In a chain of `&&`, the conjunct that says `k <= q`, the one that says `q - k < bound`
 /// (a sliding window's two sides) and the bound, a non-negative literal.
 fn window_band(expr: &Expr) -> Option<(usize, usize, i64)> {
+    if !matches!(expr, Expr::Binary(BinOp::And, ..)) {
+        return None;
+    }
     let conjuncts = expr.conjuncts();
-    let distance = |e: &Expr| {
-        matches!(e, Expr::Binary(BinOp::Sub, a, b)
-            if **a == Expr::Var(Var::Q) && **b == Expr::Var(Var::K))
-    };
     let lower = conjuncts.iter().position(|c| {
         c.is_key_at_most_query() && !matches!(c, Expr::Binary(BinOp::Lt | BinOp::Gt, ..))
     })?;
     let upper = conjuncts.iter().enumerate().find_map(|(i, c)| match c {
-        Expr::Binary(BinOp::Lt, a, w) if distance(a) => match **w {
-            Expr::Int(bound) if bound >= 0 => Some((i, bound)),
-            _ => None,
-        },
-        Expr::Binary(BinOp::Gt, w, a) if distance(a) => match **w {
-            Expr::Int(bound) if bound >= 0 => Some((i, bound)),
-            _ => None,
-        },
+        Expr::Binary(BinOp::Lt, d, w) | Expr::Binary(BinOp::Gt, w, d) if d.is_query_minus_key() => {
+            match **w {
+                Expr::Int(bound) if bound >= 0 => Some((i, bound)),
+                _ => None,
+            }
+        }
         _ => None,
     })?;
     Some((lower, upper.0, upper.1))
+}
+
+/// A chain of `&&` with a [`window_band`]: `0 <= q - k < bound` as one unsigned comparison
+/// (a negative distance is above any non-negative bound as an unsigned number), and the
+/// other conjuncts.
+fn window(
+    b: &mut Builder,
+    expr: &Expr,
+    (lower, upper, bound): (usize, usize, i64),
+    env: &VecEnv,
+) -> Lanes {
+    let distance = Expr::binary(BinOp::Sub, Expr::Var(Var::Q), Expr::Var(Var::K));
+    let d = compile(b, &distance, env);
+    let d = int(b, d, env);
+    let limit = env.splat_int(b, bound);
+    let mut seen = b.cmpi("ult", &d, &limit, &env.int_ty());
+    for (i, c) in expr.conjuncts().into_iter().enumerate() {
+        if i != lower && i != upper {
+            let v = compile(b, c, env);
+            let x = as_bool(b, v, env);
+            seen = b.bin("andi", &seen, &x, &vi1(env.n));
+        }
+    }
+    Lanes::Bool(seen)
 }
 
 fn binary(b: &mut Builder, op: BinOp, x: &Expr, y: &Expr, env: &VecEnv) -> Lanes {

@@ -468,17 +468,21 @@ impl Expr {
     /// `0 <= q - k`, or strictly: `k < q`, `q > k`).
     pub fn is_key_at_most_query(&self) -> bool {
         let (k, q) = (&Expr::Var(Var::K), &Expr::Var(Var::Q));
-        let distance =
-            |e: &Expr| matches!(e, Expr::Binary(BinOp::Sub, a, b) if **a == *q && **b == *k);
         match self {
             Expr::Binary(BinOp::Le | BinOp::Lt, a, b) => {
-                (**a == *k && **b == *q) || (**a == Expr::Int(0) && distance(b))
+                (**a == *k && **b == *q) || (**a == Expr::Int(0) && b.is_query_minus_key())
             }
             Expr::Binary(BinOp::Ge | BinOp::Gt, a, b) => {
-                (**a == *q && **b == *k) || (distance(a) && **b == Expr::Int(0))
+                (**a == *q && **b == *k) || (a.is_query_minus_key() && **b == Expr::Int(0))
             }
             _ => false,
         }
+    }
+
+    /// Whether `self` is `q - k`, the distance from a key back to its query.
+    pub fn is_query_minus_key(&self) -> bool {
+        matches!(self, Expr::Binary(BinOp::Sub, a, b)
+            if **a == Expr::Var(Var::Q) && **b == Expr::Var(Var::K))
     }
 
     /// Whether a mask never lets a query see a later key: one of its conjuncts is

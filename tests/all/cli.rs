@@ -1435,120 +1435,54 @@ fn compile_for_attention_builds_tensor_core_kernels() {
     assert!(error.contains("not an attention artifact"), "{error}");
 
     for (args, says) in [
+        ("--for attention --emit ptx", "--target sm_80 or sm_90"),
         (
-            vec!["--for", "attention", "--emit", "ptx"],
-            "--target sm_80 or sm_90",
-        ),
-        (
-            vec!["--for", "attention", "--target", "sm_90", "--emit", "opt"],
+            "--for attention --target sm_90 --emit opt",
             "--emit mlir, llvm, ptx or artifact",
         ),
         (
-            vec!["--stages", "2", "--target", "sm_90", "--emit", "ptx"],
+            "--stages 2 --target sm_90 --emit ptx",
             "use them with --for attention",
         ),
         (
-            vec![
-                "--for",
-                "attention",
-                "--target",
-                "sm_90",
-                "--emit",
-                "ptx",
-                "--stages",
-                "3",
-            ],
+            "--for attention --target sm_90 --emit ptx --stages 3",
             "3 is not in 1..=2",
         ),
         (
-            vec![
-                "--for",
-                "attention",
-                "--target",
-                "sm_90",
-                "--emit",
-                "ptx",
-                "--block-k",
-                "48",
-            ],
+            "--for attention --target sm_90 --emit ptx --block-k 48",
             "invalid value '48'",
         ),
         (
-            vec![
-                "--for",
-                "attention",
-                "--target",
-                "sm_80",
-                "--emit",
-                "ptx",
-                "--mma",
-                "wgmma",
-            ],
+            "--for attention --target sm_80 --emit ptx --mma wgmma",
             "wgmma attention kernels run on sm_90, not sm_80",
         ),
         (
-            vec!["--mma", "wgmma", "--target", "sm_90", "--emit", "ptx"],
+            "--mma wgmma --target sm_90 --emit ptx",
             "use them with --for attention",
         ),
         (
-            vec![
-                "--for",
-                "attention",
-                "--target",
-                "sm_90",
-                "--emit",
-                "ptx",
-                "--mma",
-                "wgmma",
-                "--stages",
-                "2",
-            ],
+            "--for attention --target sm_90 --emit ptx --mma wgmma --stages 2",
             "wgmma kernels take one K/V stage, not 2",
         ),
         (
-            vec![
-                "--for",
-                "attention",
-                "--target",
-                "sm_90",
-                "--emit",
-                "ptx",
-                "--block-q",
-                "96",
-            ],
+            "--for attention --target sm_90 --emit ptx --block-q 96",
             "invalid value '96'",
         ),
         (
-            vec![
-                "--for",
-                "attention",
-                "--target",
-                "sm_90",
-                "--dtype",
-                "f32",
-                "--emit",
-                "ptx",
-            ],
+            "--for attention --target sm_90 --dtype f32 --emit ptx",
             "bf16 or f16, not f32",
         ),
         (
-            vec![
-                "--dtype",
-                "bf16",
-                "--emit",
-                "artifact",
-                "-o",
-                "/nonexistent",
-            ],
+            "--dtype bf16 --emit artifact -o /nonexistent",
             "use it with --target sm_80 or sm_90",
         ),
     ] {
         let mut all = vec!["compile", zb.as_str()];
-        all.extend(args.iter().copied());
+        all.extend(args.split_whitespace());
         let out = zebra(&all);
         assert!(
             !out.ok && out.stderr.contains(says),
-            "{args:?}: {}",
+            "{args}: {}",
             out.stderr
         );
     }
