@@ -419,17 +419,6 @@ impl Ctx {
         // bounds check, and its source is the tile's first row plus an offset each thread
         // computes once (the loop-invariant part, hoisted by LLVM).
         let left = b.subi(&self.t, &first_key);
-        let cd = b.i64(d as i64);
-        let c8 = b.i64(8);
-        let tile_at = b.muli(&first_key, &cd);
-        let tile_at = b.addi(base, &tile_at);
-        // Where slot i's row is slot 0's plus i: the thread's offset in the tile, then i rows.
-        let consecutive = (!core && tile.consecutive()).then(|| {
-            let (row0, col0) = tile.position(b, &self.tid, 0);
-            let at = b.muli(&row0, &cd);
-            let col0 = b.muli(&col0, &c8);
-            (row0, b.addi(&at, &col0))
-        });
         let copy = |b: &mut Builder, checked: bool| {
             for i in 0..tile.slots() {
                 tile.for_slot(b, &self.tid, i, |b, row, col| {
@@ -437,6 +426,7 @@ impl Ctx {
                         let per_row = b.i64(tile.per_row as i64);
                         let chunk = b.muli(row, &per_row);
                         let chunk = b.addi(&chunk, col);
+                        let c8 = b.i64(8);
                         let group = b.i64(8 * tile.per_row as i64);
                         let r = b.divi(&chunk, &group);
                         let r = b.muli(&r, &c8);
@@ -449,35 +439,49 @@ impl Ctx {
                         (row.clone(), col.clone(), None)
                     };
                     let (row, col) = (&row, &col);
-                    let (at, inside) = match (checked, from_f32, &consecutive) {
+                    let cd = b.i64(d as i64);
+                    let c8 = b.i64(8);
+                    let col_at = b.muli(col, &c8);
+                    let (at, inside) = match (checked, from_f32) {
                         // Reads f32 values itself: only rows inside.
-                        (true, Some(_), _) => {
+                        (true, Some(_)) => {
                             let key = b.addi(&first_key, row);
                             let inside = b.cmpi("slt", &key, &self.t, I64);
                             let key = b.mini(&key, &last);
                             let at = b.muli(&key, &cd);
                             let at = b.addi(base, &at);
-                            let col_at = b.muli(col, &c8);
                             (b.addi(&at, &col_at), Some(inside))
                         }
-                        // A `cp.async` of no bytes reads nothing: rows past the end keep
-                        // their address, so that each thread's copies stay a constant apart.
-                        (_, _, Some((row0, thread_at))) => {
-                            let at = b.addi(&tile_at, thread_at);
-                            let down = b.i64((i * d) as i64);
-                            let inside = checked.then(|| {
-                                let ahead = b.i64(i as i64);
-                                let left = b.subi(&left, &ahead);
-                                b.cmpi("slt", row0, &left, I64)
-                            });
-                            (b.addi(&at, &down), inside)
-                        }
-                        (_, _, None) => {
-                            let at = b.muli(row, &cd);
-                            let col_at = b.muli(col, &c8);
-                            let at = b.addi(&at, &col_at);
-                            let inside = checked.then(|| b.cmpi("slt", row, &left, I64));
-                            (b.addi(&tile_at, &at), inside)
+                        _ => {
+                            // A `cp.async` of no bytes reads nothing: rows past the end keep
+                            // their address, so that each thread's copies stay a constant
+                            // apart.
+                            let tile_at = b.muli(&first_key, &cd);
+                            let tile_at = b.addi(base, &tile_at);
+                            match (core, tile.consecutive()) {
+                                // Slot i's row is slot 0's plus i: the thread's offset in
+                                // the tile, then i rows.
+                                (false, true) => {
+                                    let (row0, col0) = tile.position(b, &self.tid, 0);
+                                    let at = b.muli(&row0, &cd);
+                                    let col0 = b.muli(&col0, &c8);
+                                    let at = b.addi(&at, &col0);
+                                    let at = b.addi(&tile_at, &at);
+                                    let down = b.i64((i * d) as i64);
+                                    let inside = checked.then(|| {
+                                        let ahead = b.i64(i as i64);
+                                        let left = b.subi(&left, &ahead);
+                                        b.cmpi("slt", &row0, &left, I64)
+                                    });
+                                    (b.addi(&at, &down), inside)
+                                }
+                                _ => {
+                                    let at = b.muli(row, &cd);
+                                    let at = b.addi(&at, &col_at);
+                                    let inside = checked.then(|| b.cmpi("slt", row, &left, I64));
+                                    (b.addi(&tile_at, &at), inside)
+                                }
+                            }
                         }
                     };
                     // Computed after the source, as the PTX snapshots have it.
