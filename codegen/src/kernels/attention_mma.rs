@@ -369,7 +369,9 @@ impl AttentionIo {
 /// What the softmax of one key tile gives: per row block and 16 keys the P fragment (four
 /// words), per row the factor that rescales what came before, the new maxima and sums.
 struct SoftmaxStep {
-    p_frags: Vec<Vec<Vec<Val>>>,
+    /// The probabilities in f32, in the order of the scores (`sf`); `pack_probs` makes
+    /// them A fragments.
+    probs: Vec<Val>,
     alphas: Vec<Val>,
     maxima: Vec<Val>,
     sums: Vec<Val>,
@@ -978,8 +980,16 @@ pub fn attention_mma(
             }
         }
 
-        // P as A fragments: per row block, keys 16j.. of rows g and g + 8.
-        let p_frags: Vec<Vec<Vec<Val>>> = (0..mb)
+        SoftmaxStep {
+            probs: p,
+            alphas,
+            maxima,
+            sums,
+        }
+    };
+    // P as A fragments: per row block, keys 16j.. of rows g and g + 8.
+    let pack_probs = |b: &mut Builder, p: &[Val]| -> Vec<Vec<Vec<Val>>> {
+        (0..mb)
             .map(|m| {
                 (0..bk / 16)
                     .map(|j| {
@@ -990,13 +1000,7 @@ pub fn attention_mma(
                     })
                     .collect()
             })
-            .collect();
-        SoftmaxStep {
-            p_frags,
-            alphas,
-            maxima,
-            sums,
-        }
+            .collect()
     };
     let finals = if v_core {
         // The pipelined `wgmma` loop (V read in place). K and V tiles alternate between two
@@ -1033,8 +1037,10 @@ pub fn attention_mma(
         let scores = |acc: &[Val]| -> Vec<Vec<Vec<Val>>> {
             vec![acc.chunks(4).map(<[Val]>::to_vec).collect()]
         };
-        let step_values = |step: SoftmaxStep| -> Vec<Val> {
-            let mut out: Vec<Val> = step.p_frags[0].iter().flatten().cloned().collect();
+        // A step's loop-carried values: P's words (`probs` packed), then per row the factor
+        // that rescales O, the maximum, the sum.
+        let step_values = |b: &mut Builder, probs: &[Val], step: SoftmaxStep| -> Vec<Val> {
+            let mut out: Vec<Val> = pack_probs(b, probs)[0].iter().flatten().cloned().collect();
             out.extend(step.alphas);
             out.extend(step.maxima);
             out.extend(step.sums);
@@ -1071,7 +1077,9 @@ pub fn attention_mma(
                 let (_, k0, needs_mask) = tile_info(b, &start);
                 let mut state = vec![neg_inf.clone(); n_rows];
                 state.extend(vec![zero.clone(); n_rows]);
-                step_values(softmax_step(b, &k0, &needs_mask, &scores(&acc), &state))
+                let step = softmax_step(b, &k0, &needs_mask, &scores(&acc), &state);
+                let probs = step.probs.clone();
+                step_values(b, &probs, step)
             },
             |b| {
                 let none = b.op("arith.constant 0 : i32");
@@ -1115,9 +1123,16 @@ pub fn attention_mma(
             let acc = isa.wgmma_wait(b, 1, &acc);
             let (_, k0, needs_mask) = tile_info(b, &next);
             let step = softmax_step(b, &k0, &needs_mask, &scores(&acc), state);
-            // The product's accumulators, and its A registers, kept until it is done.
-            let (mut out, _) = isa.wgmma_wait_keeping(b, 0, &o, p);
-            out.extend(step_values(step));
+            // The product's accumulators and its A registers kept until it is done, and the
+            // probabilities packed into P's words only after it (packed before, they would
+            // take the registers the product reads, and ptxas would wait for the product
+            // before the softmax); the wait pinned after the softmax, which so runs beside
+            // the product.
+            let mut kept = o.to_vec();
+            kept.extend(step.probs.iter().cloned());
+            let (mut out, _) = isa.wgmma_wait_pinned(b, 0, &kept, p, i);
+            let probs = out.split_off(n_o);
+            out.extend(step_values(b, &probs, step));
             out
         });
         let (o, rest) = looped.split_at(n_o);
@@ -1202,7 +1217,8 @@ pub fn attention_mma(
                 m * n_o + n * 4 + 2 * r + lane
             };
             let mut o = rescale_rows(b, &o, &step.alphas, o_at, d);
-            let (p_frags, maxima, sums) = (step.p_frags, step.maxima, step.sums);
+            let p_frags = pack_probs(b, &step.probs);
+            let (maxima, sums) = (step.maxima, step.sums);
 
             if stages == 1 {
                 isa.wait_copies(b);

@@ -474,15 +474,57 @@ impl Lowering {
         acc: &[Val],
         words: &[Val],
     ) -> (Vec<Val>, Vec<Val>) {
+        self.wgmma_wait_at(b, pending, acc, words, None)
+    }
+
+    /// `wgmma_wait_keeping` where the wait must stay after the work before it: ptxas's
+    /// scheduler otherwise moves a wait to the top of its basic block (the earliest point
+    /// is always correct), which for a softmax written between a product's start and its
+    /// wait puts the wait before the softmax and nothing runs beside the product. Here the
+    /// wait sits in both arms of a branch on `index` (an i64 the same in every thread, e.g.
+    /// a loop's index, compared with -1), which ptxas can neither resolve nor treat as
+    /// divergent: the block boundary holds the wait in place.
+    pub fn wgmma_wait_pinned(
+        self,
+        b: &mut Builder,
+        pending: u32,
+        acc: &[Val],
+        words: &[Val],
+        index: &Val,
+    ) -> (Vec<Val>, Vec<Val>) {
+        self.wgmma_wait_at(b, pending, acc, words, Some(index))
+    }
+
+    fn wgmma_wait_at(
+        self,
+        b: &mut Builder,
+        pending: u32,
+        acc: &[Val],
+        words: &[Val],
+        pin: Option<&Val>,
+    ) -> (Vec<Val>, Vec<Val>) {
         match self {
             Lowering::Ptx => {
-                let text = format!("wgmma.wait_group.sync.aligned {pending};");
+                let wait = format!("wgmma.wait_group.sync.aligned {pending};");
                 let (m, w) = (acc.len(), words.len());
+                let text = match pin {
+                    None => wait,
+                    Some(_) => format!(
+                        "{{ .reg .pred p; setp.ne.s64 p, ${index}, -1; \
+                         @p bra.uni $$Lzw${{:uid}}_a; {wait} bra.uni $$Lzw${{:uid}}_b; \
+                         $$Lzw${{:uid}}_a: {wait} $$Lzw${{:uid}}_b: }}",
+                        index = 2 * (m + w)
+                    ),
+                };
                 let mut constraints: Vec<String> = vec!["=f".to_string(); m];
                 constraints.extend(vec!["=r".to_string(); w]);
                 constraints.extend((0..m + w).map(|i| i.to_string()));
                 let mut args: Vec<(&Val, &str)> = acc.iter().map(|v| (v, F32)).collect();
                 args.extend(words.iter().map(|v| (v, "i32")));
+                if let Some(index) = pin {
+                    constraints.push("l".to_string());
+                    args.push((index, "i64"));
+                }
                 let mut types = vec![F32; m];
                 types.extend(vec!["i32"; w]);
                 let mut out = asm(b, &text, &constraints.join(","), &args, &types, true);
