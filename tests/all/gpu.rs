@@ -320,6 +320,56 @@ fn ptx_of_the_zebra_attention_kernels() {
     }
 }
 
+/// In the `wgmma` kernels' loop the softmax of a tile runs while the previous tile's `O +=
+/// P V` is on the tensor cores: the wait for the product comes after the softmax's
+/// exponentials and before they are packed into P's registers (the product's A operand),
+/// and sits behind a branch that keeps ptxas from moving it to the top of the softmax.
+#[test]
+fn wgmma_softmax_runs_beside_the_product() {
+    use zebra_codegen::kernels::attention_mma::{Half, MmaSettings, Product};
+    let ptx = zebra_codegen::artifact::emit_gpu_attention(
+        &tiny_graph(),
+        GpuTarget { sm: 90 },
+        Half::Bf16,
+        MmaSettings {
+            product: Some(Product::Wgmma),
+            ..MmaSettings::default()
+        },
+        Some(zebra_codegen::ptx::GpuOutput::Ptx),
+    )
+    .unwrap();
+    let entries: Vec<&str> = ptx.split(".visible .entry ").skip(1).collect();
+    assert_eq!(entries.len(), 2, "zebra_tiny's global and local attention");
+    for entry in entries {
+        let name = entry.split('(').next().unwrap_or_default();
+        let pinned = entry
+            .find("@p bra.uni")
+            .unwrap_or_else(|| panic!("{name}: no pinned wait"));
+        let wait = entry[pinned..]
+            .find("wgmma.wait_group.sync.aligned 0;")
+            .map(|at| pinned + at)
+            .unwrap_or_else(|| panic!("{name}: the pinned block does not wait"));
+        // The wait's basic block, from the label before it (the loop's blocks may be laid
+        // out in any order).
+        let block = entry[..pinned].rfind("\n$L").unwrap_or(0);
+        let softmax = &entry[block..pinned];
+        assert!(
+            softmax.matches("ex2.approx").count() >= 16,
+            "{name}: the exponentials are not before the wait"
+        );
+        assert!(
+            !softmax.contains("cvt.rn.bf16x2"),
+            "{name}: P is packed before the product is done"
+        );
+        let after = &entry[wait..];
+        let next_block = after.find("\n$L").unwrap_or(after.len());
+        assert!(
+            after[..next_block].contains("cvt.rn.bf16x2"),
+            "{name}: P is not packed after the wait"
+        );
+    }
+}
+
 /// Tensor-core attention artifacts round-trip through their on-disk form; a missing, corrupt,
 /// mismatched or other-format artifact is refused with a message that says which; and head
 /// dims the kernel cannot take are refused when compiling, naming the attention.

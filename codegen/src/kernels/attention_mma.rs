@@ -41,7 +41,7 @@ use zebra_ir::op::AttentionKernel;
 
 use super::attention::schedule_range;
 use super::block::{ChunkedTile, block_function, load8, pack8, shared_address, trunc32};
-use super::warp::{Lowering, WgmmaA};
+use super::warp::{Descriptor, Lowering, WgmmaA};
 use crate::mlir::{Builder, F32, I64, Val, f32_literal};
 use crate::vexpr::{self, VecEnv};
 
@@ -421,7 +421,61 @@ impl Ctx {
         // bounds check, and its source is the tile's first row plus an offset each thread
         // computes once (the loop-invariant part, hoisted by LLVM).
         let left = b.subi(&self.t, &first_key);
+        // In core matrices, chunk `c` of the tile in shared memory is row `c / (8 per_row)
+        // 8 + c % 8`, 16-byte column `(c / 8) % per_row`. Where the threads cover whole
+        // groups of 8 rows, the thread's chunks `tid + i threads` are its first moved `i
+        // threads / per_row` rows down: in global and in shared memory alike `16 i threads`
+        // bytes further, constant offsets of one address each.
+        let strided = core
+            && from_f32.is_none()
+            && tile.threads.is_multiple_of(8 * tile.per_row)
+            && (rows * tile.per_row).is_multiple_of(tile.threads);
+        let copy_strided = |b: &mut Builder, checked: bool| {
+            let tid = &self.tid;
+            let c8 = b.i64(8);
+            let group = b.i64(8 * tile.per_row as i64);
+            let per_row = b.i64(tile.per_row as i64);
+            let r = b.divi(tid, &group);
+            let r = b.muli(&r, &c8);
+            let within = b.remi(tid, &c8);
+            let r = b.addi(&r, &within);
+            let cc = b.divi(tid, &c8);
+            let cc = b.remi(&cc, &per_row);
+            let cd = b.i64(d as i64);
+            let tile_at = b.muli(&first_key, &cd);
+            let tile_at = b.addi(base, &tile_at);
+            let at = b.muli(&r, &cd);
+            let col_at = b.muli(&cc, &c8);
+            let at = b.addi(&at, &col_at);
+            let at0 = b.addi(&tile_at, &at);
+            let c16 = b.i64(16);
+            let bytes = b.muli(tid, &c16);
+            let c0 = b.i64(0);
+            let to0 = shared_address(b, &self.smem, &c0, &bytes, 0, offset);
+            for i in 0..tile.slots() {
+                let step = i * tile.threads;
+                let down = b.i64((step * 8) as i64);
+                let at = b.addi(&at0, &down);
+                let from = b.gep(src, &at, "i16");
+                let further = const_i32(b, (step * 16) as i64);
+                let to = b.bin("addi", &to0, &further, "i32");
+                let full = const_i32(b, 16);
+                let size = if checked {
+                    let rows_down = b.i64((step / tile.per_row) as i64);
+                    let row = b.addi(&r, &rows_down);
+                    let inside = b.cmpi("slt", &row, &left, I64);
+                    let none = const_i32(b, 0);
+                    b.select(&inside, &full, &none, "i32")
+                } else {
+                    full
+                };
+                self.isa.cp_async(b, &to, &from, &size);
+            }
+        };
         let copy = |b: &mut Builder, checked: bool| {
+            if strided {
+                return copy_strided(b, checked);
+            }
             for i in 0..tile.slots() {
                 tile.for_slot(b, &self.tid, i, |b, row, col| {
                     let (row, col, chunk) = if core {
@@ -576,34 +630,24 @@ impl Ctx {
 
     /// The matrix descriptor of a `wgmma` operand at byte `offset` of shared memory, in core
     /// matrices `lbo` bytes apart along K and `sbo` apart along M or N, without swizzling.
-    fn descriptor(&self, b: &mut Builder, offset: usize, lbo: usize, sbo: usize) -> Val {
+    fn descriptor(&self, b: &mut Builder, offset: usize, lbo: usize, sbo: usize) -> Descriptor {
         let at = b.i64(offset as i64);
         self.descriptor_at(b, &at, lbo, sbo)
     }
 
     /// The same at a byte offset known at run time (i64).
-    fn descriptor_at(&self, b: &mut Builder, offset: &Val, lbo: usize, sbo: usize) -> Val {
+    fn descriptor_at(&self, b: &mut Builder, offset: &Val, lbo: usize, sbo: usize) -> Descriptor {
         let at = trunc32(b, offset);
         let at = b.bin("addi", &at, &self.smem, "i32");
-        let at = b.op(format!("arith.extui {at} : i32 to i64"));
-        let c4 = b.i64(4);
-        let at = b.op(format!("arith.shrui {at}, {c4} : i64"));
-        let mask = b.i64(0x3fff);
-        let at = b.bin("andi", &at, &mask, I64);
-        let fields = b.i64((((lbo >> 4) << 16) | ((sbo >> 4) << 32)) as i64);
-        b.bin("ori", &at, &fields, I64)
-    }
-
-    /// The descriptor of the operand `bytes` further on than `descriptor`'s (a multiple of
-    /// 16): its address field plus `bytes / 16`, which cannot carry into the next field, as
-    /// shared memory (228 KiB at most) ends before the field's 256 KiB.
-    fn descriptor_plus(b: &mut Builder, descriptor: &Val, bytes: usize) -> Val {
-        debug_assert_eq!(bytes % 16, 0);
-        if bytes == 0 {
-            return descriptor.clone();
+        let c4 = const_i32(b, 4);
+        let at = b.op(format!("arith.shrui {at}, {c4} : i32"));
+        let mask = const_i32(b, 0x3fff);
+        let at = b.bin("andi", &at, &mask, "i32");
+        let lbo = const_i32(b, ((lbo >> 4) << 16) as i64);
+        Descriptor {
+            lo: b.bin("ori", &at, &lbo, "i32"),
+            hi: u32::try_from(sbo >> 4).expect("a stride byte offset of 14 bits"),
         }
-        let step = b.i64((bytes / 16) as i64);
-        b.addi(descriptor, &step)
     }
 
     /// The shared-memory address (i32) of element (`row`, `col`) of the tile at `offset`.
@@ -747,8 +791,8 @@ pub fn attention_mma(
             ctx.descriptor_at(b, k_at, 128, sbo),
         );
         for step in 0..d / 16 {
-            let qd = Ctx::descriptor_plus(b, &q0, step * 256);
-            let kd = Ctx::descriptor_plus(b, &k0, step * 256);
+            let qd = q0.plus(b, step * 256);
+            let kd = k0.plus(b, step * 256);
             acc = isa.wgmma(b, half, WgmmaA::Shared(&qd), &kd, true, &acc);
         }
         isa.wgmma_commit(b);
@@ -1025,7 +1069,7 @@ pub fn attention_mma(
             let mut o = o.to_vec();
             let v0 = ctx.descriptor_at(b, v_at, along_keys, 128);
             for (j, a) in p.chunks(4).enumerate() {
-                let vd = Ctx::descriptor_plus(b, &v0, 2 * j * along_keys);
+                let vd = v0.plus(b, 2 * j * along_keys);
                 o = isa.wgmma(b, half, WgmmaA::Registers(a), &vd, false, &o);
             }
             isa.wgmma_commit(b);
@@ -1240,7 +1284,7 @@ pub fn attention_mma(
                 isa.wgmma_fence(b);
                 let v0 = ctx.descriptor(b, tiles.vt_offset(), 128, bk / 8 * 128);
                 for (j, a) in p_frags[0].iter().enumerate() {
-                    let vd = Ctx::descriptor_plus(b, &v0, j * 256);
+                    let vd = v0.plus(b, j * 256);
                     o = isa.wgmma(b, half, WgmmaA::Registers(a), &vd, true, &o);
                 }
                 isa.wgmma_commit(b);

@@ -13,10 +13,44 @@
 use super::attention_mma::Half;
 use crate::mlir::{Builder, F32, Val};
 
+/// A `wgmma` shared-memory matrix descriptor (64 bits): its low word, run-time (the start
+/// address and the leading byte offset), and its high word, known when the kernel is built
+/// (the stride byte offset; no base offset, no swizzling). Kept apart so that stepping
+/// along a tile is one 32-bit add, and the high word a constant in the instruction.
+#[derive(Clone, Debug)]
+pub struct Descriptor {
+    pub lo: Val,
+    pub hi: u32,
+}
+
+impl Descriptor {
+    /// The descriptor of the operand `bytes` further on (a multiple of 16): the start
+    /// address field plus `bytes / 16`, which cannot carry into the next field, as shared
+    /// memory (228 KiB at most) ends before the field's 256 KiB.
+    pub fn plus(&self, b: &mut Builder, bytes: usize) -> Descriptor {
+        debug_assert_eq!(bytes % 16, 0);
+        if bytes == 0 {
+            return self.clone();
+        }
+        let step = const_i32(b, (bytes / 16) as i64);
+        Descriptor {
+            lo: b.bin("addi", &self.lo, &step, "i32"),
+            hi: self.hi,
+        }
+    }
+
+    /// The descriptor as one i64.
+    fn value(&self, b: &mut Builder) -> Val {
+        let lo = b.op(format!("arith.extui {} : i32 to i64", self.lo));
+        let hi = b.i64(i64::from(self.hi) << 32);
+        b.bin("ori", &lo, &hi, "i64")
+    }
+}
+
 /// Where a `wgmma` reads its A operand.
 pub enum WgmmaA<'a> {
-    /// A shared-memory matrix descriptor (i64).
-    Shared(&'a Val),
+    /// A shared-memory matrix descriptor.
+    Shared(&'a Descriptor),
     /// Four 32-bit registers per thread.
     Registers(&'a [Val]),
 }
@@ -363,7 +397,7 @@ impl Lowering {
         b: &mut Builder,
         half: Half,
         a: WgmmaA,
-        b_desc: &Val,
+        b_desc: &Descriptor,
         k_major_b: bool,
         acc: &[Val],
     ) -> Vec<Val> {
@@ -371,39 +405,54 @@ impl Lowering {
         assert!(n.is_multiple_of(8) && (8..=256).contains(&n));
         let t = half.name();
         let one = const_i32(b, 1);
-        let mut args: Vec<(&Val, &str)> = Vec::new();
-        match &a {
-            WgmmaA::Shared(desc) => args.push((desc, "i64")),
-            WgmmaA::Registers(regs) => args.extend(regs.iter().map(|r| (r, "i32"))),
-        }
-        args.push((b_desc, "i64"));
         match self {
             Lowering::Ptx => {
+                // Descriptors as their low words (`r`), made whole in the instruction's
+                // block with their high words as constants.
+                let mut args: Vec<(&Val, &str)> = Vec::new();
+                match &a {
+                    WgmmaA::Shared(desc) => args.push((&desc.lo, "i32")),
+                    WgmmaA::Registers(regs) => args.extend(regs.iter().map(|r| (r, "i32"))),
+                }
+                args.push((&b_desc.lo, "i32"));
                 let m = acc.len();
                 args.push((&one, "i32"));
                 args.extend(acc.iter().map(|v| (v, F32)));
                 let outs: Vec<String> = (0..m).map(|i| format!("${i}")).collect();
-                let (a_text, a_constraints, next) = match &a {
-                    WgmmaA::Shared(_) => (format!("${m}"), "l".to_string(), m + 1),
+                let whole = |name: &str, at: usize, hi: u32| {
+                    format!(
+                        "cvt.u64.u32 {name}, ${at}; or.b64 {name}, {name}, {:#x};",
+                        u64::from(hi) << 32
+                    )
+                };
+                let (a_text, a_setup, a_constraints, next) = match &a {
+                    WgmmaA::Shared(desc) => (
+                        "da".to_string(),
+                        whole("da", m, desc.hi),
+                        "r".to_string(),
+                        m + 1,
+                    ),
                     WgmmaA::Registers(_) => (
                         format!("{{${},${},${},${}}}", m, m + 1, m + 2, m + 3),
+                        String::new(),
                         "r,r,r,r".to_string(),
                         m + 4,
                     ),
                 };
+                let b_setup = whole("db", next, b_desc.hi);
                 let trans_b = u8::from(!k_major_b);
                 let trans = match &a {
                     WgmmaA::Shared(_) => format!("1, 1, 0, {trans_b}"),
                     WgmmaA::Registers(_) => format!("1, 1, {trans_b}"),
                 };
                 let text = format!(
-                    "{{ .reg .pred p; setp.ne.b32 p, ${}, 0; wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t} {{{}}}, {a_text}, ${next}, p, {trans}; }}",
+                    "{{ .reg .pred p; .reg .b64 da, db; {a_setup} {b_setup} setp.ne.b32 p, ${}, 0; wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t} {{{}}}, {a_text}, db, p, {trans}; }}",
                     next + 1,
                     outs.join(",")
                 );
                 let mut constraints: Vec<String> = vec!["=f".to_string(); m];
                 constraints.push(a_constraints);
-                constraints.push("l".into());
+                constraints.push("r".into());
                 constraints.push("r".into());
                 constraints.extend((0..m).map(|i| i.to_string()));
                 asm(b, &text, &constraints.join(","), &args, &vec![F32; m], true)
@@ -415,9 +464,15 @@ impl Lowering {
                 }
                 let zero = b.op("arith.constant 0 : i64");
                 let none = const_i32(b, 0);
+                let a_desc = match &a {
+                    WgmmaA::Shared(desc) => desc.value(b),
+                    WgmmaA::Registers(_) => zero,
+                };
+                let b_desc = b_desc.value(b);
+                let b_desc = &b_desc;
                 let (desc, regs): (&Val, [&Val; 4]) = match &a {
-                    WgmmaA::Shared(desc) => (desc, [&none, &none, &none, &none]),
-                    WgmmaA::Registers(r) => (&zero, [&r[0], &r[1], &r[2], &r[3]]),
+                    WgmmaA::Shared(_) => (&a_desc, [&none, &none, &none, &none]),
+                    WgmmaA::Registers(r) => (&a_desc, [&r[0], &r[1], &r[2], &r[3]]),
                 };
                 let from_registers = const_i32(b, i64::from(matches!(a, WgmmaA::Registers(_))));
                 let cn = const_i32(b, n as i64);
