@@ -1050,10 +1050,11 @@ pub fn attention_mma(
         // The pipelined `wgmma` loop (V read in place). K and V tiles alternate between two
         // buffers each (tile `j` of the row, counted from its first, in buffers `j % 2`).
         // The step for tile `i` waits for the copies of K tile `i + 1` and V tile `i`,
+        // starts the scores of tile `i + 1`, rescales O and starts `O += P V` of tile `i`,
         // copies K tile `i + 2` and V tile `i + 1` into the buffers their predecessors left
-        // (whose readers every thread waited for before the barrier), starts the scores of
-        // tile `i + 1`, rescales O and starts `O += P V` of tile `i`, waits for the scores
-        // and runs their softmax while the product runs, then waits for the product.
+        // (whose readers every thread waited for before the barrier) while they run, waits
+        // for the scores and runs their softmax while the product runs, then waits for the
+        // product.
         // Nothing is in flight from one step to the next (ptxas would serialize every
         // product if an accumulator in flight were copied). The first tile's scores and
         // softmax come before the loop, the last tile's product after it.
@@ -1148,6 +1149,13 @@ pub fn attention_mma(
             let this = b.remi(&index, &c2);
             let other = b.subi(&c1, &this);
             let next = b.addi(i, &c1);
+            let k_at = buffer_at(b, &stage0_k, &other);
+            let acc = issue_scores(b, &k_at);
+            let o = rescale(b, o, alphas);
+            let v_at = buffer_at(b, &stage0_v, &this);
+            let o = issue_pv(b, p, &v_at, &o);
+            // The copies, into buffers no product in flight reads, issued while the
+            // products run.
             let after = b.addi(i, &c2);
             let later = b.cmpi("slt", &after, &end, I64);
             b.if_then(&later, |b| {
@@ -1159,11 +1167,6 @@ pub fn attention_mma(
             let at = buffer_at(b, &stage0_v, &other);
             ctx.load_tile(b, &v, &kv_base, &kt, &at, true);
             isa.commit(b);
-            let k_at = buffer_at(b, &stage0_k, &other);
-            let acc = issue_scores(b, &k_at);
-            let o = rescale(b, o, alphas);
-            let v_at = buffer_at(b, &stage0_v, &this);
-            let o = issue_pv(b, p, &v_at, &o);
             let acc = isa.wgmma_wait(b, 1, &acc);
             let (_, k0, needs_mask) = tile_info(b, &next);
             let step = softmax_step(b, &k0, &needs_mask, &scores(&acc), state);
