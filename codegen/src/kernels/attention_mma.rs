@@ -1143,12 +1143,19 @@ pub fn attention_mma(
             let (o, rest) = acc.split_at(n_o);
             let (p, rest) = rest.split_at(words);
             let (alphas, state) = rest.split_at(n_rows);
+            // The schedule's entries for the next two tiles, read first, so that their
+            // loads are done by the time the copies and the mask need them.
+            let next = b.addi(i, &c1);
+            let (kt, k0, needs_mask) = tile_info(b, &next);
+            let after = b.addi(i, &c2);
+            let later = b.cmpi("slt", &after, &end, I64);
+            let after_or_next = b.select(&later, &after, &next, I64);
+            let kt_after = tile_at(b, &after_or_next);
             isa.wait_copies(b);
             publish(b);
             let index = b.subi(i, &start);
             let this = b.remi(&index, &c2);
             let other = b.subi(&c1, &this);
-            let next = b.addi(i, &c1);
             let k_at = buffer_at(b, &stage0_k, &other);
             let acc = issue_scores(b, &k_at);
             let o = rescale(b, o, alphas);
@@ -1156,19 +1163,14 @@ pub fn attention_mma(
             let o = issue_pv(b, p, &v_at, &o);
             // The copies, into buffers no product in flight reads, issued while the
             // products run.
-            let after = b.addi(i, &c2);
-            let later = b.cmpi("slt", &after, &end, I64);
             b.if_then(&later, |b| {
-                let kt = tile_at(b, &after);
                 let at = buffer_at(b, &stage0_k, &this);
-                ctx.load_tile(b, &k, &kv_base, &kt, &at, true);
+                ctx.load_tile(b, &k, &kv_base, &kt_after, &at, true);
             });
-            let kt = tile_at(b, &next);
             let at = buffer_at(b, &stage0_v, &other);
             ctx.load_tile(b, &v, &kv_base, &kt, &at, true);
             isa.commit(b);
             let acc = isa.wgmma_wait(b, 1, &acc);
-            let (_, k0, needs_mask) = tile_info(b, &next);
             let step = softmax_step(b, &k0, &needs_mask, &scores(&acc), state);
             // The product's accumulators and its A registers kept until it is done, and the
             // probabilities packed into P's words only after it (packed before, they would
