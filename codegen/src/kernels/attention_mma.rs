@@ -303,6 +303,21 @@ impl MmaTiles {
     }
 }
 
+/// The row and 16-byte column of chunk `chunk` (i64) of a tile of `per_row` chunks a row,
+/// stored in core matrices: chunk `c` is row `c / (8 per_row) 8 + c % 8`, column
+/// `(c / 8) % per_row`.
+fn core_position(b: &mut Builder, chunk: &Val, per_row: usize) -> (Val, Val) {
+    let c8 = b.i64(8);
+    let group = b.i64(8 * per_row as i64);
+    let r = b.divi(chunk, &group);
+    let r = b.muli(&r, &c8);
+    let within = b.remi(chunk, &c8);
+    let r = b.addi(&r, &within);
+    let per_row = b.i64(per_row as i64);
+    let cc = b.divi(chunk, &c8);
+    (r, b.remi(&cc, &per_row))
+}
+
 fn const_i32(b: &mut Builder, v: i64) -> Val {
     b.op(format!("arith.constant {v} : i32"))
 }
@@ -421,9 +436,7 @@ impl Ctx {
         // bounds check, and its source is the tile's first row plus an offset each thread
         // computes once (the loop-invariant part, hoisted by LLVM).
         let left = b.subi(&self.t, &first_key);
-        // In core matrices, chunk `c` of the tile in shared memory is row `c / (8 per_row)
-        // 8 + c % 8`, 16-byte column `(c / 8) % per_row`. Where the threads cover whole
-        // groups of 8 rows, the thread's chunks `tid + i threads` are its first moved `i
+        // In core matrices (`core_position`), where the threads cover whole groups of 8 rows, the thread's chunks `tid + i threads` are its first moved `i
         // threads / per_row` rows down: in global and in shared memory alike `16 i threads`
         // bytes further, constant offsets of one address each.
         let strided = core
@@ -432,15 +445,8 @@ impl Ctx {
             && (rows * tile.per_row).is_multiple_of(tile.threads);
         let copy_strided = |b: &mut Builder, checked: bool| {
             let tid = &self.tid;
+            let (r, cc) = core_position(b, tid, tile.per_row);
             let c8 = b.i64(8);
-            let group = b.i64(8 * tile.per_row as i64);
-            let per_row = b.i64(tile.per_row as i64);
-            let r = b.divi(tid, &group);
-            let r = b.muli(&r, &c8);
-            let within = b.remi(tid, &c8);
-            let r = b.addi(&r, &within);
-            let cc = b.divi(tid, &c8);
-            let cc = b.remi(&cc, &per_row);
             let cd = b.i64(d as i64);
             let tile_at = b.muli(&first_key, &cd);
             let tile_at = b.addi(base, &tile_at);
@@ -482,14 +488,7 @@ impl Ctx {
                         let per_row = b.i64(tile.per_row as i64);
                         let chunk = b.muli(row, &per_row);
                         let chunk = b.addi(&chunk, col);
-                        let c8 = b.i64(8);
-                        let group = b.i64(8 * tile.per_row as i64);
-                        let r = b.divi(&chunk, &group);
-                        let r = b.muli(&r, &c8);
-                        let within = b.remi(&chunk, &c8);
-                        let r = b.addi(&r, &within);
-                        let cc = b.divi(&chunk, &c8);
-                        let cc = b.remi(&cc, &per_row);
+                        let (r, cc) = core_position(b, &chunk, tile.per_row);
                         (r, cc, Some(chunk))
                     } else {
                         (row.clone(), col.clone(), None)
@@ -1082,10 +1081,14 @@ pub fn attention_mma(
         let scores = |acc: &[Val]| -> Vec<Vec<Vec<Val>>> {
             vec![acc.chunks(4).map(<[Val]>::to_vec).collect()]
         };
-        // A step's loop-carried values: P's words (`probs` packed), then per row the factor
-        // that rescales O, the maximum, the sum.
-        let step_values = |b: &mut Builder, probs: &[Val], step: SoftmaxStep| -> Vec<Val> {
-            let mut out: Vec<Val> = pack_probs(b, probs)[0].iter().flatten().cloned().collect();
+        // A step's loop-carried values: P's words (its probabilities packed), then per row
+        // the factor that rescales O, the maximum, the sum.
+        let step_values = |b: &mut Builder, step: SoftmaxStep| -> Vec<Val> {
+            let mut out: Vec<Val> = pack_probs(b, &step.probs)[0]
+                .iter()
+                .flatten()
+                .cloned()
+                .collect();
             out.extend(step.alphas);
             out.extend(step.maxima);
             out.extend(step.sums);
@@ -1123,8 +1126,7 @@ pub fn attention_mma(
                 let mut state = vec![neg_inf.clone(); n_rows];
                 state.extend(vec![zero.clone(); n_rows]);
                 let step = softmax_step(b, &k0, &needs_mask, &scores(&acc), &state);
-                let probs = step.probs.clone();
-                step_values(b, &probs, step)
+                step_values(b, step)
             },
             |b| {
                 let none = b.op("arith.constant 0 : i32");
@@ -1171,7 +1173,7 @@ pub fn attention_mma(
             ctx.load_tile(b, &v, &kv_base, &kt, &at, true);
             isa.commit(b);
             let acc = isa.wgmma_wait(b, 1, &acc);
-            let step = softmax_step(b, &k0, &needs_mask, &scores(&acc), state);
+            let mut step = softmax_step(b, &k0, &needs_mask, &scores(&acc), state);
             // The product's accumulators and its A registers kept until it is done, and the
             // probabilities packed into P's words only after it (packed before, they would
             // take the registers the product reads, and ptxas would wait for the product
@@ -1180,8 +1182,8 @@ pub fn attention_mma(
             let mut kept = o.to_vec();
             kept.extend(step.probs.iter().cloned());
             let (mut out, _) = isa.wgmma_wait_pinned(b, 0, &kept, p, i);
-            let probs = out.split_off(n_o);
-            out.extend(step_values(b, &probs, step));
+            step.probs = out.split_off(n_o);
+            out.extend(step_values(b, step));
             out
         });
         let (o, rest) = looped.split_at(n_o);

@@ -464,16 +464,11 @@ impl Lowering {
                 }
                 let zero = b.op("arith.constant 0 : i64");
                 let none = const_i32(b, 0);
-                let a_desc = match &a {
-                    WgmmaA::Shared(desc) => desc.value(b),
-                    WgmmaA::Registers(_) => zero,
+                let (desc, regs): (Val, [&Val; 4]) = match &a {
+                    WgmmaA::Shared(desc) => (desc.value(b), [&none, &none, &none, &none]),
+                    WgmmaA::Registers(r) => (zero, [&r[0], &r[1], &r[2], &r[3]]),
                 };
                 let b_desc = b_desc.value(b);
-                let b_desc = &b_desc;
-                let (desc, regs): (&Val, [&Val; 4]) = match &a {
-                    WgmmaA::Shared(_) => (&a_desc, [&none, &none, &none, &none]),
-                    WgmmaA::Registers(r) => (&a_desc, [&r[0], &r[1], &r[2], &r[3]]),
-                };
                 let from_registers = const_i32(b, i64::from(matches!(a, WgmmaA::Registers(_))));
                 let cn = const_i32(b, n as i64);
                 let kind = const_i32(
@@ -487,12 +482,12 @@ impl Lowering {
                         (&kind, "i32"),
                         (&cn, "i32"),
                         (&from_registers, "i32"),
-                        (desc, "i64"),
+                        (&desc, "i64"),
                         (regs[0], "i32"),
                         (regs[1], "i32"),
                         (regs[2], "i32"),
                         (regs[3], "i32"),
-                        (b_desc, "i64"),
+                        (&b_desc, "i64"),
                     ],
                     None,
                 );
