@@ -4,9 +4,11 @@
 # heads, head dim 128, T = 16384, a window of 1024) timed beside PyTorch's SDPA (flash
 # backend) and flex_attention, and checked against PyTorch at T = 1024; the other kernels
 # of the benchmark shapes (bench_*: other tiles, wgmma on sm_90) timed and checked the same
-# way, one JSON line each with the variant's name; then every example's attentions checked
-# against an f64 reference at a length that is not a multiple of the tiles. The timings
-# come first, so that a device run cut short still brings them back.
+# way, one JSON line each with the variant's name, and a summary line per attention (the
+# fastest variant that passed its check, its ratios to PyTorch, whether the target is met);
+# then every example's attentions checked against an f64 reference at a length that is not
+# a multiple of the tiles. The timings come first, so that a device run cut short still
+# brings them back.
 # One JSON line per result; fails if any check fails.
 # Usage: scripts/gpu-attention.sh DIR [SEQ_LEN]
 set -uo pipefail
@@ -51,7 +53,10 @@ if [ -d "$bench" ]; then
     done | tee "$dir/attention-bench.jsonl"
     grep -q '"ok": *false\|"ok":false\|"error"' "$dir/attention-bench.jsonl" && failed=1
     if command -v "$python" >/dev/null; then
-        "$python" "$dir/torch_gpu_attention.py" --seq-len "$seq_len" || true
+        "$python" "$dir/torch_gpu_attention.py" --seq-len "$seq_len" | tee "$dir/attention-torch.jsonl"
+        # The fastest variant that passed its check, per attention, against the targets.
+        "$python" "$dir/gpu_attention_summary.py" "$dir/attention-bench.jsonl" \
+            "$dir/attention-torch.jsonl" || true
         saved=$(mktemp -d)
         if "$run" attention "$bench" --seq-len 1024 --repeats 1 --check-rows 8 --save "$saved" >/dev/null; then
             "$python" "$dir/torch_gpu_attention.py" --compare "$saved" --artifact "$bench" || failed=1

@@ -102,7 +102,7 @@ PY
 echo "prepared the model benchmark"
 
 # Tensor-core attention kernels: every example's, one in f16, and the benchmark shapes.
-cp scripts/gpu-attention.sh bench/torch_gpu_attention.py "$out/"
+cp scripts/gpu-attention.sh bench/torch_gpu_attention.py bench/gpu_attention_summary.py "$out/"
 for file in examples/zebra_tiny.zb examples/attention/*.zb examples/models/*.zb bench/gpu_attention.zb; do
     name=$(basename "$file" .zb)
     [ "$name" = gpu_attention ] && name=bench

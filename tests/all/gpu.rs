@@ -723,3 +723,96 @@ fn gpu_kernels_assemble_with_ptxas() {
         }
     }
 }
+
+/// The GPU benchmark's summary (`bench/gpu_attention_summary.py`, which `gpu-attention.sh`
+/// runs last) picks, per attention, the fastest variant whose check passed, never one that
+/// failed it or did not run, and compares it with the PyTorch implementation its target
+/// names.
+#[test]
+fn gpu_attention_summary_picks_the_fastest_correct_variant() {
+    let python = std::env::var_os("PYTHON").unwrap_or_else(|| "python3".into());
+    if std::process::Command::new(&python)
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: no python3 to run bench/gpu_attention_summary.py");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let zebra = dir.path().join("zebra.jsonl");
+    let torch = dir.path().join("torch.jsonl");
+    std::fs::write(
+        &zebra,
+        [
+            r#"{"variant": "bench", "result": {"name": "global", "time_ms": 7.0, "ok": true}}"#,
+            r#"{"variant": "bench", "result": {"name": "local", "time_ms": 1.1, "ok": true}}"#,
+            r#"{"variant": "bench_wgmma", "result": {"name": "global", "time_ms": 5.0, "ok": true}}"#,
+            r#"{"variant": "bench_wgmma", "result": {"name": "local", "time_ms": 0.5, "ok": false, "worst_error": 3.5}}"#,
+            r#"{"variant": "bench_wgmma_vt", "result": {"message": "error: launch timed out"}}"#,
+            r#"{"variant": "bench_wgmma_vt", "result": {"ok": false, "error": "zebra-run attention failed (exit 124)"}}"#,
+            r#"{"variant": "bench_bq64", "result": {"name": "local", "time_ms": 1.0, "ok": true}}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        &torch,
+        [
+            r#"{"name": "attention-global", "impl": "sdpa-flash", "time_ms": 6.0}"#,
+            r#"{"name": "attention-global", "impl": "flex", "time_ms": 5.5}"#,
+            r#"{"name": "attention-local", "impl": "flex", "time_ms": 0.9}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(&python)
+        .arg(root().join("bench/gpu_attention_summary.py"))
+        .args([&zebra, &torch])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    let global = &lines[0];
+    assert_eq!(global["summary"], "attention-global");
+    assert_eq!(global["best"], "bench_wgmma");
+    assert_eq!(global["ratios"]["sdpa-flash"], 1.2);
+    assert_eq!(global["met"], true);
+    let local = &lines[1];
+    assert_eq!(local["summary"], "attention-local");
+    // bench_wgmma was faster but wrong.
+    assert_eq!(local["best"], "bench_bq64");
+    assert_eq!(local["ratios"]["flex"], 0.9);
+    assert_eq!(local["met"], false);
+    let variants = local["variants"].as_array().unwrap();
+    let names: Vec<&str> = variants
+        .iter()
+        .map(|v| v["variant"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["bench_bq64", "bench", "bench_wgmma", "bench_wgmma_vt"]
+    );
+    let why = variants[3]["why"].as_str().unwrap();
+    assert!(
+        why.contains("exit 124") && why.contains("launch timed out"),
+        "{why}"
+    );
+    // A file it cannot read is named.
+    let out = std::process::Command::new(&python)
+        .arg(root().join("bench/gpu_attention_summary.py"))
+        .args([&zebra, &dir.path().join("missing.jsonl")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.jsonl"));
+}
