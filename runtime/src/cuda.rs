@@ -47,10 +47,62 @@ pub fn driver_present() -> bool {
 pub fn compute_capability() -> Result<(u32, u32), RuntimeError> {
     require_driver()?;
     let ctx = CudaContext::new(0).map_err(cuda_error("cannot open GPU 0"))?;
+    capability(&ctx)
+}
+
+/// The compute capability (major, minor) of a context's GPU.
+pub(crate) fn capability(ctx: &CudaContext) -> Result<(u32, u32), RuntimeError> {
     let (major, minor) = ctx
         .compute_capability()
         .map_err(cuda_error("cannot read GPU 0's compute capability"))?;
     Ok((major.max(0) as u32, minor.max(0) as u32))
+}
+
+/// An error unless PTX built for `target` (its last word: `sm_80`, `sm_90`, `sm_90a`, ...)
+/// runs on a GPU of compute capability `(major, minor)`, named `device`. PTX runs on its
+/// target's GPUs and later ones (the driver compiles it), except arch-specific PTX (`sm_90a`:
+/// `wgmma`), which runs on its own compute capability only. A target that names no `sm_`
+/// number is left to the driver.
+pub fn check_target(
+    what: &str,
+    target: &str,
+    (major, minor): (u32, u32),
+    device: &str,
+) -> Result<(), RuntimeError> {
+    let name = target.split_whitespace().last().unwrap_or_default();
+    let Some(number) = name.strip_prefix("sm_") else {
+        return Ok(());
+    };
+    let (digits, specific) = match number.strip_suffix('a') {
+        Some(digits) => (digits, true),
+        None => (number, false),
+    };
+    let Ok(sm) = digits.parse::<u32>() else {
+        return Ok(());
+    };
+    let have = major * 10 + minor;
+    if have == sm || (have > sm && !specific) {
+        return Ok(());
+    }
+    let advice = match major {
+        9.. if specific => "recompile it with --target sm_90 (and --mma sync, without wgmma)",
+        9.. => "recompile it with --target sm_90",
+        8 => "recompile it with --target sm_80",
+        _ => "Zebra's GPU kernels need compute capability 8.0 (sm_80) or later",
+    };
+    let only = if specific && have > sm {
+        format!(
+            " ({name} kernels run on compute capability {}.{} only)",
+            sm / 10,
+            sm % 10
+        )
+    } else {
+        String::new()
+    };
+    Err(RuntimeError::Cuda(format!(
+        "{what} was compiled for {name}{only}, and GPU 0 ({device}) has compute capability \
+         {major}.{minor}: {advice}"
+    )))
 }
 
 /// An error unless a CUDA driver can be loaded here (cudarc panics on first use without one).
@@ -164,6 +216,12 @@ impl CudaModel {
             local_bytes(&ptx) + 1024,
         )
         .map_err(cuda_error("cannot set the stack size"))?;
+        check_target(
+            &dir.display().to_string(),
+            &plan.target,
+            capability(&ctx)?,
+            &device,
+        )?;
         let stream = ctx.default_stream();
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
@@ -540,5 +598,41 @@ mod tests {
         let ptx = "\t.local .align 64 .b8 \t__local_depot1[2176];\n\t.local .align 16 .b8 \t__local_depot7[40960];\n";
         assert_eq!(local_bytes(ptx), 40960);
         assert_eq!(local_bytes(""), 0);
+    }
+
+    #[test]
+    fn ptx_runs_on_its_target_and_later_gpus_arch_specific_on_its_own() {
+        let runs = |target: &str, cc: (u32, u32)| check_target("art", target, cc, "GPU").is_ok();
+        assert!(runs("nvptx64-nvidia-cuda sm_90", (9, 0)));
+        assert!(runs("nvptx64-nvidia-cuda sm_80", (9, 0)));
+        assert!(runs("sm_80", (8, 6)));
+        assert!(runs("sm_90", (10, 0)));
+        assert!(runs("sm_90a", (9, 0)));
+        assert!(!runs("sm_90", (8, 0)));
+        assert!(!runs("sm_80", (7, 5)));
+        assert!(!runs("sm_90a", (10, 0)));
+        assert!(!runs("sm_90a", (8, 9)));
+        // No sm_ number: the driver decides.
+        assert!(runs("x86_64-unknown-linux-gnu", (8, 0)));
+        assert!(runs("sm_x", (8, 0)));
+        let message = |target: &str, cc: (u32, u32)| {
+            check_target("dir/bench", target, cc, "NVIDIA A100")
+                .unwrap_err()
+                .to_string()
+        };
+        let m = message("nvptx64-nvidia-cuda sm_90", (8, 0));
+        assert!(
+            m.contains("dir/bench was compiled for sm_90")
+                && m.contains("GPU 0 (NVIDIA A100) has compute capability 8.0")
+                && m.contains("--target sm_80"),
+            "{m}"
+        );
+        let m = message("sm_90a", (10, 0));
+        assert!(
+            m.contains("sm_90a kernels run on compute capability 9.0 only")
+                && m.contains("--mma sync"),
+            "{m}"
+        );
+        assert!(message("sm_80", (7, 5)).contains("8.0 (sm_80) or later"));
     }
 }
