@@ -263,10 +263,14 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
              and --emit mlir, llvm, ptx or artifact"
         );
     }
-    if args.mma != Default::default() && !attention_only {
+    let model_mma = zebra_codegen::kernels::attention_mma::MmaSettings {
+        product: None,
+        ..args.mma
+    };
+    if model_mma != Default::default() && !attention_only {
         bail!(
-            "--stages, --block-k, --block-q and --mma are settings of tensor-core attention \
-             kernels: use them with --for attention"
+            "--stages, --block-k and --block-q are settings of tensor-core attention kernels \
+             built alone: use them with --for attention"
         );
     }
     let gpu = match args.target {
@@ -292,6 +296,24 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
             sixteen(dtype).map_or("f32", Half::name)
         ),
         (dtype, false) => (Half::Bf16, dtype.and_then(sixteen)),
+    };
+    // A model plan's attentions on tensor cores: on mma.sync, or on the instruction --mma
+    // names (which needs the tensor cores of --dtype bf16 or f16, and wgmma sm_90).
+    let tensor_cores = match (args.mma.product.filter(|_| !attention_only), tensor_cores) {
+        (Some(product), None) => bail!(
+            "--mma {} chooses the tensor-core instruction of a model's attentions: use it with \
+             --dtype bf16 or f16 and --target sm_80 or sm_90 (or with --for attention)",
+            product.name()
+        ),
+        (Some(product), Some(_)) if product.is_wgmma() && args.target != Target::Sm90 => bail!(
+            "--mma {} is sm_90's warpgroup instruction: use it with --target sm_90",
+            product.name()
+        ),
+        (product, Some(half)) => Some(zebra_codegen::kernels::attention_mma::TensorCores {
+            half,
+            attention: product.unwrap_or_default(),
+        }),
+        (None, None) => None,
     };
     if gpu.is_some() && args.emit == Emit::Asm {
         bail!(
@@ -496,7 +518,7 @@ fn build_for(
     max_seq_len: usize,
     mode: zebra_codegen::plan::PlanMode,
     gpu: Option<zebra_codegen::ptx::GpuTarget>,
-    tensor_cores: Option<zebra_codegen::kernels::attention_mma::Half>,
+    tensor_cores: Option<zebra_codegen::kernels::attention_mma::TensorCores>,
 ) -> Result<zebra_codegen::artifact::BuildReport> {
     match gpu {
         None => build_artifact_mode(graph, dir, max_seq_len, mode),

@@ -117,9 +117,13 @@ impl Device {
     pub fn build(&self, graph: &Graph, dir: &Path, options: &BuildOptions) -> Result<()> {
         match self {
             Device::Cpu { .. } => zebra_codegen::artifact::build(graph, dir, options)?,
-            Device::Cuda { target, half } => {
-                zebra_codegen::artifact::build_gpu(graph, dir, options, *target, *half)?
-            }
+            Device::Cuda { target, half } => zebra_codegen::artifact::build_gpu(
+                graph,
+                dir,
+                options,
+                *target,
+                half.map(Into::into),
+            )?,
         };
         Ok(())
     }

@@ -125,9 +125,10 @@ enum Command {
         /// head dims up to 128, else 64; with wgmma, one or two warpgroups).
         #[arg(long, value_parser = ["64", "128"])]
         block_q: Option<String>,
-        /// The tensor-core instruction of attention kernels (--for attention): sync
-        /// (`mma.sync`, the default), or wgmma (sm_90's warpgroup products, --target sm_90;
-        /// wgmma-vt: with V transposed in shared memory first).
+        /// The tensor-core instruction of attention kernels (--for attention, or a model's
+        /// forward attentions with --dtype bf16|f16): sync (`mma.sync`, the default), or
+        /// wgmma (sm_90's warpgroup products, --target sm_90, PTX for sm_90a; wgmma-vt: with
+        /// V transposed in shared memory first).
         #[arg(long, value_parser = ["sync", "wgmma", "wgmma-vt"])]
         mma: Option<String>,
     },

@@ -10,6 +10,7 @@ use zebra_ir::Graph;
 
 use crate::CodegenError;
 use crate::backend::{CpuTarget, Mlir, Output, link_shared, llvm_compile};
+use crate::kernels::attention_mma::TensorCores;
 use crate::kernels::fnv1a;
 use crate::mlir::module;
 use crate::plan::{PlanMode, Planned, plan};
@@ -198,10 +199,11 @@ fn gpu_ir(
     max_seq_len: usize,
     mode: crate::plan::PlanMode,
     target: crate::ptx::GpuTarget,
-    half: Option<crate::kernels::attention_mma::Half>,
+    cores: Option<TensorCores>,
 ) -> Result<(Planned, String), CodegenError> {
+    check_cores(cores, target)?;
     let retiled;
-    let graph = match half {
+    let graph = match cores {
         Some(_) => {
             retiled = crate::kernels::tensor_core::retile(graph, target.sm);
             &retiled
@@ -215,8 +217,24 @@ fn gpu_ir(
         max_seq_len,
         mode,
     )?;
-    let ir = crate::ptx::gpu_llvm_ir(&mut planned, half, target.sm, &Mlir::new())?;
+    let ir = crate::ptx::gpu_llvm_ir(&mut planned, cores, target.sm, &Mlir::new())?;
     Ok((planned, ir))
+}
+
+/// An error unless the target runs the tensor-core products asked for.
+fn check_cores(
+    cores: Option<TensorCores>,
+    target: crate::ptx::GpuTarget,
+) -> Result<(), CodegenError> {
+    match cores {
+        Some(cores) if cores.attention.is_wgmma() && target.sm < 90 => {
+            Err(CodegenError::Io(format!(
+                "wgmma attention kernels run on sm_90, not {}",
+                target.name()
+            )))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The kernels for a GPU as MLIR, optimized LLVM IR or PTX, for `zebra compile --emit`.
@@ -226,10 +244,11 @@ pub fn emit_gpu(
     target: crate::ptx::GpuTarget,
     what: crate::ptx::GpuOutput,
     mlir_only: bool,
-    half: Option<crate::kernels::attention_mma::Half>,
+    cores: Option<TensorCores>,
 ) -> Result<String, CodegenError> {
     if mlir_only {
-        let retiled = half.map(|_| crate::kernels::tensor_core::retile(graph, target.sm));
+        check_cores(cores, target)?;
+        let retiled = cores.map(|_| crate::kernels::tensor_core::retile(graph, target.sm));
         let mut planned = plan(
             retiled.as_ref().unwrap_or(graph),
             &target.describe(),
@@ -237,28 +256,32 @@ pub fn emit_gpu(
             max_seq_len,
             PlanMode::Forward,
         )?;
-        let (text, _) = crate::ptx::gpu_mlir(&mut planned, half, target.sm);
+        let (text, _) = crate::ptx::gpu_mlir(&mut planned, cores, target.sm);
         Mlir::new().verify(&text)?;
         return Ok(text);
     }
-    let (_, ir) = gpu_ir(graph, max_seq_len, PlanMode::Forward, target, half)?;
+    let (_, ir) = gpu_ir(graph, max_seq_len, PlanMode::Forward, target, cores)?;
     crate::ptx::compile(&ir, target, what)
 }
 
 /// Compiles a graph into a GPU artifact directory: `plan.json` and `kernels.ptx`. With
-/// `half`, the projections run on tensor cores, their operands rounded to that type.
+/// `cores`, the projections and attentions run on tensor cores, their operands rounded to
+/// its 16-bit type (with `wgmma` attentions the PTX, and the plan's target, are sm_90a).
 pub fn build_gpu(
     graph: &Graph,
     out_dir: &Path,
     options: &BuildOptions,
     target: crate::ptx::GpuTarget,
-    half: Option<crate::kernels::attention_mma::Half>,
+    cores: Option<TensorCores>,
 ) -> Result<BuildReport, CodegenError> {
     let start = Instant::now();
-    let (planned, ir) = gpu_ir(graph, options.max_seq_len, options.mode, target, half)?;
+    let (planned, ir) = gpu_ir(graph, options.max_seq_len, options.mode, target, cores)?;
     let ptx = crate::ptx::compile(&ir, target, crate::ptx::GpuOutput::Ptx)?;
     let codegen = start.elapsed();
     let mut plan = planned.plan;
+    if ptx.contains(".target sm_90a") {
+        plan.target = format!("{}a", target.describe());
+    }
     plan.library = "kernels.ptx".into();
     plan.library_hash = format!("{:016x}", fnv1a(ptx.as_bytes()));
     write(&out_dir.join(&plan.library), ptx.as_bytes())?;

@@ -22,7 +22,7 @@ use inkwell::targets::{
 
 use crate::CodegenError;
 use crate::kernels::attention_mma::{
-    AttentionIo, Half, MAX_HEAD_DIM, MmaTiles, attention_mma, entry_ir,
+    AttentionIo, Half, MAX_HEAD_DIM, MmaTiles, TensorCores, attention_mma, entry_ir,
 };
 use crate::kernels::tensor_core::{self, TensorCoreKernel};
 use crate::kernels::warp::Lowering;
@@ -233,16 +233,16 @@ done:
     out
 }
 
-/// The LLVM IR of a planned graph's kernels for the GPU (before optimization). With `half`,
-/// the projections also get tensor-core versions in that type, which the plan's kernels then
-/// name (`tensor_cores`) for the runtime to launch instead.
+/// The LLVM IR of a planned graph's kernels for the GPU (before optimization). With `cores`,
+/// the projections and attentions also get tensor-core versions in its 16-bit type, which
+/// the plan's kernels then name (`tensor_cores`) for the runtime to launch instead.
 pub fn gpu_llvm_ir(
     planned: &mut Planned,
-    half: Option<Half>,
+    cores: Option<TensorCores>,
     sm: u32,
     mlir: &crate::backend::Mlir,
 ) -> Result<String, CodegenError> {
-    let (text, tensor_core) = gpu_mlir(planned, half, sm);
+    let (text, tensor_core) = gpu_mlir(planned, cores, sm);
     let ir = mlir.to_llvm_ir(&text)?;
     let symbols: Vec<String> = planned
         .plan
@@ -272,17 +272,17 @@ pub fn gpu_llvm_ir(
 }
 
 /// The MLIR module of a planned graph's kernels for the GPU, with the functions of the
-/// kernels that run on tensor cores when `half` is set (their names are returned; the
+/// kernels that run on tensor cores when `cores` is set (their names are returned; the
 /// plan's kernels name their entries).
 pub fn gpu_mlir(
     planned: &mut Planned,
-    half: Option<Half>,
+    cores: Option<TensorCores>,
     sm: u32,
 ) -> (String, Vec<(String, TensorCoreKernel)>) {
     let mut text = crate::artifact::kernels_mlir(planned, GPU_VECTOR);
     let mut tensor_core = Vec::new();
-    if let Some(half) = half {
-        for (i, kernel) in tensor_core::select(planned, sm) {
+    if let Some(TensorCores { half, attention }) = cores {
+        for (i, kernel) in tensor_core::select(planned, sm, attention) {
             let info = &mut planned.plan.kernels[i];
             let name = format!("{}_tc", info.symbol);
             let function = kernel.function(&name, half, Lowering::Ptx);

@@ -1425,6 +1425,19 @@ fn compile_for_attention_builds_tensor_core_kernels() {
         "{:?}",
         plan.kernels
     );
+    // Its attentions on wgmma: PTX for sm_90a, which the plan says.
+    let wgmma = path(dir.path(), "wgmma");
+    let out = zebra(&[
+        "compile", &zb, "--target", "sm_90", "--dtype", "bf16", "--mma", "wgmma", "--emit",
+        "artifact", "-o", &wgmma,
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    let plan = zebra_runtime::Artifact::load(std::path::Path::new(&wgmma))
+        .unwrap()
+        .plan;
+    assert!(plan.target.ends_with("sm_90a"), "{}", plan.target);
+    let ptx = std::fs::read_to_string(std::path::Path::new(&wgmma).join("kernels.ptx")).unwrap();
+    assert!(ptx.contains("wgmma.mma_async"));
     // A model artifact is not an attention artifact.
     let model = path(dir.path(), "model");
     let out = zebra(&[
@@ -1458,6 +1471,14 @@ fn compile_for_attention_builds_tensor_core_kernels() {
         ),
         (
             "--mma wgmma --target sm_90 --emit ptx",
+            "use it with --dtype bf16 or f16",
+        ),
+        (
+            "--mma wgmma --dtype bf16 --target sm_80 --emit ptx",
+            "use it with --target sm_90",
+        ),
+        (
+            "--block-k 32 --dtype bf16 --target sm_90 --emit ptx",
             "use them with --for attention",
         ),
         (

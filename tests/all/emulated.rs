@@ -616,12 +616,14 @@ fn forward_on_tensor_cores_in_the_emulator(
 /// A graph's plan for `mode` (retiled for the tensor-core attention, 4-lane vectors so that
 /// the weights are packed as on the GPU) loaded twice for the CPU: as compiled, and with every
 /// kernel the bf16 GPU plan runs on tensor cores replaced by that kernel in the emulator,
-/// launched as the CUDA runtime launches it. Also returns the kinds of kernels replaced.
+/// launched as the CUDA runtime launches it (the forward attentions' products on
+/// `product`). Also returns the kinds of kernels replaced.
 fn models_on_tensor_cores(
     graph: &zebra_ir::Graph,
     mode: zebra_codegen::plan::PlanMode,
     dir: &std::path::Path,
     weights: &zebra_ir::Weights,
+    product: Product,
 ) -> (
     zebra_runtime::CpuModel,
     zebra_runtime::CpuModel,
@@ -647,7 +649,7 @@ fn models_on_tensor_cores(
     let mut emulated = CpuModel::load(dir, weights, 2).unwrap();
     assert_eq!(planned.plan.kernels, cpu.plan().kernels);
     let mut kinds = Vec::new();
-    for (i, kernel) in select(&planned, 90) {
+    for (i, kernel) in select(&planned, 90, product) {
         let name = format!("kernel{i}");
         let function = kernel.function(&name, Half::Bf16, Lowering::Emulated);
         let compiled =
@@ -687,7 +689,7 @@ fn on_tensor_cores_in_the_emulator(
 ) -> Vec<&'static str> {
     let (_, checked) = check_ok(path);
     let spec = checked.program.models[0].clone();
-    model_on_tensor_cores_in_the_emulator(&spec, &relative(path), seq, train)
+    model_on_tensor_cores_in_the_emulator(&spec, &relative(path), seq, train, Product::Sync)
 }
 
 /// As [`on_tensor_cores_in_the_emulator`], for a model (`label` names it in failures).
@@ -696,6 +698,7 @@ fn model_on_tensor_cores_in_the_emulator(
     label: &str,
     seq: usize,
     train: bool,
+    product: Product,
 ) -> Vec<&'static str> {
     use zebra_codegen::plan::PlanMode;
 
@@ -708,7 +711,7 @@ fn model_on_tensor_cores_in_the_emulator(
     let out = tempfile::tempdir().unwrap();
     let weights = zebra_frontend::init::random_weights(&spec, 2);
     let (mut cpu, mut emulated, kinds) =
-        models_on_tensor_cores(&graph, PlanMode::Forward, out.path(), &weights);
+        models_on_tensor_cores(&graph, PlanMode::Forward, out.path(), &weights, product);
     let mut inputs = crate::codegen::tensors(&crate::common::random_inputs(&spec, 2, seq, 5));
     if train {
         let zebra_runtime::Tensor::I64(tokens) = &inputs["tokens"] else {
@@ -747,6 +750,35 @@ fn zebra_tiny_on_tensor_cores_in_the_emulator() {
     }
     // Two attention kinds (global, local), one pack_kv.
     assert_eq!(kinds.iter().filter(|k| **k == "attention").count(), 2);
+}
+
+/// zebra_tiny's plans with their forward attentions on `wgmma` (`zebra compile --dtype bf16
+/// --mma wgmma`): the forward pass, and the training step, whose forward attentions also
+/// write each row's log-sum-exp for the backward (which stays on `mma.sync`).
+#[test]
+fn zebra_tiny_with_wgmma_attentions_in_the_emulator() {
+    let (_, checked) = check_ok(&root().join("examples/zebra_tiny.zb"));
+    let spec = &checked.program.models[0];
+    let kinds = model_on_tensor_cores_in_the_emulator(
+        spec,
+        "zebra_tiny (wgmma)",
+        150,
+        false,
+        Product::Wgmma,
+    );
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "attention").count(),
+        2,
+        "{kinds:?}"
+    );
+    let kinds =
+        model_on_tensor_cores_in_the_emulator(spec, "zebra_tiny (wgmma)", 70, true, Product::Wgmma);
+    for kind in ["attention_lse", "attention_dq", "attention_dkv"] {
+        assert!(
+            kinds.contains(&kind),
+            "no {kind} on tensor cores: {kinds:?}"
+        );
+    }
 }
 
 /// zebra_tiny's training step with its projections and the backward's products of
@@ -799,7 +831,13 @@ fn attention_backward_at_head_dim_256_on_tensor_cores_in_the_emulator() {
     spec.ffn_hidden = 32;
     spec.layers.truncate(2);
     assert_eq!(spec.head_dim, 256);
-    let kinds = model_on_tensor_cores_in_the_emulator(&spec, "gemma2 (head dim 256)", 90, true);
+    let kinds = model_on_tensor_cores_in_the_emulator(
+        &spec,
+        "gemma2 (head dim 256)",
+        90,
+        true,
+        Product::Sync,
+    );
     for kind in ["attention_lse", "attention_dq", "attention_dkv"] {
         assert!(kinds.contains(&kind), "no {kind}: {kinds:?}");
     }
@@ -974,11 +1012,21 @@ fn zebra_tiny_decoding_on_tensor_cores_in_the_emulator() {
     let graph = optimize(&lower(&spec), &Options::default()).unwrap().graph;
     let weights = zebra_frontend::init::random_weights(&spec, 3);
     let out = tempfile::tempdir().unwrap();
-    let (mut prefill, mut prefill_tc, kinds) =
-        models_on_tensor_cores(&graph, PlanMode::Prefill, &out.path().join("p"), &weights);
+    let (mut prefill, mut prefill_tc, kinds) = models_on_tensor_cores(
+        &graph,
+        PlanMode::Prefill,
+        &out.path().join("p"),
+        &weights,
+        Product::Sync,
+    );
     assert!(kinds.contains(&"attention"), "{kinds:?}");
-    let (mut decode, mut decode_tc, kinds) =
-        models_on_tensor_cores(&graph, PlanMode::Decode, &out.path().join("d"), &weights);
+    let (mut decode, mut decode_tc, kinds) = models_on_tensor_cores(
+        &graph,
+        PlanMode::Decode,
+        &out.path().join("d"),
+        &weights,
+        Product::Sync,
+    );
     assert!(kinds.contains(&"projection"), "{kinds:?}");
     let all = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[2, 110]), |i| {
         ((i[0] * 37 + i[1] * 11) % spec.vocab) as i64

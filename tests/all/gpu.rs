@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use zebra_codegen::artifact::{BuildOptions, build_gpu};
-use zebra_codegen::kernels::attention_mma::Half;
+use zebra_codegen::kernels::attention_mma::{Half, TensorCores};
 use zebra_codegen::plan::PlanMode;
 use zebra_codegen::ptx::{GpuTarget, entries_of, entry};
 use zebra_passes::{Options, optimize};
@@ -38,7 +38,7 @@ fn every_program_compiles_to_ptx_for_sm80_and_sm90() {
                 let what = format!("{} ({}) for {sm}", relative(&path), spec.name);
                 // sm_80 in f32; sm_90 with the projections on tensor cores in bf16.
                 let half = (sm == "sm_90").then_some(Half::Bf16);
-                build_gpu(&graph, &dir, &options, target, half)
+                build_gpu(&graph, &dir, &options, target, half.map(Into::into))
                     .unwrap_or_else(|e| panic!("{what}: {e}"));
                 let ptx = std::fs::read_to_string(dir.join("kernels.ptx")).unwrap();
                 assert!(ptx.contains(&format!(".target {sm}")), "{what}");
@@ -124,7 +124,7 @@ fn training_and_generation_plans_compile_to_ptx() {
             &dir,
             &options,
             GpuTarget::from_name("sm_90").unwrap(),
-            Some(zebra_codegen::kernels::attention_mma::Half::Bf16),
+            Some(Half::Bf16.into()),
         )
         .unwrap_or_else(|e| panic!("{name}: {e}"));
         let ptx = std::fs::read_to_string(dir.join("kernels.ptx")).unwrap();
@@ -599,7 +599,11 @@ fn gpu_kernels_assemble_with_ptxas() {
     for sm in ["sm_80", "sm_90"] {
         let target = GpuTarget::from_name(sm).unwrap();
         let mut dirs = Vec::new();
-        for (name, graph, mode, half) in [
+        let wgmma = Some(TensorCores {
+            half: Half::Bf16,
+            attention: Product::Wgmma,
+        });
+        let mut plans = vec![
             ("f32", &tiny, PlanMode::Forward, None),
             ("bf16", &tiny, PlanMode::Forward, Some(Half::Bf16)),
             ("f16", &tiny, PlanMode::Forward, Some(Half::F16)),
@@ -618,15 +622,35 @@ fn gpu_kernels_assemble_with_ptxas() {
                 PlanMode::Forward,
                 Some(Half::Bf16),
             ),
-        ] {
+        ]
+        .into_iter()
+        .map(|(name, graph, mode, half)| (name, graph, mode, half.map(TensorCores::from)))
+        .collect::<Vec<_>>();
+        if sm == "sm_90" {
+            // Model plans with their forward attentions on wgmma (sm_90a PTX).
+            plans.push(("bench-wgmma", &bench, PlanMode::Forward, wgmma));
+            plans.push(("train-wgmma", &train, PlanMode::Forward, wgmma));
+        }
+        for (name, graph, mode, cores) in plans {
             let dir = out.path().join(format!("{name}-{sm}"));
             let options = BuildOptions {
                 mode,
                 max_seq_len: 4096,
                 cache: None,
             };
-            build_gpu(graph, &dir, &options, target, half).unwrap();
-            dirs.push((dir, sm));
+            build_gpu(graph, &dir, &options, target, cores).unwrap();
+            let plan = std::fs::read_to_string(dir.join("plan.json")).unwrap();
+            let arch = if cores.is_some_and(|c| c.attention.is_wgmma()) {
+                // The plan says what the PTX is for, and its attentions are on wgmma.
+                assert!(plan.contains("sm_90a"), "{name}");
+                let ptx = std::fs::read_to_string(dir.join("kernels.ptx")).unwrap();
+                assert!(ptx.contains("wgmma.mma_async"), "{name}");
+                "sm_90a"
+            } else {
+                assert!(!plan.contains("sm_90a"), "{name}");
+                sm
+            };
+            dirs.push((dir, arch));
         }
         for path in crate::common::examples() {
             let (_, checked) = check_ok(&path);

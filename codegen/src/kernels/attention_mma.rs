@@ -101,8 +101,35 @@ impl Product {
         }
     }
 
+    /// The name `--mma` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Product::Sync => "sync",
+            Product::Wgmma => "wgmma",
+            Product::WgmmaTransposedV => "wgmma-vt",
+        }
+    }
+
     pub fn is_wgmma(self) -> bool {
         self != Product::Sync
+    }
+}
+
+/// How a model plan's kernels run on tensor cores: the 16-bit type of their operands, and
+/// the instruction of the attentions' products (`wgmma` on sm_90 only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorCores {
+    pub half: Half,
+    pub attention: Product,
+}
+
+impl From<Half> for TensorCores {
+    /// `half` operands, attentions on `mma.sync`.
+    fn from(half: Half) -> TensorCores {
+        TensorCores {
+            half,
+            attention: Product::Sync,
+        }
     }
 }
 

@@ -20,7 +20,9 @@ use zebra_ir::{Graph, Op};
 use zebra_runtime::plan::{Operand, Step, TensorCoreGrid};
 
 use super::KernelSpec;
-use super::attention_mma::{AttentionIo, Half, MmaTiles, THREADS, attention_mma};
+use super::attention_mma::{
+    AttentionIo, Half, MmaSettings, MmaTiles, Product, THREADS, attention_mma,
+};
 use super::attention_mma_grad::{GradKernel, GradTiles, attention_mma_grad};
 use super::block::{block_function, load8, pack8};
 use super::matmul::MatMulShape;
@@ -175,8 +177,14 @@ pub fn retile(graph: &Graph, sm: u32) -> Graph {
     graph
 }
 
-/// The kernels of a planned graph that run on tensor cores on `sm`, by kernel index.
-pub fn select(planned: &Planned, sm: u32) -> Vec<(usize, TensorCoreKernel)> {
+/// The kernels of a planned graph that run on tensor cores on `sm`, by kernel index; the
+/// forward attentions' products on `product` (`wgmma` on sm_90 only; the backward's stay
+/// on `mma.sync`).
+pub fn select(planned: &Planned, sm: u32, product: Product) -> Vec<(usize, TensorCoreKernel)> {
+    let attention_settings = MmaSettings {
+        product: Some(product).filter(|p| !p.is_wgmma() || sm >= 90),
+        ..MmaSettings::default()
+    };
     let steps: Vec<(usize, &Vec<Operand>)> = planned
         .plan
         .steps
@@ -196,7 +204,8 @@ pub fn select(planned: &Planned, sm: u32) -> Vec<(usize, TensorCoreKernel)> {
         .filter_map(|(i, spec)| {
             let kernel = match spec {
                 KernelSpec::Attention { kernel, lse } => {
-                    let tiles = MmaTiles::for_head_dim(kernel.head_dim as usize, sm)?;
+                    let tiles = MmaTiles::for_head_dim(kernel.head_dim as usize, sm)?
+                        .with(&attention_settings);
                     let fits = tiles.block_q as u64 == kernel.block_q
                         && kernel.block_k.is_multiple_of(16)
                         && (16..=128).contains(&kernel.block_k);
