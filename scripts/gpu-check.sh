@@ -6,8 +6,9 @@
 # checks, and the benchmark beside PyTorch). One JSON line per check; fails if any fails.
 # The same examples compiled with --dtype bf16 (projections and attention on tensor cores,
 # operands rounded to bf16, f32 accumulation) are compared with a bf16 tolerance: 2e-2 of the
-# largest logit. Then the forward benchmark of a 492M-parameter model, f32 against bf16, and
-# its training step in bf16.
+# largest logit; on sm_90, zebra_tiny's forward pass and training steps and the benchmark
+# model's forward pass also with their attentions on wgmma (--mma wgmma). Then the forward
+# benchmark of a 492M-parameter model, f32 against bf16, and its training step in bf16.
 # Usage: scripts/gpu-check.sh DIR [TOLERANCE]   (relative to the largest logit; default 1e-4)
 # PARTS="attention model ..." runs only those parts (examples, golden, training, decode,
 # generate, model, attention), e.g. to spread the checks over several device calls.
@@ -59,6 +60,10 @@ if part examples; then
         forward_check "$name" "$example" gpu "$dir/tokens.npy" "$example/cpu-logits.npy" || continue
         forward_check "$name, bf16 tensor cores" "$example" gpu-bf16 "$dir/tokens.npy" \
             "$example/cpu-logits.npy" "$bf16_tolerance"
+        if [ -d "$example/gpu-bf16-wgmma" ]; then
+            forward_check "$name, bf16 tensor cores, wgmma attentions" "$example" gpu-bf16-wgmma \
+                "$dir/tokens.npy" "$example/cpu-logits.npy" "$bf16_tolerance"
+        fi
     done
 fi
 # The golden models against the logits Hugging Face transformers (PyTorch) computed.
@@ -76,10 +81,11 @@ fi
 if part training; then
     for t in "$dir"/train-*/; do
         model=$(basename "$t" | sed 's/^train-//')
-        for variant in gpu gpu-bf16; do
+        for variant in gpu gpu-bf16 gpu-bf16-wgmma; do
             [ -d "$t/$variant" ] || continue
             name="training steps, $model"; limit=$(awk -v t="$tolerance" 'BEGIN {print t * 10}')
             if [ "$variant" = gpu-bf16 ]; then name="$name, bf16 tensor cores"; limit=$bf16_tolerance; fi
+            if [ "$variant" = gpu-bf16-wgmma ]; then name="$name, bf16 tensor cores, wgmma attentions"; limit=$bf16_tolerance; fi
             if gpu train "$t/$variant" --device cuda --weights "$t/weights.safetensors" \
                 --data "$t/corpus.txt" --steps 5 --seq-len 128 --batch 2 --lr 1e-3 \
                 --out "$t/$variant-trained.safetensors" > "$t/$variant-losses.jsonl"; then
@@ -141,13 +147,18 @@ fi
 # The forward benchmark: the median of 3 passes in f32 and in bf16, and their logits compared.
 if part model; then
     if [ -d "$dir/model" ]; then
-        for dtype in f32 bf16; do
+        for dtype in f32 bf16 bf16-wgmma; do
+            [ -d "$dir/model/$dtype" ] || continue
             if ! GPU_TIMEOUT=300 gpu forward "$dir/model/$dtype" --device cuda --random-weights 1 \
                 --tokens "$dir/model/tokens.npy" --output "$dir/model/$dtype-logits.npy" --repeat 3 --json; then
                 gpu_failed "model benchmark, $dtype"
             fi
         done
         compare "model benchmark, bf16 against f32" "$dir/model/bf16-logits.npy" "$dir/model/f32-logits.npy" "$bf16_tolerance"
+        if [ -d "$dir/model/bf16-wgmma" ]; then
+            compare "model benchmark, bf16 with wgmma attentions against f32" \
+                "$dir/model/bf16-wgmma-logits.npy" "$dir/model/f32-logits.npy" "$bf16_tolerance"
+        fi
     fi
 fi
 # The training benchmark: three bf16 steps of the same model at T = 2048 (the recall task,

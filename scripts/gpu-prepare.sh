@@ -23,6 +23,10 @@ for file in examples/zebra_tiny.zb examples/attention/*.zb; do
     $zebra init "$file" --seed 1 -o "$out/$name/weights.safetensors" >/dev/null
     $zebra compile "$file" --emit artifact --target "$sm" --max-seq-len 1024 -o "$out/$name/gpu" >/dev/null
     $zebra compile "$file" --emit artifact --target "$sm" --dtype bf16 --max-seq-len 1024 -o "$out/$name/gpu-bf16" >/dev/null
+    if [ "$sm" = sm_90 ] && [ "$name" = zebra_tiny ]; then
+        # Its attentions on wgmma (--mma wgmma: PTX for sm_90a).
+        $zebra compile "$file" --emit artifact --target "$sm" --dtype bf16 --mma wgmma --max-seq-len 1024 -o "$out/$name/gpu-bf16-wgmma" >/dev/null
+    fi
     $zebra run "$file" --weights "$out/$name/weights.safetensors" --tokens "$out/tokens.npy" \
         --output "$out/$name/cpu-logits.npy" >/dev/null
     echo "prepared $name"
@@ -50,6 +54,9 @@ for file in examples/zebra_tiny.zb examples/attention/softcap.zb examples/attent
     $zebra init "$file" --seed 3 -o "$d/weights.safetensors" >/dev/null
     $zebra compile "$file" --emit artifact --for train --target "$sm" --max-seq-len 256 -o "$d/gpu" >/dev/null
     $zebra compile "$file" --emit artifact --for train --target "$sm" --dtype bf16 --max-seq-len 256 -o "$d/gpu-bf16" >/dev/null
+    if [ "$sm" = sm_90 ] && [ "$(basename "$file")" = zebra_tiny.zb ]; then
+        $zebra compile "$file" --emit artifact --for train --target "$sm" --dtype bf16 --mma wgmma --max-seq-len 256 -o "$d/gpu-bf16-wgmma" >/dev/null
+    fi
     $zebra compile "$file" --emit artifact --for train --max-seq-len 256 -o "$d/cpu" >/dev/null
     target/dist/zebra-run train "$d/cpu" --weights "$d/weights.safetensors" \
         --data "$d/corpus.txt" --steps 5 --seq-len 128 --batch 2 --lr 1e-3 \
@@ -88,6 +95,10 @@ echo "prepared generation"
 mkdir -p "$out/model"
 $zebra compile bench/gpu_model.zb --emit artifact --target "$sm" --max-seq-len 4096 -o "$out/model/f32" >/dev/null
 $zebra compile bench/gpu_model.zb --emit artifact --target "$sm" --dtype bf16 --max-seq-len 4096 -o "$out/model/bf16" >/dev/null
+if [ "$sm" = sm_90 ]; then
+    # The same with its attentions on wgmma.
+    $zebra compile bench/gpu_model.zb --emit artifact --target "$sm" --dtype bf16 --mma wgmma --max-seq-len 4096 -o "$out/model/bf16-wgmma" >/dev/null
+fi
 # Its training step in bf16 (projections, attention and its backward on tensor cores).
 $zebra compile bench/gpu_model.zb --emit artifact --for train --target "$sm" --dtype bf16 --max-seq-len 2048 -o "$out/model/train-bf16" >/dev/null
 python3 - "$out/model/tokens.npy" <<'PY'

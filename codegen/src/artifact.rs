@@ -282,6 +282,7 @@ pub fn build_gpu(
     if ptx.contains(".target sm_90a") {
         plan.target = format!("{}a", target.describe());
     }
+    let described = plan.target.clone();
     plan.library = "kernels.ptx".into();
     plan.library_hash = format!("{:016x}", fnv1a(ptx.as_bytes()));
     write(&out_dir.join(&plan.library), ptx.as_bytes())?;
@@ -290,7 +291,7 @@ pub fn build_gpu(
     Ok(BuildReport {
         kernels: planned.kernels.len(),
         compiled: planned.kernels.len(),
-        target: target.describe(),
+        target: described,
         codegen,
         link: Duration::ZERO,
     })
