@@ -753,8 +753,9 @@ fn zebra_tiny_on_tensor_cores_in_the_emulator() {
 }
 
 /// zebra_tiny's plans with their forward attentions on `wgmma` (`zebra compile --dtype bf16
-/// --mma wgmma`): the forward pass, and the training step, whose forward attentions also
-/// write each row's log-sum-exp for the backward (which stays on `mma.sync`).
+/// --mma wgmma`): the forward pass (also with V transposed first, `--mma wgmma-vt`), and the
+/// training step, whose forward attentions also write each row's log-sum-exp for the
+/// backward (which stays on `mma.sync`).
 #[test]
 fn zebra_tiny_with_wgmma_attentions_in_the_emulator() {
     let (_, checked) = check_ok(&root().join("examples/zebra_tiny.zb"));
@@ -765,6 +766,18 @@ fn zebra_tiny_with_wgmma_attentions_in_the_emulator() {
         150,
         false,
         Product::Wgmma,
+    );
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "attention").count(),
+        2,
+        "{kinds:?}"
+    );
+    let kinds = model_on_tensor_cores_in_the_emulator(
+        spec,
+        "zebra_tiny (wgmma-vt)",
+        100,
+        false,
+        Product::WgmmaTransposedV,
     );
     assert_eq!(
         kinds.iter().filter(|k| **k == "attention").count(),
