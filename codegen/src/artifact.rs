@@ -201,7 +201,9 @@ fn gpu_ir(
     target: crate::ptx::GpuTarget,
     cores: Option<TensorCores>,
 ) -> Result<(Planned, String), CodegenError> {
-    check_cores(cores, target)?;
+    if let Some(cores) = cores {
+        require_wgmma_target(cores.attention, target)?;
+    }
     let retiled;
     let graph = match cores {
         Some(_) => {
@@ -221,20 +223,18 @@ fn gpu_ir(
     Ok((planned, ir))
 }
 
-/// An error unless the target runs the tensor-core products asked for.
-fn check_cores(
-    cores: Option<TensorCores>,
+/// An error unless `target` runs attention products on `product` (`wgmma` needs sm_90).
+fn require_wgmma_target(
+    product: crate::kernels::attention_mma::Product,
     target: crate::ptx::GpuTarget,
 ) -> Result<(), CodegenError> {
-    match cores {
-        Some(cores) if cores.attention.is_wgmma() && target.sm < 90 => {
-            Err(CodegenError::Io(format!(
-                "wgmma attention kernels run on sm_90, not {}",
-                target.name()
-            )))
-        }
-        _ => Ok(()),
+    if product.is_wgmma() && target.sm < 90 {
+        return Err(CodegenError::Io(format!(
+            "wgmma attention kernels run on sm_90, not {}",
+            target.name()
+        )));
     }
+    Ok(())
 }
 
 /// The kernels for a GPU as MLIR, optimized LLVM IR or PTX, for `zebra compile --emit`.
@@ -247,7 +247,9 @@ pub fn emit_gpu(
     cores: Option<TensorCores>,
 ) -> Result<String, CodegenError> {
     if mlir_only {
-        check_cores(cores, target)?;
+        if let Some(cores) = cores {
+            require_wgmma_target(cores.attention, target)?;
+        }
         let retiled = cores.map(|_| crate::kernels::tensor_core::retile(graph, target.sm));
         let mut planned = plan(
             retiled.as_ref().unwrap_or(graph),
@@ -279,10 +281,8 @@ pub fn build_gpu(
     let ptx = crate::ptx::compile(&ir, target, crate::ptx::GpuOutput::Ptx)?;
     let codegen = start.elapsed();
     let mut plan = planned.plan;
-    if ptx.contains(".target sm_90a") {
-        plan.target = format!("{}a", target.describe());
-    }
-    let described = plan.target.clone();
+    // The PTX's architecture (sm_90a with wgmma attentions).
+    plan.target = format!("nvptx64-nvidia-cuda {}", crate::ptx::arch(&ir, target));
     plan.library = "kernels.ptx".into();
     plan.library_hash = format!("{:016x}", fnv1a(ptx.as_bytes()));
     write(&out_dir.join(&plan.library), ptx.as_bytes())?;
@@ -291,7 +291,7 @@ pub fn build_gpu(
     Ok(BuildReport {
         kernels: planned.kernels.len(),
         compiled: planned.kernels.len(),
-        target: described,
+        target: plan.target,
         codegen,
         link: Duration::ZERO,
     })
@@ -345,11 +345,8 @@ pub fn named_mma_attentions(
     )>,
     CodegenError,
 > {
-    if settings.product.is_some_and(|p| p.is_wgmma()) && target.sm < 90 {
-        return Err(CodegenError::Io(format!(
-            "wgmma attention kernels run on sm_90, not {}",
-            target.name()
-        )));
+    if let Some(product) = settings.product {
+        require_wgmma_target(product, target)?;
     }
     let kernels = crate::ptx::mma_attentions(graph, target)?;
     if kernels.is_empty() {
@@ -408,15 +405,10 @@ pub fn build_gpu_attention(
     let kernels = named_mma_attentions(graph, target, half, settings)?;
     let ir = crate::ptx::mma_llvm_ir(&kernels, half, &Mlir::new())?;
     let ptx = crate::ptx::compile(&ir, target, crate::ptx::GpuOutput::Ptx)?;
-    // wgmma kernels are for sm_90a (the PTX says so).
-    let wgmma = kernels.iter().any(|(_, _, tiles)| tiles.product.is_wgmma());
     let artifact = zebra_runtime::artifact::AttentionArtifact {
         format: zebra_runtime::artifact::ATTENTION_FORMAT,
-        target: if wgmma {
-            format!("{}a", target.name())
-        } else {
-            target.name()
-        },
+        // sm_90a with wgmma kernels, as the PTX.
+        target: crate::ptx::arch(&ir, target),
         dtype: half.name().into(),
         library: "kernels.ptx".into(),
         library_hash: format!("{:016x}", fnv1a(ptx.as_bytes())),

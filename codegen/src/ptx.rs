@@ -420,14 +420,19 @@ pub enum GpuOutput {
     Ptx,
 }
 
-/// Optimizes GPU LLVM IR at O3 and emits PTX (or the optimized IR).
-pub fn compile(ir: &str, target: GpuTarget, output: GpuOutput) -> Result<String, CodegenError> {
-    // `wgmma` is an sm_90a instruction: PTX that uses it is for that architecture alone.
-    let arch = if ir.contains("wgmma.") && target.sm == 90 {
+/// The architecture GPU LLVM IR compiles for on `target`: `wgmma` is an sm_90a instruction,
+/// so PTX that uses it is for that architecture alone; other PTX is for the target.
+pub fn arch(ir: &str, target: GpuTarget) -> String {
+    if ir.contains("wgmma.") && target.sm == 90 {
         "sm_90a".to_string()
     } else {
         target.name()
-    };
+    }
+}
+
+/// Optimizes GPU LLVM IR at O3 and emits PTX (or the optimized IR).
+pub fn compile(ir: &str, target: GpuTarget, output: GpuOutput) -> Result<String, CodegenError> {
+    let arch = arch(ir, target);
     Target::initialize_nvptx(&InitializationConfig::default());
     let context = LlvmContext::create();
     let buffer = MemoryBuffer::create_from_memory_range_copy(ir.as_bytes(), "kernels");

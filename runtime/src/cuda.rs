@@ -51,7 +51,7 @@ pub fn compute_capability() -> Result<(u32, u32), RuntimeError> {
 }
 
 /// The compute capability (major, minor) of a context's GPU.
-pub(crate) fn capability(ctx: &CudaContext) -> Result<(u32, u32), RuntimeError> {
+fn capability(ctx: &CudaContext) -> Result<(u32, u32), RuntimeError> {
     let (major, minor) = ctx
         .compute_capability()
         .map_err(cuda_error("cannot read GPU 0's compute capability"))?;
@@ -103,6 +103,16 @@ pub fn check_target(
         "{what} was compiled for {name}{only}, and GPU 0 ({device}) has compute capability \
          {major}.{minor}: {advice}"
     )))
+}
+
+/// [`check_target`] for the GPU of `ctx` (named `device`), before an artifact's PTX is loaded.
+pub(crate) fn check_context(
+    ctx: &CudaContext,
+    dir: &Path,
+    target: &str,
+    device: &str,
+) -> Result<(), RuntimeError> {
+    check_target(&dir.display().to_string(), target, capability(ctx)?, device)
 }
 
 /// An error unless a CUDA driver can be loaded here (cudarc panics on first use without one).
@@ -210,18 +220,13 @@ impl CudaModel {
         require_driver()?;
         let ctx = CudaContext::new(0).map_err(cuda_error("cannot open GPU 0"))?;
         let device = ctx.name().unwrap_or_else(|_| "GPU 0".into());
+        check_context(&ctx, dir, &plan.target, &device)?;
         // Each thread's stack holds its kernel's scratch arrays.
         ctx.set_limit(
             cudarc::driver::sys::CUlimit::CU_LIMIT_STACK_SIZE,
             local_bytes(&ptx) + 1024,
         )
         .map_err(cuda_error("cannot set the stack size"))?;
-        check_target(
-            &dir.display().to_string(),
-            &plan.target,
-            capability(&ctx)?,
-            &device,
-        )?;
         let stream = ctx.default_stream();
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx))

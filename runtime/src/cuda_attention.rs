@@ -76,12 +76,7 @@ pub fn run_attention(
     }
     let ctx = cudarc::driver::CudaContext::new(0).map_err(cuda_error("cannot open GPU 0"))?;
     let device = ctx.name().unwrap_or_else(|_| "GPU 0".into());
-    crate::cuda::check_target(
-        &dir.display().to_string(),
-        &artifact.target,
-        crate::cuda::capability(&ctx)?,
-        &device,
-    )?;
+    crate::cuda::check_context(&ctx, dir, &artifact.target, &device)?;
     let stream = ctx.default_stream();
     let module = ctx
         .load_module(cudarc::nvrtc::Ptx::from_src(ptx))

@@ -178,11 +178,11 @@ pub fn retile(graph: &Graph, sm: u32) -> Graph {
 }
 
 /// The kernels of a planned graph that run on tensor cores on `sm`, by kernel index; the
-/// forward attentions' products on `product` (`wgmma` on sm_90 only; the backward's stay
-/// on `mma.sync`).
+/// forward attentions' products on `product` (`wgmma` on sm_90 only, which the caller
+/// checks; the backward's stay on `mma.sync`).
 pub fn select(planned: &Planned, sm: u32, product: Product) -> Vec<(usize, TensorCoreKernel)> {
     let attention_settings = MmaSettings {
-        product: Some(product).filter(|p| !p.is_wgmma() || sm >= 90),
+        product: Some(product),
         ..MmaSettings::default()
     };
     let steps: Vec<(usize, &Vec<Operand>)> = planned
