@@ -314,10 +314,33 @@ fn naive(
 fn attention(args: &BenchArgs, name: &str, mask_text: &str, dir: &Path) -> Result<()> {
     let (t, h, d) = (args.seq_len, args.heads, args.head_dim);
     let mask = zebra_ir::expr::parse_expr(mask_text).map_err(|e| anyhow!(e))?;
-    let (bq, bk) = args
-        .blocks
-        .unwrap_or(zebra_passes::Target::Cpu.attention_blocks());
     let scale = 1.0 / (d as f64).sqrt();
+    // The tiles: --blocks, else the tuning database's for this attention, else the target's.
+    let (default_q, default_k) = zebra_passes::Target::Cpu.attention_blocks();
+    let kernel = zebra_ir::op::AttentionKernel {
+        name: name.into(),
+        mask: mask.clone(),
+        score: None,
+        sides: vec![],
+        scale,
+        heads: h as u64,
+        kv_heads: h as u64,
+        head_dim: d as u64,
+        block_q: default_q,
+        block_k: default_k,
+        merge_heads: false,
+        loc: None,
+    };
+    let (bq, bk, tiles) = match args.blocks {
+        Some((bq, bk)) => (bq, bk, "--blocks"),
+        None => match crate::tune::options(zebra_passes::Target::Cpu)
+            .tiles
+            .get(&kernel)
+        {
+            Some(tuned) => (tuned.block_q, tuned.block_k, "tuning database"),
+            None => (default_q, default_k, "default"),
+        },
+    };
     let text = format!(
         "graph {g} {{\n  kernel @{g} = attention {{mask = {m}, scale = {s}, heads = {h}, kv_heads = {h}, head_dim = {d}, block_q = {bq}, block_k = {bk}, merge_heads = false}}\n  %0 = input {{name = \"q\"}} : f32[B, {h}, T, {d}]\n  %1 = input {{name = \"k\"}} : f32[B, {h}, T, {d}]\n  %2 = input {{name = \"v\"}} : f32[B, {h}, T, {d}]\n  %3 = attention(%0, %1, %2) {{kernel = @{g}}} : f32[B, {h}, T, {d}]\n  output out = %3\n}}\n",
         g = name.replace('-', "_"),
@@ -356,6 +379,9 @@ fn attention(args: &BenchArgs, name: &str, mask_text: &str, dir: &Path) -> Resul
         ("heads", h.into()),
         ("head_dim", d.into()),
         ("mask", mask_text.into()),
+        ("block_q", bq.into()),
+        ("block_k", bk.into()),
+        ("tiles", tiles.into()),
         ("time_ms", (time * 1e3).into()),
         ("gflops", (flops / time / 1e9).into()),
     ];
@@ -408,7 +434,16 @@ fn zebra_tiny(all_global: bool) -> Result<(zebra_frontend::ModelSpec, PathBuf)> 
 fn forward(args: &BenchArgs, name: &str, all_global: bool, dir: &Path) -> Result<()> {
     let (spec, _) = zebra_tiny(all_global)?;
     let graph = zebra_frontend::lower::lower(&spec)?;
-    let optimized = zebra_passes::optimize(&graph, &zebra_passes::Options::default())?.graph;
+    let options = crate::tune::options(zebra_passes::Target::Cpu);
+    let optimized = zebra_passes::optimize(&graph, &options)?.graph;
+    // The attention kernels whose tiles came from the tuning database, as `@name BQxBK`.
+    let tuned: Vec<String> = zebra_ir::print::kernel_table(&optimized)
+        .into_iter()
+        .filter_map(|(name, kernel)| {
+            let blocks = options.tiles.get(&kernel)?;
+            Some(format!("@{name} {blocks}"))
+        })
+        .collect();
     let artifact = dir.join(name);
     crate::commands::build_artifact_at(&optimized, &artifact, args.seq_len)?;
     let weights = zebra_frontend::init::random_weights(&spec, 0);
@@ -439,6 +474,7 @@ fn forward(args: &BenchArgs, name: &str, all_global: bool, dir: &Path) -> Result
             ("threads", model.threads().into()),
             ("model", spec.name.clone().into()),
             ("layers", layout.join(",").into()),
+            ("tuned_tiles", tuned.into()),
             ("time_ms", (time * 1e3).into()),
             ("gflops", (flops / time / 1e9).into()),
         ],
@@ -573,7 +609,8 @@ fn trainer_threads(args: &BenchArgs) -> usize {
 fn decode(args: &BenchArgs, name: &str, all_global: bool, dir: &Path) -> Result<()> {
     let (spec, _) = zebra_tiny(all_global)?;
     let graph = zebra_frontend::lower::lower(&spec)?;
-    let optimized = zebra_passes::optimize(&graph, &zebra_passes::Options::default())?.graph;
+    let optimized =
+        zebra_passes::optimize(&graph, &crate::tune::options(zebra_passes::Target::Cpu))?.graph;
     let steps = 64;
     let t = args.seq_len;
     let context = t + steps + 1;

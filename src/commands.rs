@@ -64,7 +64,13 @@ fn model<'c>(checked: &'c Checked, name: Option<&str>) -> Result<&'c ModelSpec> 
     checked.program.model(name).map_err(|e| anyhow!(e))
 }
 
-fn lower(spec: &ModelSpec) -> Result<Graph> {
+/// Reads and checks a .zb file (reporting its diagnostics) and picks its model.
+pub fn load_model(path: &Path, name: Option<&str>) -> Result<ModelSpec> {
+    let (_, checked) = load(path)?;
+    Ok(model(&checked, name)?.clone())
+}
+
+pub fn lower(spec: &ModelSpec) -> Result<Graph> {
     let graph = zebra_frontend::lower::lower(spec)?;
     zebra_ir::verify(&graph)
         .map_err(|e| anyhow!("internal error: the lowered graph is invalid: {e}"))?;
@@ -336,14 +342,16 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
         return write_output(args.output, &text);
     }
     let options = zebra_passes::Options {
-        target: args.target,
         explain: args.explain.is_some(),
         keep_stages: args.print_after.is_some(),
-        ..zebra_passes::Options::default()
+        ..crate::tune::options(args.target)
     };
     let mut optimized = zebra_passes::optimize(&graph, &options)?;
     timings.extend(optimized.timings.iter().cloned());
     warn_unfused(args.file, &source, &optimized.graph);
+    for note in crate::tune::notes(&optimized.graph, args.target) {
+        eprintln!("{note}");
+    }
     if let Some(node) = args.explain {
         explain(&mut optimized, node)?;
     }
@@ -712,7 +720,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             start.elapsed().as_secs_f64(),
         )
     } else {
-        let optimized = zebra_passes::optimize(&graph, &zebra_passes::Options::default())?.graph;
+        let optimized = zebra_passes::optimize(&graph, &device.optimizer_options())?.graph;
         let (mut model, how): (Box<dyn zebra_runtime::Executor>, String) = match device {
             crate::device::Device::Cpu { .. } => {
                 let dir = cached_artifact(&optimized, args.max_seq_len)?;

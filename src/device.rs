@@ -113,6 +113,15 @@ impl Device {
         }
     }
 
+    /// The optimizer's options for this device: on the CPU with the tiles the tuning
+    /// database recorded for this machine.
+    pub fn optimizer_options(&self) -> zebra_passes::Options {
+        match self {
+            Device::Cpu { .. } => crate::tune::options(zebra_passes::Target::Cpu),
+            Device::Cuda { .. } => zebra_passes::Options::default(),
+        }
+    }
+
     /// Compiles `graph` into the artifact directory `dir` for this device.
     pub fn build(&self, graph: &Graph, dir: &Path, options: &BuildOptions) -> Result<()> {
         match self {

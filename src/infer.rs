@@ -33,7 +33,12 @@ pub struct Loaded {
 }
 
 /// Reads a run directory (its model and current checkpoint), or weights with `--model-file`.
-pub fn load(source: &Path, model_file: Option<&Path>, model: Option<&str>) -> Result<Loaded> {
+pub fn load(
+    source: &Path,
+    model_file: Option<&Path>,
+    model: Option<&str>,
+    device: &Device,
+) -> Result<Loaded> {
     let (spec, weights, seq_len, pairs) = if source.is_dir() {
         let meta = checkpoint::meta(source)?;
         let file = source.join("model.zb");
@@ -72,7 +77,7 @@ pub fn load(source: &Path, model_file: Option<&Path>, model: Option<&str>) -> Re
         (spec, Weights::load(source)?, None, None)
     };
     let graph = zebra_frontend::lower::lower(&spec)?;
-    let optimized = zebra_passes::optimize(&graph, &zebra_passes::Options::default())?.graph;
+    let optimized = zebra_passes::optimize(&graph, &device.optimizer_options())?.graph;
     Ok(Loaded {
         spec,
         weights,
@@ -162,7 +167,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         );
     }
     let device = Device::from_args(args.device, args.threads)?;
-    let loaded = load(args.source, args.model_file, args.model)?;
+    let loaded = load(args.source, args.model_file, args.model, &device)?;
     if loaded.spec.vocab < 256 {
         bail!(
             "{} has a vocabulary of {}: prompts are byte-level (256 tokens)",
@@ -387,7 +392,7 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     let device = Device::from_args(args.device, args.threads)?;
     let mut columns = Vec::new();
     for source in args.sources {
-        let loaded = load(source, args.model_file, args.model)?;
+        let loaded = load(source, args.model_file, args.model, &device)?;
         let contexts: Vec<usize> = if args.contexts.is_empty() {
             vec![loaded.trained_seq_len.unwrap_or(256)]
         } else {

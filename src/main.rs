@@ -5,6 +5,7 @@ mod commands;
 mod device;
 mod infer;
 mod train;
+mod tune;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -131,6 +132,37 @@ enum Command {
         /// V transposed in shared memory first).
         #[arg(long, value_parser = ["sync", "wgmma", "wgmma-vt"])]
         mma: Option<String>,
+    },
+    /// Time each distinct attention of a model with candidate tile sizes on this machine
+    /// (random inputs, checked against the default tiles) and record the fastest in the
+    /// tuning database, which compiling for the CPU here then reads.
+    Tune {
+        file: PathBuf,
+        /// Which model of the source file, when it defines several.
+        #[arg(long)]
+        model: Option<String>,
+        /// The sequence length to time at.
+        #[arg(long, default_value_t = 4096, value_parser = zebra_runtime::parse_positive)]
+        seq_len: usize,
+        /// Threads (default: one per core).
+        #[arg(long, default_value_t = 0, value_parser = zebra_runtime::parse_threads)]
+        threads: usize,
+        /// Timed runs per candidate (the median counts).
+        #[arg(long, default_value_t = 5, value_parser = zebra_runtime::parse_positive)]
+        repeats: usize,
+        /// Queries per tile to try (multiples of 8 up to 1024).
+        #[arg(long, default_value = "32,64,128", value_parser = tune::parse_sizes)]
+        block_q: tune::Sizes,
+        /// Keys per tile to try (multiples of 8 up to 1024).
+        #[arg(long, default_value = "32,64,128", value_parser = tune::parse_sizes)]
+        block_k: tune::Sizes,
+        /// The tuning database to update (default: $ZEBRA_TUNING_DB, else tuning.json in
+        /// the kernel cache's directory).
+        #[arg(long, value_name = "FILE")]
+        db: Option<PathBuf>,
+        /// One JSON object per candidate.
+        #[arg(long)]
+        json: bool,
     },
     /// Write deterministic random weights for a model (safetensors, Hugging Face names).
     Init {
@@ -531,6 +563,27 @@ fn main() -> ExitCode {
             device: &device,
         }),
         Command::Train(args) => train::train(&args),
+        Command::Tune {
+            file,
+            model,
+            seq_len,
+            threads,
+            repeats,
+            block_q,
+            block_k,
+            db,
+            json,
+        } => tune::tune(&tune::TuneArgs {
+            file: &file,
+            model: model.as_deref(),
+            seq_len,
+            threads,
+            repeats,
+            block_q: block_q.0,
+            block_k: block_k.0,
+            db,
+            json,
+        }),
         Command::Bench {
             names,
             seq_len,

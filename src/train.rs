@@ -157,7 +157,7 @@ pub fn build_training_artifact_on(
     max_seq_len: usize,
     device: &Device,
 ) -> Result<()> {
-    let options = zebra_passes::Options::default();
+    let options = device.optimizer_options();
     let optimized = zebra_passes::optimize(forward, &options)?.graph;
     let train = zebra_passes::autodiff::training_graph(&optimized)?;
     let train = zebra_passes::optimize(&train, &options)?.graph;

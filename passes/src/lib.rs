@@ -12,6 +12,8 @@ pub mod rules;
 pub mod saturate;
 pub mod share;
 pub mod target;
+pub mod tiles;
 
 pub use pipeline::{Optimized, Options, optimize};
 pub use target::Target;
+pub use tiles::{AttentionKey, Blocks, TileTable};

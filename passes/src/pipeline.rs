@@ -20,6 +20,7 @@ use zebra_ir::{Graph, NodeId, VerifyErrors, verify};
 use crate::saturate::{self, Limits, Saturation, StageReport};
 use crate::share::{self, Template};
 use crate::target::Target;
+use crate::tiles::TileTable;
 
 /// How to optimize.
 #[derive(Clone, Debug)]
@@ -30,6 +31,8 @@ pub struct Options {
     pub explain: bool,
     /// Also extract the IR after every e-graph stage, for `--print-after`.
     pub keep_stages: bool,
+    /// Tile sizes chosen per attention (from the tuning database), over the target's.
+    pub tiles: TileTable,
 }
 
 impl Default for Options {
@@ -39,6 +42,7 @@ impl Default for Options {
             limits: Limits::default(),
             explain: false,
             keep_stages: false,
+            tiles: TileTable::default(),
         }
     }
 }
@@ -139,7 +143,7 @@ fn timed<T>(timings: &mut Vec<(String, Duration)>, name: &str, f: impl FnOnce() 
 pub fn optimize(graph: &Graph, options: &Options) -> Result<Optimized, OptimizeError> {
     verify(graph).map_err(OptimizeError::Input)?;
     let mut timings = Vec::new();
-    let stages = saturate::stages(options.target);
+    let stages = saturate::stages(options.target, &options.tiles);
 
     // Segments and their distinct templates.
     let (templates, distinct_of) = timed(&mut timings, "share", || {

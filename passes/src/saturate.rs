@@ -11,6 +11,7 @@ use crate::cost::CostModel;
 use crate::lang::{Attr, ZAnalysis, ZNode, ZOp, attr_count, join_op, split_node};
 use crate::rules::{self, ZGraph, ZRewrite};
 use crate::target::Target;
+use crate::tiles::TileTable;
 
 /// The limits of every runner.
 #[derive(Clone, Copy, Debug)]
@@ -38,7 +39,7 @@ pub struct Stage {
 
 /// The rule stages, in order. Each stage includes the algebraic cleanups, so that nodes the
 /// stage creates are cleaned up too; no stage holds blanket commutativity or associativity.
-pub fn stages(target: Target) -> Vec<Stage> {
+pub fn stages(target: Target, tiles: &TileTable) -> Vec<Stage> {
     let (block_q, block_k) = target.attention_blocks();
     let with_algebra = |mut rules: Vec<ZRewrite>| {
         rules.extend(rules::algebra::rules());
@@ -55,10 +56,10 @@ pub fn stages(target: Target) -> Vec<Stage> {
         },
         Stage {
             name: "attention",
-            rules: with_algebra(rules::attention::rules(rules::attention::Blocks {
-                block_q,
-                block_k,
-            })),
+            rules: with_algebra(rules::attention::rules(
+                rules::attention::Blocks { block_q, block_k },
+                tiles.clone(),
+            )),
         },
         Stage {
             name: "epilogue",

@@ -45,8 +45,9 @@ impl Target {
         }
     }
 
-    /// The default tile sizes `(block_q, block_k)` of the fused attention. The tuning
-    /// database overrides them.
+    /// The default tile sizes `(block_q, block_k)` of the fused attention. A tile table
+    /// (`Options::tiles`, from the tuning database that `zebra tune` writes) overrides them
+    /// per attention.
     pub fn attention_blocks(self) -> (u64, u64) {
         match self {
             Target::Cpu => (64, 64),

@@ -12,10 +12,13 @@ use zebra_passes::saturate;
 fn all_rules() -> Vec<ZRewrite> {
     let mut rules = rules::algebra::rules();
     rules.extend(rules::recognize::rules());
-    rules.extend(rules::attention::rules(rules::attention::Blocks {
-        block_q: 64,
-        block_k: 64,
-    }));
+    rules.extend(rules::attention::rules(
+        rules::attention::Blocks {
+            block_q: 64,
+            block_k: 64,
+        },
+        Default::default(),
+    ));
     rules.extend(rules::epilogue::rules());
     rules
 }

@@ -15,11 +15,17 @@ struct Output {
 }
 
 fn zebra(args: &[&str]) -> Output {
+    zebra_with(("NO_COLOR", Path::new("1")), args)
+}
+
+/// `zebra` with an environment variable set.
+fn zebra_with(env: (&str, &Path), args: &[&str]) -> Output {
     let output = Command::new(env!("CARGO_BIN_EXE_zebra"))
         .args(args)
         .current_dir(root())
         .env("NO_COLOR", "1")
         .env("ZEBRA_CACHE_DIR", crate::common::cache_dir())
+        .env(env.0, env.1)
         .output()
         .expect("zebra runs");
     Output {
@@ -1545,4 +1551,262 @@ fn emulate_checks_tensor_core_attention_without_a_gpu() {
             out.stderr
         );
     }
+}
+
+/// `zebra tune` measures every distinct attention of a model at the candidate tiles (the
+/// default's always among them), checks each against the default's output and records the
+/// fastest; a second tuning replaces the entry instead of adding one.
+#[test]
+fn tune_records_the_fastest_checked_tiles_of_each_attention() {
+    let dir = temp();
+    let db = dir.path().join("nested/tuning.json");
+    let db_text = db.to_str().unwrap();
+    let tune = |json: bool| {
+        let mut args = vec![
+            "tune",
+            "examples/zebra_tiny.zb",
+            "--seq-len",
+            "200",
+            "--repeats",
+            "1",
+            "--block-q",
+            "32",
+            "--block-k",
+            "32,128",
+            "--db",
+            db_text,
+        ];
+        if json {
+            args.push("--json");
+        }
+        zebra(&args)
+    };
+    let out = tune(false);
+    assert!(out.ok, "{}", out.stderr);
+    for line in [
+        "@global: mask `k <= q`",
+        "@local: mask `k <= q && q - k < 32`",
+    ] {
+        assert!(out.stdout.contains(line), "{}", out.stdout);
+    }
+    for tiles in ["64x64", "32x32", "32x128"] {
+        assert!(out.stdout.matches(tiles).count() >= 2, "{}", out.stdout);
+    }
+    assert!(
+        out.stdout.contains("recorded 2 attentions in"),
+        "{}",
+        out.stdout
+    );
+    let read = || -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(&db).unwrap()).unwrap()
+    };
+    let entries = read()["entries"].as_array().unwrap().clone();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    for entry in &entries {
+        let tiles = (
+            entry["block_q"].as_u64().unwrap(),
+            entry["block_k"].as_u64().unwrap(),
+        );
+        assert!([(64, 64), (32, 32), (32, 128)].contains(&tiles), "{entry}");
+        assert_eq!(entry["target"], "cpu");
+        assert_eq!(entry["seq_len"], 200);
+        let (time, default) = (
+            entry["time_ms"].as_f64().unwrap(),
+            entry["default_time_ms"].as_f64().unwrap(),
+        );
+        assert!(time > 0.0 && time <= default, "{entry}");
+    }
+    // Again, as JSON lines: one per candidate, the entries replaced.
+    let out = tune(true);
+    assert!(out.ok, "{}", out.stderr);
+    let lines: Vec<serde_json::Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6, "{}", out.stdout);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["ok"] == true && l["relative_error"].as_f64().unwrap() < 1e-4)
+    );
+    assert_eq!(read()["entries"].as_array().unwrap().len(), 2);
+}
+
+/// Compiling for the CPU reads the tuning database's entries for this machine: the attention
+/// tuned gets its tiles (and a note says so), the others keep the default, entries of
+/// another machine or target are ignored; a database it cannot read is a warning, never a
+/// failure, and `zebra tune` refuses to overwrite it.
+#[test]
+fn compiling_uses_the_tuned_tiles_of_this_machine() {
+    let dir = temp();
+    let db = dir.path().join("tuning.json");
+    let machine = {
+        // What `zebra tune` recorded here is the machine's name.
+        let out = zebra(&[
+            "tune",
+            "examples/attention/sliding_window.zb",
+            "--seq-len",
+            "64",
+            "--repeats",
+            "1",
+            "--block-q",
+            "64",
+            "--block-k",
+            "64",
+            "--db",
+            db.to_str().unwrap(),
+        ]);
+        assert!(out.ok, "{}", out.stderr);
+        let value: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&db).unwrap()).unwrap();
+        value["entries"][0]["machine"].as_str().unwrap().to_string()
+    };
+    let entry = |machine: &str, target: &str, mask: &str, tiles: (u64, u64)| {
+        serde_json::json!({
+            "target": target, "machine": machine, "mask": mask, "heads": 4, "kv_heads": 2,
+            "head_dim": 16, "block_q": tiles.0, "block_k": tiles.1, "seq_len": 4096,
+            "threads": 2, "time_ms": 1.0, "default_time_ms": 1.5,
+        })
+    };
+    let file = serde_json::json!({"version": 1, "entries": [
+        entry(&machine, "cpu", "k <= q && q - k < 32", (16, 128)),
+        entry("riscv64", "cpu", "k <= q", (8, 8)),
+        entry(&machine, "sm_90", "k <= q", (8, 8)),
+    ]});
+    std::fs::write(&db, file.to_string()).unwrap();
+    let out = zebra_with(
+        ("ZEBRA_TUNING_DB", &db),
+        &["compile", "examples/zebra_tiny.zb", "--emit", "opt"],
+    );
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains("mask = \"k <= q && q - k < 32\", scale = 0.25, heads = 4, kv_heads = 2, head_dim = 16, block_q = 16, block_k = 128"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("mask = \"k <= q\", scale = 0.25, heads = 4, kv_heads = 2, head_dim = 16, block_q = 64, block_k = 64"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .starts_with("note: @local: tiles 16x128 from the tuning database")
+            && out.stderr.contains("1.50x the default tiles' time"),
+        "{}",
+        out.stderr
+    );
+    // Compiling for a GPU reads none of it.
+    let out = zebra_with(
+        ("ZEBRA_TUNING_DB", &db),
+        &[
+            "compile",
+            "examples/zebra_tiny.zb",
+            "--emit",
+            "opt",
+            "--target",
+            "sm_90",
+        ],
+    );
+    assert!(out.ok && out.stderr.is_empty(), "{}", out.stderr);
+    assert!(!out.stdout.contains("block_q = 16") && !out.stdout.contains("block_q = 8,"));
+    // The tuned graph runs and gives the default tiles' logits.
+    let weights = dir.path().join("w.safetensors");
+    assert!(
+        zebra(&[
+            "init",
+            "examples/zebra_tiny.zb",
+            "-o",
+            weights.to_str().unwrap()
+        ])
+        .ok
+    );
+    let tokens = dir.path().join("tokens.npy");
+    npy::write(
+        &tokens,
+        &ArrayD::from_shape_fn(IxDyn(&[1, 150]), |i| (i[1] * 7 % 256) as i64),
+    )
+    .unwrap();
+    let logits = |env: &Path, name: &str| {
+        let out_path = dir.path().join(name);
+        let out = zebra_with(
+            ("ZEBRA_TUNING_DB", env),
+            &[
+                "run",
+                "examples/zebra_tiny.zb",
+                "--weights",
+                weights.to_str().unwrap(),
+                "--tokens",
+                tokens.to_str().unwrap(),
+                "--output",
+                out_path.to_str().unwrap(),
+            ],
+        );
+        assert!(out.ok, "{}", out.stderr);
+        npy::read_floats(&out_path).unwrap()
+    };
+    let tuned = logits(&db, "tuned.npy");
+    let default = logits(Path::new(""), "default.npy");
+    let worst = tuned
+        .iter()
+        .zip(default.iter())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f64, f64::max);
+    assert!(worst < 1e-4, "tuned tiles change the logits by {worst}");
+
+    // A database that is not valid: compiling warns and uses the default tiles; tuning
+    // refuses and leaves the file as it was.
+    std::fs::write(&db, "{\"version\": 1, \"entries\": [{\"target\": 3}]}").unwrap();
+    let out = zebra_with(
+        ("ZEBRA_TUNING_DB", &db),
+        &["compile", "examples/zebra_tiny.zb", "--emit", "opt"],
+    );
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stdout.contains("block_q = 64, block_k = 64"));
+    assert!(
+        out.stderr.contains("warning: the tuning database")
+            && out.stderr.contains("is not valid")
+            && out.stderr.contains("compiling with the default tile sizes"),
+        "{}",
+        out.stderr
+    );
+    let out = zebra_with(
+        ("ZEBRA_TUNING_DB", &db),
+        &["tune", "examples/zebra_tiny.zb", "--seq-len", "64"],
+    );
+    assert!(!out.ok);
+    assert!(
+        out.stderr.contains("move it away or delete it"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        std::fs::read_to_string(&db).unwrap(),
+        "{\"version\": 1, \"entries\": [{\"target\": 3}]}"
+    );
+    // One of another format version: the same.
+    std::fs::write(&db, "{\"version\": 2, \"entries\": []}").unwrap();
+    let out = zebra_with(
+        ("ZEBRA_TUNING_DB", &db),
+        &["compile", "examples/zebra_tiny.zb", "--emit", "opt"],
+    );
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("has version 2; this zebra reads version 1"),
+        "{}",
+        out.stderr
+    );
+    // Bad candidates.
+    let out = zebra(&["tune", "examples/zebra_tiny.zb", "--block-q", "32,12"]);
+    assert!(!out.ok);
+    assert!(
+        out.stderr
+            .contains("`12` is not a tile size: give multiples of 8 up to 1024"),
+        "{}",
+        out.stderr
+    );
 }

@@ -210,6 +210,69 @@ fn optimizing_for_gpus_picks_their_tile_sizes() {
     }
 }
 
+/// A tile table (the tuning database's choices) sets the tiles of the attentions it names,
+/// and only those, including the run-time block classification of side inputs; the result
+/// computes the same.
+#[test]
+fn tuned_tile_sizes_apply_to_the_attentions_they_were_tuned_for() {
+    use zebra_passes::{AttentionKey, Blocks, TileTable};
+    let blocks = |block_q, block_k| Blocks { block_q, block_k };
+    for (file, kind, tuned) in [
+        ("examples/zebra_tiny.zb", "local", blocks(16, 32)),
+        ("examples/attention/document.zb", "document", blocks(16, 8)),
+    ] {
+        let spec = crate::common::model(&root().join(file));
+        let graph = lower(&spec);
+        let defaults = attention_kernels(&optimized(&graph));
+        let table = zebra_ir::print::kernel_table(&optimized(&graph))
+            .into_iter()
+            .filter(|(name, _)| name == kind)
+            .map(|(_, kernel)| (AttentionKey::of(&kernel), tuned))
+            .collect::<Vec<_>>();
+        assert_eq!(table.len(), 1, "{file}: one `{kind}` kernel");
+        let options = Options {
+            tiles: TileTable::new(table),
+            ..Options::default()
+        };
+        let opt = optimize(&graph, &options).unwrap().graph;
+        let kernels = zebra_ir::print::kernel_table(&opt);
+        assert_eq!(kernels.len(), defaults.len(), "{file}");
+        for (name, kernel) in &kernels {
+            let expected = if name == kind { tuned } else { blocks(64, 64) };
+            assert_eq!(
+                blocks(kernel.block_q, kernel.block_k),
+                expected,
+                "{file} @{name}"
+            );
+        }
+        let text = zebra_ir::print_graph(&opt);
+        if kind == "document" {
+            for block in [16, 8] {
+                assert!(
+                    text.contains(&format!("tile_ranges(%1) {{block = {block}}}")),
+                    "{text}"
+                );
+            }
+        }
+        let weights = zebra_frontend::init::random_weights(&spec, 2);
+        for seq in [1, 13, 70] {
+            let inputs = random_inputs(&spec, 2, seq, seq as u64);
+            let expected = crate::common::logits(&graph, &inputs, &weights);
+            let tiled = interp::interpret_with(
+                &opt,
+                &inputs,
+                &weights,
+                interp::Options {
+                    tiled_attention: true,
+                },
+            )
+            .unwrap();
+            let what = format!("{file} with @{kind} at {tuned}, T = {seq}");
+            assert_close(tiled["logits"].as_float().unwrap(), &expected, 1e-10, &what);
+        }
+    }
+}
+
 #[test]
 fn optimization_is_deterministic() {
     let spec = crate::common::model(&root().join("examples/models/gemma3.zb"));

@@ -12,15 +12,13 @@ use zebra_ir::types::Dim;
 use super::{ZGraph, ZRewrite, add_attr, attr, constant, rewrite, rewrite_to, ty, var};
 use crate::lang::{Attr, ExprAttr, KernelAttr, ZNode, ZOp};
 
-/// Tile sizes of the fused attention, from the target.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Blocks {
-    pub block_q: u64,
-    pub block_k: u64,
-}
+pub use crate::tiles::Blocks;
+use crate::tiles::TileTable;
 
+/// The attention rules; a fused attention gets the tile sizes `tiles` chose for what it
+/// computes, else `defaults` (the target's).
 #[rustfmt::skip]
-pub fn rules(blocks: Blocks) -> Vec<ZRewrite> {
+pub fn rules(defaults: Blocks, tiles: TileTable) -> Vec<ZRewrite> {
     vec![
         // s + select(m, 0, -inf) == select(m, s, -inf) (an additive mask)
         rewrite_to("additive-mask",         "(add ?s (select ?m c:0 c:-inf))", "(select ?m ?s c:-inf)"),
@@ -30,7 +28,7 @@ pub fn rules(blocks: Blocks) -> Vec<ZRewrite> {
         rewrite("mask-before-score-mod-1",  "(score_mod ?e ?n (select ?m ?s c:-inf) ?x)",       mask_before_score_mod),
         rewrite("mask-before-score-mod-2",  "(score_mod ?e ?n (select ?m ?s c:-inf) ?x ?y)",    mask_before_score_mod),
         // softmax(select(m, score(scale * q k^T), -inf)) @ v == attention(q, k, v)
-        rewrite("fuse-attention",           "(matmul (softmax ?p) ?v)", move |g, _, s| fuse(g, s, blocks)),
+        rewrite("fuse-attention",           "(matmul (softmax ?p) ?v)", move |g, _, s| fuse(g, s, defaults, &tiles)),
         // reshape(transpose(attention, [0, 2, 1, 3]), [B, T, H * D]) == attention writing merged heads
         rewrite("merge-heads",              "(reshape ?s (transpose perm:0,2,1,3 ?a))", merge_heads),
     ]
@@ -171,7 +169,7 @@ fn parts(egraph: &ZGraph, p: Id) -> Option<Parts> {
     })
 }
 
-fn fuse(egraph: &mut ZGraph, s: &Subst, blocks: Blocks) -> Option<Id> {
+fn fuse(egraph: &mut ZGraph, s: &Subst, defaults: Blocks, tiles: &TileTable) -> Option<Id> {
     let Parts {
         mask,
         score_mod,
@@ -242,7 +240,7 @@ fn fuse(egraph: &mut ZGraph, s: &Subst, blocks: Blocks) -> Option<Id> {
         .as_ref()
         .and_then(|e| e.loc)
         .or(score_expr.as_ref().and_then(|e| e.loc));
-    let kernel = AttentionKernel {
+    let mut kernel = AttentionKernel {
         name: String::new(),
         mask: mask_expr.map_or(Expr::Bool(true), |e| e.expr),
         score: score_expr.map(|e| e.expr),
@@ -251,11 +249,13 @@ fn fuse(egraph: &mut ZGraph, s: &Subst, blocks: Blocks) -> Option<Id> {
         heads,
         kv_heads,
         head_dim,
-        block_q: blocks.block_q,
-        block_k: blocks.block_k,
+        block_q: defaults.block_q,
+        block_k: defaults.block_k,
         merge_heads: false,
         loc,
     };
+    let blocks = tiles.blocks(&kernel, defaults);
+    (kernel.block_q, kernel.block_k) = (blocks.block_q, blocks.block_k);
     let mut children = vec![
         add_attr(egraph, Attr::Kernel(KernelAttr::new(kernel))),
         q,

@@ -1,0 +1,153 @@
+//! Tile sizes of fused attentions: the target's defaults, overridden per attention by a table
+//! that the caller supplies (the tuning database's entries for this machine, which `zebra
+//! tune` measures).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use zebra_ir::op::AttentionKernel;
+
+/// Tile sizes of the fused attention: queries and keys per tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Blocks {
+    pub block_q: u64,
+    pub block_k: u64,
+}
+
+impl fmt::Display for Blocks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}x{}", self.block_q, self.block_k)
+    }
+}
+
+/// What an attention's best tile sizes depend on: what it computes and its shape, not its
+/// name, its scale, its tile sizes or where it was written.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AttentionKey {
+    /// The mask in the IR's text form (parameters substituted).
+    pub mask: String,
+    /// The score modifier in the IR's text form.
+    pub score: Option<String>,
+    /// The side inputs the mask and score read.
+    pub sides: Vec<String>,
+    pub heads: u64,
+    pub kv_heads: u64,
+    pub head_dim: u64,
+}
+
+impl AttentionKey {
+    pub fn of(kernel: &AttentionKernel) -> AttentionKey {
+        AttentionKey {
+            mask: kernel.mask.to_string(),
+            score: kernel.score.as_ref().map(ToString::to_string),
+            sides: kernel.sides.clone(),
+            heads: kernel.heads,
+            kv_heads: kernel.kv_heads,
+            head_dim: kernel.head_dim,
+        }
+    }
+}
+
+impl fmt::Display for AttentionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "mask `{}`", self.mask)?;
+        if let Some(score) = &self.score {
+            write!(f, ", score `{score}`")?;
+        }
+        write!(
+            f,
+            ", {} heads ({} KV), head dim {}",
+            self.heads, self.kv_heads, self.head_dim
+        )
+    }
+}
+
+/// Tile sizes chosen per attention, over the target's defaults. Cheap to clone.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TileTable(Arc<BTreeMap<AttentionKey, Blocks>>);
+
+impl TileTable {
+    pub fn new(entries: impl IntoIterator<Item = (AttentionKey, Blocks)>) -> TileTable {
+        TileTable(Arc::new(entries.into_iter().collect()))
+    }
+
+    /// The tile sizes chosen for the attention `kernel` computes, if any.
+    pub fn get(&self, kernel: &AttentionKernel) -> Option<Blocks> {
+        self.0.get(&AttentionKey::of(kernel)).copied()
+    }
+
+    /// The tile sizes of `kernel`: the chosen ones, else `defaults`.
+    pub fn blocks(&self, kernel: &AttentionKernel, defaults: Blocks) -> Blocks {
+        self.get(kernel).unwrap_or(defaults)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zebra_ir::expr::parse_expr;
+
+    fn kernel(mask: &str, head_dim: u64) -> AttentionKernel {
+        AttentionKernel {
+            name: "local".into(),
+            mask: parse_expr(mask).unwrap(),
+            score: None,
+            sides: vec![],
+            scale: 0.125,
+            heads: 8,
+            kv_heads: 2,
+            head_dim,
+            block_q: 64,
+            block_k: 64,
+            merge_heads: false,
+            loc: None,
+        }
+    }
+
+    #[test]
+    fn a_table_matches_what_an_attention_computes_not_its_name_or_tiles() {
+        let chosen = Blocks {
+            block_q: 32,
+            block_k: 128,
+        };
+        let defaults = Blocks {
+            block_q: 64,
+            block_k: 64,
+        };
+        let local = kernel("k <= q && q - k < 512", 64);
+        let table = TileTable::new([(AttentionKey::of(&local), chosen)]);
+        let renamed = AttentionKernel {
+            name: "other".into(),
+            scale: 1.0,
+            block_q: 16,
+            merge_heads: true,
+            ..local.clone()
+        };
+        assert_eq!(table.blocks(&renamed, defaults), chosen);
+        // Another window, head dim or score modifier is another attention.
+        let wider = kernel("k <= q && q - k < 1024", 64);
+        assert_eq!(table.blocks(&wider, defaults), defaults);
+        assert_eq!(
+            table.blocks(&kernel("k <= q && q - k < 512", 128), defaults),
+            defaults
+        );
+        let capped = AttentionKernel {
+            score: Some(parse_expr("50.0 * tanh(score / 50.0)").unwrap()),
+            ..local
+        };
+        assert_eq!(table.get(&capped), None);
+        assert_eq!(
+            AttentionKey::of(&capped).to_string(),
+            "mask `k <= q && q - k < 512`, score `50.0 * tanh(score / 50.0)`, 8 heads (2 KV), head dim 64"
+        );
+    }
+}

@@ -1,0 +1,578 @@
+//! `zebra tune` and the tuning database.
+//!
+//! `zebra tune FILE.zb` times each distinct attention of a model, compiled with every pair of
+//! candidate tile sizes, on random inputs on this machine; checks each against the target's
+//! default tiles; and records the fastest in the tuning database, a JSON file
+//! (`$ZEBRA_TUNING_DB`, else `tuning.json` in the kernel cache's directory). Compiling for
+//! the CPU then reads the database's entries for this machine: an attention computing the
+//! same thing (mask, score modifier, side inputs, heads, KV heads, head dim) gets the tiles
+//! recorded for it, whatever model or layer it is in.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use ndarray::{ArrayD, IxDyn};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use zebra_ir::op::{AttentionKernel, Op};
+use zebra_ir::types::{DType, Dim, TensorType};
+use zebra_ir::{Graph, Node, Weights};
+use zebra_passes::{AttentionKey, Blocks, Target, TileTable};
+use zebra_runtime::{CpuModel, Tensor};
+
+/// The environment variable naming the tuning database; empty: no database.
+pub const DB_ENV: &str = "ZEBRA_TUNING_DB";
+
+/// The version of the database's format this build reads and writes.
+const VERSION: u32 = 1;
+
+/// One tuned attention: the tiles measured fastest for it on one kind of machine.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Entry {
+    /// The target compiled for (`cpu`).
+    pub target: String,
+    /// The machine measured on (see [`host_machine`]): entries apply only on its kind.
+    pub machine: String,
+    pub mask: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sides: Vec<String>,
+    pub heads: u64,
+    pub kv_heads: u64,
+    pub head_dim: u64,
+    pub block_q: u64,
+    pub block_k: u64,
+    /// The sequence length, threads and median time of the measurement.
+    pub seq_len: usize,
+    pub threads: usize,
+    pub time_ms: f64,
+    /// The target's default tiles' median time in the same run.
+    pub default_time_ms: f64,
+}
+
+impl Entry {
+    fn key(&self) -> AttentionKey {
+        AttentionKey {
+            mask: self.mask.clone(),
+            score: self.score.clone(),
+            sides: self.sides.clone(),
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
+
+    fn blocks(&self) -> Blocks {
+        Blocks {
+            block_q: self.block_q,
+            block_k: self.block_k,
+        }
+    }
+
+    fn same_place(&self, other: &Entry) -> bool {
+        self.target == other.target && self.machine == other.machine && self.key() == other.key()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct DbFile {
+    version: u32,
+    entries: Vec<Entry>,
+}
+
+/// The tuning database: a JSON file of [`Entry`]s.
+#[derive(Debug)]
+pub struct Database {
+    pub path: PathBuf,
+    pub entries: Vec<Entry>,
+}
+
+impl Database {
+    /// Where the database is: `$ZEBRA_TUNING_DB` (`None` when it is set but empty), else
+    /// `tuning.json` in the kernel cache's directory.
+    pub fn location() -> Option<PathBuf> {
+        match std::env::var_os(DB_ENV) {
+            Some(path) if path.is_empty() => None,
+            Some(path) => Some(PathBuf::from(path)),
+            None => zebra_codegen::artifact::Cache::default_location()
+                .map(|cache| cache.dir.join("tuning.json")),
+        }
+    }
+
+    /// Reads the database at `path`; a file that does not exist is an empty database.
+    pub fn open(path: &Path) -> Result<Database> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Database {
+                    path: path.to_path_buf(),
+                    entries: Vec::new(),
+                });
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("cannot read the tuning database {}", path.display())
+                });
+            }
+        };
+        let file: DbFile = serde_json::from_str(&text).map_err(|e| {
+            anyhow!(
+                "the tuning database {} is not valid ({e}); move it away or delete it, then \
+                 tune again",
+                path.display()
+            )
+        })?;
+        if file.version != VERSION {
+            bail!(
+                "the tuning database {} has version {}; this zebra reads version {VERSION}: \
+                 move it away or delete it, then tune again",
+                path.display(),
+                file.version
+            );
+        }
+        Ok(Database {
+            path: path.to_path_buf(),
+            entries: file.entries,
+        })
+    }
+
+    /// The tiles this database chose for compiling for `target` on this machine.
+    pub fn tiles(&self, target: Target) -> TileTable {
+        let machine = host_machine();
+        TileTable::new(
+            self.entries
+                .iter()
+                .filter(|e| e.target == target.name() && e.machine == machine)
+                .map(|e| (e.key(), e.blocks())),
+        )
+    }
+
+    /// The entry for what `kernel` computes, compiled for `target` on this machine.
+    pub fn entry(&self, target: Target, kernel: &AttentionKernel) -> Option<&Entry> {
+        let (machine, key) = (host_machine(), AttentionKey::of(kernel));
+        self.entries
+            .iter()
+            .find(|e| e.target == target.name() && e.machine == machine && e.key() == key)
+    }
+
+    /// Adds `entry`, replacing the one for the same attention, target and machine.
+    pub fn record(&mut self, entry: Entry) {
+        match self.entries.iter_mut().find(|e| e.same_place(&entry)) {
+            Some(old) => *old = entry,
+            None => self.entries.push(entry),
+        }
+    }
+
+    /// Writes the database atomically: a temporary file beside it, renamed into place.
+    pub fn save(&self) -> Result<()> {
+        if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        let file = DbFile {
+            version: VERSION,
+            entries: self.entries.clone(),
+        };
+        let text = serde_json::to_string_pretty(&file)? + "\n";
+        let mut temporary = self.path.clone().into_os_string();
+        temporary.push(format!(".tmp{}", std::process::id()));
+        let temporary = PathBuf::from(temporary);
+        std::fs::write(&temporary, text)
+            .with_context(|| format!("cannot write {}", temporary.display()))?;
+        std::fs::rename(&temporary, &self.path).with_context(|| {
+            let _ = std::fs::remove_file(&temporary);
+            format!("cannot write {}", self.path.display())
+        })
+    }
+}
+
+/// The kind of machine tiles are measured on: the architecture and the widest vector unit
+/// the CPU kernels are compiled for.
+pub fn host_machine() -> String {
+    #[cfg(target_arch = "x86_64")]
+    let vectors = if std::arch::is_x86_feature_detected!("avx512f") {
+        "avx512f"
+    } else if std::arch::is_x86_feature_detected!("avx2") {
+        "avx2"
+    } else {
+        "sse2"
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let vectors = "";
+    format!("{} {vectors}", std::env::consts::ARCH)
+        .trim_end()
+        .to_string()
+}
+
+/// The database compiling reads, once per process: `None` when there is none. An unreadable
+/// one is reported (once) and ignored, so that compiling never fails for it.
+fn default_database() -> Option<&'static Database> {
+    static DATABASE: OnceLock<Option<Database>> = OnceLock::new();
+    DATABASE
+        .get_or_init(|| {
+            let path = Database::location()?;
+            match Database::open(&path) {
+                Ok(db) => Some(db),
+                Err(e) => {
+                    eprintln!("warning: {e:#}; compiling with the default tile sizes");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// The optimizer's options for compiling for `target`: for the CPU with the tuning
+/// database's tiles for this machine (`zebra tune` measures the CPU's kernels only).
+pub fn options(target: Target) -> zebra_passes::Options {
+    let tiles = match (target, default_database()) {
+        (Target::Cpu, Some(db)) => db.tiles(target),
+        _ => TileTable::default(),
+    };
+    zebra_passes::Options {
+        target,
+        tiles,
+        ..zebra_passes::Options::default()
+    }
+}
+
+/// For `zebra compile`: a note per attention whose tiles came from the tuning database.
+pub fn notes(graph: &Graph, target: Target) -> Vec<String> {
+    let Some(db) = default_database().filter(|_| target == Target::Cpu) else {
+        return Vec::new();
+    };
+    zebra_ir::print::kernel_table(graph)
+        .into_iter()
+        .filter_map(|(name, kernel)| {
+            let entry = db.entry(target, &kernel)?;
+            ((entry.block_q, entry.block_k) == (kernel.block_q, kernel.block_k)).then(|| {
+                format!(
+                    "note: @{name}: tiles {} from the tuning database {} (at T = {}: {:.3} ms, \
+                     {:.2}x the default tiles' time)",
+                    entry.blocks(),
+                    db.path.display(),
+                    entry.seq_len,
+                    entry.time_ms,
+                    entry.default_time_ms / entry.time_ms
+                )
+            })
+        })
+        .collect()
+}
+
+/// What `zebra tune` was asked.
+pub struct TuneArgs<'a> {
+    pub file: &'a Path,
+    pub model: Option<&'a str>,
+    pub seq_len: usize,
+    pub threads: usize,
+    pub repeats: usize,
+    pub block_q: Vec<u64>,
+    pub block_k: Vec<u64>,
+    /// The database to write (default: [`Database::location`]).
+    pub db: Option<PathBuf>,
+    pub json: bool,
+}
+
+/// One candidate's measurement.
+struct Measured {
+    blocks: Blocks,
+    time: f64,
+    /// The largest difference from the default tiles' output, relative to its largest value.
+    error: f64,
+}
+
+/// Outputs of tiles that compute the same attention differ by rounding only.
+const TOLERANCE: f64 = 1e-4;
+
+pub fn tune(args: &TuneArgs) -> Result<()> {
+    let path = match &args.db {
+        Some(path) => path.clone(),
+        None => Database::location().ok_or_else(|| {
+            anyhow!("{DB_ENV} is set but empty (no tuning database): name one with --db FILE")
+        })?,
+    };
+    // Read it first: a database this cannot read is not overwritten.
+    let mut db = Database::open(&path)?;
+    let spec = crate::commands::load_model(args.file, args.model)?;
+    let graph = crate::commands::lower(&spec)?;
+    let target = Target::Cpu;
+    let optimized = zebra_passes::optimize(
+        &graph,
+        &zebra_passes::Options {
+            target,
+            ..Default::default()
+        },
+    )?
+    .graph;
+    let mut kernels: BTreeMap<AttentionKey, (String, AttentionKernel)> = BTreeMap::new();
+    for (name, kernel) in zebra_ir::print::kernel_table(&optimized) {
+        kernels
+            .entry(AttentionKey::of(&kernel))
+            .or_insert((name, kernel));
+    }
+    if kernels.is_empty() {
+        bail!(
+            "{} has no fused attention to tune (`zebra compile --emit opt` shows why)",
+            args.file.display()
+        );
+    }
+    let (default_q, default_k) = target.attention_blocks();
+    let defaults = Blocks {
+        block_q: default_q,
+        block_k: default_k,
+    };
+    let mut candidates = vec![defaults];
+    for &block_q in &args.block_q {
+        for &block_k in &args.block_k {
+            let blocks = Blocks { block_q, block_k };
+            if !candidates.contains(&blocks) {
+                candidates.push(blocks);
+            }
+        }
+    }
+    let scratch = tempfile::Builder::new()
+        .prefix("zebra-tune")
+        .tempdir()
+        .context("cannot create a temporary directory")?;
+    let machine = host_machine();
+    let mut chosen = Vec::new();
+    for (name, kernel) in kernels.values() {
+        if !args.json {
+            println!(
+                "@{name}: {} at T = {}",
+                AttentionKey::of(kernel),
+                args.seq_len
+            );
+        }
+        let mut measured: Vec<Measured> = Vec::new();
+        let mut reference: Option<ArrayD<f32>> = None;
+        let mut threads = 0;
+        for (i, &blocks) in candidates.iter().enumerate() {
+            let dir = scratch.path().join(format!("{name}-{blocks}"));
+            let (time, out, used) = time_attention(kernel, blocks, args, &dir)?;
+            threads = used;
+            let error = match &reference {
+                None => 0.0,
+                Some(expected) => relative_difference(&out, expected),
+            };
+            if i == 0 {
+                reference = Some(out);
+            }
+            let ok = error <= TOLERANCE;
+            if args.json {
+                let line = serde_json::json!({
+                    "attention": name, "block_q": blocks.block_q, "block_k": blocks.block_k,
+                    "seq_len": args.seq_len, "threads": threads, "time_ms": time * 1e3,
+                    "relative_error": error, "ok": ok,
+                });
+                println!("{line}");
+            } else {
+                let verdict = if ok {
+                    String::new()
+                } else {
+                    format!("  wrong: differs from the default tiles by {error:.1e}; not used")
+                };
+                println!(
+                    "  {:>9} {:>10.3} ms{verdict}",
+                    blocks.to_string(),
+                    time * 1e3
+                );
+            }
+            if ok {
+                measured.push(Measured {
+                    blocks,
+                    time,
+                    error,
+                });
+            }
+        }
+        let default_time = measured[0].time;
+        let best = measured
+            .iter()
+            .min_by(|a, b| a.time.total_cmp(&b.time))
+            .expect("the default tiles are measured");
+        if !args.json {
+            println!(
+                "  best: {} ({:.2}x the default {}; largest difference {:.1e})",
+                best.blocks,
+                default_time / best.time,
+                defaults,
+                best.error
+            );
+        }
+        let key = AttentionKey::of(kernel);
+        chosen.push(Entry {
+            target: target.name().into(),
+            machine: machine.clone(),
+            mask: key.mask,
+            score: key.score,
+            sides: key.sides,
+            heads: key.heads,
+            kv_heads: key.kv_heads,
+            head_dim: key.head_dim,
+            block_q: best.blocks.block_q,
+            block_k: best.blocks.block_k,
+            seq_len: args.seq_len,
+            threads,
+            time_ms: best.time * 1e3,
+            default_time_ms: default_time * 1e3,
+        });
+    }
+    let count = chosen.len();
+    for entry in chosen {
+        db.record(entry);
+    }
+    db.save()?;
+    if !args.json {
+        println!(
+            "recorded {count} attention{} in {} (compiling for the CPU on this machine reads it)",
+            if count == 1 { "" } else { "s" },
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The largest absolute difference of `actual` from `expected`, relative to the largest
+/// magnitude of `expected`.
+fn relative_difference(actual: &ArrayD<f32>, expected: &ArrayD<f32>) -> f64 {
+    let scale = expected.iter().fold(0.0f64, |m, x| m.max(x.abs() as f64));
+    let worst = actual
+        .iter()
+        .zip(expected)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs() as f64));
+    if actual.shape() != expected.shape() || !worst.is_finite() {
+        return f64::INFINITY;
+    }
+    worst / scale.max(f64::MIN_POSITIVE)
+}
+
+/// A graph of `kernel` alone at `blocks`: inputs `q`, `k`, `v` and its side inputs.
+pub fn attention_graph(kernel: &AttentionKernel, blocks: Blocks) -> Result<Graph> {
+    let kernel = AttentionKernel {
+        block_q: blocks.block_q,
+        block_k: blocks.block_k,
+        merge_heads: false,
+        ..kernel.clone()
+    };
+    let mut graph = Graph::new(format!("tune_{}", kernel.name));
+    let input = |graph: &mut Graph, name: &str, ty: TensorType| {
+        graph.add(
+            Node {
+                op: Op::Input { name: name.into() },
+                ty,
+                layer: None,
+                loc: None,
+            },
+            &[],
+        )
+    };
+    let heads = |h: u64| {
+        TensorType::f32(vec![
+            Dim::B,
+            Dim::Const(h),
+            Dim::T,
+            Dim::Const(kernel.head_dim),
+        ])
+    };
+    let mut operands = vec![
+        input(&mut graph, "q", heads(kernel.heads)),
+        input(&mut graph, "k", heads(kernel.kv_heads)),
+        input(&mut graph, "v", heads(kernel.kv_heads)),
+    ];
+    for side in &kernel.sides {
+        let values = input(
+            &mut graph,
+            side,
+            TensorType::new(DType::I64, vec![Dim::B, Dim::T]),
+        );
+        operands.push(values);
+        for block in [blocks.block_q, blocks.block_k] {
+            let ranges = graph
+                .add_inferred(Op::TileRanges { block }, &[values], None)
+                .map_err(|e| anyhow!("internal error: {e}"))?;
+            operands.push(ranges);
+        }
+    }
+    let out = graph
+        .add_inferred(Op::Attention(Box::new(kernel)), &operands, None)
+        .map_err(|e| anyhow!("internal error: {e}"))?;
+    graph.add_output("out", out);
+    zebra_ir::verify(&graph).map_err(|e| anyhow!("internal error: {e}"))?;
+    Ok(graph)
+}
+
+/// Compiles `kernel` at `blocks` into `dir`, runs it on random inputs (side inputs: eight
+/// equal segments, as document ids), and returns its median time, its output and the
+/// threads it ran on.
+fn time_attention(
+    kernel: &AttentionKernel,
+    blocks: Blocks,
+    args: &TuneArgs,
+    dir: &Path,
+) -> Result<(f64, ArrayD<f32>, usize)> {
+    let graph = attention_graph(kernel, blocks)?;
+    crate::commands::build_artifact_at(&graph, dir, args.seq_len)?;
+    let mut model = CpuModel::load(dir, &Weights::new(), args.threads)?;
+    let t = args.seq_len;
+    let (h, kv, d) = (
+        kernel.heads as usize,
+        kernel.kv_heads as usize,
+        kernel.head_dim as usize,
+    );
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut random = |shape: &[usize]| {
+        Tensor::F32(ArrayD::from_shape_fn(IxDyn(shape), |_| {
+            rng.random_range(-1.0f32..1.0)
+        }))
+    };
+    let mut inputs: BTreeMap<String, Tensor> = BTreeMap::new();
+    inputs.insert("q".into(), random(&[1, h, t, d]));
+    inputs.insert("k".into(), random(&[1, kv, t, d]));
+    inputs.insert("v".into(), random(&[1, kv, t, d]));
+    let segment = t.div_ceil(8);
+    for side in &kernel.sides {
+        let ids = ArrayD::from_shape_fn(IxDyn(&[1, t]), |i| (i[1] / segment) as i64);
+        inputs.insert(side.clone(), Tensor::I64(ids));
+    }
+    model.run(&inputs)?; // warm-up: schedules, memory
+    let mut times = Vec::with_capacity(args.repeats);
+    let mut out = None;
+    for _ in 0..args.repeats {
+        let start = Instant::now();
+        out = Some(model.run(&inputs)?);
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let mut out = out.expect("at least one run");
+    let out = out
+        .remove("out")
+        .ok_or_else(|| anyhow!("internal error: the attention wrote no `out`"))?;
+    Ok((times[times.len() / 2], out, model.threads()))
+}
+
+/// Tile sizes to try.
+#[derive(Clone, Debug)]
+pub struct Sizes(pub Vec<u64>);
+
+/// Parses a list of tile sizes, `32,64,128`.
+pub fn parse_sizes(text: &str) -> Result<Sizes, String> {
+    text.split(',')
+        .map(|part| {
+            let part = part.trim();
+            match part.parse::<u64>() {
+                Ok(n) if n > 0 && n <= 1024 && n.is_multiple_of(8) => Ok(n),
+                _ => Err(format!(
+                    "`{part}` is not a tile size: give multiples of 8 up to 1024, as 32,64,128"
+                )),
+            }
+        })
+        .collect::<Result<_, _>>()
+        .map(Sizes)
+}
