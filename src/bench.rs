@@ -316,7 +316,7 @@ fn attention(args: &BenchArgs, name: &str, mask_text: &str, dir: &Path) -> Resul
     let mask = zebra_ir::expr::parse_expr(mask_text).map_err(|e| anyhow!(e))?;
     let scale = 1.0 / (d as f64).sqrt();
     // The tiles: --blocks, else the tuning database's for this attention, else the target's.
-    let (default_q, default_k) = zebra_passes::Target::Cpu.attention_blocks();
+    let defaults = zebra_passes::tiles::default_blocks(zebra_passes::Target::Cpu, &mask);
     let kernel = zebra_ir::op::AttentionKernel {
         name: name.into(),
         mask: mask.clone(),
@@ -326,8 +326,8 @@ fn attention(args: &BenchArgs, name: &str, mask_text: &str, dir: &Path) -> Resul
         heads: h as u64,
         kv_heads: h as u64,
         head_dim: d as u64,
-        block_q: default_q,
-        block_k: default_k,
+        block_q: defaults.block_q,
+        block_k: defaults.block_k,
         merge_heads: false,
         loc: None,
     };
@@ -338,7 +338,7 @@ fn attention(args: &BenchArgs, name: &str, mask_text: &str, dir: &Path) -> Resul
             .get(&kernel)
         {
             Some(tuned) => (tuned.block_q, tuned.block_k, "tuning database"),
-            None => (default_q, default_k, "default"),
+            None => (defaults.block_q, defaults.block_k, "default"),
         },
     };
     let text = format!(

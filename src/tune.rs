@@ -322,20 +322,6 @@ pub fn tune(args: &TuneArgs) -> Result<()> {
             args.file.display()
         );
     }
-    let (default_q, default_k) = target.attention_blocks();
-    let defaults = Blocks {
-        block_q: default_q,
-        block_k: default_k,
-    };
-    let mut candidates = vec![defaults];
-    for &block_q in &args.block_q {
-        for &block_k in &args.block_k {
-            let blocks = Blocks { block_q, block_k };
-            if !candidates.contains(&blocks) {
-                candidates.push(blocks);
-            }
-        }
-    }
     let scratch = tempfile::Builder::new()
         .prefix("zebra-tune")
         .tempdir()
@@ -349,6 +335,17 @@ pub fn tune(args: &TuneArgs) -> Result<()> {
                 AttentionKey::of(kernel),
                 args.seq_len
             );
+        }
+        // The default tiles first: the others are checked against them.
+        let defaults = zebra_passes::tiles::default_blocks(target, &kernel.mask);
+        let mut candidates = vec![defaults];
+        for &block_q in &args.block_q {
+            for &block_k in &args.block_k {
+                let blocks = Blocks { block_q, block_k };
+                if !candidates.contains(&blocks) {
+                    candidates.push(blocks);
+                }
+            }
         }
         let mut measured: Vec<Measured> = Vec::new();
         let mut reference: Option<ArrayD<f32>> = None;

@@ -617,6 +617,30 @@ fn tiles_per_query_tile(range: &KeyRange, block_q: i64, block_k: i64) -> Option<
     (near == far).then_some(near)
 }
 
+/// The keys one query visits on average far from the sequence's start, with tiles of
+/// `block_q` queries by `block_k` keys (every key of each key tile visited), over 2^16
+/// queries; `None` when the key tiles a query tile visits grow with the sequence length.
+pub fn keys_per_query(mask: &Expr, block_q: usize, block_k: usize) -> Option<f64> {
+    let (bq, bk) = (block_q.max(1) as i64, block_k.max(1) as i64);
+    let support = Support::of(mask);
+    for range in &support.ranges {
+        tiles_per_query_tile(range, bq, bk)?;
+    }
+    const SPAN: i64 = 1 << 16;
+    let base = (1i64 << 30) / bq * bq;
+    let mut visited = 0i64;
+    for q0 in (base..base + SPAN).step_by(bq as usize) {
+        for range in &support.ranges {
+            let (lo, hi) = range.over(q0, q0 + bq - 1);
+            let lo = lo.max(0);
+            if hi >= lo {
+                visited += (hi.div_euclid(bk) - lo.div_euclid(bk) + 1) * bk * bq;
+            }
+        }
+    }
+    Some(visited as f64 / SPAN as f64)
+}
+
 /// Describes a mask's schedule symbolically and at two sequence lengths, for the text form.
 pub fn describe(mask: &Expr, heads: usize, block_q: usize, block_k: usize) -> String {
     let support = Support::of(mask);

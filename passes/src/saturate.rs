@@ -40,7 +40,6 @@ pub struct Stage {
 /// The rule stages, in order. Each stage includes the algebraic cleanups, so that nodes the
 /// stage creates are cleaned up too; no stage holds blanket commutativity or associativity.
 pub fn stages(target: Target, tiles: &TileTable) -> Vec<Stage> {
-    let (block_q, block_k) = target.attention_blocks();
     let with_algebra = |mut rules: Vec<ZRewrite>| {
         rules.extend(rules::algebra::rules());
         rules
@@ -56,10 +55,7 @@ pub fn stages(target: Target, tiles: &TileTable) -> Vec<Stage> {
         },
         Stage {
             name: "attention",
-            rules: with_algebra(rules::attention::rules(
-                rules::attention::Blocks { block_q, block_k },
-                tiles.clone(),
-            )),
+            rules: with_algebra(rules::attention::rules(target, tiles.clone())),
         },
         Stage {
             name: "epilogue",

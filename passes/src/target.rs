@@ -45,7 +45,8 @@ impl Target {
         }
     }
 
-    /// The default tile sizes `(block_q, block_k)` of the fused attention. A tile table
+    /// The default tile sizes `(block_q, block_k)` of the fused attention; on the CPU,
+    /// narrow bands of keys get smaller ones (`tiles::default_blocks`). A tile table
     /// (`Options::tiles`, from the tuning database that `zebra tune` writes) overrides them
     /// per attention.
     pub fn attention_blocks(self) -> (u64, u64) {

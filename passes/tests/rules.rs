@@ -13,10 +13,7 @@ fn all_rules() -> Vec<ZRewrite> {
     let mut rules = rules::algebra::rules();
     rules.extend(rules::recognize::rules());
     rules.extend(rules::attention::rules(
-        rules::attention::Blocks {
-            block_q: 64,
-            block_k: 64,
-        },
+        zebra_passes::Target::Cpu,
         Default::default(),
     ));
     rules.extend(rules::epilogue::rules());

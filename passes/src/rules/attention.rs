@@ -12,13 +12,14 @@ use zebra_ir::types::Dim;
 use super::{ZGraph, ZRewrite, add_attr, attr, constant, rewrite, rewrite_to, ty, var};
 use crate::lang::{Attr, ExprAttr, KernelAttr, ZNode, ZOp};
 
+use crate::target::Target;
 pub use crate::tiles::Blocks;
-use crate::tiles::TileTable;
+use crate::tiles::{TileTable, default_blocks};
 
 /// The attention rules; a fused attention gets the tile sizes `tiles` chose for what it
-/// computes, else `defaults` (the target's).
+/// computes, else the default for its mask on `target`.
 #[rustfmt::skip]
-pub fn rules(defaults: Blocks, tiles: TileTable) -> Vec<ZRewrite> {
+pub fn rules(target: Target, tiles: TileTable) -> Vec<ZRewrite> {
     vec![
         // s + select(m, 0, -inf) == select(m, s, -inf) (an additive mask)
         rewrite_to("additive-mask",         "(add ?s (select ?m c:0 c:-inf))", "(select ?m ?s c:-inf)"),
@@ -28,7 +29,7 @@ pub fn rules(defaults: Blocks, tiles: TileTable) -> Vec<ZRewrite> {
         rewrite("mask-before-score-mod-1",  "(score_mod ?e ?n (select ?m ?s c:-inf) ?x)",       mask_before_score_mod),
         rewrite("mask-before-score-mod-2",  "(score_mod ?e ?n (select ?m ?s c:-inf) ?x ?y)",    mask_before_score_mod),
         // softmax(select(m, score(scale * q k^T), -inf)) @ v == attention(q, k, v)
-        rewrite("fuse-attention",           "(matmul (softmax ?p) ?v)", move |g, _, s| fuse(g, s, defaults, &tiles)),
+        rewrite("fuse-attention",           "(matmul (softmax ?p) ?v)", move |g, _, s| fuse(g, s, target, &tiles)),
         // reshape(transpose(attention, [0, 2, 1, 3]), [B, T, H * D]) == attention writing merged heads
         rewrite("merge-heads",              "(reshape ?s (transpose perm:0,2,1,3 ?a))", merge_heads),
     ]
@@ -169,7 +170,7 @@ fn parts(egraph: &ZGraph, p: Id) -> Option<Parts> {
     })
 }
 
-fn fuse(egraph: &mut ZGraph, s: &Subst, defaults: Blocks, tiles: &TileTable) -> Option<Id> {
+fn fuse(egraph: &mut ZGraph, s: &Subst, target: Target, tiles: &TileTable) -> Option<Id> {
     let Parts {
         mask,
         score_mod,
@@ -249,12 +250,12 @@ fn fuse(egraph: &mut ZGraph, s: &Subst, defaults: Blocks, tiles: &TileTable) -> 
         heads,
         kv_heads,
         head_dim,
-        block_q: defaults.block_q,
-        block_k: defaults.block_k,
+        block_q: 0,
+        block_k: 0,
         merge_heads: false,
         loc,
     };
-    let blocks = tiles.blocks(&kernel, defaults);
+    let blocks = tiles.blocks(&kernel, default_blocks(target, &kernel.mask));
     (kernel.block_q, kernel.block_k) = (blocks.block_q, blocks.block_k);
     let mut children = vec![
         add_attr(egraph, Attr::Kernel(KernelAttr::new(kernel))),
