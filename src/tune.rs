@@ -135,6 +135,20 @@ impl Database {
                 file.version
             );
         }
+        if let Some((i, entry)) = file
+            .entries
+            .iter()
+            .enumerate()
+            .find(|(_, e)| !(1..=1024).contains(&e.block_q) || !(1..=1024).contains(&e.block_k))
+        {
+            bail!(
+                "the tuning database {} is not valid (entry {i}, mask `{}`: tiles {} are not \
+                 from 1 to 1024 each); move it away or delete it, then tune again",
+                path.display(),
+                entry.mask,
+                entry.blocks()
+            );
+        }
         Ok(Database {
             path: path.to_path_buf(),
             entries: file.entries,

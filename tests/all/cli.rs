@@ -1799,6 +1799,22 @@ fn compiling_uses_the_tuned_tiles_of_this_machine() {
         std::fs::read_to_string(&db).unwrap(),
         "{\"version\": 1, \"entries\": [{\"target\": 3}]}"
     );
+    // Tiles no kernel can take: the same.
+    let bad = serde_json::json!({"version": 1, "entries": [
+        entry(&machine, "cpu", "k <= q && q - k < 32", (0, 128)),
+    ]});
+    std::fs::write(&db, bad.to_string()).unwrap();
+    let out = zebra_with(
+        ("ZEBRA_TUNING_DB", &db),
+        &["compile", "examples/zebra_tiny.zb", "--emit", "opt"],
+    );
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("entry 0, mask `k <= q && q - k < 32`: tiles 0x128 are not from 1 to 1024"),
+        "{}",
+        out.stderr
+    );
     // One of another format version: the same.
     std::fs::write(&db, "{\"version\": 2, \"entries\": []}").unwrap();
     let out = zebra_with(
