@@ -64,13 +64,7 @@ fn model<'c>(checked: &'c Checked, name: Option<&str>) -> Result<&'c ModelSpec> 
     checked.program.model(name).map_err(|e| anyhow!(e))
 }
 
-/// Reads and checks a .zb file (reporting its diagnostics) and picks its model.
-pub fn load_model(path: &Path, name: Option<&str>) -> Result<ModelSpec> {
-    let (_, checked) = load(path)?;
-    Ok(model(&checked, name)?.clone())
-}
-
-pub fn lower(spec: &ModelSpec) -> Result<Graph> {
+fn lower(spec: &ModelSpec) -> Result<Graph> {
     let graph = zebra_frontend::lower::lower(spec)?;
     zebra_ir::verify(&graph)
         .map_err(|e| anyhow!("internal error: the lowered graph is invalid: {e}"))?;
@@ -143,7 +137,8 @@ fn is_ir_file(path: &Path) -> bool {
 /// Reads the input (a .zb source or .zir IR text) and gives its source and unoptimized
 /// graph. For IR text, masks, score modifiers, comparisons and products get their line in
 /// the file as their source position, so that warnings point into the file compiled.
-fn load_graph(
+/// Reads a .zb file (checked, its model lowered) or a graph in the IR's text form (.zir).
+pub fn load_graph(
     path: &Path,
     model_name: Option<&str>,
     timings: &mut Vec<(String, Duration)>,

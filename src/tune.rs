@@ -316,8 +316,7 @@ pub fn tune(args: &TuneArgs) -> Result<()> {
     };
     // Read it first: a database this cannot read is not overwritten.
     let mut db = Database::open(&path)?;
-    let spec = crate::commands::load_model(args.file, args.model)?;
-    let graph = crate::commands::lower(&spec)?;
+    let (_, graph) = crate::commands::load_graph(args.file, args.model, &mut Vec::new())?;
     let target = Target::Cpu;
     let optimized = zebra_passes::optimize(
         &graph,

@@ -1828,6 +1828,40 @@ fn compiling_uses_the_tuned_tiles_of_this_machine() {
         "{}",
         out.stderr
     );
+    // A graph in the IR's text form is tuned as a model is; one whose attention the
+    // optimizer could not fuse has nothing to tune.
+    let zir = dir.path().join("zir.json");
+    let zir_db = zir.to_str().unwrap();
+    let tune = |file: &str| {
+        zebra(&[
+            "tune",
+            file,
+            "--seq-len",
+            "64",
+            "--repeats",
+            "1",
+            "--block-q",
+            "32",
+            "--block-k",
+            "32",
+            "--db",
+            zir_db,
+        ])
+    };
+    let out = tune("tests/fixtures/zir/additive_mask.zir");
+    assert!(
+        out.ok && out.stdout.contains("recorded 1 attention"),
+        "{}",
+        out.stderr
+    );
+    let out = tune("tests/fixtures/zir/float_mask.zir");
+    assert!(!out.ok);
+    assert!(
+        out.stderr
+            .contains("float_mask.zir has no fused attention to tune"),
+        "{}",
+        out.stderr
+    );
     // Bad candidates.
     let out = zebra(&["tune", "examples/zebra_tiny.zb", "--block-q", "32,12"]);
     assert!(!out.ok);
