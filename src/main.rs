@@ -156,6 +156,9 @@ enum Command {
         /// Keys per tile to try (multiples of 8 up to 1024).
         #[arg(long, default_value = "32,64,128", value_parser = tune::parse_sizes)]
         block_k: tune::Sizes,
+        /// Time the backward pass too, as a training step runs it (the tiles serve both).
+        #[arg(long)]
+        backward: bool,
         /// The tuning database to update (default: $ZEBRA_TUNING_DB, else tuning.json in
         /// the kernel cache's directory).
         #[arg(long, value_name = "FILE")]
@@ -571,6 +574,7 @@ fn main() -> ExitCode {
             repeats,
             block_q,
             block_k,
+            backward,
             db,
             json,
         } => tune::tune(&tune::TuneArgs {
@@ -581,6 +585,7 @@ fn main() -> ExitCode {
             repeats,
             block_q: block_q.0,
             block_k: block_k.0,
+            backward,
             db,
             json,
         }),

@@ -53,6 +53,10 @@ pub struct Entry {
     pub time_ms: f64,
     /// The target's default tiles' median time in the same run.
     pub default_time_ms: f64,
+    /// Whether the times are of the forward and backward passes (for training), not the
+    /// forward pass alone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub backward: bool,
 }
 
 impl Entry {
@@ -288,6 +292,8 @@ pub struct TuneArgs<'a> {
     pub repeats: usize,
     pub block_q: Vec<u64>,
     pub block_k: Vec<u64>,
+    /// Time the backward pass too (`dq`, `dk`, `dv`), as training runs it.
+    pub backward: bool,
     /// The database to write (default: [`Database::location`]).
     pub db: Option<PathBuf>,
     pub json: bool,
@@ -347,9 +353,14 @@ pub fn tune(args: &TuneArgs) -> Result<()> {
     for (name, kernel) in kernels.values() {
         if !args.json {
             println!(
-                "@{name}: {} at T = {}",
+                "@{name}: {} at T = {}{}",
                 AttentionKey::of(kernel),
-                args.seq_len
+                args.seq_len,
+                if args.backward {
+                    ", forward and backward"
+                } else {
+                    ""
+                }
             );
         }
         // The default tiles first: the others are checked against them.
@@ -372,15 +383,22 @@ pub fn tune(args: &TuneArgs) -> Result<()> {
         let runs = time_round_robin(&mut loaded, args.repeats)?;
         let mut measured: Vec<Measured> = Vec::new();
         let reference = &runs[0].1;
-        for (&blocks, (time, out)) in candidates.iter().zip(&runs) {
+        for (&blocks, (time, outputs)) in candidates.iter().zip(&runs) {
             let time = *time;
-            let error = relative_difference(out, reference);
+            let error = reference
+                .iter()
+                .map(|(name, expected)| {
+                    outputs
+                        .get(name)
+                        .map_or(f64::INFINITY, |out| relative_difference(out, expected))
+                })
+                .fold(0.0, f64::max);
             let ok = error <= TOLERANCE;
             if args.json {
                 let line = serde_json::json!({
                     "attention": name, "block_q": blocks.block_q, "block_k": blocks.block_k,
-                    "seq_len": args.seq_len, "threads": threads, "time_ms": time * 1e3,
-                    "relative_error": error, "ok": ok,
+                    "seq_len": args.seq_len, "threads": threads, "backward": args.backward,
+                    "time_ms": time * 1e3, "relative_error": error, "ok": ok,
                 });
                 println!("{line}");
             } else {
@@ -435,6 +453,7 @@ pub fn tune(args: &TuneArgs) -> Result<()> {
             threads,
             time_ms: best.time * 1e3,
             default_time_ms: default_time * 1e3,
+            backward: args.backward,
         });
     }
     let count = chosen.len();
@@ -466,8 +485,10 @@ fn relative_difference(actual: &ArrayD<f32>, expected: &ArrayD<f32>) -> f64 {
     worst / scale.max(f64::MIN_POSITIVE)
 }
 
-/// A graph of `kernel` alone at `blocks`: inputs `q`, `k`, `v` and its side inputs.
-pub fn attention_graph(kernel: &AttentionKernel, blocks: Blocks) -> Result<Graph> {
+/// A graph of `kernel` alone at `blocks`: inputs `q`, `k`, `v` and its side inputs, output
+/// `out`; with `backward`, also input `dout` (the gradient of `out`) and outputs `dq`, `dk`
+/// and `dv`, through the fused backward that training uses.
+pub fn attention_graph(kernel: &AttentionKernel, blocks: Blocks, backward: bool) -> Result<Graph> {
     let kernel = AttentionKernel {
         block_q: blocks.block_q,
         block_k: blocks.block_k,
@@ -517,12 +538,27 @@ pub fn attention_graph(kernel: &AttentionKernel, blocks: Blocks) -> Result<Graph
         .add_inferred(Op::Attention(Box::new(kernel)), &operands, None)
         .map_err(|e| anyhow!("internal error: {e}"))?;
     graph.add_output("out", out);
+    if backward {
+        let ty = graph.node(out).ty.clone();
+        let dout = input(&mut graph, "dout", ty);
+        let adjoints = zebra_passes::autodiff::gradients(&mut graph, [(out, dout)].into())
+            .map_err(|e| anyhow!("internal error: {e}"))?;
+        for (name, of) in ["dq", "dk", "dv"].into_iter().zip(&operands) {
+            let grad = adjoints
+                .get(of)
+                .ok_or_else(|| anyhow!("internal error: no gradient of `{}`", &name[1..]))?;
+            graph.add_output(name, *grad);
+        }
+    }
     zebra_ir::verify(&graph).map_err(|e| anyhow!("internal error: {e}"))?;
     Ok(graph)
 }
 
 /// A compiled candidate, loaded, with its inputs.
 type Loaded = (CpuModel, BTreeMap<String, Tensor>);
+
+/// A candidate's outputs, by name.
+type Outputs = BTreeMap<String, ArrayD<f32>>;
 
 /// Compiles `kernel` at `blocks` into `dir` and loads it with random inputs (the same for
 /// every candidate; side inputs: eight equal segments, as document ids).
@@ -532,7 +568,7 @@ fn load_attention(
     args: &TuneArgs,
     dir: &Path,
 ) -> Result<Loaded> {
-    let graph = attention_graph(kernel, blocks)?;
+    let graph = attention_graph(kernel, blocks, args.backward)?;
     crate::commands::build_artifact_at(&graph, dir, args.seq_len)?;
     let model = CpuModel::load(dir, &Weights::new(), args.threads)?;
     let t = args.seq_len;
@@ -551,6 +587,9 @@ fn load_attention(
     inputs.insert("q".into(), random(&[1, h, t, d]));
     inputs.insert("k".into(), random(&[1, kv, t, d]));
     inputs.insert("v".into(), random(&[1, kv, t, d]));
+    if args.backward {
+        inputs.insert("dout".into(), random(&[1, h, t, d]));
+    }
     let segment = t.div_ceil(8);
     for side in &kernel.sides {
         let ids = ArrayD::from_shape_fn(IxDyn(&[1, t]), |i| (i[1] / segment) as i64);
@@ -561,15 +600,11 @@ fn load_attention(
 
 /// Runs every candidate once (a warm-up: schedules, memory), then `repeats` rounds of one
 /// run each, so that a slow spell of the machine falls on all of them alike; returns each
-/// one's median time and output.
-fn time_round_robin(loaded: &mut [Loaded], repeats: usize) -> Result<Vec<(f64, ArrayD<f32>)>> {
+/// one's median time and outputs.
+fn time_round_robin(loaded: &mut [Loaded], repeats: usize) -> Result<Vec<(f64, Outputs)>> {
     let mut outputs = Vec::with_capacity(loaded.len());
     for (model, inputs) in loaded.iter_mut() {
-        let mut out = model.run(inputs)?;
-        outputs.push(
-            out.remove("out")
-                .ok_or_else(|| anyhow!("internal error: the attention wrote no `out`"))?,
-        );
+        outputs.push(model.run(inputs)?);
     }
     let mut times = vec![Vec::with_capacity(repeats); loaded.len()];
     for _ in 0..repeats {

@@ -1643,6 +1643,46 @@ fn tune_records_the_fastest_checked_tiles_of_each_attention() {
             .all(|l| l["ok"] == true && l["relative_error"].as_f64().unwrap() < 1e-4)
     );
     assert_eq!(read()["entries"].as_array().unwrap().len(), 2);
+
+    // With the backward pass (GQA, and a side input's tile ranges): checked on `dq`, `dk`
+    // and `dv` too, and so recorded.
+    for file in [
+        "examples/attention/sliding_window.zb",
+        "examples/attention/document.zb",
+    ] {
+        let out = zebra(&[
+            "tune",
+            file,
+            "--seq-len",
+            "100",
+            "--repeats",
+            "1",
+            "--block-q",
+            "32",
+            "--block-k",
+            "64",
+            "--backward",
+            "--json",
+            "--db",
+            db_text,
+        ]);
+        assert!(out.ok, "{file}: {}", out.stderr);
+        let lines: Vec<serde_json::Value> = out
+            .stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{}", out.stdout);
+        assert!(
+            lines
+                .iter()
+                .all(|l| l["ok"] == true && l["backward"] == true)
+        );
+    }
+    let entries = read()["entries"].as_array().unwrap().clone();
+    assert_eq!(entries.len(), 4);
+    assert!(entries[2..].iter().all(|e| e["backward"] == true));
+    assert!(entries[..2].iter().all(|e| e.get("backward").is_none()));
 }
 
 /// Compiling for the CPU reads the tuning database's entries for this machine: the attention
