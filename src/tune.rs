@@ -313,6 +313,29 @@ const TOLERANCE: f64 = 1e-4;
 /// How much faster than the default tiles others must be to replace them.
 const MARGIN: f64 = 0.03;
 
+/// How much memory the candidates loaded at once may take, about.
+const LOADED_BYTES: usize = 6 << 30;
+
+/// About how much memory one loaded candidate takes: its inputs, outputs and the backward's
+/// log-sum-exp, f32, four times over for the scratch of its kernels (measured: about 500 MB
+/// for 8 heads of 64 at T = 8192 with the backward, against 270 MB of these tensors).
+fn footprint(kernel: &AttentionKernel, args: &TuneArgs) -> usize {
+    let t = args.seq_len;
+    let (h, kv, d) = (
+        kernel.heads as usize,
+        kernel.kv_heads as usize,
+        kernel.head_dim as usize,
+    );
+    let (queries, keys) = (h * t * d, kv * t * d);
+    // q, k, v, out; with the backward also dout, dq, dk, dv and the log-sum-exp.
+    let floats = if args.backward {
+        4 * queries + 4 * keys + h * t
+    } else {
+        2 * queries + 2 * keys
+    };
+    4 * 4 * floats + 8 * t * kernel.sides.len()
+}
+
 pub fn tune(args: &TuneArgs) -> Result<()> {
     let path = match &args.db {
         Some(path) => path.clone(),
@@ -374,13 +397,19 @@ pub fn tune(args: &TuneArgs) -> Result<()> {
                 }
             }
         }
-        let mut loaded = Vec::with_capacity(candidates.len());
-        for &blocks in &candidates {
-            let dir = scratch.path().join(format!("{name}-{blocks}"));
-            loaded.push(load_attention(kernel, blocks, args, &dir)?);
+        // As many candidates loaded at once (and timed in turns) as fit in the memory budget.
+        let at_once = (LOADED_BYTES / footprint(kernel, args)).max(1);
+        let mut runs = Vec::with_capacity(candidates.len());
+        let mut threads = 0;
+        for group in candidates.chunks(at_once) {
+            let mut loaded = Vec::with_capacity(group.len());
+            for &blocks in group {
+                let dir = scratch.path().join(format!("{name}-{blocks}"));
+                loaded.push(load_attention(kernel, blocks, args, &dir)?);
+            }
+            threads = loaded[0].0.threads();
+            runs.extend(time_round_robin(&mut loaded, args.repeats)?);
         }
-        let threads = loaded[0].0.threads();
-        let runs = time_round_robin(&mut loaded, args.repeats)?;
         let mut measured: Vec<Measured> = Vec::new();
         let reference = &runs[0].1;
         for (&blocks, (time, outputs)) in candidates.iter().zip(&runs) {
