@@ -1726,11 +1726,15 @@ fn compiling_uses_the_tuned_tiles_of_this_machine() {
         entry("riscv64", "cpu", "k <= q", (8, 8)),
         entry(&machine, "sm_90", "k <= q", (8, 8)),
     ]});
-    std::fs::write(&db, file.to_string()).unwrap();
-    let out = zebra_with(
-        ("ZEBRA_TUNING_DB", &db),
-        &["compile", "examples/zebra_tiny.zb", "--emit", "opt"],
-    );
+    // Compiles zebra_tiny.zb with `text` as the database.
+    let compile_with = |text: &str| {
+        std::fs::write(&db, text).unwrap();
+        zebra_with(
+            ("ZEBRA_TUNING_DB", &db),
+            &["compile", "examples/zebra_tiny.zb", "--emit", "opt"],
+        )
+    };
+    let out = compile_with(&file.to_string());
     assert!(out.ok, "{}", out.stderr);
     assert!(
         out.stdout
@@ -1811,11 +1815,7 @@ fn compiling_uses_the_tuned_tiles_of_this_machine() {
 
     // A database that is not valid: compiling warns and uses the default tiles; tuning
     // refuses and leaves the file as it was.
-    std::fs::write(&db, "{\"version\": 1, \"entries\": [{\"target\": 3}]}").unwrap();
-    let out = zebra_with(
-        ("ZEBRA_TUNING_DB", &db),
-        &["compile", "examples/zebra_tiny.zb", "--emit", "opt"],
-    );
+    let out = compile_with("{\"version\": 1, \"entries\": [{\"target\": 3}]}");
     assert!(out.ok, "{}", out.stderr);
     assert!(out.stdout.contains("block_q = 64, block_k = 64"));
     assert!(
@@ -1843,11 +1843,7 @@ fn compiling_uses_the_tuned_tiles_of_this_machine() {
     let bad = serde_json::json!({"version": 1, "entries": [
         entry(&machine, "cpu", "k <= q && q - k < 32", (0, 128)),
     ]});
-    std::fs::write(&db, bad.to_string()).unwrap();
-    let out = zebra_with(
-        ("ZEBRA_TUNING_DB", &db),
-        &["compile", "examples/zebra_tiny.zb", "--emit", "opt"],
-    );
+    let out = compile_with(&bad.to_string());
     assert!(out.ok, "{}", out.stderr);
     assert!(
         out.stderr
@@ -1856,11 +1852,7 @@ fn compiling_uses_the_tuned_tiles_of_this_machine() {
         out.stderr
     );
     // One of another format version: the same.
-    std::fs::write(&db, "{\"version\": 2, \"entries\": []}").unwrap();
-    let out = zebra_with(
-        ("ZEBRA_TUNING_DB", &db),
-        &["compile", "examples/zebra_tiny.zb", "--emit", "opt"],
-    );
+    let out = compile_with("{\"version\": 2, \"entries\": []}");
     assert!(out.ok, "{}", out.stderr);
     assert!(
         out.stderr
