@@ -371,119 +371,9 @@ pub fn tune(args: &TuneArgs) -> Result<()> {
         .prefix("zebra-tune")
         .tempdir()
         .context("cannot create a temporary directory")?;
-    let machine = host_machine();
     let mut chosen = Vec::new();
     for (name, kernel) in kernels.values() {
-        if !args.json {
-            println!(
-                "@{name}: {} at T = {}{}",
-                AttentionKey::of(kernel),
-                args.seq_len,
-                if args.backward {
-                    ", forward and backward"
-                } else {
-                    ""
-                }
-            );
-        }
-        // The default tiles first: the others are checked against them.
-        let defaults = zebra_passes::tiles::default_blocks(target, &kernel.mask);
-        let mut candidates = vec![defaults];
-        for &block_q in &args.block_q {
-            for &block_k in &args.block_k {
-                let blocks = Blocks { block_q, block_k };
-                if !candidates.contains(&blocks) {
-                    candidates.push(blocks);
-                }
-            }
-        }
-        // As many candidates loaded at once (and timed in turns) as fit in the memory budget.
-        let at_once = (LOADED_BYTES / footprint(kernel, args)).max(1);
-        let mut runs = Vec::with_capacity(candidates.len());
-        let mut threads = 0;
-        for group in candidates.chunks(at_once) {
-            let mut loaded = Vec::with_capacity(group.len());
-            for &blocks in group {
-                let dir = scratch.path().join(format!("{name}-{blocks}"));
-                loaded.push(load_attention(kernel, blocks, args, &dir)?);
-            }
-            threads = loaded[0].0.threads();
-            runs.extend(time_round_robin(&mut loaded, args.repeats)?);
-        }
-        let mut measured: Vec<Measured> = Vec::new();
-        let reference = &runs[0].1;
-        for (&blocks, (time, outputs)) in candidates.iter().zip(&runs) {
-            let time = *time;
-            let error = reference
-                .iter()
-                .map(|(name, expected)| {
-                    outputs
-                        .get(name)
-                        .map_or(f64::INFINITY, |out| relative_difference(out, expected))
-                })
-                .fold(0.0, f64::max);
-            let ok = error <= TOLERANCE;
-            if args.json {
-                let line = serde_json::json!({
-                    "attention": name, "block_q": blocks.block_q, "block_k": blocks.block_k,
-                    "seq_len": args.seq_len, "threads": threads, "backward": args.backward,
-                    "time_ms": time * 1e3, "relative_error": error, "ok": ok,
-                });
-                println!("{line}");
-            } else {
-                let verdict = if ok {
-                    String::new()
-                } else {
-                    format!("  wrong: differs from the default tiles by {error:.1e}; not used")
-                };
-                println!(
-                    "  {:>9} {:>10.3} ms{verdict}",
-                    blocks.to_string(),
-                    time * 1e3
-                );
-            }
-            if ok {
-                measured.push(Measured {
-                    blocks,
-                    time,
-                    error,
-                });
-            }
-        }
-        // Other tiles replace the default only when clearly faster: within 3% is noise.
-        let default_time = measured[0].time;
-        let best = measured
-            .iter()
-            .filter(|m| m.time < default_time * (1.0 - MARGIN))
-            .min_by(|a, b| a.time.total_cmp(&b.time))
-            .unwrap_or(&measured[0]);
-        if !args.json {
-            println!(
-                "  best: {} ({:.2}x the default {}; largest difference {:.1e})",
-                best.blocks,
-                default_time / best.time,
-                defaults,
-                best.error
-            );
-        }
-        let key = AttentionKey::of(kernel);
-        chosen.push(Entry {
-            target: target.name().into(),
-            machine: machine.clone(),
-            mask: key.mask,
-            score: key.score,
-            sides: key.sides,
-            heads: key.heads,
-            kv_heads: key.kv_heads,
-            head_dim: key.head_dim,
-            block_q: best.blocks.block_q,
-            block_k: best.blocks.block_k,
-            seq_len: args.seq_len,
-            threads,
-            time_ms: best.time * 1e3,
-            default_time_ms: default_time * 1e3,
-            backward: args.backward,
-        });
+        chosen.push(tune_attention(name, kernel, args, scratch.path())?);
     }
     let count = chosen.len();
     for entry in chosen {
@@ -498,6 +388,127 @@ pub fn tune(args: &TuneArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Measures the candidate tiles of one attention (`@name`), prints them, and returns the
+/// entry of the fastest (or the default's).
+fn tune_attention(
+    name: &str,
+    kernel: &AttentionKernel,
+    args: &TuneArgs,
+    scratch: &Path,
+) -> Result<Entry> {
+    let target = Target::Cpu;
+    if !args.json {
+        println!(
+            "@{name}: {} at T = {}{}",
+            AttentionKey::of(kernel),
+            args.seq_len,
+            if args.backward {
+                ", forward and backward"
+            } else {
+                ""
+            }
+        );
+    }
+    // The default tiles first: the others are checked against them.
+    let defaults = zebra_passes::tiles::default_blocks(target, &kernel.mask);
+    let mut candidates = vec![defaults];
+    for &block_q in &args.block_q {
+        for &block_k in &args.block_k {
+            let blocks = Blocks { block_q, block_k };
+            if !candidates.contains(&blocks) {
+                candidates.push(blocks);
+            }
+        }
+    }
+    // As many candidates loaded at once (and timed in turns) as fit in the memory budget.
+    let at_once = (LOADED_BYTES / footprint(kernel, args)).max(1);
+    let mut runs = Vec::with_capacity(candidates.len());
+    let mut threads = 0;
+    for group in candidates.chunks(at_once) {
+        let mut loaded = Vec::with_capacity(group.len());
+        for &blocks in group {
+            let dir = scratch.join(format!("{name}-{blocks}"));
+            loaded.push(load_attention(kernel, blocks, args, &dir)?);
+        }
+        threads = loaded[0].0.threads();
+        runs.extend(time_round_robin(&mut loaded, args.repeats)?);
+    }
+    let mut measured: Vec<Measured> = Vec::new();
+    let reference = &runs[0].1;
+    for (&blocks, (time, outputs)) in candidates.iter().zip(&runs) {
+        let time = *time;
+        let error = reference
+            .iter()
+            .map(|(name, expected)| {
+                outputs
+                    .get(name)
+                    .map_or(f64::INFINITY, |out| relative_difference(out, expected))
+            })
+            .fold(0.0, f64::max);
+        let ok = error <= TOLERANCE;
+        if args.json {
+            let line = serde_json::json!({
+                "attention": name, "block_q": blocks.block_q, "block_k": blocks.block_k,
+                "seq_len": args.seq_len, "threads": threads, "backward": args.backward,
+                "time_ms": time * 1e3, "relative_error": error, "ok": ok,
+            });
+            println!("{line}");
+        } else {
+            let verdict = if ok {
+                String::new()
+            } else {
+                format!("  wrong: differs from the default tiles by {error:.1e}; not used")
+            };
+            println!(
+                "  {:>9} {:>10.3} ms{verdict}",
+                blocks.to_string(),
+                time * 1e3
+            );
+        }
+        if ok {
+            measured.push(Measured {
+                blocks,
+                time,
+                error,
+            });
+        }
+    }
+    // Other tiles replace the default only when clearly faster: within 3% is noise.
+    let default_time = measured[0].time;
+    let best = measured
+        .iter()
+        .filter(|m| m.time < default_time * (1.0 - MARGIN))
+        .min_by(|a, b| a.time.total_cmp(&b.time))
+        .unwrap_or(&measured[0]);
+    if !args.json {
+        println!(
+            "  best: {} ({:.2}x the default {}; largest difference {:.1e})",
+            best.blocks,
+            default_time / best.time,
+            defaults,
+            best.error
+        );
+    }
+    let key = AttentionKey::of(kernel);
+    Ok(Entry {
+        target: target.name().into(),
+        machine: host_machine(),
+        mask: key.mask,
+        score: key.score,
+        sides: key.sides,
+        heads: key.heads,
+        kv_heads: key.kv_heads,
+        head_dim: key.head_dim,
+        block_q: best.blocks.block_q,
+        block_k: best.blocks.block_k,
+        seq_len: args.seq_len,
+        threads,
+        time_ms: best.time * 1e3,
+        default_time_ms: default_time * 1e3,
+        backward: args.backward,
+    })
 }
 
 /// The largest absolute difference of `actual` from `expected`, relative to the largest
