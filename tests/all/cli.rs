@@ -1755,6 +1755,48 @@ fn compiling_uses_the_tuned_tiles_of_this_machine() {
         "{}",
         out.stderr
     );
+    // `zebra bench` times its attentions with the tiles recorded for them, and says so.
+    let bench = |db: &Path| {
+        let out = zebra_with(
+            ("ZEBRA_TUNING_DB", db),
+            &[
+                "bench",
+                "attention-local",
+                "--seq-len",
+                "256",
+                "--window",
+                "32",
+                "--heads",
+                "4",
+                "--head-dim",
+                "16",
+                "--repeats",
+                "1",
+                "--no-baseline",
+                "--json",
+            ],
+        );
+        assert!(out.ok, "{}", out.stderr);
+        let record: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+        (
+            record["block_q"].as_u64().unwrap(),
+            record["block_k"].as_u64().unwrap(),
+            record["tiles"].as_str().unwrap().to_string(),
+        )
+    };
+    let bench_db = dir.path().join("bench.json");
+    std::fs::write(
+        &bench_db,
+        serde_json::json!({"version": 1, "entries": [{
+            "target": "cpu", "machine": machine, "mask": "k <= q && q - k < 32", "heads": 4,
+            "kv_heads": 4, "head_dim": 16, "block_q": 16, "block_k": 64, "seq_len": 256,
+            "threads": 2, "time_ms": 1.0, "default_time_ms": 1.0,
+        }]})
+        .to_string(),
+    )
+    .unwrap();
+    assert_eq!(bench(&bench_db), (16, 64, "tuning database".into()));
+    assert_eq!(bench(Path::new("")), (32, 32, "default".into()));
     // Compiling for a GPU reads none of it.
     let out = zebra_with(
         ("ZEBRA_TUNING_DB", &db),
