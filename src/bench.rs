@@ -318,7 +318,7 @@ fn attention(args: &BenchArgs, name: &str, mask_text: &str, dir: &Path) -> Resul
     // The tiles: --blocks, else the tuning database's for this attention, else the target's.
     let defaults = zebra_passes::tiles::default_blocks(zebra_passes::Target::Cpu, &mask);
     let kernel = zebra_ir::op::AttentionKernel {
-        name: name.into(),
+        name: name.replace('-', "_"),
         mask: mask.clone(),
         score: None,
         sides: vec![],
@@ -341,14 +341,11 @@ fn attention(args: &BenchArgs, name: &str, mask_text: &str, dir: &Path) -> Resul
             None => (defaults.block_q, defaults.block_k, "default"),
         },
     };
-    let text = format!(
-        "graph {g} {{\n  kernel @{g} = attention {{mask = {m}, scale = {s}, heads = {h}, kv_heads = {h}, head_dim = {d}, block_q = {bq}, block_k = {bk}, merge_heads = false}}\n  %0 = input {{name = \"q\"}} : f32[B, {h}, T, {d}]\n  %1 = input {{name = \"k\"}} : f32[B, {h}, T, {d}]\n  %2 = input {{name = \"v\"}} : f32[B, {h}, T, {d}]\n  %3 = attention(%0, %1, %2) {{kernel = @{g}}} : f32[B, {h}, T, {d}]\n  output out = %3\n}}\n",
-        g = name.replace('-', "_"),
-        m = zebra_ir::print::quote(mask_text),
-        s = zebra_ir::expr::fmt_float(scale),
-    );
-    let graph = zebra_ir::parse_graph(&text)?;
-    zebra_ir::verify(&graph)?;
+    let blocks = zebra_passes::Blocks {
+        block_q: bq,
+        block_k: bk,
+    };
+    let graph = crate::tune::attention_graph(&kernel, blocks, false)?;
     let artifact = dir.join(name);
     crate::commands::build_artifact_at(&graph, &artifact, t)?;
     let mut model = CpuModel::load(&artifact, &zebra_ir::Weights::new(), args.threads)?;

@@ -161,21 +161,21 @@ impl Database {
 
     /// The tiles this database chose for compiling for `target` on this machine.
     pub fn tiles(&self, target: Target) -> TileTable {
-        let machine = host_machine();
-        TileTable::new(
-            self.entries
-                .iter()
-                .filter(|e| e.target == target.name() && e.machine == machine)
-                .map(|e| (e.key(), e.blocks())),
-        )
+        TileTable::new(self.here(target).map(|e| (e.key(), e.blocks())))
     }
 
     /// The entry for what `kernel` computes, compiled for `target` on this machine.
     pub fn entry(&self, target: Target, kernel: &AttentionKernel) -> Option<&Entry> {
-        let (machine, key) = (host_machine(), AttentionKey::of(kernel));
+        let key = AttentionKey::of(kernel);
+        self.here(target).find(|e| e.key() == key)
+    }
+
+    /// The entries for compiling for `target` on this machine.
+    fn here(&self, target: Target) -> impl Iterator<Item = &Entry> {
+        let machine = host_machine();
         self.entries
             .iter()
-            .find(|e| e.target == target.name() && e.machine == machine && e.key() == key)
+            .filter(move |e| e.target == target.name() && e.machine == machine)
     }
 
     /// Adds `entry`, replacing the one for the same attention, target and machine.
@@ -535,7 +535,7 @@ pub fn attention_graph(kernel: &AttentionKernel, blocks: Blocks, backward: bool)
         merge_heads: false,
         ..kernel.clone()
     };
-    let mut graph = Graph::new(format!("tune_{}", kernel.name));
+    let mut graph = Graph::new(kernel.name.clone());
     let input = |graph: &mut Graph, name: &str, ty: TensorType| {
         graph.add(
             Node {

@@ -123,14 +123,6 @@ impl TileTable {
     pub fn blocks(&self, kernel: &AttentionKernel, defaults: Blocks) -> Blocks {
         self.get(kernel).unwrap_or(defaults)
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
 }
 
 #[cfg(test)]

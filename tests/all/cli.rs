@@ -18,6 +18,13 @@ fn zebra(args: &[&str]) -> Output {
     zebra_with(("NO_COLOR", Path::new("1")), args)
 }
 
+/// Standard output of one JSON object per line.
+fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
 /// `zebra` with an environment variable set.
 fn zebra_with(env: (&str, &Path), args: &[&str]) -> Output {
     let output = Command::new(env!("CARGO_BIN_EXE_zebra"))
@@ -1525,11 +1532,7 @@ fn emulate_checks_tensor_core_attention_without_a_gpu() {
         .into_owned();
     let out = zebra(&["emulate", &zb, "--seq-len", "90", "--batch", "1"]);
     assert!(out.ok, "{}", out.stderr);
-    let lines: Vec<serde_json::Value> = out
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json_lines(&out.stdout);
     assert!(!lines.is_empty());
     for line in &lines {
         assert_eq!(line["ok"], true, "{line}");
@@ -1631,11 +1634,7 @@ fn tune_records_the_fastest_checked_tiles_of_each_attention() {
     // Again, as JSON lines: one per candidate, the entries replaced.
     let out = tune(true);
     assert!(out.ok, "{}", out.stderr);
-    let lines: Vec<serde_json::Value> = out
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json_lines(&out.stdout);
     assert_eq!(lines.len(), 5, "{}", out.stdout);
     assert!(
         lines
@@ -1667,11 +1666,7 @@ fn tune_records_the_fastest_checked_tiles_of_each_attention() {
             db_text,
         ]);
         assert!(out.ok, "{file}: {}", out.stderr);
-        let lines: Vec<serde_json::Value> = out
-            .stdout
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let lines = json_lines(&out.stdout);
         assert_eq!(lines.len(), 2, "{}", out.stdout);
         assert!(
             lines

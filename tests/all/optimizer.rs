@@ -18,6 +18,22 @@ fn optimized(graph: &Graph) -> Graph {
     result.graph
 }
 
+/// The logits of the reference interpreter running fused attentions tile by tile, as their
+/// schedules visit them.
+fn tiled_logits(
+    graph: &Graph,
+    inputs: &BTreeMap<String, zebra_ir::Value>,
+    weights: &zebra_ir::Weights,
+) -> ndarray::ArrayD<f64> {
+    let options = interp::Options {
+        tiled_attention: true,
+    };
+    let out = interp::interpret_with(graph, inputs, weights, options).unwrap_or_else(|e| {
+        panic!("{e}");
+    });
+    out["logits"].as_float().unwrap().clone()
+}
+
 fn attention_kernels(graph: &Graph) -> Vec<String> {
     zebra_ir::print::kernel_table(graph)
         .into_iter()
@@ -109,17 +125,8 @@ fn optimization_preserves_every_program() {
                 let actual = crate::common::logits(&opt, &inputs, &weights);
                 let what = format!("{} ({}) at T = {seq}", relative(&path), spec.name);
                 assert_close(&actual, &expected, 1e-10, &what);
-                let tiled = interp::interpret_with(
-                    &opt,
-                    &inputs,
-                    &weights,
-                    interp::Options {
-                        tiled_attention: true,
-                    },
-                )
-                .unwrap_or_else(|e| panic!("{what}: {e}"));
                 assert_close(
-                    tiled["logits"].as_float().unwrap(),
+                    &tiled_logits(&opt, &inputs, &weights),
                     &expected,
                     1e-10,
                     &format!("{what}, tiled"),
@@ -264,17 +271,13 @@ fn tuned_tile_sizes_apply_to_the_attentions_they_were_tuned_for() {
         for seq in [1, 13, 70] {
             let inputs = random_inputs(&spec, 2, seq, seq as u64);
             let expected = crate::common::logits(&graph, &inputs, &weights);
-            let tiled = interp::interpret_with(
-                &opt,
-                &inputs,
-                &weights,
-                interp::Options {
-                    tiled_attention: true,
-                },
-            )
-            .unwrap();
             let what = format!("{file} with @{kind} at {tuned}, T = {seq}");
-            assert_close(tiled["logits"].as_float().unwrap(), &expected, 1e-10, &what);
+            assert_close(
+                &tiled_logits(&opt, &inputs, &weights),
+                &expected,
+                1e-10,
+                &what,
+            );
         }
     }
 }
