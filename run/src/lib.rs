@@ -170,6 +170,27 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         save: Option<PathBuf>,
     },
+    /// Time and check every candidate of a tuning run that `zebra tune FILE --target sm_90 -o
+    /// DIR` prepared, each in a process of its own (a kernel that hangs or crashes costs its
+    /// candidate only), and write DIR/results.json for `zebra tune --record DIR`.
+    Tune {
+        run: PathBuf,
+        /// The sequence length of the random inputs.
+        #[arg(long, default_value_t = 4096, value_parser = zebra_runtime::parse_positive)]
+        seq_len: usize,
+        /// Their batch size.
+        #[arg(long, default_value_t = 1, value_parser = zebra_runtime::parse_positive)]
+        batch: usize,
+        /// Timed runs per candidate (the median counts).
+        #[arg(long, default_value_t = 20, value_parser = zebra_runtime::parse_positive)]
+        repeats: usize,
+        /// Output rows checked against the reference.
+        #[arg(long, default_value_t = 16, value_parser = zebra_runtime::parse_positive)]
+        check_rows: usize,
+        /// Seconds a candidate may take before it counts as hung and is stopped.
+        #[arg(long, default_value_t = 60, value_parser = zebra_runtime::parse_positive)]
+        timeout: usize,
+    },
 }
 
 fn read_tokens(path: &Path) -> Result<ArrayD<i64>> {
@@ -335,6 +356,24 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
             }
             Ok(())
         }
+        Command::Tune {
+            run,
+            seq_len,
+            batch,
+            repeats,
+            check_rows,
+            timeout,
+        } => tune(
+            &run,
+            &TuneOptions {
+                seq_len,
+                batch,
+                repeats,
+                check_rows,
+                timeout: std::time::Duration::from_secs(timeout as u64),
+            },
+            out,
+        ),
         Command::Forward {
             artifact,
             weights,
@@ -585,5 +624,256 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
             eprintln!("wrote {}", out_path.display());
             Ok(())
         }
+    }
+}
+
+/// What `zebra-run tune` was asked.
+pub struct TuneOptions {
+    pub seq_len: usize,
+    pub batch: usize,
+    pub repeats: usize,
+    pub check_rows: usize,
+    pub timeout: std::time::Duration,
+}
+
+/// Runs every candidate of the tuning run in `dir` through `zebra-run attention`, one process
+/// each, and writes `dir/results.json`. Fails when no candidate of some attention passed.
+pub fn tune(dir: &Path, options: &TuneOptions, out: &mut dyn Write) -> Result<()> {
+    use zebra_runtime::tuning::{TUNE_FORMAT, TuneManifest, TuneResults, TuneRun};
+    let manifest = TuneManifest::load(dir)?;
+    if !zebra_runtime::cuda::driver_present() {
+        bail!(
+            "no NVIDIA driver was found (libcuda.so cannot be loaded): tuning times the \
+             kernels on the GPU; run this on the GPU machine"
+        );
+    }
+    let device = zebra_runtime::cuda::device_name()?;
+    let exe = std::env::current_exe().context("cannot find this program to run candidates")?;
+    let mut runs = Vec::new();
+    for (i, candidate) in manifest.candidates.iter().enumerate() {
+        let attention = &manifest.attentions[candidate.attention];
+        let mut command = std::process::Command::new(&exe);
+        command
+            .arg("attention")
+            .arg(dir.join(&candidate.dir))
+            .args(["--seq-len", &options.seq_len.to_string()])
+            .args(["--batch", &options.batch.to_string()])
+            .args(["--repeats", &options.repeats.to_string()])
+            .args(["--check-rows", &options.check_rows.to_string()]);
+        let run = match run_with_timeout(command, options.timeout) {
+            Err(error) => TuneRun {
+                dir: candidate.dir.clone(),
+                time_ms: None,
+                worst_error: None,
+                ok: false,
+                error: Some(error),
+            },
+            Ok(stdout) => candidate_run(&candidate.dir, &stdout),
+        };
+        let how = match (&run.time_ms, &run.error) {
+            (Some(time), None) => format!(
+                "{time:.3} ms, error {:.3} of the tolerance",
+                run.worst_error.unwrap_or(0.0)
+            ),
+            (Some(time), Some(error)) => format!("{time:.3} ms, {error}"),
+            (None, error) => error.clone().unwrap_or_default(),
+        };
+        writeln!(
+            out,
+            "[{}/{}] @{} {} {}x{}{}: {how}",
+            i + 1,
+            manifest.candidates.len(),
+            attention.name,
+            candidate.mma,
+            candidate.block_q,
+            candidate.block_k,
+            if candidate.default { " (default)" } else { "" },
+        )?;
+        runs.push(run);
+    }
+    let results = TuneResults {
+        format: TUNE_FORMAT,
+        device,
+        seq_len: options.seq_len,
+        batch: options.batch,
+        runs,
+    };
+    results
+        .save(dir)
+        .with_context(|| format!("cannot write {}", dir.join("results.json").display()))?;
+    writeln!(
+        out,
+        "wrote {}; record it with `zebra tune --record {}`",
+        dir.join("results.json").display(),
+        dir.display()
+    )?;
+    let failed: Vec<&str> = manifest
+        .attentions
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| {
+            !manifest
+                .candidates
+                .iter()
+                .zip(&results.runs)
+                .any(|(c, r)| c.attention == i && r.ok)
+        })
+        .map(|(_, a)| a.name.as_str())
+        .collect();
+    if !failed.is_empty() {
+        bail!(
+            "no candidate of {} ran and passed its check",
+            failed.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// A candidate's result from what `zebra-run attention` printed: its one JSON line.
+fn candidate_run(dir: &str, stdout: &str) -> zebra_runtime::tuning::TuneRun {
+    let line = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get("time_ms").is_some());
+    let number = |value: &serde_json::Value, key: &str| value.get(key).and_then(|v| v.as_f64());
+    match line {
+        Some(value) => {
+            let ok = value.get("ok").and_then(|v| v.as_bool()) == Some(true);
+            zebra_runtime::tuning::TuneRun {
+                dir: dir.to_string(),
+                time_ms: number(&value, "time_ms"),
+                worst_error: number(&value, "worst_error"),
+                ok,
+                error: (!ok).then(|| "the output differs from the reference".to_string()),
+            }
+        }
+        None => zebra_runtime::tuning::TuneRun {
+            dir: dir.to_string(),
+            time_ms: None,
+            worst_error: None,
+            ok: false,
+            error: Some("zebra-run attention printed no result".into()),
+        },
+    }
+}
+
+/// Runs `command` to its end or until `timeout`, when it is killed; returns its standard
+/// output, or why it failed (its last line of standard error, or the timeout).
+fn run_with_timeout(
+    mut command: std::process::Command,
+    timeout: std::time::Duration,
+) -> Result<String, String> {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start a candidate: {e}"))?;
+    let mut readers = [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ]
+    .map(|pipe| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_string(&mut text);
+            }
+            text
+        })
+    })
+    .into_iter();
+    let started = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if started.elapsed() >= timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Err(e) => return Err(format!("cannot wait for a candidate: {e}")),
+        }
+    };
+    let Some(status) = status else {
+        // Its pipes' readers are left to finish on their own: a process it started may hold
+        // them open.
+        return Err(format!("stopped after {} s (hung?)", timeout.as_secs_f64()));
+    };
+    let mut read = || {
+        readers
+            .next()
+            .and_then(|r| r.join().ok())
+            .unwrap_or_default()
+    };
+    let (stdout, stderr) = (read(), read());
+    if !status.success() && !stdout.contains("time_ms") {
+        // A failed check exits non-zero but still prints its result; anything else says why.
+        return Err(stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .map_or_else(|| format!("exited with {status}"), |l| l.trim().to_string()));
+    }
+    Ok(stdout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shell(script: &str) -> std::process::Command {
+        let mut command = std::process::Command::new("sh");
+        command.args(["-c", script]);
+        command
+    }
+
+    #[test]
+    fn a_candidate_that_hangs_is_stopped_and_one_that_fails_says_why() {
+        let timeout = std::time::Duration::from_millis(300);
+        let started = Instant::now();
+        let error = run_with_timeout(shell("sleep 30"), timeout).unwrap_err();
+        assert!(error.starts_with("stopped after 0.3 s"), "{error}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+
+        let error = run_with_timeout(
+            shell("echo 'error: the driver refused the PTX' >&2; exit 1"),
+            timeout * 10,
+        )
+        .unwrap_err();
+        assert_eq!(error, "error: the driver refused the PTX");
+
+        // A failed check exits non-zero after printing its result: a run that did not pass.
+        let stdout = run_with_timeout(
+            shell(r#"echo '{"time_ms": 0.25, "worst_error": 4.5, "ok": false}'; exit 1"#),
+            timeout * 10,
+        )
+        .unwrap();
+        let run = candidate_run("a0-sync-128x64", &stdout);
+        assert_eq!(
+            (run.time_ms, run.worst_error, run.ok),
+            (Some(0.25), Some(4.5), false)
+        );
+        assert!(run.error.is_some());
+
+        let run = candidate_run(
+            "a0-sync-64x64",
+            "{\"time_ms\": 0.5, \"worst_error\": 0.1, \"ok\": true}\n",
+        );
+        assert_eq!(
+            (run.time_ms, run.worst_error, run.ok, run.error),
+            (Some(0.5), Some(0.1), true, None)
+        );
+        let run = candidate_run("a0-sync-64x64", "not json\n");
+        assert!(!run.ok && run.time_ms.is_none());
     }
 }

@@ -57,7 +57,7 @@ impl Artifact {
 
 /// Reads a JSON file whose `format` field must be `expected`, as a `T`; `missing` is the
 /// complaint when it has no format at all.
-fn read_versioned<T: serde::de::DeserializeOwned>(
+pub(crate) fn read_versioned<T: serde::de::DeserializeOwned>(
     path: &Path,
     expected: u32,
     missing: &str,

@@ -50,6 +50,13 @@ pub fn compute_capability() -> Result<(u32, u32), RuntimeError> {
     capability(&ctx)
 }
 
+/// The name of GPU 0, as its driver gives it (`NVIDIA H100 80GB HBM3`).
+pub fn device_name() -> Result<String, RuntimeError> {
+    require_driver()?;
+    let ctx = CudaContext::new(0).map_err(cuda_error("cannot open GPU 0"))?;
+    ctx.name().map_err(cuda_error("cannot read GPU 0's name"))
+}
+
 /// The compute capability (major, minor) of a context's GPU.
 fn capability(ctx: &CudaContext) -> Result<(u32, u32), RuntimeError> {
     let (major, minor) = ctx

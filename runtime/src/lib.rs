@@ -18,6 +18,7 @@ pub mod plan;
 pub mod plot;
 pub mod sample;
 pub mod train;
+pub mod tuning;
 
 pub use artifact::{Artifact, ArtifactError};
 
