@@ -312,7 +312,11 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
         ),
         (product, Some(half)) => Some(zebra_codegen::kernels::attention_mma::TensorCores {
             half,
-            attention: product.unwrap_or_default(),
+            attention: zebra_codegen::kernels::attention_mma::MmaSettings {
+                product,
+                ..Default::default()
+            }
+            .into(),
         }),
         (None, None) => None,
     };
@@ -359,6 +363,28 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
             .ok_or_else(|| anyhow!("internal error: stage `{stage}` was not kept"))?,
         None => &optimized.graph,
     };
+    // The attentions' tensor-core settings, where the command line does not set them: the
+    // tuning database's for this GPU.
+    let mut tensor_cores = tensor_cores;
+    let mma = match (attention_only, &mut tensor_cores) {
+        (true, _) => {
+            let (choice, notes) = crate::tune::mma_choice(args.target, args.mma, &optimized.graph);
+            for note in notes {
+                eprintln!("{note}");
+            }
+            choice
+        }
+        (false, Some(cores)) => {
+            let (choice, notes) =
+                crate::tune::mma_choice(args.target, cores.attention.all, &optimized.graph);
+            for note in notes {
+                eprintln!("{note}");
+            }
+            cores.attention = choice;
+            args.mma.into()
+        }
+        (false, None) => args.mma.into(),
+    };
     let start = Instant::now();
     let text = match (args.emit, gpu) {
         (Emit::Mlir | Emit::Llvm | Emit::Ptx, Some(target)) if attention_only => {
@@ -366,7 +392,7 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
                 &optimized.graph,
                 target,
                 half,
-                args.mma,
+                mma,
                 match args.emit {
                     Emit::Mlir => None,
                     Emit::Llvm => Some(zebra_codegen::ptx::GpuOutput::OptimizedIr),
@@ -413,7 +439,7 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
                     dir,
                     target,
                     half,
-                    args.mma,
+                    mma,
                 )?;
                 timings.push(("codegen".into(), start.elapsed()));
                 print_timings(args.file, args.timings, &timings);
@@ -447,7 +473,7 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
                             args.max_seq_len,
                             mode,
                             gpu,
-                            tensor_cores,
+                            tensor_cores.clone(),
                         )?;
                         total.kernels += report.kernels;
                         total.compiled += report.compiled;
@@ -855,8 +881,12 @@ pub fn emulate(args: &EmulateArgs) -> Result<()> {
     };
     let optimized = zebra_passes::optimize(&graph, &options)?;
     warn_unfused(args.file, &source, &optimized.graph);
+    let (choice, notes) = crate::tune::mma_choice(args.target, args.mma, &optimized.graph);
+    for note in notes {
+        eprintln!("{note}");
+    }
     let kernels =
-        zebra_codegen::artifact::named_mma_attentions(&optimized.graph, gpu, half, args.mma)?;
+        zebra_codegen::artifact::named_mma_attentions(&optimized.graph, gpu, half, choice)?;
     let mut failed = Vec::new();
     for (symbol, kernel, tiles) in &kernels {
         let start = Instant::now();

@@ -131,7 +131,20 @@ impl Device {
                 dir,
                 options,
                 *target,
-                half.map(Into::into),
+                half.map(|half| zebra_codegen::kernels::attention_mma::TensorCores {
+                    half,
+                    // The tuning database's settings for this GPU's attentions.
+                    attention: crate::tune::mma_choice(
+                        if target.sm >= 90 {
+                            zebra_passes::Target::Sm90
+                        } else {
+                            zebra_passes::Target::Sm80
+                        },
+                        Default::default(),
+                        graph,
+                    )
+                    .0,
+                }),
             )?,
         };
         Ok(())

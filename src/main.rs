@@ -133,40 +133,12 @@ enum Command {
         #[arg(long, value_parser = ["sync", "wgmma", "wgmma-vt"])]
         mma: Option<String>,
     },
-    /// Time each distinct attention of a model with candidate tile sizes on this machine
-    /// (random inputs, checked against the default tiles) and record the fastest in the
-    /// tuning database, which compiling for the CPU here then reads.
-    Tune {
-        file: PathBuf,
-        /// Which model of the source file, when it defines several.
-        #[arg(long)]
-        model: Option<String>,
-        /// The sequence length to time at.
-        #[arg(long, default_value_t = 4096, value_parser = zebra_runtime::parse_positive)]
-        seq_len: usize,
-        /// Threads (default: one per core).
-        #[arg(long, default_value_t = 0, value_parser = zebra_runtime::parse_threads)]
-        threads: usize,
-        /// Timed runs per candidate (the median counts).
-        #[arg(long, default_value_t = 5, value_parser = zebra_runtime::parse_positive)]
-        repeats: usize,
-        /// Queries per tile to try (multiples of 8 up to 1024).
-        #[arg(long, default_value = "32,64,128", value_parser = tune::parse_sizes)]
-        block_q: tune::Sizes,
-        /// Keys per tile to try (multiples of 8 up to 1024).
-        #[arg(long, default_value = "32,64,128", value_parser = tune::parse_sizes)]
-        block_k: tune::Sizes,
-        /// Time the backward pass too, as a training step runs it (the tiles serve both).
-        #[arg(long)]
-        backward: bool,
-        /// The tuning database to update (default: $ZEBRA_TUNING_DB, else tuning.json in
-        /// the kernel cache's directory).
-        #[arg(long, value_name = "FILE")]
-        db: Option<PathBuf>,
-        /// One JSON object per candidate.
-        #[arg(long)]
-        json: bool,
-    },
+    /// Time each distinct attention of a model with candidate tile sizes (random inputs,
+    /// checked against the default tiles) and record the fastest in the tuning database,
+    /// which compiling for the same target and machine then reads. The CPU is timed here; a
+    /// GPU's candidates (--target sm_80|sm_90 -o DIR) are timed by `zebra-run tune DIR` on
+    /// the GPU's machine and recorded with `zebra tune --record DIR`.
+    Tune(TuneCli),
     /// Write deterministic random weights for a model (safetensors, Hugging Face names).
     Init {
         /// The model (.zb).
@@ -407,6 +379,164 @@ fn parse_blocks(text: &str) -> Result<(u64, u64), String> {
     }
 }
 
+#[derive(clap::Args)]
+struct TuneCli {
+    /// The model (.zb or .zir).
+    #[arg(required_unless_present = "record")]
+    file: Option<PathBuf>,
+    /// Which model of the source file, when it defines several.
+    #[arg(long)]
+    model: Option<String>,
+    /// What to tune for: cpu (timed here), or sm_80 or sm_90 (the tensor-core attention
+    /// kernels, compiled here into -o DIR and timed on the GPU by `zebra-run tune DIR`;
+    /// here at once when this machine has the GPU).
+    #[arg(long, default_value = "cpu")]
+    target: zebra_passes::Target,
+    /// The sequence length to time at.
+    #[arg(long, default_value_t = 4096, value_parser = zebra_runtime::parse_positive)]
+    seq_len: usize,
+    /// Threads (default: one per core).
+    #[arg(long, default_value_t = 0, value_parser = zebra_runtime::parse_threads)]
+    threads: usize,
+    /// Timed runs per candidate (the median counts; default 5 on the CPU, 20 on a GPU).
+    #[arg(long, value_parser = zebra_runtime::parse_positive)]
+    repeats: Option<usize>,
+    /// Queries per tile to try (the CPU: multiples of 8 up to 1024, default 32,64,128;
+    /// a GPU: 64 or 128, default both).
+    #[arg(long, value_parser = tune::parse_sizes)]
+    block_q: Option<tune::Sizes>,
+    /// Keys per tile to try (the CPU: multiples of 8 up to 1024; a GPU: multiples of 16 up
+    /// to 128; default 32,64,128).
+    #[arg(long, value_parser = tune::parse_sizes)]
+    block_k: Option<tune::Sizes>,
+    /// A GPU's product instructions to try: sync, wgmma, wgmma-vt (default: sync, and
+    /// wgmma on sm_90).
+    #[arg(long, value_delimiter = ',', value_parser = ["sync", "wgmma", "wgmma-vt"])]
+    mma: Vec<String>,
+    /// A GPU's 16-bit input type: bf16 (the default) or f16.
+    #[arg(long, value_enum)]
+    dtype: Option<Dtype>,
+    /// Where a GPU tuning run's candidates go (a new or empty directory).
+    #[arg(short, long, value_name = "DIR")]
+    output: Option<PathBuf>,
+    /// Record a GPU tuning run whose results.json came back from `zebra-run tune DIR`.
+    #[arg(long, value_name = "DIR", conflicts_with = "file")]
+    record: Option<PathBuf>,
+    /// Time the backward pass too, as a training step runs it (the tiles serve both; the
+    /// CPU only).
+    #[arg(long)]
+    backward: bool,
+    /// The tuning database to update (default: $ZEBRA_TUNING_DB, else tuning.json in
+    /// the kernel cache's directory).
+    #[arg(long, value_name = "FILE")]
+    db: Option<PathBuf>,
+    /// One JSON object per candidate (the CPU only).
+    #[arg(long)]
+    json: bool,
+}
+
+/// `zebra tune`: the CPU's tuning, a GPU's tuning run, or recording one's results.
+fn tune_command(cli: TuneCli) -> anyhow::Result<()> {
+    let TuneCli {
+        file,
+        model,
+        target,
+        seq_len,
+        threads,
+        repeats,
+        block_q,
+        block_k,
+        mma,
+        dtype,
+        output,
+        record,
+        backward,
+        db,
+        json,
+    } = cli;
+    if let Some(dir) = record {
+        return tune::gpu::record(&dir, db.as_deref());
+    }
+    let file = file.ok_or_else(|| anyhow::anyhow!("name the model to tune"))?;
+    let sizes = |sizes: Option<tune::Sizes>, default: &[u64]| {
+        sizes.map_or_else(|| default.to_vec(), |s| s.0)
+    };
+    if target == zebra_passes::Target::Cpu {
+        let gpu_only = [
+            (!mma.is_empty(), "--mma"),
+            (dtype.is_some(), "--dtype"),
+            (output.is_some(), "--output"),
+        ];
+        if let Some((_, flag)) = gpu_only.iter().find(|(set, _)| *set) {
+            anyhow::bail!(
+                "{flag} is a setting of a GPU's tuning run: use it with --target sm_80 \
+                 or sm_90"
+            );
+        }
+        return tune::tune(&tune::TuneArgs {
+            file: &file,
+            model: model.as_deref(),
+            seq_len,
+            threads,
+            repeats: repeats.unwrap_or(5),
+            block_q: sizes(block_q, &[32, 64, 128]),
+            block_k: sizes(block_k, &[32, 64, 128]),
+            backward,
+            db,
+            json,
+        });
+    }
+    if backward || json {
+        anyhow::bail!(
+            "--backward and --json are settings of the CPU's tuning: a GPU's tunes the \
+             forward attention kernels"
+        );
+    }
+    use zebra_codegen::kernels::attention_mma::{Half, Product};
+    let half = match dtype {
+        None | Some(Dtype::Bf16) => Half::Bf16,
+        Some(Dtype::F16) => Half::F16,
+        Some(Dtype::F32) => anyhow::bail!("tensor-core kernels take bf16 or f16 inputs, not f32"),
+    };
+    let products: Vec<Product> = if mma.is_empty() {
+        match target {
+            zebra_passes::Target::Sm90 => vec![Product::Sync, Product::Wgmma],
+            _ => vec![Product::Sync],
+        }
+    } else {
+        mma.iter().filter_map(|m| Product::from_name(m)).collect()
+    };
+    let block_q = sizes(block_q, &[64, 128]);
+    if let Some(q) = block_q.iter().find(|q| ![64, 128].contains(*q)) {
+        anyhow::bail!("--block-q {q}: a GPU's attention kernels take 64 or 128 queries per tile");
+    }
+    let block_k = sizes(block_k, &[32, 64, 128]);
+    if let Some(k) = block_k.iter().find(|k| !k.is_multiple_of(16) || **k > 128) {
+        anyhow::bail!(
+            "--block-k {k}: a GPU's attention kernels take 16, 32, 64 or 128 keys per tile"
+        );
+    }
+    let output = output.ok_or_else(|| {
+        anyhow::anyhow!(
+            "a GPU's tuning run compiles its candidates into a directory: name a new \
+             one with -o DIR"
+        )
+    })?;
+    tune::gpu::tune(&tune::gpu::GpuTuneArgs {
+        file: &file,
+        model: model.as_deref(),
+        target,
+        half,
+        products,
+        block_q: block_q.iter().map(|&q| q as usize).collect(),
+        block_k: block_k.iter().map(|&k| k as usize).collect(),
+        out: &output,
+        seq_len,
+        repeats: repeats.unwrap_or(20),
+        db,
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -566,29 +696,7 @@ fn main() -> ExitCode {
             device: &device,
         }),
         Command::Train(args) => train::train(&args),
-        Command::Tune {
-            file,
-            model,
-            seq_len,
-            threads,
-            repeats,
-            block_q,
-            block_k,
-            backward,
-            db,
-            json,
-        } => tune::tune(&tune::TuneArgs {
-            file: &file,
-            model: model.as_deref(),
-            seq_len,
-            threads,
-            repeats,
-            block_q: block_q.0,
-            block_k: block_k.0,
-            backward,
-            db,
-            json,
-        }),
+        Command::Tune(cli) => tune_command(cli),
         Command::Bench {
             names,
             seq_len,

@@ -24,6 +24,8 @@ use zebra_ir::{Graph, Node, Weights};
 use zebra_passes::{AttentionKey, Blocks, Target, TileTable};
 use zebra_runtime::{CpuModel, Tensor};
 
+pub mod gpu;
+
 /// The environment variable naming the tuning database; empty: no database.
 pub const DB_ENV: &str = "ZEBRA_TUNING_DB";
 
@@ -47,12 +49,16 @@ pub struct Entry {
     pub head_dim: u64,
     pub block_q: u64,
     pub block_k: u64,
-    /// The sequence length, threads and median time of the measurement.
+    /// On a GPU, the tensor-core kernel's product instruction (`sync`, `wgmma`, `wgmma-vt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mma: Option<String>,
+    /// The sequence length, threads (0 on a GPU) and median time of the measurement.
     pub seq_len: usize,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub threads: usize,
     pub time_ms: f64,
-    /// The target's default tiles' median time in the same run.
-    pub default_time_ms: f64,
+    /// The target's default tiles' median time in the same run (none: they failed there).
+    pub default_time_ms: Option<f64>,
     /// Whether the times are of the forward and backward passes (for training), not the
     /// forward pass alone.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -78,9 +84,22 @@ impl Entry {
         }
     }
 
+    /// What was measured, in words: `at T = 4096: 1.234 ms, 1.25x the default tiles' time`.
+    fn measured(&self) -> String {
+        let against = match self.default_time_ms {
+            Some(default) => format!("{:.2}x the default tiles' speed", default / self.time_ms),
+            None => "the default tiles failed their check".into(),
+        };
+        format!("at T = {}: {:.3} ms, {against}", self.seq_len, self.time_ms)
+    }
+
     fn same_place(&self, other: &Entry) -> bool {
         self.target == other.target && self.machine == other.machine && self.key() == other.key()
     }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 #[derive(Serialize, Deserialize)]
@@ -270,17 +289,126 @@ pub fn notes(graph: &Graph, target: Target) -> Vec<String> {
             let entry = db.entry(target, &kernel)?;
             ((entry.block_q, entry.block_k) == (kernel.block_q, kernel.block_k)).then(|| {
                 format!(
-                    "note: @{name}: tiles {} from the tuning database {} (at T = {}: {:.3} ms, \
-                     {:.2}x the default tiles' time)",
+                    "note: @{name}: tiles {} from the tuning database {} ({})",
                     entry.blocks(),
                     db.path.display(),
-                    entry.seq_len,
-                    entry.time_ms,
-                    entry.default_time_ms / entry.time_ms
+                    entry.measured()
                 )
             })
         })
         .collect()
+}
+
+/// The environment variable naming the GPU whose tuned settings compiling for a GPU target
+/// uses, as its driver names it (`NVIDIA H100 80GB HBM3`); needed only when the database has
+/// entries of several GPUs and this machine has none of them.
+pub const GPU_ENV: &str = "ZEBRA_TUNING_GPU";
+
+/// The GPU whose entries compiling for `target` uses: `$ZEBRA_TUNING_GPU`, else this
+/// machine's GPU 0 when it has one, else the one GPU the database has entries of for
+/// `target`. Several and none chosen: a warning (once), and none.
+fn tuned_gpu(db: &Database, target: Target) -> Option<String> {
+    static WARNED: OnceLock<()> = OnceLock::new();
+    if let Some(name) = std::env::var_os(GPU_ENV).filter(|n| !n.is_empty()) {
+        return Some(name.to_string_lossy().into_owned());
+    }
+    if zebra_runtime::cuda::driver_present()
+        && let Ok(name) = zebra_runtime::cuda::device_name()
+    {
+        return Some(name);
+    }
+    let mut gpus: Vec<&str> = db
+        .entries
+        .iter()
+        .filter(|e| e.target == target.name())
+        .map(|e| e.machine.as_str())
+        .collect();
+    gpus.sort_unstable();
+    gpus.dedup();
+    match gpus.as_slice() {
+        [] => None,
+        [gpu] => Some(gpu.to_string()),
+        several => {
+            WARNED.get_or_init(|| {
+                eprintln!(
+                    "warning: the tuning database {} has settings for {target} on several GPUs \
+                     ({}): set {GPU_ENV} to the one to compile for; compiling with the default \
+                     settings",
+                    db.path.display(),
+                    several.join(", ")
+                );
+            });
+            None
+        }
+    }
+}
+
+/// The settings of the tensor-core attention kernels of `graph` for a GPU target: `all` (the
+/// command line's) where it set any, else the tuning database's for the GPU [`tuned_gpu`]
+/// picks; with a note per attention that gets tuned settings. An entry the kernels would not
+/// take (a database edited by hand, or from another version) is warned about and skipped.
+pub fn mma_choice(
+    target: Target,
+    all: zebra_codegen::kernels::attention_mma::MmaSettings,
+    graph: &Graph,
+) -> (
+    zebra_codegen::kernels::attention_mma::MmaChoice,
+    Vec<String>,
+) {
+    use zebra_codegen::kernels::attention_mma::{MmaChoice, MmaSettings, MmaTiles, Product};
+    let mut choice = MmaChoice::from(all);
+    let mut notes = Vec::new();
+    let (Some(db), Some(gpu)) = (
+        default_database(),
+        zebra_codegen::ptx::GpuTarget::from_name(target.name()),
+    ) else {
+        return (choice, notes);
+    };
+    if all != MmaSettings::default() {
+        return (choice, notes);
+    }
+    let Some(machine) = tuned_gpu(db, target) else {
+        return (choice, notes);
+    };
+    for (name, kernel) in zebra_ir::print::kernel_table(graph) {
+        let key = AttentionKey::of(&kernel);
+        let Some(entry) = db
+            .entries
+            .iter()
+            .find(|e| e.target == target.name() && e.machine == machine && e.key() == key)
+        else {
+            continue;
+        };
+        let settings = MmaSettings {
+            product: entry.mma.as_deref().and_then(Product::from_name),
+            block_q: Some(entry.block_q as usize),
+            block_k: Some(entry.block_k as usize),
+            stages: None,
+        };
+        let taken = settings.product.is_some()
+            && (!settings.product.is_some_and(Product::is_wgmma) || gpu.sm >= 90)
+            && MmaTiles::for_head_dim(kernel.head_dim as usize, gpu.sm)
+                .is_some_and(|tiles| tiles.checked_with(&settings).is_ok());
+        if !taken {
+            eprintln!(
+                "warning: the tuning database {} has settings for @{name} that its kernel does \
+                 not take ({} {}); compiling it with the defaults",
+                db.path.display(),
+                entry.mma.as_deref().unwrap_or("no product"),
+                entry.blocks()
+            );
+            continue;
+        }
+        notes.push(format!(
+            "note: @{name}: {} {} from the tuning database {} ({machine}, {})",
+            entry.mma.as_deref().unwrap_or_default(),
+            entry.blocks(),
+            db.path.display(),
+            entry.measured()
+        ));
+        choice.tuned.insert(key, settings);
+    }
+    (choice, notes)
 }
 
 /// What `zebra tune` was asked.
@@ -336,13 +464,18 @@ fn footprint(kernel: &AttentionKernel, args: &TuneArgs) -> usize {
     4 * 4 * floats + 8 * t * kernel.sides.len()
 }
 
-pub fn tune(args: &TuneArgs) -> Result<()> {
-    let path = match &args.db {
-        Some(path) => path.clone(),
+/// The database `zebra tune` writes: `db`, else [`Database::location`].
+fn database_path(db: Option<&Path>) -> Result<PathBuf> {
+    match db {
+        Some(path) => Ok(path.to_path_buf()),
         None => Database::location().ok_or_else(|| {
             anyhow!("{DB_ENV} is set but empty (no tuning database): name one with --db FILE")
-        })?,
-    };
+        }),
+    }
+}
+
+pub fn tune(args: &TuneArgs) -> Result<()> {
+    let path = database_path(args.db.as_deref())?;
     // Read it first: a database this cannot read is not overwritten.
     let mut db = Database::open(&path)?;
     let (_, graph) = crate::commands::load_graph(args.file, args.model, &mut Vec::new())?;
@@ -506,7 +639,8 @@ fn tune_attention(
         seq_len: args.seq_len,
         threads,
         time_ms: best.time * 1e3,
-        default_time_ms: default_time * 1e3,
+        default_time_ms: Some(default_time * 1e3),
+        mma: None,
         backward: args.backward,
     })
 }

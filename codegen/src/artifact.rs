@@ -201,13 +201,13 @@ fn gpu_ir(
     target: crate::ptx::GpuTarget,
     cores: Option<TensorCores>,
 ) -> Result<(Planned, String), CodegenError> {
-    if let Some(cores) = cores {
-        require_wgmma_target(cores.attention, target)?;
+    if let Some(cores) = &cores {
+        require_wgmma_choice(&cores.attention, target)?;
     }
     let retiled;
-    let graph = match cores {
-        Some(_) => {
-            retiled = crate::kernels::tensor_core::retile(graph, target.sm);
+    let graph = match &cores {
+        Some(cores) => {
+            retiled = crate::kernels::tensor_core::retile(graph, target.sm, &cores.attention);
             &retiled
         }
         None => graph,
@@ -237,6 +237,17 @@ fn require_wgmma_target(
     Ok(())
 }
 
+/// [`require_wgmma_target`] for every attention's product in `choice`.
+fn require_wgmma_choice(
+    choice: &crate::kernels::attention_mma::MmaChoice,
+    target: crate::ptx::GpuTarget,
+) -> Result<(), CodegenError> {
+    if choice.uses_wgmma() {
+        require_wgmma_target(crate::kernels::attention_mma::Product::Wgmma, target)?;
+    }
+    Ok(())
+}
+
 /// The kernels for a GPU as MLIR, optimized LLVM IR or PTX, for `zebra compile --emit`.
 pub fn emit_gpu(
     graph: &Graph,
@@ -247,10 +258,12 @@ pub fn emit_gpu(
     cores: Option<TensorCores>,
 ) -> Result<String, CodegenError> {
     if mlir_only {
-        if let Some(cores) = cores {
-            require_wgmma_target(cores.attention, target)?;
+        if let Some(cores) = &cores {
+            require_wgmma_choice(&cores.attention, target)?;
         }
-        let retiled = cores.map(|_| crate::kernels::tensor_core::retile(graph, target.sm));
+        let retiled = cores
+            .as_ref()
+            .map(|cores| crate::kernels::tensor_core::retile(graph, target.sm, &cores.attention));
         let mut planned = plan(
             retiled.as_ref().unwrap_or(graph),
             &target.describe(),
@@ -303,7 +316,7 @@ pub fn emit_gpu_attention(
     graph: &Graph,
     target: crate::ptx::GpuTarget,
     half: crate::kernels::attention_mma::Half,
-    settings: crate::kernels::attention_mma::MmaSettings,
+    settings: impl Into<crate::kernels::attention_mma::MmaChoice>,
     what: Option<crate::ptx::GpuOutput>,
 ) -> Result<String, CodegenError> {
     let kernels = named_mma_attentions(graph, target, half, settings)?;
@@ -330,13 +343,13 @@ pub fn emit_gpu_attention(
 }
 
 /// The tensor-core attentions of a graph with their symbols; `settings` override the
-/// target's choices.
+/// target's choices (for all attentions, or those tuned for some).
 #[allow(clippy::type_complexity)]
 pub fn named_mma_attentions(
     graph: &Graph,
     target: crate::ptx::GpuTarget,
     half: crate::kernels::attention_mma::Half,
-    settings: crate::kernels::attention_mma::MmaSettings,
+    settings: impl Into<crate::kernels::attention_mma::MmaChoice>,
 ) -> Result<
     Vec<(
         String,
@@ -345,9 +358,7 @@ pub fn named_mma_attentions(
     )>,
     CodegenError,
 > {
-    if let Some(product) = settings.product {
-        require_wgmma_target(product, target)?;
-    }
+    let choice = settings.into();
     let kernels = crate::ptx::mma_attentions(graph, target)?;
     if kernels.is_empty() {
         return Err(CodegenError::Io(
@@ -357,6 +368,10 @@ pub fn named_mma_attentions(
     kernels
         .into_iter()
         .map(|(mut kernel, tiles)| {
+            let (settings, _) = choice.settings(&kernel);
+            if let Some(product) = settings.product {
+                require_wgmma_target(product, target)?;
+            }
             let tiles = tiles.checked_with(&settings).map_err(|reason| {
                 CodegenError::Io(format!("attention `{}`: {reason}", kernel.name))
             })?;
@@ -400,7 +415,7 @@ pub fn build_gpu_attention(
     out_dir: &Path,
     target: crate::ptx::GpuTarget,
     half: crate::kernels::attention_mma::Half,
-    settings: crate::kernels::attention_mma::MmaSettings,
+    settings: impl Into<crate::kernels::attention_mma::MmaChoice>,
 ) -> Result<usize, CodegenError> {
     let kernels = named_mma_attentions(graph, target, half, settings)?;
     let ir = crate::ptx::mma_llvm_ir(&kernels, half, &Mlir::new())?;

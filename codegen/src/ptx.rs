@@ -282,7 +282,7 @@ pub fn gpu_mlir(
     let mut text = crate::artifact::kernels_mlir(planned, GPU_VECTOR);
     let mut tensor_core = Vec::new();
     if let Some(TensorCores { half, attention }) = cores {
-        for (i, kernel) in tensor_core::select(planned, sm, attention) {
+        for (i, kernel) in tensor_core::select(planned, sm, &attention) {
             let info = &mut planned.plan.kernels[i];
             let name = format!("{}_tc", info.symbol);
             let function = kernel.function(&name, half, Lowering::Ptx);

@@ -27,12 +27,17 @@ fn json_lines(text: &str) -> Vec<serde_json::Value> {
 
 /// `zebra` with an environment variable set.
 fn zebra_with(env: (&str, &Path), args: &[&str]) -> Output {
+    zebra_with_all(&[(env.0, env.1.as_os_str())], args)
+}
+
+/// `zebra` with environment variables set.
+fn zebra_with_all(envs: &[(&str, &std::ffi::OsStr)], args: &[&str]) -> Output {
     let output = Command::new(env!("CARGO_BIN_EXE_zebra"))
         .args(args)
         .current_dir(root())
         .env("NO_COLOR", "1")
         .env("ZEBRA_CACHE_DIR", crate::common::cache_dir())
-        .env(env.0, env.1)
+        .envs(envs.iter().copied())
         .output()
         .expect("zebra runs");
     Output {
@@ -1746,7 +1751,7 @@ fn compiling_uses_the_tuned_tiles_of_this_machine() {
     assert!(
         out.stderr
             .starts_with("note: @local: tiles 16x128 from the tuning database")
-            && out.stderr.contains("1.50x the default tiles' time"),
+            && out.stderr.contains("1.50x the default tiles' speed"),
         "{}",
         out.stderr
     );
@@ -1792,7 +1797,8 @@ fn compiling_uses_the_tuned_tiles_of_this_machine() {
     .unwrap();
     assert_eq!(bench(&bench_db), (16, 64, "tuning database".into()));
     assert_eq!(bench(Path::new("")), (32, 32, "default".into()));
-    // Compiling for a GPU reads none of it.
+    // Compiling for a GPU reads none of the CPU's entries (and this sm_90 one, without a
+    // product instruction, only for tensor-core kernels: see the next test).
     let out = zebra_with(
         ("ZEBRA_TUNING_DB", &db),
         &[
@@ -1940,4 +1946,349 @@ fn compiling_uses_the_tuned_tiles_of_this_machine() {
         "{}",
         out.stderr
     );
+}
+
+/// A GPU's tuning run: `zebra tune --target sm_90 -o DIR` compiles every candidate of each
+/// attention here as an attention artifact of its own; `zebra-run tune DIR` (on the GPU; here
+/// it says there is none) times them into `DIR/results.json`; `zebra tune --record DIR`
+/// records the fastest that passed its check where it beats the defaults; and compiling for
+/// sm_90 (the attentions alone, or a model's bf16 plan) then takes each attention's recorded
+/// settings, unless the command line sets them, for the GPU this machine has, `$ZEBRA_TUNING_GPU`
+/// or the only GPU the database knows.
+#[test]
+fn gpu_tuning_runs_are_compiled_here_timed_there_and_recorded() {
+    let dir = temp();
+    let run = dir.path().join("run");
+    let run_str = run.to_str().unwrap();
+    let db = dir.path().join("tuning.json");
+    let tune = [
+        "tune",
+        "examples/zebra_tiny.zb",
+        "--target",
+        "sm_90",
+        "--block-q",
+        "64",
+        "--block-k",
+        "32,64",
+        "--mma",
+        "sync,wgmma",
+        "-o",
+        run_str,
+    ];
+    let out = zebra(&tune);
+    assert!(out.ok, "{}", out.stderr);
+    let manifest = zebra_runtime::tuning::TuneManifest::load(&run).unwrap();
+    assert_eq!(
+        (manifest.target.as_str(), manifest.dtype.as_str()),
+        ("sm_90", "bf16")
+    );
+    let names: Vec<&str> = manifest
+        .attentions
+        .iter()
+        .map(|a| a.name.as_str())
+        .collect();
+    assert_eq!(names, ["global", "local"]);
+    for (i, _) in manifest.attentions.iter().enumerate() {
+        let candidates: Vec<(&str, usize, usize, bool)> = manifest
+            .candidates
+            .iter()
+            .filter(|c| c.attention == i)
+            .map(|c| (c.mma.as_str(), c.block_q, c.block_k, c.default))
+            .collect();
+        assert_eq!(
+            candidates,
+            [
+                ("sync", 128, 64, true),
+                ("sync", 64, 32, false),
+                ("sync", 64, 64, false),
+                ("wgmma", 64, 32, false),
+                ("wgmma", 64, 64, false),
+            ]
+        );
+    }
+    // Each candidate is an attention artifact that `zebra-run attention` runs.
+    for candidate in &manifest.candidates {
+        let (artifact, ptx) =
+            zebra_runtime::artifact::AttentionArtifact::load(&run.join(&candidate.dir)).unwrap();
+        let kernel = &artifact.kernels[0];
+        assert_eq!(artifact.kernels.len(), 1);
+        assert_eq!(
+            (kernel.name.as_str(), kernel.block_q, kernel.block_k),
+            (
+                names[candidate.attention],
+                candidate.block_q,
+                candidate.block_k
+            )
+        );
+        let wgmma = candidate.mma == "wgmma";
+        assert_eq!(artifact.target == "sm_90a", wgmma, "{}", candidate.dir);
+        assert_eq!(ptx.contains("wgmma.mma_async"), wgmma, "{}", candidate.dir);
+    }
+    let driver = zebra_runtime::cuda::driver_present();
+    if !driver {
+        assert!(
+            out.stdout.contains("no GPU here") && out.stdout.contains("zebra-run tune"),
+            "{}",
+            out.stdout
+        );
+        let error = zebra_run(&["tune", run_str]).unwrap_err();
+        assert!(error.contains("no NVIDIA driver"), "{error}");
+    }
+    // A run never writes over files.
+    let again = zebra(&tune);
+    assert!(
+        !again.ok && again.stderr.contains("is not empty"),
+        "{}",
+        again.stderr
+    );
+    // Recording before the GPU ran it says what to do.
+    let db_str = db.to_str().unwrap();
+    let out = zebra(&["tune", "--record", run_str, "--db", db_str]);
+    if !driver {
+        assert!(
+            !out.ok
+                && out
+                    .stderr
+                    .contains("run `zebra-run tune DIR` on the GPU first"),
+            "{}",
+            out.stderr
+        );
+    }
+
+    // What a GPU measured (as `zebra-run tune` writes it): the local attention's fastest
+    // candidate failed its check, the next is twice as fast as the defaults; no global
+    // candidate is 3% faster than the defaults.
+    let h100 = "NVIDIA H100 80GB HBM3";
+    let time = |dir: &str| match dir {
+        "a1-sync-64x32" => 0.3,
+        "a1-wgmma-64x32" => 0.5,
+        "a0-sync-64x64" => 0.99,
+        _ => 1.0,
+    };
+    let results = zebra_runtime::tuning::TuneResults {
+        format: zebra_runtime::tuning::TUNE_FORMAT,
+        device: h100.into(),
+        seq_len: 4096,
+        batch: 1,
+        runs: manifest
+            .candidates
+            .iter()
+            .map(|c| zebra_runtime::tuning::TuneRun {
+                dir: c.dir.clone(),
+                time_ms: Some(time(&c.dir)),
+                worst_error: Some(if c.dir == "a1-sync-64x32" { 3.0 } else { 0.2 }),
+                ok: c.dir != "a1-sync-64x32",
+                error: None,
+            })
+            .collect(),
+    };
+    results.save(&run).unwrap();
+    let out = zebra(&["tune", "--record", run_str, "--db", db_str]);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains("@global: the defaults (sync 128x64, 1.000 ms) stay")
+            && out
+                .stdout
+                .contains("@local: wgmma 64x32 (0.500 ms, 2.00x the defaults' speed) recorded")
+            && out
+                .stdout
+                .contains("recorded 1 attention for NVIDIA H100 80GB HBM3 (sm_90)"),
+        "{}",
+        out.stdout
+    );
+    let value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&db).unwrap()).unwrap();
+    let entries = value["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{value}");
+    let entry = &entries[0];
+    assert_eq!(
+        (
+            entry["target"].as_str(),
+            entry["machine"].as_str(),
+            entry["mask"].as_str(),
+            entry["mma"].as_str(),
+            entry["block_q"].as_u64(),
+            entry["block_k"].as_u64(),
+            entry["default_time_ms"].as_f64(),
+        ),
+        (
+            Some("sm_90"),
+            Some(h100),
+            Some("k <= q && q - k < 32"),
+            Some("wgmma"),
+            Some(64),
+            Some(32),
+            Some(1.0)
+        )
+    );
+
+    // Compiling the attentions for sm_90 takes the local attention's recorded settings.
+    let no_gpu = std::ffi::OsStr::new("");
+    let compile = |db: &Path, gpu: &std::ffi::OsStr, extra: &[&str], name: &str| {
+        let artifact = dir.path().join(name);
+        let mut args = vec![
+            "compile",
+            "examples/zebra_tiny.zb",
+            "--target",
+            "sm_90",
+            "--emit",
+            "artifact",
+            "-o",
+            artifact.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = zebra_with_all(
+            &[
+                ("ZEBRA_TUNING_DB", db.as_os_str()),
+                ("ZEBRA_TUNING_GPU", gpu),
+            ],
+            &args,
+        );
+        assert!(out.ok, "{}", out.stderr);
+        (artifact, out.stderr)
+    };
+    let tiles = |artifact: &Path| -> Vec<(String, usize, usize)> {
+        let (artifact, _) = zebra_runtime::artifact::AttentionArtifact::load(artifact).unwrap();
+        artifact
+            .kernels
+            .iter()
+            .map(|k| (k.name.clone(), k.block_q, k.block_k))
+            .collect()
+    };
+    let tuned = vec![
+        ("global".to_string(), 128, 64),
+        ("local".to_string(), 64, 32),
+    ];
+    let defaults = vec![
+        ("global".to_string(), 128, 64),
+        ("local".to_string(), 128, 64),
+    ];
+    let (artifact, stderr) = compile(&db, no_gpu, &["--for", "attention"], "attention");
+    if !driver {
+        assert_eq!(tiles(&artifact), tuned);
+        assert!(
+            stderr.starts_with("note: @local: wgmma 64x32 from the tuning database")
+                && stderr.contains("(NVIDIA H100 80GB HBM3, at T = 4096: 0.500 ms, 2.00x"),
+            "{stderr}"
+        );
+        // A model's bf16 plan too: its local attention's kernel is on wgmma (sm_90a).
+        let (plan, stderr) = compile(&db, no_gpu, &["--dtype", "bf16"], "plan");
+        assert!(stderr.contains("note: @local: wgmma 64x32"), "{stderr}");
+        let plan = std::fs::read_to_string(plan.join("plan.json")).unwrap();
+        assert!(plan.contains("sm_90a"));
+    }
+    // The command line's settings win.
+    let (artifact, stderr) = compile(
+        &db,
+        no_gpu,
+        &["--for", "attention", "--mma", "sync"],
+        "flags",
+    );
+    assert_eq!(tiles(&artifact), defaults);
+    assert!(stderr.is_empty(), "{stderr}");
+
+    // Entries of two GPUs: the one named, else (with no GPU here) none, with a warning.
+    let mut h200 = entry.clone();
+    h200["machine"] = "NVIDIA H200".into();
+    h200["block_k"] = 64.into();
+    let two = dir.path().join("two.json");
+    std::fs::write(
+        &two,
+        serde_json::json!({"version": 1, "entries": [entry, h200]}).to_string(),
+    )
+    .unwrap();
+    let (artifact, stderr) = compile(
+        &two,
+        std::ffi::OsStr::new(h100),
+        &["--for", "attention"],
+        "h100",
+    );
+    assert_eq!(tiles(&artifact), tuned, "{stderr}");
+    let (artifact, _) = compile(
+        &two,
+        std::ffi::OsStr::new("NVIDIA H200"),
+        &["--for", "attention"],
+        "h200",
+    );
+    assert_eq!(
+        tiles(&artifact),
+        vec![
+            ("global".to_string(), 128, 64),
+            ("local".to_string(), 64, 64)
+        ]
+    );
+    if !driver {
+        let (artifact, stderr) = compile(&two, no_gpu, &["--for", "attention"], "several");
+        assert_eq!(tiles(&artifact), defaults);
+        assert!(
+            stderr.contains("settings for sm_90 on several GPUs (NVIDIA H100 80GB HBM3, NVIDIA H200): set ZEBRA_TUNING_GPU"),
+            "{stderr}"
+        );
+    }
+    // Settings the kernel does not take (a database edited by hand): a warning, the defaults.
+    let mut odd = entry.clone();
+    odd["block_q"] = 96.into();
+    let bad = dir.path().join("bad.json");
+    std::fs::write(
+        &bad,
+        serde_json::json!({"version": 1, "entries": [odd]}).to_string(),
+    )
+    .unwrap();
+    let (artifact, stderr) = compile(
+        &bad,
+        std::ffi::OsStr::new(h100),
+        &["--for", "attention"],
+        "bad",
+    );
+    assert_eq!(tiles(&artifact), defaults);
+    assert!(
+        stderr.contains("has settings for @local that its kernel does not take (wgmma 96x32)"),
+        "{stderr}"
+    );
+
+    // Flags of the other kind of tuning are refused.
+    for (args, error) in [
+        (
+            &["tune", "examples/zebra_tiny.zb", "--mma", "wgmma"][..],
+            "--mma is a setting of a GPU's tuning run",
+        ),
+        (
+            &["tune", "examples/zebra_tiny.zb", "--target", "sm_90"][..],
+            "name a new one with -o DIR",
+        ),
+        (
+            &[
+                "tune",
+                "examples/zebra_tiny.zb",
+                "--target",
+                "sm_80",
+                "--mma",
+                "wgmma",
+                "-o",
+                "x",
+            ][..],
+            "--mma wgmma is sm_90's warpgroup instruction",
+        ),
+        (
+            &[
+                "tune",
+                "examples/zebra_tiny.zb",
+                "--target",
+                "sm_90",
+                "--block-q",
+                "32",
+                "-o",
+                "x",
+            ][..],
+            "take 64 or 128 queries per tile",
+        ),
+    ] {
+        let out = zebra(args);
+        assert!(
+            !out.ok && out.stderr.contains(error),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
 }

@@ -3,7 +3,7 @@
 //! barriers emulated, checked against the f64 reference on every machine, GPU or not.
 
 use zebra_codegen::emulate::EmulatedAttention;
-use zebra_codegen::kernels::attention_mma::{Half, MmaSettings, MmaTiles, Product};
+use zebra_codegen::kernels::attention_mma::{Half, MmaChoice, MmaSettings, MmaTiles, Product};
 use zebra_codegen::ptx::{GpuTarget, mma_attentions};
 use zebra_ir::op::AttentionKernel;
 use zebra_passes::{Options, optimize};
@@ -616,14 +616,14 @@ fn forward_on_tensor_cores_in_the_emulator(
 /// A graph's plan for `mode` (retiled for the tensor-core attention, 4-lane vectors so that
 /// the weights are packed as on the GPU) loaded twice for the CPU: as compiled, and with every
 /// kernel the bf16 GPU plan runs on tensor cores replaced by that kernel in the emulator,
-/// launched as the CUDA runtime launches it (the forward attentions' products on
-/// `product`). Also returns the kinds of kernels replaced.
+/// launched as the CUDA runtime launches it (the forward attentions' kernels with the settings
+/// `choice` gives them). Also returns the kinds of kernels replaced.
 fn models_on_tensor_cores(
     graph: &zebra_ir::Graph,
     mode: zebra_codegen::plan::PlanMode,
     dir: &std::path::Path,
     weights: &zebra_ir::Weights,
-    product: Product,
+    choice: &MmaChoice,
 ) -> (
     zebra_runtime::CpuModel,
     zebra_runtime::CpuModel,
@@ -636,7 +636,7 @@ fn models_on_tensor_cores(
     use zebra_codegen::kernels::warp::Lowering;
     use zebra_runtime::CpuModel;
 
-    let graph = retile(graph, 90);
+    let graph = retile(graph, 90, choice);
     let options = BuildOptions {
         mode,
         max_seq_len: 256,
@@ -649,7 +649,7 @@ fn models_on_tensor_cores(
     let mut emulated = CpuModel::load(dir, weights, 2).unwrap();
     assert_eq!(planned.plan.kernels, cpu.plan().kernels);
     let mut kinds = Vec::new();
-    for (i, kernel) in select(&planned, 90, product) {
+    for (i, kernel) in select(&planned, 90, choice) {
         let name = format!("kernel{i}");
         let function = kernel.function(&name, Half::Bf16, Lowering::Emulated);
         let compiled =
@@ -689,7 +689,7 @@ fn on_tensor_cores_in_the_emulator(
 ) -> Vec<&'static str> {
     let (_, checked) = check_ok(path);
     let spec = checked.program.models[0].clone();
-    model_on_tensor_cores_in_the_emulator(&spec, &relative(path), seq, train, Product::Sync)
+    model_on_tensor_cores_in_the_emulator(&spec, &relative(path), seq, train, &MmaChoice::default())
 }
 
 /// As [`on_tensor_cores_in_the_emulator`], for a model (`label` names it in failures).
@@ -698,7 +698,7 @@ fn model_on_tensor_cores_in_the_emulator(
     label: &str,
     seq: usize,
     train: bool,
-    product: Product,
+    choice: &MmaChoice,
 ) -> Vec<&'static str> {
     use zebra_codegen::plan::PlanMode;
 
@@ -711,7 +711,7 @@ fn model_on_tensor_cores_in_the_emulator(
     let out = tempfile::tempdir().unwrap();
     let weights = zebra_frontend::init::random_weights(&spec, 2);
     let (mut cpu, mut emulated, kinds) =
-        models_on_tensor_cores(&graph, PlanMode::Forward, out.path(), &weights, product);
+        models_on_tensor_cores(&graph, PlanMode::Forward, out.path(), &weights, choice);
     let mut inputs = crate::codegen::tensors(&crate::common::random_inputs(&spec, 2, seq, 5));
     if train {
         let zebra_runtime::Tensor::I64(tokens) = &inputs["tokens"] else {
@@ -765,7 +765,7 @@ fn zebra_tiny_with_wgmma_attentions_in_the_emulator() {
         "zebra_tiny (wgmma)",
         150,
         false,
-        Product::Wgmma,
+        &product(Product::Wgmma),
     );
     assert_eq!(
         kinds.iter().filter(|k| **k == "attention").count(),
@@ -777,15 +777,80 @@ fn zebra_tiny_with_wgmma_attentions_in_the_emulator() {
         "zebra_tiny (wgmma-vt)",
         100,
         false,
-        Product::WgmmaTransposedV,
+        &product(Product::WgmmaTransposedV),
     );
     assert_eq!(
         kinds.iter().filter(|k| **k == "attention").count(),
         2,
         "{kinds:?}"
     );
+    let kinds = model_on_tensor_cores_in_the_emulator(
+        spec,
+        "zebra_tiny (wgmma)",
+        70,
+        true,
+        &product(Product::Wgmma),
+    );
+    for kind in ["attention_lse", "attention_dq", "attention_dkv"] {
+        assert!(
+            kinds.contains(&kind),
+            "no {kind} on tensor cores: {kinds:?}"
+        );
+    }
+}
+
+/// Settings with every attention's products on `product`, as `--mma` gives them.
+fn product(product: Product) -> MmaChoice {
+    MmaSettings {
+        product: Some(product),
+        ..MmaSettings::default()
+    }
+    .into()
+}
+
+/// zebra_tiny's plans with the settings a tuning database recorded for each attention (here
+/// the global one on `wgmma` with 64-query tiles, the local one on `mma.sync` with 64 x 32
+/// tiles, neither the defaults): each attention's schedule is built for its own tiles, and
+/// the forward pass and the training step (whose backward keeps the head dim's tiles) give
+/// the f32 plans' results.
+#[test]
+fn zebra_tiny_with_tuned_attention_settings_in_the_emulator() {
+    let (_, checked) = check_ok(&root().join("examples/zebra_tiny.zb"));
+    let spec = &checked.program.models[0];
+    let graph = optimize(&lower(spec), &Options::default()).unwrap().graph;
+    let mut choice = MmaChoice::default();
+    let mut keys = Vec::new();
+    for (name, kernel) in zebra_ir::print::kernel_table(&graph) {
+        let (product, block_q, block_k) = match name.as_str() {
+            "global" => (Product::Wgmma, 64, 64),
+            _ => (Product::Sync, 64, 32),
+        };
+        let settings = MmaSettings {
+            product: Some(product),
+            block_q: Some(block_q),
+            block_k: Some(block_k),
+            stages: None,
+        };
+        choice
+            .tuned
+            .insert(zebra_passes::AttentionKey::of(&kernel), settings);
+        keys.push((name, (block_q as u64, block_k as u64)));
+    }
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    let retiled = zebra_codegen::kernels::tensor_core::retile(&graph, 90, &choice);
+    for (name, kernel) in zebra_ir::print::kernel_table(&retiled) {
+        let (_, blocks) = keys.iter().find(|(n, _)| *n == name).unwrap();
+        assert_eq!((kernel.block_q, kernel.block_k), *blocks, "@{name}");
+    }
     let kinds =
-        model_on_tensor_cores_in_the_emulator(spec, "zebra_tiny (wgmma)", 70, true, Product::Wgmma);
+        model_on_tensor_cores_in_the_emulator(spec, "zebra_tiny (tuned)", 150, false, &choice);
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "attention").count(),
+        2,
+        "{kinds:?}"
+    );
+    let kinds =
+        model_on_tensor_cores_in_the_emulator(spec, "zebra_tiny (tuned)", 70, true, &choice);
     for kind in ["attention_lse", "attention_dq", "attention_dkv"] {
         assert!(
             kinds.contains(&kind),
@@ -849,7 +914,7 @@ fn attention_backward_at_head_dim_256_on_tensor_cores_in_the_emulator() {
         "gemma2 (head dim 256)",
         90,
         true,
-        Product::Sync,
+        &MmaChoice::default(),
     );
     for kind in ["attention_lse", "attention_dq", "attention_dkv"] {
         assert!(kinds.contains(&kind), "no {kind}: {kinds:?}");
@@ -1030,7 +1095,7 @@ fn zebra_tiny_decoding_on_tensor_cores_in_the_emulator() {
         PlanMode::Prefill,
         &out.path().join("p"),
         &weights,
-        Product::Sync,
+        &MmaChoice::default(),
     );
     assert!(kinds.contains(&"attention"), "{kinds:?}");
     let (mut decode, mut decode_tc, kinds) = models_on_tensor_cores(
@@ -1038,7 +1103,7 @@ fn zebra_tiny_decoding_on_tensor_cores_in_the_emulator() {
         PlanMode::Decode,
         &out.path().join("d"),
         &weights,
-        Product::Sync,
+        &MmaChoice::default(),
     );
     assert!(kinds.contains(&"projection"), "{kinds:?}");
     let all = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[2, 110]), |i| {

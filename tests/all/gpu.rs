@@ -601,7 +601,11 @@ fn gpu_kernels_assemble_with_ptxas() {
         let mut dirs = Vec::new();
         let wgmma = Some(TensorCores {
             half: Half::Bf16,
-            attention: Product::Wgmma,
+            attention: MmaSettings {
+                product: Some(Product::Wgmma),
+                ..MmaSettings::default()
+            }
+            .into(),
         });
         let mut plans = vec![
             ("f32", &tiny, PlanMode::Forward, None),
@@ -628,7 +632,7 @@ fn gpu_kernels_assemble_with_ptxas() {
         .collect::<Vec<_>>();
         if sm == "sm_90" {
             // Model plans with their forward attentions on wgmma (sm_90a PTX).
-            plans.push(("bench-wgmma", &bench, PlanMode::Forward, wgmma));
+            plans.push(("bench-wgmma", &bench, PlanMode::Forward, wgmma.clone()));
             plans.push(("train-wgmma", &train, PlanMode::Forward, wgmma));
         }
         for (name, graph, mode, cores) in plans {
@@ -638,9 +642,9 @@ fn gpu_kernels_assemble_with_ptxas() {
                 max_seq_len: 4096,
                 cache: None,
             };
-            build_gpu(graph, &dir, &options, target, cores).unwrap();
+            build_gpu(graph, &dir, &options, target, cores.clone()).unwrap();
             let plan = std::fs::read_to_string(dir.join("plan.json")).unwrap();
-            let arch = if cores.is_some_and(|c| c.attention.is_wgmma()) {
+            let arch = if cores.as_ref().is_some_and(|c| c.attention.uses_wgmma()) {
                 // The plan says what the PTX is for, and its attentions are on wgmma.
                 assert!(plan.contains("sm_90a"), "{name}");
                 let ptx = std::fs::read_to_string(dir.join("kernels.ptx")).unwrap();

@@ -116,19 +116,20 @@ impl Product {
 }
 
 /// How a model plan's kernels run on tensor cores: the 16-bit type of their operands, and
-/// the instruction of the attentions' products (`wgmma` on sm_90 only).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// the settings of the forward attentions' kernels (their product instruction, `wgmma` on
+/// sm_90 only, and tiles; the backward's stay on `mma.sync` at the head dim's tiles).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorCores {
     pub half: Half,
-    pub attention: Product,
+    pub attention: MmaChoice,
 }
 
 impl From<Half> for TensorCores {
-    /// `half` operands, attentions on `mma.sync`.
+    /// `half` operands, attentions on `mma.sync` at the head dim's tiles.
     fn from(half: Half) -> TensorCores {
         TensorCores {
             half,
-            attention: Product::Sync,
+            attention: MmaChoice::default(),
         }
     }
 }
@@ -144,6 +145,46 @@ pub struct MmaSettings {
     pub block_q: Option<usize>,
     /// The instruction of the products.
     pub product: Option<Product>,
+}
+
+/// The settings of each attention's tensor-core kernel: the command line's for all of them
+/// where it set any, else those a tuning database recorded for what the attention computes,
+/// else the target's defaults.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MmaChoice {
+    pub all: MmaSettings,
+    pub tuned: std::collections::BTreeMap<zebra_passes::AttentionKey, MmaSettings>,
+}
+
+impl MmaChoice {
+    /// The settings for `kernel`, and whether they are the tuning database's.
+    pub fn settings(&self, kernel: &AttentionKernel) -> (MmaSettings, bool) {
+        if self.all != MmaSettings::default() {
+            return (self.all, false);
+        }
+        match self.tuned.get(&zebra_passes::AttentionKey::of(kernel)) {
+            Some(tuned) => (*tuned, true),
+            None => (self.all, false),
+        }
+    }
+}
+
+impl MmaChoice {
+    /// Whether any attention's kernel uses `wgmma` (sm_90's, in PTX for sm_90a).
+    pub fn uses_wgmma(&self) -> bool {
+        std::iter::once(&self.all)
+            .chain(self.tuned.values())
+            .any(|s| s.product.is_some_and(Product::is_wgmma))
+    }
+}
+
+impl From<MmaSettings> for MmaChoice {
+    fn from(all: MmaSettings) -> MmaChoice {
+        MmaChoice {
+            all,
+            tuned: Default::default(),
+        }
+    }
 }
 
 /// The tiles of a tensor-core attention kernel for one head dimension and target.

@@ -21,7 +21,7 @@ use zebra_runtime::plan::{Operand, Step, TensorCoreGrid};
 
 use super::KernelSpec;
 use super::attention_mma::{
-    AttentionIo, Half, MmaSettings, MmaTiles, Product, THREADS, attention_mma,
+    AttentionIo, Half, MmaChoice, MmaSettings, MmaTiles, THREADS, attention_mma,
 };
 use super::attention_mma_grad::{GradKernel, GradTiles, attention_mma_grad};
 use super::block::{block_function, load8, pack8};
@@ -160,15 +160,23 @@ impl TensorCoreKernel {
     }
 }
 
-/// The graph with each attention's tiles those of the tensor-core kernel for its head dim
-/// on `sm`, where there is one (the schedule is built for the kernel's tiles).
-pub fn retile(graph: &Graph, sm: u32) -> Graph {
+/// The graph with each attention's tiles those of its tensor-core kernel on `sm`, where
+/// there is one (the schedule is built for the kernel's tiles): the forward's as `choice`
+/// sets them for it (the head dim's by default), the backward's the head dim's.
+pub fn retile(graph: &Graph, sm: u32, choice: &MmaChoice) -> Graph {
     let mut graph = graph.clone();
     for id in graph.node_ids() {
         let node = graph.node_mut(id);
-        if let Op::Attention(kernel) | Op::AttentionLse(kernel) | Op::AttentionGrad { kernel, .. } =
-            &mut node.op
-            && let Some(tiles) = MmaTiles::for_head_dim(kernel.head_dim as usize, sm)
+        let (kernel, settings) = match &mut node.op {
+            Op::Attention(kernel) | Op::AttentionLse(kernel) => {
+                let (settings, _) = choice.settings(kernel);
+                (kernel, settings)
+            }
+            Op::AttentionGrad { kernel, .. } => (kernel, MmaSettings::default()),
+            _ => continue,
+        };
+        if let Some(tiles) = MmaTiles::for_head_dim(kernel.head_dim as usize, sm)
+            .and_then(|tiles| tiles.checked_with(&settings).ok())
         {
             kernel.block_q = tiles.block_q as u64;
             kernel.block_k = tiles.block_k as u64;
@@ -178,13 +186,9 @@ pub fn retile(graph: &Graph, sm: u32) -> Graph {
 }
 
 /// The kernels of a planned graph that run on tensor cores on `sm`, by kernel index; the
-/// forward attentions' products on `product` (`wgmma` on sm_90 only, which the caller
-/// checks; the backward's stay on `mma.sync`).
-pub fn select(planned: &Planned, sm: u32, product: Product) -> Vec<(usize, TensorCoreKernel)> {
-    let attention_settings = MmaSettings {
-        product: Some(product),
-        ..MmaSettings::default()
-    };
+/// forward attentions' with the settings `choice` gives them (`wgmma` on sm_90 only, which
+/// the caller checks; the backward's stay on `mma.sync`).
+pub fn select(planned: &Planned, sm: u32, choice: &MmaChoice) -> Vec<(usize, TensorCoreKernel)> {
     let steps: Vec<(usize, &Vec<Operand>)> = planned
         .plan
         .steps
@@ -205,7 +209,7 @@ pub fn select(planned: &Planned, sm: u32, product: Product) -> Vec<(usize, Tenso
             let kernel = match spec {
                 KernelSpec::Attention { kernel, lse } => {
                     let tiles = MmaTiles::for_head_dim(kernel.head_dim as usize, sm)?
-                        .with(&attention_settings);
+                        .with(&choice.settings(kernel).0);
                     let fits = tiles.block_q as u64 == kernel.block_q
                         && kernel.block_k.is_multiple_of(16)
                         && (16..=128).contains(&kernel.block_k);
