@@ -11,7 +11,7 @@
 # benchmark of a 492M-parameter model, f32 against bf16, and its training step in bf16.
 # Usage: scripts/gpu-check.sh DIR [TOLERANCE]   (relative to the largest logit; default 1e-4)
 # PARTS="attention model ..." runs only those parts (examples, golden, training, decode,
-# generate, model, attention), e.g. to spread the checks over several device calls.
+# generate, model, attention, tune), e.g. to spread the checks over several device calls.
 set -uo pipefail
 dir=${1:?usage: gpu-check.sh DIR [TOLERANCE]}
 tolerance=${2:-1e-4}
@@ -176,6 +176,14 @@ fi
 if part attention; then
     if [ -d "$dir/attention" ]; then
         bash "$dir/gpu-attention.sh" "$dir" || failed=1
+    fi
+fi
+# The tuning run of the benchmark shapes: every candidate timed and checked (DIR/tune/
+# results.json, for `zebra tune --record DIR/tune` on the compiler's machine).
+if part tune; then
+    if [ -d "$dir/tune" ]; then
+        timeout "${TUNE_TIMEOUT:-540}" "$run" tune "$dir/tune" --seq-len 16384 --repeats 20 \
+            --timeout 30 || failed=1
     fi
 fi
 exit $failed

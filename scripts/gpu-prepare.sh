@@ -11,6 +11,8 @@ sm=${2:-sm_90}
 cargo build --release --bin zebra
 cargo build --profile dist -p zebra-run
 zebra=target/release/zebra
+# The kernels as the compiler chooses them by default: no tuning database's settings.
+export ZEBRA_TUNING_DB=
 rm -rf "$out"
 mkdir -p "$out"
 cp target/dist/zebra-run "$out/"
@@ -144,6 +146,11 @@ if [ "$sm" = sm_90 ]; then
     $zebra compile bench/gpu_attention.zb --for attention --mma wgmma-vt --emit artifact --target "$sm" -o "$out/attention/bench_wgmma_vt" >/dev/null
 fi
 echo "prepared attention"
+# A tuning run of the benchmark shapes' attentions (every candidate setting of their kernels),
+# for `zebra-run tune DIR/tune` there (gpu-check.sh's part `tune`); its results.json, brought
+# back into DIR/tune here, is recorded with `zebra tune --record DIR/tune`.
+$zebra tune bench/gpu_attention.zb --target "$sm" -o "$out/tune" >/dev/null
+echo "prepared a tuning run"
 du -sh "$out"
 # A device run carries at most 64 MiB of the working tree.
 if [ "$(du -sb "$out" | cut -f1)" -gt $((64 * 1024 * 1024)) ]; then
