@@ -55,9 +55,20 @@ pub fn tune(args: &GpuTuneArgs) -> Result<()> {
             product.name()
         );
     }
-    // The database path is settled (and the file read) before the long part.
-    let db_path = super::database_path(args.db.as_deref())?;
-    Database::open(&db_path)?;
+    // With the GPU here, the run is recorded at once: the database's path is settled (and
+    // the file read) before the long part. Without, this only prepares.
+    let zebra_run = std::env::current_exe()
+        .ok()
+        .map(|exe| exe.with_file_name("zebra-run"))
+        .filter(|run| run.exists() && zebra_runtime::cuda::driver_present());
+    let db_path = match zebra_run {
+        Some(_) => {
+            let path = super::database_path(args.db.as_deref())?;
+            Database::open(&path)?;
+            Some(path)
+        }
+        None => None,
+    };
     prepare_directory(args.out)?;
     let (_, graph) = crate::commands::load_graph(args.file, args.model, &mut Vec::new())?;
     let optimized = zebra_passes::optimize(
@@ -157,12 +168,8 @@ pub fn tune(args: &GpuTuneArgs) -> Result<()> {
         manifest.candidates.len(),
         args.out.display()
     );
-    let zebra_run = std::env::current_exe()
-        .ok()
-        .map(|exe| exe.with_file_name("zebra-run"))
-        .filter(|run| run.exists());
-    match zebra_run {
-        Some(run) if zebra_runtime::cuda::driver_present() => {
+    match zebra_run.zip(db_path) {
+        Some((run, db_path)) => {
             let status = std::process::Command::new(&run)
                 .arg("tune")
                 .arg(args.out)
@@ -175,7 +182,7 @@ pub fn tune(args: &GpuTuneArgs) -> Result<()> {
             }
             record(args.out, Some(&db_path))
         }
-        _ => {
+        None => {
             println!(
                 "no GPU here: copy {dir} and zebra-run to the GPU's machine and run `zebra-run \
                  tune {dir}` there; bring {dir}/results.json back and run `zebra tune --record \
