@@ -474,26 +474,33 @@ fn database_path(db: Option<&Path>) -> Result<PathBuf> {
     }
 }
 
-pub fn tune(args: &TuneArgs) -> Result<()> {
-    let path = database_path(args.db.as_deref())?;
-    // Read it first: a database this cannot read is not overwritten.
-    let mut db = Database::open(&path)?;
-    let (_, graph) = crate::commands::load_graph(args.file, args.model, &mut Vec::new())?;
-    let target = Target::Cpu;
-    let optimized = zebra_passes::optimize(
-        &graph,
-        &zebra_passes::Options {
-            target,
-            ..Default::default()
-        },
-    )?
-    .graph;
-    let mut kernels: BTreeMap<AttentionKey, (String, AttentionKernel)> = BTreeMap::new();
+/// The distinct attentions of the model in `file` optimized for `target`, each with the
+/// name of the first layer kind that has it, by what they compute (with default tiles).
+fn distinct_attentions(
+    file: &Path,
+    model: Option<&str>,
+    target: Target,
+) -> Result<BTreeMap<AttentionKey, (String, AttentionKernel)>> {
+    let (_, graph) = crate::commands::load_graph(file, model, &mut Vec::new())?;
+    let options = zebra_passes::Options {
+        target,
+        ..Default::default()
+    };
+    let optimized = zebra_passes::optimize(&graph, &options)?.graph;
+    let mut kernels = BTreeMap::new();
     for (name, kernel) in zebra_ir::print::kernel_table(&optimized) {
         kernels
             .entry(AttentionKey::of(&kernel))
             .or_insert((name, kernel));
     }
+    Ok(kernels)
+}
+
+pub fn tune(args: &TuneArgs) -> Result<()> {
+    let path = database_path(args.db.as_deref())?;
+    // Read it first: a database this cannot read is not overwritten.
+    let mut db = Database::open(&path)?;
+    let kernels = distinct_attentions(args.file, args.model, Target::Cpu)?;
     if kernels.is_empty() {
         bail!(
             "{} has no fused attention to tune (`zebra compile --emit opt` shows why)",

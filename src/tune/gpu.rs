@@ -10,13 +10,11 @@
 //!    its check in the tuning database, for that GPU (by its driver's name), when it beats the
 //!    default settings by the margin. Compiling for the target then reads them.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use zebra_codegen::kernels::attention_mma::{Half, MmaSettings, MmaTiles, Product};
 use zebra_codegen::ptx::GpuTarget;
-use zebra_ir::op::AttentionKernel;
 use zebra_passes::{AttentionKey, Blocks, Target};
 use zebra_runtime::tuning::{
     TUNE_FORMAT, TuneCandidate, TuneManifest, TuneResults, TunedAttention,
@@ -70,21 +68,7 @@ pub fn tune(args: &GpuTuneArgs) -> Result<()> {
         None => None,
     };
     prepare_directory(args.out)?;
-    let (_, graph) = crate::commands::load_graph(args.file, args.model, &mut Vec::new())?;
-    let optimized = zebra_passes::optimize(
-        &graph,
-        &zebra_passes::Options {
-            target: args.target,
-            ..Default::default()
-        },
-    )?
-    .graph;
-    let mut kernels: BTreeMap<AttentionKey, (String, AttentionKernel)> = BTreeMap::new();
-    for (name, kernel) in zebra_ir::print::kernel_table(&optimized) {
-        kernels
-            .entry(AttentionKey::of(&kernel))
-            .or_insert((name, kernel));
-    }
+    let kernels = super::distinct_attentions(args.file, args.model, args.target)?;
     let mut manifest = TuneManifest {
         format: TUNE_FORMAT,
         target: args.target.name().into(),
