@@ -639,7 +639,7 @@ pub struct TuneOptions {
 /// Runs every candidate of the tuning run in `dir` through `zebra-run attention`, one process
 /// each, and writes `dir/results.json`. Fails when no candidate of some attention passed.
 pub fn tune(dir: &Path, options: &TuneOptions, out: &mut dyn Write) -> Result<()> {
-    use zebra_runtime::tuning::{TUNE_FORMAT, TuneManifest, TuneResults, TuneRun};
+    use zebra_runtime::tuning::{TUNE_FORMAT, TuneManifest, TuneResults};
     let manifest = TuneManifest::load(dir)?;
     if !zebra_runtime::cuda::driver_present() {
         bail!(
@@ -649,48 +649,21 @@ pub fn tune(dir: &Path, options: &TuneOptions, out: &mut dyn Write) -> Result<()
     }
     let device = zebra_runtime::cuda::device_name()?;
     let exe = std::env::current_exe().context("cannot find this program to run candidates")?;
-    let mut runs = Vec::new();
-    for (i, candidate) in manifest.candidates.iter().enumerate() {
-        let attention = &manifest.attentions[candidate.attention];
-        let mut command = std::process::Command::new(&exe);
-        command
-            .arg("attention")
-            .arg(dir.join(&candidate.dir))
-            .args(["--seq-len", &options.seq_len.to_string()])
-            .args(["--batch", &options.batch.to_string()])
-            .args(["--repeats", &options.repeats.to_string()])
-            .args(["--check-rows", &options.check_rows.to_string()]);
-        let run = match run_with_timeout(command, options.timeout) {
-            Err(error) => TuneRun {
-                dir: candidate.dir.clone(),
-                time_ms: None,
-                worst_error: None,
-                ok: false,
-                error: Some(error),
-            },
-            Ok(stdout) => candidate_run(&candidate.dir, &stdout),
-        };
-        let how = match (&run.time_ms, &run.error) {
-            (Some(time), None) => format!(
-                "{time:.3} ms, error {:.3} of the tolerance",
-                run.worst_error.unwrap_or(0.0)
-            ),
-            (Some(time), Some(error)) => format!("{time:.3} ms, {error}"),
-            (None, error) => error.clone().unwrap_or_default(),
-        };
-        writeln!(
-            out,
-            "[{}/{}] @{} {} {}x{}{}: {how}",
-            i + 1,
-            manifest.candidates.len(),
-            attention.name,
-            candidate.mma,
-            candidate.block_q,
-            candidate.block_k,
-            if candidate.default { " (default)" } else { "" },
-        )?;
-        runs.push(run);
-    }
+    let runs = run_candidates(
+        &manifest,
+        |candidate| {
+            let mut command = std::process::Command::new(&exe);
+            command
+                .arg("attention")
+                .arg(dir.join(&candidate.dir))
+                .args(["--seq-len", &options.seq_len.to_string()])
+                .args(["--batch", &options.batch.to_string()])
+                .args(["--repeats", &options.repeats.to_string()])
+                .args(["--check-rows", &options.check_rows.to_string()]);
+            run_with_timeout(command, options.timeout)
+        },
+        out,
+    )?;
     let results = TuneResults {
         format: TUNE_FORMAT,
         device,
@@ -729,6 +702,67 @@ pub fn tune(dir: &Path, options: &TuneOptions, out: &mut dyn Write) -> Result<()
     Ok(())
 }
 
+/// Runs each candidate of `manifest` through `run` (its standard output, or why it failed),
+/// printing a line per candidate. A candidate that hung (`run` stopped it) skips the later
+/// candidates of its product instruction: a hang is most likely a bug of that instruction's
+/// kernel, and each would cost the whole time limit.
+fn run_candidates(
+    manifest: &zebra_runtime::tuning::TuneManifest,
+    mut run: impl FnMut(&zebra_runtime::tuning::TuneCandidate) -> Result<String, String>,
+    out: &mut dyn Write,
+) -> Result<Vec<zebra_runtime::tuning::TuneRun>> {
+    use zebra_runtime::tuning::TuneRun;
+    let failed = |dir: &str, error: String| TuneRun {
+        dir: dir.to_string(),
+        time_ms: None,
+        worst_error: None,
+        ok: false,
+        error: Some(error),
+    };
+    let mut runs = Vec::new();
+    let mut hung: Vec<&str> = Vec::new();
+    for (i, candidate) in manifest.candidates.iter().enumerate() {
+        let attention = &manifest.attentions[candidate.attention];
+        let result = if hung.contains(&candidate.mma.as_str()) {
+            failed(
+                &candidate.dir,
+                format!("skipped: an earlier {} candidate hung", candidate.mma),
+            )
+        } else {
+            match run(candidate) {
+                Ok(stdout) => candidate_run(&candidate.dir, &stdout),
+                Err(error) => {
+                    if error.starts_with(STOPPED) {
+                        hung.push(&candidate.mma);
+                    }
+                    failed(&candidate.dir, error)
+                }
+            }
+        };
+        let how = match (&result.time_ms, &result.error) {
+            (Some(time), None) => format!(
+                "{time:.3} ms, error {:.3} of the tolerance",
+                result.worst_error.unwrap_or(0.0)
+            ),
+            (Some(time), Some(error)) => format!("{time:.3} ms, {error}"),
+            (None, error) => error.clone().unwrap_or_default(),
+        };
+        writeln!(
+            out,
+            "[{}/{}] @{} {} {}x{}{}: {how}",
+            i + 1,
+            manifest.candidates.len(),
+            attention.name,
+            candidate.mma,
+            candidate.block_q,
+            candidate.block_k,
+            if candidate.default { " (default)" } else { "" },
+        )?;
+        runs.push(result);
+    }
+    Ok(runs)
+}
+
 /// A candidate's result from what `zebra-run attention` printed: its one JSON line.
 fn candidate_run(dir: &str, stdout: &str) -> zebra_runtime::tuning::TuneRun {
     let line = stdout
@@ -756,6 +790,9 @@ fn candidate_run(dir: &str, stdout: &str) -> zebra_runtime::tuning::TuneRun {
         },
     }
 }
+
+/// How [`run_with_timeout`]'s error for a process it stopped begins.
+const STOPPED: &str = "stopped after";
 
 /// Runs `command` to its end or until `timeout`, when it is killed; returns its standard
 /// output, or why it failed (its last line of standard error, or the timeout).
@@ -807,7 +844,7 @@ fn run_with_timeout(
     let Some(status) = status else {
         // Its pipes' readers are left to finish on their own: a process it started may hold
         // them open.
-        return Err(format!("stopped after {} s (hung?)", timeout.as_secs_f64()));
+        return Err(format!("{STOPPED} {} s (hung?)", timeout.as_secs_f64()));
     };
     let mut read = || {
         readers
@@ -875,5 +912,65 @@ mod tests {
         );
         let run = candidate_run("a0-sync-64x64", "not json\n");
         assert!(!run.ok && run.time_ms.is_none());
+    }
+
+    #[test]
+    fn a_hung_candidate_skips_the_later_ones_of_its_instruction() {
+        use zebra_runtime::tuning::{TUNE_FORMAT, TuneCandidate, TuneManifest, TunedAttention};
+        let candidate = |dir: &str, mma: &str, default: bool| TuneCandidate {
+            dir: dir.into(),
+            attention: 0,
+            mma: mma.into(),
+            block_q: 64,
+            block_k: 64,
+            default,
+        };
+        let manifest = TuneManifest {
+            format: TUNE_FORMAT,
+            target: "sm_90".into(),
+            dtype: "bf16".into(),
+            source: "model.zb".into(),
+            attentions: vec![TunedAttention {
+                name: "local".into(),
+                mask: "k <= q && q - k < 32".into(),
+                score: None,
+                sides: vec![],
+                heads: 4,
+                kv_heads: 2,
+                head_dim: 64,
+            }],
+            candidates: vec![
+                candidate("a0-sync-128x64", "sync", true),
+                candidate("a0-wgmma-64x64", "wgmma", false),
+                candidate("a0-sync-64x64", "sync", false),
+                candidate("a0-wgmma-64x32", "wgmma", false),
+            ],
+        };
+        let mut ran = Vec::new();
+        let mut out = Vec::new();
+        let runs = run_candidates(
+            &manifest,
+            |c| {
+                ran.push(c.dir.clone());
+                match c.mma.as_str() {
+                    "wgmma" => Err(format!("{STOPPED} 30 s (hung?)")),
+                    _ => Ok("{\"time_ms\": 1.5, \"worst_error\": 0.1, \"ok\": true}".into()),
+                }
+            },
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(ran, ["a0-sync-128x64", "a0-wgmma-64x64", "a0-sync-64x64"]);
+        let oks: Vec<bool> = runs.iter().map(|r| r.ok).collect();
+        assert_eq!(oks, [true, false, true, false]);
+        assert_eq!(
+            runs[3].error.as_deref(),
+            Some("skipped: an earlier wgmma candidate hung")
+        );
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.starts_with("[1/4] @local sync 64x64 (default): 1.500 ms"),
+            "{out}"
+        );
     }
 }
