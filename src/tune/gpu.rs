@@ -67,8 +67,37 @@ pub fn tune(args: &GpuTuneArgs) -> Result<()> {
         }
         None => None,
     };
-    prepare_directory(args.out)?;
+    if std::fs::read_dir(args.out).is_ok_and(|mut entries| entries.next().is_some()) {
+        bail!(
+            "{} is not empty: name a new directory for the tuning run",
+            args.out.display()
+        );
+    }
     let kernels = super::distinct_attentions(args.file, args.model, args.target)?;
+    // The attentions a tensor-core kernel takes, with the head dim's default tiles.
+    let tunable: Vec<_> = kernels
+        .values()
+        .filter_map(|(name, kernel)| {
+            let d = kernel.head_dim as usize;
+            let base = MmaTiles::for_head_dim(d, gpu.sm);
+            if base.is_none() {
+                println!(
+                    "@{name}: no tensor-core kernel takes head dim {d} (a multiple of 16 up to \
+                     256): not tuned"
+                );
+            }
+            Some((name, kernel, base?))
+        })
+        .collect();
+    if tunable.is_empty() {
+        bail!(
+            "{} has no attention that tensor-core kernels take (`zebra compile --emit opt` \
+             shows the fused attentions)",
+            args.file.display()
+        );
+    }
+    std::fs::create_dir_all(args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
     let mut manifest = TuneManifest {
         format: TUNE_FORMAT,
         target: args.target.name().into(),
@@ -77,15 +106,7 @@ pub fn tune(args: &GpuTuneArgs) -> Result<()> {
         attentions: Vec::new(),
         candidates: Vec::new(),
     };
-    for (name, kernel) in kernels.values() {
-        let d = kernel.head_dim as usize;
-        let Some(base) = MmaTiles::for_head_dim(d, gpu.sm) else {
-            println!(
-                "@{name}: no tensor-core kernel takes head dim {d} (a multiple of 16 up to \
-                 256): not tuned"
-            );
-            continue;
-        };
+    for (name, kernel, base) in tunable {
         let index = manifest.attentions.len();
         let key = AttentionKey::of(kernel);
         manifest.attentions.push(TunedAttention {
@@ -135,13 +156,6 @@ pub fn tune(args: &GpuTuneArgs) -> Result<()> {
             "@{name}: {} candidates ({})",
             built.len(),
             AttentionKey::of(kernel)
-        );
-    }
-    if manifest.attentions.is_empty() {
-        bail!(
-            "{} has no attention that tensor-core kernels take (`zebra compile --emit opt` \
-             shows the fused attentions)",
-            args.file.display()
         );
     }
     let text = serde_json::to_string_pretty(&manifest)? + "\n";
@@ -194,19 +208,6 @@ fn candidates(args: &GpuTuneArgs) -> Vec<MmaSettings> {
         }
     }
     all
-}
-
-/// Creates `dir`, which must not exist or be empty: a tuning run never writes over files.
-fn prepare_directory(dir: &Path) -> Result<()> {
-    if let Ok(mut entries) = std::fs::read_dir(dir)
-        && entries.next().is_some()
-    {
-        bail!(
-            "{} is not empty: name a new directory for the tuning run",
-            dir.display()
-        );
-    }
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
 }
 
 /// `zebra tune --record DIR`: the fastest candidate of each attention that passed its check,

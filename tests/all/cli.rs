@@ -2247,6 +2247,36 @@ fn gpu_tuning_runs_are_compiled_here_timed_there_and_recorded() {
         "{stderr}"
     );
 
+    // A model whose attentions no tensor-core kernel takes (head dim 8): refused, and the
+    // directory is not created.
+    let narrow = dir.path().join("narrow.zb");
+    let text = std::fs::read_to_string(root().join("examples/zebra_tiny.zb"))
+        .unwrap()
+        .replace("dim        = 64", "dim        = 32");
+    std::fs::write(&narrow, text).unwrap();
+    let never = dir.path().join("never");
+    let out = zebra(&[
+        "tune",
+        narrow.to_str().unwrap(),
+        "--target",
+        "sm_80",
+        "-o",
+        never.to_str().unwrap(),
+    ]);
+    assert!(
+        !out.ok
+            && out
+                .stdout
+                .contains("@global: no tensor-core kernel takes head dim 8")
+            && out
+                .stderr
+                .contains("has no attention that tensor-core kernels take"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(!never.exists());
+
     // Flags of the other kind of tuning are refused.
     for (args, error) in [
         (
