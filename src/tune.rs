@@ -312,10 +312,15 @@ fn tuned_gpu(db: &Database, target: Target) -> Option<String> {
     if let Some(name) = std::env::var_os(GPU_ENV).filter(|n| !n.is_empty()) {
         return Some(name.to_string_lossy().into_owned());
     }
-    if zebra_runtime::cuda::driver_present()
-        && let Ok(name) = zebra_runtime::cuda::device_name()
-    {
-        return Some(name);
+    // Asked of the driver once per process (it opens a context).
+    static HERE: OnceLock<Option<String>> = OnceLock::new();
+    let here = HERE.get_or_init(|| {
+        zebra_runtime::cuda::driver_present()
+            .then(zebra_runtime::cuda::device_name)
+            .and_then(Result::ok)
+    });
+    if let Some(name) = here {
+        return Some(name.clone());
     }
     let mut gpus: Vec<&str> = db
         .entries
