@@ -227,7 +227,7 @@ pub fn record(dir: &Path, db: Option<&Path>) -> Result<()> {
             .filter(|c| c.attention == i)
             .collect();
         let passed = |c: &&&TuneCandidate| {
-            run_of(c).is_some_and(|r| r.ok && r.time_ms.is_some_and(f64::is_finite))
+            run_of(c).is_some_and(|r| r.ok && r.time_ms.is_some_and(|t| t.is_finite() && t > 0.0))
         };
         let time = |c: &TuneCandidate| run_of(c).and_then(|r| r.time_ms).unwrap_or(f64::INFINITY);
         let default = candidates.iter().find(|c| c.default).copied();
