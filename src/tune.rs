@@ -6,7 +6,9 @@
 //! (`$ZEBRA_TUNING_DB`, else `tuning.json` in the kernel cache's directory). Compiling for
 //! the CPU then reads the database's entries for this machine: an attention computing the
 //! same thing (mask, score modifier, side inputs, heads, KV heads, head dim) gets the tiles
-//! recorded for it, whatever model or layer it is in.
+//! recorded for it, whatever model or layer it is in. A GPU's tensor-core kernels are tuned
+//! through a tuning run timed on the GPU's machine ([`gpu`]); compiling for its target reads
+//! the entries of that GPU ([`mma_choice`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -84,7 +86,7 @@ impl Entry {
         }
     }
 
-    /// What was measured, in words: `at T = 4096: 1.234 ms, 1.25x the default tiles' time`.
+    /// What was measured, in words: `at T = 4096: 1.234 ms, 1.25x the default tiles' speed`.
     fn measured(&self) -> String {
         let against = match self.default_time_ms {
             Some(default) => format!("{:.2}x the default tiles' speed", default / self.time_ms),
