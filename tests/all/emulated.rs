@@ -307,6 +307,53 @@ fn wgmma_variants_in_the_emulator() {
     }
 }
 
+/// Every setting a GPU tuning run tries by default on sm_90 (`zebra tune --target sm_90`:
+/// `mma.sync` and `wgmma`, 64 or 128 queries by 32, 64 or 128 keys per tile), at the
+/// benchmark's head dim of 128, for a causal and a windowed attention, at a length past
+/// one tile that is not a multiple of any: each matches the reference, so that a tuning run
+/// on a GPU spends its time on speed, not on kernels that were never right.
+#[test]
+fn every_gpu_tuning_candidate_matches_the_reference_in_the_emulator() {
+    let graph = tiny_graph();
+    let kernels = mma_attentions(&graph, GpuTarget { sm: 90 }).unwrap();
+    let base = MmaTiles::for_head_dim(128, 90).unwrap();
+    let mut tried = Vec::new();
+    for product in [Product::Sync, Product::Wgmma] {
+        for block_q in [64, 128] {
+            for block_k in [32, 64, 128] {
+                let settings = MmaSettings {
+                    product: Some(product),
+                    block_q: Some(block_q),
+                    block_k: Some(block_k),
+                    stages: None,
+                };
+                let tiles = base
+                    .checked_with(&settings)
+                    .unwrap_or_else(|e| panic!("{settings:?}: {e}"));
+                tried.push(tiles);
+                for (kernel, _) in &kernels {
+                    let kernel = AttentionKernel {
+                        head_dim: 128,
+                        scale: 1.0 / 128f64.sqrt(),
+                        block_q: tiles.block_q as u64,
+                        block_k: tiles.block_k as u64,
+                        ..two_heads(kernel)
+                    };
+                    let error = emulated_error(&kernel, tiles, Half::Bf16, (1, 200));
+                    assert!(
+                        error <= 1.0,
+                        "`{}` {} {block_q}x{block_k}: error {error}",
+                        kernel.name,
+                        product.name()
+                    );
+                }
+            }
+        }
+    }
+    tried.dedup();
+    assert_eq!(tried.len(), 12, "{tried:?}");
+}
+
 /// The emulator holds `wgmma` kernels to the rules of the asynchronous proxy: without the
 /// `fence.proxy.async` after the copies into shared memory, the products' reads are
 /// reported; without the last wait, the products left in flight are. (A copy landing on
