@@ -182,8 +182,7 @@ fi
 # results.json, for `zebra tune --record DIR/tune` on the compiler's machine).
 if part tune; then
     if [ -d "$dir/tune" ]; then
-        timeout "${TUNE_TIMEOUT:-540}" "$run" tune "$dir/tune" --seq-len 16384 --repeats 20 \
-            --timeout 30 || failed=1
+        timeout "${TUNE_TIMEOUT:-540}" "$run" tune "$dir/tune" --timeout 30 || failed=1
     fi
 fi
 exit $failed

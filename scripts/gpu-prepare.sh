@@ -149,7 +149,7 @@ echo "prepared attention"
 # A tuning run of the benchmark shapes' attentions (every candidate setting of their kernels),
 # for `zebra-run tune DIR/tune` there (gpu-check.sh's part `tune`); its results.json, brought
 # back into DIR/tune here, is recorded with `zebra tune --record DIR/tune`.
-$zebra tune bench/gpu_attention.zb --target "$sm" -o "$out/tune" >/dev/null
+$zebra tune bench/gpu_attention.zb --target "$sm" --seq-len 16384 --repeats 20 -o "$out/tune" >/dev/null
 echo "prepared a tuning run"
 du -sh "$out"
 # A device run carries at most 64 MiB of the working tree.

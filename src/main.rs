@@ -420,7 +420,10 @@ struct TuneCli {
     #[arg(short, long, value_name = "DIR")]
     output: Option<PathBuf>,
     /// Record a GPU tuning run whose results.json came back from `zebra-run tune DIR`.
-    #[arg(long, value_name = "DIR", conflicts_with = "file")]
+    #[arg(long, value_name = "DIR", conflicts_with_all = [
+        "file", "model", "target", "seq_len", "threads", "repeats", "block_q", "block_k", "mma",
+        "dtype", "output", "backward", "json",
+    ])]
     record: Option<PathBuf>,
     /// Time the backward pass too, as a training step runs it (the tiles serve both; the
     /// CPU only).

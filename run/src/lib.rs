@@ -175,15 +175,15 @@ enum Command {
     /// candidate only), and write DIR/results.json for `zebra tune --record DIR`.
     Tune {
         run: PathBuf,
-        /// The sequence length of the random inputs.
-        #[arg(long, default_value_t = 4096, value_parser = zebra_runtime::parse_positive)]
-        seq_len: usize,
+        /// The sequence length of the random inputs (default: the one `zebra tune` was given).
+        #[arg(long, value_parser = zebra_runtime::parse_positive)]
+        seq_len: Option<usize>,
         /// Their batch size.
         #[arg(long, default_value_t = 1, value_parser = zebra_runtime::parse_positive)]
         batch: usize,
-        /// Timed runs per candidate (the median counts).
-        #[arg(long, default_value_t = 20, value_parser = zebra_runtime::parse_positive)]
-        repeats: usize,
+        /// Timed runs per candidate, the median counts (default: as `zebra tune` was given).
+        #[arg(long, value_parser = zebra_runtime::parse_positive)]
+        repeats: Option<usize>,
         /// Output rows checked against the reference.
         #[arg(long, default_value_t = 16, value_parser = zebra_runtime::parse_positive)]
         check_rows: usize,
@@ -627,11 +627,11 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
     }
 }
 
-/// What `zebra-run tune` was asked.
+/// What `zebra-run tune` was asked (the sequence length and repeats: else the run's own).
 pub struct TuneOptions {
-    pub seq_len: usize,
+    pub seq_len: Option<usize>,
     pub batch: usize,
-    pub repeats: usize,
+    pub repeats: Option<usize>,
     pub check_rows: usize,
     pub timeout: std::time::Duration,
 }
@@ -648,6 +648,8 @@ pub fn tune(dir: &Path, options: &TuneOptions, out: &mut dyn Write) -> Result<()
         );
     }
     let device = zebra_runtime::cuda::device_name()?;
+    let seq_len = options.seq_len.unwrap_or(manifest.seq_len);
+    let repeats = options.repeats.unwrap_or(manifest.repeats);
     let exe = std::env::current_exe().context("cannot find this program to run candidates")?;
     let runs = run_candidates(
         &manifest,
@@ -656,9 +658,9 @@ pub fn tune(dir: &Path, options: &TuneOptions, out: &mut dyn Write) -> Result<()
             command
                 .arg("attention")
                 .arg(dir.join(&candidate.dir))
-                .args(["--seq-len", &options.seq_len.to_string()])
+                .args(["--seq-len", &seq_len.to_string()])
                 .args(["--batch", &options.batch.to_string()])
-                .args(["--repeats", &options.repeats.to_string()])
+                .args(["--repeats", &repeats.to_string()])
                 .args(["--check-rows", &options.check_rows.to_string()]);
             run_with_timeout(command, options.timeout)
         },
@@ -667,7 +669,7 @@ pub fn tune(dir: &Path, options: &TuneOptions, out: &mut dyn Write) -> Result<()
     let results = TuneResults {
         format: TUNE_FORMAT,
         device,
-        seq_len: options.seq_len,
+        seq_len,
         batch: options.batch,
         runs,
     };
@@ -930,6 +932,8 @@ mod tests {
             target: "sm_90".into(),
             dtype: "bf16".into(),
             source: "model.zb".into(),
+            seq_len: 4096,
+            repeats: 20,
             attentions: vec![TunedAttention {
                 name: "local".into(),
                 mask: "k <= q && q - k < 32".into(),

@@ -25,6 +25,10 @@ pub struct TuneManifest {
     pub dtype: String,
     /// The model file the attentions come from.
     pub source: String,
+    /// The sequence length and timed runs per candidate `zebra tune` was asked for: what
+    /// `zebra-run tune` uses unless told otherwise.
+    pub seq_len: usize,
+    pub repeats: usize,
     pub attentions: Vec<TunedAttention>,
     pub candidates: Vec<TuneCandidate>,
 }
@@ -103,6 +107,11 @@ impl TuneManifest {
             path: path.clone(),
             message,
         };
+        if manifest.seq_len == 0 || manifest.repeats == 0 {
+            return Err(corrupt(
+                "its sequence length and repeats must be at least 1".into(),
+            ));
+        }
         for candidate in &manifest.candidates {
             if candidate.attention >= manifest.attentions.len() {
                 return Err(corrupt(format!(
@@ -195,6 +204,8 @@ mod tests {
             target: "sm_90".into(),
             dtype: "bf16".into(),
             source: "model.zb".into(),
+            seq_len: 4096,
+            repeats: 20,
             attentions: vec![TunedAttention {
                 name: "local".into(),
                 mask: "k <= q && q - k < 32".into(),

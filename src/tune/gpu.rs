@@ -34,7 +34,8 @@ pub struct GpuTuneArgs<'a> {
     pub block_k: Vec<usize>,
     /// Where the candidates go.
     pub out: &'a Path,
-    /// For the GPU run, when this machine has the GPU.
+    /// For the GPU run (here, when this machine has the GPU; else `zebra-run tune`'s
+    /// defaults).
     pub seq_len: usize,
     pub repeats: usize,
     pub db: Option<PathBuf>,
@@ -103,6 +104,8 @@ pub fn tune(args: &GpuTuneArgs) -> Result<()> {
         target: args.target.name().into(),
         dtype: args.half.name().into(),
         source: args.file.display().to_string(),
+        seq_len: args.seq_len,
+        repeats: args.repeats,
         attentions: Vec::new(),
         candidates: Vec::new(),
     };
@@ -171,8 +174,6 @@ pub fn tune(args: &GpuTuneArgs) -> Result<()> {
             let status = std::process::Command::new(&run)
                 .arg("tune")
                 .arg(args.out)
-                .args(["--seq-len", &args.seq_len.to_string()])
-                .args(["--repeats", &args.repeats.to_string()])
                 .status()
                 .with_context(|| format!("cannot run {}", run.display()))?;
             if !status.success() && !args.out.join("results.json").exists() {

@@ -1982,6 +1982,8 @@ fn gpu_tuning_runs_are_compiled_here_timed_there_and_recorded() {
         (manifest.target.as_str(), manifest.dtype.as_str()),
         ("sm_90", "bf16")
     );
+    // What `zebra-run tune` times at unless told otherwise: `zebra tune`'s defaults.
+    assert_eq!((manifest.seq_len, manifest.repeats), (4096, 20));
     let names: Vec<&str> = manifest
         .attentions
         .iter()
@@ -2277,8 +2279,13 @@ fn gpu_tuning_runs_are_compiled_here_timed_there_and_recorded() {
     );
     assert!(!never.exists());
 
-    // Flags of the other kind of tuning are refused.
+    // Flags of the other kind of tuning are refused, and those of preparing a run when
+    // recording one.
     for (args, error) in [
+        (
+            &["tune", "--record", run_str, "--seq-len", "64"][..],
+            "cannot be used with",
+        ),
         (
             &["tune", "examples/zebra_tiny.zb", "--mma", "wgmma"][..],
             "--mma is a setting of a GPU's tuning run",
