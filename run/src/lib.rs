@@ -651,6 +651,21 @@ pub fn tune(dir: &Path, options: &TuneOptions, out: &mut dyn Write) -> Result<()
     let seq_len = options.seq_len.unwrap_or(manifest.seq_len);
     let repeats = options.repeats.unwrap_or(manifest.repeats);
     let exe = std::env::current_exe().context("cannot find this program to run candidates")?;
+    let mut results = TuneResults {
+        format: TUNE_FORMAT,
+        device,
+        seq_len,
+        batch: options.batch,
+        runs: Vec::new(),
+    };
+    let path = dir.join("results.json");
+    // Written after every candidate, so that a run cut short keeps what it measured.
+    let mut save = |runs: &[zebra_runtime::tuning::TuneRun]| -> Result<()> {
+        results.runs = runs.to_vec();
+        results
+            .save(dir)
+            .with_context(|| format!("cannot write {}", path.display()))
+    };
     let runs = run_candidates(
         &manifest,
         |candidate| {
@@ -664,18 +679,9 @@ pub fn tune(dir: &Path, options: &TuneOptions, out: &mut dyn Write) -> Result<()
                 .args(["--check-rows", &options.check_rows.to_string()]);
             run_with_timeout(command, options.timeout)
         },
+        &mut save,
         out,
     )?;
-    let results = TuneResults {
-        format: TUNE_FORMAT,
-        device,
-        seq_len,
-        batch: options.batch,
-        runs,
-    };
-    results
-        .save(dir)
-        .with_context(|| format!("cannot write {}", dir.join("results.json").display()))?;
     writeln!(
         out,
         "wrote {}; record it with `zebra tune --record {}`",
@@ -690,7 +696,7 @@ pub fn tune(dir: &Path, options: &TuneOptions, out: &mut dyn Write) -> Result<()
             !manifest
                 .candidates
                 .iter()
-                .zip(&results.runs)
+                .zip(&runs)
                 .any(|(c, r)| c.attention == i && r.ok)
         })
         .map(|(_, a)| a.name.as_str())
@@ -705,12 +711,13 @@ pub fn tune(dir: &Path, options: &TuneOptions, out: &mut dyn Write) -> Result<()
 }
 
 /// Runs each candidate of `manifest` through `run` (its standard output, or why it failed),
-/// printing a line per candidate. A candidate that hung (`run` stopped it) skips the later
+/// printing a line per candidate and handing the runs so far to `save` after each. A candidate that hung (`run` stopped it) skips the later
 /// candidates of its product instruction: a hang is most likely a bug of that instruction's
 /// kernel, and each would cost the whole time limit.
 fn run_candidates(
     manifest: &zebra_runtime::tuning::TuneManifest,
     mut run: impl FnMut(&zebra_runtime::tuning::TuneCandidate) -> Result<String, String>,
+    save: &mut dyn FnMut(&[zebra_runtime::tuning::TuneRun]) -> Result<()>,
     out: &mut dyn Write,
 ) -> Result<Vec<zebra_runtime::tuning::TuneRun>> {
     use zebra_runtime::tuning::TuneRun;
@@ -761,6 +768,7 @@ fn run_candidates(
             if candidate.default { " (default)" } else { "" },
         )?;
         runs.push(result);
+        save(&runs)?;
     }
     Ok(runs)
 }
@@ -952,6 +960,7 @@ mod tests {
         };
         let mut ran = Vec::new();
         let mut out = Vec::new();
+        let mut saved = Vec::new();
         let runs = run_candidates(
             &manifest,
             |c| {
@@ -961,10 +970,16 @@ mod tests {
                     _ => Ok("{\"time_ms\": 1.5, \"worst_error\": 0.1, \"ok\": true}".into()),
                 }
             },
+            &mut |runs| {
+                saved.push(runs.len());
+                Ok(())
+            },
             &mut out,
         )
         .unwrap();
         assert_eq!(ran, ["a0-sync-128x64", "a0-wgmma-64x64", "a0-sync-64x64"]);
+        // The runs so far are saved after each candidate.
+        assert_eq!(saved, [1, 2, 3, 4]);
         let oks: Vec<bool> = runs.iter().map(|r| r.ok).collect();
         assert_eq!(oks, [true, false, true, false]);
         assert_eq!(

@@ -220,6 +220,13 @@ pub fn record(dir: &Path, db: Option<&Path>) -> Result<()> {
     let db_path = super::database_path(db)?;
     let mut db = Database::open(&db_path)?;
     let run_of = |candidate: &TuneCandidate| results.runs.iter().find(|r| r.dir == candidate.dir);
+    if results.runs.len() < manifest.candidates.len() {
+        println!(
+            "note: results for {} of the {} candidates (the run on the GPU was cut short)",
+            results.runs.len(),
+            manifest.candidates.len()
+        );
+    }
     let mut recorded = 0;
     for (i, attention) in manifest.attentions.iter().enumerate() {
         let candidates: Vec<&TuneCandidate> = manifest
@@ -265,7 +272,7 @@ pub fn record(dir: &Path, db: Option<&Path>) -> Result<()> {
                 default_time / best_time
             ),
             None => println!(
-                "@{}: {} ({best_time:.3} ms) recorded: the defaults failed on {}",
+                "@{}: {} ({best_time:.3} ms) recorded: the defaults failed or did not run on {}",
                 attention.name,
                 describe(best),
                 results.device
