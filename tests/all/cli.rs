@@ -2125,6 +2125,32 @@ fn gpu_tuning_runs_are_compiled_here_timed_there_and_recorded() {
         )
     );
 
+    // A run cut short on the GPU (results of the first three candidates, all the global
+    // attention's) records what it can and says so.
+    let mut partial = results.clone();
+    partial.runs.truncate(3);
+    partial.save(&run).unwrap();
+    let partial_db = dir.path().join("partial.json");
+    let out = zebra(&[
+        "tune",
+        "--record",
+        run_str,
+        "--db",
+        partial_db.to_str().unwrap(),
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stdout.contains(
+            "note: results for 3 of the 10 candidates (the run on the GPU was cut short)"
+        ) && out
+            .stdout
+            .contains("@local: no candidate ran and passed its check")
+            && out.stdout.contains("recorded 0 attentions"),
+        "{}",
+        out.stdout
+    );
+    results.save(&run).unwrap();
+
     // Compiling the attentions for sm_90 takes the local attention's recorded settings.
     let no_gpu = std::ffi::OsStr::new("");
     let compile = |db: &Path, gpu: &std::ffi::OsStr, extra: &[&str], name: &str| {
