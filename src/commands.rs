@@ -366,25 +366,18 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
     // The attentions' tensor-core settings, where the command line does not set them: the
     // tuning database's for this GPU.
     let mut tensor_cores = tensor_cores;
-    let mma = match (attention_only, &mut tensor_cores) {
-        (true, _) => {
-            let (choice, notes) = crate::tune::mma_choice(args.target, args.mma, &optimized.graph);
-            for note in notes {
-                eprintln!("{note}");
-            }
-            choice
+    let mut mma = zebra_codegen::kernels::attention_mma::MmaChoice::from(args.mma);
+    if attention_only || tensor_cores.is_some() {
+        let all = tensor_cores.as_ref().map_or(args.mma, |c| c.attention.all);
+        let (choice, notes) = crate::tune::mma_choice(args.target, all, &optimized.graph);
+        for note in notes {
+            eprintln!("{note}");
         }
-        (false, Some(cores)) => {
-            let (choice, notes) =
-                crate::tune::mma_choice(args.target, cores.attention.all, &optimized.graph);
-            for note in notes {
-                eprintln!("{note}");
-            }
-            cores.attention = choice;
-            args.mma.into()
+        match &mut tensor_cores {
+            Some(cores) => cores.attention = choice,
+            None => mma = choice,
         }
-        (false, None) => args.mma.into(),
-    };
+    }
     let start = Instant::now();
     let text = match (args.emit, gpu) {
         (Emit::Mlir | Emit::Llvm | Emit::Ptx, Some(target)) if attention_only => {

@@ -218,15 +218,8 @@ impl Database {
             entries: self.entries.clone(),
         };
         let text = serde_json::to_string_pretty(&file)? + "\n";
-        let mut temporary = self.path.clone().into_os_string();
-        temporary.push(format!(".tmp{}", std::process::id()));
-        let temporary = PathBuf::from(temporary);
-        std::fs::write(&temporary, text)
-            .with_context(|| format!("cannot write {}", temporary.display()))?;
-        std::fs::rename(&temporary, &self.path).with_context(|| {
-            let _ = std::fs::remove_file(&temporary);
-            format!("cannot write {}", self.path.display())
-        })
+        zebra_ir::weights::write_atomically(&self.path, text.as_bytes())
+            .with_context(|| format!("cannot write {}", self.path.display()))
     }
 }
 

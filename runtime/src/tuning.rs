@@ -176,12 +176,7 @@ impl TuneResults {
     /// Writes `DIR/results.json` atomically (a temporary file, then a rename).
     pub fn save(&self, dir: &Path) -> std::io::Result<()> {
         let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)? + "\n";
-        let path = dir.join("results.json");
-        let temporary = dir.join(format!("results.json.tmp{}", std::process::id()));
-        std::fs::write(&temporary, text)?;
-        std::fs::rename(&temporary, &path).inspect_err(|_| {
-            let _ = std::fs::remove_file(&temporary);
-        })
+        zebra_ir::weights::write_atomically(&dir.join("results.json"), text.as_bytes())
     }
 }
 

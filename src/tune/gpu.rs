@@ -54,17 +54,17 @@ pub fn tune(args: &GpuTuneArgs) -> Result<()> {
             product.name()
         );
     }
-    // With the GPU here, the run is recorded at once: the database's path is settled (and
-    // the file read) before the long part. Without, this only prepares.
-    let zebra_run = std::env::current_exe()
+    // With the GPU here, the run is recorded at once: `zebra-run`, and the database's path
+    // settled (and the file read) before the long part. Without, this only prepares.
+    let local = match std::env::current_exe()
         .ok()
         .map(|exe| exe.with_file_name("zebra-run"))
-        .filter(|run| run.exists() && zebra_runtime::cuda::driver_present());
-    let db_path = match zebra_run {
-        Some(_) => {
-            let path = super::database_path(args.db.as_deref())?;
-            Database::open(&path)?;
-            Some(path)
+        .filter(|run| run.exists() && zebra_runtime::cuda::driver_present())
+    {
+        Some(run) => {
+            let db_path = super::database_path(args.db.as_deref())?;
+            Database::open(&db_path)?;
+            Some((run, db_path))
         }
         None => None,
     };
@@ -169,7 +169,7 @@ pub fn tune(args: &GpuTuneArgs) -> Result<()> {
         manifest.candidates.len(),
         args.out.display()
     );
-    match zebra_run.zip(db_path) {
+    match local {
         Some((run, db_path)) => {
             let status = std::process::Command::new(&run)
                 .arg("tune")
