@@ -245,6 +245,22 @@ impl Builder {
         ))
     }
 
+    /// As [`Builder::load`], for an address the caller knows to be a multiple of `align`
+    /// bytes (a vector load is then one instruction on a GPU, not one per element).
+    pub fn load_aligned(
+        &mut self,
+        base: &Val,
+        index: &Val,
+        elem: &str,
+        ty: &str,
+        align: usize,
+    ) -> Val {
+        let p = self.gep(base, index, elem);
+        self.op(format!(
+            "llvm.load {p} {{alignment = {align} : i64}} : !llvm.ptr -> {ty}"
+        ))
+    }
+
     pub fn store(&mut self, value: &Val, base: &Val, index: &Val, elem: &str, ty: &str) {
         let p = self.gep(base, index, elem);
         let align = if elem == "i8" {

@@ -281,22 +281,31 @@ pub fn gpu_mlir(
 ) -> (String, Vec<(String, TensorCoreKernel)>) {
     let mut text = crate::artifact::kernels_mlir(planned, GPU_VECTOR);
     let mut tensor_core = Vec::new();
-    if let Some(TensorCores { half, attention }) = cores {
-        for (i, kernel) in tensor_core::select(planned, sm, &attention) {
-            let info = &mut planned.plan.kernels[i];
-            let name = format!("{}_tc", info.symbol);
-            let function = kernel.function(&name, half, Lowering::Ptx);
-            let end = text.rfind('}').expect("a module ends with a brace");
-            text.insert_str(end, &function);
-            info.tensor_cores = Some(zebra_runtime::plan::TensorCoreLaunch {
-                entry: format!("{name}_mma"),
-                dtype: half.name().into(),
-                grid: kernel.grid(),
-                threads: kernel.threads(),
-                shared_bytes: kernel.shared_bytes(),
-            });
-            tensor_core.push((name, kernel));
+    // Without a 16-bit type, the decode attentions still get their GPU kernel (f32).
+    let (half, selected) = match cores {
+        Some(TensorCores { half, attention }) => {
+            (Some(half), tensor_core::select(planned, sm, &attention))
         }
+        None => (None, tensor_core::select_decode(planned)),
+    };
+    for (i, kernel) in selected {
+        let info = &mut planned.plan.kernels[i];
+        let name = format!("{}_tc", info.symbol);
+        let function = kernel.function(&name, half.unwrap_or(Half::Bf16), Lowering::Ptx);
+        let end = text.rfind('}').expect("a module ends with a brace");
+        text.insert_str(end, &function);
+        let dtype = match (&kernel, half) {
+            (TensorCoreKernel::Decode { .. }, _) | (_, None) => "f32",
+            (_, Some(half)) => half.name(),
+        };
+        info.tensor_cores = Some(zebra_runtime::plan::TensorCoreLaunch {
+            entry: format!("{name}_mma"),
+            dtype: dtype.into(),
+            grid: kernel.grid(),
+            threads: kernel.threads(),
+            shared_bytes: kernel.shared_bytes(),
+        });
+        tensor_core.push((name, kernel));
     }
     (text, tensor_core)
 }

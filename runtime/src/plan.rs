@@ -219,8 +219,8 @@ pub enum Step {
 pub struct KernelInfo {
     pub symbol: String,
     pub description: String,
-    /// On a GPU, a tensor-core version of the kernel, launched instead of the grid of
-    /// programs.
+    /// On a GPU, a tensor-core (or otherwise GPU-shaped) version of the kernel, launched
+    /// instead of the grid of programs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tensor_cores: Option<TensorCoreLaunch>,
 }
@@ -230,7 +230,8 @@ pub struct KernelInfo {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TensorCoreLaunch {
     pub entry: String,
-    /// The 16-bit type the kernel rounds its operands to (`bf16` or `f16`).
+    /// The 16-bit type the kernel rounds its operands to (`bf16` or `f16`), or `f32` for a
+    /// GPU-shaped kernel without tensor cores (the decode step's attention).
     pub dtype: String,
     pub grid: TensorCoreGrid,
     pub threads: usize,

@@ -676,27 +676,48 @@ fn models_on_tensor_cores(
     zebra_runtime::CpuModel,
     Vec<&'static str>,
 ) {
+    use zebra_codegen::kernels::tensor_core::{retile, select};
+    let graph = retile(graph, 90, choice);
+    models_with_gpu_kernels(&graph, mode, dir, weights, &|planned| {
+        select(planned, 90, choice)
+    })
+}
+
+/// As [`models_on_tensor_cores`], with the kernels `selected` picks (by kernel index) in the
+/// emulator, for a graph as it is.
+fn models_with_gpu_kernels(
+    graph: &zebra_ir::Graph,
+    mode: zebra_codegen::plan::PlanMode,
+    dir: &std::path::Path,
+    weights: &zebra_ir::Weights,
+    selected: &dyn Fn(
+        &zebra_codegen::plan::Planned,
+    ) -> Vec<(usize, zebra_codegen::kernels::tensor_core::TensorCoreKernel)>,
+) -> (
+    zebra_runtime::CpuModel,
+    zebra_runtime::CpuModel,
+    Vec<&'static str>,
+) {
     use zebra_codegen::artifact::{BuildOptions, build_with_vector};
     use zebra_codegen::emulate::EmulatedKernel;
     use zebra_codegen::kernels::attention_mma_grad::GradKernel;
-    use zebra_codegen::kernels::tensor_core::{TensorCoreKernel, retile, select};
+    use zebra_codegen::kernels::tensor_core::TensorCoreKernel;
     use zebra_codegen::kernels::warp::Lowering;
     use zebra_runtime::CpuModel;
 
-    let graph = retile(graph, 90, choice);
     let options = BuildOptions {
         mode,
         max_seq_len: 256,
         cache: None,
     };
     let vector = zebra_codegen::ptx::GPU_VECTOR;
-    build_with_vector(&graph, dir, &options, Some(vector)).unwrap();
-    let planned = zebra_codegen::plan::plan(&graph, "emulated", vector, 256, mode).unwrap();
+    build_with_vector(graph, dir, &options, Some(vector)).unwrap();
+    let planned = zebra_codegen::plan::plan(graph, "emulated", vector, 256, mode).unwrap();
     let cpu = CpuModel::load(dir, weights, 2).unwrap();
     let mut emulated = CpuModel::load(dir, weights, 2).unwrap();
     assert_eq!(planned.plan.kernels, cpu.plan().kernels);
     let mut kinds = Vec::new();
-    for (i, kernel) in select(&planned, 90, choice) {
+    for (i, kernel) in selected(&planned) {
         let name = format!("kernel{i}");
         let function = kernel.function(&name, Half::Bf16, Lowering::Emulated);
         let compiled =
@@ -722,6 +743,7 @@ fn models_on_tensor_cores(
             } => "attention_dq",
             TensorCoreKernel::AttentionGrad { .. } => "attention_dkv",
             TensorCoreKernel::MatMul(_) => "matmul",
+            TensorCoreKernel::Decode { .. } => "decode",
         });
     }
     (cpu, emulated, kinds)
@@ -1153,6 +1175,7 @@ fn zebra_tiny_decoding_on_tensor_cores_in_the_emulator() {
         &MmaChoice::default(),
     );
     assert!(kinds.contains(&"projection"), "{kinds:?}");
+    assert!(kinds.contains(&"decode"), "{kinds:?}");
     let all = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[2, 110]), |i| {
         ((i[0] * 37 + i[1] * 11) % spec.vocab) as i64
     });
@@ -1170,5 +1193,96 @@ fn zebra_tiny_decoding_on_tensor_cores_in_the_emulator() {
         let want = decode.decode(&next).unwrap()["logits"].mapv(f64::from);
         let got = decode_tc.decode(&next).unwrap()["logits"].mapv(f64::from);
         crate::common::assert_close(&got, &want, 2e-2, &format!("decode step {t}"));
+    }
+}
+
+/// The decode step's GPU attention (a block per batch row and KV head, `select_decode`: in
+/// every GPU plan, f32 included) in the emulator with 32 threads a block, so chunks of 128
+/// cache slots: after a prompt, decode steps past several chunks of a global layer's cache
+/// and several wraps of the rings give the portable kernel's logits at every step, for the
+/// Zebra layout, sinks with a ring, chunked, ALiBi and soft-capping.
+#[test]
+fn decoding_on_the_gpu_decode_kernel_in_the_emulator() {
+    use ndarray::s;
+    use std::collections::BTreeMap;
+    use zebra_codegen::kernels::tensor_core::{TensorCoreKernel, select_decode};
+    use zebra_codegen::plan::PlanMode;
+    use zebra_runtime::{CpuModel, Tensor};
+
+    let thirty_two = |planned: &zebra_codegen::plan::Planned| {
+        select_decode(planned)
+            .into_iter()
+            .map(|(i, kernel)| match kernel {
+                TensorCoreKernel::Decode {
+                    kernel,
+                    policy,
+                    slots,
+                    ..
+                } => (
+                    i,
+                    TensorCoreKernel::Decode {
+                        kernel,
+                        policy,
+                        slots,
+                        threads: 32,
+                    },
+                ),
+                other => panic!("select_decode picked {other:?}"),
+            })
+            .collect()
+    };
+    for file in [
+        "examples/zebra_tiny.zb",
+        "examples/attention/sinks.zb",
+        "examples/attention/chunked.zb",
+        "examples/attention/alibi.zb",
+        "examples/attention/softcap.zb",
+    ] {
+        let (_, checked) = check_ok(&root().join(file));
+        let spec = checked.program.models[0].clone();
+        let graph = optimize(&lower(&spec), &Options::default()).unwrap().graph;
+        let weights = zebra_frontend::init::random_weights(&spec, 5);
+        let out = tempfile::tempdir().unwrap();
+        let prefill_dir = out.path().join("p");
+        zebra_codegen::artifact::build_with_vector(
+            &graph,
+            &prefill_dir,
+            &zebra_codegen::artifact::BuildOptions {
+                mode: PlanMode::Prefill,
+                max_seq_len: 256,
+                cache: None,
+            },
+            Some(zebra_codegen::ptx::GPU_VECTOR),
+        )
+        .unwrap();
+        let mut prefill = CpuModel::load(&prefill_dir, &weights, 2).unwrap();
+        let (mut decode, mut decode_gpu, kinds) = models_with_gpu_kernels(
+            &graph,
+            PlanMode::Decode,
+            &out.path().join("d"),
+            &weights,
+            &thirty_two,
+        );
+        assert!(
+            !kinds.is_empty() && kinds.iter().all(|k| *k == "decode"),
+            "{file}: {kinds:?}"
+        );
+        let (batch, end, prompt) = (2, 250, 30);
+        let all = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[batch, end]), |i| {
+            ((i[0] * 37 + i[1] * 11) % spec.vocab) as i64
+        });
+        let first = BTreeMap::from([(
+            "tokens".to_string(),
+            Tensor::I64(all.slice(s![.., ..prompt]).to_owned().into_dyn()),
+        )]);
+        let cached = prefill.run(&first).unwrap();
+        decode.start_decode(&cached).unwrap();
+        decode_gpu.start_decode(&cached).unwrap();
+        for t in prompt..end {
+            let next = all.slice(s![.., t..t + 1]).to_owned().into_dyn();
+            let want = decode.decode(&next).unwrap()["logits"].mapv(f64::from);
+            let got = decode_gpu.decode(&next).unwrap()["logits"].mapv(f64::from);
+            crate::common::assert_close(&got, &want, 1e-5, &format!("{file}: decode step {t}"));
+        }
     }
 }

@@ -8,6 +8,7 @@ pub mod attention_mma;
 pub mod attention_mma_grad;
 pub mod block;
 pub mod decode;
+pub mod decode_gpu;
 pub mod elementwise;
 pub mod gemm;
 pub mod generic;

@@ -11,6 +11,9 @@
 //!   to 16 bits, `[B, KV, T, D]`, in the workspaces the attentions read (the backward's
 //!   second `pack_kv`, values then keys, gives the values and the keys again).
 //!
+//! - the decode step's attention ([`decode_gpu`]), in every GPU plan, f32 too
+//!   ([`select_decode`]): not a tensor-core kernel (one query per head), but the same launch.
+//!
 //! The plan itself is unchanged: the same steps, buffers and schedules, so that every kernel
 //! still has its portable f32 version, and a kernel runs on tensor cores only where every
 //! step that reads what it writes does too.
@@ -25,6 +28,7 @@ use super::attention_mma::{
 };
 use super::attention_mma_grad::{GradKernel, GradTiles, attention_mma_grad};
 use super::block::{block_function, load8, pack8};
+use super::decode_gpu;
 use super::matmul::MatMulShape;
 use super::matmul_mma::matmul_mma;
 use super::projection_mma::{ProjectionMma, projection_mma};
@@ -56,6 +60,16 @@ pub enum TensorCoreKernel {
         which: GradKernel,
     },
     MatMul(MatMulShape),
+    /// The decode step's attention spread over a block's threads (f32, no tensor cores: one
+    /// query per head), in every GPU plan.
+    Decode {
+        kernel: AttentionKernel,
+        policy: zebra_ir::cache::KvPolicy,
+        /// Slots per block of the key cache.
+        slots: usize,
+        /// Threads per block ([`decode_gpu::THREADS`]).
+        threads: usize,
+    },
 }
 
 impl TensorCoreKernel {
@@ -80,6 +94,12 @@ impl TensorCoreKernel {
                 which,
             } => attention_mma_grad(name, kernel, half, *tiles, *which, isa),
             TensorCoreKernel::MatMul(shape) => matmul_mma(name, shape, half, isa),
+            TensorCoreKernel::Decode {
+                kernel,
+                policy,
+                slots,
+                threads,
+            } => decode_gpu::attention_decode_gpu(name, kernel, *policy, *slots, *threads, isa),
         }
     }
 
@@ -125,6 +145,11 @@ impl TensorCoreKernel {
                 block_m: super::matmul_mma::BLOCK_M,
                 block_n: super::matmul_mma::BLOCK_N,
             },
+            // One block per batch row and KV head (`T` is 1).
+            TensorCoreKernel::Decode { kernel, .. } => TensorCoreGrid::Attention {
+                block_q: 1,
+                heads: kernel.kv_heads as usize,
+            },
         }
     }
 
@@ -132,6 +157,7 @@ impl TensorCoreKernel {
         match self {
             TensorCoreKernel::Attention { tiles, .. } => tiles.threads(),
             TensorCoreKernel::AttentionGrad { tiles, which, .. } => tiles.threads(*which),
+            TensorCoreKernel::Decode { threads, .. } => *threads,
             _ => THREADS,
         }
     }
@@ -143,6 +169,12 @@ impl TensorCoreKernel {
             TensorCoreKernel::Attention { tiles, .. } => tiles.shared_bytes(),
             TensorCoreKernel::AttentionGrad { tiles, which, .. } => tiles.layout(*which).bytes,
             TensorCoreKernel::MatMul(shape) => super::matmul_mma::shared_bytes(shape),
+            TensorCoreKernel::Decode {
+                kernel,
+                slots,
+                threads,
+                ..
+            } => decode_gpu::shared_bytes(kernel, *slots, *threads),
         }
     }
 
@@ -154,6 +186,9 @@ impl TensorCoreKernel {
             }
             TensorCoreKernel::AttentionGrad { tiles, which, .. } => {
                 super::attention_mma_grad::entry_ir(name, tiles, *which)
+            }
+            TensorCoreKernel::Decode { threads, .. } => {
+                super::block::entry_ir(name, false, *threads)
             }
             _ => super::projection_mma::entry_ir(name),
         }
@@ -305,7 +340,9 @@ pub fn select(planned: &Planned, sm: u32, choice: &MmaChoice) -> Vec<(usize, Ten
     }
     let mut out: Vec<(usize, TensorCoreKernel)> = Vec::new();
     for (i, spec) in planned.kernels.iter().enumerate() {
-        if let Some(p) = ProjectionMma::of(spec) {
+        if let Some(decode) = decode_kernel(planned, i) {
+            out.push((i, decode));
+        } else if let Some(p) = ProjectionMma::of(spec) {
             out.push((i, TensorCoreKernel::Projection(p)));
         } else if let KernelSpec::MatMul(shape) = spec {
             out.push((i, TensorCoreKernel::MatMul(shape.clone())));
@@ -322,6 +359,38 @@ pub fn select(planned: &Planned, sm: u32, choice: &MmaChoice) -> Vec<(usize, Ten
         }
     }
     out
+}
+
+/// The decode attentions of a plan, by kernel index, on their GPU kernel: what every GPU
+/// plan runs in their place, with tensor cores or without.
+pub fn select_decode(planned: &Planned) -> Vec<(usize, TensorCoreKernel)> {
+    (0..planned.kernels.len())
+        .filter_map(|i| Some((i, decode_kernel(planned, i)?)))
+        .collect()
+}
+
+/// Kernel `i` of the plan on the GPU decode kernel, where it is a decode attention that
+/// kernel takes (its slots per key-cache block read from the cache it runs against).
+fn decode_kernel(planned: &Planned, i: usize) -> Option<TensorCoreKernel> {
+    let KernelSpec::AttentionDecode { kernel, policy } = &planned.kernels[i] else {
+        return None;
+    };
+    let cache = planned.plan.steps.iter().find_map(|step| match step {
+        Step::Kernel {
+            kernel, operands, ..
+        } if *kernel == i => operands.iter().find_map(|o| match o {
+            Operand::CacheKeys(c) => Some(*c),
+            _ => None,
+        }),
+        _ => None,
+    })?;
+    let slots = planned.plan.caches.get(cache)?.block;
+    decode_gpu::takes(kernel, slots).then(|| TensorCoreKernel::Decode {
+        kernel: kernel.clone(),
+        policy: *policy,
+        slots,
+        threads: decode_gpu::THREADS,
+    })
 }
 
 /// `pack_kv`'s stand-in before a tensor-core attention: `k` and `v` (f32, `[B, KV, T, D]`)

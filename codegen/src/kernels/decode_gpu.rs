@@ -1,0 +1,481 @@
+//! The decode-step attention shaped for a GPU. The portable kernel ([`super::decode`]) runs
+//! one program per (batch row, KV head), which on a GPU is one thread walking the whole KV
+//! cache: fine for a ring of a few hundred slots, thousands of times too slow for the cache
+//! of a global layer after a long prompt. Here a block of [`THREADS`] threads takes each
+//! (batch row, KV head) instead, over the same buffers and cache layout:
+//!
+//! 1. the new key and value are appended to their slot (the block owns its KV head's cache,
+//!    so a barrier is all the later reads need);
+//! 2. the slots in use are walked [`THREADS`] cache blocks (`w` slots each) at a time: each
+//!    thread scores its block's slots for every query head of the group (a `w`-wide load of
+//!    the transposed key block per head dim, as on the CPU, with the mask and the score
+//!    modifier compiled in), the block's maxima come from shuffles within warps and shared
+//!    memory across them, each thread turns its scores into `exp2(s - m)` in shared memory,
+//!    and then each thread accumulates `O += P V` and the sums for `vw` head dims of one
+//!    query head (adjacent threads reading adjacent values: coalesced);
+//! 3. the outputs are normalized and written (a query that saw nothing gets zeros).
+//!
+//! The running maxima are kept in shared memory, two copies alternating from one chunk of
+//! slots to the next, so that the update of one chunk never races with the reads of the
+//! previous one; three barriers a chunk keep the phases apart.
+
+use zebra_ir::cache::KvPolicy;
+use zebra_ir::op::AttentionKernel;
+
+use super::attention::reciprocal_or_zero;
+use super::block::{block_function, trunc32};
+use super::warp::Lowering;
+use crate::mlir::{Builder, F32, I64, Val, vf32, vi1, vi64};
+use crate::vexpr::{self, VecEnv};
+
+/// Threads per block (a multiple of 32; tests take fewer, for chunks of fewer slots).
+pub const THREADS: usize = 256;
+
+/// The most shared memory a block takes (the scores of a chunk for every query head of the
+/// group); a group too large for it keeps the portable kernel.
+pub const MAX_SHARED_BYTES: usize = 96 * 1024;
+
+/// Cache slots per chunk: one cache block of `w` slots per thread.
+fn chunk(w: usize, threads: usize) -> usize {
+    threads * w
+}
+
+/// Byte offsets in shared memory: the chunk's scores (then weights) `[group][chunk]`, the
+/// warps' maxima `[group][warps]`, and the two copies of the running maxima `[2][group]`.
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    scores: usize,
+    warp_max: usize,
+    running: usize,
+    bytes: usize,
+}
+
+impl Layout {
+    fn of(group: usize, w: usize, threads: usize) -> Layout {
+        let scores = 0;
+        let warp_max = scores + group * chunk(w, threads) * 4;
+        let running = warp_max + group * threads / 32 * 4;
+        Layout {
+            scores,
+            warp_max,
+            running,
+            bytes: running + 2 * group * 4,
+        }
+    }
+}
+
+/// The shared memory of the kernel for `kernel` with cache blocks of `w` slots.
+pub fn shared_bytes(kernel: &AttentionKernel, w: usize, threads: usize) -> usize {
+    Layout::of(group(kernel), w, threads).bytes
+}
+
+fn group(kernel: &AttentionKernel) -> usize {
+    (kernel.heads / kernel.kv_heads.max(1)) as usize
+}
+
+/// Whether the GPU kernel takes this decode attention: no side inputs (decoding has none),
+/// and the group's scores fit in shared memory.
+pub fn takes(kernel: &AttentionKernel, w: usize) -> bool {
+    kernel.sides.is_empty()
+        && kernel.head_dim > 0
+        && kernel.kv_heads > 0
+        && kernel.heads.is_multiple_of(kernel.kv_heads)
+        && (1..=16).contains(&w)
+        && shared_bytes(kernel, w, THREADS) <= MAX_SHARED_BYTES
+}
+
+/// Head dims per thread in the `O += P V` phase: the widest of 4, 2 and 1 that divides the
+/// head dim and still gives every thread of the block a share.
+fn value_width(group: usize, d: usize, threads: usize) -> usize {
+    [4, 2]
+        .into_iter()
+        .find(|&vw| d.is_multiple_of(vw) && group * d / vw >= threads)
+        .unwrap_or(1)
+}
+
+/// The block function `@name(buffers, dims, x, y, thread, shared memory)` on a grid of
+/// (1, `B * KV`) blocks of `threads` threads. Buffers and dims are the portable kernel's.
+pub fn attention_decode_gpu(
+    name: &str,
+    kernel: &AttentionKernel,
+    policy: KvPolicy,
+    w: usize,
+    threads: usize,
+    isa: Lowering,
+) -> String {
+    assert!(
+        threads.is_multiple_of(32) && threads > 0,
+        "whole warps ({threads} threads)"
+    );
+    let warps = threads / 32;
+    let group = group(kernel);
+    let (h_count, kv_count) = (kernel.heads as i64, kernel.kv_heads as i64);
+    let d = kernel.head_dim as usize;
+    let layout = Layout::of(group, w, threads);
+    let vw = value_width(group, d, threads);
+    let units = group * d / vw;
+    let per_thread = units.div_ceil(threads);
+    let (vt, vtv) = (vf32(w), vf32(vw));
+    // Buffers start on 16 bytes at least; a key block's column starts on `w` floats, and a
+    // unit's values on `vw`.
+    let align_of = |floats: usize| (floats.min(4) & floats.min(4).wrapping_neg()) * 4;
+    let (k_align, v_align) = (align_of(w), align_of(vw));
+
+    let mut builder = Builder::new();
+    let b = &mut builder;
+    let bufs = Val("%bufs".into());
+    let dims = Val("%dims".into());
+    let pair = Val("%by".into());
+    let tid = Val("%tid".into());
+    let smem = b.op("llvm.ptrtoint %smem : !llvm.ptr<3> to i32");
+    let q = b.ptr_at(&bufs, 0);
+    let k_new = b.ptr_at(&bufs, 1);
+    let v_new = b.ptr_at(&bufs, 2);
+    let kc = b.ptr_at(&bufs, 3);
+    let vc = b.ptr_at(&bufs, 4);
+    let positions = b.ptr_at(&bufs, 5);
+    let out = b.ptr_at(&bufs, 6);
+    let batch_count = b.i64_at(&dims, 0);
+    let qpos = b.i64_at(&dims, 3);
+
+    let c0 = b.i64(0);
+    let c1 = b.i64(1);
+    let cw = b.i64(w as i64);
+    let cd = b.i64(d as i64);
+    let ckv = b.i64(kv_count);
+    let ch = b.i64(h_count);
+    let cgroup = b.i64(group as i64);
+    let cthreads = b.i64(threads as i64);
+    let cchunk = b.i64(chunk(w, threads) as i64);
+    let log2e = std::f64::consts::LOG2_E;
+    let scale = match kernel.score {
+        Some(_) => b.splat_f32(kernel.scale as f32, w),
+        None => b.splat_f32((kernel.scale * log2e) as f32, w),
+    };
+    let log2e_v = b.splat_f32(log2e as f32, w);
+    let neg_inf = b.f32(f32::NEG_INFINITY);
+    let neg_inf_v = b.splat(&neg_inf, F32, w);
+    let zero_v = b.splat_f32(0.0, w);
+    let zero_vv = b.splat_f32(0.0, vw);
+    let fzero = b.f32(0.0);
+    let fone = b.f32(1.0);
+    let minus_one = b.splat_i64(-1, w);
+
+    // Shared f32 arrays: element `index` of the array at byte `offset`.
+    let shared_at = |b: &mut Builder, offset: usize, index: &Val| -> Val {
+        let c4 = b.i64(4);
+        let bytes = b.muli(index, &c4);
+        let off = b.i64(offset as i64);
+        let bytes = b.addi(&bytes, &off);
+        let bytes = trunc32(b, &bytes);
+        b.bin("addi", &bytes, &smem, "i32")
+    };
+    let store_shared = |b: &mut Builder, offset: usize, index: &Val, value: &Val| {
+        let at = shared_at(b, offset, index);
+        let word = b.op(format!("arith.bitcast {value} : f32 to i32"));
+        isa.store_shared32(b, &at, &word);
+    };
+    let load_shared = |b: &mut Builder, offset: usize, index: &Val| -> Val {
+        let at = shared_at(b, offset, index);
+        let word = isa.load_shared32(b, &at);
+        b.op(format!("arith.bitcast {word} : i32 to f32"))
+    };
+    let max = |b: &mut Builder, x: &Val, y: &Val| -> Val {
+        b.op(format!("llvm.intr.maxnum({x}, {y}) : (f32, f32) -> f32"))
+    };
+
+    // The new token's slot, and the slots in use (as the portable kernel).
+    let (slot, used) = match policy.ring {
+        None => {
+            let used = b.addi(&qpos, &c1);
+            (qpos.clone(), used)
+        }
+        Some(ring) => {
+            let sinks = b.i64(policy.sinks as i64);
+            let ring_v = b.i64(ring.max(1) as i64);
+            let past = b.subi(&qpos, &sinks);
+            let in_ring = b.remi(&past, &ring_v);
+            let in_ring = b.addi(&sinks, &in_ring);
+            let is_sink = b.cmpi("slt", &qpos, &sinks, I64);
+            let slot = b.select(&is_sink, &qpos, &in_ring, I64);
+            let capacity = b.i64(policy.capacity().unwrap_or(0) as i64);
+            let tokens = b.addi(&qpos, &c1);
+            (slot, b.mini(&tokens, &capacity))
+        }
+    };
+    let blocks = b.ceil_div(&used, &cw);
+    let slot_block = b.divi(&slot, &cw);
+    let slot_lane = b.remi(&slot, &cw);
+    let row_stride = b.muli(&batch_count, &ckv); // (batch, kv head) pairs per slot
+    let batch = b.divi(&pair, &ckv);
+    let kv = b.remi(&pair, &ckv);
+    let new_row = b.muli(&pair, &cd);
+    let first_head = b.muli(&kv, &cgroup);
+
+    // 1. Append: the key into its block's column, the value into its row; and the running
+    // maxima start at -inf.
+    let kblock = b.muli(&slot_block, &row_stride);
+    let kblock = b.addi(&kblock, &pair);
+    let kblock = b.muli(&kblock, &cd);
+    let kblock = b.muli(&kblock, &cw);
+    let vrow = b.muli(&slot, &row_stride);
+    let vrow = b.addi(&vrow, &pair);
+    let vrow = b.muli(&vrow, &cd);
+    b.for_range(&tid, &cd, &cthreads, &[], |b, dd, _| {
+        let at = b.addi(&new_row, dd);
+        let x = b.load(&k_new, &at, F32, F32);
+        let to = b.muli(dd, &cw);
+        let to = b.addi(&kblock, &to);
+        let to = b.addi(&to, &slot_lane);
+        b.store(&x, &kc, &to, F32, F32);
+        let y = b.load(&v_new, &at, F32, F32);
+        let to = b.addi(&vrow, dd);
+        b.store(&y, &vc, &to, F32, F32);
+        vec![]
+    });
+    b.for_range(&tid, &cgroup, &cthreads, &[], |b, i, _| {
+        store_shared(b, layout.running, i, &neg_inf);
+        vec![]
+    });
+    isa.barrier(b);
+
+    // The block's maximum of head `i` over the chunk, from the warps' maxima.
+    let chunk_max = |b: &mut Builder, i: &Val| -> Val {
+        let cwarps = b.i64(warps as i64);
+        let row = b.muli(i, &cwarps);
+        let mut m = neg_inf.clone();
+        for warp in 0..warps {
+            let at = b.i64(warp as i64);
+            let at = b.addi(&row, &at);
+            let x = load_shared(b, layout.warp_max, &at);
+            m = max(b, &m, &x);
+        }
+        m
+    };
+    // The running maximum of head `i` before chunk `c` (copy `c % 2`) and after it, and the
+    // maximum the weights of chunk `c` are taken against (0 while nothing is visible).
+    let maxima = |b: &mut Builder, c: &Val, i: &Val| -> (Val, Val, Val) {
+        let c2 = b.i64(2);
+        let parity = b.remi(c, &c2);
+        let at = b.muli(&parity, &cgroup);
+        let at = b.addi(&at, i);
+        let m_old = load_shared(b, layout.running, &at);
+        let m_chunk = chunk_max(b, i);
+        let m_new = max(b, &m_old, &m_chunk);
+        let hidden = b.cmpf("oeq", &m_new, &neg_inf, F32);
+        let m_use = b.select(&hidden, &fzero, &m_new, F32);
+        (m_old, m_new, m_use)
+    };
+
+    // The output units this thread accumulates: `vw` head dims of one query head each (the
+    // last ones clamped to the last unit, computed twice and stored once).
+    let cvw = b.i64(vw as i64);
+    let last_unit = b.i64(units as i64 - 1);
+    let mine: Vec<(Val, Val)> = (0..per_thread)
+        .map(|k| {
+            let off = b.i64((k * threads) as i64);
+            let unit = b.addi(&tid, &off);
+            let unit = b.mini(&unit, &last_unit);
+            let dim = b.muli(&unit, &cvw);
+            (b.divi(&dim, &cd), b.remi(&dim, &cd))
+        })
+        .collect();
+
+    let slots = b.muli(&blocks, &cw);
+    let chunks = b.ceil_div(&slots, &cchunk);
+    let mut carried: Vec<(Val, String)> = Vec::new();
+    for _ in 0..per_thread {
+        carried.push((zero_vv.clone(), vtv.clone()));
+        carried.push((fzero.clone(), F32.to_string()));
+    }
+    let finals = b.for_range(&c0, &chunks, &c1, &carried, |b, c, carried| {
+        // 2a. Scores of this thread's cache block, for every head of the group.
+        let cthreads = b.i64(threads as i64);
+        let sb = b.muli(c, &cthreads);
+        let sb = b.addi(&sb, &tid);
+        let s0 = b.muli(&sb, &cw);
+        let in_use = b.cmpi("slt", &sb, &blocks, I64);
+        let my_scores = b.muli(&tid, &cw);
+        let kbase = b.muli(&sb, &row_stride);
+        let kbase = b.addi(&kbase, &pair);
+        let kbase = b.muli(&kbase, &cd);
+        let kbase = b.muli(&kbase, &cw);
+        b.for_range(&c0, &cgroup, &c1, &[], |b, i, _| {
+            let h = b.addi(&first_head, i);
+            let s = b.if_else(
+                &in_use,
+                std::slice::from_ref(&vt),
+                |b| {
+                    let keys = b.load(&positions, &s0, I64, &vi64(w));
+                    let filled = b.cmpi("sgt", &keys, &minus_one, &vi64(w));
+                    let qrow = b.muli(&batch, &ch);
+                    let qrow = b.addi(&qrow, &h);
+                    let qrow = b.muli(&qrow, &cd);
+                    let dots = b.for_range(
+                        &c0,
+                        &cd,
+                        &c1,
+                        &[(zero_v.clone(), vt.clone())],
+                        |b, dd, carried| {
+                            let at = b.addi(&qrow, dd);
+                            let x = b.load(&q, &at, F32, F32);
+                            let xv = b.splat(&x, F32, w);
+                            let col = b.muli(dd, &cw);
+                            let col = b.addi(&kbase, &col);
+                            let lanes = b.load_aligned(&kc, &col, F32, &vt, k_align);
+                            vec![b.fma(&xv, &lanes, &carried[0], &vt)]
+                        },
+                    );
+                    let s = b.bin("mulf", &dots[0], &scale, &vt);
+                    let env = VecEnv {
+                        n: w,
+                        q: qpos.clone(),
+                        k0: c0.clone(),
+                        h: h.clone(),
+                        b: batch.clone(),
+                        score: Some(s.clone()),
+                        sides: &[],
+                        narrow: false,
+                        keys: Some(keys.clone()),
+                    };
+                    let s = match &kernel.score {
+                        Some(expr) => {
+                            let modified = vexpr::score(b, expr, &env);
+                            b.bin("mulf", &modified, &log2e_v, &vt)
+                        }
+                        None => s,
+                    };
+                    let visible = vexpr::mask(b, &kernel.mask, &env);
+                    let visible = b.bin("andi", &visible, &filled, &vi1(w));
+                    vec![b.select(&visible, &s, &neg_inf_v, &vt)]
+                },
+                |_| vec![neg_inf_v.clone()],
+            );
+            let row = b.muli(i, &cchunk);
+            let row = b.addi(&row, &my_scores);
+            let mut m = neg_inf.clone();
+            for lane in 0..w {
+                let x = b.op(format!("vector.extract {}[{lane}] : f32 from {vt}", s[0]));
+                let at = b.i64(lane as i64);
+                let at = b.addi(&row, &at);
+                store_shared(b, layout.scores, &at, &x);
+                m = max(b, &m, &x);
+            }
+            for bit in [16, 8, 4, 2, 1] {
+                let other = isa.shuffle_xor(b, &m, bit);
+                m = max(b, &m, &other);
+            }
+            let c32 = b.i64(32);
+            let lane = b.remi(&tid, &c32);
+            let first = b.cmpi("eq", &lane, &c0, I64);
+            b.if_then(&first, |b| {
+                let warp = b.divi(&tid, &c32);
+                let cwarps = b.i64(warps as i64);
+                let at = b.muli(i, &cwarps);
+                let at = b.addi(&at, &warp);
+                store_shared(b, layout.warp_max, &at, &m);
+            });
+            vec![]
+        });
+        isa.barrier(b);
+
+        // 2b. Weights `exp2(s - m)`, in place of the scores; the running maxima after this
+        // chunk into the other copy.
+        b.for_range(&c0, &cgroup, &c1, &[], |b, i, _| {
+            let (_, m_new, m_use) = maxima(b, c, i);
+            let m_use_v = b.splat(&m_use, F32, w);
+            let row = b.muli(i, &cchunk);
+            let row = b.addi(&row, &my_scores);
+            let mut s = zero_v.clone();
+            for lane in 0..w {
+                let at = b.i64(lane as i64);
+                let at = b.addi(&row, &at);
+                let x = load_shared(b, layout.scores, &at);
+                s = b.op(format!("vector.insert {x}, {s} [{lane}] : f32 into {vt}"));
+            }
+            let shifted = b.bin("subf", &s, &m_use_v, &vt);
+            let p = vexpr::exp2_nonpositive(b, &shifted, w);
+            for lane in 0..w {
+                let x = b.op(format!("vector.extract {p}[{lane}] : f32 from {vt}"));
+                let at = b.i64(lane as i64);
+                let at = b.addi(&row, &at);
+                store_shared(b, layout.scores, &at, &x);
+            }
+            let first = b.cmpi("eq", &tid, &c0, I64);
+            b.if_then(&first, |b| {
+                let c2 = b.i64(2);
+                let next = b.addi(c, &c1);
+                let parity = b.remi(&next, &c2);
+                let at = b.muli(&parity, &cgroup);
+                let at = b.addi(&at, i);
+                store_shared(b, layout.running, &at, &m_new);
+            });
+            vec![]
+        });
+        isa.barrier(b);
+
+        // 2c. `O = alpha O + P V` and `l = alpha l + sum P` for this thread's units.
+        let base = b.muli(c, &cchunk);
+        let left = b.subi(&slots, &base);
+        let here = b.mini(&left, &cchunk);
+        let mut next = Vec::new();
+        for (k, (i, dim)) in mine.iter().enumerate() {
+            let (m_old, _, m_use) = maxima(b, c, i);
+            let shift = b.bin("subf", &m_old, &m_use, F32);
+            let shift_v = b.splat(&shift, F32, w);
+            let alpha_v = vexpr::exp2_nonpositive(b, &shift_v, w);
+            let alpha = b.op(format!("vector.extract {alpha_v}[0] : f32 from {vt}"));
+            let alpha_vv = b.splat(&alpha, F32, vw);
+            let acc = b.bin("mulf", &carried[2 * k], &alpha_vv, &vtv);
+            let sum = b.bin("mulf", &carried[2 * k + 1], &alpha, F32);
+            let weights = b.muli(i, &cchunk);
+            let sums = b.for_range(
+                &c0,
+                &here,
+                &c1,
+                &[(acc, vtv.clone()), (sum, F32.to_string())],
+                |b, j, carried| {
+                    let at = b.addi(&weights, j);
+                    let p = load_shared(b, layout.scores, &at);
+                    let s = b.addi(&base, j);
+                    let row = b.muli(&s, &row_stride);
+                    let row = b.addi(&row, &pair);
+                    let row = b.muli(&row, &cd);
+                    let row = b.addi(&row, dim);
+                    let v = b.load_aligned(&vc, &row, F32, &vtv, v_align);
+                    let pv = b.splat(&p, F32, vw);
+                    let acc = b.fma(&pv, &v, &carried[0], &vtv);
+                    let sum = b.bin("addf", &carried[1], &p, F32);
+                    vec![acc, sum]
+                },
+            );
+            next.extend(sums);
+        }
+        // Every thread is done with this chunk's scores and maxima before the next
+        // overwrites them.
+        isa.barrier(b);
+        next
+    });
+
+    // 3. Normalize and write out; a query that saw nothing gets zeros.
+    let total = b.i64(units as i64);
+    for (k, (i, dim)) in mine.iter().enumerate() {
+        // Clamped units are stored by the thread they belong to.
+        let off = b.i64((k * threads) as i64);
+        let unit = b.addi(&tid, &off);
+        let ours = b.cmpi("slt", &unit, &total, I64);
+        let acc = finals[2 * k].clone();
+        let sum = finals[2 * k + 1].clone();
+        b.if_then(&ours, |b| {
+            let (_, inverse) = reciprocal_or_zero(b, &sum, (&fzero, &fone), vw);
+            let o = b.bin("mulf", &acc, &inverse, &vtv);
+            let h = b.addi(&first_head, i);
+            let orow = b.muli(&batch, &ch);
+            let orow = b.addi(&orow, &h);
+            let orow = b.muli(&orow, &cd);
+            let at = b.addi(&orow, dim);
+            b.store(&o, &out, &at, F32, &vtv);
+        });
+    }
+    block_function(builder, name, "bx", "by")
+}
