@@ -8,7 +8,8 @@
 # operands rounded to bf16, f32 accumulation) are compared with a bf16 tolerance: 2e-2 of the
 # largest logit; on sm_90, zebra_tiny's forward pass and training steps and the benchmark
 # model's forward pass also with their attentions on wgmma (--mma wgmma). Then the forward
-# benchmark of a 492M-parameter model, f32 against bf16, and its training step in bf16.
+# benchmark of a 492M-parameter model, f32 against bf16, its decoding after a long prompt
+# and its training step in bf16.
 # Usage: scripts/gpu-check.sh DIR [TOLERANCE]   (relative to the largest logit; default 1e-4)
 # PARTS="attention model ..." runs only those parts (examples, golden, training, decode,
 # generate, model, attention, tune), e.g. to spread the checks over several device calls.
@@ -158,6 +159,17 @@ if part model; then
         if [ -d "$dir/model/bf16-wgmma" ]; then
             compare "model benchmark, bf16 with wgmma attentions against f32" \
                 "$dir/model/bf16-wgmma-logits.npy" "$dir/model/f32-logits.npy" "$bf16_tolerance"
+        fi
+    fi
+fi
+# The decoding benchmark: 64 tokens (greedy, random weights) after a 4000-token prompt,
+# bf16; zebra-run prints the decode steps' tokens per second.
+if part model; then
+    if [ -d "$dir/model/generate-bf16" ]; then
+        prompt=$(yes "the herd walks along the river and eats grass while the sun sets over the wide plain." | head -c 4000)
+        if ! GPU_TIMEOUT=300 gpu generate "$dir/model/generate-bf16" --device cuda --random-weights 1 \
+            --prompt "$prompt" --max-tokens 64 --temperature 0 > /dev/null; then
+            gpu_failed "decoding benchmark, bf16"
         fi
     fi
 fi

@@ -101,6 +101,9 @@ if [ "$sm" = sm_90 ]; then
     # The same with its attentions on wgmma.
     $zebra compile bench/gpu_model.zb --emit artifact --target "$sm" --dtype bf16 --mma wgmma --max-seq-len 4096 -o "$out/model/bf16-wgmma" >/dev/null
 fi
+# Its decoding in bf16 after a 4000-token prompt (tokens per second; the decode steps'
+# attentions on the block-per-KV-head kernel).
+$zebra compile bench/gpu_model.zb --emit artifact --for generate --target "$sm" --dtype bf16 --max-seq-len 4160 -o "$out/model/generate-bf16" >/dev/null
 # Its training step in bf16 (projections, attention and its backward on tensor cores).
 $zebra compile bench/gpu_model.zb --emit artifact --for train --target "$sm" --dtype bf16 --max-seq-len 2048 -o "$out/model/train-bf16" >/dev/null
 python3 - "$out/model/tokens.npy" <<'PY'

@@ -93,8 +93,12 @@ enum Command {
     /// Generate text from an artifact built with `--for generate`, streaming it.
     Generate {
         artifact: PathBuf,
-        #[arg(long)]
-        weights: PathBuf,
+        #[arg(long, required_unless_present = "random_weights")]
+        weights: Option<PathBuf>,
+        /// Deterministic random weights of the plan's shapes instead of --weights, for
+        /// benchmarks of decoding with large models.
+        #[arg(long, conflicts_with = "weights")]
+        random_weights: Option<u64>,
         #[arg(long)]
         prompt: String,
         #[arg(long, default_value_t = 200)]
@@ -258,29 +262,36 @@ fn info(dir: &Path, out: &mut dyn Write) -> Result<()> {
         writeln!(out, "  model      {}", plan.name)?;
         writeln!(out, "  target     {}", plan.target)?;
         writeln!(out, "  kernels    {}", plan.kernels.len())?;
-        let on_tensor_cores: Vec<&zebra_runtime::plan::KernelInfo> = plan
-            .kernels
-            .iter()
-            .filter(|k| k.tensor_cores.is_some())
-            .collect();
-        if let Some(first) = on_tensor_cores.first() {
+        // Kernels with a GPU-shaped version: on tensor cores (a 16-bit type), or in f32 (the
+        // decode steps' attention).
+        for (label, f32_kernels) in [("tensor", false), ("gpu", true)] {
+            let shaped: Vec<(&str, &str)> = plan
+                .kernels
+                .iter()
+                .filter_map(|k| Some((k.symbol.as_str(), k.tensor_cores.as_ref()?.dtype.as_str())))
+                .filter(|(_, dtype)| (*dtype == "f32") == f32_kernels)
+                .collect();
+            let Some((_, dtype)) = shaped.first() else {
+                continue;
+            };
             // Kinds of kernels, from their symbols (`zebra_attention_dq_<hash>`).
             let mut kinds: Vec<&str> = Vec::new();
-            for kernel in &on_tensor_cores {
-                let symbol = kernel
-                    .symbol
-                    .strip_prefix("zebra_")
-                    .unwrap_or(&kernel.symbol);
+            for (symbol, _) in &shaped {
+                let symbol = symbol.strip_prefix("zebra_").unwrap_or(symbol);
                 let kind = symbol.rsplit_once('_').map_or(symbol, |(kind, _)| kind);
                 if !kinds.contains(&kind) {
                     kinds.push(kind);
                 }
             }
-            let dtype = first.tensor_cores.as_ref().map_or("", |t| t.dtype.as_str());
+            let what = if f32_kernels {
+                "GPU-shaped"
+            } else {
+                "on tensor cores"
+            };
             writeln!(
                 out,
-                "  tensor     {} kernels on tensor cores ({dtype}): {}",
-                on_tensor_cores.len(),
+                "  {label:<10} {} kernels {what} ({dtype}): {}",
+                shaped.len(),
                 kinds.join(", ")
             )?;
         }
@@ -513,6 +524,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Generate {
             artifact,
             weights,
+            random_weights,
             prompt,
             max_tokens,
             temperature,
@@ -535,7 +547,11 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
                     artifact.display()
                 );
             }
-            let weights = load_weights(&weights)?;
+            let weights = weights_of(
+                weights.as_deref(),
+                random_weights,
+                &artifact.join("prefill"),
+            )?;
             let mut generator = match device.as_str() {
                 "cpu" => Generator::load(&artifact, &weights, threads)?,
                 "cuda" => Generator::load_cuda(&artifact, &weights)?,

@@ -1213,6 +1213,30 @@ fn the_runtime_only_binary_runs_compiled_artifacts() {
     ]);
     assert!(out.ok, "{}", out.stderr);
     assert_eq!(text, out.stdout);
+    // Random weights of the plan's shapes (benchmarks of decoding): the same for a seed.
+    let random = |seed: &str| {
+        run_tool(&[
+            "generate",
+            &generate,
+            "--random-weights",
+            seed,
+            "--prompt",
+            "the quick",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+        ])
+        .unwrap()
+    };
+    let first = random("5");
+    assert!(
+        first.starts_with("the quick") && first.len() > "the quick".len(),
+        "{first}"
+    );
+    assert_eq!(first, random("5"));
+    let error = run_tool(&["generate", &generate, "--prompt", "the quick"]).unwrap_err();
+    assert!(error.contains("--weights"), "{error}");
     // Teacher-forced decoding: each step's logits are the forward's at that position.
     let stepped = path(dir.path(), "stepped.npy");
     run_tool(&[
@@ -1360,6 +1384,25 @@ fn compile_emits_ptx_for_nvidia_targets() {
         assert!(line.contains(kind), "{line}");
     }
     assert!(line.contains("(bf16)"), "{line}");
+    // An f32 plan for generation: its decode steps' attentions run the GPU-shaped decode
+    // kernel, nothing on tensor cores.
+    let artifact = path(dir.path(), "generate");
+    let out = zebra(&[
+        "compile", &zb, "--target", "sm_90", "--for", "generate", "--emit", "artifact", "-o",
+        &artifact,
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    let info = zebra_run(&["info", &artifact]).unwrap();
+    assert!(!info.contains("tensor cores"), "{info}");
+    let shaped: Vec<&str> = info
+        .lines()
+        .filter(|l| l.trim_start().starts_with("gpu"))
+        .collect();
+    assert_eq!(shaped.len(), 1, "{info}");
+    assert!(
+        shaped[0].contains("GPU-shaped (f32): attention_decode"),
+        "{info}"
+    );
 }
 
 /// `zebra compile --for attention` writes tensor-core kernels (PTX, MLIR, an artifact that
