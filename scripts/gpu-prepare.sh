@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Prepares a GPU check on this machine (which has the compiler) for a GPU machine (which
 # needs nothing but its driver): the runtime-only binary, each example compiled for the GPU,
-# its weights and tokens, and the CPU's logits to compare with. Then, on the GPU machine:
-#   scripts/gpu-check.sh DIR
+# its weights and tokens, and the CPU's logits to compare with; also packed as DIR.tar.gz.
+# Then, on the GPU machine (after `tar xzf DIR.tar.gz` where only the archive was copied):
+#   DIR/gpu-check.sh DIR
 # Usage: scripts/gpu-prepare.sh [DIR] [sm_90|sm_80]   (default target/gpu-check, sm_90)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -155,7 +156,10 @@ echo "prepared attention"
 $zebra tune bench/gpu_attention.zb --target "$sm" --seq-len 16384 --repeats 20 -o "$out/tune" >/dev/null
 echo "prepared a tuning run"
 du -sh "$out"
-# A device run carries at most 64 MiB of the working tree.
-if [ "$(du -sb "$out" | cut -f1)" -gt $((64 * 1024 * 1024)) ]; then
-    echo "warning: $out is over 64 MiB, more than a device run carries" >&2
+# The same as one compressed file (PTX compresses about threefold), for a device run, which
+# carries at most 64 MiB of the working tree: there, `tar xzf DIR.tar.gz -C PARENT` first.
+tar czf "$out.tar.gz" -C "$(dirname "$out")" "$(basename "$out")"
+du -sh "$out.tar.gz"
+if [ "$(du -sb "$out.tar.gz" | cut -f1)" -gt $((64 * 1024 * 1024)) ]; then
+    echo "warning: $out.tar.gz is over 64 MiB, more than a device run carries" >&2
 fi
