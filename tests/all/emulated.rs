@@ -1203,6 +1203,57 @@ fn zebra_tiny_decoding_on_tensor_cores_in_the_emulator() {
 /// Zebra layout, sinks with a ring, chunked, ALiBi and soft-capping.
 #[test]
 fn decoding_on_the_gpu_decode_kernel_in_the_emulator() {
+    for file in [
+        "examples/zebra_tiny.zb",
+        "examples/attention/sinks.zb",
+        "examples/attention/chunked.zb",
+        "examples/attention/alibi.zb",
+        "examples/attention/softcap.zb",
+    ] {
+        let (source, _) = check_ok(&root().join(file));
+        decode_kernel_matches_the_portable_one(file, &source, 250);
+    }
+}
+
+/// As [`decoding_on_the_gpu_decode_kernel_in_the_emulator`], for the shapes that take the
+/// kernel's other paths: four head dims a thread and several output units each (8 query
+/// heads of 128 on one KV head), two head dims a thread with units left over (head dim 48),
+/// one head dim a thread with most threads idle (head dim 20, no GQA).
+#[test]
+fn the_gpu_decode_kernel_takes_every_group_and_head_dim() {
+    for (heads, kv_heads, head_dim) in [(8, 1, 128), (4, 2, 48), (3, 3, 20)] {
+        let source = format!(
+            "attention global causal {{
+    mask = k <= q
+}}
+
+attention local(window: int = 40) causal {{
+    mask = k <= q && q - k < window
+}}
+
+model shapes {{
+    vocab      = 256
+    dim        = {dim}
+    heads      = {heads}
+    kv_heads   = {kv_heads}
+    ffn        = swiglu(hidden = 64)
+    norm       = rmsnorm(eps = 1e-5)
+    rope       = rope(base = 10000.0)
+    embeddings = tied
+    layers     = [global, local]
+}}
+",
+            dim = heads * head_dim
+        );
+        let what = format!("{heads} heads of {head_dim} over {kv_heads} KV heads");
+        decode_kernel_matches_the_portable_one(&what, &source, 170);
+    }
+}
+
+/// Prefills a prompt of the model in `source`, then decodes up to `end` tokens with the
+/// portable decode attention and with the GPU one (32 threads a block) in the emulator;
+/// their logits agree at every step.
+fn decode_kernel_matches_the_portable_one(what: &str, source: &str, end: usize) {
     use ndarray::s;
     use std::collections::BTreeMap;
     use zebra_codegen::kernels::tensor_core::{TensorCoreKernel, select_decode};
@@ -1231,58 +1282,51 @@ fn decoding_on_the_gpu_decode_kernel_in_the_emulator() {
             })
             .collect()
     };
-    for file in [
-        "examples/zebra_tiny.zb",
-        "examples/attention/sinks.zb",
-        "examples/attention/chunked.zb",
-        "examples/attention/alibi.zb",
-        "examples/attention/softcap.zb",
-    ] {
-        let (_, checked) = check_ok(&root().join(file));
-        let spec = checked.program.models[0].clone();
-        let graph = optimize(&lower(&spec), &Options::default()).unwrap().graph;
-        let weights = zebra_frontend::init::random_weights(&spec, 5);
-        let out = tempfile::tempdir().unwrap();
-        let prefill_dir = out.path().join("p");
-        zebra_codegen::artifact::build_with_vector(
-            &graph,
-            &prefill_dir,
-            &zebra_codegen::artifact::BuildOptions {
-                mode: PlanMode::Prefill,
-                max_seq_len: 256,
-                cache: None,
-            },
-            Some(zebra_codegen::ptx::GPU_VECTOR),
-        )
-        .unwrap();
-        let mut prefill = CpuModel::load(&prefill_dir, &weights, 2).unwrap();
-        let (mut decode, mut decode_gpu, kinds) = models_with_gpu_kernels(
-            &graph,
-            PlanMode::Decode,
-            &out.path().join("d"),
-            &weights,
-            &thirty_two,
-        );
-        assert!(
-            !kinds.is_empty() && kinds.iter().all(|k| *k == "decode"),
-            "{file}: {kinds:?}"
-        );
-        let (batch, end, prompt) = (2, 250, 30);
-        let all = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[batch, end]), |i| {
-            ((i[0] * 37 + i[1] * 11) % spec.vocab) as i64
-        });
-        let first = BTreeMap::from([(
-            "tokens".to_string(),
-            Tensor::I64(all.slice(s![.., ..prompt]).to_owned().into_dyn()),
-        )]);
-        let cached = prefill.run(&first).unwrap();
-        decode.start_decode(&cached).unwrap();
-        decode_gpu.start_decode(&cached).unwrap();
-        for t in prompt..end {
-            let next = all.slice(s![.., t..t + 1]).to_owned().into_dyn();
-            let want = decode.decode(&next).unwrap()["logits"].mapv(f64::from);
-            let got = decode_gpu.decode(&next).unwrap()["logits"].mapv(f64::from);
-            crate::common::assert_close(&got, &want, 1e-5, &format!("{file}: decode step {t}"));
-        }
+    let checked = zebra_frontend::check_source(source);
+    assert!(!checked.has_errors(), "{what}: {:?}", checked.diagnostics);
+    let spec = checked.program.models[0].clone();
+    let graph = optimize(&lower(&spec), &Options::default()).unwrap().graph;
+    let weights = zebra_frontend::init::random_weights(&spec, 5);
+    let out = tempfile::tempdir().unwrap();
+    let prefill_dir = out.path().join("p");
+    zebra_codegen::artifact::build_with_vector(
+        &graph,
+        &prefill_dir,
+        &zebra_codegen::artifact::BuildOptions {
+            mode: PlanMode::Prefill,
+            max_seq_len: 256,
+            cache: None,
+        },
+        Some(zebra_codegen::ptx::GPU_VECTOR),
+    )
+    .unwrap();
+    let mut prefill = CpuModel::load(&prefill_dir, &weights, 2).unwrap();
+    let (mut decode, mut decode_gpu, kinds) = models_with_gpu_kernels(
+        &graph,
+        PlanMode::Decode,
+        &out.path().join("d"),
+        &weights,
+        &thirty_two,
+    );
+    assert!(
+        !kinds.is_empty() && kinds.iter().all(|k| *k == "decode"),
+        "{what}: {kinds:?}"
+    );
+    let (batch, prompt) = (2, 30);
+    let all = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[batch, end]), |i| {
+        ((i[0] * 37 + i[1] * 11) % spec.vocab) as i64
+    });
+    let first = BTreeMap::from([(
+        "tokens".to_string(),
+        Tensor::I64(all.slice(s![.., ..prompt]).to_owned().into_dyn()),
+    )]);
+    let cached = prefill.run(&first).unwrap();
+    decode.start_decode(&cached).unwrap();
+    decode_gpu.start_decode(&cached).unwrap();
+    for t in prompt..end {
+        let next = all.slice(s![.., t..t + 1]).to_owned().into_dyn();
+        let want = decode.decode(&next).unwrap()["logits"].mapv(f64::from);
+        let got = decode_gpu.decode(&next).unwrap()["logits"].mapv(f64::from);
+        crate::common::assert_close(&got, &want, 1e-5, &format!("{what}: decode step {t}"));
     }
 }
