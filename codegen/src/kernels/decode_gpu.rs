@@ -28,7 +28,8 @@ use super::warp::Lowering;
 use crate::mlir::{Builder, F32, I64, Val, vf32, vi1, vi64};
 use crate::vexpr::{self, VecEnv};
 
-/// Threads per block (a multiple of 32; tests take fewer, for chunks of fewer slots).
+/// Threads per block (a multiple of 32; fewer where a large group's scores would not fit in
+/// shared memory, and in tests, for chunks of fewer slots).
 pub const THREADS: usize = 256;
 
 /// The most shared memory a block takes (the scores of a chunk for every query head of the
@@ -73,15 +74,19 @@ fn group(kernel: &AttentionKernel) -> usize {
     (kernel.heads / kernel.kv_heads.max(1)) as usize
 }
 
-/// Whether the GPU kernel takes this decode attention: no side inputs (decoding has none),
-/// and the group's scores fit in shared memory.
-pub fn takes(kernel: &AttentionKernel, w: usize) -> bool {
-    kernel.sides.is_empty()
+/// The threads per block of the GPU kernel for this decode attention: [`THREADS`], or fewer
+/// (down to a warp) where a large group's scores would not fit in shared memory; `None`
+/// where it does not take it (side inputs, which decoding has none of, or a group too large
+/// even for a warp).
+pub fn threads_for(kernel: &AttentionKernel, w: usize) -> Option<usize> {
+    let ok = kernel.sides.is_empty()
         && kernel.head_dim > 0
         && kernel.kv_heads > 0
         && kernel.heads.is_multiple_of(kernel.kv_heads)
-        && (1..=16).contains(&w)
-        && shared_bytes(kernel, w, THREADS) <= MAX_SHARED_BYTES
+        && (1..=16).contains(&w);
+    [THREADS, 128, 64, 32]
+        .into_iter()
+        .find(|&threads| ok && shared_bytes(kernel, w, threads) <= MAX_SHARED_BYTES)
 }
 
 /// Head dims per thread in the `O += P V` phase: the widest of 4, 2 and 1 that divides the
@@ -478,4 +483,65 @@ pub fn attention_decode_gpu(
         });
     }
     block_function(builder, name, "bx", "by")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zebra_ir::expr::parse_expr;
+
+    fn kernel(heads: u64, kv_heads: u64, head_dim: u64) -> AttentionKernel {
+        AttentionKernel {
+            name: "global".into(),
+            mask: parse_expr("k <= q").unwrap(),
+            score: None,
+            sides: Vec::new(),
+            heads,
+            kv_heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            block_q: 64,
+            block_k: 64,
+            merge_heads: false,
+            loc: None,
+        }
+    }
+
+    #[test]
+    fn large_groups_take_fewer_threads_within_shared_memory() {
+        // A group of 8: 256 threads, each chunk's scores 32 KiB.
+        assert_eq!(threads_for(&kernel(32, 4, 128), 4), Some(256));
+        assert_eq!(
+            shared_bytes(&kernel(32, 4, 128), 4, 256),
+            8 * 1024 * 4 + 8 * 8 * 4 + 64
+        );
+        // Multi-query attention with 64 heads: 128 threads, then 64.
+        assert_eq!(threads_for(&kernel(32, 1, 128), 4), Some(128));
+        assert_eq!(threads_for(&kernel(64, 1, 128), 4), Some(64));
+        for (heads, kv) in [(8, 8), (32, 1), (64, 1), (128, 1)] {
+            let k = kernel(heads, kv, 64);
+            let threads = threads_for(&k, 4).unwrap();
+            assert!(
+                shared_bytes(&k, 4, threads) <= MAX_SHARED_BYTES,
+                "{heads}/{kv}"
+            );
+        }
+        // A group too large even for a warp, heads not a multiple of the KV heads, side
+        // inputs: not taken.
+        assert_eq!(threads_for(&kernel(256, 1, 64), 4), None);
+        assert_eq!(threads_for(&kernel(6, 4, 64), 4), None);
+        let mut documents = kernel(8, 8, 64);
+        documents.sides.push("doc".into());
+        assert_eq!(threads_for(&documents, 4), None);
+    }
+
+    #[test]
+    fn value_widths_give_every_thread_a_share() {
+        assert_eq!(value_width(8, 128, 256), 4);
+        assert_eq!(value_width(4, 128, 256), 2);
+        assert_eq!(value_width(1, 128, 256), 1);
+        assert_eq!(value_width(2, 48, 32), 2);
+        assert_eq!(value_width(1, 20, 32), 1);
+        assert_eq!(value_width(8, 30, 32), 2);
+    }
 }

@@ -67,7 +67,7 @@ pub enum TensorCoreKernel {
         policy: zebra_ir::cache::KvPolicy,
         /// Slots per block of the key cache.
         slots: usize,
-        /// Threads per block ([`decode_gpu::THREADS`]).
+        /// Threads per block ([`decode_gpu::threads_for`]).
         threads: usize,
     },
 }
@@ -385,11 +385,11 @@ fn decode_kernel(planned: &Planned, i: usize) -> Option<TensorCoreKernel> {
         _ => None,
     })?;
     let slots = planned.plan.caches.get(cache)?.block;
-    decode_gpu::takes(kernel, slots).then(|| TensorCoreKernel::Decode {
+    Some(TensorCoreKernel::Decode {
         kernel: kernel.clone(),
         policy: *policy,
         slots,
-        threads: decode_gpu::THREADS,
+        threads: decode_gpu::threads_for(kernel, slots)?,
     })
 }
 
