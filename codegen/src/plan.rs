@@ -920,6 +920,14 @@ impl Planner<'_> {
             self.operand[&operands[2]],
         );
         let (value, out) = self.define(id);
+        // Where the GPU kernel keeps each split's share of the cache (`decode_gpu`); the
+        // CPU's kernel leaves it untouched.
+        let partials = self.workspace(vec![
+            Extent::Batch,
+            Extent::Const(crate::kernels::decode_gpu::workspace_floats_per_batch_row(
+                kernel,
+            )),
+        ]);
         let ops = vec![
             q,
             k,
@@ -928,6 +936,7 @@ impl Planner<'_> {
             Operand::CacheValues(cache),
             Operand::CachePositions(cache),
             out,
+            partials,
         ];
         let grid = Grid {
             rows: vec![Extent::Batch],

@@ -251,13 +251,17 @@ pub fn gpu_llvm_ir(
         .map(|k| k.symbol.clone())
         .collect();
     let mut out = gpu_math(&ir);
-    for (name, _) in &tensor_core {
+    for (name, kernel) in &tensor_core {
         // Inlined into its entry: no copy of its own.
-        out = out.replacen(
-            &format!("define void @{name}("),
-            &format!("define internal void @{name}("),
-            1,
-        );
+        let mut functions = vec![name.clone()];
+        functions.extend(kernel.then().map(|then| format!("{name}{}", then.suffix)));
+        for function in functions {
+            out = out.replacen(
+                &format!("define void @{function}("),
+                &format!("define internal void @{function}("),
+                1,
+            );
+        }
     }
     out.push_str(&entries(&symbols));
     if !tensor_core.is_empty() {
@@ -267,6 +271,9 @@ pub fn gpu_llvm_ir(
     }
     for (name, kernel) in &tensor_core {
         out.push_str(&kernel.entry_ir(name));
+        if let Some(then) = kernel.then() {
+            out.push_str(&then.entry_ir(name));
+        }
     }
     Ok(out)
 }
@@ -304,6 +311,16 @@ pub fn gpu_mlir(
             grid: kernel.grid(),
             threads: kernel.threads(),
             shared_bytes: kernel.shared_bytes(),
+            then: kernel.then().map(|then| {
+                Box::new(zebra_runtime::plan::TensorCoreLaunch {
+                    entry: format!("{name}{}_mma", then.suffix),
+                    dtype: dtype.into(),
+                    grid: then.grid,
+                    threads: then.threads,
+                    shared_bytes: then.shared_bytes,
+                    then: None,
+                })
+            }),
         });
         tensor_core.push((name, kernel));
     }

@@ -179,6 +179,8 @@ pub struct CudaModel {
     stream: Arc<CudaStream>,
     _module: Arc<CudaModule>,
     functions: Vec<CudaFunction>,
+    /// Per kernel, the function of its tensor-core launch's second launch, if any.
+    then_functions: Vec<Option<CudaFunction>>,
     weights: Vec<CudaSlice<u8>>,
     packed: Vec<CudaSlice<u8>>,
     constants: Vec<CudaSlice<u8>>,
@@ -255,6 +257,20 @@ impl CudaModel {
                 Ok(function)
             })
             .collect::<Result<Vec<_>, RuntimeError>>()?;
+        let then_functions = plan
+            .kernels
+            .iter()
+            .map(|k| {
+                let Some(then) = k.tensor_cores.as_ref().and_then(|t| t.then.as_ref()) else {
+                    return Ok(None);
+                };
+                let function = module
+                    .load_function(&then.entry)
+                    .map_err(|_| RuntimeError::Symbol(then.entry.clone()))?;
+                opt_in_shared(&function, &then.entry, then.shared_bytes)?;
+                Ok(Some(function))
+            })
+            .collect::<Result<Vec<_>, RuntimeError>>()?;
         let masks = plan
             .schedules
             .iter()
@@ -270,6 +286,7 @@ impl CudaModel {
             stream,
             _module: module,
             functions,
+            then_functions,
             weights: Vec::new(),
             packed: Vec::new(),
             constants: Vec::new(),
@@ -539,14 +556,24 @@ impl CudaModel {
                         .map_err(cuda_error("copying dims"))?;
                     let programs = grid.programs(batch, seq) as i64;
                     if let Some(launch) = &self.plan.kernels[kernel].tensor_cores {
-                        let (x, y) = launch.grid.blocks(batch, seq);
-                        if x * y > 0 {
+                        // The launch, then its second launch where it has one.
+                        let mut launches = vec![(launch, &self.functions[kernel])];
+                        if let (Some(then), Some(function)) =
+                            (&launch.then, &self.then_functions[kernel])
+                        {
+                            launches.push((then, function));
+                        }
+                        for (launch, function) in launches {
+                            let (x, y) = launch.grid.blocks(batch, seq, offset);
+                            if x * y == 0 {
+                                continue;
+                            }
                             let config = LaunchConfig {
                                 grid_dim: (x as u32, y as u32, 1),
                                 block_dim: (launch.threads as u32, 1, 1),
                                 shared_mem_bytes: launch.shared_bytes as u32,
                             };
-                            let mut builder = self.stream.launch_builder(&self.functions[kernel]);
+                            let mut builder = self.stream.launch_builder(function);
                             builder.arg(&table);
                             builder.arg(&dims_dev);
                             // SAFETY: the entry takes (buffers, dims), the buffers of the

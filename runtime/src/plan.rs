@@ -236,6 +236,10 @@ pub struct TensorCoreLaunch {
     pub grid: TensorCoreGrid,
     pub threads: usize,
     pub shared_bytes: usize,
+    /// A second launch right after this one, with the same buffers and dims (the decode
+    /// attention's combining of the shares of the cache its blocks took).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub then: Option<Box<TensorCoreLaunch>>,
 }
 
 /// The blocks of a tensor-core launch, for `B` rows of `T` tokens.
@@ -246,6 +250,15 @@ pub enum TensorCoreGrid {
     Rows { rows: usize, columns: usize },
     /// `(ceil(T / block_q), B heads)`: query tiles, per batch row and head.
     Attention { block_q: usize, heads: usize },
+    /// `(splits, B heads)`: shares of a decode step's KV cache, per batch row and KV head:
+    /// one per `chunk` slots in use (the token's position plus one, at most `capacity`), at
+    /// most `splits`.
+    Splits {
+        splits: usize,
+        heads: usize,
+        chunk: usize,
+        capacity: Option<usize>,
+    },
     /// `(ceil(M / block_m) ceil(N / block_n), batch)`: output tiles of each batch entry.
     MatMul {
         batch: Vec<Extent>,
@@ -257,11 +270,20 @@ pub enum TensorCoreGrid {
 }
 
 impl TensorCoreGrid {
-    /// The grid's `(x, y)` blocks.
-    pub fn blocks(&self, batch: usize, seq: usize) -> (usize, usize) {
+    /// The grid's `(x, y)` blocks for `B` rows of `T` tokens, the first at `position`.
+    pub fn blocks(&self, batch: usize, seq: usize, position: usize) -> (usize, usize) {
         match self {
             TensorCoreGrid::Rows { rows, columns } => ((batch * seq).div_ceil(*rows), *columns),
             TensorCoreGrid::Attention { block_q, heads } => (seq.div_ceil(*block_q), batch * heads),
+            TensorCoreGrid::Splits {
+                splits,
+                heads,
+                chunk,
+                capacity,
+            } => {
+                let used = (position + 1).min(capacity.unwrap_or(usize::MAX));
+                (used.div_ceil((*chunk).max(1)).min(*splits), batch * heads)
+            }
             TensorCoreGrid::MatMul {
                 batch: entries,
                 m,

@@ -723,13 +723,23 @@ fn models_with_gpu_kernels(
         let compiled =
             EmulatedKernel::compile(&function, &name, kernel.threads(), kernel.shared_bytes())
                 .unwrap();
-        let grid = kernel.grid();
+        let mut launches = vec![(compiled, kernel.grid())];
+        // A second launch (the decode attention's combining), as the CUDA runtime makes it.
+        if let Some(then) = kernel.then() {
+            let then_name = format!("{name}{}", then.suffix);
+            let compiled =
+                EmulatedKernel::compile(&function, &then_name, then.threads, then.shared_bytes)
+                    .unwrap();
+            launches.push((compiled, then.grid));
+        }
         emulated.substitute(
             i,
             Box::new(move |pointers, dims| {
                 let buffers: Vec<u64> = pointers.iter().map(|p| *p as u64).collect();
-                let blocks = grid.blocks(dims[0] as usize, dims[1] as usize);
-                compiled.launch(blocks, &buffers, &dims).unwrap();
+                for (compiled, grid) in &launches {
+                    let blocks = grid.blocks(dims[0] as usize, dims[1] as usize, dims[3] as usize);
+                    compiled.launch(blocks, &buffers, &dims).unwrap();
+                }
             }),
         );
         kinds.push(match kernel {
@@ -1064,7 +1074,7 @@ fn tensor_core_matmul_in_the_emulator() {
         ];
         let dims = [batch as i64, seq as i64, 0, 0];
         compiled
-            .launch(kernel.grid().blocks(batch, seq), &buffers, &dims)
+            .launch(kernel.grid().blocks(batch, seq, 0), &buffers, &dims)
             .unwrap_or_else(|e| panic!("{what}: {e}"));
         let c = read(&c_buf, batch * mm * nn);
         let round = |x: f32| f64::from(bf16_value(bf16_bits(x)));
@@ -1128,7 +1138,7 @@ fn the_emulator_finds_a_missing_barrier() {
     let dims = [1, m as i64, 0, 0];
     let run = |text: &str| {
         let compiled = EmulatedKernel::compile(text, "proj", THREADS, p.shared_bytes()).unwrap();
-        compiled.launch(kernel.grid().blocks(1, m), &buffers, &dims)
+        compiled.launch(kernel.grid().blocks(1, m, 0), &buffers, &dims)
     };
     run(&function).unwrap();
     // Which side of a race a thread reaches first depends on the scheduler: either is named.
@@ -1196,11 +1206,13 @@ fn zebra_tiny_decoding_on_tensor_cores_in_the_emulator() {
     }
 }
 
-/// The decode step's GPU attention (a block per batch row and KV head, `select_decode`: in
-/// every GPU plan, f32 included) in the emulator with 32 threads a block, so chunks of 128
-/// cache slots: after a prompt, decode steps past several chunks of a global layer's cache
-/// and several wraps of the rings give the portable kernel's logits at every step, for the
-/// Zebra layout, sinks with a ring, chunked, ALiBi and soft-capping.
+/// The decode step's GPU attention (blocks per batch row and KV head, each taking a share of
+/// the cache, then a launch combining them; `select_decode`: in every GPU plan, f32
+/// included) in the emulator with 32 threads a block, so chunks of 128 cache slots: after a
+/// prompt, decode steps past several chunks of a global layer's cache and several wraps of
+/// the rings give the portable kernel's logits at every step, for the Zebra layout, sinks
+/// with a ring, chunked, ALiBi and soft-capping; with one split (several chunks a block) and
+/// with up to three (two launched for this cache, one chunk each).
 #[test]
 fn decoding_on_the_gpu_decode_kernel_in_the_emulator() {
     for file in [
@@ -1211,7 +1223,10 @@ fn decoding_on_the_gpu_decode_kernel_in_the_emulator() {
         "examples/attention/softcap.zb",
     ] {
         let (source, _) = check_ok(&root().join(file));
-        decode_kernel_matches_the_portable_one(file, &source, 250);
+        for splits in [1, 3] {
+            let what = format!("{file}, {splits} splits");
+            decode_kernel_matches_the_portable_one(&what, &source, 250, splits);
+        }
     }
 }
 
@@ -1246,14 +1261,14 @@ model shapes {{
             dim = heads * head_dim
         );
         let what = format!("{heads} heads of {head_dim} over {kv_heads} KV heads");
-        decode_kernel_matches_the_portable_one(&what, &source, 170);
+        decode_kernel_matches_the_portable_one(&what, &source, 170, 2);
     }
 }
 
 /// Prefills a prompt of the model in `source`, then decodes up to `end` tokens with the
-/// portable decode attention and with the GPU one (32 threads a block) in the emulator;
-/// their logits agree at every step.
-fn decode_kernel_matches_the_portable_one(what: &str, source: &str, end: usize) {
+/// portable decode attention and with the GPU one (32 threads a block, at most `splits`
+/// blocks a cache) in the emulator; their logits agree at every step.
+fn decode_kernel_matches_the_portable_one(what: &str, source: &str, end: usize, splits: usize) {
     use ndarray::s;
     use std::collections::BTreeMap;
     use zebra_codegen::kernels::tensor_core::{TensorCoreKernel, select_decode};
@@ -1276,6 +1291,7 @@ fn decode_kernel_matches_the_portable_one(what: &str, source: &str, end: usize) 
                         policy,
                         slots,
                         threads: 32,
+                        splits,
                     },
                 ),
                 other => panic!("select_decode picked {other:?}"),

@@ -8,7 +8,8 @@
 //! Buffers: `q [B, H, 1, D]`, the new `k` and `v [B, KV, 1, D]`, the key cache in blocks of
 //! `w` slots `[S / w][B][KV][D][w]`, the value cache `[S][B][KV][D]`, the slots' positions
 //! `i64 [S]` (the new one already written by the runtime), `out` (`[B, 1, H, D]`, the same
-//! addresses as `[B, H, 1, D]`). Dims: `B`, `T` (1), unused, the new token's position.
+//! addresses as `[B, H, 1, D]`), then a workspace only the GPU's kernel uses
+//! ([`super::decode_gpu`]: each split's share of the cache). Dims: `B`, `T` (1), unused, the new token's position.
 //! Neither cache layout depends on its capacity, so a cache of every position grows by
 //! appending.
 

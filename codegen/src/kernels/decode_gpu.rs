@@ -1,19 +1,23 @@
 //! The decode-step attention shaped for a GPU. The portable kernel ([`super::decode`]) runs
 //! one program per (batch row, KV head), which on a GPU is one thread walking the whole KV
 //! cache: fine for a ring of a few hundred slots, thousands of times too slow for the cache
-//! of a global layer after a long prompt. Here a block of [`THREADS`] threads takes each
-//! (batch row, KV head) instead, over the same buffers and cache layout:
+//! of a global layer after a long prompt. Here each (batch row, KV head)'s cache is split
+//! over up to [`SPLITS`] blocks of [`THREADS`] threads (flash-decoding; the runtime launches
+//! one block per chunk of slots in use, up to that many), over the same buffers and cache
+//! layout, and a second launch combines their shares:
 //!
-//! 1. the new key and value are appended to their slot (the block owns its KV head's cache,
-//!    so a barrier is all the later reads need);
-//! 2. the slots in use are walked [`THREADS`] cache blocks (`w` slots each) at a time: each
+//! 1. the block whose share holds the new token's slot appends its key and value (no other
+//!    block reads that slot, so a barrier is all the later reads need);
+//! 2. the block's share is walked `threads` cache blocks (`w` slots each) at a time: each
 //!    thread scores its block's slots for every query head of the group (a `w`-wide load of
 //!    the transposed key block per head dim, as on the CPU, with the mask and the score
 //!    modifier compiled in), the block's maxima come from shuffles within warps and shared
 //!    memory across them, each thread turns its scores into `exp2(s - m)` in shared memory,
 //!    and then each thread accumulates `O += P V` and the sums for `vw` head dims of one
 //!    query head (adjacent threads reading adjacent values: coalesced);
-//! 3. the outputs are normalized and written (a query that saw nothing gets zeros).
+//! 3. the share's unnormalized output, maximum and sum go to the step's workspace;
+//! 4. the combining launch ([`attention_decode_combine`]) rescales the shares to their common
+//!    maximum, sums and normalizes them (a query that saw nothing gets zeros).
 //!
 //! The running maxima are kept in shared memory, two copies alternating from one chunk of
 //! slots to the next, so that the update of one chunk never races with the reads of the
@@ -22,7 +26,6 @@
 use zebra_ir::cache::KvPolicy;
 use zebra_ir::op::AttentionKernel;
 
-use super::attention::reciprocal_or_zero;
 use super::block::{block_function, trunc32};
 use super::warp::Lowering;
 use crate::mlir::{Builder, F32, I64, Val, vf32, vi1, vi64};
@@ -31,6 +34,67 @@ use crate::vexpr::{self, VecEnv};
 /// Threads per block (a multiple of 32; fewer where a large group's scores would not fit in
 /// shared memory, and in tests, for chunks of fewer slots).
 pub const THREADS: usize = 256;
+
+/// Blocks a (batch row, KV head)'s cache is split over, at most: one per chunk of the cache
+/// up to this many (the runtime launches as many as the cache in use needs), then several
+/// chunks each.
+pub const SPLITS: usize = 32;
+
+/// The workspace of the decode step: per (batch row, KV head), split and query head of the
+/// group, `head_dim + 2` floats (the unnormalized output, the running maximum, the sum).
+pub fn workspace_floats_per_batch_row(kernel: &AttentionKernel) -> u64 {
+    kernel.heads * SPLITS as u64 * (kernel.head_dim + 2)
+}
+
+/// The first float of the partial result of `(pair, split, head i)` in the workspace.
+fn partial_row(
+    b: &mut Builder,
+    pair: &Val,
+    split: &Val,
+    i: &Val,
+    (group, d): (usize, usize),
+) -> Val {
+    let csplits = b.i64(SPLITS as i64);
+    // Laid out for the most splits, whatever a launch takes.
+    let cgroup = b.i64(group as i64);
+    let width = b.i64(d as i64 + 2);
+    let row = b.muli(pair, &csplits);
+    let row = b.addi(&row, split);
+    let row = b.muli(&row, &cgroup);
+    let row = b.addi(&row, i);
+    b.muli(&row, &width)
+}
+
+/// The new token's slot and the slots in use, for the token at `qpos` (as the portable
+/// kernel).
+fn slot_and_used(b: &mut Builder, policy: KvPolicy, qpos: &Val) -> (Val, Val) {
+    let c1 = b.i64(1);
+    match policy.ring {
+        None => (qpos.clone(), b.addi(qpos, &c1)),
+        Some(ring) => {
+            let sinks = b.i64(policy.sinks as i64);
+            let ring_v = b.i64(ring.max(1) as i64);
+            let past = b.subi(qpos, &sinks);
+            let in_ring = b.remi(&past, &ring_v);
+            let in_ring = b.addi(&sinks, &in_ring);
+            let is_sink = b.cmpi("slt", qpos, &sinks, I64);
+            let slot = b.select(&is_sink, qpos, &in_ring, I64);
+            let capacity = b.i64(policy.capacity().unwrap_or(0) as i64);
+            let tokens = b.addi(qpos, &c1);
+            (slot, b.mini(&tokens, &capacity))
+        }
+    }
+}
+
+/// The splits launched for a cache of `blocks` key blocks: one per chunk of `threads` key
+/// blocks, at most `splits` (as [`zebra_runtime::plan::TensorCoreGrid::Splits`] counts them
+/// on the host).
+fn launched_splits(b: &mut Builder, blocks: &Val, threads: usize, splits: usize) -> Val {
+    let cthreads = b.i64(threads as i64);
+    let wanted = b.ceil_div(blocks, &cthreads);
+    let most = b.i64(splits as i64);
+    b.mini(&wanted, &most)
+}
 
 /// The most shared memory a block takes (the scores of a chunk for every query head of the
 /// group); a group too large for it keeps the portable kernel.
@@ -99,19 +163,21 @@ fn value_width(group: usize, d: usize, threads: usize) -> usize {
 }
 
 /// The block function `@name(buffers, dims, x, y, thread, shared memory)` on a grid of
-/// (1, `B * KV`) blocks of `threads` threads. Buffers and dims are the portable kernel's.
+/// (splits launched, `B * KV`) blocks of `threads` threads: each block's share of the cache
+/// (`ceil(blocks / launched)` key blocks), to the workspace; [`attention_decode_combine`]
+/// then combines them. Buffers and dims are the portable kernel's, the workspace after them.
 pub fn attention_decode_gpu(
     name: &str,
     kernel: &AttentionKernel,
     policy: KvPolicy,
-    w: usize,
-    threads: usize,
+    (w, threads, splits): (usize, usize, usize),
     isa: Lowering,
 ) -> String {
     assert!(
         threads.is_multiple_of(32) && threads > 0,
         "whole warps ({threads} threads)"
     );
+    assert!((1..=SPLITS).contains(&splits), "{splits} splits");
     let warps = threads / 32;
     let group = group(kernel);
     let (h_count, kv_count) = (kernel.heads as i64, kernel.kv_heads as i64);
@@ -130,6 +196,7 @@ pub fn attention_decode_gpu(
     let b = &mut builder;
     let bufs = Val("%bufs".into());
     let dims = Val("%dims".into());
+    let split = Val("%bx".into());
     let pair = Val("%by".into());
     let tid = Val("%tid".into());
     let smem = b.op("llvm.ptrtoint %smem : !llvm.ptr<3> to i32");
@@ -139,7 +206,7 @@ pub fn attention_decode_gpu(
     let kc = b.ptr_at(&bufs, 3);
     let vc = b.ptr_at(&bufs, 4);
     let positions = b.ptr_at(&bufs, 5);
-    let out = b.ptr_at(&bufs, 6);
+    let ws = b.ptr_at(&bufs, 7);
     let batch_count = b.i64_at(&dims, 0);
     let qpos = b.i64_at(&dims, 3);
 
@@ -163,7 +230,6 @@ pub fn attention_decode_gpu(
     let zero_v = b.splat_f32(0.0, w);
     let zero_vv = b.splat_f32(0.0, vw);
     let fzero = b.f32(0.0);
-    let fone = b.f32(1.0);
     let minus_one = b.splat_i64(-1, w);
 
     // Shared f32 arrays: element `index` of the array at byte `offset`.
@@ -189,25 +255,7 @@ pub fn attention_decode_gpu(
         b.op(format!("llvm.intr.maxnum({x}, {y}) : (f32, f32) -> f32"))
     };
 
-    // The new token's slot, and the slots in use (as the portable kernel).
-    let (slot, used) = match policy.ring {
-        None => {
-            let used = b.addi(&qpos, &c1);
-            (qpos.clone(), used)
-        }
-        Some(ring) => {
-            let sinks = b.i64(policy.sinks as i64);
-            let ring_v = b.i64(ring.max(1) as i64);
-            let past = b.subi(&qpos, &sinks);
-            let in_ring = b.remi(&past, &ring_v);
-            let in_ring = b.addi(&sinks, &in_ring);
-            let is_sink = b.cmpi("slt", &qpos, &sinks, I64);
-            let slot = b.select(&is_sink, &qpos, &in_ring, I64);
-            let capacity = b.i64(policy.capacity().unwrap_or(0) as i64);
-            let tokens = b.addi(&qpos, &c1);
-            (slot, b.mini(&tokens, &capacity))
-        }
-    };
+    let (slot, used) = slot_and_used(b, policy, &qpos);
     let blocks = b.ceil_div(&used, &cw);
     let slot_block = b.divi(&slot, &cw);
     let slot_lane = b.remi(&slot, &cw);
@@ -217,8 +265,8 @@ pub fn attention_decode_gpu(
     let new_row = b.muli(&pair, &cd);
     let first_head = b.muli(&kv, &cgroup);
 
-    // 1. Append: the key into its block's column, the value into its row; and the running
-    // maxima start at -inf.
+    // 1. Append, by the split whose key blocks hold the new slot (no other reads it): the key
+    // into its block's column, the value into its row; and the running maxima start at -inf.
     let kblock = b.muli(&slot_block, &row_stride);
     let kblock = b.addi(&kblock, &pair);
     let kblock = b.muli(&kblock, &cd);
@@ -226,17 +274,29 @@ pub fn attention_decode_gpu(
     let vrow = b.muli(&slot, &row_stride);
     let vrow = b.addi(&vrow, &pair);
     let vrow = b.muli(&vrow, &cd);
-    b.for_range(&tid, &cd, &cthreads, &[], |b, dd, _| {
-        let at = b.addi(&new_row, dd);
-        let x = b.load(&k_new, &at, F32, F32);
-        let to = b.muli(dd, &cw);
-        let to = b.addi(&kblock, &to);
-        let to = b.addi(&to, &slot_lane);
-        b.store(&x, &kc, &to, F32, F32);
-        let y = b.load(&v_new, &at, F32, F32);
-        let to = b.addi(&vrow, dd);
-        b.store(&y, &vc, &to, F32, F32);
-        vec![]
+    // This split's key blocks: at least a chunk each, so that a short cache takes few splits.
+    let launched = launched_splits(b, &blocks, threads, splits);
+    let per_split = b.ceil_div(&blocks, &launched);
+    let start = b.muli(&split, &per_split);
+    let start = b.mini(&start, &blocks);
+    let end = b.addi(&start, &per_split);
+    let end = b.mini(&end, &blocks);
+    let after_start = b.cmpi("sge", &slot_block, &start, I64);
+    let before_end = b.cmpi("slt", &slot_block, &end, I64);
+    let appends = b.bin("andi", &after_start, &before_end, "i1");
+    b.if_then(&appends, |b| {
+        b.for_range(&tid, &cd, &cthreads, &[], |b, dd, _| {
+            let at = b.addi(&new_row, dd);
+            let x = b.load(&k_new, &at, F32, F32);
+            let to = b.muli(dd, &cw);
+            let to = b.addi(&kblock, &to);
+            let to = b.addi(&to, &slot_lane);
+            b.store(&x, &kc, &to, F32, F32);
+            let y = b.load(&v_new, &at, F32, F32);
+            let to = b.addi(&vrow, dd);
+            b.store(&y, &vc, &to, F32, F32);
+            vec![]
+        });
     });
     b.for_range(&tid, &cgroup, &cthreads, &[], |b, i, _| {
         store_shared(b, layout.running, i, &neg_inf);
@@ -286,8 +346,10 @@ pub fn attention_decode_gpu(
         })
         .collect();
 
-    let slots = b.muli(&blocks, &cw);
-    let chunks = b.ceil_div(&slots, &cchunk);
+    let slots = b.muli(&end, &cw);
+    let mine_blocks = b.subi(&end, &start);
+    let chunks = b.ceil_div(&mine_blocks, &cthreads);
+    let first_slot = b.muli(&start, &cw);
     let mut carried: Vec<(Val, String)> = Vec::new();
     for _ in 0..per_thread {
         carried.push((zero_vv.clone(), vtv.clone()));
@@ -297,9 +359,10 @@ pub fn attention_decode_gpu(
         // 2a. Scores of this thread's cache block, for every head of the group.
         let cthreads = b.i64(threads as i64);
         let sb = b.muli(c, &cthreads);
+        let sb = b.addi(&sb, &start);
         let sb = b.addi(&sb, &tid);
         let s0 = b.muli(&sb, &cw);
-        let in_use = b.cmpi("slt", &sb, &blocks, I64);
+        let in_use = b.cmpi("slt", &sb, &end, I64);
         let my_scores = b.muli(&tid, &cw);
         let kbase = b.muli(&sb, &row_stride);
         let kbase = b.addi(&kbase, &pair);
@@ -421,6 +484,7 @@ pub fn attention_decode_gpu(
 
         // 2c. `O = alpha O + P V` and `l = alpha l + sum P` for this thread's units.
         let base = b.muli(c, &cchunk);
+        let base = b.addi(&base, &first_slot);
         let left = b.subi(&slots, &base);
         let here = b.mini(&left, &cchunk);
         let mut next = Vec::new();
@@ -462,8 +526,11 @@ pub fn attention_decode_gpu(
         next
     });
 
-    // 3. Normalize and write out; a query that saw nothing gets zeros.
+    // 3. This split's share, to the workspace: per head its unnormalized `O`, the running
+    // maximum (-inf where nothing was visible) and the sum, for the combining launch.
     let total = b.i64(units as i64);
+    let c2 = b.i64(2);
+    let parity = b.remi(&chunks, &c2);
     for (k, (i, dim)) in mine.iter().enumerate() {
         // Clamped units are stored by the thread they belong to.
         let off = b.i64((k * threads) as i64);
@@ -472,16 +539,122 @@ pub fn attention_decode_gpu(
         let acc = finals[2 * k].clone();
         let sum = finals[2 * k + 1].clone();
         b.if_then(&ours, |b| {
-            let (_, inverse) = reciprocal_or_zero(b, &sum, (&fzero, &fone), vw);
-            let o = b.bin("mulf", &acc, &inverse, &vtv);
-            let h = b.addi(&first_head, i);
-            let orow = b.muli(&batch, &ch);
-            let orow = b.addi(&orow, &h);
-            let orow = b.muli(&orow, &cd);
-            let at = b.addi(&orow, dim);
-            b.store(&o, &out, &at, F32, &vtv);
+            let row = partial_row(b, &pair, &split, i, (group, d));
+            let at = b.addi(&row, dim);
+            b.store(&acc, &ws, &at, F32, &vtv);
+            let first = b.cmpi("eq", dim, &c0, I64);
+            b.if_then(&first, |b| {
+                let at = b.muli(&parity, &cgroup);
+                let at = b.addi(&at, i);
+                let m = load_shared(b, layout.running, &at);
+                let at = b.addi(&row, &cd);
+                b.store(&m, &ws, &at, F32, F32);
+                let at = b.addi(&at, &c1);
+                b.store(&sum, &ws, &at, F32, F32);
+            });
         });
     }
+    block_function(builder, name, "bx", "by")
+}
+
+/// The combining launch: `@name(buffers, dims, x, y, thread, shared memory)` on a grid of
+/// (1, `B * KV`) blocks of `threads` threads, each thread taking head dims of the group's
+/// heads: the splits' partial results rescaled to their common maximum and summed, then
+/// normalized (a query that saw nothing gets zeros).
+pub fn attention_decode_combine(
+    name: &str,
+    kernel: &AttentionKernel,
+    policy: KvPolicy,
+    (w, threads, splits): (usize, usize, usize),
+) -> String {
+    let group = group(kernel);
+    let d = kernel.head_dim as usize;
+    let mut builder = Builder::new();
+    let b = &mut builder;
+    let bufs = Val("%bufs".into());
+    let dims = Val("%dims".into());
+    let qpos = b.i64_at(&dims, 3);
+    let (_, used) = slot_and_used(b, policy, &qpos);
+    let cw = b.i64(w as i64);
+    let blocks = b.ceil_div(&used, &cw);
+    let launched = launched_splits(b, &blocks, threads, splits);
+    let pair = Val("%by".into());
+    let tid = Val("%tid".into());
+    let out = b.ptr_at(&bufs, 6);
+    let ws = b.ptr_at(&bufs, 7);
+    let (c0, c1) = (b.i64(0), b.i64(1));
+    let cd = b.i64(d as i64);
+    let ckv = b.i64(kernel.kv_heads as i64);
+    let ch = b.i64(kernel.heads as i64);
+    let cgroup = b.i64(group as i64);
+    let cthreads = b.i64(threads as i64);
+    let outputs = b.i64((group * d) as i64);
+    let neg_inf = b.f32(f32::NEG_INFINITY);
+    let (fzero, fone) = (b.f32(0.0), b.f32(1.0));
+    let batch = b.divi(&pair, &ckv);
+    let kv = b.remi(&pair, &ckv);
+    let first_head = b.muli(&kv, &cgroup);
+    let vt = vf32(4);
+    b.for_range(&tid, &outputs, &cthreads, &[], |b, o, _| {
+        let i = b.divi(o, &cd);
+        let dim = b.remi(o, &cd);
+        let statistic = |b: &mut Builder, split: &Val, which: i64| -> Val {
+            let row = partial_row(b, &pair, split, &i, (group, d));
+            let at = b.i64(d as i64 + which);
+            let at = b.addi(&row, &at);
+            b.load(&ws, &at, F32, F32)
+        };
+        let m = b.for_range(
+            &c0,
+            &launched,
+            &c1,
+            &[(neg_inf.clone(), F32.to_string())],
+            |b, split, carried| {
+                let m = statistic(b, split, 0);
+                vec![b.op(format!(
+                    "llvm.intr.maxnum({}, {m}) : (f32, f32) -> f32",
+                    carried[0]
+                ))]
+            },
+        );
+        let hidden = b.cmpf("oeq", &m[0], &neg_inf, F32);
+        let m_use = b.select(&hidden, &fzero, &m[0], F32);
+        let sums = b.for_range(
+            &c0,
+            &launched,
+            &c1,
+            &[
+                (fzero.clone(), F32.to_string()),
+                (fzero.clone(), F32.to_string()),
+            ],
+            |b, split, carried| {
+                let m = statistic(b, split, 0);
+                let l = statistic(b, split, 1);
+                let shift = b.bin("subf", &m, &m_use, F32);
+                let shift = b.splat(&shift, F32, 4);
+                let factor = vexpr::exp2_nonpositive(b, &shift, 4);
+                let factor = b.op(format!("vector.extract {factor}[0] : f32 from {vt}"));
+                let row = partial_row(b, &pair, split, &i, (group, d));
+                let at = b.addi(&row, &dim);
+                let x = b.load(&ws, &at, F32, F32);
+                vec![
+                    b.fma(&x, &factor, &carried[0], F32),
+                    b.fma(&l, &factor, &carried[1], F32),
+                ]
+            },
+        );
+        let seen = b.cmpf("ogt", &sums[1], &fzero, F32);
+        let inverse = b.bin("divf", &fone, &sums[1], F32);
+        let inverse = b.select(&seen, &inverse, &fzero, F32);
+        let value = b.bin("mulf", &sums[0], &inverse, F32);
+        let h = b.addi(&first_head, &i);
+        let row = b.muli(&batch, &ch);
+        let row = b.addi(&row, &h);
+        let row = b.muli(&row, &cd);
+        let at = b.addi(&row, &dim);
+        b.store(&value, &out, &at, F32, F32);
+        vec![]
+    });
     block_function(builder, name, "bx", "by")
 }
 

@@ -69,6 +69,9 @@ pub enum TensorCoreKernel {
         slots: usize,
         /// Threads per block ([`decode_gpu::threads_for`]).
         threads: usize,
+        /// The most blocks a batch row and KV head's cache is split over
+        /// ([`decode_gpu::SPLITS`]).
+        splits: usize,
     },
 }
 
@@ -99,7 +102,17 @@ impl TensorCoreKernel {
                 policy,
                 slots,
                 threads,
-            } => decode_gpu::attention_decode_gpu(name, kernel, *policy, *slots, *threads, isa),
+                splits,
+            } => {
+                let shape = (*slots, *threads, *splits);
+                decode_gpu::attention_decode_gpu(name, kernel, *policy, shape, isa)
+                    + &decode_gpu::attention_decode_combine(
+                        &format!("{name}{COMBINE}"),
+                        kernel,
+                        *policy,
+                        shape,
+                    )
+            }
         }
     }
 
@@ -145,10 +158,18 @@ impl TensorCoreKernel {
                 block_m: super::matmul_mma::BLOCK_M,
                 block_n: super::matmul_mma::BLOCK_N,
             },
-            // One block per batch row and KV head (`T` is 1).
-            TensorCoreKernel::Decode { kernel, .. } => TensorCoreGrid::Attention {
-                block_q: 1,
+            // Shares of the cache of each batch row and KV head.
+            TensorCoreKernel::Decode {
+                kernel,
+                policy,
+                slots,
+                threads,
+                splits,
+            } => TensorCoreGrid::Splits {
+                splits: *splits,
                 heads: kernel.kv_heads as usize,
+                chunk: slots * threads,
+                capacity: policy.capacity().map(|c| c as usize),
             },
         }
     }
@@ -178,6 +199,26 @@ impl TensorCoreKernel {
         }
     }
 
+    /// The kernel launched right after this one with the same buffers and dims, where there
+    /// is one: its function is `{name}{suffix}` in [`TensorCoreKernel::function`]'s text.
+    pub fn then(&self) -> Option<Then> {
+        match self {
+            // Combining the splits' shares: a block per batch row and KV head (`T` is 1).
+            TensorCoreKernel::Decode {
+                kernel, threads, ..
+            } => Some(Then {
+                suffix: COMBINE,
+                grid: TensorCoreGrid::Attention {
+                    block_q: 1,
+                    heads: kernel.kv_heads as usize,
+                },
+                threads: *threads,
+                shared_bytes: 0,
+            }),
+            _ => None,
+        }
+    }
+
     /// The PTX entry `{name}_mma(buffers, dims)`, in LLVM IR.
     pub fn entry_ir(&self, name: &str) -> String {
         match self {
@@ -194,6 +235,25 @@ impl TensorCoreKernel {
         }
     }
 }
+
+/// A kernel's second launch ([`TensorCoreKernel::then`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Then {
+    pub suffix: &'static str,
+    pub grid: TensorCoreGrid,
+    pub threads: usize,
+    pub shared_bytes: usize,
+}
+
+impl Then {
+    /// Its PTX entry `{name}{suffix}_mma(buffers, dims)`, in LLVM IR.
+    pub fn entry_ir(&self, name: &str) -> String {
+        super::block::entry_ir(&format!("{name}{}", self.suffix), false, self.threads)
+    }
+}
+
+/// The suffix of the decode attention's combining function.
+const COMBINE: &str = "_combine";
 
 /// The graph with each attention's tiles those of its tensor-core kernel on `sm`, where
 /// there is one (the schedule is built for the kernel's tiles): the forward's as `choice`
@@ -390,6 +450,7 @@ fn decode_kernel(planned: &Planned, i: usize) -> Option<TensorCoreKernel> {
         policy: *policy,
         slots,
         threads: decode_gpu::threads_for(kernel, slots)?,
+        splits: decode_gpu::SPLITS,
     })
 }
 
