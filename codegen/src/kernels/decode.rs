@@ -59,15 +59,7 @@ pub fn attention_decode(
     let ckv = b.i64(kv_count);
     let ch = b.i64(h_count);
     let cgroup = b.i64(group as i64);
-    let log2e = std::f64::consts::LOG2_E;
-    let scale = match kernel.score {
-        Some(_) => b.splat_f32(kernel.scale as f32, w),
-        None => b.splat_f32((kernel.scale * log2e) as f32, w),
-    };
-    let log2e_v = b.splat_f32(log2e as f32, w);
     let neg_inf = b.f32(f32::NEG_INFINITY);
-    let neg_inf_v = b.splat(&neg_inf, F32, w);
-    let zero_v = b.splat_f32(0.0, w);
     let zero_vv = b.splat_f32(0.0, wv);
     let fzero = b.f32(0.0);
     let fone = b.f32(1.0);
@@ -77,25 +69,7 @@ pub fn attention_decode(
     let sums = b.alloca(group, F32);
     let acc = b.alloca(group * d, F32);
 
-    // The new token's slot, and the slots in use.
-    let (slot, used) = match policy.ring {
-        None => {
-            let used = b.addi(&qpos, &c1);
-            (qpos.clone(), used)
-        }
-        Some(ring) => {
-            let sinks = b.i64(policy.sinks as i64);
-            let ring_v = b.i64(ring.max(1) as i64);
-            let past = b.subi(&qpos, &sinks);
-            let in_ring = b.remi(&past, &ring_v);
-            let in_ring = b.addi(&sinks, &in_ring);
-            let is_sink = b.cmpi("slt", &qpos, &sinks, I64);
-            let slot = b.select(&is_sink, &qpos, &in_ring, I64);
-            let capacity = b.i64(policy.capacity().unwrap_or(0) as i64);
-            let tokens = b.addi(&qpos, &c1);
-            (slot, b.mini(&tokens, &capacity))
-        }
-    };
+    let (slot, used) = slot_and_used(&mut b, policy, &qpos);
     let blocks = b.ceil_div(&used, &cw);
     let slot_block = b.divi(&slot, &cw);
     let slot_lane = b.remi(&slot, &cw);
@@ -159,43 +133,15 @@ pub fn attention_decode(
                 let qrow = b.muli(&batch, &ch);
                 let qrow = b.addi(&qrow, &h);
                 let qrow = b.muli(&qrow, &cd);
-                let dots = b.for_range(
-                    &c0,
-                    &cd,
-                    &c1,
-                    &[(zero_v.clone(), vt.clone())],
-                    |b, dd, carried| {
-                        let at = b.addi(&qrow, dd);
-                        let x = b.load(&q, &at, F32, F32);
-                        let xv = b.splat(&x, F32, w);
-                        let col = b.muli(dd, &cw);
-                        let col = b.addi(&kbase, &col);
-                        let kv_lanes = b.load(&kc, &col, F32, &vt);
-                        vec![b.fma(&xv, &kv_lanes, &carried[0], &vt)]
-                    },
+                let s = key_block_scores(
+                    b,
+                    kernel,
+                    (&q, &qrow),
+                    (&kc, &kbase, 4),
+                    (&keys, &filled),
+                    (&qpos, &h, &batch),
+                    w,
                 );
-                let s = b.bin("mulf", &dots[0], &scale, &vt);
-                let env = VecEnv {
-                    n: w,
-                    q: qpos.clone(),
-                    k0: c0.clone(),
-                    h: h.clone(),
-                    b: batch.clone(),
-                    score: Some(s.clone()),
-                    sides: &[],
-                    narrow: false,
-                    keys: Some(keys.clone()),
-                };
-                let s = match &kernel.score {
-                    Some(expr) => {
-                        let modified = vexpr::score(b, expr, &env);
-                        b.bin("mulf", &modified, &log2e_v, &vt)
-                    }
-                    None => s,
-                };
-                let visible = vexpr::mask(b, &kernel.mask, &env);
-                let visible = b.bin("andi", &visible, &filled, &vi1(w));
-                let s = b.select(&visible, &s, &neg_inf_v, &vt);
                 let tile_max = b.op(format!(
                     "vector.reduction <maxnumf>, {s} fastmath<nnan> : {vt} into f32"
                 ));
@@ -272,4 +218,83 @@ pub fn attention_decode(
         vec![]
     });
     b.finish(name)
+}
+
+/// The new token's slot and the slots in use, for the token at position `qpos`.
+pub(crate) fn slot_and_used(b: &mut Builder, policy: KvPolicy, qpos: &Val) -> (Val, Val) {
+    let c1 = b.i64(1);
+    match policy.ring {
+        None => (qpos.clone(), b.addi(qpos, &c1)),
+        Some(ring) => {
+            let sinks = b.i64(policy.sinks as i64);
+            let ring_v = b.i64(ring.max(1) as i64);
+            let past = b.subi(qpos, &sinks);
+            let in_ring = b.remi(&past, &ring_v);
+            let in_ring = b.addi(&sinks, &in_ring);
+            let is_sink = b.cmpi("slt", qpos, &sinks, I64);
+            let slot = b.select(&is_sink, qpos, &in_ring, I64);
+            let capacity = b.i64(policy.capacity().unwrap_or(0) as i64);
+            let tokens = b.addi(qpos, &c1);
+            (slot, b.mini(&tokens, &capacity))
+        }
+    }
+}
+
+/// The scores (base 2) of query head `h`, row `qrow` of `q`, against the `w` slots of one
+/// key block, at `kbase` of the key cache (its columns `align` bytes aligned): scaled, the
+/// score modifier applied and the mask compiled in over the slots' positions `keys`; `-inf`
+/// where hidden or where a slot is not `filled`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn key_block_scores(
+    b: &mut Builder,
+    kernel: &AttentionKernel,
+    (q, qrow): (&Val, &Val),
+    (kc, kbase, align): (&Val, &Val, usize),
+    (keys, filled): (&Val, &Val),
+    (qpos, h, batch): (&Val, &Val, &Val),
+    w: usize,
+) -> Val {
+    let vt = vf32(w);
+    let (c0, c1) = (b.i64(0), b.i64(1));
+    let cd = b.i64(kernel.head_dim as i64);
+    let cw = b.i64(w as i64);
+    let log2e = std::f64::consts::LOG2_E;
+    let scale = match kernel.score {
+        Some(_) => b.splat_f32(kernel.scale as f32, w),
+        None => b.splat_f32((kernel.scale * log2e) as f32, w),
+    };
+    let zero_v = b.splat_f32(0.0, w);
+    let dots = b.for_range(&c0, &cd, &c1, &[(zero_v, vt.clone())], |b, dd, carried| {
+        let at = b.addi(qrow, dd);
+        let x = b.load(q, &at, F32, F32);
+        let xv = b.splat(&x, F32, w);
+        let col = b.muli(dd, &cw);
+        let col = b.addi(kbase, &col);
+        let lanes = b.load_aligned(kc, &col, F32, &vt, align);
+        vec![b.fma(&xv, &lanes, &carried[0], &vt)]
+    });
+    let s = b.bin("mulf", &dots[0], &scale, &vt);
+    let env = VecEnv {
+        n: w,
+        q: qpos.clone(),
+        k0: c0.clone(),
+        h: h.clone(),
+        b: batch.clone(),
+        score: Some(s.clone()),
+        sides: &[],
+        narrow: false,
+        keys: Some(keys.clone()),
+    };
+    let s = match &kernel.score {
+        Some(expr) => {
+            let modified = vexpr::score(b, expr, &env);
+            let log2e_v = b.splat_f32(log2e as f32, w);
+            b.bin("mulf", &modified, &log2e_v, &vt)
+        }
+        None => s,
+    };
+    let visible = vexpr::mask(b, &kernel.mask, &env);
+    let visible = b.bin("andi", &visible, filled, &vi1(w));
+    let neg_inf_v = b.splat_f32(f32::NEG_INFINITY, w);
+    b.select(&visible, &s, &neg_inf_v, &vt)
 }

@@ -27,9 +27,10 @@ use zebra_ir::cache::KvPolicy;
 use zebra_ir::op::AttentionKernel;
 
 use super::block::{block_function, trunc32};
+use super::decode::{key_block_scores, slot_and_used};
 use super::warp::Lowering;
-use crate::mlir::{Builder, F32, I64, Val, vf32, vi1, vi64};
-use crate::vexpr::{self, VecEnv};
+use crate::mlir::{Builder, F32, I64, Val, vf32, vi64};
+use crate::vexpr;
 
 /// Threads per block (a multiple of 32; fewer where a large group's scores would not fit in
 /// shared memory, and in tests, for chunks of fewer slots).
@@ -63,27 +64,6 @@ fn partial_row(
     let row = b.muli(&row, &cgroup);
     let row = b.addi(&row, i);
     b.muli(&row, &width)
-}
-
-/// The new token's slot and the slots in use, for the token at `qpos` (as the portable
-/// kernel).
-fn slot_and_used(b: &mut Builder, policy: KvPolicy, qpos: &Val) -> (Val, Val) {
-    let c1 = b.i64(1);
-    match policy.ring {
-        None => (qpos.clone(), b.addi(qpos, &c1)),
-        Some(ring) => {
-            let sinks = b.i64(policy.sinks as i64);
-            let ring_v = b.i64(ring.max(1) as i64);
-            let past = b.subi(qpos, &sinks);
-            let in_ring = b.remi(&past, &ring_v);
-            let in_ring = b.addi(&sinks, &in_ring);
-            let is_sink = b.cmpi("slt", qpos, &sinks, I64);
-            let slot = b.select(&is_sink, qpos, &in_ring, I64);
-            let capacity = b.i64(policy.capacity().unwrap_or(0) as i64);
-            let tokens = b.addi(qpos, &c1);
-            (slot, b.mini(&tokens, &capacity))
-        }
-    }
 }
 
 /// The splits launched for a cache of `blocks` key blocks: one per chunk of `threads` key
@@ -219,12 +199,6 @@ pub fn attention_decode_gpu(
     let cgroup = b.i64(group as i64);
     let cthreads = b.i64(threads as i64);
     let cchunk = b.i64(chunk(w, threads) as i64);
-    let log2e = std::f64::consts::LOG2_E;
-    let scale = match kernel.score {
-        Some(_) => b.splat_f32(kernel.scale as f32, w),
-        None => b.splat_f32((kernel.scale * log2e) as f32, w),
-    };
-    let log2e_v = b.splat_f32(log2e as f32, w);
     let neg_inf = b.f32(f32::NEG_INFINITY);
     let neg_inf_v = b.splat(&neg_inf, F32, w);
     let zero_v = b.splat_f32(0.0, w);
@@ -379,43 +353,15 @@ pub fn attention_decode_gpu(
                     let qrow = b.muli(&batch, &ch);
                     let qrow = b.addi(&qrow, &h);
                     let qrow = b.muli(&qrow, &cd);
-                    let dots = b.for_range(
-                        &c0,
-                        &cd,
-                        &c1,
-                        &[(zero_v.clone(), vt.clone())],
-                        |b, dd, carried| {
-                            let at = b.addi(&qrow, dd);
-                            let x = b.load(&q, &at, F32, F32);
-                            let xv = b.splat(&x, F32, w);
-                            let col = b.muli(dd, &cw);
-                            let col = b.addi(&kbase, &col);
-                            let lanes = b.load_aligned(&kc, &col, F32, &vt, k_align);
-                            vec![b.fma(&xv, &lanes, &carried[0], &vt)]
-                        },
-                    );
-                    let s = b.bin("mulf", &dots[0], &scale, &vt);
-                    let env = VecEnv {
-                        n: w,
-                        q: qpos.clone(),
-                        k0: c0.clone(),
-                        h: h.clone(),
-                        b: batch.clone(),
-                        score: Some(s.clone()),
-                        sides: &[],
-                        narrow: false,
-                        keys: Some(keys.clone()),
-                    };
-                    let s = match &kernel.score {
-                        Some(expr) => {
-                            let modified = vexpr::score(b, expr, &env);
-                            b.bin("mulf", &modified, &log2e_v, &vt)
-                        }
-                        None => s,
-                    };
-                    let visible = vexpr::mask(b, &kernel.mask, &env);
-                    let visible = b.bin("andi", &visible, &filled, &vi1(w));
-                    vec![b.select(&visible, &s, &neg_inf_v, &vt)]
+                    vec![key_block_scores(
+                        b,
+                        kernel,
+                        (&q, &qrow),
+                        (&kc, &kbase, k_align),
+                        (&keys, &filled),
+                        (&qpos, &h, &batch),
+                        w,
+                    )]
                 },
                 |_| vec![neg_inf_v.clone()],
             );
