@@ -71,8 +71,6 @@ pub fn attention_decode(
 
     let (slot, used) = slot_and_used(&mut b, policy, &qpos);
     let blocks = b.ceil_div(&used, &cw);
-    let slot_block = b.divi(&slot, &cw);
-    let slot_lane = b.remi(&slot, &cw);
     let row_stride = b.muli(&batch_count, &ckv); // (batch, kv head) pairs per slot
 
     b.for_range(&e.first, &e.last, &c1, &[], |b, pid, _| {
@@ -80,32 +78,14 @@ pub fn attention_decode(
         let kv = b.remi(pid, &ckv);
         let pair = b.muli(&batch, &ckv);
         let pair = b.addi(&pair, &kv); // (batch, kv head)
-        let new_row = b.muli(&pair, &cd);
 
-        // Append: the key into its block's column, the value into its row.
-        let kblock = b.muli(&slot_block, &row_stride);
-        let kblock = b.addi(&kblock, &pair);
-        let kblock = b.muli(&kblock, &cd);
-        let kblock = b.muli(&kblock, &cw);
-        b.for_range(&c0, &cd, &c1, &[], |b, dd, _| {
-            let at = b.addi(&new_row, dd);
-            let x = b.load(&k_new, &at, F32, F32);
-            let to = b.muli(dd, &cw);
-            let to = b.addi(&kblock, &to);
-            let to = b.addi(&to, &slot_lane);
-            b.store(&x, &kc, &to, F32, F32);
-            vec![]
-        });
-        let vrow = b.muli(&slot, &row_stride);
-        let vrow = b.addi(&vrow, &pair);
-        let vrow = b.muli(&vrow, &cd);
-        b.for_range(&c0, &cd, &cwv, &[], |b, c, _| {
-            let at = b.addi(&new_row, c);
-            let x = b.load(&v_new, &at, F32, &vtv);
-            let to = b.addi(&vrow, c);
-            b.store(&x, &vc, &to, F32, &vtv);
-            vec![]
-        });
+        append_new_token(
+            b,
+            [&k_new, &v_new, &kc, &vc],
+            (&slot, &pair, &row_stride),
+            (d, w),
+            (&c0, &c1),
+        );
 
         b.for_range(&c0, &cgroup, &c1, &[], |b, i, _| {
             b.store(&neg_inf, &maxes, i, F32, F32);
@@ -238,6 +218,42 @@ pub(crate) fn slot_and_used(b: &mut Builder, policy: KvPolicy, qpos: &Val) -> (V
             (slot, b.mini(&tokens, &capacity))
         }
     }
+}
+
+/// Appends the new token's key into its key block's column and its value into its row, for
+/// the (batch row, KV head) `pair` (`row_stride` pairs per slot): head dims `first`,
+/// `first + step`, ... (buffers: the new key and value, the key and value caches).
+pub(crate) fn append_new_token(
+    b: &mut Builder,
+    [k_new, v_new, kc, vc]: [&Val; 4],
+    (slot, pair, row_stride): (&Val, &Val, &Val),
+    (d, w): (usize, usize),
+    (first, step): (&Val, &Val),
+) {
+    let cd = b.i64(d as i64);
+    let cw = b.i64(w as i64);
+    let new_row = b.muli(pair, &cd);
+    let slot_block = b.divi(slot, &cw);
+    let slot_lane = b.remi(slot, &cw);
+    let kblock = b.muli(&slot_block, row_stride);
+    let kblock = b.addi(&kblock, pair);
+    let kblock = b.muli(&kblock, &cd);
+    let kblock = b.muli(&kblock, &cw);
+    let vrow = b.muli(slot, row_stride);
+    let vrow = b.addi(&vrow, pair);
+    let vrow = b.muli(&vrow, &cd);
+    b.for_range(first, &cd, step, &[], |b, dd, _| {
+        let at = b.addi(&new_row, dd);
+        let x = b.load(k_new, &at, F32, F32);
+        let to = b.muli(dd, &cw);
+        let to = b.addi(&kblock, &to);
+        let to = b.addi(&to, &slot_lane);
+        b.store(&x, kc, &to, F32, F32);
+        let y = b.load(v_new, &at, F32, F32);
+        let to = b.addi(&vrow, dd);
+        b.store(&y, vc, &to, F32, F32);
+        vec![]
+    });
 }
 
 /// The scores (base 2) of query head `h`, row `qrow` of `q`, against the `w` slots of one

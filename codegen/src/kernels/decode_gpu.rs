@@ -27,7 +27,7 @@ use zebra_ir::cache::KvPolicy;
 use zebra_ir::op::AttentionKernel;
 
 use super::block::{block_function, trunc32};
-use super::decode::{key_block_scores, slot_and_used};
+use super::decode::{append_new_token, key_block_scores, slot_and_used};
 use super::warp::Lowering;
 use crate::mlir::{Builder, F32, I64, Val, vf32, vi64};
 use crate::vexpr;
@@ -232,23 +232,12 @@ pub fn attention_decode_gpu(
     let (slot, used) = slot_and_used(b, policy, &qpos);
     let blocks = b.ceil_div(&used, &cw);
     let slot_block = b.divi(&slot, &cw);
-    let slot_lane = b.remi(&slot, &cw);
     let row_stride = b.muli(&batch_count, &ckv); // (batch, kv head) pairs per slot
     let batch = b.divi(&pair, &ckv);
     let kv = b.remi(&pair, &ckv);
-    let new_row = b.muli(&pair, &cd);
     let first_head = b.muli(&kv, &cgroup);
 
-    // 1. Append, by the split whose key blocks hold the new slot (no other reads it): the key
-    // into its block's column, the value into its row; and the running maxima start at -inf.
-    let kblock = b.muli(&slot_block, &row_stride);
-    let kblock = b.addi(&kblock, &pair);
-    let kblock = b.muli(&kblock, &cd);
-    let kblock = b.muli(&kblock, &cw);
-    let vrow = b.muli(&slot, &row_stride);
-    let vrow = b.addi(&vrow, &pair);
-    let vrow = b.muli(&vrow, &cd);
-    // This split's key blocks: at least a chunk each, so that a short cache takes few splits.
+    // This split's key blocks: an equal share of those in use among the splits launched.
     let launched = launched_splits(b, &blocks, threads, splits);
     let per_split = b.ceil_div(&blocks, &launched);
     let start = b.muli(&split, &per_split);
@@ -258,19 +247,16 @@ pub fn attention_decode_gpu(
     let after_start = b.cmpi("sge", &slot_block, &start, I64);
     let before_end = b.cmpi("slt", &slot_block, &end, I64);
     let appends = b.bin("andi", &after_start, &before_end, "i1");
+    // 1. Append, by the split whose key blocks hold the new slot (no other reads it); and the
+    // running maxima start at -inf.
     b.if_then(&appends, |b| {
-        b.for_range(&tid, &cd, &cthreads, &[], |b, dd, _| {
-            let at = b.addi(&new_row, dd);
-            let x = b.load(&k_new, &at, F32, F32);
-            let to = b.muli(dd, &cw);
-            let to = b.addi(&kblock, &to);
-            let to = b.addi(&to, &slot_lane);
-            b.store(&x, &kc, &to, F32, F32);
-            let y = b.load(&v_new, &at, F32, F32);
-            let to = b.addi(&vrow, dd);
-            b.store(&y, &vc, &to, F32, F32);
-            vec![]
-        });
+        append_new_token(
+            b,
+            [&k_new, &v_new, &kc, &vc],
+            (&slot, &pair, &row_stride),
+            (d, w),
+            (&tid, &cthreads),
+        );
     });
     b.for_range(&tid, &cgroup, &cthreads, &[], |b, i, _| {
         store_shared(b, layout.running, i, &neg_inf);
