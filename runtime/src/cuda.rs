@@ -4,11 +4,18 @@
 //!
 //! The plan is the CPU's: the same steps, operands and memory slots (values whose lifetimes do
 //! not overlap share one device buffer). Host-side preparation is shared with the CPU
-//! executor (input checks, tile schedules, RoPE tables, packed weights); each kernel step
-//! uploads its table of buffer pointers and its dims and launches `{symbol}_grid` with one
-//! thread per program, all on one stream.
+//! executor (input checks, tile schedules, RoPE tables, packed weights). Kernel steps launch
+//! `{symbol}_grid` with one thread per program (or their tensor-core entry), all on one
+//! stream, each with its table of buffer pointers and its dims.
+//!
+//! Device memory is kept from run to run, as on the CPU: slots, workspaces and inputs grow
+//! to the largest size a run has needed and are neither reallocated nor cleared when shapes
+//! repeat, so that a decode step or a training step costs its launches and a few small
+//! copies: the inputs, the dims (one copy for every step), the pointer tables (one copy for
+//! every step, and only when a buffer has moved), a decode step's new cache position (one
+//! copy per kind of cache: caches that keep the same slots share their positions).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -181,24 +188,27 @@ pub struct CudaModel {
     functions: Vec<CudaFunction>,
     /// Per kernel, the function of its tensor-core launch's second launch, if any.
     then_functions: Vec<Option<CudaFunction>>,
-    weights: Vec<CudaSlice<u8>>,
-    packed: Vec<CudaSlice<u8>>,
+    weights: Vec<Grown>,
+    packed: Vec<Grown>,
     constants: Vec<CudaSlice<u8>>,
     masks: Vec<(Expr, Support)>,
-    slots: Vec<CudaSlice<u8>>,
-    workspaces: Vec<CudaSlice<u8>>,
+    memory: RunMemory,
     /// A decode plan's KV caches: on the host for their layout and sizes, on the GPU their
-    /// keys, values and positions (room for the plan's whole context, allocated once).
+    /// keys and values (room for the plan's whole context, allocated once) and the index of
+    /// their slots' positions in `cache_positions`.
     host_caches: Vec<KvCache>,
-    caches: Vec<[CudaSlice<u8>; 3]>,
+    caches: Vec<[CudaSlice<u8>; 2]>,
+    cache_position_of: Vec<usize>,
+    /// The slots' positions of each kind of cache ([`shared_positions`]), with its first
+    /// cache (whose spec says which slot a position takes).
+    cache_positions: Vec<(usize, CudaSlice<u8>)>,
     cached_tokens: usize,
     cache_batch: usize,
     /// The GPU's name, for reports.
     pub device: String,
 }
 
-fn bytes_of(buffer: &Buffer) -> &[u8] {
-    let words: &[u64] = buffer;
+fn bytes_of(words: &[u64]) -> &[u8] {
     // SAFETY: any initialized u64 is 8 initialized bytes.
     unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), words.len() * 8) }
 }
@@ -291,10 +301,11 @@ impl CudaModel {
             packed: Vec::new(),
             constants: Vec::new(),
             masks,
-            slots: Vec::new(),
-            workspaces: Vec::new(),
+            memory: RunMemory::default(),
             host_caches: Vec::new(),
             caches: Vec::new(),
+            cache_position_of: Vec::new(),
+            cache_positions: Vec::new(),
             cached_tokens: 0,
             cache_batch: 0,
             device,
@@ -322,12 +333,6 @@ impl CudaModel {
             .map_err(cuda_error("copying to the GPU"))
     }
 
-    fn zeroed(&self, bytes: usize) -> Result<CudaSlice<u8>, RuntimeError> {
-        self.stream
-            .alloc_zeros::<u8>(bytes + SLACK_BYTES)
-            .map_err(cuda_error("allocating GPU memory"))
-    }
-
     /// Replaces the weights (packed on the host, then copied to the GPU).
     pub fn set_weights(&mut self, weights: &Weights) -> Result<(), RuntimeError> {
         let mut raw: Vec<Vec<f32>> = Vec::new();
@@ -347,19 +352,20 @@ impl CudaModel {
             }
             raw.push(tensor.iter().copied().collect());
         }
-        self.weights = raw
-            .iter()
-            .map(|values| self.upload(&as_words(values)))
-            .collect::<Result<_, _>>()?;
-        self.packed = self
-            .plan
-            .packed
-            .iter()
-            .map(|p| {
-                let packed = pack(&raw[p.weight], p.norm.map(|n| raw[n].as_slice()), p);
-                self.upload(&as_words(&packed))
-            })
-            .collect::<Result<_, _>>()?;
+        // A training step replaces every weight: into the buffers of the last ones.
+        let mut weights = std::mem::take(&mut self.weights);
+        weights.resize_with(raw.len(), Grown::default);
+        for (buffer, values) in weights.iter_mut().zip(&raw) {
+            buffer.write(&self.stream, bytes_of(&as_words(values)))?;
+        }
+        self.weights = weights;
+        let mut packed = std::mem::take(&mut self.packed);
+        packed.resize_with(self.plan.packed.len(), Grown::default);
+        for (buffer, p) in packed.iter_mut().zip(&self.plan.packed) {
+            let values = pack(&raw[p.weight], p.norm.map(|n| raw[n].as_slice()), p);
+            buffer.write(&self.stream, bytes_of(&as_words(&values)))?;
+        }
+        self.packed = packed;
         Ok(())
     }
 
@@ -394,14 +400,14 @@ impl CudaModel {
         let (host, batch, tokens) = fill_caches(&self.plan, prefill, Some(self.plan.max_seq_len))?;
         self.caches = host
             .iter()
-            .map(|c| {
-                Ok([
-                    self.upload(&c.keys)?,
-                    self.upload(&c.values)?,
-                    self.upload(&c.positions)?,
-                ])
-            })
+            .map(|c| Ok([self.upload(&c.keys)?, self.upload(&c.values)?]))
             .collect::<Result<_, RuntimeError>>()?;
+        let (position_of, kinds) = shared_positions(&host);
+        self.cache_positions = kinds
+            .iter()
+            .map(|&c| Ok((c, self.upload(&host[c].positions)?)))
+            .collect::<Result<_, RuntimeError>>()?;
+        self.cache_position_of = position_of;
         self.host_caches = host;
         self.cache_batch = batch;
         self.cached_tokens = tokens;
@@ -420,9 +426,9 @@ impl CudaModel {
             self.cached_tokens,
             tokens,
         )?;
-        for (host, device) in self.host_caches.iter().zip(&mut self.caches) {
-            let slot = host.spec.slot(position);
-            let mut view = device[2].slice_mut(slot * 8..slot * 8 + 8);
+        for (c, device) in &mut self.cache_positions {
+            let slot = self.host_caches[*c].spec.slot(position);
+            let mut view = device.slice_mut(slot * 8..slot * 8 + 8);
             self.stream
                 .memcpy_htod(&(position as i64).to_le_bytes(), &mut view)
                 .map_err(cuda_error("writing a cache position"))?;
@@ -449,188 +455,381 @@ impl CudaModel {
         offset: usize,
     ) -> Result<BTreeMap<String, ArrayD<f32>>, RuntimeError> {
         let (batch, seq) = check_inputs(&self.plan, inputs)?;
+        let stream = self.stream.clone();
+        let plan = &self.plan;
+        let memory = &mut self.memory;
         let mut host_inputs: Vec<Buffer> = Vec::new();
-        for spec in &self.plan.inputs {
+        for spec in &plan.inputs {
             let mut buffer = Buffer::default();
             fill(&mut buffer, &inputs[&spec.name]);
             host_inputs.push(buffer);
         }
-        let device_inputs: Vec<CudaSlice<u8>> = host_inputs
-            .iter()
-            .map(|b| self.upload(b))
-            .collect::<Result<_, _>>()?;
-        let mut slot_bytes = vec![0usize; self.plan.slots];
-        for v in &self.plan.values {
+        memory.inputs.resize_with(host_inputs.len(), Grown::default);
+        for (device, host) in memory.inputs.iter_mut().zip(&host_inputs) {
+            device.write(&stream, bytes_of(host))?;
+        }
+        // Memory: each slot sized for its largest value, each workspace for itself.
+        let mut slot_bytes = vec![0usize; plan.slots];
+        for v in &plan.values {
             let bytes = volume(&v.shape, batch, seq) * v.elem.size();
             slot_bytes[v.slot] = slot_bytes[v.slot].max(words(bytes) * 8);
         }
-        self.slots = slot_bytes
-            .iter()
-            .map(|&b| self.zeroed(b))
-            .collect::<Result<_, _>>()?;
-        self.workspaces = self
-            .plan
+        memory.slots.resize_with(plan.slots, Grown::default);
+        for (slot, &bytes) in memory.slots.iter_mut().zip(&slot_bytes) {
+            slot.reserve(&stream, bytes)?;
+        }
+        memory
             .workspaces
-            .iter()
-            .map(|(shape, elem)| self.zeroed(volume(shape, batch, seq) * elem.size()))
-            .collect::<Result<_, _>>()?;
-        let positions = self.upload(&words_of_i64(
+            .resize_with(plan.workspaces.len(), Grown::default);
+        for (ws, (shape, elem)) in memory.workspaces.iter_mut().zip(&plan.workspaces) {
+            ws.reserve(&stream, volume(shape, batch, seq) * elem.size())?;
+        }
+        let positions = words_of_i64(
             (offset as i64..(offset + seq) as i64)
                 .collect::<Vec<_>>()
                 .into_iter(),
-        ))?;
-        let mut ropes = Vec::new();
-        for &(base, dim) in &self.plan.rope_tables {
+        );
+        memory.positions.write(&stream, bytes_of(&positions))?;
+        memory
+            .ropes
+            .resize_with(plan.rope_tables.len(), Default::default);
+        for (device, &(base, dim)) in memory.ropes.iter_mut().zip(&plan.rope_tables) {
             let (cos, sin) = rope_tables(base, dim, seq, offset);
-            ropes.push((self.upload(&cos)?, self.upload(&sin)?));
+            device[0].write(&stream, bytes_of(&cos))?;
+            device[1].write(&stream, bytes_of(&sin))?;
         }
-        let mut schedules: HashMap<usize, ([CudaSlice<u8>; 4], bool)> = HashMap::new();
-        // Pointer tables and dims stay alive until the stream has run every launch.
-        let mut tables: Vec<CudaSlice<u64>> = Vec::new();
-        let mut dims_kept: Vec<CudaSlice<i64>> = Vec::new();
-        for s in 0..self.plan.steps.len() {
-            match self.plan.steps[s].clone() {
-                Step::Schedule { id } => {
-                    let (mask, support) = &self.masks[id];
-                    let built: BuiltSchedule = build_schedule(
-                        &self.plan.schedules[id],
-                        mask,
-                        support,
-                        batch,
-                        seq,
-                        &host_inputs,
-                    );
-                    let parts = [
-                        self.upload(&built.rows)?,
-                        self.upload(&built.tiles)?,
-                        self.upload(&built.columns)?,
-                        self.upload(&built.column_tiles)?,
-                    ];
-                    schedules.insert(id, (parts, built.per_batch));
+        // Schedules depend on the inputs only: all of them before the first launch.
+        memory
+            .schedules
+            .resize_with(plan.schedules.len(), Default::default);
+        let mut per_batch = vec![false; plan.schedules.len()];
+        for step in &plan.steps {
+            if let Step::Schedule { id } = *step {
+                let (mask, support) = &self.masks[id];
+                let built: BuiltSchedule =
+                    build_schedule(&plan.schedules[id], mask, support, batch, seq, &host_inputs);
+                let device = &mut memory.schedules[id];
+                device[0].write(&stream, bytes_of(&built.rows))?;
+                device[1].write(&stream, bytes_of(&built.tiles))?;
+                device[2].write(&stream, bytes_of(&built.columns))?;
+                device[3].write(&stream, bytes_of(&built.column_tiles))?;
+                per_batch[id] = built.per_batch;
+            }
+        }
+        let dims = run_dims(batch, seq, offset);
+        if memory.dims_held != dims {
+            memory
+                .dims
+                .write(&stream, bytes_of(&dims.map(|d| d as u64)))?;
+            memory.dims_held = dims;
+        }
+        let ptr = |grown: &Grown| grown.pointer(&stream);
+        let device = |slice: &CudaSlice<u8>| slice.device_ptr(&stream).0;
+        let (pointers, tables) = pointer_tables(&plan.steps, |operand| match *operand {
+            Operand::Input(i) => ptr(&memory.inputs[i]),
+            Operand::Weight(i) => ptr(&self.weights[i]),
+            Operand::Packed(i) => ptr(&self.packed[i]),
+            Operand::Value(i) => ptr(&memory.slots[plan.values[i].slot]),
+            Operand::Constant(i) => device(&self.constants[i]),
+            Operand::Positions => ptr(&memory.positions),
+            Operand::Workspace(i) => ptr(&memory.workspaces[i]),
+            Operand::ScheduleRows(i) => ptr(&memory.schedules[i][0]),
+            Operand::ScheduleTiles(i) => ptr(&memory.schedules[i][1]),
+            Operand::ScheduleColumns(i) => ptr(&memory.schedules[i][2]),
+            Operand::ScheduleColumnTiles(i) => ptr(&memory.schedules[i][3]),
+            Operand::RopeCos(i) => ptr(&memory.ropes[i][0]),
+            Operand::RopeSin(i) => ptr(&memory.ropes[i][1]),
+            Operand::CacheKeys(i) => device(&self.caches[i][0]),
+            Operand::CacheValues(i) => device(&self.caches[i][1]),
+            Operand::CachePositions(i) => {
+                device(&self.cache_positions[self.cache_position_of[i]].1)
+            }
+        });
+        // The pointers move only when a buffer was reallocated.
+        if memory.tables_held != pointers {
+            memory.tables.write(&stream, bytes_of(&pointers))?;
+            memory.tables_held = pointers;
+        }
+        let tables_base = memory.tables.pointer(&stream);
+        let dims_base = memory.dims.pointer(&stream);
+        for (step, table) in plan.steps.iter().zip(tables) {
+            let Step::Kernel {
+                kernel,
+                grid,
+                schedule,
+                ..
+            } = step
+            else {
+                continue;
+            };
+            let table = tables_base + 8 * table.expect("kernel steps have pointer tables") as u64;
+            let per_batch = schedule.is_some_and(|id| per_batch[id]);
+            let dims = dims_base + DIMS_BYTES * u64::from(per_batch);
+            let programs = grid.programs(batch, seq) as i64;
+            if let Some(launch) = &plan.kernels[*kernel].tensor_cores {
+                // The launch, then its second launch where it has one.
+                let mut launches = vec![(launch, &self.functions[*kernel])];
+                if let (Some(then), Some(function)) = (&launch.then, &self.then_functions[*kernel])
+                {
+                    launches.push((then, function));
                 }
-                Step::Kernel {
-                    kernel,
-                    operands,
-                    grid,
-                    schedule,
-                } => {
-                    let ptr = |slice: &CudaSlice<u8>| slice.device_ptr(&self.stream).0;
-                    let mut pointers = Vec::with_capacity(operands.len());
-                    for operand in &operands {
-                        let p = match *operand {
-                            Operand::Input(i) => ptr(&device_inputs[i]),
-                            Operand::Weight(i) => ptr(&self.weights[i]),
-                            Operand::Packed(i) => ptr(&self.packed[i]),
-                            Operand::Value(i) => ptr(&self.slots[self.plan.values[i].slot]),
-                            Operand::Constant(i) => ptr(&self.constants[i]),
-                            Operand::Positions => ptr(&positions),
-                            Operand::Workspace(i) => ptr(&self.workspaces[i]),
-                            Operand::ScheduleRows(i) => ptr(&schedules[&i].0[0]),
-                            Operand::ScheduleTiles(i) => ptr(&schedules[&i].0[1]),
-                            Operand::ScheduleColumns(i) => ptr(&schedules[&i].0[2]),
-                            Operand::ScheduleColumnTiles(i) => ptr(&schedules[&i].0[3]),
-                            Operand::RopeCos(i) => ptr(&ropes[i].0),
-                            Operand::RopeSin(i) => ptr(&ropes[i].1),
-                            Operand::CacheKeys(i) => ptr(&self.caches[i][0]),
-                            Operand::CacheValues(i) => ptr(&self.caches[i][1]),
-                            Operand::CachePositions(i) => ptr(&self.caches[i][2]),
-                        };
-                        pointers.push(p);
+                for (launch, function) in launches {
+                    let (x, y) = launch.grid.blocks(batch, seq, offset);
+                    if x * y == 0 {
+                        continue;
                     }
-                    let per_batch = schedule
-                        .and_then(|id| schedules.get(&id))
-                        .is_some_and(|s| s.1);
-                    let dims = [
-                        batch as i64,
-                        seq as i64,
-                        i64::from(per_batch),
-                        offset as i64,
-                    ];
-                    let table = self
-                        .stream
-                        .clone_htod(&pointers)
-                        .map_err(cuda_error("copying a pointer table"))?;
-                    let dims_dev = self
-                        .stream
-                        .clone_htod(&dims)
-                        .map_err(cuda_error("copying dims"))?;
-                    let programs = grid.programs(batch, seq) as i64;
-                    if let Some(launch) = &self.plan.kernels[kernel].tensor_cores {
-                        // The launch, then its second launch where it has one.
-                        let mut launches = vec![(launch, &self.functions[kernel])];
-                        if let (Some(then), Some(function)) =
-                            (&launch.then, &self.then_functions[kernel])
-                        {
-                            launches.push((then, function));
-                        }
-                        for (launch, function) in launches {
-                            let (x, y) = launch.grid.blocks(batch, seq, offset);
-                            if x * y == 0 {
-                                continue;
-                            }
-                            let config = LaunchConfig {
-                                grid_dim: (x as u32, y as u32, 1),
-                                block_dim: (launch.threads as u32, 1, 1),
-                                shared_mem_bytes: launch.shared_bytes as u32,
-                            };
-                            let mut builder = self.stream.launch_builder(function);
-                            builder.arg(&table);
-                            builder.arg(&dims_dev);
-                            // SAFETY: the entry takes (buffers, dims), the buffers of the
-                            // kernel it replaces, sized by the plan for these dims.
-                            unsafe { builder.launch(config) }
-                                .map_err(cuda_error(&format!("launching {}", launch.entry)))?;
-                        }
-                    } else if programs > 0 {
-                        let blocks = (programs as u64).div_ceil(u64::from(THREADS_PER_BLOCK));
-                        let config = LaunchConfig {
-                            grid_dim: (blocks as u32, 1, 1),
-                            block_dim: (THREADS_PER_BLOCK, 1, 1),
-                            shared_mem_bytes: 0,
-                        };
-                        let mut launch = self.stream.launch_builder(&self.functions[kernel]);
-                        launch.arg(&table);
-                        launch.arg(&dims_dev);
-                        launch.arg(&programs);
-                        // SAFETY: the entry takes (buffers, dims, programs); the buffers are
-                        // sized by the plan for these dims, as on the CPU.
-                        unsafe { launch.launch(config) }.map_err(cuda_error(&format!(
-                            "launching {}",
-                            self.plan.kernels[kernel].symbol
-                        )))?;
-                    }
-                    tables.push(table);
-                    dims_kept.push(dims_dev);
+                    let config = LaunchConfig {
+                        grid_dim: (x as u32, y as u32, 1),
+                        block_dim: (launch.threads as u32, 1, 1),
+                        shared_mem_bytes: launch.shared_bytes as u32,
+                    };
+                    let mut builder = stream.launch_builder(function);
+                    builder.arg(&table);
+                    builder.arg(&dims);
+                    // SAFETY: the entry takes (buffers, dims), the buffers of the kernel it
+                    // replaces, sized by the plan for these dims.
+                    unsafe { builder.launch(config) }
+                        .map_err(cuda_error(&format!("launching {}", launch.entry)))?;
                 }
+            } else if programs > 0 {
+                let blocks = (programs as u64).div_ceil(u64::from(THREADS_PER_BLOCK));
+                let config = LaunchConfig {
+                    grid_dim: (blocks as u32, 1, 1),
+                    block_dim: (THREADS_PER_BLOCK, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let mut builder = stream.launch_builder(&self.functions[*kernel]);
+                builder.arg(&table);
+                builder.arg(&dims);
+                builder.arg(&programs);
+                // SAFETY: the entry takes (buffers, dims, programs); the buffers are sized
+                // by the plan for these dims, as on the CPU.
+                unsafe { builder.launch(config) }.map_err(cuda_error(&format!(
+                    "launching {}",
+                    plan.kernels[*kernel].symbol
+                )))?;
             }
         }
         let mut outputs = BTreeMap::new();
-        for (name, v) in &self.plan.outputs {
-            let spec = &self.plan.values[*v];
+        for (name, v) in &plan.outputs {
+            let spec = &plan.values[*v];
             let shape: Vec<usize> = spec.shape.iter().map(|e| e.resolve(batch, seq)).collect();
             let count: usize = shape.iter().product();
             debug_assert_eq!(spec.elem, ElemType::F32);
-            let bytes: Vec<u8> = self
-                .stream
-                .clone_dtoh(&self.slots[spec.slot])
-                .map_err(cuda_error("copying from the GPU"))?;
-            let values: Vec<f32> = bytes[..count * 4]
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+            let values = memory.slots[spec.slot].read_f32(&stream, count)?;
             outputs.insert(
                 name.clone(),
                 ArrayD::from_shape_vec(IxDyn(&shape), values).expect("the count matches the shape"),
             );
         }
-        drop((tables, dims_kept));
         Ok(outputs)
     }
+}
+
+/// Bytes of one step's dims: `[B, T, per_batch, offset]`.
+const DIMS_BYTES: u64 = 32;
+
+/// A run's dims, both kinds: schedules whose rows are per batch row point at the second.
+fn run_dims(batch: usize, seq: usize, offset: usize) -> [i64; 8] {
+    let (b, t, o) = (batch as i64, seq as i64, offset as i64);
+    [b, t, 0, o, b, t, 1, o]
+}
+
+/// The pointer tables of the plan's kernel steps, one after another, and where each step's
+/// starts (in pointers; `None` for other steps); `pointer` gives an operand's device address.
+fn pointer_tables(
+    steps: &[Step],
+    mut pointer: impl FnMut(&Operand) -> u64,
+) -> (Vec<u64>, Vec<Option<usize>>) {
+    let mut pointers = Vec::new();
+    let starts = steps
+        .iter()
+        .map(|step| {
+            let Step::Kernel { operands, .. } = step else {
+                return None;
+            };
+            let start = pointers.len();
+            pointers.extend(operands.iter().map(&mut pointer));
+            Some(start)
+        })
+        .collect();
+    (pointers, starts)
+}
+
+/// For each cache, the index of the positions buffer it reads, and for each such buffer its
+/// first cache: caches that put the same positions in the same slots (same sinks and ring,
+/// the same positions held) share one, written once per decode step.
+fn shared_positions(caches: &[KvCache]) -> (Vec<usize>, Vec<usize>) {
+    let mut firsts: Vec<usize> = Vec::new();
+    let mut of = Vec::with_capacity(caches.len());
+    for (c, cache) in caches.iter().enumerate() {
+        let same = |&first: &usize| {
+            let other = &caches[first];
+            (other.spec.sinks, other.spec.ring) == (cache.spec.sinks, cache.spec.ring)
+                && *other.positions == *cache.positions
+        };
+        match firsts.iter().position(same) {
+            Some(kind) => of.push(kind),
+            None => {
+                of.push(firsts.len());
+                firsts.push(c);
+            }
+        }
+    }
+    (of, firsts)
+}
+
+/// A device buffer kept from run to run: reallocated (zeroed) only when a run needs more.
+#[derive(Default)]
+struct Grown(Option<CudaSlice<u8>>);
+
+impl Grown {
+    /// Makes room for `bytes` bytes (and the slack every buffer has).
+    fn reserve(&mut self, stream: &Arc<CudaStream>, bytes: usize) -> Result<(), RuntimeError> {
+        if self
+            .0
+            .as_ref()
+            .is_none_or(|b| b.len() < bytes + SLACK_BYTES)
+        {
+            self.0 = None;
+            let buffer = stream
+                .alloc_zeros::<u8>(bytes + SLACK_BYTES)
+                .map_err(cuda_error("allocating GPU memory"))?;
+            self.0 = Some(buffer);
+        }
+        Ok(())
+    }
+
+    /// Copies `bytes` to the start of the buffer, making room first.
+    fn write(&mut self, stream: &Arc<CudaStream>, bytes: &[u8]) -> Result<(), RuntimeError> {
+        self.reserve(stream, bytes.len())?;
+        if let (Some(buffer), false) = (&mut self.0, bytes.is_empty()) {
+            stream
+                .memcpy_htod(bytes, &mut buffer.slice_mut(0..bytes.len()))
+                .map_err(cuda_error("copying to the GPU"))?;
+        }
+        Ok(())
+    }
+
+    /// The buffer's device address (0 before its first `reserve`, which every run makes
+    /// before it reads one).
+    fn pointer(&self, stream: &Arc<CudaStream>) -> u64 {
+        self.0.as_ref().map_or(0, |b| b.device_ptr(stream).0)
+    }
+
+    /// The first `count` f32s of the buffer.
+    fn read_f32(&self, stream: &Arc<CudaStream>, count: usize) -> Result<Vec<f32>, RuntimeError> {
+        let Some(buffer) = self.0.as_ref().filter(|_| count > 0) else {
+            return Ok(Vec::new());
+        };
+        let bytes: Vec<u8> = stream
+            .clone_dtoh(&buffer.slice(0..count * 4))
+            .map_err(cuda_error("copying from the GPU"))?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+}
+
+/// The device memory of runs, kept from one to the next.
+#[derive(Default)]
+struct RunMemory {
+    inputs: Vec<Grown>,
+    slots: Vec<Grown>,
+    workspaces: Vec<Grown>,
+    positions: Grown,
+    ropes: Vec<[Grown; 2]>,
+    schedules: Vec<[Grown; 4]>,
+    /// Every kernel step's pointer table, one after another, and what it holds.
+    tables: Grown,
+    tables_held: Vec<u64>,
+    /// The run's dims ([`run_dims`]) and what they hold.
+    dims: Grown,
+    dims_held: [i64; 8],
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_kernel_step_has_its_table_of_pointers_in_one_array() {
+        use crate::plan::Grid;
+        let kernel = |kernel: usize, operands: Vec<Operand>| Step::Kernel {
+            kernel,
+            operands,
+            grid: Grid {
+                rows: Vec::new(),
+                row_chunk: 1,
+                cols: 1,
+            },
+            schedule: None,
+        };
+        let steps = [
+            kernel(0, vec![Operand::Input(0), Operand::Value(3)]),
+            Step::Schedule { id: 0 },
+            kernel(1, vec![Operand::Weight(2)]),
+            kernel(
+                0,
+                vec![Operand::Value(3), Operand::Positions, Operand::Value(4)],
+            ),
+        ];
+        let address = |operand: &Operand| match *operand {
+            Operand::Input(i) => 1000 + i as u64,
+            Operand::Value(i) => 2000 + i as u64,
+            Operand::Weight(i) => 3000 + i as u64,
+            _ => 7,
+        };
+        let (pointers, starts) = pointer_tables(&steps, address);
+        assert_eq!(pointers, [1000, 2003, 3002, 2003, 7, 2004]);
+        assert_eq!(starts, [Some(0), None, Some(2), Some(3)]);
+    }
+
+    #[test]
+    fn per_batch_schedules_read_the_second_dims() {
+        let dims = run_dims(2, 17, 40);
+        assert_eq!(dims[..4], [2, 17, 0, 40]);
+        assert_eq!(dims[4..], [2, 17, 1, 40]);
+        assert_eq!(DIMS_BYTES, 4 * 8);
+    }
+
+    #[test]
+    fn caches_that_keep_the_same_slots_share_their_positions() {
+        use crate::plan::CacheSpec;
+        let cache = |sinks: usize, ring: Option<usize>, layer: usize, held: usize| {
+            let spec = CacheSpec {
+                kv_heads: 2,
+                head_dim: 8,
+                sinks,
+                ring,
+                min_prompt: 0,
+                block: 4,
+                layer: Some(layer),
+            };
+            let mut cache = KvCache::new(spec.clone(), 1);
+            cache.reserve(spec.slots_for(64));
+            for p in 0..held {
+                cache.set_position(spec.slot(p), p);
+            }
+            cache
+        };
+        // Zebra: a global layer, then three local ones, twice; then a local cache with sinks
+        // and one that has seen fewer tokens (it may not share).
+        let caches = [
+            cache(0, None, 0, 20),
+            cache(0, Some(8), 1, 20),
+            cache(0, Some(8), 2, 20),
+            cache(0, Some(8), 3, 20),
+            cache(0, None, 4, 20),
+            cache(2, Some(8), 5, 20),
+            cache(0, Some(8), 6, 5),
+        ];
+        let (of, firsts) = shared_positions(&caches);
+        assert_eq!(of, [0, 1, 1, 1, 0, 2, 3]);
+        assert_eq!(firsts, [0, 1, 5, 6]);
+        assert!(shared_positions(&[]).0.is_empty());
+    }
 
     #[test]
     fn local_memory_is_read_from_the_ptx() {

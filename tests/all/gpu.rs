@@ -217,15 +217,20 @@ fn zebra_tiny_on_the_gpu_matches_the_cpu() {
         },
     )
     .unwrap();
-    let tokens = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[2, 150]), |i| {
-        ((i[0] * 31 + i[1] * 7) % 256) as i64
-    });
-    let inputs = BTreeMap::from([("tokens".to_string(), Tensor::I64(tokens))]);
     let mut gpu = CudaModel::load(&gpu_dir, &weights).unwrap();
     let mut cpu = CpuModel::load(&cpu_dir, &weights, 2).unwrap();
-    let a = gpu.run(&inputs).unwrap()["logits"].mapv(f64::from);
-    let b = cpu.run(&inputs).unwrap()["logits"].mapv(f64::from);
-    crate::common::assert_close(&a, &b, 1e-4, "zebra_tiny on the GPU");
+    // Device memory is kept from run to run and grown when a run needs more: shapes that
+    // grow, shrink and come back.
+    for (batch, seq) in [(2, 150), (1, 17), (2, 256), (1, 1), (2, 150)] {
+        let tokens = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[batch, seq]), |i| {
+            ((i[0] * 31 + i[1] * 7 + seq) % 256) as i64
+        });
+        let inputs = BTreeMap::from([("tokens".to_string(), Tensor::I64(tokens))]);
+        let a = gpu.run(&inputs).unwrap()["logits"].mapv(f64::from);
+        let b = cpu.run(&inputs).unwrap()["logits"].mapv(f64::from);
+        let what = format!("zebra_tiny on the GPU, B = {batch}, T = {seq}");
+        crate::common::assert_close(&a, &b, 1e-4, &what);
+    }
 }
 
 /// Every attention of every example compiles to tensor-core kernels for sm_80 and sm_90:
