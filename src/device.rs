@@ -157,4 +157,25 @@ impl Device {
             Device::Cuda { .. } => Box::new(zebra_runtime::cuda::CudaModel::load(dir, weights)?),
         })
     }
+
+    /// Loads the prefill and decode artifacts of one model with its weights, which both
+    /// plans then read from one copy.
+    pub fn load_generation(
+        &self,
+        prefill: &Path,
+        decode: &Path,
+        weights: &Weights,
+    ) -> Result<(Box<dyn Executor>, Box<dyn Executor>)> {
+        Ok(match self {
+            Device::Cpu { threads } => {
+                let (first, second) = CpuModel::load_pair(prefill, decode, weights, *threads)?;
+                (Box::new(first), Box::new(second))
+            }
+            Device::Cuda { .. } => {
+                let (first, second) =
+                    zebra_runtime::cuda::CudaModel::load_pair(prefill, decode, weights)?;
+                (Box::new(first), Box::new(second))
+            }
+        })
+    }
 }

@@ -124,10 +124,7 @@ pub fn generation_models(
 ) -> Result<(Box<dyn Executor>, Box<dyn Executor>)> {
     let prefill = artifact(&loaded.optimized, context, PlanMode::Prefill, device)?;
     let decode = artifact(&loaded.optimized, context, PlanMode::Decode, device)?;
-    Ok((
-        device.load(&prefill, &loaded.weights)?,
-        device.load(&decode, &loaded.weights)?,
-    ))
+    device.load_generation(&prefill, &decode, &loaded.weights)
 }
 
 fn tokens_tensor(tokens: &[i64], batch: usize) -> Tensor {

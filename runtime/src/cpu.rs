@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
@@ -424,11 +425,12 @@ pub struct CpuModel {
     _library: libloading::Library,
     kernels: Vec<KernelFn>,
     substitutes: HashMap<usize, KernelSubstitute>,
-    weights: Vec<Buffer>,
-    packed: Vec<Buffer>,
+    /// Shared with the decode plan's model when generating ([`CpuModel::load_pair`]).
+    weights: Vec<Arc<Buffer>>,
+    packed: Vec<Arc<Buffer>>,
     constants: Vec<Buffer>,
     masks: Vec<(Expr, Support)>,
-    pool: std::sync::Arc<rayon::ThreadPool>,
+    pool: Arc<rayon::ThreadPool>,
     threads: usize,
     slots: Vec<Buffer>,
     workspaces: Vec<Buffer>,
@@ -500,6 +502,29 @@ fn parallel_copy(out: &mut [f32], values: &[f32]) {
         .for_each(|(o, v)| o.copy_from_slice(v));
 }
 
+/// The model's weights in the plan's order, each checked against the plan's shape.
+pub(crate) fn raw_weights(plan: &Plan, weights: &Weights) -> Result<Vec<Vec<f32>>, RuntimeError> {
+    plan.weights
+        .iter()
+        .map(|spec| {
+            let tensor = weights
+                .get(&spec.name)
+                .ok_or_else(|| RuntimeError::MissingWeight {
+                    name: spec.name.clone(),
+                    expected: spec.shape.clone(),
+                })?;
+            if tensor.shape() != spec.shape.as_slice() {
+                return Err(RuntimeError::WeightShape {
+                    name: spec.name.clone(),
+                    expected: spec.shape.clone(),
+                    found: tensor.shape().to_vec(),
+                });
+            }
+            Ok(tensor.iter().copied().collect())
+        })
+        .collect()
+}
+
 pub(crate) fn words_of_i64(values: impl ExactSizeIterator<Item = i64>) -> Buffer {
     let mut out = buffer(values.len());
     for (slot, v) in out.iter_mut().zip(values) {
@@ -511,6 +536,28 @@ pub(crate) fn words_of_i64(values: impl ExactSizeIterator<Item = i64>) -> Buffer
 impl CpuModel {
     /// Loads an artifact and its weights; `threads` of 0 means one per core.
     pub fn load(dir: &Path, weights: &Weights, threads: usize) -> Result<CpuModel, RuntimeError> {
+        CpuModel::load_with(dir, weights, threads, None)
+    }
+
+    /// Loads two plans of one model (its prefill and decode plans) with its weights: the
+    /// weights both read are held once, and the thread pool is shared.
+    pub fn load_pair(
+        first: &Path,
+        second: &Path,
+        weights: &Weights,
+        threads: usize,
+    ) -> Result<(CpuModel, CpuModel), RuntimeError> {
+        let one = CpuModel::load(first, weights, threads)?;
+        let two = CpuModel::load_with(second, weights, one.threads, Some(&one))?;
+        Ok((one, two))
+    }
+
+    fn load_with(
+        dir: &Path,
+        weights: &Weights,
+        threads: usize,
+        beside: Option<&CpuModel>,
+    ) -> Result<CpuModel, RuntimeError> {
         let artifact = Artifact::load(dir)?;
         let plan = artifact.plan;
         if plan.library.ends_with(".ptx") {
@@ -565,13 +612,16 @@ impl CpuModel {
         } else {
             threads
         };
-        let pool = std::sync::Arc::new(
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .stack_size(16 << 20)
-                .build()
-                .map_err(|e| RuntimeError::Threads(e.to_string()))?,
-        );
+        let pool = match beside {
+            Some(other) => other.pool.clone(),
+            None => Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .stack_size(16 << 20)
+                    .build()
+                    .map_err(|e| RuntimeError::Threads(e.to_string()))?,
+            ),
+        };
         let constants = plan.constants.iter().map(|c| as_words(&[*c])).collect();
         let mut model = CpuModel {
             plan,
@@ -594,7 +644,7 @@ impl CpuModel {
             cached_tokens: 0,
             cache_batch: 0,
         };
-        model.set_weights(weights)?;
+        model.set_weights_beside(weights, beside)?;
         Ok(model)
     }
 
@@ -608,33 +658,50 @@ impl CpuModel {
 
     /// Replaces the weights (and repacks them).
     pub fn set_weights(&mut self, weights: &Weights) -> Result<(), RuntimeError> {
-        let mut loaded = Vec::new();
-        let mut raw: Vec<Vec<f32>> = Vec::new();
-        for spec in &self.plan.weights {
-            let tensor = weights
-                .get(&spec.name)
-                .ok_or_else(|| RuntimeError::MissingWeight {
-                    name: spec.name.clone(),
-                    expected: spec.shape.clone(),
-                })?;
-            if tensor.shape() != spec.shape.as_slice() {
-                return Err(RuntimeError::WeightShape {
-                    name: spec.name.clone(),
-                    expected: spec.shape.clone(),
-                    found: tensor.shape().to_vec(),
-                });
-            }
-            let values: Vec<f32> = tensor.iter().copied().collect();
-            loaded.push(as_words(&values));
-            raw.push(values);
+        self.set_weights_beside(weights, None)
+    }
+
+    /// Sets the weights, taking those `beside` holds from it (when it was given the same).
+    fn set_weights_beside(
+        &mut self,
+        weights: &Weights,
+        beside: Option<&CpuModel>,
+    ) -> Result<(), RuntimeError> {
+        let raw = raw_weights(&self.plan, weights)?;
+        // The buffers `beside` holds for this plan's weights, where it holds them.
+        let (mut shared, mut shared_packed) = (Vec::new(), Vec::new());
+        if let Some(other) = beside {
+            let (raw_in, packed_in) = self.plan.weights_in(&other.plan);
+            shared = raw_in
+                .iter()
+                .map(|j| j.map(|j| other.weights[j].clone()))
+                .collect();
+            shared_packed = packed_in
+                .iter()
+                .map(|j| j.map(|j| other.packed[j].clone()))
+                .collect();
         }
+        self.weights = raw
+            .iter()
+            .enumerate()
+            .map(|(i, values)| {
+                let held = shared.get_mut(i).and_then(Option::take);
+                held.unwrap_or_else(|| Arc::new(as_words(values)))
+            })
+            .collect();
         self.packed = self
             .plan
             .packed
             .iter()
-            .map(|p| as_words(&pack(&raw[p.weight], p.norm.map(|n| raw[n].as_slice()), p)))
+            .enumerate()
+            .map(|(i, p)| {
+                let held = shared_packed.get_mut(i).and_then(Option::take);
+                held.unwrap_or_else(|| {
+                    let norm = p.norm.map(|n| raw[n].as_slice());
+                    Arc::new(as_words(&pack(&raw[p.weight], norm, p)))
+                })
+            })
             .collect();
-        self.weights = loaded;
         Ok(())
     }
 

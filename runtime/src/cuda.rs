@@ -32,7 +32,7 @@ use crate::artifact::Artifact;
 use crate::buffer::Buffer;
 use crate::cpu::{
     BuiltSchedule, RuntimeError, Tensor, as_words, build_schedule, cache_bytes, check_inputs, fill,
-    fill_caches, next_position, rope_tables, words, words_of_i64,
+    fill_caches, next_position, raw_weights, rope_tables, words, words_of_i64,
 };
 use crate::kv::KvCache;
 use crate::pack::pack;
@@ -188,8 +188,9 @@ pub struct CudaModel {
     functions: Vec<CudaFunction>,
     /// Per kernel, the function of its tensor-core launch's second launch, if any.
     then_functions: Vec<Option<CudaFunction>>,
-    weights: Vec<Grown>,
-    packed: Vec<Grown>,
+    /// Shared with the decode plan's model when generating ([`CudaModel::load_pair`]).
+    weights: Vec<Arc<Grown>>,
+    packed: Vec<Arc<Grown>>,
     constants: Vec<CudaSlice<u8>>,
     masks: Vec<(Expr, Support)>,
     memory: RunMemory,
@@ -216,6 +217,26 @@ fn bytes_of(words: &[u64]) -> &[u8] {
 impl CudaModel {
     /// Loads a GPU artifact and its weights on device 0.
     pub fn load(dir: &Path, weights: &Weights) -> Result<CudaModel, RuntimeError> {
+        CudaModel::load_with(dir, weights, None)
+    }
+
+    /// Loads two plans of one model (its prefill and decode plans) with its weights, which
+    /// are then on the GPU once for both.
+    pub fn load_pair(
+        first: &Path,
+        second: &Path,
+        weights: &Weights,
+    ) -> Result<(CudaModel, CudaModel), RuntimeError> {
+        let one = CudaModel::load(first, weights)?;
+        let two = CudaModel::load_with(second, weights, Some(&one))?;
+        Ok((one, two))
+    }
+
+    fn load_with(
+        dir: &Path,
+        weights: &Weights,
+        beside: Option<&CudaModel>,
+    ) -> Result<CudaModel, RuntimeError> {
         let plan = Artifact::load(dir)?.plan;
         if !plan.library.ends_with(".ptx") {
             return Err(RuntimeError::Cuda(format!(
@@ -317,7 +338,7 @@ impl CudaModel {
             .iter()
             .map(|c| model.upload(&as_words(&[*c])))
             .collect::<Result<_, _>>()?;
-        model.set_weights(weights)?;
+        model.set_weights_beside(weights, beside)?;
         Ok(model)
     }
 
@@ -335,37 +356,68 @@ impl CudaModel {
 
     /// Replaces the weights (packed on the host, then copied to the GPU).
     pub fn set_weights(&mut self, weights: &Weights) -> Result<(), RuntimeError> {
-        let mut raw: Vec<Vec<f32>> = Vec::new();
-        for spec in &self.plan.weights {
-            let tensor = weights
-                .get(&spec.name)
-                .ok_or_else(|| RuntimeError::MissingWeight {
-                    name: spec.name.clone(),
-                    expected: spec.shape.clone(),
-                })?;
-            if tensor.shape() != spec.shape.as_slice() {
-                return Err(RuntimeError::WeightShape {
-                    name: spec.name.clone(),
-                    expected: spec.shape.clone(),
-                    found: tensor.shape().to_vec(),
-                });
+        self.set_weights_beside(weights, None)
+    }
+
+    /// Sets the weights, taking those `beside` holds from it (when it was given the same).
+    /// A training step replaces every weight: into the buffers of the last ones, unless
+    /// another model shares them.
+    fn set_weights_beside(
+        &mut self,
+        weights: &Weights,
+        beside: Option<&CudaModel>,
+    ) -> Result<(), RuntimeError> {
+        let raw = raw_weights(&self.plan, weights)?;
+        let (mut shared, mut shared_packed) = (Vec::new(), Vec::new());
+        if let Some(other) = beside {
+            let (raw_in, packed_in) = self.plan.weights_in(&other.plan);
+            shared = raw_in
+                .iter()
+                .map(|j| j.map(|j| other.weights[j].clone()))
+                .collect();
+            shared_packed = packed_in
+                .iter()
+                .map(|j| j.map(|j| other.packed[j].clone()))
+                .collect();
+        }
+        let stream = self.stream.clone();
+        let put = |buffer: Option<&mut Arc<Grown>>,
+                   held: Option<Arc<Grown>>,
+                   words: &dyn Fn() -> Buffer| {
+            if let Some(held) = held {
+                return Ok(held);
             }
-            raw.push(tensor.iter().copied().collect());
-        }
-        // A training step replaces every weight: into the buffers of the last ones.
-        let mut weights = std::mem::take(&mut self.weights);
-        weights.resize_with(raw.len(), Grown::default);
-        for (buffer, values) in weights.iter_mut().zip(&raw) {
-            buffer.write(&self.stream, bytes_of(&as_words(values)))?;
-        }
-        self.weights = weights;
-        let mut packed = std::mem::take(&mut self.packed);
-        packed.resize_with(self.plan.packed.len(), Grown::default);
-        for (buffer, p) in packed.iter_mut().zip(&self.plan.packed) {
-            let values = pack(&raw[p.weight], p.norm.map(|n| raw[n].as_slice()), p);
-            buffer.write(&self.stream, bytes_of(&as_words(&values)))?;
-        }
-        self.packed = packed;
+            // The last buffer if no other model reads it, else a new one.
+            let mut grown = buffer
+                .map(std::mem::take)
+                .and_then(|b| Arc::try_unwrap(b).ok())
+                .unwrap_or_default();
+            grown.write(&stream, bytes_of(&words()))?;
+            Ok::<_, RuntimeError>(Arc::new(grown))
+        };
+        let mut old = std::mem::take(&mut self.weights);
+        self.weights = raw
+            .iter()
+            .enumerate()
+            .map(|(i, values)| {
+                let held = shared.get_mut(i).and_then(Option::take);
+                put(old.get_mut(i), held, &|| as_words(values))
+            })
+            .collect::<Result<_, _>>()?;
+        let mut old = std::mem::take(&mut self.packed);
+        self.packed = self
+            .plan
+            .packed
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let held = shared_packed.get_mut(i).and_then(Option::take);
+                let norm = p.norm.map(|n| raw[n].as_slice());
+                put(old.get_mut(i), held, &|| {
+                    as_words(&pack(&raw[p.weight], norm, p))
+                })
+            })
+            .collect::<Result<_, _>>()?;
         Ok(())
     }
 
@@ -498,13 +550,18 @@ impl CudaModel {
             device[0].write(&stream, bytes_of(&cos))?;
             device[1].write(&stream, bytes_of(&sin))?;
         }
-        // Schedules depend on the inputs only: all of them before the first launch.
+        // Schedules depend on the inputs only: all of them before the first launch. One
+        // over indices only is the same for every run of the same length.
         memory
             .schedules
             .resize_with(plan.schedules.len(), Default::default);
-        let mut per_batch = vec![false; plan.schedules.len()];
+        memory.schedules_held.resize(plan.schedules.len(), None);
+        let per_batch: Vec<bool> = plan.schedules.iter().map(|s| !s.sides.is_empty()).collect();
         for step in &plan.steps {
             if let Step::Schedule { id } = *step {
+                if !per_batch[id] && memory.schedules_held[id] == Some(seq) {
+                    continue;
+                }
                 let (mask, support) = &self.masks[id];
                 let built: BuiltSchedule =
                     build_schedule(&plan.schedules[id], mask, support, batch, seq, &host_inputs);
@@ -513,7 +570,7 @@ impl CudaModel {
                 device[1].write(&stream, bytes_of(&built.tiles))?;
                 device[2].write(&stream, bytes_of(&built.columns))?;
                 device[3].write(&stream, bytes_of(&built.column_tiles))?;
-                per_batch[id] = built.per_batch;
+                memory.schedules_held[id] = Some(seq);
             }
         }
         let dims = run_dims(batch, seq, offset);
@@ -741,6 +798,8 @@ struct RunMemory {
     positions: Grown,
     ropes: Vec<[Grown; 2]>,
     schedules: Vec<[Grown; 4]>,
+    /// The length each schedule was last built for.
+    schedules_held: Vec<Option<usize>>,
     /// Every kernel step's pointer table, one after another, and what it holds.
     tables: Grown,
     tables_held: Vec<u64>,

@@ -33,20 +33,19 @@ pub struct GenerationStats {
 
 impl Generator {
     /// Loads `dir/prefill` and `dir/decode` (as `zebra compile --emit artifact --for generate`
-    /// writes them).
+    /// writes them); both plans read one copy of the weights.
     pub fn load(dir: &Path, weights: &Weights, threads: usize) -> Result<Generator, RuntimeError> {
-        Generator::from_parts(
-            Box::new(CpuModel::load(&dir.join("prefill"), weights, threads)?),
-            Box::new(CpuModel::load(&dir.join("decode"), weights, threads)?),
-        )
+        let (prefill, decode) =
+            CpuModel::load_pair(&dir.join("prefill"), &dir.join("decode"), weights, threads)?;
+        Generator::from_parts(Box::new(prefill), Box::new(decode))
     }
 
-    /// Loads `dir/prefill` and `dir/decode` compiled for a GPU, on GPU 0.
+    /// Loads `dir/prefill` and `dir/decode` compiled for a GPU, on GPU 0 (one copy of the
+    /// weights there).
     pub fn load_cuda(dir: &Path, weights: &Weights) -> Result<Generator, RuntimeError> {
-        Generator::from_parts(
-            Box::new(crate::cuda::CudaModel::load(&dir.join("prefill"), weights)?),
-            Box::new(crate::cuda::CudaModel::load(&dir.join("decode"), weights)?),
-        )
+        let (prefill, decode) =
+            crate::cuda::CudaModel::load_pair(&dir.join("prefill"), &dir.join("decode"), weights)?;
+        Generator::from_parts(Box::new(prefill), Box::new(decode))
     }
 
     pub fn from_parts(

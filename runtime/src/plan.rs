@@ -337,6 +337,39 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Where this plan's weights and packed weights are in `other`'s, for plans of one
+    /// model that share them (a prefill and a decode plan): a weight of the same name and
+    /// shape; a packed weight packed alike from the same weights.
+    pub fn weights_in(&self, other: &Plan) -> (Vec<Option<usize>>, Vec<Option<usize>>) {
+        let raw = self
+            .weights
+            .iter()
+            .map(|w| other.weights.iter().position(|o| o == w))
+            .collect();
+        let key = |plan: &Plan, p: &PackSpec| {
+            let name = |w: usize| plan.weights[w].clone();
+            let PackSpec {
+                weight,
+                norm,
+                transposed,
+                n,
+                k,
+                group,
+                nr,
+            } = *p;
+            (name(weight), norm.map(name), transposed, n, k, group, nr)
+        };
+        let packed = self
+            .packed
+            .iter()
+            .map(|p| {
+                let mine = key(self, p);
+                other.packed.iter().position(|o| key(other, o) == mine)
+            })
+            .collect();
+        (raw, packed)
+    }
+
     /// Whether this is a decode plan: its attention runs against KV caches.
     pub fn is_decode(&self) -> bool {
         self.steps.iter().any(|s| {

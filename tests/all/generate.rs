@@ -159,6 +159,55 @@ fn kv_caches_hold_only_what_the_mask_can_see() {
     assert_eq!(outputs["logits"].len_of(Axis(1)), t);
 }
 
+/// The prefill and decode plans of a model read the same weights, packed alike: loaded as a
+/// pair they share one copy, and decode as if each had its own.
+#[test]
+fn prefill_and_decode_plans_share_one_copy_of_the_weights() {
+    let out = tempfile::tempdir().expect("temporary directory");
+    let path = crate::common::root().join("examples/zebra_tiny.zb");
+    let (_, checked) = check_ok(&path);
+    let spec = &checked.program.models[0];
+    let graph = optimize(&lower(spec), &Options::default()).unwrap().graph;
+    let (p, d) = (out.path().join("p"), out.path().join("d"));
+    build_mode(&graph, &p, PlanMode::Prefill).unwrap();
+    build_mode(&graph, &d, PlanMode::Decode).unwrap();
+    let weights = zebra_frontend::init::random_weights(spec, 4);
+    let (mut prefill, mut decode) = CpuModel::load_pair(&p, &d, &weights, 2).unwrap();
+    let (raw, packed) = decode.plan().weights_in(prefill.plan());
+    assert_eq!(raw.len(), decode.plan().weights.len());
+    assert!(raw.iter().all(Option::is_some), "{raw:?}");
+    assert!(
+        !packed.is_empty() && packed.iter().all(Option::is_some),
+        "{packed:?}"
+    );
+    for (i, j) in raw.iter().enumerate() {
+        let j = j.unwrap();
+        assert_eq!(decode.plan().weights[i], prefill.plan().weights[j]);
+    }
+
+    let mut alone = CpuModel::load(&d, &weights, 2).unwrap();
+    let prompt = tokens(1, 40, spec.vocab, 5);
+    let outputs = run(&mut prefill, &prompt);
+    decode.start_decode(&outputs).unwrap();
+    alone.start_decode(&outputs).unwrap();
+    for step in 0..20 {
+        let token = tokens(1, 1, spec.vocab, 100 + step);
+        let shared = decode.decode(&token).unwrap();
+        let own = alone.decode(&token).unwrap();
+        assert_eq!(shared["logits"], own["logits"], "step {step}");
+    }
+
+    // Weights that do not fit the plans are refused, and name what is wrong.
+    let mut wrong = weights.clone();
+    let name = prefill.plan().weights[0].name.clone();
+    wrong.insert(name.clone(), ArrayD::zeros(IxDyn(&[3])));
+    let error = CpuModel::load_pair(&p, &d, &wrong, 1)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(error.contains(&name), "{error}");
+}
+
 #[test]
 fn decoding_past_the_compiled_context_is_refused() {
     let out = tempfile::tempdir().expect("temporary directory");
