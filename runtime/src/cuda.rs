@@ -536,19 +536,23 @@ impl CudaModel {
         for (ws, (shape, elem)) in memory.workspaces.iter_mut().zip(&plan.workspaces) {
             ws.reserve(&stream, volume(shape, batch, seq) * elem.size())?;
         }
-        let positions = words_of_i64(
-            (offset as i64..(offset + seq) as i64)
-                .collect::<Vec<_>>()
-                .into_iter(),
-        );
-        memory.positions.write(&stream, bytes_of(&positions))?;
-        memory
-            .ropes
-            .resize_with(plan.rope_tables.len(), Default::default);
-        for (device, &(base, dim)) in memory.ropes.iter_mut().zip(&plan.rope_tables) {
-            let (cos, sin) = rope_tables(base, dim, seq, offset);
-            device[0].write(&stream, bytes_of(&cos))?;
-            device[1].write(&stream, bytes_of(&sin))?;
+        // Positions and RoPE tables: the same for runs of the same length and first position.
+        if memory.positions_held != Some((seq, offset)) {
+            let positions = words_of_i64(
+                (offset as i64..(offset + seq) as i64)
+                    .collect::<Vec<_>>()
+                    .into_iter(),
+            );
+            memory.positions.write(&stream, bytes_of(&positions))?;
+            memory
+                .ropes
+                .resize_with(plan.rope_tables.len(), Default::default);
+            for (device, &(base, dim)) in memory.ropes.iter_mut().zip(&plan.rope_tables) {
+                let (cos, sin) = rope_tables(base, dim, seq, offset);
+                device[0].write(&stream, bytes_of(&cos))?;
+                device[1].write(&stream, bytes_of(&sin))?;
+            }
+            memory.positions_held = Some((seq, offset));
         }
         // Schedules depend on the inputs only: all of them before the first launch. One
         // over indices only is the same for every run of the same length.
@@ -797,6 +801,8 @@ struct RunMemory {
     workspaces: Vec<Grown>,
     positions: Grown,
     ropes: Vec<[Grown; 2]>,
+    /// The length and first position `positions` and `ropes` hold.
+    positions_held: Option<(usize, usize)>,
     schedules: Vec<[Grown; 4]>,
     /// The length each schedule was last built for.
     schedules_held: Vec<Option<usize>>,
