@@ -95,10 +95,14 @@ impl Device {
     pub fn describe(&self) -> String {
         match self {
             Device::Cpu { .. } => "the CPU".into(),
-            Device::Cuda { target, half } => format!(
-                "the GPU ({}, {})",
-                target.name(),
-                half.map_or("f32", Half::name)
+            Device::Cuda {
+                target,
+                half: Some(half),
+            } => format!("the GPU ({}, {})", target.name(), half.name()),
+            // The f32 plans' kernels are correct everywhere, and slow on a GPU: say so.
+            Device::Cuda { target, half: None } => format!(
+                "the GPU ({}, f32 without tensor cores: --dtype bf16 puts the projections and                  attention on them)",
+                target.name()
             ),
         }
     }
