@@ -525,6 +525,25 @@ pub(crate) fn raw_weights(plan: &Plan, weights: &Weights) -> Result<Vec<Vec<f32>
         .collect()
 }
 
+/// For each weight and packed weight of `plan`, the buffer that another model of the same
+/// model and weights (`beside`: its plan, weights and packed weights) holds of it, if any.
+pub(crate) fn held_beside<B: Clone>(
+    plan: &Plan,
+    beside: Option<(&Plan, &[B], &[B])>,
+) -> (Vec<Option<B>>, Vec<Option<B>>) {
+    let Some((other, weights, packed)) = beside else {
+        return (Vec::new(), Vec::new());
+    };
+    let (raw_in, packed_in) = plan.weights_in(other);
+    let take = |found: Vec<Option<usize>>, buffers: &[B]| {
+        found
+            .into_iter()
+            .map(|j| j.map(|j| buffers[j].clone()))
+            .collect()
+    };
+    (take(raw_in, weights), take(packed_in, packed))
+}
+
 pub(crate) fn words_of_i64(values: impl ExactSizeIterator<Item = i64>) -> Buffer {
     let mut out = buffer(values.len());
     for (slot, v) in out.iter_mut().zip(values) {
@@ -668,19 +687,10 @@ impl CpuModel {
         beside: Option<&CpuModel>,
     ) -> Result<(), RuntimeError> {
         let raw = raw_weights(&self.plan, weights)?;
-        // The buffers `beside` holds for this plan's weights, where it holds them.
-        let (mut shared, mut shared_packed) = (Vec::new(), Vec::new());
-        if let Some(other) = beside {
-            let (raw_in, packed_in) = self.plan.weights_in(&other.plan);
-            shared = raw_in
-                .iter()
-                .map(|j| j.map(|j| other.weights[j].clone()))
-                .collect();
-            shared_packed = packed_in
-                .iter()
-                .map(|j| j.map(|j| other.packed[j].clone()))
-                .collect();
-        }
+        let (mut shared, mut shared_packed) = held_beside(
+            &self.plan,
+            beside.map(|other| (&other.plan, &other.weights[..], &other.packed[..])),
+        );
         self.weights = raw
             .iter()
             .enumerate()

@@ -32,7 +32,7 @@ use crate::artifact::Artifact;
 use crate::buffer::Buffer;
 use crate::cpu::{
     BuiltSchedule, RuntimeError, Tensor, as_words, build_schedule, cache_bytes, check_inputs, fill,
-    fill_caches, next_position, raw_weights, rope_tables, words, words_of_i64,
+    fill_caches, held_beside, next_position, raw_weights, rope_tables, words, words_of_i64,
 };
 use crate::kv::KvCache;
 use crate::pack::pack;
@@ -368,18 +368,10 @@ impl CudaModel {
         beside: Option<&CudaModel>,
     ) -> Result<(), RuntimeError> {
         let raw = raw_weights(&self.plan, weights)?;
-        let (mut shared, mut shared_packed) = (Vec::new(), Vec::new());
-        if let Some(other) = beside {
-            let (raw_in, packed_in) = self.plan.weights_in(&other.plan);
-            shared = raw_in
-                .iter()
-                .map(|j| j.map(|j| other.weights[j].clone()))
-                .collect();
-            shared_packed = packed_in
-                .iter()
-                .map(|j| j.map(|j| other.packed[j].clone()))
-                .collect();
-        }
+        let (mut shared, mut shared_packed) = held_beside(
+            &self.plan,
+            beside.map(|other| (&other.plan, &other.weights[..], &other.packed[..])),
+        );
         let stream = self.stream.clone();
         let put = |buffer: Option<&mut Arc<Grown>>,
                    held: Option<Arc<Grown>>,

@@ -57,14 +57,9 @@ impl Trainer {
     ) -> Result<Trainer, RuntimeError> {
         let mut params = BTreeMap::new();
         let mut shapes = BTreeMap::new();
-        for spec in &model.plan().weights {
-            let tensor = weights
-                .get(&spec.name)
-                .ok_or_else(|| RuntimeError::MissingWeight {
-                    name: spec.name.clone(),
-                    expected: spec.shape.clone(),
-                })?;
-            params.insert(spec.name.clone(), tensor.iter().copied().collect());
+        let raw = crate::cpu::raw_weights(model.plan(), weights)?;
+        for (spec, values) in model.plan().weights.iter().zip(raw) {
+            params.insert(spec.name.clone(), values);
             shapes.insert(spec.name.clone(), spec.shape.clone());
         }
         Ok(Trainer {
