@@ -194,8 +194,8 @@ pub struct CudaModel {
     constants: Vec<CudaSlice<u8>>,
     masks: Vec<(Expr, Support)>,
     memory: RunMemory,
-    /// A decode plan's KV caches: on the host for their layout and sizes, on the GPU their
-    /// keys and values (room for the plan's whole context, allocated once) and the index of
+    /// A decode plan's KV caches: on the host their layouts and sizes (no data), on the GPU
+    /// their keys and values (room for the plan's whole context, allocated once) and the index of
     /// their slots' positions in `cache_positions`.
     host_caches: Vec<KvCache>,
     caches: Vec<[CudaSlice<u8>; 2]>,
@@ -441,7 +441,8 @@ impl CudaModel {
                 "this plan has no decode step; compile the model for generation".into(),
             ));
         }
-        let (host, batch, tokens) = fill_caches(&self.plan, prefill, Some(self.plan.max_seq_len))?;
+        let (mut host, batch, tokens) =
+            fill_caches(&self.plan, prefill, Some(self.plan.max_seq_len))?;
         self.caches = host
             .iter()
             .map(|c| Ok([self.upload(&c.keys)?, self.upload(&c.values)?]))
@@ -452,6 +453,13 @@ impl CudaModel {
             .map(|&c| Ok((c, self.upload(&host[c].positions)?)))
             .collect::<Result<_, RuntimeError>>()?;
         self.cache_position_of = position_of;
+        // The GPU holds the keys, values and positions from here on: the host keeps the
+        // caches' layouts and sizes only.
+        for cache in &mut host {
+            cache.keys = Buffer::default();
+            cache.values = Buffer::default();
+            cache.positions = Buffer::default();
+        }
         self.host_caches = host;
         self.cache_batch = batch;
         self.cached_tokens = tokens;
