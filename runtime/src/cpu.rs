@@ -146,7 +146,7 @@ pub(crate) fn build_schedule(
     seq: usize,
     inputs: &[Buffer],
 ) -> BuiltSchedule {
-    let per_batch = !spec.sides.is_empty();
+    let per_batch = spec.per_batch();
     let mut rows = vec![0u64];
     let mut tiles = Vec::new();
     let mut columns = vec![0u64];
@@ -724,7 +724,7 @@ impl CpuModel {
     ) -> (usize, usize) {
         let spec = &self.plan.schedules[id];
         let (mask, support) = &self.masks[id];
-        let per_batch = !spec.sides.is_empty();
+        let per_batch = spec.per_batch();
         let key = (id, seq);
         if !per_batch && self.schedules.contains_key(&key) {
             return key;

@@ -560,10 +560,9 @@ impl CudaModel {
             .schedules
             .resize_with(plan.schedules.len(), Default::default);
         memory.schedules_held.resize(plan.schedules.len(), None);
-        let per_batch: Vec<bool> = plan.schedules.iter().map(|s| !s.sides.is_empty()).collect();
         for step in &plan.steps {
             if let Step::Schedule { id } = *step {
-                if !per_batch[id] && memory.schedules_held[id] == Some(seq) {
+                if !plan.schedules[id].per_batch() && memory.schedules_held[id] == Some(seq) {
                     continue;
                 }
                 let (mask, support) = &self.masks[id];
@@ -624,7 +623,7 @@ impl CudaModel {
                 continue;
             };
             let table = tables_base + 8 * table.expect("kernel steps have pointer tables") as u64;
-            let per_batch = schedule.is_some_and(|id| per_batch[id]);
+            let per_batch = schedule.is_some_and(|id| plan.schedules[id].per_batch());
             let dims = dims_base + DIMS_BYTES * u64::from(per_batch);
             let programs = grid.programs(batch, seq) as i64;
             if let Some(launch) = &plan.kernels[*kernel].tensor_cores {

@@ -184,6 +184,14 @@ pub struct ScheduleSpec {
     pub sides: Vec<(String, usize)>,
 }
 
+impl ScheduleSpec {
+    /// Whether each batch row has its own schedule (the mask reads side inputs); else one
+    /// serves every row and every run of the same length.
+    pub fn per_batch(&self) -> bool {
+        !self.sides.is_empty()
+    }
+}
+
 /// The programs of a kernel step: `ceil(product(rows) / row_chunk) * cols`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Grid {
