@@ -389,7 +389,6 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     let compile_time = compile_start.elapsed().as_secs_f64();
     let mut trainer = Trainer::with_executor(
         device.load(&artifact, &weights)?,
-        &weights,
         optimizer,
         config.optimizer.clone(),
     )?;
@@ -420,7 +419,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
     }
 
-    let params: usize = trainer.params.values().map(Vec::len).sum();
+    let params = trainer.parameters();
     if !args.quiet {
         eprintln!(
             "training `{}` ({:.2}M parameters) on {}, {} steps of {} x {} tokens; compiled for {} in {compile_time:.1} s",
@@ -451,7 +450,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     let run_start = Instant::now();
     let mut last_loss = f64::NAN;
     let mut step = start;
-    let save = |trainer: &Trainer,
+    let save = |trainer: &mut Trainer,
                 data: &dyn Source,
                 step: u64,
                 tokens: u64,
@@ -468,7 +467,8 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             loss,
             folder: checkpoint::folder_of(step),
         };
-        checkpoint::save(&run_dir, &meta, &trainer.weights(), &trainer.optimizer)?;
+        let (weights, optimizer) = (trainer.weights()?, trainer.optimizer_state()?);
+        checkpoint::save(&run_dir, &meta, &weights, &optimizer)?;
         Ok(())
     };
     while step < config.steps {
@@ -510,7 +510,14 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         ));
         let stop = interrupted.load(Ordering::SeqCst);
         if step % config.checkpoint_every == 0 || step == config.steps || stop {
-            save(&trainer, data.as_ref(), step, tokens, elapsed, report.loss)?;
+            save(
+                &mut trainer,
+                data.as_ref(),
+                step,
+                tokens,
+                elapsed,
+                report.loss,
+            )?;
         }
         if stop {
             bar.abandon();

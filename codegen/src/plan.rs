@@ -9,12 +9,13 @@ use zebra_ir::op::{AttentionKernel, GradOf, Op};
 use zebra_ir::types::{DType, Dim, Sym, TensorType};
 use zebra_ir::{Graph, NodeId};
 use zebra_runtime::plan::{
-    CacheSpec, ElemType, Extent, Grid, InputSpec, KernelInfo, Operand, PLAN_FORMAT, PackSpec, Plan,
-    ScheduleSpec, Step, ValueSpec, WeightSpec,
+    CacheSpec, ElemType, Extent, Grid, InputSpec, KernelInfo, Operand, OptimizerPlan, PLAN_FORMAT,
+    PackSpec, Plan, ScheduleSpec, Step, TrainedWeight, ValueSpec, WeightSpec,
 };
 
 use crate::CodegenError;
 use crate::kernels::matmul::MatMulShape;
+use crate::kernels::optimizer::OptimizerKernel;
 use crate::kernels::{KernelSpec, generic};
 
 /// What a plan computes.
@@ -85,6 +86,80 @@ impl Planner<'_> {
         self.kernels.push(spec);
         self.symbols.insert(symbol, i);
         i
+    }
+
+    /// A training plan's optimizer (see [`OptimizerPlan`]), for every weight whose
+    /// gradient is an output (`grad:{name}`); nothing for other plans.
+    fn optimizer(&mut self) {
+        let mut params: Vec<TrainedWeight> = self
+            .plan
+            .outputs
+            .iter()
+            .filter_map(|(name, v)| {
+                let name = name.strip_prefix("grad:")?;
+                let weight = self.plan.weights.iter().position(|w| w.name == name)?;
+                let decay = zebra_runtime::train::decays(name, &self.plan.weights[weight].shape);
+                Some(TrainedWeight {
+                    weight,
+                    grad: *v,
+                    decay,
+                })
+            })
+            .collect();
+        if params.is_empty() {
+            return;
+        }
+        params.sort_by_key(|p| p.weight);
+        let (mut norm, mut update, mut partials) = (Vec::new(), Vec::new(), 0);
+        for (i, p) in params.iter().enumerate() {
+            let n: usize = self.plan.weights[p.weight].shape.iter().product();
+            let parts = OptimizerKernel::parts(n, self.vector);
+            let operands = vec![Operand::Value(p.grad), Operand::Partials(partials)];
+            norm.push(self.optimizer_step(OptimizerKernel::SumSquares { n, parts }, operands));
+            partials += parts;
+            let operands = vec![
+                Operand::Weight(p.weight),
+                Operand::Value(p.grad),
+                Operand::MomentM(i),
+                Operand::MomentV(i),
+                Operand::Hyper,
+            ];
+            let kernel = OptimizerKernel::AdamW { n, decay: p.decay };
+            update.push(self.optimizer_step(kernel, operands));
+        }
+        // Packed weights made from trained weights, packed again after the update.
+        let trained = |w: usize| params.iter().any(|p| p.weight == w);
+        for (i, spec) in self.plan.packed.clone().into_iter().enumerate() {
+            if !trained(spec.weight) && !spec.norm.is_some_and(trained) {
+                continue;
+            }
+            let mut operands = vec![Operand::Weight(spec.weight)];
+            operands.extend(spec.norm.map(Operand::Weight));
+            operands.push(Operand::Packed(i));
+            update.push(self.optimizer_step(OptimizerKernel::Pack(spec), operands));
+        }
+        self.plan.optimizer = Some(OptimizerPlan {
+            params,
+            norm,
+            partials,
+            update,
+        });
+    }
+
+    /// A step running an optimizer kernel over its programs.
+    fn optimizer_step(&mut self, kernel: OptimizerKernel, operands: Vec<Operand>) -> Step {
+        let programs = kernel.programs(self.vector);
+        let kernel = self.kernel(KernelSpec::Optimizer(kernel));
+        Step::Kernel {
+            kernel,
+            operands,
+            grid: Grid {
+                rows: vec![Extent::Const(programs as u64)],
+                row_chunk: 1,
+                cols: 1,
+            },
+            schedule: None,
+        }
     }
 
     fn weight_index(&self, id: NodeId) -> Result<usize, CodegenError> {
@@ -1050,6 +1125,7 @@ pub fn plan(
             steps: Vec::new(),
             outputs: Vec::new(),
             caches: Vec::new(),
+            optimizer: None,
         },
         kernels: Vec::new(),
         symbols: HashMap::new(),
@@ -1078,6 +1154,7 @@ pub fn plan(
     }
     let defined = std::mem::take(&mut planner.defined);
     assign_slots(&mut planner.plan, &defined);
+    planner.optimizer();
     Ok(Planned {
         plan: planner.plan,
         kernels: planner.kernels,

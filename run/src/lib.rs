@@ -615,7 +615,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
             let first = source.next_batch(batch, seq_len)?;
             let weights = weights_of(weights.as_deref(), random_weights, &artifact)?;
             let (executor, _) = executor(&device, &artifact, &weights, threads)?;
-            let mut trainer = Trainer::with_executor(executor, &weights, AdamW::default(), config)?;
+            let mut trainer = Trainer::with_executor(executor, AdamW::default(), config)?;
             let mut pending = Some(first);
             for step in 1..=steps {
                 let b = match pending.take() {
@@ -636,7 +636,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
                         "tokens_per_s": (b.batch * b.seq) as f64 / seconds})
                 )?;
             }
-            trainer.weights().save(&out_path)?;
+            trainer.weights()?.save(&out_path)?;
             eprintln!("wrote {}", out_path.display());
             Ok(())
         }

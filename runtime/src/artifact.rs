@@ -88,39 +88,25 @@ pub(crate) fn read_versioned<T: serde::de::DeserializeOwned>(
 
 /// Checks that every index in the plan points at something.
 fn check(plan: &Plan) -> Result<(), String> {
-    use crate::plan::Operand::*;
     for (i, step) in plan.steps.iter().enumerate() {
-        let ok = match step {
-            Step::Kernel {
-                kernel,
-                operands,
-                schedule,
-                ..
-            } => {
-                *kernel < plan.kernels.len()
-                    && schedule.is_none_or(|s| s < plan.schedules.len())
-                    && operands.iter().all(|o| match *o {
-                        Input(x) => x < plan.inputs.len(),
-                        Weight(x) => x < plan.weights.len(),
-                        Packed(x) => x < plan.packed.len(),
-                        Value(x) => x < plan.values.len(),
-                        Constant(x) => x < plan.constants.len(),
-                        Positions => true,
-                        Workspace(x) => x < plan.workspaces.len(),
-                        ScheduleRows(x)
-                        | ScheduleTiles(x)
-                        | ScheduleColumns(x)
-                        | ScheduleColumnTiles(x) => x < plan.schedules.len(),
-                        RopeCos(x) | RopeSin(x) => x < plan.rope_tables.len(),
-                        CacheKeys(x) | CacheValues(x) | CachePositions(x) => x < plan.caches.len(),
-                    })
-            }
-            Step::Schedule { id } => *id < plan.schedules.len(),
-        };
-        if !ok {
+        if !step_ok(plan, step, false) {
             return Err(format!(
                 "step {i} refers to something the plan does not have"
             ));
+        }
+    }
+    if let Some(optimizer) = &plan.optimizer {
+        if optimizer
+            .params
+            .iter()
+            .any(|p| p.weight >= plan.weights.len() || p.grad >= plan.values.len())
+        {
+            return Err("the optimizer trains a weight the plan does not have".into());
+        }
+        for step in optimizer.norm.iter().chain(&optimizer.update) {
+            if !step_ok(plan, step, true) {
+                return Err("an optimizer step refers to something the plan does not have".into());
+            }
         }
     }
     if plan
@@ -145,6 +131,51 @@ fn check(plan: &Plan) -> Result<(), String> {
         return Err("a value refers to a memory slot the plan does not have".into());
     }
     Ok(())
+}
+
+/// Whether a step's indices point at what the plan has; the optimizer's buffers only in
+/// its own steps (`optimizer`), and their partial sums within its buffer.
+fn step_ok(plan: &Plan, step: &Step, optimizer: bool) -> bool {
+    use crate::plan::Operand::*;
+    let trained = match (&plan.optimizer, optimizer) {
+        (Some(o), true) => Some(o),
+        _ => None,
+    };
+    match step {
+        Step::Kernel {
+            kernel,
+            operands,
+            schedule,
+            grid,
+        } => {
+            *kernel < plan.kernels.len()
+                && schedule.is_none_or(|s| s < plan.schedules.len() && !optimizer)
+                && operands.iter().all(|o| match *o {
+                    Input(x) => x < plan.inputs.len(),
+                    Weight(x) => x < plan.weights.len(),
+                    Packed(x) => x < plan.packed.len(),
+                    Value(x) => x < plan.values.len(),
+                    Constant(x) => x < plan.constants.len(),
+                    Positions => true,
+                    Workspace(x) => x < plan.workspaces.len(),
+                    ScheduleRows(x)
+                    | ScheduleTiles(x)
+                    | ScheduleColumns(x)
+                    | ScheduleColumnTiles(x) => x < plan.schedules.len(),
+                    RopeCos(x) | RopeSin(x) => x < plan.rope_tables.len(),
+                    CacheKeys(x) | CacheValues(x) | CachePositions(x) => x < plan.caches.len(),
+                    MomentM(x) | MomentV(x) => trained.is_some_and(|o| x < o.params.len()),
+                    Partials(x) => trained.is_some_and(|o| {
+                        grid.rows
+                            .iter()
+                            .all(|e| matches!(e, crate::plan::Extent::Const(_)))
+                            && x + grid.programs(1, 1) <= o.partials
+                    }),
+                    Hyper => trained.is_some(),
+                })
+        }
+        Step::Schedule { id } => *id < plan.schedules.len() && !optimizer,
+    }
 }
 
 /// The format version of `attention.json`.

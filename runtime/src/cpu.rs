@@ -18,7 +18,7 @@ use zebra_ir::schedule::{ScheduleInput, SideValues, Support, TileKind, build};
 use crate::artifact::{Artifact, ArtifactError};
 use crate::kv::KvCache;
 use crate::pack::pack;
-use crate::plan::{ElemType, Extent, Operand, Plan, Step, volume};
+use crate::plan::{ElemType, Extent, HYPER, Operand, OptimizerPlan, Plan, Step, volume};
 
 /// The C signature of every kernel: buffers, dims, and the range of programs to run.
 type KernelFn = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64);
@@ -445,6 +445,60 @@ pub struct CpuModel {
     caches: Vec<KvCache>,
     cached_tokens: usize,
     cache_batch: usize,
+    /// A training plan's optimizer: the moments of each trained weight (allocated at the
+    /// first update, zeros, unless set), the partial sums of squares and the scalars.
+    moments: Vec<[Buffer; 2]>,
+    partials: Buffer,
+    hyper: Buffer,
+}
+
+/// The first `count` f32 values of a buffer.
+pub(crate) fn floats(buffer: &Buffer, count: usize) -> Vec<f32> {
+    assert!(
+        count * 4 <= buffer.len() * 8,
+        "{count} floats in a smaller buffer"
+    );
+    // SAFETY: the buffer holds at least `count` f32s (checked above), all initialized.
+    unsafe { std::slice::from_raw_parts(buffer.as_ptr().cast::<f32>(), count) }.to_vec()
+}
+
+/// The optimizer of a plan, or an error saying that it is not a training plan.
+pub(crate) fn optimizer_of(plan: &Plan) -> Result<&OptimizerPlan, RuntimeError> {
+    plan.optimizer.as_ref().ok_or_else(|| {
+        RuntimeError::Decode(format!(
+            "`{}` is not a training plan with an optimizer; compile it for training",
+            plan.name
+        ))
+    })
+}
+
+/// Checks AdamW moments given for a plan's trained weights: one pair per weight, each of
+/// its size.
+pub(crate) fn check_moments(
+    plan: &Plan,
+    moments: &[crate::optim::MomentPair],
+) -> Result<(), RuntimeError> {
+    let optimizer = optimizer_of(plan)?;
+    if moments.len() != optimizer.params.len() {
+        return Err(RuntimeError::Decode(format!(
+            "{} pairs of optimizer moments given for {} trained weights",
+            moments.len(),
+            optimizer.params.len()
+        )));
+    }
+    for (p, (m, v)) in optimizer.params.iter().zip(moments) {
+        let spec = &plan.weights[p.weight];
+        let n: usize = spec.shape.iter().product();
+        if m.len() != n || v.len() != n {
+            return Err(RuntimeError::Decode(format!(
+                "the optimizer moments of `{}` hold {} and {} values, expected {n}",
+                spec.name,
+                m.len(),
+                v.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn as_words(values: &[f32]) -> Buffer {
@@ -662,6 +716,9 @@ impl CpuModel {
             caches: Vec::new(),
             cached_tokens: 0,
             cache_batch: 0,
+            moments: Vec::new(),
+            partials: Buffer::default(),
+            hyper: Buffer::default(),
         };
         model.set_weights_beside(weights, beside)?;
         Ok(model)
@@ -748,12 +805,123 @@ impl CpuModel {
         &mut self,
         inputs: &BTreeMap<String, Tensor>,
     ) -> Result<BTreeMap<String, ArrayD<f32>>, RuntimeError> {
+        self.run_keeping(inputs, &|_| true)
+    }
+
+    /// As [`CpuModel::run`], returning only the outputs `keep` accepts by name (a training
+    /// step's loss, without its gradients).
+    pub fn run_keeping(
+        &mut self,
+        inputs: &BTreeMap<String, Tensor>,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<BTreeMap<String, ArrayD<f32>>, RuntimeError> {
         if !self.plan.caches.is_empty() && self.is_decode() {
             return Err(RuntimeError::Decode(
                 "this is a decode plan: run it with `decode`".into(),
             ));
         }
-        self.run_at(inputs, 0)
+        self.run_at(inputs, 0, keep)
+    }
+
+    /// A training plan's optimizer, first part: after a step, the partial sums of squares
+    /// of its gradients (the global norm is the square root of their sum).
+    pub fn grad_partials(&mut self) -> Result<Vec<f32>, RuntimeError> {
+        let optimizer = optimizer_of(&self.plan)?;
+        let (steps, count) = (optimizer.norm.clone(), optimizer.partials);
+        if self.partials.len() < words(count * 4) {
+            self.partials = buffer(words(count * 4));
+        }
+        self.run_optimizer(&steps);
+        Ok(floats(&self.partials, count))
+    }
+
+    /// A training plan's optimizer, second part: AdamW on every trained weight with these
+    /// scalars (in the order of [`crate::plan::Hyper`]), then the packed weights packed again.
+    pub fn apply_update(&mut self, hyper: &[f32; HYPER]) -> Result<(), RuntimeError> {
+        let optimizer = optimizer_of(&self.plan)?;
+        let steps = optimizer.update.clone();
+        if self.moments.is_empty() {
+            self.moments = optimizer
+                .params
+                .iter()
+                .map(|p| {
+                    let n: usize = self.plan.weights[p.weight].shape.iter().product();
+                    [buffer(words(n * 4)), buffer(words(n * 4))]
+                })
+                .collect();
+        }
+        self.hyper = as_words(hyper);
+        self.run_optimizer(&steps);
+        Ok(())
+    }
+
+    /// The weights as they are now (after updates), in the order of `plan().weights`.
+    pub fn read_weights(&mut self) -> Result<Vec<Vec<f32>>, RuntimeError> {
+        Ok(self
+            .plan
+            .weights
+            .iter()
+            .zip(&self.weights)
+            .map(|(spec, buffer)| floats(buffer, spec.shape.iter().product()))
+            .collect())
+    }
+
+    /// AdamW's moments `(m, v)` of each trained weight (zeros before the first update).
+    pub fn moments(&mut self) -> Result<Vec<crate::optim::MomentPair>, RuntimeError> {
+        let optimizer = optimizer_of(&self.plan)?;
+        Ok(optimizer
+            .params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let n: usize = self.plan.weights[p.weight].shape.iter().product();
+                match self.moments.get(i) {
+                    Some([m, v]) => (floats(m, n), floats(v, n)),
+                    None => (vec![0.0; n], vec![0.0; n]),
+                }
+            })
+            .collect())
+    }
+
+    /// Sets AdamW's moments (a resumed run's), one pair per trained weight.
+    pub fn set_moments(
+        &mut self,
+        moments: &[crate::optim::MomentPair],
+    ) -> Result<(), RuntimeError> {
+        check_moments(&self.plan, moments)?;
+        self.moments = moments
+            .iter()
+            .map(|(m, v)| [as_words(m), as_words(v)])
+            .collect();
+        Ok(())
+    }
+
+    /// Runs optimizer steps: constant grids, no inputs.
+    fn run_optimizer(&mut self, steps: &[Step]) {
+        let pool = self.pool.clone();
+        pool.install(|| {
+            for step in steps {
+                let Step::Kernel {
+                    kernel,
+                    operands,
+                    grid,
+                    ..
+                } = step
+                else {
+                    continue;
+                };
+                let built = HashMap::new();
+                let pointers: Vec<*mut u8> = operands
+                    .iter()
+                    .map(|o| self.pointer(*o, 0, 0, &[], &built))
+                    .collect();
+                let programs = grid.programs(1, 1);
+                let tasks = Tasks::Pool {
+                    fine_grained: false,
+                };
+                self.launch(*kernel, Raw(pointers), [1, 1, 0, 0], programs, tasks);
+            }
+        });
     }
 
     /// Runs the plan on inputs whose first token is at position `offset`.
@@ -761,6 +929,7 @@ impl CpuModel {
         &mut self,
         inputs: &BTreeMap<String, Tensor>,
         offset: usize,
+        keep: &dyn Fn(&str) -> bool,
     ) -> Result<BTreeMap<String, ArrayD<f32>>, RuntimeError> {
         let (batch, seq) = check_inputs(&self.plan, inputs)?;
         let mut input_buffers = std::mem::take(&mut self.inputs);
@@ -817,6 +986,9 @@ impl CpuModel {
         self.inputs = input_buffers;
         let mut outputs = BTreeMap::new();
         for (name, v) in &self.plan.outputs {
+            if !keep(name) {
+                continue;
+            }
             let spec = &self.plan.values[*v];
             let shape: Vec<usize> = spec.shape.iter().map(|e| e.resolve(batch, seq)).collect();
             let count: usize = shape.iter().product();
@@ -937,7 +1109,7 @@ impl CpuModel {
             cache.set_position(slot, position);
         }
         let inputs = BTreeMap::from([("tokens".to_string(), Tensor::I64(tokens.clone()))]);
-        let outputs = self.run_at(&inputs, position)?;
+        let outputs = self.run_at(&inputs, position, &|_| true)?;
         self.cached_tokens += 1;
         Ok(outputs)
     }
@@ -979,6 +1151,10 @@ impl CpuModel {
             Operand::CacheKeys(i) => p(&self.caches[i].keys),
             Operand::CacheValues(i) => p(&self.caches[i].values),
             Operand::CachePositions(i) => p(&self.caches[i].positions),
+            Operand::MomentM(i) => p(&self.moments[i][0]),
+            Operand::MomentV(i) => p(&self.moments[i][1]),
+            Operand::Partials(at) => p(&self.partials).wrapping_add(4 * at),
+            Operand::Hyper => p(&self.hyper),
         }
     }
 

@@ -31,12 +31,13 @@ use zebra_ir::schedule::Support;
 use crate::artifact::Artifact;
 use crate::buffer::Buffer;
 use crate::cpu::{
-    BuiltSchedule, RuntimeError, Tensor, as_words, build_schedule, cache_bytes, check_inputs, fill,
-    fill_caches, held_beside, next_position, raw_weights, rope_tables, words, words_of_i64,
+    BuiltSchedule, RuntimeError, Tensor, as_words, build_schedule, cache_bytes, check_inputs,
+    check_moments, fill, fill_caches, held_beside, next_position, optimizer_of, raw_weights,
+    rope_tables, words, words_of_i64,
 };
 use crate::kv::KvCache;
 use crate::pack::pack;
-use crate::plan::{ElemType, Operand, Plan, Step, volume};
+use crate::plan::{ElemType, HYPER, Operand, Plan, Step, volume};
 
 /// Threads per block of every launch (as the PTX entries expect nothing else).
 const THREADS_PER_BLOCK: u32 = 64;
@@ -205,6 +206,8 @@ pub struct CudaModel {
     cache_positions: Vec<(usize, CudaSlice<u8>)>,
     cached_tokens: usize,
     cache_batch: usize,
+    /// A training plan's optimizer state.
+    optimizer: OptimizerMemory,
     /// The GPU's name, for reports.
     pub device: String,
 }
@@ -329,6 +332,7 @@ impl CudaModel {
             cache_positions: Vec::new(),
             cached_tokens: 0,
             cache_batch: 0,
+            optimizer: OptimizerMemory::default(),
             device,
         };
         model.constants = model
@@ -428,7 +432,7 @@ impl CudaModel {
                 "this is a decode plan: run it with `decode`".into(),
             ));
         }
-        self.run_at(inputs, 0)
+        self.run_at(inputs, 0, &|_| true)
     }
 
     /// Starts decoding after a prompt: the KV caches from a prefill plan's outputs.
@@ -486,7 +490,7 @@ impl CudaModel {
                 .map_err(cuda_error("writing a cache position"))?;
         }
         let inputs = BTreeMap::from([("tokens".to_string(), Tensor::I64(tokens.clone()))]);
-        let outputs = self.run_at(&inputs, position)?;
+        let outputs = self.run_at(&inputs, position, &|_| true)?;
         self.cached_tokens += 1;
         Ok(outputs)
     }
@@ -501,10 +505,200 @@ impl CudaModel {
         cache_bytes(&self.host_caches, self.cached_tokens, self.cache_batch)
     }
 
+    /// The device address of an operand (once the run has made room for its buffers).
+    fn address(&self, operand: &Operand) -> u64 {
+        let (stream, memory, optimizer) = (&self.stream, &self.memory, &self.optimizer);
+        let ptr = |grown: &Grown| grown.pointer(stream);
+        let device = |slice: &CudaSlice<u8>| slice.device_ptr(stream).0;
+        match *operand {
+            Operand::Input(i) => ptr(&memory.inputs[i]),
+            Operand::Weight(i) => ptr(&self.weights[i]),
+            Operand::Packed(i) => ptr(&self.packed[i]),
+            Operand::Value(i) => ptr(&memory.slots[self.plan.values[i].slot]),
+            Operand::Constant(i) => device(&self.constants[i]),
+            Operand::Positions => ptr(&memory.positions),
+            Operand::Workspace(i) => ptr(&memory.workspaces[i]),
+            Operand::ScheduleRows(i) => ptr(&memory.schedules[i][0]),
+            Operand::ScheduleTiles(i) => ptr(&memory.schedules[i][1]),
+            Operand::ScheduleColumns(i) => ptr(&memory.schedules[i][2]),
+            Operand::ScheduleColumnTiles(i) => ptr(&memory.schedules[i][3]),
+            Operand::RopeCos(i) => ptr(&memory.ropes[i][0]),
+            Operand::RopeSin(i) => ptr(&memory.ropes[i][1]),
+            Operand::CacheKeys(i) => device(&self.caches[i][0]),
+            Operand::CacheValues(i) => device(&self.caches[i][1]),
+            Operand::CachePositions(i) => {
+                device(&self.cache_positions[self.cache_position_of[i]].1)
+            }
+            Operand::MomentM(i) => ptr(&optimizer.moments[i][0]),
+            Operand::MomentV(i) => ptr(&optimizer.moments[i][1]),
+            Operand::Partials(at) => ptr(&optimizer.partials) + 4 * at as u64,
+            Operand::Hyper => ptr(&optimizer.hyper),
+        }
+    }
+
+    /// Launches a kernel's grid of programs, one GPU thread each.
+    fn launch_grid(
+        &self,
+        kernel: usize,
+        table: u64,
+        dims: u64,
+        programs: i64,
+    ) -> Result<(), RuntimeError> {
+        if programs <= 0 {
+            return Ok(());
+        }
+        let blocks = (programs as u64).div_ceil(u64::from(THREADS_PER_BLOCK));
+        let config = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (THREADS_PER_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut builder = self.stream.launch_builder(&self.functions[kernel]);
+        builder.arg(&table);
+        builder.arg(&dims);
+        builder.arg(&programs);
+        // SAFETY: the entry takes (buffers, dims, programs); the buffers are sized by the
+        // plan for these dims, as on the CPU.
+        unsafe { builder.launch(config) }.map_err(cuda_error(&format!(
+            "launching {}",
+            self.plan.kernels[kernel].symbol
+        )))?;
+        Ok(())
+    }
+
+    /// Runs the optimizer's norm steps, or (`update`) its update steps.
+    fn run_optimizer(&mut self, update: bool) -> Result<(), RuntimeError> {
+        let optimizer = optimizer_of(&self.plan)?;
+        let steps: Vec<Step> = optimizer
+            .norm
+            .iter()
+            .chain(&optimizer.update)
+            .cloned()
+            .collect();
+        let phase = if update {
+            optimizer.norm.len()..steps.len()
+        } else {
+            0..optimizer.norm.len()
+        };
+        let (pointers, tables) = pointer_tables(&steps, |operand| self.address(operand));
+        let stream = self.stream.clone();
+        let memory = &mut self.optimizer;
+        if memory.tables_held != pointers {
+            memory.tables.write(&stream, bytes_of(&pointers))?;
+            memory.tables_held = pointers;
+        }
+        memory.dims.write(&stream, bytes_of(&[1, 1, 0, 0]))?;
+        let (base, dims) = (memory.tables.pointer(&stream), memory.dims.pointer(&stream));
+        for i in phase {
+            let Step::Kernel { kernel, grid, .. } = &steps[i] else {
+                continue;
+            };
+            let table = base + 8 * tables[i].expect("kernel steps have pointer tables") as u64;
+            self.launch_grid(*kernel, table, dims, grid.programs(1, 1) as i64)?;
+        }
+        Ok(())
+    }
+
+    /// As [`CudaModel::run`], reading back only the outputs `keep` accepts by name (a
+    /// training step's loss, not its gradients).
+    pub fn run_keeping(
+        &mut self,
+        inputs: &BTreeMap<String, Tensor>,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<BTreeMap<String, ArrayD<f32>>, RuntimeError> {
+        if self.is_decode() {
+            return Err(RuntimeError::Decode(
+                "this is a decode plan: run it with `decode`".into(),
+            ));
+        }
+        self.run_at(inputs, 0, keep)
+    }
+
+    /// The optimizer's partial sums of squares of the last step's gradients (on the GPU;
+    /// only these floats are copied back).
+    pub fn grad_partials(&mut self) -> Result<Vec<f32>, RuntimeError> {
+        let count = optimizer_of(&self.plan)?.partials;
+        self.optimizer.partials.reserve(&self.stream, count * 4)?;
+        self.run_optimizer(false)?;
+        self.optimizer.partials.read_f32(&self.stream, count)
+    }
+
+    /// AdamW on every trained weight with these scalars, then the packed weights packed
+    /// again: all on the GPU.
+    pub fn apply_update(&mut self, hyper: &[f32; HYPER]) -> Result<(), RuntimeError> {
+        let sizes = self.trained_sizes()?;
+        if self.optimizer.moments.len() != sizes.len() {
+            let mut moments = Vec::new();
+            for &n in &sizes {
+                let mut pair: [Grown; 2] = Default::default();
+                for grown in &mut pair {
+                    grown.reserve(&self.stream, n * 4)?;
+                }
+                moments.push(pair);
+            }
+            self.optimizer.moments = moments;
+        }
+        let bytes: Vec<u8> = hyper.iter().flat_map(|h| h.to_le_bytes()).collect();
+        self.optimizer.hyper.write(&self.stream, &bytes)?;
+        self.run_optimizer(true)
+    }
+
+    /// The element counts of the trained weights.
+    fn trained_sizes(&self) -> Result<Vec<usize>, RuntimeError> {
+        Ok(optimizer_of(&self.plan)?
+            .params
+            .iter()
+            .map(|p| self.plan.weights[p.weight].shape.iter().product())
+            .collect())
+    }
+
+    /// The weights as they are now on the GPU, in the order of `plan().weights`.
+    pub fn read_weights(&mut self) -> Result<Vec<Vec<f32>>, RuntimeError> {
+        self.plan
+            .weights
+            .iter()
+            .zip(&self.weights)
+            .map(|(spec, grown)| grown.read_f32(&self.stream, spec.shape.iter().product()))
+            .collect()
+    }
+
+    /// AdamW's moments `(m, v)` of each trained weight (zeros before the first update).
+    pub fn moments(&mut self) -> Result<Vec<crate::optim::MomentPair>, RuntimeError> {
+        let sizes = self.trained_sizes()?;
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| match self.optimizer.moments.get(i) {
+                Some([m, v]) => Ok((m.read_f32(&self.stream, n)?, v.read_f32(&self.stream, n)?)),
+                None => Ok((vec![0.0; n], vec![0.0; n])),
+            })
+            .collect()
+    }
+
+    /// Sets AdamW's moments (a resumed run's), one pair per trained weight.
+    pub fn set_moments(
+        &mut self,
+        moments: &[crate::optim::MomentPair],
+    ) -> Result<(), RuntimeError> {
+        check_moments(&self.plan, moments)?;
+        let mut held = Vec::new();
+        for (m, v) in moments {
+            let mut pair: [Grown; 2] = Default::default();
+            for (grown, values) in pair.iter_mut().zip([m, v]) {
+                let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+                grown.write(&self.stream, &bytes)?;
+            }
+            held.push(pair);
+        }
+        self.optimizer.moments = held;
+        Ok(())
+    }
+
     fn run_at(
         &mut self,
         inputs: &BTreeMap<String, Tensor>,
         offset: usize,
+        keep: &dyn Fn(&str) -> bool,
     ) -> Result<BTreeMap<String, ArrayD<f32>>, RuntimeError> {
         let (batch, seq) = check_inputs(&self.plan, inputs)?;
         let stream = self.stream.clone();
@@ -583,33 +777,13 @@ impl CudaModel {
                 .write(&stream, bytes_of(&dims.map(|d| d as u64)))?;
             memory.dims_held = dims;
         }
-        let ptr = |grown: &Grown| grown.pointer(&stream);
-        let device = |slice: &CudaSlice<u8>| slice.device_ptr(&stream).0;
-        let (pointers, tables) = pointer_tables(&plan.steps, |operand| match *operand {
-            Operand::Input(i) => ptr(&memory.inputs[i]),
-            Operand::Weight(i) => ptr(&self.weights[i]),
-            Operand::Packed(i) => ptr(&self.packed[i]),
-            Operand::Value(i) => ptr(&memory.slots[plan.values[i].slot]),
-            Operand::Constant(i) => device(&self.constants[i]),
-            Operand::Positions => ptr(&memory.positions),
-            Operand::Workspace(i) => ptr(&memory.workspaces[i]),
-            Operand::ScheduleRows(i) => ptr(&memory.schedules[i][0]),
-            Operand::ScheduleTiles(i) => ptr(&memory.schedules[i][1]),
-            Operand::ScheduleColumns(i) => ptr(&memory.schedules[i][2]),
-            Operand::ScheduleColumnTiles(i) => ptr(&memory.schedules[i][3]),
-            Operand::RopeCos(i) => ptr(&memory.ropes[i][0]),
-            Operand::RopeSin(i) => ptr(&memory.ropes[i][1]),
-            Operand::CacheKeys(i) => device(&self.caches[i][0]),
-            Operand::CacheValues(i) => device(&self.caches[i][1]),
-            Operand::CachePositions(i) => {
-                device(&self.cache_positions[self.cache_position_of[i]].1)
-            }
-        });
+        let (pointers, tables) = pointer_tables(&plan.steps, |operand| self.address(operand));
         // The pointers move only when a buffer was reallocated.
-        if memory.tables_held != pointers {
-            memory.tables.write(&stream, bytes_of(&pointers))?;
-            memory.tables_held = pointers;
+        if self.memory.tables_held != pointers {
+            self.memory.tables.write(&stream, bytes_of(&pointers))?;
+            self.memory.tables_held = pointers;
         }
+        let memory = &self.memory;
         let tables_base = memory.tables.pointer(&stream);
         let dims_base = memory.dims.pointer(&stream);
         for (step, table) in plan.steps.iter().zip(tables) {
@@ -651,27 +825,15 @@ impl CudaModel {
                     unsafe { builder.launch(config) }
                         .map_err(cuda_error(&format!("launching {}", launch.entry)))?;
                 }
-            } else if programs > 0 {
-                let blocks = (programs as u64).div_ceil(u64::from(THREADS_PER_BLOCK));
-                let config = LaunchConfig {
-                    grid_dim: (blocks as u32, 1, 1),
-                    block_dim: (THREADS_PER_BLOCK, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                let mut builder = stream.launch_builder(&self.functions[*kernel]);
-                builder.arg(&table);
-                builder.arg(&dims);
-                builder.arg(&programs);
-                // SAFETY: the entry takes (buffers, dims, programs); the buffers are sized
-                // by the plan for these dims, as on the CPU.
-                unsafe { builder.launch(config) }.map_err(cuda_error(&format!(
-                    "launching {}",
-                    plan.kernels[*kernel].symbol
-                )))?;
+            } else {
+                self.launch_grid(*kernel, table, dims, programs)?;
             }
         }
         let mut outputs = BTreeMap::new();
         for (name, v) in &plan.outputs {
+            if !keep(name) {
+                continue;
+            }
             let spec = &plan.values[*v];
             let shape: Vec<usize> = spec.shape.iter().map(|e| e.resolve(batch, seq)).collect();
             let count: usize = shape.iter().product();
@@ -811,6 +973,18 @@ struct RunMemory {
     /// The run's dims ([`run_dims`]) and what they hold.
     dims: Grown,
     dims_held: [i64; 8],
+}
+
+/// A training plan's optimizer on the GPU: AdamW's moments, the partial sums of squares,
+/// the scalars, and the pointer tables and dims of its steps.
+#[derive(Default)]
+struct OptimizerMemory {
+    moments: Vec<[Grown; 2]>,
+    partials: Grown,
+    hyper: Grown,
+    tables: Grown,
+    tables_held: Vec<u64>,
+    dims: Grown,
 }
 
 #[cfg(test)]

@@ -61,6 +61,22 @@ pub trait Executor {
     fn cached_tokens(&self) -> usize;
     /// KV-cache bytes held, and what full attention would hold.
     fn cache_bytes(&self) -> (usize, usize);
+    /// As `run`, returning only the outputs `keep` accepts by name.
+    fn run_keeping(
+        &mut self,
+        inputs: &std::collections::BTreeMap<String, Tensor>,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<std::collections::BTreeMap<String, ndarray::ArrayD<f32>>, RuntimeError>;
+    /// A training plan's optimizer: the partial sums of squares of the last step's
+    /// gradients.
+    fn grad_partials(&mut self) -> Result<Vec<f32>, RuntimeError>;
+    /// A training plan's optimizer: AdamW with these scalars ([`plan::Hyper`]), in place.
+    fn apply_update(&mut self, hyper: &[f32; plan::HYPER]) -> Result<(), RuntimeError>;
+    /// The weights as they are now, in the order of the plan's.
+    fn read_weights(&mut self) -> Result<Vec<Vec<f32>>, RuntimeError>;
+    /// AdamW's moments of each trained weight.
+    fn moments(&mut self) -> Result<Vec<crate::optim::MomentPair>, RuntimeError>;
+    fn set_moments(&mut self, moments: &[crate::optim::MomentPair]) -> Result<(), RuntimeError>;
 }
 
 /// Implements [`Executor`] by the type's own methods of the same names.
@@ -101,6 +117,32 @@ macro_rules! executor {
             }
             fn cache_bytes(&self) -> (usize, usize) {
                 <$ty>::cache_bytes(self)
+            }
+            fn run_keeping(
+                &mut self,
+                inputs: &std::collections::BTreeMap<String, Tensor>,
+                keep: &dyn Fn(&str) -> bool,
+            ) -> Result<std::collections::BTreeMap<String, ndarray::ArrayD<f32>>, RuntimeError>
+            {
+                <$ty>::run_keeping(self, inputs, keep)
+            }
+            fn grad_partials(&mut self) -> Result<Vec<f32>, RuntimeError> {
+                <$ty>::grad_partials(self)
+            }
+            fn apply_update(&mut self, hyper: &[f32; plan::HYPER]) -> Result<(), RuntimeError> {
+                <$ty>::apply_update(self, hyper)
+            }
+            fn read_weights(&mut self) -> Result<Vec<Vec<f32>>, RuntimeError> {
+                <$ty>::read_weights(self)
+            }
+            fn moments(&mut self) -> Result<Vec<crate::optim::MomentPair>, RuntimeError> {
+                <$ty>::moments(self)
+            }
+            fn set_moments(
+                &mut self,
+                moments: &[crate::optim::MomentPair],
+            ) -> Result<(), RuntimeError> {
+                <$ty>::set_moments(self, moments)
             }
         }
     };

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::plan::{HYPER, Hyper};
+
 /// The optimizer's settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {
@@ -80,6 +82,44 @@ impl AdamWConfig {
     }
 }
 
+impl AdamWConfig {
+    /// The scalars of the compiled optimizer's update (in the order of
+    /// [`crate::plan::Hyper`]) at step `t` (counted from 1) with learning rate `lr`, the
+    /// gradients multiplied by `grad_scale`.
+    pub fn hyper(&self, lr: f64, t: u64, grad_scale: f64) -> [f32; HYPER] {
+        let t = t.min(i32::MAX as u64) as i32;
+        let (b1, b2) = (self.beta1, self.beta2);
+        let mut out = [0.0f32; HYPER];
+        for (h, value) in [
+            (Hyper::Lr, lr),
+            (Hyper::Beta1, b1),
+            (Hyper::OneMinusBeta1, 1.0 - b1),
+            (Hyper::Beta2, b2),
+            (Hyper::OneMinusBeta2, 1.0 - b2),
+            (Hyper::InvCorrection1, 1.0 / (1.0 - b1.powi(t))),
+            (Hyper::InvCorrection2, 1.0 / (1.0 - b2.powi(t))),
+            (Hyper::Eps, self.eps),
+            (Hyper::WeightDecay, self.weight_decay),
+            (Hyper::GradScale, grad_scale),
+        ] {
+            out[h as usize] = value as f32;
+        }
+        out
+    }
+
+    /// The factor clipping scales gradients of global norm `norm` by.
+    pub fn clip(&self, norm: f64) -> f64 {
+        if self.clip_norm > 0.0 && norm > self.clip_norm {
+            self.clip_norm / norm
+        } else {
+            1.0
+        }
+    }
+}
+
+/// A trained weight's AdamW moments `(m, v)`, as executors hold them.
+pub type MomentPair = (Vec<f32>, Vec<f32>);
+
 /// The moments of one parameter.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Moments {
@@ -87,7 +127,9 @@ pub struct Moments {
     pub v: Vec<f32>,
 }
 
-/// AdamW's state: the step count and the moments of every parameter, by name.
+/// AdamW's state: the step count and the moments of every parameter, by name. Training
+/// runs AdamW's compiled kernels where the weights are ([`crate::plan::OptimizerPlan`]);
+/// [`AdamW::update`] is their reference, in f64 on the host.
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct AdamW {
     pub step: u64,
@@ -127,11 +169,7 @@ impl AdamW {
                 grad_norm: norm,
             };
         }
-        let clip = if config.clip_norm > 0.0 && norm > config.clip_norm {
-            config.clip_norm / norm
-        } else {
-            1.0
-        };
+        let clip = config.clip(norm);
         self.step += 1;
         let t = self.step as i32;
         let (b1, b2) = (config.beta1, config.beta2);

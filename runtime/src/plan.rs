@@ -84,6 +84,55 @@ pub enum Operand {
     CacheKeys(usize),
     CacheValues(usize),
     CachePositions(usize),
+    /// AdamW's first and second moments of trained weight `i` of the optimizer plan.
+    MomentM(usize),
+    MomentV(usize),
+    /// The optimizer's partial sums of squares, from this float on.
+    Partials(usize),
+    /// The optimizer step's scalars ([`Hyper`]).
+    Hyper,
+}
+
+/// The scalars of an optimizer step, in the order of its hyperparameter buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hyper {
+    Lr,
+    Beta1,
+    OneMinusBeta1,
+    Beta2,
+    OneMinusBeta2,
+    /// `1 / (1 - beta1^t)` and `1 / (1 - beta2^t)` at step `t` (from 1).
+    InvCorrection1,
+    InvCorrection2,
+    Eps,
+    WeightDecay,
+    /// What the gradients are multiplied by: one over the scored tokens, times the clipping.
+    GradScale,
+}
+
+/// Floats of the hyperparameter buffer.
+pub const HYPER: usize = 10;
+
+/// A weight the training step trains: the value holding its gradient, and whether AdamW
+/// decays it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrainedWeight {
+    pub weight: usize,
+    pub grad: usize,
+    pub decay: bool,
+}
+
+/// AdamW in a training plan, run by the executor after the step's kernels, where the
+/// weights and gradients are: `norm` writes per-part sums of squares of the gradients
+/// (`partials` floats, which the runtime adds for the global norm that clipping needs),
+/// `update` applies AdamW to each trained weight (its moments `MomentM(i)`, `MomentV(i)`,
+/// the scalars in `Hyper`) and packs again the packed weights made from them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OptimizerPlan {
+    pub params: Vec<TrainedWeight>,
+    pub norm: Vec<Step>,
+    pub partials: usize,
+    pub update: Vec<Step>,
 }
 
 /// The KV cache of one attention layer, as its mask needs it (see `zebra_ir::cache`):
@@ -342,6 +391,9 @@ pub struct Plan {
     /// The KV caches of a decode or prefill plan, one per attention.
     #[serde(default)]
     pub caches: Vec<CacheSpec>,
+    /// A training plan's optimizer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer: Option<OptimizerPlan>,
 }
 
 impl Plan {

@@ -1,4 +1,5 @@
-//! The training loop's step: the compiled training graph (loss and gradients), then AdamW.
+//! The training loop's step: the compiled training graph (loss and gradients), then the
+//! compiled AdamW.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -7,9 +8,9 @@ use ndarray::{ArrayD, IxDyn};
 use zebra_ir::Weights;
 
 use crate::Executor;
-use crate::cpu::{CpuModel, RuntimeError, Tensor};
+use crate::cpu::{CpuModel, RuntimeError, Tensor, optimizer_of};
 use crate::data::Batch;
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::{AdamW, AdamWConfig, Moments};
 
 /// What one step did.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -21,12 +22,13 @@ pub struct StepReport {
     pub scored: usize,
 }
 
-/// A model being trained: its compiled training step, its parameters and the optimizer.
+/// A model being trained: its compiled training step and optimizer, whose weights and
+/// AdamW moments live in the executor (on a GPU, on the GPU: a step copies back only its
+/// loss and the partial sums of squares of its gradients).
 pub struct Trainer {
     model: Box<dyn Executor>,
-    pub params: BTreeMap<String, Vec<f32>>,
-    shapes: BTreeMap<String, Vec<usize>>,
-    pub optimizer: AdamW,
+    /// The AdamW updates made.
+    steps: u64,
     pub config: AdamWConfig,
 }
 
@@ -45,43 +47,78 @@ impl Trainer {
         threads: usize,
     ) -> Result<Trainer, RuntimeError> {
         let model = CpuModel::load(dir, weights, threads)?;
-        Trainer::with_executor(Box::new(model), weights, optimizer, config)
+        Trainer::with_executor(Box::new(model), optimizer, config)
     }
 
-    /// A trainer on any executor (the CPU's, or a GPU's) whose plan is a training step.
+    /// A trainer on any executor (the CPU's, or a GPU's) whose plan is a training step,
+    /// loaded with the weights to start from, with the optimizer state `optimizer` (a
+    /// resumed run's; moments it lacks start at zero).
     pub fn with_executor(
-        model: Box<dyn Executor>,
-        weights: &Weights,
+        mut model: Box<dyn Executor>,
         optimizer: AdamW,
         config: AdamWConfig,
     ) -> Result<Trainer, RuntimeError> {
-        let mut params = BTreeMap::new();
-        let mut shapes = BTreeMap::new();
-        let raw = crate::cpu::raw_weights(model.plan(), weights)?;
-        for (spec, values) in model.plan().weights.iter().zip(raw) {
-            params.insert(spec.name.clone(), values);
-            shapes.insert(spec.name.clone(), spec.shape.clone());
-        }
+        let plan = model.plan();
+        let moments: Vec<crate::optim::MomentPair> = optimizer_of(plan)?
+            .params
+            .iter()
+            .map(|p| {
+                let spec = &plan.weights[p.weight];
+                match optimizer.moments.get(&spec.name) {
+                    Some(Moments { m, v }) => (m.clone(), v.clone()),
+                    None => {
+                        let n = spec.shape.iter().product();
+                        (vec![0.0; n], vec![0.0; n])
+                    }
+                }
+            })
+            .collect();
+        model.set_moments(&moments)?;
         Ok(Trainer {
             model,
-            params,
-            shapes,
-            optimizer,
+            steps: optimizer.step,
             config,
         })
     }
 
-    /// The current weights.
-    pub fn weights(&self) -> Weights {
+    /// The number of trained parameters.
+    pub fn parameters(&self) -> usize {
+        let plan = self.model.plan();
+        plan.optimizer.as_ref().map_or(0, |o| {
+            o.params
+                .iter()
+                .map(|p| plan.weights[p.weight].shape.iter().product::<usize>())
+                .sum()
+        })
+    }
+
+    /// The current weights (read back from the executor).
+    pub fn weights(&mut self) -> Result<Weights, RuntimeError> {
+        let values = self.model.read_weights()?;
         let mut weights = Weights::new();
-        for (name, values) in &self.params {
+        for (spec, values) in self.model.plan().weights.iter().zip(values) {
             weights.insert(
-                name.clone(),
-                ArrayD::from_shape_vec(IxDyn(&self.shapes[name]), values.clone())
-                    .expect("parameters keep their shapes"),
+                spec.name.clone(),
+                ArrayD::from_shape_vec(IxDyn(&spec.shape), values)
+                    .expect("weights keep their shapes"),
             );
         }
-        weights
+        Ok(weights)
+    }
+
+    /// The optimizer's state (read back from the executor), for a checkpoint.
+    pub fn optimizer_state(&mut self) -> Result<AdamW, RuntimeError> {
+        let moments = self.model.moments()?;
+        let plan = self.model.plan();
+        let params = &optimizer_of(plan)?.params;
+        Ok(AdamW {
+            step: self.steps,
+            moments: params
+                .iter()
+                .zip(moments)
+                .map(|(p, (m, v))| (plan.weights[p.weight].name.clone(), Moments { m, v }))
+                .collect(),
+        })
     }
 
     /// The inputs of the training step for a batch.
@@ -103,41 +140,47 @@ impl Trainer {
         inputs
     }
 
+    /// The summed loss of a run's outputs.
+    fn loss(&mut self, batch: &Batch) -> Result<f64, RuntimeError> {
+        let inputs = self.inputs(batch);
+        let outputs = self.model.run_keeping(&inputs, &|name| name == "loss")?;
+        Ok(f64::from(
+            outputs["loss"].iter().copied().next().unwrap_or(0.0),
+        ))
+    }
+
     /// The loss of a batch with the current weights, without updating them: the sum over
     /// scored tokens, and their count.
     pub fn evaluate(&mut self, batch: &Batch) -> Result<(f64, usize), RuntimeError> {
-        let inputs = self.inputs(batch);
-        let outputs = self.model.run(&inputs)?;
-        let loss = f64::from(outputs["loss"].iter().copied().next().unwrap_or(0.0));
-        Ok((loss, batch.scored()))
+        Ok((self.loss(batch)?, batch.scored()))
     }
 
-    /// One training step on a batch.
+    /// One training step on a batch: the loss and gradients, their global norm, then
+    /// AdamW (with clipping) on every weight, all where the executor runs. Non-finite
+    /// gradients leave the weights untouched and are reported through the norm.
     pub fn step(&mut self, batch: &Batch) -> Result<StepReport, RuntimeError> {
-        let inputs = self.inputs(batch);
-        let outputs = self.model.run(&inputs)?;
+        let loss = self.loss(batch)?;
         let scored = batch.scored();
-        let loss = f64::from(outputs["loss"].iter().copied().next().unwrap_or(0.0));
-        let scale = 1.0 / scored.max(1) as f32;
-        let grads: BTreeMap<String, Vec<f32>> = self
-            .params
-            .keys()
-            .filter_map(|name| {
-                let grad = outputs.get(&format!("grad:{name}"))?;
-                Some((name.clone(), grad.iter().map(|g| g * scale).collect()))
-            })
-            .collect();
-        let shapes = &self.shapes;
-        let update = self
-            .optimizer
-            .update(&self.config, &mut self.params, &grads, &|name| {
-                decays(name, &shapes[name])
-            });
-        self.model.set_weights(&self.weights())?;
+        let scale = 1.0 / scored.max(1) as f64;
+        let squares: f64 = self
+            .model
+            .grad_partials()?
+            .iter()
+            .map(|&x| f64::from(x))
+            .sum();
+        let grad_norm = squares.sqrt() * scale;
+        let lr = self.config.lr_at(self.steps);
+        if grad_norm.is_finite() {
+            self.steps += 1;
+            let hyper = self
+                .config
+                .hyper(lr, self.steps, scale * self.config.clip(grad_norm));
+            self.model.apply_update(&hyper)?;
+        }
         Ok(StepReport {
-            loss: loss / scored.max(1) as f64,
-            grad_norm: update.grad_norm,
-            lr: update.lr,
+            loss: loss * scale,
+            grad_norm,
+            lr,
             scored,
         })
     }

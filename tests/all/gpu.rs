@@ -133,6 +133,25 @@ fn training_and_generation_plans_compile_to_ptx() {
             "{name}: calls outside the module"
         );
         assert!(ptx.contains("sin.approx") || name != "train", "{name}");
+        // The training step's optimizer runs on the GPU: an entry for each of its kernels.
+        let plan = zebra_runtime::Artifact::load(&dir).unwrap().plan;
+        let Some(optimizer) = &plan.optimizer else {
+            assert_ne!(name, "train", "the training plan has no optimizer");
+            continue;
+        };
+        let entries = entries_of(&ptx);
+        for step in optimizer.norm.iter().chain(&optimizer.update) {
+            let zebra_runtime::plan::Step::Kernel { kernel, .. } = step else {
+                panic!("an optimizer step that is not a kernel");
+            };
+            let symbol = &plan.kernels[*kernel].symbol;
+            let found = entries
+                .iter()
+                .find(|e| e.name == entry(symbol))
+                .unwrap_or_else(|| panic!("no entry for {symbol}"));
+            assert_eq!(found.params.len(), 3, "{symbol}: {:?}", found.params);
+        }
+        assert!(optimizer.update.len() > optimizer.norm.len(), "no packing");
     }
 }
 

@@ -15,6 +15,7 @@ pub mod generic;
 pub mod loss;
 pub mod matmul;
 pub mod matmul_mma;
+pub mod optimizer;
 pub mod projection_mma;
 pub mod tensor_core;
 pub mod warp;
@@ -81,6 +82,8 @@ pub enum KernelSpec {
         operands: Vec<TensorType>,
         out: TensorType,
     },
+    /// A kernel of a training plan's optimizer.
+    Optimizer(optimizer::OptimizerKernel),
 }
 
 impl KernelSpec {
@@ -167,6 +170,7 @@ impl KernelSpec {
                     types.join(",")
                 )
             }
+            KernelSpec::Optimizer(kernel) => kernel.describe(),
         };
         format!("vector={vector} {body}")
     }
@@ -187,6 +191,7 @@ impl KernelSpec {
             KernelSpec::SwiGlu { .. } => "swiglu",
             KernelSpec::HeadsProj { .. } => "heads_proj",
             KernelSpec::Generic { op, .. } => op.name(),
+            KernelSpec::Optimizer(kernel) => kernel.kind(),
         };
         format!(
             "zebra_{kind}_{:016x}",
@@ -269,6 +274,7 @@ impl KernelSpec {
                 rope,
             } => gemm::heads_proj(&name, *k, *heads, *head_dim, *norm_eps, *rope, vector),
             KernelSpec::Generic { op, operands, out } => generic::kernel(&name, op, operands, out),
+            KernelSpec::Optimizer(kernel) => kernel.mlir(&name, vector),
         }
     }
 }
