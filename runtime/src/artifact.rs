@@ -169,7 +169,8 @@ fn step_ok(plan: &Plan, step: &Step, optimizer: bool) -> bool {
                         grid.rows
                             .iter()
                             .all(|e| matches!(e, crate::plan::Extent::Const(_)))
-                            && x + grid.programs(1, 1) <= o.partials
+                            && x.checked_add(grid.programs(1, 1))
+                                .is_some_and(|end| end <= o.partials)
                     }),
                     Hyper => trained.is_some(),
                 })

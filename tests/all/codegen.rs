@@ -487,6 +487,23 @@ fn broken_artifacts_are_refused() {
         "{message}"
     );
 
+    // An optimizer whose step reads moments of a weight it does not train.
+    let dir = copy("bad_optimizer");
+    let mut value: serde_json::Value = serde_json::from_str(&plan).unwrap();
+    value["optimizer"] = serde_json::json!({
+        "params": [],
+        "norm": [{"Kernel": {"kernel": 0, "operands": [{"MomentM": 0}],
+            "grid": {"rows": [], "row_chunk": 1, "cols": 1}, "schedule": null}}],
+        "partials": 0,
+        "update": [],
+    });
+    std::fs::write(dir.join("plan.json"), value.to_string()).unwrap();
+    let message = load_error(&dir);
+    assert!(
+        message.contains("optimizer step refers to something"),
+        "{message}"
+    );
+
     let dir = copy("no_library");
     std::fs::remove_file(dir.join("kernels.so")).unwrap();
     let message = load_error(&dir);
