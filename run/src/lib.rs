@@ -83,7 +83,8 @@ enum Command {
         device: String,
     },
     /// Compare two .npy arrays: the largest difference, relative to the largest value of the
-    /// second; fails above --tolerance.
+    /// second; fails above --tolerance. Two .safetensors files: every tensor so (the same
+    /// names and shapes), the worst one reported.
     Diff {
         a: PathBuf,
         b: PathBuf,
@@ -232,6 +233,41 @@ fn executor(
         }
         other => bail!("unknown device `{other}`: `cpu` or `cuda`"),
     })
+}
+
+/// The largest difference of two arrays of one shape, relative to the largest value of the
+/// second, and absolute; a NaN anywhere counts as an infinite difference.
+fn diff_arrays(x: &ArrayD<f64>, y: &ArrayD<f64>) -> Result<(f64, f64)> {
+    if x.shape() != y.shape() {
+        bail!("the shapes differ: {:?} and {:?}", x.shape(), y.shape());
+    }
+    let scale = y.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
+    let worst = x
+        .iter()
+        .zip(y)
+        .fold(0.0f64, |m, (p, q)| m.max((p - q).abs()));
+    let nan = x.iter().chain(y.iter()).any(|v| v.is_nan());
+    Ok((if nan { f64::INFINITY } else { worst / scale }, worst))
+}
+
+/// [`diff_arrays`] for every tensor of two weight files (the same names and shapes): the
+/// worst relative difference, its absolute difference and the tensor's name.
+fn diff_weights(a: &Weights, b: &Weights) -> Result<(f64, f64, Option<String>)> {
+    let names: Vec<&str> = a.names().collect();
+    if names != b.names().collect::<Vec<_>>() {
+        bail!("the files hold different tensors");
+    }
+    let mut worst = (0.0, 0.0, None);
+    for name in names {
+        let x = a.get(name).expect("listed").mapv(f64::from);
+        let y = b.get(name).expect("listed").mapv(f64::from);
+        let (relative, absolute) =
+            diff_arrays(&x, &y).with_context(|| format!("tensor `{name}`"))?;
+        if worst.2.is_none() || relative > worst.0 {
+            worst = (relative, absolute, Some(name.to_string()));
+        }
+    }
+    Ok(worst)
 }
 
 fn load_weights(path: &Path) -> Result<Weights> {
@@ -497,25 +533,20 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
             Ok(())
         }
         Command::Diff { a, b, tolerance } => {
-            let x = npy::read_floats(&a)?;
-            let y = npy::read_floats(&b)?;
-            if x.shape() != y.shape() {
-                bail!("the shapes differ: {:?} and {:?}", x.shape(), y.shape());
+            let safetensors = |p: &Path| p.extension().is_some_and(|e| e == "safetensors");
+            let (relative, worst, tensor) = if safetensors(&a) && safetensors(&b) {
+                diff_weights(&load_weights(&a)?, &load_weights(&b)?)?
+            } else {
+                let (relative, worst) =
+                    diff_arrays(&npy::read_floats(&a)?, &npy::read_floats(&b)?)?;
+                (relative, worst, None)
+            };
+            let mut report = serde_json::json!({"max_abs_diff": worst, "relative": relative,
+                "tolerance": tolerance, "ok": relative.is_finite() && relative <= tolerance});
+            if let Some(name) = &tensor {
+                report["tensor"] = name.clone().into();
             }
-            let scale = y.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
-            let worst = x
-                .iter()
-                .zip(&y)
-                .fold(0.0f64, |m, (p, q)| m.max((p - q).abs()));
-            // A NaN anywhere counts as an infinite difference (max would skip it).
-            let nan = x.iter().chain(y.iter()).any(|v| v.is_nan());
-            let relative = if nan { f64::INFINITY } else { worst / scale };
-            writeln!(
-                out,
-                "{}",
-                serde_json::json!({"max_abs_diff": worst, "relative": relative,
-                    "tolerance": tolerance, "ok": relative.is_finite() && relative <= tolerance})
-            )?;
+            writeln!(out, "{report}")?;
             if relative > tolerance {
                 bail!("the arrays differ by {relative:.3e} (relative), above {tolerance:e}");
             }

@@ -1300,6 +1300,13 @@ fn the_runtime_only_binary_runs_compiled_artifacts() {
     assert_eq!(losses.len(), 6);
     assert!(losses[5] < losses[0], "{losses:?}");
     assert!(Weights::load(Path::new(&trained)).is_ok());
+    // `diff` compares weight files tensor by tensor and names the one that differs most.
+    let same = run_tool(&["diff", &trained, &trained]).unwrap();
+    assert!(same.contains("\"relative\":0.0"), "{same}");
+    let report = run_tool(&["diff", &trained, &weights, "--tolerance", "10"]).unwrap();
+    assert!(report.contains("\"tensor\":\"model."), "{report}");
+    let error = run_tool(&["diff", &trained, &weights, "--tolerance", "1e-9"]).unwrap_err();
+    assert!(error.contains("above 1e-9"), "{error}");
     let error = run_tool(&[
         "train",
         &train,
