@@ -114,12 +114,13 @@ fn compiled_training_steps_match_the_interpreter() {
 /// the update, the packed weights packed again); over several steps, with warm-up, weight
 /// decay and clipping engaged, they follow the f64 reference on the host: the same losses,
 /// norms and learning rates, and the same weights and moments within f32 rounding. For
-/// zebra_tiny, and for a version of it whose sizes are not multiples of the vector width or
-/// of the packed panels.
+/// zebra_tiny, also with the kernels a GPU plan has (4-lane vectors), and for a version of it
+/// whose sizes are not multiples of the vector width or of the packed panels.
 #[test]
 fn the_compiled_optimizer_follows_adamw_on_the_host() {
     let spec = crate::common::model(&crate::common::root().join("examples/zebra_tiny.zb"));
-    follows_adamw_on_the_host(&spec);
+    follows_adamw_on_the_host(&spec, None);
+    follows_adamw_on_the_host(&spec, Some(zebra_codegen::ptx::GPU_VECTOR));
     let mut odd = spec.clone();
     odd.vocab = 41;
     odd.n_heads = 3;
@@ -128,14 +129,16 @@ fn the_compiled_optimizer_follows_adamw_on_the_host() {
     odd.dim = 18;
     odd.ffn_hidden = 23;
     odd.layers.truncate(2);
-    follows_adamw_on_the_host(&odd);
+    follows_adamw_on_the_host(&odd, None);
 }
 
-fn follows_adamw_on_the_host(spec: &zebra_frontend::ModelSpec) {
+/// [`the_compiled_optimizer_follows_adamw_on_the_host`] for one model, with kernels of
+/// `vector` lanes (the host's widest when `None`).
+fn follows_adamw_on_the_host(spec: &zebra_frontend::ModelSpec, vector: Option<usize>) {
     use zebra_runtime::optim::{AdamW, AdamWConfig};
     use zebra_runtime::train::{Trainer, decays};
 
-    let what = format!("{} (dim {})", spec.name, spec.dim);
+    let what = format!("{} (dim {}, vectors {vector:?})", spec.name, spec.dim);
     let train = optimized(&training_graph(&optimized(&lower(spec))).expect("training graph"));
     let out = tempfile::tempdir().expect("temporary directory");
     let options = BuildOptions {
@@ -143,7 +146,8 @@ fn follows_adamw_on_the_host(spec: &zebra_frontend::ModelSpec) {
         max_seq_len: 64,
         cache: Some(Cache { dir: cache_dir() }),
     };
-    build(&train, out.path(), &options).expect("training artifact");
+    zebra_codegen::artifact::build_with_vector(&train, out.path(), &options, vector)
+        .expect("training artifact");
     let weights = zebra_frontend::init::random_weights(spec, 3);
     let config = AdamWConfig {
         lr: 3e-3,
