@@ -275,6 +275,22 @@ impl Builder {
         ));
     }
 
+    /// As [`Builder::store`], to an address the caller knows to be a multiple of `align`
+    /// bytes.
+    pub fn store_aligned(
+        &mut self,
+        value: &Val,
+        base: &Val,
+        index: &Val,
+        (elem, ty): (&str, &str),
+        align: usize,
+    ) {
+        let p = self.gep(base, index, elem);
+        self.line(format!(
+            "llvm.store {value}, {p} {{alignment = {align} : i64}} : {ty}, !llvm.ptr"
+        ));
+    }
+
     /// Asks the CPU to bring the cache line of `base[index]` towards the core (into the L2: the
     /// data is for a later tile, not the current one).
     pub fn prefetch(&mut self, base: &Val, index: &Val, elem: &str) {

@@ -94,6 +94,17 @@ fn ty(lanes: usize) -> String {
     if lanes == 1 { F32.into() } else { vf32(lanes) }
 }
 
+/// Loads `lanes` f32s at `base[at]`: a whole vector is aligned to its size, as every buffer
+/// is aligned to far more (so a GPU loads it in one instruction).
+fn load(b: &mut Builder, base: &Val, at: &Val, lanes: usize) -> Val {
+    b.load_aligned(base, at, F32, &ty(lanes), 4 * lanes)
+}
+
+/// Stores `lanes` f32s at `base[at]`, aligned as [`load`] says.
+fn store(b: &mut Builder, value: &Val, base: &Val, at: &Val, lanes: usize) {
+    b.store_aligned(value, base, at, (F32, &ty(lanes)), 4 * lanes);
+}
+
 /// Runs `body(b, at, lanes, carried)` for program `program` of `programs` over `n`
 /// elements: on the whole vectors `program`, `program + programs`, ... (`vector` lanes
 /// at `at`), then, in the last program, on the elements after them one at a time. Returns
@@ -153,7 +164,7 @@ pub fn sum_squares(name: &str, n: usize, parts: usize, vector: usize) -> String 
             &init,
             &|b, at, lanes, acc| {
                 let t = ty(lanes);
-                let x = b.load(&grad, at, F32, &t);
+                let x = load(b, &grad, at, lanes);
                 if lanes == 1 {
                     vec![b.fma(&x, &x, &acc[0], F32), acc[1].clone()]
                 } else {
@@ -200,18 +211,18 @@ pub fn adamw(name: &str, n: usize, decay: bool, vector: usize) -> String {
             &|b, at, lanes, _| {
                 let t = ty(lanes);
                 let s = |h: Hyper| both[h as usize][usize::from(lanes > 1)].clone();
-                let w = b.load(&weight, at, F32, &t);
-                let g = b.load(&grad, at, F32, &t);
-                let m = b.load(&m_ptr, at, F32, &t);
-                let v = b.load(&v_ptr, at, F32, &t);
+                let w = load(b, &weight, at, lanes);
+                let g = load(b, &grad, at, lanes);
+                let m = load(b, &m_ptr, at, lanes);
+                let v = load(b, &v_ptr, at, lanes);
                 let g = b.bin("mulf", &g, &s(Hyper::GradScale), &t);
                 let mg = b.bin("mulf", &g, &s(Hyper::OneMinusBeta1), &t);
                 let m = b.fma(&m, &s(Hyper::Beta1), &mg, &t);
                 let gg = b.bin("mulf", &g, &g, &t);
                 let vg = b.bin("mulf", &gg, &s(Hyper::OneMinusBeta2), &t);
                 let v = b.fma(&v, &s(Hyper::Beta2), &vg, &t);
-                b.store(&m, &m_ptr, at, F32, &t);
-                b.store(&v, &v_ptr, at, F32, &t);
+                store(b, &m, &m_ptr, at, lanes);
+                store(b, &v, &v_ptr, at, lanes);
                 let m_hat = b.bin("mulf", &m, &s(Hyper::InvCorrection1), &t);
                 let v_hat = b.bin("mulf", &v, &s(Hyper::InvCorrection2), &t);
                 let root = b.op(format!("math.sqrt {v_hat} : {t}"));
@@ -222,7 +233,7 @@ pub fn adamw(name: &str, n: usize, decay: bool, vector: usize) -> String {
                 }
                 let delta = b.bin("mulf", &step, &s(Hyper::Lr), &t);
                 let w = b.bin("subf", &w, &delta, &t);
-                b.store(&w, &weight, at, F32, &t);
+                store(b, &w, &weight, at, lanes);
                 vec![]
             },
         );
