@@ -241,11 +241,7 @@ fn follows_adamw_on_the_host(spec: &zebra_frontend::ModelSpec, vector: Option<us
     let trained = trainer.weights().expect("weights");
     for (name, expected) in &params {
         let got: Vec<f32> = trained.get(name).unwrap().iter().copied().collect();
-        let worst = got
-            .iter()
-            .zip(expected)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let worst = max_difference(&got, expected);
         // Five steps move a weight by up to 5 lr; f32 rounding moves it far less.
         assert!(
             worst <= 1e-3 * config.lr as f32,
@@ -258,15 +254,20 @@ fn follows_adamw_on_the_host(spec: &zebra_frontend::ModelSpec, vector: Option<us
             (&moments.v, &expected.v, "v"),
         ] {
             let scale = expected.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-            let worst = got
-                .iter()
-                .zip(expected)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let worst = max_difference(got, expected);
             assert!(
                 worst <= 1e-4 * scale,
                 "{what}: `{name}` {which}: {worst:e} of {scale:e}"
             );
         }
     }
+}
+
+/// The largest `|a - b|` of two arrays.
+fn max_difference(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
