@@ -166,17 +166,30 @@ fn step_ok(plan: &Plan, step: &Step, optimizer: bool) -> bool {
                     CacheKeys(x) | CacheValues(x) | CachePositions(x) => x < plan.caches.len(),
                     MomentM(x) | MomentV(x) => trained.is_some_and(|o| x < o.params.len()),
                     Partials(x) => trained.is_some_and(|o| {
-                        grid.rows
-                            .iter()
-                            .all(|e| matches!(e, crate::plan::Extent::Const(_)))
-                            && x.checked_add(grid.programs(1, 1))
-                                .is_some_and(|end| end <= o.partials)
+                        constant_programs(grid)
+                            .and_then(|n| x.checked_add(n))
+                            .is_some_and(|end| end <= o.partials)
                     }),
                     Hyper => trained.is_some(),
                 })
         }
         Step::Schedule { id } => *id < plan.schedules.len() && !optimizer,
     }
+}
+
+/// The programs of a grid of constant rows (an optimizer step's), unless they overflow.
+fn constant_programs(grid: &crate::plan::Grid) -> Option<usize> {
+    let mut rows: u64 = 1;
+    for extent in &grid.rows {
+        let crate::plan::Extent::Const(n) = *extent else {
+            return None;
+        };
+        rows = rows.checked_mul(n)?;
+    }
+    let programs = rows
+        .div_ceil(grid.row_chunk.max(1))
+        .checked_mul(grid.cols)?;
+    usize::try_from(programs).ok()
 }
 
 /// The format version of `attention.json`.
@@ -294,4 +307,28 @@ pub fn random_weights(plan: &crate::plan::Plan, seed: u64) -> zebra_ir::Weights 
         weights.insert(spec.name.clone(), array);
     }
     weights
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{Extent, Grid};
+
+    #[test]
+    fn programs_of_constant_grids_never_overflow() {
+        let grid = |rows: Vec<Extent>, row_chunk: u64, cols: u64| Grid {
+            rows,
+            row_chunk,
+            cols,
+        };
+        let c = Extent::Const;
+        assert_eq!(constant_programs(&grid(vec![c(10)], 3, 2)), Some(8));
+        assert_eq!(constant_programs(&grid(vec![c(10)], 0, 1)), Some(10));
+        assert_eq!(
+            constant_programs(&grid(vec![c(u64::MAX), c(2)], 1, 1)),
+            None
+        );
+        assert_eq!(constant_programs(&grid(vec![c(u64::MAX)], 1, 2)), None);
+        assert_eq!(constant_programs(&grid(vec![Extent::Seq], 1, 1)), None);
+    }
 }
