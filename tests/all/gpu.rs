@@ -1,7 +1,7 @@
 //! The GPU lowering without a GPU: every program's kernels compile to PTX for sm_80 and
 //! sm_90, with an entry per kernel taking what the plan launches it with; GPU artifacts
 //! round-trip and broken ones are refused; without a driver the CUDA runtime says so. With
-//! `ZEBRA_GPU_TESTS=1` and a GPU, zebra_tiny runs on it and matches the CPU.
+//! `ZEBRA_GPU_TESTS=1` and a GPU, zebra_tiny runs and trains on it and matches the CPU.
 
 use std::collections::BTreeMap;
 
@@ -249,6 +249,71 @@ fn zebra_tiny_on_the_gpu_matches_the_cpu() {
         let b = cpu.run(&inputs).unwrap()["logits"].mapv(f64::from);
         let what = format!("zebra_tiny on the GPU, B = {batch}, T = {seq}");
         crate::common::assert_close(&a, &b, 1e-4, &what);
+    }
+}
+
+/// Opt-in (ZEBRA_GPU_TESTS=1): training steps of zebra_tiny on the GPU, the optimizer's
+/// kernels included, follow the CPU's: the same losses and gradient norms, and the same
+/// weights at the end within f32 rounding.
+#[test]
+fn zebra_tiny_training_on_the_gpu_follows_the_cpu() {
+    use zebra_runtime::optim::{AdamW, AdamWConfig};
+    use zebra_runtime::train::Trainer;
+    if std::env::var_os("ZEBRA_GPU_TESTS").is_none() {
+        eprintln!("skipped: set ZEBRA_GPU_TESTS=1 to run the GPU tests");
+        return;
+    }
+    if !driver_present() {
+        eprintln!("skipped: no CUDA driver on this machine");
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let (_, checked) = check_ok(&root().join("examples/zebra_tiny.zb"));
+    let spec = checked.program.models[0].clone();
+    let graph = optimize(&lower(&spec), &Options::default()).unwrap().graph;
+    let train = zebra_passes::autodiff::training_graph(&graph).unwrap();
+    let train = optimize(&train, &Options::default()).unwrap().graph;
+    let options = BuildOptions {
+        mode: PlanMode::Forward,
+        max_seq_len: 64,
+        cache: None,
+    };
+    let (gpu_dir, cpu_dir) = (out.path().join("gpu"), out.path().join("cpu"));
+    let sm90 = GpuTarget::from_name("sm_90").unwrap();
+    build_gpu(&train, &gpu_dir, &options, sm90, None).unwrap();
+    zebra_codegen::artifact::build(&train, &cpu_dir, &options).unwrap();
+    let weights = zebra_frontend::init::random_weights(&spec, 4);
+    let config = AdamWConfig {
+        lr: 3e-3,
+        warmup_steps: 1,
+        total_steps: 4,
+        ..AdamWConfig::default()
+    };
+    let gpu = Box::new(CudaModel::load(&gpu_dir, &weights).unwrap());
+    let mut on_gpu = Trainer::with_executor(gpu, AdamW::default(), config.clone()).unwrap();
+    let mut on_cpu = Trainer::new(&cpu_dir, &weights, AdamW::default(), config, 2).unwrap();
+    for step in 0..4 {
+        let (b, t) = (2, 64);
+        let mut batch = zebra_runtime::data::Batch::with_capacity(b, t);
+        batch.tokens = (0..b * t).map(|i| ((i * 37 + step) % 256) as i64).collect();
+        batch.targets = (0..b * t).map(|i| ((i * 11 + step) % 256) as i64).collect();
+        batch.documents = vec![0; b * t];
+        let (g, c) = (on_gpu.step(&batch).unwrap(), on_cpu.step(&batch).unwrap());
+        assert!(
+            (g.loss - c.loss).abs() <= 1e-4 * c.loss.abs(),
+            "step {step}: {g:?} {c:?}"
+        );
+        let norms = (g.grad_norm - c.grad_norm).abs();
+        assert!(norms <= 1e-3 * c.grad_norm, "step {step}: {g:?} {c:?}");
+    }
+    let (g, c) = (on_gpu.weights().unwrap(), on_cpu.weights().unwrap());
+    for (name, expected) in c.iter() {
+        let got = g.get(name).unwrap();
+        let worst = got
+            .iter()
+            .zip(expected.iter())
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst <= 3e-5, "`{name}`: max |gpu - cpu| = {worst:e}");
     }
 }
 
