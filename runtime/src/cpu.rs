@@ -74,6 +74,8 @@ pub enum RuntimeError {
     Mask(String),
     #[error("{0}")]
     Decode(String),
+    #[error("{0}")]
+    Training(String),
     #[error("CUDA: {0}")]
     Cuda(String),
 }
@@ -465,7 +467,7 @@ pub(crate) fn floats(buffer: &Buffer, count: usize) -> Vec<f32> {
 /// The optimizer of a plan, or an error saying that it is not a training plan.
 pub(crate) fn optimizer_of(plan: &Plan) -> Result<&OptimizerPlan, RuntimeError> {
     plan.optimizer.as_ref().ok_or_else(|| {
-        RuntimeError::Decode(format!(
+        RuntimeError::Training(format!(
             "`{}` is not a training plan with an optimizer; compile it for training",
             plan.name
         ))
@@ -480,7 +482,7 @@ pub(crate) fn check_moments(
 ) -> Result<(), RuntimeError> {
     let optimizer = optimizer_of(plan)?;
     if moments.len() != optimizer.params.len() {
-        return Err(RuntimeError::Decode(format!(
+        return Err(RuntimeError::Training(format!(
             "{} pairs of optimizer moments given for {} trained weights",
             moments.len(),
             optimizer.params.len()
@@ -490,7 +492,7 @@ pub(crate) fn check_moments(
         let spec = &plan.weights[p.weight];
         let n: usize = spec.shape.iter().product();
         if m.len() != n || v.len() != n {
-            return Err(RuntimeError::Decode(format!(
+            return Err(RuntimeError::Training(format!(
                 "the optimizer moments of `{}` hold {} and {} values, expected {n}",
                 spec.name,
                 m.len(),

@@ -236,6 +236,25 @@ fn follows_adamw_on_the_host(spec: &zebra_frontend::ModelSpec, vector: Option<us
         clipped += usize::from(update.grad_norm > config.clip_norm);
     }
     assert!(clipped > 0, "{what}: clipping never engaged");
+    // Moments that do not fit their weight (a checkpoint of another model) are refused.
+    let name = params.keys().next().unwrap().clone();
+    let wrong = zebra_runtime::optim::Moments {
+        m: vec![0.0; 3],
+        v: vec![0.0; 3],
+    };
+    let model = CpuModel::load(out.path(), &weights, 1).expect("model");
+    let state = AdamW {
+        step: 1,
+        moments: BTreeMap::from([(name.clone(), wrong)]),
+    };
+    let error = Trainer::with_executor(Box::new(model), state, config.clone())
+        .err()
+        .expect("wrong moments refused")
+        .to_string();
+    assert!(
+        error.contains(&name) && error.contains("expected"),
+        "{error}"
+    );
     let state = trainer.optimizer_state().expect("optimizer state");
     assert_eq!(state.step, host.step);
     let trained = trainer.weights().expect("weights");
