@@ -362,6 +362,19 @@ fn info(dir: &Path, out: &mut dyn Write) -> Result<()> {
                 .collect();
             writeln!(out, "  KV caches  {}", caches.join(" "))?;
         }
+        if let Some(optimizer) = &plan.optimizer {
+            let parameters: usize = optimizer
+                .params
+                .iter()
+                .map(|p| plan.weights[p.weight].shape.iter().product::<usize>())
+                .sum();
+            let packed = optimizer.update.len() - optimizer.params.len();
+            writeln!(
+                out,
+                "  optimizer  AdamW over {} weights ({parameters} parameters), then {packed} packed weights again",
+                optimizer.params.len()
+            )?;
+        }
     }
     Ok(())
 }

@@ -1391,6 +1391,7 @@ fn compile_emits_ptx_for_nvidia_targets() {
         assert!(line.contains(kind), "{line}");
     }
     assert!(line.contains("(bf16)"), "{line}");
+    assert!(info.contains("optimizer  AdamW over 74 weights"), "{info}");
     // An f32 plan for generation: its decode steps' attentions run the GPU-shaped decode
     // kernel, nothing on tensor cores.
     let artifact = path(dir.path(), "generate");
