@@ -141,6 +141,20 @@ fn step_ok(plan: &Plan, step: &Step, optimizer: bool) -> bool {
         (Some(o), true) => Some(o),
         _ => None,
     };
+    // The optimizer runs after a step, with no inputs of its own.
+    let outside = |o: &crate::plan::Operand| {
+        !matches!(
+            o,
+            Weight(_)
+                | Packed(_)
+                | Value(_)
+                | Constant(_)
+                | MomentM(_)
+                | MomentV(_)
+                | Partials(_)
+                | Hyper
+        )
+    };
     match step {
         Step::Kernel {
             kernel,
@@ -148,7 +162,8 @@ fn step_ok(plan: &Plan, step: &Step, optimizer: bool) -> bool {
             schedule,
             grid,
         } => {
-            *kernel < plan.kernels.len()
+            !(optimizer && operands.iter().any(outside))
+                && *kernel < plan.kernels.len()
                 && schedule.is_none_or(|s| s < plan.schedules.len() && !optimizer)
                 && operands.iter().all(|o| match *o {
                     Input(x) => x < plan.inputs.len(),

@@ -474,6 +474,17 @@ pub(crate) fn optimizer_of(plan: &Plan) -> Result<&OptimizerPlan, RuntimeError> 
     })
 }
 
+/// An error unless a training step has run (its memory slots, `slots` of them, hold the
+/// gradients the optimizer reads).
+pub(crate) fn stepped(slots: usize, plan: &Plan) -> Result<(), RuntimeError> {
+    if slots < plan.slots {
+        return Err(RuntimeError::Training(
+            "the optimizer runs after a training step: run the step first".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks AdamW moments given for a plan's trained weights: one pair per weight, each of
 /// its size.
 pub(crate) fn check_moments(
@@ -829,6 +840,7 @@ impl CpuModel {
     /// of its gradients (the global norm is the square root of their sum).
     pub fn grad_partials(&mut self) -> Result<Vec<f32>, RuntimeError> {
         let optimizer = optimizer_of(&self.plan)?;
+        stepped(self.slots.len(), &self.plan)?;
         let (steps, count) = (optimizer.norm.clone(), optimizer.partials);
         if self.partials.len() < words(count * 4) {
             self.partials = buffer(words(count * 4));
@@ -841,6 +853,7 @@ impl CpuModel {
     /// scalars (in the order of [`crate::plan::Hyper`]), then the packed weights packed again.
     pub fn apply_update(&mut self, hyper: &[f32; HYPER]) -> Result<(), RuntimeError> {
         let optimizer = optimizer_of(&self.plan)?;
+        stepped(self.slots.len(), &self.plan)?;
         let steps = optimizer.update.clone();
         if self.moments.is_empty() {
             self.moments = optimizer

@@ -33,7 +33,7 @@ use crate::buffer::Buffer;
 use crate::cpu::{
     BuiltSchedule, RuntimeError, Tensor, as_words, build_schedule, cache_bytes, check_inputs,
     check_moments, fill, fill_caches, held_beside, next_position, optimizer_of, raw_weights,
-    rope_tables, words, words_of_i64,
+    rope_tables, stepped, words, words_of_i64,
 };
 use crate::kv::KvCache;
 use crate::pack::pack;
@@ -618,6 +618,7 @@ impl CudaModel {
     /// only these floats are copied back).
     pub fn grad_partials(&mut self) -> Result<Vec<f32>, RuntimeError> {
         let count = optimizer_of(&self.plan)?.partials;
+        stepped(self.memory.slots.len(), &self.plan)?;
         self.optimizer.partials.reserve(&self.stream, count * 4)?;
         self.run_optimizer(false)?;
         self.optimizer.partials.read_f32(&self.stream, count)
@@ -627,6 +628,7 @@ impl CudaModel {
     /// again: all on the GPU.
     pub fn apply_update(&mut self, hyper: &[f32; HYPER]) -> Result<(), RuntimeError> {
         let sizes = self.trained_sizes()?;
+        stepped(self.memory.slots.len(), &self.plan)?;
         if self.optimizer.moments.len() != sizes.len() {
             let mut moments = Vec::new();
             for &n in &sizes {

@@ -140,7 +140,8 @@ impl Trainer {
         inputs
     }
 
-    /// The summed loss of a run's outputs.
+    /// The loss of a batch, summed over its scored tokens: the training step run, only its
+    /// loss read back.
     fn loss(&mut self, batch: &Batch) -> Result<f64, RuntimeError> {
         let inputs = self.inputs(batch);
         let outputs = self.model.run_keeping(&inputs, &|name| name == "loss")?;

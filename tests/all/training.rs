@@ -236,6 +236,10 @@ fn follows_adamw_on_the_host(spec: &zebra_frontend::ModelSpec, vector: Option<us
         clipped += usize::from(update.grad_norm > config.clip_norm);
     }
     assert!(clipped > 0, "{what}: clipping never engaged");
+    // The optimizer reads a step's gradients: before one it says so.
+    let mut fresh = CpuModel::load(out.path(), &weights, 1).expect("model");
+    let error = fresh.grad_partials().unwrap_err().to_string();
+    assert!(error.contains("run the step first"), "{error}");
     // Moments that do not fit their weight (a checkpoint of another model) are refused.
     let name = params.keys().next().unwrap().clone();
     let wrong = zebra_runtime::optim::Moments {
