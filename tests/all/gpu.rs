@@ -210,15 +210,24 @@ fn gpu_artifacts_round_trip_and_broken_ones_are_refused() {
     }
 }
 
-/// Opt-in (ZEBRA_GPU_TESTS=1): zebra_tiny on the GPU gives the CPU's logits.
-#[test]
-fn zebra_tiny_on_the_gpu_matches_the_cpu() {
+/// Whether the opt-in GPU tests run: asked for (`ZEBRA_GPU_TESTS=1`) on a machine with a
+/// CUDA driver; else says why they skip.
+fn gpu_tests_enabled() -> bool {
     if std::env::var_os("ZEBRA_GPU_TESTS").is_none() {
         eprintln!("skipped: set ZEBRA_GPU_TESTS=1 to run the GPU tests");
-        return;
+        return false;
     }
     if !driver_present() {
         eprintln!("skipped: no CUDA driver on this machine");
+        return false;
+    }
+    true
+}
+
+/// Opt-in (ZEBRA_GPU_TESTS=1): zebra_tiny on the GPU gives the CPU's logits.
+#[test]
+fn zebra_tiny_on_the_gpu_matches_the_cpu() {
+    if !gpu_tests_enabled() {
         return;
     }
     let out = tempfile::tempdir().unwrap();
@@ -259,12 +268,7 @@ fn zebra_tiny_on_the_gpu_matches_the_cpu() {
 fn zebra_tiny_training_on_the_gpu_follows_the_cpu() {
     use zebra_runtime::optim::{AdamW, AdamWConfig};
     use zebra_runtime::train::Trainer;
-    if std::env::var_os("ZEBRA_GPU_TESTS").is_none() {
-        eprintln!("skipped: set ZEBRA_GPU_TESTS=1 to run the GPU tests");
-        return;
-    }
-    if !driver_present() {
-        eprintln!("skipped: no CUDA driver on this machine");
+    if !gpu_tests_enabled() {
         return;
     }
     let out = tempfile::tempdir().unwrap();
