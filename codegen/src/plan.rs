@@ -112,7 +112,7 @@ impl Planner<'_> {
         params.sort_by_key(|p| p.weight);
         let (mut norm, mut update, mut partials) = (Vec::new(), Vec::new(), 0);
         for (i, p) in params.iter().enumerate() {
-            let n: usize = self.plan.weights[p.weight].shape.iter().product();
+            let n = self.plan.weights[p.weight].len();
             let parts = OptimizerKernel::parts(n, self.vector);
             let operands = vec![Operand::Value(p.grad), Operand::Partials(partials)];
             norm.push(self.optimizer_step(OptimizerKernel::SumSquares { n, parts }, operands));

@@ -366,7 +366,7 @@ fn info(dir: &Path, out: &mut dyn Write) -> Result<()> {
             let parameters: usize = optimizer
                 .params
                 .iter()
-                .map(|p| plan.weights[p.weight].shape.iter().product::<usize>())
+                .map(|p| plan.weights[p.weight].len())
                 .sum();
             let packed = optimizer.update.len() - optimizer.params.len();
             writeln!(

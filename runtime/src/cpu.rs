@@ -474,6 +474,15 @@ pub(crate) fn optimizer_of(plan: &Plan) -> Result<&OptimizerPlan, RuntimeError> 
     })
 }
 
+/// The number of elements of each trained weight of a training plan.
+pub(crate) fn trained_sizes(plan: &Plan) -> Result<Vec<usize>, RuntimeError> {
+    Ok(optimizer_of(plan)?
+        .params
+        .iter()
+        .map(|p| plan.weights[p.weight].len())
+        .collect())
+}
+
 /// An error unless a training step has run (its memory slots, `slots` of them, hold the
 /// gradients the optimizer reads).
 pub(crate) fn stepped(slots: usize, plan: &Plan) -> Result<(), RuntimeError> {
@@ -501,7 +510,7 @@ pub(crate) fn check_moments(
     }
     for (p, (m, v)) in optimizer.params.iter().zip(moments) {
         let spec = &plan.weights[p.weight];
-        let n: usize = spec.shape.iter().product();
+        let n = spec.len();
         if m.len() != n || v.len() != n {
             return Err(RuntimeError::Training(format!(
                 "the optimizer moments of `{}` hold {} and {} values, expected {n}",
@@ -852,17 +861,12 @@ impl CpuModel {
     /// A training plan's optimizer, second part: AdamW on every trained weight with these
     /// scalars (in the order of [`crate::plan::Hyper`]), then the packed weights packed again.
     pub fn apply_update(&mut self, hyper: &[f32; HYPER]) -> Result<(), RuntimeError> {
-        let optimizer = optimizer_of(&self.plan)?;
+        let steps = optimizer_of(&self.plan)?.update.clone();
         stepped(self.slots.len(), &self.plan)?;
-        let steps = optimizer.update.clone();
         if self.moments.is_empty() {
-            self.moments = optimizer
-                .params
-                .iter()
-                .map(|p| {
-                    let n: usize = self.plan.weights[p.weight].shape.iter().product();
-                    [buffer(words(n * 4)), buffer(words(n * 4))]
-                })
+            self.moments = trained_sizes(&self.plan)?
+                .into_iter()
+                .map(|n| [buffer(words(n * 4)), buffer(words(n * 4))])
                 .collect();
         }
         self.hyper = as_words(hyper);
@@ -877,23 +881,18 @@ impl CpuModel {
             .weights
             .iter()
             .zip(&self.weights)
-            .map(|(spec, buffer)| floats(buffer, spec.shape.iter().product()))
+            .map(|(spec, buffer)| floats(buffer, spec.len()))
             .collect())
     }
 
     /// AdamW's moments `(m, v)` of each trained weight (zeros before the first update).
     pub fn moments(&mut self) -> Result<Vec<crate::optim::MomentPair>, RuntimeError> {
-        let optimizer = optimizer_of(&self.plan)?;
-        Ok(optimizer
-            .params
-            .iter()
+        Ok(trained_sizes(&self.plan)?
+            .into_iter()
             .enumerate()
-            .map(|(i, p)| {
-                let n: usize = self.plan.weights[p.weight].shape.iter().product();
-                match self.moments.get(i) {
-                    Some([m, v]) => (floats(m, n), floats(v, n)),
-                    None => (vec![0.0; n], vec![0.0; n]),
-                }
+            .map(|(i, n)| match self.moments.get(i) {
+                Some([m, v]) => (floats(m, n), floats(v, n)),
+                None => (vec![0.0; n], vec![0.0; n]),
             })
             .collect())
     }

@@ -33,7 +33,7 @@ use crate::buffer::Buffer;
 use crate::cpu::{
     BuiltSchedule, RuntimeError, Tensor, as_words, build_schedule, cache_bytes, check_inputs,
     check_moments, fill, fill_caches, held_beside, next_position, optimizer_of, raw_weights,
-    rope_tables, stepped, words, words_of_i64,
+    rope_tables, stepped, trained_sizes, words, words_of_i64,
 };
 use crate::kv::KvCache;
 use crate::pack::pack;
@@ -587,7 +587,10 @@ impl CudaModel {
             memory.tables.write(&stream, bytes_of(&pointers))?;
             memory.tables_held = pointers;
         }
-        memory.dims.write(&stream, bytes_of(&[1, 1, 0, 0]))?;
+        // Optimizer steps' grids are constant: their dims never change.
+        if memory.dims.0.is_none() {
+            memory.dims.write(&stream, bytes_of(&[1, 1, 0, 0]))?;
+        }
         let (base, dims) = (memory.tables.pointer(&stream), memory.dims.pointer(&stream));
         for i in phase {
             let Step::Kernel { kernel, grid, .. } = &steps[i] else {
@@ -627,7 +630,7 @@ impl CudaModel {
     /// AdamW on every trained weight with these scalars, then the packed weights packed
     /// again: all on the GPU.
     pub fn apply_update(&mut self, hyper: &[f32; HYPER]) -> Result<(), RuntimeError> {
-        let sizes = self.trained_sizes()?;
+        let sizes = trained_sizes(&self.plan)?;
         stepped(self.memory.slots.len(), &self.plan)?;
         if self.optimizer.moments.len() != sizes.len() {
             let mut moments = Vec::new();
@@ -640,18 +643,10 @@ impl CudaModel {
             }
             self.optimizer.moments = moments;
         }
-        let bytes: Vec<u8> = hyper.iter().flat_map(|h| h.to_le_bytes()).collect();
-        self.optimizer.hyper.write(&self.stream, &bytes)?;
+        self.optimizer
+            .hyper
+            .write(&self.stream, bytes_of(&as_words(hyper)))?;
         self.run_optimizer(true)
-    }
-
-    /// The element counts of the trained weights.
-    fn trained_sizes(&self) -> Result<Vec<usize>, RuntimeError> {
-        Ok(optimizer_of(&self.plan)?
-            .params
-            .iter()
-            .map(|p| self.plan.weights[p.weight].shape.iter().product())
-            .collect())
     }
 
     /// The weights as they are now on the GPU, in the order of `plan().weights`.
@@ -660,13 +655,13 @@ impl CudaModel {
             .weights
             .iter()
             .zip(&self.weights)
-            .map(|(spec, grown)| grown.read_f32(&self.stream, spec.shape.iter().product()))
+            .map(|(spec, grown)| grown.read_f32(&self.stream, spec.len()))
             .collect()
     }
 
     /// AdamW's moments `(m, v)` of each trained weight (zeros before the first update).
     pub fn moments(&mut self) -> Result<Vec<crate::optim::MomentPair>, RuntimeError> {
-        let sizes = self.trained_sizes()?;
+        let sizes = trained_sizes(&self.plan)?;
         sizes
             .iter()
             .enumerate()
@@ -687,8 +682,7 @@ impl CudaModel {
         for (m, v) in moments {
             let mut pair: [Grown; 2] = Default::default();
             for (grown, values) in pair.iter_mut().zip([m, v]) {
-                let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
-                grown.write(&self.stream, &bytes)?;
+                grown.write(&self.stream, bytes_of(&as_words(values)))?;
             }
             held.push(pair);
         }

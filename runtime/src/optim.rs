@@ -80,9 +80,7 @@ impl AdamWConfig {
         let floor = self.lr * self.min_lr_ratio;
         floor + (self.lr - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
     }
-}
 
-impl AdamWConfig {
     /// The scalars of the compiled optimizer's update (in the order of
     /// [`crate::plan::Hyper`]) at step `t` (counted from 1) with learning rate `lr`, the
     /// gradients multiplied by `grad_scale`.

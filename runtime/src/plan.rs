@@ -186,6 +186,17 @@ pub struct WeightSpec {
     pub shape: Vec<usize>,
 }
 
+impl WeightSpec {
+    /// Its number of elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A weight `[N, K]` packed into panels of `nr` output columns, `[N' / nr][K][nr]`: each
 /// group of `group` output columns (a head, or all of them) is padded to whole panels. With
 /// `norm`, the norm weight `g [K]` is folded in: `w[n, k] * g[k]`. With `transposed`, the

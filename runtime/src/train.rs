@@ -8,7 +8,7 @@ use ndarray::{ArrayD, IxDyn};
 use zebra_ir::Weights;
 
 use crate::Executor;
-use crate::cpu::{CpuModel, RuntimeError, Tensor, optimizer_of};
+use crate::cpu::{CpuModel, RuntimeError, Tensor, optimizer_of, trained_sizes};
 use crate::data::Batch;
 use crate::optim::{AdamW, AdamWConfig, Moments};
 
@@ -66,10 +66,7 @@ impl Trainer {
                 let spec = &plan.weights[p.weight];
                 match optimizer.moments.get(&spec.name) {
                     Some(Moments { m, v }) => (m.clone(), v.clone()),
-                    None => {
-                        let n = spec.shape.iter().product();
-                        (vec![0.0; n], vec![0.0; n])
-                    }
+                    None => (vec![0.0; spec.len()], vec![0.0; spec.len()]),
                 }
             })
             .collect();
@@ -83,13 +80,7 @@ impl Trainer {
 
     /// The number of trained parameters.
     pub fn parameters(&self) -> usize {
-        let plan = self.model.plan();
-        plan.optimizer.as_ref().map_or(0, |o| {
-            o.params
-                .iter()
-                .map(|p| plan.weights[p.weight].shape.iter().product::<usize>())
-                .sum()
-        })
+        trained_sizes(self.model.plan()).map_or(0, |sizes| sizes.iter().sum())
     }
 
     /// The current weights (read back from the executor).
