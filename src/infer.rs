@@ -65,6 +65,13 @@ pub fn load(
                 source.display()
             );
         }
+        if source.extension().is_some_and(|e| e == "zb") {
+            bail!(
+                "{} is a model's source, not its weights: give a run directory (from zebra \
+                 train) or a safetensors file, with this file as --model-file",
+                source.display()
+            );
+        }
         let file = model_file.ok_or_else(|| {
             anyhow!(
                 "{} is a weights file: give the model's source too, with --model-file FILE.zb",

@@ -242,13 +242,13 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         max_tokens: usize,
         /// 0 picks the most likely token every time.
-        #[arg(long, default_value_t = 0.8)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 0.8)]
         temperature: f64,
         /// Sample from the K most likely tokens only (0: all).
         #[arg(long, default_value_t = 0)]
         top_k: usize,
         /// Sample from the most likely tokens up to this total probability (1: all).
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
         top_p: f64,
         /// The seed of the sampling.
         #[arg(long, default_value_t = 0)]

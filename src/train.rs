@@ -55,19 +55,19 @@ pub struct TrainArgs {
     #[arg(long)]
     pub batch: Option<usize>,
     /// Peak learning rate (default 1e-3).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f64>,
     /// Linear warm-up steps (default: 5% of the steps, at most 200).
     #[arg(long)]
     pub warmup: Option<u64>,
     /// The cosine decay's floor, as a fraction of the peak (default 0.1).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub min_lr_ratio: Option<f64>,
     /// AdamW's decoupled weight decay on matrices (default 0.1).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub weight_decay: Option<f64>,
     /// Clip gradients to this global norm (default 1; 0 turns clipping off).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub clip: Option<f64>,
     /// The seed of the initial weights and the data (default 0).
     #[arg(long)]

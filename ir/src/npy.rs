@@ -8,10 +8,10 @@ use ndarray_npy::{ReadNpyError, ReadNpyExt, WritableElement, WriteNpyExt};
 /// Why an `.npy` file could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum NpyError {
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {path}: {cause}")]
     Open {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: {message}")]
     Format { path: PathBuf, message: String },
@@ -20,9 +20,9 @@ pub enum NpyError {
 }
 
 fn read_bytes(path: &Path) -> Result<Vec<u8>, NpyError> {
-    std::fs::read(path).map_err(|source| NpyError::Open {
+    std::fs::read(path).map_err(|cause| NpyError::Open {
         path: path.to_path_buf(),
-        source,
+        cause,
     })
 }
 

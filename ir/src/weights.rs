@@ -9,15 +9,15 @@ use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 /// Why a weights file could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {cause}")]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path} is not a valid safetensors file: {message}")]
     Format { path: PathBuf, message: String },
@@ -70,9 +70,9 @@ impl Weights {
 
     /// Reads every tensor of a safetensors file, converting F64, F16 and BF16 to f32.
     pub fn load(path: &Path) -> Result<Weights, WeightsError> {
-        let bytes = std::fs::read(path).map_err(|source| WeightsError::Read {
+        let bytes = std::fs::read(path).map_err(|cause| WeightsError::Read {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         Weights::from_bytes(&bytes, path)
     }
@@ -104,9 +104,9 @@ impl Weights {
     /// Writes all tensors as F32, atomically: a temporary file is renamed into place.
     pub fn save(&self, path: &Path) -> Result<(), WeightsError> {
         let bytes = self.to_bytes();
-        write_atomically(path, &bytes).map_err(|source| WeightsError::Write {
+        write_atomically(path, &bytes).map_err(|cause| WeightsError::Write {
             path: path.to_path_buf(),
-            source,
+            cause,
         })
     }
 

@@ -88,7 +88,7 @@ enum Command {
     Diff {
         a: PathBuf,
         b: PathBuf,
-        #[arg(long, default_value_t = 1e-4)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 1e-4)]
         tolerance: f64,
     },
     /// Generate text from an artifact built with `--for generate`, streaming it.
@@ -104,11 +104,11 @@ enum Command {
         prompt: String,
         #[arg(long, default_value_t = 200)]
         max_tokens: usize,
-        #[arg(long, default_value_t = 0.8)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 0.8)]
         temperature: f64,
         #[arg(long, default_value_t = 0)]
         top_k: usize,
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
         top_p: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -139,7 +139,7 @@ enum Command {
         seq_len: usize,
         #[arg(long, default_value_t = 8)]
         batch: usize,
-        #[arg(long, default_value_t = 1e-3)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 1e-3)]
         lr: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,

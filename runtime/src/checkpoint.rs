@@ -40,6 +40,10 @@ pub enum CheckpointError {
     },
     #[error("cannot write {path}: {message}")]
     Write { path: PathBuf, message: String },
+    /// A checkpoint's weights or optimizer state that is not a valid safetensors file (the
+    /// error names the file).
+    #[error(transparent)]
+    Tensors(#[from] zebra_ir::weights::WeightsError),
 }
 
 /// How the run was set up: enough to continue it exactly.
@@ -144,19 +148,9 @@ pub fn load(run_dir: &Path, config_hash: &str) -> Result<Checkpoint, CheckpointE
     }
     let folder = run_dir.join(&meta.folder);
     let weights_file = folder.join("model.safetensors");
-    let weights = Weights::from_bytes(&read(&weights_file)?, &weights_file).map_err(|e| {
-        CheckpointError::Corrupt {
-            path: weights_file.clone(),
-            message: e.to_string(),
-        }
-    })?;
+    let weights = Weights::from_bytes(&read(&weights_file)?, &weights_file)?;
     let optimizer_file = folder.join("optimizer.safetensors");
-    let state = Weights::from_bytes(&read(&optimizer_file)?, &optimizer_file).map_err(|e| {
-        CheckpointError::Corrupt {
-            path: optimizer_file.clone(),
-            message: e.to_string(),
-        }
-    })?;
+    let state = Weights::from_bytes(&read(&optimizer_file)?, &optimizer_file)?;
     let mut optimizer = AdamW {
         step: meta.step,
         moments: BTreeMap::new(),

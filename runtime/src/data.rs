@@ -18,7 +18,7 @@ pub enum DataError {
     Empty(PathBuf),
     #[error(
         "{path} has {bytes} bytes of text, too few for sequences of {seq} tokens (it needs at \
-         least {needed}); use a shorter --seq-len or more data"
+         least {needed}); use shorter sequences or more data"
     )]
     TooShort {
         path: PathBuf,

@@ -479,10 +479,29 @@ fn bad_tokens_are_refused() {
     );
     assert!(!Path::new(&logits).exists());
 
+    // Missing files are named once, with the system's reason once.
+    let missing = path(dir.path(), "missing.npy");
+    let out = run_tiny(&weights, &missing, dir.path());
+    assert!(!out.ok);
+    assert!(out.stderr.contains("missing.npy"), "{}", out.stderr);
+    assert_eq!(out.stderr.matches("os error").count(), 1, "{}", out.stderr);
+    let out = run_tiny(
+        &path(dir.path(), "missing.safetensors"),
+        &flat_tokens(dir.path()),
+        dir.path(),
+    );
+    assert!(!out.ok);
+    assert!(out.stderr.contains("missing.safetensors"), "{}", out.stderr);
+    assert_eq!(out.stderr.matches("os error").count(), 1, "{}", out.stderr);
+
     // A 1-D array is one sequence.
-    let flat = write_tokens(dir.path(), "flat.npy", &[3], vec![1, 2, 3]);
+    let flat = flat_tokens(dir.path());
     let out = run_tiny(&weights, &flat, dir.path());
     assert!(out.ok, "{}", out.stderr);
+}
+
+fn flat_tokens(dir: &Path) -> String {
+    write_tokens(dir, "flat.npy", &[3], vec![1, 2, 3])
 }
 
 #[test]
@@ -902,7 +921,12 @@ fn broken_checkpoints_are_refused_and_nothing_is_overwritten() {
     let resume = zebra(&["train", "--resume", &run, "--steps", "8"]);
     let out = zebra(&["train", "--resume", &run]);
     assert!(!out.ok);
-    assert!(out.stderr.contains("model.safetensors"), "{}", out.stderr);
+    assert_eq!(
+        out.stderr.matches("model.safetensors").count(),
+        1,
+        "the file named once: {}",
+        out.stderr
+    );
     let out = zebra(&["generate", &run, "--prompt", "a"]);
     assert!(
         !out.ok && out.stderr.contains("model.safetensors"),
@@ -983,6 +1007,10 @@ fn bad_training_and_generation_inputs_are_refused() {
         (vec!["--prompt", ""], "the prompt is empty"),
         (vec!["--prompt", "a", "--top-p", "2"], "--top-p"),
         (vec!["--prompt", "a", "--temperature=-1"], "--temperature"),
+        (
+            vec!["--prompt", "a", "--temperature", "-1"],
+            "--temperature must be 0 (greedy) or positive, found -1",
+        ),
     ];
     for (flags, expected) in cases {
         let mut args = vec!["generate", run.as_str()];
@@ -991,6 +1019,15 @@ fn bad_training_and_generation_inputs_are_refused() {
         assert!(!out.ok, "{args:?} should fail");
         assert!(out.stderr.contains(expected), "{args:?}: {}", out.stderr);
     }
+    let zb_as_weights = zebra(&["generate", &zb, "--prompt", "a"]);
+    assert!(
+        !zb_as_weights.ok
+            && zb_as_weights
+                .stderr
+                .contains("is a model's source, not its weights"),
+        "{}",
+        zb_as_weights.stderr
+    );
     let nowhere = path(dir.path(), "nowhere");
     let out = zebra(&["generate", &nowhere, "--prompt", "a"]);
     assert!(
