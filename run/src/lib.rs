@@ -241,13 +241,22 @@ fn diff_arrays(x: &ArrayD<f64>, y: &ArrayD<f64>) -> Result<(f64, f64)> {
     if x.shape() != y.shape() {
         bail!("the shapes differ: {:?} and {:?}", x.shape(), y.shape());
     }
-    let scale = y.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
-    let worst = x
+    // Relative to the reference's largest finite magnitude; a NaN anywhere, or an infinity
+    // that the other array does not hold at the same place, is an infinite difference.
+    let scale = y
         .iter()
-        .zip(y)
-        .fold(0.0f64, |m, (p, q)| m.max((p - q).abs()));
-    let nan = x.iter().chain(y.iter()).any(|v| v.is_nan());
-    Ok((if nan { f64::INFINITY } else { worst / scale }, worst))
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, |m, v| m.max(v.abs()))
+        .max(1e-30);
+    let (mut worst, mut broken) = (0.0f64, false);
+    for (p, q) in x.iter().zip(y) {
+        if p.is_finite() && q.is_finite() {
+            worst = worst.max((p - q).abs());
+        } else if p.is_nan() || q.is_nan() || p != q {
+            broken = true;
+        }
+    }
+    Ok((if broken { f64::INFINITY } else { worst / scale }, worst))
 }
 
 /// [`diff_arrays`] for every tensor of two weight files (the same names and shapes): the
@@ -546,6 +555,9 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
             Ok(())
         }
         Command::Diff { a, b, tolerance } => {
+            if !(tolerance >= 0.0 && tolerance.is_finite()) {
+                bail!("--tolerance must be 0 or a positive number, found {tolerance}");
+            }
             let safetensors = |p: &Path| p.extension().is_some_and(|e| e == "safetensors");
             let (relative, worst, tensor) = if safetensors(&a) && safetensors(&b) {
                 diff_weights(&load_weights(&a)?, &load_weights(&b)?)?
@@ -554,13 +566,14 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
                     diff_arrays(&npy::read_floats(&a)?, &npy::read_floats(&b)?)?;
                 (relative, worst, None)
             };
+            let ok = relative.is_finite() && relative <= tolerance;
             let mut report = serde_json::json!({"max_abs_diff": worst, "relative": relative,
-                "tolerance": tolerance, "ok": relative.is_finite() && relative <= tolerance});
+                "tolerance": tolerance, "ok": ok});
             if let Some(name) = &tensor {
                 report["tensor"] = name.clone().into();
             }
             writeln!(out, "{report}")?;
-            if relative > tolerance {
+            if !ok {
                 bail!("the arrays differ by {relative:.3e} (relative), above {tolerance:e}");
             }
             Ok(())
@@ -942,6 +955,27 @@ mod tests {
         let mut command = std::process::Command::new("sh");
         command.args(["-c", script]);
         command
+    }
+
+    #[test]
+    fn diff_finds_nans_and_stray_infinities() {
+        let array =
+            |v: &[f64]| ArrayD::from_shape_vec(ndarray::IxDyn(&[v.len()]), v.to_vec()).unwrap();
+        let inf = f64::INFINITY;
+        let (relative, worst) = diff_arrays(&array(&[1.0, 2.5]), &array(&[1.0, 2.0])).unwrap();
+        assert_eq!((relative, worst), (0.25, 0.5));
+        // Infinities at the same place are equal; the rest is compared to the finite values.
+        let (relative, _) = diff_arrays(&array(&[inf, 0.0]), &array(&[inf, 4.0])).unwrap();
+        assert_eq!(relative, 1.0);
+        for (x, y) in [
+            (array(&[f64::NAN, 1.0]), array(&[f64::NAN, 1.0])),
+            (array(&[inf, 1.0]), array(&[1.0, 1.0])),
+            (array(&[1.0, 1.0]), array(&[-inf, 1.0])),
+            (array(&[inf]), array(&[-inf])),
+        ] {
+            assert_eq!(diff_arrays(&x, &y).unwrap().0, inf, "{x} {y}");
+        }
+        assert!(diff_arrays(&array(&[1.0]), &array(&[1.0, 2.0])).is_err());
     }
 
     #[test]

@@ -468,7 +468,7 @@ pub(crate) fn floats(buffer: &Buffer, count: usize) -> Vec<f32> {
 pub(crate) fn optimizer_of(plan: &Plan) -> Result<&OptimizerPlan, RuntimeError> {
     plan.optimizer.as_ref().ok_or_else(|| {
         RuntimeError::Training(format!(
-            "`{}` is not a training plan with an optimizer; compile it for training",
+            "`{}` is not a training plan with an optimizer; build one with `zebra compile FILE.zb --emit artifact --for train -o DIR`",
             plan.name
         ))
     })
