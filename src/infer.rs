@@ -39,7 +39,7 @@ pub fn load(
     model: Option<&str>,
     device: &Device,
 ) -> Result<Loaded> {
-    let (spec, weights, seq_len, pairs) = if source.is_dir() {
+    let (spec, weights, seq_len, pairs) = if is_run(source) {
         let meta = checkpoint::meta(source)?;
         let file = source.join("model.zb");
         let text = std::fs::read_to_string(&file)
@@ -61,7 +61,8 @@ pub fn load(
     } else {
         if !source.exists() {
             bail!(
-                "{} does not exist: give a run directory (from zebra train) or a safetensors file",
+                "{} does not exist: give a run directory (from zebra train), a safetensors \
+                 file or a model folder",
                 source.display()
             );
         }
@@ -74,7 +75,7 @@ pub fn load(
         }
         let file = model_file.ok_or_else(|| {
             anyhow!(
-                "{} is a weights file: give the model's source too, with --model-file FILE.zb",
+                "{} holds only weights: give the model's source too, with --model-file FILE.zb",
                 source.display()
             )
         })?;
@@ -92,6 +93,12 @@ pub fn load(
         trained_seq_len: seq_len,
         recall_pairs: pairs,
     })
+}
+
+/// Whether `source` is a run directory (from `zebra train`) rather than weights: a folder
+/// with a checkpoint, or with no weights (so that the error names the missing checkpoint).
+pub fn is_run(source: &Path) -> bool {
+    source.is_dir() && (source.join("checkpoint.json").exists() || !Weights::in_folder(source))
 }
 
 /// The artifact of an optimized graph for one plan mode and device, in the cache.
@@ -406,7 +413,7 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
         let dir = artifact(&loaded.optimized, longest, PlanMode::Forward, &device)?;
         let mut model = device.load(&dir, &loaded.weights)?;
         let name = loaded.spec.name.clone();
-        let trained = if source.is_dir() {
+        let trained = if is_run(source) {
             checkpoint::meta(source).ok().map(|m| (m.elapsed, m.tokens))
         } else {
             None

@@ -156,7 +156,8 @@ enum Command {
     /// Run a model on token ids and write its logits.
     Run {
         file: PathBuf,
-        /// Weights in safetensors format.
+        /// Weights: a safetensors file, or a model folder or index of a checkpoint in shards
+        /// (Hugging Face's model.safetensors.index.json).
         #[arg(long)]
         weights: PathBuf,
         /// Token ids: an int32 or int64 .npy array of shape `[B, T]` (or `[T]`).
@@ -233,7 +234,8 @@ enum Command {
     /// prefilled with the fused attention, then tokens are decoded one by one against KV
     /// caches that keep only what each layer's mask can still see.
     Generate {
-        /// A run directory (from zebra train), or a safetensors file with --model-file.
+        /// A run directory (from zebra train), or weights with --model-file: a safetensors
+        /// file, or a model folder or index of a checkpoint in shards.
         source: PathBuf,
         /// The text to continue (bytes as tokens).
         #[arg(long)]
@@ -275,7 +277,8 @@ enum Command {
     /// recall task's accuracy by distance between key and query (--task recall). Several
     /// runs are shown side by side.
     Eval {
-        /// Run directories (from zebra train), or safetensors files with --model-file.
+        /// Run directories (from zebra train), or weights (safetensors files, model folders)
+        /// with --model-file.
         #[arg(required = true)]
         sources: Vec<PathBuf>,
         /// A text file, or a folder of them: perplexity.

@@ -84,8 +84,8 @@ pub struct TrainArgs {
     /// Continue the run in this directory where its last checkpoint stopped.
     #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
-    /// Start from these weights: a run directory's checkpoint or a safetensors file
-    /// (e.g. to continue at a longer --seq-len).
+    /// Start from these weights: a run directory's checkpoint, a safetensors file or a model
+    /// folder (e.g. to continue at a longer --seq-len).
     #[arg(long, value_name = "RUN_DIR|WEIGHTS")]
     pub init_from: Option<PathBuf>,
     /// Threads (default: one per core).
@@ -169,9 +169,10 @@ pub fn build_training_artifact_on(
     device.build(&train, dir, &options)
 }
 
-/// Weights to start from: a run directory's current checkpoint or a safetensors file.
+/// Weights to start from: a run directory's current checkpoint, a safetensors file or a
+/// model folder (a sharded checkpoint).
 pub fn weights_from(path: &Path) -> Result<Weights> {
-    if path.is_dir() {
+    if crate::infer::is_run(path) {
         let meta = checkpoint::meta(path)?;
         let file = checkpoint::weights_path(path, &meta);
         return Ok(Weights::load(&file)?);

@@ -21,6 +21,13 @@ pub enum WeightsError {
     },
     #[error("{path} is not a valid safetensors file: {message}")]
     Format { path: PathBuf, message: String },
+    #[error(
+        "{0} holds no weights: a model folder holds model.safetensors, or \
+         model.safetensors.index.json and the shards it names"
+    )]
+    NoWeights(PathBuf),
+    #[error("{path} is not a valid safetensors index: {message}")]
+    Index { path: PathBuf, message: String },
     #[error("tensor `{name}` in {path} has element type {dtype:?}; expected F32, F64, F16 or BF16")]
     DType {
         path: PathBuf,
@@ -68,13 +75,87 @@ impl Weights {
         self.tensors.is_empty()
     }
 
-    /// Reads every tensor of a safetensors file, converting F64, F16 and BF16 to f32.
+    /// Reads every tensor of a safetensors file, converting F64, F16 and BF16 to f32; or of
+    /// a checkpoint in shards, as Hugging Face writes large models: `path` is then the index
+    /// (`model.safetensors.index.json`, whose `weight_map` names each tensor's shard) or a
+    /// model folder holding it (or holding one `model.safetensors`).
     pub fn load(path: &Path) -> Result<Weights, WeightsError> {
-        let bytes = std::fs::read(path).map_err(|cause| WeightsError::Read {
-            path: path.to_path_buf(),
-            cause,
-        })?;
-        Weights::from_bytes(&bytes, path)
+        if path.is_dir() {
+            let index = path.join(INDEX);
+            if index.is_file() {
+                return Weights::load_index(&index);
+            }
+            if !Weights::in_folder(path) {
+                return Err(WeightsError::NoWeights(path.to_path_buf()));
+            }
+            return Weights::load_file(&path.join("model.safetensors"));
+        }
+        if path.to_string_lossy().ends_with(".index.json") {
+            return Weights::load_index(path);
+        }
+        Weights::load_file(path)
+    }
+
+    /// Whether `dir` is a model folder [`Weights::load`] reads: it holds `model.safetensors`
+    /// or a sharded checkpoint's index.
+    pub fn in_folder(dir: &Path) -> bool {
+        dir.join(INDEX).is_file() || dir.join("model.safetensors").is_file()
+    }
+
+    fn load_file(path: &Path) -> Result<Weights, WeightsError> {
+        Weights::from_bytes(&read(path)?, path)
+    }
+
+    /// The shards an index names, each read once; every tensor the index lists must be in
+    /// the shard it names, and no tensor may be in two shards.
+    fn load_index(index: &Path) -> Result<Weights, WeightsError> {
+        let error = |message: String| WeightsError::Index {
+            path: index.to_path_buf(),
+            message,
+        };
+        let text = read(index)?;
+        let json: serde_json::Value =
+            serde_json::from_slice(&text).map_err(|e| error(e.to_string()))?;
+        let map = json
+            .get("weight_map")
+            .and_then(serde_json::Value::as_object)
+            .ok_or_else(|| error("it has no `weight_map` object".into()))?;
+        let mut shards: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (name, shard) in map {
+            let shard = shard.as_str().ok_or_else(|| {
+                error(format!("the shard of `{name}` is not a file name: {shard}"))
+            })?;
+            if Path::new(shard).file_name() != Some(std::ffi::OsStr::new(shard)) {
+                return Err(error(format!(
+                    "the shard `{shard}` is not a file name in the index's folder"
+                )));
+            }
+            shards.entry(shard).or_default().push(name);
+        }
+        if shards.is_empty() {
+            return Err(error("its `weight_map` names no tensors".into()));
+        }
+        let folder = index.parent().unwrap_or(Path::new("."));
+        let mut weights = Weights::new();
+        let mut home: BTreeMap<String, &str> = BTreeMap::new();
+        for (shard, names) in shards {
+            let file = folder.join(shard);
+            let part = Weights::load_file(&file)?;
+            if let Some(name) = names.iter().find(|n| part.get(n).is_none()) {
+                return Err(error(format!(
+                    "it puts tensor `{name}` in {shard}, which does not hold it"
+                )));
+            }
+            for (name, tensor) in part.tensors {
+                if let Some(first) = home.insert(name.clone(), shard) {
+                    return Err(error(format!(
+                        "tensor `{name}` is in two shards, {first} and {shard}"
+                    )));
+                }
+                weights.tensors.insert(name, tensor);
+            }
+        }
+        Ok(weights)
     }
 
     /// Parses safetensors bytes; `path` only names the source in errors.
@@ -130,6 +211,16 @@ impl Weights {
             .collect();
         safetensors::serialize(views, None).expect("serializing in-memory f32 tensors")
     }
+}
+
+/// The name Hugging Face gives the index of a checkpoint in shards.
+const INDEX: &str = "model.safetensors.index.json";
+
+fn read(path: &Path) -> Result<Vec<u8>, WeightsError> {
+    std::fs::read(path).map_err(|cause| WeightsError::Read {
+        path: path.to_path_buf(),
+        cause,
+    })
 }
 
 fn to_f32(view: &TensorView<'_>) -> Option<Vec<f32>> {
@@ -200,6 +291,110 @@ mod tests {
         let bytes = weights.to_bytes();
         let back = Weights::from_bytes(&bytes, Path::new("test")).unwrap();
         assert_eq!(back, weights);
+    }
+
+    fn tensor(values: &[f32]) -> ArrayD<f32> {
+        ArrayD::from_shape_vec(IxDyn(&[values.len()]), values.to_vec()).unwrap()
+    }
+
+    /// Shards: (file name, the tensors it holds).
+    type Shards<'a> = &'a [(&'a str, &'a [&'a str])];
+    /// An index's map: (tensor, file name).
+    type Map<'a> = &'a [(&'a str, &'a str)];
+
+    /// Writes `shards` and an index of `map`.
+    fn sharded(dir: &Path, shards: Shards<'_>, map: Map<'_>) -> PathBuf {
+        for (i, (file, names)) in shards.iter().enumerate() {
+            let mut part = Weights::new();
+            for (j, name) in names.iter().enumerate() {
+                part.insert(*name, tensor(&[i as f32, j as f32]));
+            }
+            part.save(&dir.join(file)).unwrap();
+        }
+        let map: serde_json::Map<String, serde_json::Value> = map
+            .iter()
+            .map(|(n, f)| (n.to_string(), serde_json::Value::from(*f)))
+            .collect();
+        let index = dir.join(INDEX);
+        let json = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": map});
+        std::fs::write(&index, json.to_string()).unwrap();
+        index
+    }
+
+    #[test]
+    fn sharded_checkpoints_load_from_their_index_or_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+        );
+        let index = sharded(
+            dir.path(),
+            &[(a, &["x", "y"]), (b, &["z"])],
+            &[("x", a), ("y", a), ("z", b)],
+        );
+        for path in [index.as_path(), dir.path()] {
+            let weights = Weights::load(path).unwrap();
+            assert_eq!(weights.names().collect::<Vec<_>>(), ["x", "y", "z"]);
+            assert_eq!(weights.get("y"), Some(&tensor(&[0.0, 1.0])));
+            assert_eq!(weights.get("z"), Some(&tensor(&[1.0, 0.0])));
+        }
+        // A folder with one file.
+        let single = tempfile::tempdir().unwrap();
+        let mut one = Weights::new();
+        one.insert("w", tensor(&[2.0]));
+        one.save(&single.path().join("model.safetensors")).unwrap();
+        assert_eq!(Weights::load(single.path()).unwrap(), one);
+        let empty = tempfile::tempdir().unwrap();
+        let err = Weights::load(empty.path()).unwrap_err().to_string();
+        assert!(err.contains("holds no weights"), "{err}");
+    }
+
+    #[test]
+    fn broken_indexes_are_refused_with_the_reason() {
+        let (a, b) = ("a.safetensors", "b.safetensors");
+        let cases: [(Shards<'_>, Map<'_>, &str); 5] = [
+            (
+                &[(a, &["x"])],
+                &[("x", a), ("y", a)],
+                "puts tensor `y` in a.safetensors",
+            ),
+            (
+                &[(a, &["x"]), (b, &["x"])],
+                &[("x", a), ("x2", b)],
+                "puts tensor `x2` in b.safetensors",
+            ),
+            (
+                &[(a, &["x", "y"]), (b, &["y"])],
+                &[("x", a), ("y", b)],
+                "tensor `y` is in two shards",
+            ),
+            (
+                &[(a, &["x"])],
+                &[("x", "../a.safetensors")],
+                "is not a file name",
+            ),
+            (&[(a, &["x"])], &[], "names no tensors"),
+        ];
+        for (shards, map, says) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let index = sharded(dir.path(), shards, map);
+            let err = Weights::load(&index).unwrap_err().to_string();
+            assert!(err.contains(says), "{says}: {err}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let index = sharded(dir.path(), &[], &[("x", a)]);
+        let err = Weights::load(&index).unwrap_err().to_string();
+        assert!(
+            err.contains("a.safetensors") && err.contains("os error"),
+            "{err}"
+        );
+        std::fs::write(&index, "{\"weight_map\": 3}").unwrap();
+        let err = Weights::load(&index).unwrap_err().to_string();
+        assert!(err.contains("no `weight_map` object"), "{err}");
+        std::fs::write(&index, "{").unwrap();
+        let err = Weights::load(&index).unwrap_err().to_string();
+        assert!(err.contains("is not a valid safetensors index"), "{err}");
     }
 
     #[test]

@@ -271,12 +271,12 @@ fn init_and_run_zebra_tiny() {
         &tokens,
     ]);
     assert!(out.ok, "{}", out.stderr);
-    let run = |extra: &[&str]| {
+    let run = |weights: &str, extra: &[&str]| {
         let mut args = vec![
             "run",
             "examples/zebra_tiny.zb",
             "--weights",
-            &weights,
+            weights,
             "--tokens",
             &tokens,
             "--output",
@@ -292,9 +292,9 @@ fn init_and_run_zebra_tiny() {
         );
         (out.stdout, npy::read_floats(Path::new(&logits)).unwrap())
     };
-    let (stdout, compiled) = run(&[]);
+    let (stdout, compiled) = run(&weights, &[]);
     assert!(stdout.contains("through the compiled kernels"), "{stdout}");
-    let (stdout, interpreted) = run(&["--interpret"]);
+    let (stdout, interpreted) = run(&weights, &["--interpret"]);
     assert!(
         stdout.contains("through the reference interpreter"),
         "{stdout}"
@@ -323,6 +323,29 @@ fn init_and_run_zebra_tiny() {
         1e-4,
         "zebra run (compiled) vs the interpreter",
     );
+
+    // The same weights as a Hugging Face checkpoint in shards: a folder with an index.
+    let folder = dir.path().join("hf");
+    std::fs::create_dir(&folder).unwrap();
+    let mut shards = [Weights::new(), Weights::new()];
+    let mut map = serde_json::Map::new();
+    for (i, (name, tensor)) in loaded.iter().enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i % 2 + 1);
+        shards[i % 2].insert(name, tensor.clone());
+        map.insert(name.to_string(), file.into());
+    }
+    for (i, shard) in shards.iter().enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+        shard.save(&folder.join(file)).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(
+        folder.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let (_, from_shards) = run(&folder.to_string_lossy(), &[]);
+    assert_eq!(from_shards, compiled, "the sharded weights ran differently");
 }
 
 /// Weights for zebra_tiny with one change, written to a file.
