@@ -3,6 +3,7 @@
 mod bench;
 mod commands;
 mod device;
+mod import;
 mod infer;
 mod train;
 mod tune;
@@ -139,6 +140,26 @@ enum Command {
     /// GPU's candidates (--target sm_80|sm_90 -o DIR) are timed by `zebra-run tune DIR` on
     /// the GPU's machine and recorded with `zebra tune --record DIR`.
     Tune(TuneCli),
+    /// Write a model's source (.zb) from a Hugging Face configuration of the Llama family
+    /// (Llama, Mistral), to run its checkpoint (--weights FOLDER) or, with --zebra, to
+    /// rearrange its layers into Zebra's groups and continue training it (--init-from).
+    Import {
+        /// A Hugging Face model folder, or its config.json.
+        path: PathBuf,
+        /// The source to write (default: print it).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// The model's name (default: from the folder's).
+        #[arg(long)]
+        name: Option<String>,
+        /// Zebra's layout: groups of G layers, one global, the others a causal window of W
+        /// keys (the query included; the authors' `window_size = B` is W = B + 1).
+        #[arg(long, value_name = "G:W", value_parser = import::parse_zebra)]
+        zebra: Option<(usize, usize)>,
+        /// With --zebra: the global layer last in each group (Gemma 3's), not first.
+        #[arg(long, requires = "zebra")]
+        global_last: bool,
+    },
     /// Write deterministic random weights for a model (safetensors, Hugging Face names).
     Init {
         /// The model (.zb).
@@ -614,6 +635,23 @@ fn main() -> ExitCode {
             device: &device,
         }),
         Command::Encode { text, output } => commands::encode(&text, &output),
+        Command::Import {
+            path,
+            output,
+            name,
+            zebra,
+            global_last,
+        } => {
+            let layout = match zebra {
+                Some((group, window)) => import::Layout::Zebra {
+                    group,
+                    window,
+                    global_last,
+                },
+                None => import::Layout::AsConfigured,
+            };
+            import::run(&path, output.as_deref(), name.as_deref(), layout)
+        }
         Command::Toolchain => commands::toolchain(),
         Command::Emulate {
             file,

@@ -348,6 +348,95 @@ fn init_and_run_zebra_tiny() {
     assert_eq!(from_shards, compiled, "the sharded weights ran differently");
 }
 
+/// `zebra import` of the golden tiny Llama's configuration, as Hugging Face writes it, runs
+/// its weights to transformers' logits; so does its Zebra rearrangement (`--zebra 2:4`), to
+/// the Zebra layout's.
+#[test]
+fn imported_configurations_reproduce_transformers() {
+    let dir = temp();
+    let golden = root().join("tests/fixtures/golden");
+    let folder = dir.path().join("Tiny-Llama");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::copy(
+        golden.join("tiny_llama.safetensors"),
+        folder.join("model.safetensors"),
+    )
+    .unwrap();
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+        "head_dim": 8, "rms_norm_eps": 1e-5, "hidden_act": "silu", "max_position_embeddings": 128,
+        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+        "tie_word_embeddings": false, "attention_bias": false, "mlp_bias": false,
+        "torch_dtype": "float32"
+    });
+    std::fs::write(folder.join("config.json"), config.to_string()).unwrap();
+    let folder_arg = folder.to_string_lossy().into_owned();
+    let tokens = golden.join("tokens.npy").to_string_lossy().into_owned();
+    for (extra, expected) in [
+        (vec![], "logits_all_causal.npy"),
+        (vec!["--zebra", "2:4"], "logits_zebra_g2_window4.npy"),
+    ] {
+        let source = path(dir.path(), "tiny.zb");
+        let mut args = vec!["import", &folder_arg, "-o", &source];
+        args.extend(extra.iter().copied());
+        let out = zebra(&args);
+        assert!(out.ok, "{}", out.stderr);
+        assert!(
+            out.stderr.contains("`tiny_llama`: 2 layers")
+                && out.stderr.contains(&format!("--weights {folder_arg}")),
+            "{}",
+            out.stderr
+        );
+        let logits = path(dir.path(), "logits.npy");
+        let out = zebra(&[
+            "run",
+            &source,
+            "--weights",
+            &folder_arg,
+            "--tokens",
+            &tokens,
+            "--output",
+            &logits,
+        ]);
+        assert!(out.ok, "{}", out.stderr);
+        crate::common::assert_close(
+            &npy::read_floats(Path::new(&logits)).unwrap(),
+            &npy::read_floats(&golden.join(expected)).unwrap(),
+            1e-4,
+            &format!("zebra import {extra:?}, then zebra run, vs transformers"),
+        );
+    }
+
+    // What it cannot import, it names.
+    std::fs::write(
+        folder.join("config.json"),
+        serde_json::json!({"model_type": "gemma2"}).to_string(),
+    )
+    .unwrap();
+    let out = zebra(&["import", &folder_arg]);
+    assert!(
+        !out.ok && out.stderr.contains("`model_type` is `gemma2`"),
+        "{}",
+        out.stderr
+    );
+    let out = zebra(&["import", &folder_arg, "--zebra", "1:4"]);
+    assert!(
+        !out.ok && out.stderr.contains("at least 2 layers"),
+        "{}",
+        out.stderr
+    );
+    let empty = path(dir.path(), "empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = zebra(&["import", &empty]);
+    assert!(
+        !out.ok && out.stderr.contains("is not a Hugging Face model folder"),
+        "{}",
+        out.stderr
+    );
+}
+
 /// Weights for zebra_tiny with one change, written to a file.
 fn tiny_weights(dir: &Path, change: impl FnOnce(&mut Weights)) -> String {
     let spec = crate::common::model(&root().join("examples/zebra_tiny.zb"));

@@ -1,0 +1,522 @@
+//! `zebra import`: a model's source (.zb) from a Hugging Face configuration (`config.json`)
+//! of the Llama family, optionally with its layers rearranged into Zebra's groups of local
+//! layers and one global layer, the paper's starting point for long-context adaptation.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
+
+/// How the imported model's layers attend.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Layout {
+    /// As the configuration says: every layer global, or every layer a sliding window when
+    /// it has one (Mistral's `sliding_window`).
+    AsConfigured,
+    /// Zebra: groups of `group` layers, one global and the others a window of `window` keys
+    /// (the query included); the global layer first in each group (the authors' layout) or
+    /// last (Gemma 3's).
+    Zebra {
+        group: usize,
+        window: usize,
+        global_last: bool,
+    },
+}
+
+/// Parses `--zebra G:W`.
+pub fn parse_zebra(text: &str) -> Result<(usize, usize), String> {
+    let bad = || {
+        format!(
+            "`{text}` is not a Zebra layout: give the group size and the window as G:W, e.g. \
+             4:513 (groups of 4 layers, windows of 513 keys)"
+        )
+    };
+    let (g, w) = text.split_once(':').ok_or_else(bad)?;
+    let group: usize = g.trim().parse().map_err(|_| bad())?;
+    let window: usize = w.trim().parse().map_err(|_| bad())?;
+    if group < 2 {
+        return Err(format!(
+            "a Zebra group needs at least 2 layers (one global, the rest local), found {group}"
+        ));
+    }
+    if window == 0 {
+        return Err("a window of 0 keys lets no query see anything".into());
+    }
+    Ok((group, window))
+}
+
+/// The configuration file of `path`: `path` itself, or `config.json` in a model folder.
+pub fn config_path(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        path.join("config.json")
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// A model name from a folder's name (`Llama-2-7b-hf` → `llama_2_7b_hf`).
+pub fn name_from(path: &Path) -> String {
+    let folder = if path.is_dir() {
+        path.canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_owned()))
+    } else {
+        path.canonicalize()
+            .ok()
+            .and_then(|p| p.parent().and_then(|p| p.file_name()).map(|n| n.to_owned()))
+    };
+    let raw = folder.map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let mut name: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    name = name.trim_matches('_').to_string();
+    if name.is_empty() {
+        return "imported".into();
+    }
+    if !name.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        name.insert_str(0, "m_");
+    }
+    name
+}
+
+/// The configuration's settings a Llama-family model needs.
+struct Config<'a> {
+    json: &'a serde_json::Map<String, Value>,
+    path: &'a Path,
+}
+
+impl Config<'_> {
+    fn error(&self, message: String) -> anyhow::Error {
+        anyhow!("{}: {message}", self.path.display())
+    }
+
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.json.get(key).filter(|v| !v.is_null())
+    }
+
+    fn count(&self, key: &str) -> Result<Option<usize>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => match v.as_u64().and_then(|n| usize::try_from(n).ok()) {
+                Some(n) if n > 0 => Ok(Some(n)),
+                _ => Err(self.error(format!("`{key}` must be a positive integer, found {v}"))),
+            },
+        }
+    }
+
+    fn required(&self, key: &str) -> Result<usize> {
+        self.count(key)?
+            .ok_or_else(|| self.error(format!("it has no `{key}`")))
+    }
+
+    fn number(&self, key: &str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) if x > 0.0 && x.is_finite() => Ok(Some(x)),
+                _ => Err(self.error(format!("`{key}` must be a positive number, found {v}"))),
+            },
+        }
+    }
+
+    fn flag(&self, key: &str) -> Result<bool> {
+        match self.get(key) {
+            None => Ok(false),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.error(format!("`{key}` must be true or false, found {v}"))),
+        }
+    }
+
+    /// The RoPE base: `rope_theta`, or `rope_parameters.rope_theta` (transformers 5), with
+    /// no scaling (Zebra's RoPE has none).
+    fn rope_base(&self) -> Result<f64> {
+        for key in ["rope_scaling", "rope_parameters"] {
+            let Some(scaling) = self.get(key) else {
+                continue;
+            };
+            let kind = scaling
+                .get("rope_type")
+                .or_else(|| scaling.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("default");
+            if kind != "default" {
+                return Err(self.error(format!(
+                    "its RoPE is scaled (`{key}` of type `{kind}`); Zebra's RoPE has no \
+                     scaling, so this model would not compute what it was trained to"
+                )));
+            }
+        }
+        let nested = self
+            .get("rope_parameters")
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(Value::as_f64);
+        Ok(match nested {
+            Some(theta) if theta > 0.0 && theta.is_finite() => theta,
+            Some(theta) => {
+                return Err(self.error(format!(
+                    "`rope_parameters.rope_theta` must be a positive number, found {theta}"
+                )));
+            }
+            None => self.number("rope_theta")?.unwrap_or(10000.0),
+        })
+    }
+}
+
+/// A model's source for the Llama-family configuration `json` (read from `path`, which
+/// errors name): Llama and Mistral (`model_type`), with SiLU SwiGLU, RMSNorm, unscaled
+/// RoPE and no biases; anything else is refused with the setting that is not supported.
+pub fn source_from_config(json: &Value, path: &Path, name: &str, layout: Layout) -> Result<String> {
+    let map = json
+        .as_object()
+        .ok_or_else(|| anyhow!("{}: not a configuration (a JSON object)", path.display()))?;
+    let config = Config { json: map, path };
+    let model_type = config
+        .get("model_type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| config.error("it has no `model_type`".into()))?;
+    if !matches!(model_type, "llama" | "mistral") {
+        return Err(config.error(format!(
+            "`model_type` is `{model_type}`; zebra import reads the Llama family (`llama`, \
+             `mistral`): RMSNorm, RoPE, SwiGLU, grouped-query attention without biases"
+        )));
+    }
+    for key in ["attention_bias", "mlp_bias"] {
+        if config.flag(key)? {
+            return Err(config.error(format!(
+                "`{key}` is true; Zebra's projections have no biases"
+            )));
+        }
+    }
+    let act = config
+        .get("hidden_act")
+        .or_else(|| config.get("hidden_activation"))
+        .map_or(Some("silu"), Value::as_str);
+    if act != Some("silu") {
+        return Err(config.error(format!(
+            "`hidden_act` is {}; Zebra's FFN is SwiGLU (silu)",
+            config
+                .get("hidden_act")
+                .map_or_else(String::new, Value::to_string)
+        )));
+    }
+    let vocab = config.required("vocab_size")?;
+    let dim = config.required("hidden_size")?;
+    let heads = config.required("num_attention_heads")?;
+    let layers = config.required("num_hidden_layers")?;
+    let hidden = config.required("intermediate_size")?;
+    let kv_heads = config.count("num_key_value_heads")?.unwrap_or(heads);
+    let head_dim = config.count("head_dim")?;
+    let eps = config.number("rms_norm_eps")?.unwrap_or(1e-6);
+    let base = config.rope_base()?;
+    let tied = config.flag("tie_word_embeddings")?;
+    let sliding = config.count("sliding_window")?;
+
+    let mut text = format!("# Imported by `zebra import` from {}.\n", path.display());
+    let (pattern, window, note) = match layout {
+        Layout::AsConfigured => match sliding {
+            // Hugging Face's sliding window of W lets a query see W keys, itself included:
+            // `q - k < W`, Zebra's convention too.
+            Some(w) => (format!("{layers} * [local]"), Some(w), None),
+            None => (format!("{layers} * [global]"), None, None),
+        },
+        Layout::Zebra {
+            group,
+            window,
+            global_last,
+        } => {
+            if layers % group != 0 {
+                bail!(
+                    "--zebra {group}:{window}: the model has {layers} layers, not a multiple of \
+                     groups of {group}"
+                );
+            }
+            let locals = match group - 1 {
+                1 => "local".to_string(),
+                n => format!("{n} * local"),
+            };
+            let members = if global_last {
+                format!("{locals}, global")
+            } else {
+                format!("global, {locals}")
+            };
+            let position = if global_last { "last" } else { "first" };
+            let note = format!(
+                "# Rearranged into Zebra's layout: groups of {group} layers, the global one \
+                 {position},\n# the others a window of {window} keys (the query included). \
+                 A checkpoint of this\n# configuration attends globally in every layer: \
+                 continue training it to adapt\n# (zebra train this.zb --init-from WEIGHTS).\n"
+            );
+            (
+                format!("{} * [{members}]", layers / group),
+                Some(window),
+                Some(note),
+            )
+        }
+    };
+    if let Some(note) = note {
+        text.push_str(&note);
+    }
+    let global = !pattern.contains("local") || matches!(layout, Layout::Zebra { .. });
+    if global {
+        text.push_str("\nattention global causal {\n    mask = k <= q\n}\n");
+    }
+    if let Some(w) = window {
+        text.push_str(&format!(
+            "\n# {w} keys including the query itself: 0 <= q - k < window.\n\
+             attention local(window: int = {w}) causal {{\n    mask = k <= q && q - k < window\n}}\n"
+        ));
+    }
+    text.push_str(&format!("\nmodel {name} {{\n"));
+    let mut field = |key: &str, value: String| text.push_str(&format!("    {key:<10} = {value}\n"));
+    field("vocab", vocab.to_string());
+    field("dim", dim.to_string());
+    field("heads", heads.to_string());
+    if kv_heads != heads {
+        field("kv_heads", kv_heads.to_string());
+    }
+    if head_dim.is_some_and(|d| dim % heads != 0 || d != dim / heads) {
+        field("head_dim", head_dim.expect("checked").to_string());
+    }
+    field("ffn", format!("swiglu(hidden = {hidden})"));
+    field("norm", format!("rmsnorm(eps = {eps:?})"));
+    field("rope", format!("rope(base = {base:?})"));
+    field("embeddings", if tied { "tied" } else { "untied" }.into());
+    field("layers", pattern);
+    text.push_str("}\n");
+    Ok(text)
+}
+
+/// `zebra import`: reads the configuration, writes the source (checked by the front end
+/// first) to `output` or prints it.
+pub fn run(path: &Path, output: Option<&Path>, name: Option<&str>, layout: Layout) -> Result<()> {
+    let config = config_path(path);
+    let bytes = std::fs::read(&config).with_context(|| {
+        if path.is_dir() {
+            format!(
+                "{} is not a Hugging Face model folder: cannot read {}",
+                path.display(),
+                config.display()
+            )
+        } else {
+            format!("cannot read {}", config.display())
+        }
+    })?;
+    let json: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| anyhow!("{} is not valid JSON: {e}", config.display()))?;
+    let name = match name {
+        Some(name) => {
+            if !name.starts_with(|c: char| c.is_ascii_alphabetic())
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                bail!(
+                    "--name `{name}` is not a model name: letters, digits and `_`, starting \
+                     with a letter"
+                );
+            }
+            name.to_string()
+        }
+        None => name_from(path),
+    };
+    let text = source_from_config(&json, &config, &name, layout)?;
+    let at = output.map_or_else(|| PathBuf::from("imported.zb"), Path::to_path_buf);
+    let spec = crate::train::spec_from_source(&text, &at, None, None)
+        .context("internal error: the imported source does not check")?;
+    match output {
+        Some(output) => {
+            zebra_ir::weights::write_atomically(output, text.as_bytes())
+                .with_context(|| format!("cannot write {}", output.display()))?;
+            let weights = if path.is_dir() && zebra_ir::Weights::in_folder(path) {
+                path.display().to_string()
+            } else {
+                "WEIGHTS".to_string()
+            };
+            eprintln!(
+                "wrote {} (`{}`: {} layers, {:.2}B parameters); run it with --weights {weights}",
+                output.display(),
+                spec.name,
+                spec.layers.len(),
+                spec.parameter_count() as f64 / 1e9
+            );
+        }
+        None => print!("{text}"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama() -> Value {
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": 32000,
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "num_hidden_layers": 32,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "rope_scaling": null,
+            "hidden_act": "silu",
+            "tie_word_embeddings": false,
+            "attention_bias": false
+        })
+    }
+
+    fn import(json: &Value, layout: Layout) -> Result<String> {
+        source_from_config(json, Path::new("config.json"), "m", layout)
+    }
+
+    fn checked(text: &str) -> zebra_frontend::ModelSpec {
+        crate::train::spec_from_source(text, Path::new("m.zb"), None, None).unwrap()
+    }
+
+    #[test]
+    fn llama_2_imports_as_configured_and_as_zebra() {
+        let text = import(&llama(), Layout::AsConfigured).unwrap();
+        assert!(text.contains("layers     = 32 * [global]"), "{text}");
+        assert!(
+            text.contains("eps = 1e-5") && text.contains("base = 10000.0"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("kv_heads") && !text.contains("local"),
+            "{text}"
+        );
+        let spec = checked(&text);
+        assert_eq!(spec.layers.len(), 32);
+
+        let zebra = Layout::Zebra {
+            group: 4,
+            window: 513,
+            global_last: false,
+        };
+        let text = import(&llama(), zebra).unwrap();
+        assert!(text.contains("8 * [global, 3 * local]"), "{text}");
+        assert!(text.contains("window: int = 513"), "{text}");
+        // The same model as the bundled example at Llama-2-7B's shape.
+        let example = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/zebra_llama2_7b.zb"),
+        )
+        .unwrap();
+        let expected =
+            crate::train::spec_from_source(&example, Path::new("e.zb"), None, None).unwrap();
+        let spec = checked(&text);
+        assert_eq!(spec.parameter_count(), expected.parameter_count());
+        let kinds = |s: &zebra_frontend::ModelSpec| {
+            s.layers
+                .iter()
+                .map(|&l| (s.kinds[l].attention.clone(), s.kinds[l].args.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(kinds(&spec), kinds(&expected));
+
+        let last = Layout::Zebra {
+            group: 4,
+            window: 513,
+            global_last: true,
+        };
+        let text = import(&llama(), last).unwrap();
+        assert!(text.contains("8 * [3 * local, global]"), "{text}");
+        checked(&text);
+    }
+
+    #[test]
+    fn mistral_and_gqa_and_transformers_5_settings() {
+        let mut json = llama();
+        json["model_type"] = "mistral".into();
+        json["num_key_value_heads"] = 8.into();
+        json["sliding_window"] = 4096.into();
+        json["tie_word_embeddings"] = true.into();
+        json["head_dim"] = 128.into();
+        json.as_object_mut().unwrap().remove("rope_theta");
+        json["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 1e6});
+        let text = import(&json, Layout::AsConfigured).unwrap();
+        for want in [
+            "32 * [local]",
+            "window: int = 4096",
+            "kv_heads   = 8",
+            "base = 1000000.0",
+            "embeddings = tied",
+        ] {
+            assert!(text.contains(want), "{want}: {text}");
+        }
+        assert!(!text.contains("head_dim"), "128 is dim / heads: {text}");
+        assert!(!text.contains("attention global"), "{text}");
+        checked(&text);
+        json["head_dim"] = 64.into();
+        let text = import(&json, Layout::AsConfigured).unwrap();
+        assert!(text.contains("head_dim   = 64"), "{text}");
+        checked(&text);
+    }
+
+    #[test]
+    fn unsupported_settings_are_named() {
+        let cases: Vec<(&str, Value, &str)> = vec![
+            ("model_type", "qwen2".into(), "`model_type` is `qwen2`"),
+            ("attention_bias", true.into(), "`attention_bias` is true"),
+            ("hidden_act", "gelu".into(), "Zebra's FFN is SwiGLU"),
+            (
+                "rope_scaling",
+                serde_json::json!({"rope_type": "llama3", "factor": 8.0}),
+                "`rope_scaling` of type `llama3`",
+            ),
+            (
+                "hidden_size",
+                (-3).into(),
+                "`hidden_size` must be a positive integer",
+            ),
+            (
+                "rms_norm_eps",
+                "small".into(),
+                "`rms_norm_eps` must be a positive number",
+            ),
+            ("vocab_size", Value::Null, "it has no `vocab_size`"),
+        ];
+        for (key, value, says) in cases {
+            let mut json = llama();
+            json[key] = value;
+            let err = import(&json, Layout::AsConfigured).unwrap_err().to_string();
+            assert!(err.contains(says), "{key}: {err}");
+            assert!(err.starts_with("config.json: "), "{err}");
+        }
+        let odd = Layout::Zebra {
+            group: 5,
+            window: 8,
+            global_last: false,
+        };
+        let err = import(&llama(), odd).unwrap_err().to_string();
+        assert!(
+            err.contains("32 layers, not a multiple of groups of 5"),
+            "{err}"
+        );
+        assert!(import(&serde_json::json!([1]), Layout::AsConfigured).is_err());
+    }
+
+    #[test]
+    fn zebra_layouts_and_names_parse() {
+        assert_eq!(parse_zebra("4:513"), Ok((4, 513)));
+        for bad in ["4", "a:b", "1:8", "4:0", "4:-1"] {
+            assert!(parse_zebra(bad).is_err(), "{bad}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("Llama-2-7b-hf");
+        std::fs::create_dir(&folder).unwrap();
+        assert_eq!(name_from(&folder), "llama_2_7b_hf");
+        let numeric = dir.path().join("7b");
+        std::fs::create_dir(&numeric).unwrap();
+        std::fs::write(numeric.join("config.json"), "{}").unwrap();
+        assert_eq!(name_from(&numeric.join("config.json")), "m_7b");
+    }
+}
