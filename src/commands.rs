@@ -813,14 +813,17 @@ fn report(
     );
 }
 
-pub fn encode(text: &str, output: &Path) -> Result<()> {
-    let ids: Vec<i64> = text.bytes().map(i64::from).collect();
-    if ids.is_empty() {
+pub fn encode(text: &str, output: &Path, tokenizer: Option<&Path>) -> Result<()> {
+    if text.is_empty() {
         bail!("the text is empty");
     }
+    let (ids, what) = match tokenizer {
+        Some(path) => (crate::text::Codec::load(path)?.encode(text)?, "tokens"),
+        None => (crate::text::Codec::Bytes.encode(text)?, "byte tokens"),
+    };
     let array = ArrayD::from_shape_vec(IxDyn(&[1, ids.len()]), ids)?;
     npy::write(output, &array)?;
-    println!("wrote {} byte tokens to {}", array.len(), output.display());
+    println!("wrote {} {what} to {}", array.len(), output.display());
     Ok(())
 }
 

@@ -338,12 +338,18 @@ pub fn run(path: &Path, output: Option<&Path>, name: Option<&str>, layout: Layou
             } else {
                 "WEIGHTS".to_string()
             };
+            let parameters = spec.parameter_count() as f64;
+            let parameters = if parameters >= 1e9 {
+                format!("{:.2}B", parameters / 1e9)
+            } else {
+                format!("{:.2}M", parameters / 1e6)
+            };
             eprintln!(
-                "wrote {} (`{}`: {} layers, {:.2}B parameters); run it with --weights {weights}",
+                "wrote {} (`{}`: {} layers, {parameters} parameters); run it with --weights \
+                 {weights}",
                 output.display(),
                 spec.name,
                 spec.layers.len(),
-                spec.parameter_count() as f64 / 1e9
             );
         }
         None => print!("{text}"),

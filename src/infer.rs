@@ -151,6 +151,8 @@ pub struct GenerateArgs<'a> {
     pub model_file: Option<&'a Path>,
     pub model: Option<&'a str>,
     pub prompt: &'a str,
+    /// A Hugging Face tokenizer (default: the model folder's, else bytes).
+    pub tokenizer: Option<&'a Path>,
     pub max_tokens: usize,
     pub context: Option<usize>,
     pub sampling: Sampling,
@@ -163,27 +165,25 @@ pub struct GenerateArgs<'a> {
 /// `zebra generate`.
 pub fn generate(args: &GenerateArgs) -> Result<()> {
     args.sampling.check().map_err(|e| anyhow!(e))?;
-    let prompt = zebra_runtime::data::encode(args.prompt);
-    if prompt.is_empty() {
+    if args.prompt.is_empty() {
         bail!("the prompt is empty: give some text with --prompt");
     }
-    let context = args.context.unwrap_or(prompt.len() + args.max_tokens);
-    if context == 0 {
+    if args.context == Some(0) {
         bail!("--context must be positive");
     }
+    let device = Device::from_args(args.device, args.threads)?;
+    let loaded = load(args.source, args.model_file, args.model, &device)?;
+    let codec = crate::text::Codec::find(args.tokenizer, Some(args.source), loaded.spec.vocab)
+        .with_context(|| format!("model `{}`", loaded.spec.name))?;
+    let prompt = codec.encode(args.prompt)?;
+    if prompt.is_empty() {
+        bail!("the prompt encodes to no tokens");
+    }
+    let context = args.context.unwrap_or(prompt.len() + args.max_tokens);
     if prompt.len() > context {
         bail!(
             "the prompt has {} tokens, more than the context of {context} (--context)",
             prompt.len()
-        );
-    }
-    let device = Device::from_args(args.device, args.threads)?;
-    let loaded = load(args.source, args.model_file, args.model, &device)?;
-    if loaded.spec.vocab < 256 {
-        bail!(
-            "{} has a vocabulary of {}: prompts are byte-level (256 tokens)",
-            loaded.spec.name,
-            loaded.spec.vocab
         );
     }
     let compile_start = Instant::now();
@@ -202,13 +202,24 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     out.write_all(args.prompt.as_bytes())?;
     out.flush()?;
+    let mut stream = codec.stream(&prompt)?;
     let stats = generator.generate(&prompt, args.max_tokens, &mut sampler, |token| {
-        out.write_all(&[token as u8])?;
-        out.flush()
+        if codec.ends(token) {
+            return Ok(std::ops::ControlFlow::Break(()));
+        }
+        let text = stream.push(token).map_err(std::io::Error::other)?;
+        out.write_all(&text)?;
+        out.flush()?;
+        Ok(std::ops::ControlFlow::Continue(()))
     })?;
     out.write_all(b"\n")?;
     out.flush()?;
-    if stats.generated < args.max_tokens {
+    if stats.ended {
+        eprintln!(
+            "stopped after {} tokens: the end-of-sequence token",
+            stats.generated
+        );
+    } else if stats.generated < args.max_tokens {
         eprintln!(
             "stopped after {} tokens: the context of {context} is full (--context)",
             stats.generated

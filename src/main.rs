@@ -5,6 +5,7 @@ mod commands;
 mod device;
 mod import;
 mod infer;
+mod text;
 mod train;
 mod tune;
 
@@ -258,9 +259,14 @@ enum Command {
         /// A run directory (from zebra train), or weights with --model-file: a safetensors
         /// file, or a model folder or index of a checkpoint in shards.
         source: PathBuf,
-        /// The text to continue (bytes as tokens).
+        /// The text to continue (bytes as tokens, or the tokenizer's).
         #[arg(long)]
         prompt: String,
+        /// A Hugging Face tokenizer.json (default: the one in SOURCE when it is a model
+        /// folder; else bytes as tokens). Generation stops at the end-of-sequence token of
+        /// the config.json or generation_config.json beside it.
+        #[arg(long, value_name = "FILE")]
+        tokenizer: Option<PathBuf>,
         /// How many tokens to generate.
         #[arg(long, default_value_t = 200)]
         max_tokens: usize,
@@ -382,6 +388,9 @@ enum Command {
         /// The .npy file to write.
         #[arg(short, long)]
         output: PathBuf,
+        /// A Hugging Face tokenizer.json to encode with (default: bytes as tokens).
+        #[arg(long, value_name = "FILE")]
+        tokenizer: Option<PathBuf>,
     },
 }
 
@@ -634,7 +643,11 @@ fn main() -> ExitCode {
             max_seq_len,
             device: &device,
         }),
-        Command::Encode { text, output } => commands::encode(&text, &output),
+        Command::Encode {
+            text,
+            output,
+            tokenizer,
+        } => commands::encode(&text, &output, tokenizer.as_deref()),
         Command::Import {
             path,
             output,
@@ -682,6 +695,7 @@ fn main() -> ExitCode {
         Command::Generate {
             source,
             prompt,
+            tokenizer,
             max_tokens,
             temperature,
             top_k,
@@ -698,6 +712,7 @@ fn main() -> ExitCode {
             model_file: model_file.as_deref(),
             model: model.as_deref(),
             prompt: &prompt,
+            tokenizer: tokenizer.as_deref(),
             max_tokens,
             context,
             sampling: zebra_runtime::sample::Sampling {

@@ -628,7 +628,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
             let mut sampler = Sampler::new(sampling, seed);
             let stats = generator.generate(&tokens, max_tokens, &mut sampler, |t| {
                 out.write_all(&[t as u8])?;
-                out.flush()
+                out.flush()?;
+                Ok(std::ops::ControlFlow::Continue(()))
             })?;
             writeln!(out)?;
             eprintln!(

@@ -3,6 +3,7 @@
 //! decode step per token against the KV caches. Used by `zebra generate` and `zebra-run`.
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,8 @@ pub struct Generator {
 pub struct GenerationStats {
     pub prompt_tokens: usize,
     pub generated: usize,
+    /// Whether the emitter ended the generation (an end-of-sequence token).
+    pub ended: bool,
     pub prefill: Duration,
     pub decode: Duration,
     /// KV-cache bytes held at the end, and what full attention in every layer would hold.
@@ -80,13 +83,14 @@ impl Generator {
     }
 
     /// Generates up to `max_tokens` tokens after `prompt` (stopping when the context is full),
-    /// handing each to `emit` as it comes.
+    /// handing each to `emit` as it comes; `emit` ends the generation with
+    /// `ControlFlow::Break` (after an end-of-sequence token).
     pub fn generate(
         &mut self,
         prompt: &[i64],
         max_tokens: usize,
         sampler: &mut Sampler,
-        mut emit: impl FnMut(i64) -> std::io::Result<()>,
+        mut emit: impl FnMut(i64) -> std::io::Result<ControlFlow<()>>,
     ) -> Result<GenerationStats, RuntimeError> {
         if prompt.is_empty() {
             return Err(RuntimeError::Empty);
@@ -108,11 +112,13 @@ impl Generator {
         let prefill = start.elapsed();
         let start = Instant::now();
         let budget = max_tokens.min(context - prompt.len());
-        let mut generated = 0;
+        let (mut generated, mut ended) = (0, false);
         while generated < budget {
-            emit(next as i64).map_err(|e| RuntimeError::Decode(format!("writing: {e}")))?;
+            let flow =
+                emit(next as i64).map_err(|e| RuntimeError::Decode(format!("writing: {e}")))?;
             generated += 1;
-            if generated == budget {
+            ended = flow.is_break();
+            if ended || generated == budget {
                 break;
             }
             let step = self
@@ -124,6 +130,7 @@ impl Generator {
         Ok(GenerationStats {
             prompt_tokens: prompt.len(),
             generated,
+            ended,
             prefill,
             decode: start.elapsed(),
             cache_bytes,

@@ -437,6 +437,108 @@ fn imported_configurations_reproduce_transformers() {
     );
 }
 
+/// A Hugging Face model folder (weights, config.json, tokenizer.json) imported and run on
+/// text: the prompt is encoded by its tokenizer, the first greedy token is the one the
+/// logits of `zebra run` pick, and generation stops at the configuration's end token.
+#[test]
+fn hugging_face_folders_generate_with_their_tokenizer() {
+    let dir = temp();
+    let root = root();
+    let folder = dir.path().join("tiny");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::copy(
+        root.join("tests/fixtures/golden/tiny_llama.safetensors"),
+        folder.join("model.safetensors"),
+    )
+    .unwrap();
+    let config = |eos: i64| {
+        let config = serde_json::json!({
+            "model_type": "llama", "vocab_size": 64, "hidden_size": 32,
+            "intermediate_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "num_hidden_layers": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "eos_token_id": eos
+        });
+        std::fs::write(folder.join("config.json"), config.to_string()).unwrap();
+    };
+    config(2);
+    let folder_arg = folder.to_string_lossy().into_owned();
+    let source = path(dir.path(), "tiny.zb");
+    assert!(zebra(&["import", &folder_arg, "-o", &source]).ok);
+    let prompt = "a zebra is local";
+    let generate = |max: &str| {
+        zebra(&[
+            "generate",
+            &folder_arg,
+            "--model-file",
+            &source,
+            "--prompt",
+            prompt,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            max,
+        ])
+    };
+    let out = generate("4");
+    assert!(
+        !out.ok && out.stderr.contains("--tokenizer"),
+        "a vocabulary of 64 without a tokenizer: {}",
+        out.stderr
+    );
+    let tokenizer = root.join("tests/fixtures/tokenizer/tokenizer.json");
+    std::fs::copy(&tokenizer, folder.join("tokenizer.json")).unwrap();
+
+    let tokens = path(dir.path(), "tokens.npy");
+    let out = zebra(&[
+        "encode",
+        prompt,
+        "--tokenizer",
+        &tokenizer.to_string_lossy(),
+        "-o",
+        &tokens,
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    let ids = npy::read_ints(Path::new(&tokens)).unwrap();
+    assert_eq!(
+        ids.iter().copied().collect::<Vec<_>>(),
+        [1, 25, 38, 22, 11, 18, 31]
+    );
+    let logits = path(dir.path(), "logits.npy");
+    let out = zebra(&[
+        "run",
+        &source,
+        "--weights",
+        &folder_arg,
+        "--tokens",
+        &tokens,
+        "--output",
+        &logits,
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    let logits = npy::read_floats(Path::new(&logits)).unwrap();
+    let last: Vec<f64> = logits.iter().skip(6 * 64).copied().collect();
+    let greedy = (0..64).fold(0, |best, i| if last[i] > last[best] { i } else { best });
+
+    let out = generate("6");
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stdout.starts_with(prompt) && out.stdout.trim_end().len() > prompt.len(),
+        "{}",
+        out.stdout
+    );
+    // The greedy token as the end token: generation stops at once, printing nothing more.
+    config(greedy as i64);
+    let out = generate("6");
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(out.stdout, format!("{prompt}\n"));
+    assert!(
+        out.stderr
+            .contains("stopped after 1 tokens: the end-of-sequence token"),
+        "{}",
+        out.stderr
+    );
+}
+
 /// Weights for zebra_tiny with one change, written to a file.
 fn tiny_weights(dir: &Path, change: impl FnOnce(&mut Weights)) -> String {
     let spec = crate::common::model(&root().join("examples/zebra_tiny.zb"));
