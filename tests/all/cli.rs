@@ -14,6 +14,18 @@ struct Output {
     stderr: String,
 }
 
+impl Output {
+    /// Asserts that the command failed and said `says`.
+    #[track_caller]
+    fn refused(&self, says: &str) {
+        assert!(
+            !self.ok && self.stderr.contains(says),
+            "expected a refusal saying {says:?}: {}",
+            self.stderr
+        );
+    }
+}
+
 fn zebra(args: &[&str]) -> Output {
     zebra_with(("NO_COLOR", Path::new("1")), args)
 }
@@ -348,6 +360,18 @@ fn init_and_run_zebra_tiny() {
     assert_eq!(from_shards, compiled, "the sharded weights ran differently");
 }
 
+/// The golden tiny Llama's weights in a model folder `name`, as the Hub gives them.
+fn tiny_llama_folder(dir: &Path, name: &str) -> PathBuf {
+    let folder = dir.join(name);
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::copy(
+        root().join("tests/fixtures/golden/tiny_llama.safetensors"),
+        folder.join("model.safetensors"),
+    )
+    .unwrap();
+    folder
+}
+
 /// `zebra import` of the golden tiny Llama's configuration, as Hugging Face writes it, runs
 /// its weights to transformers' logits; so does its Zebra rearrangement (`--zebra 2:4`), to
 /// the Zebra layout's.
@@ -355,13 +379,7 @@ fn init_and_run_zebra_tiny() {
 fn imported_configurations_reproduce_transformers() {
     let dir = temp();
     let golden = root().join("tests/fixtures/golden");
-    let folder = dir.path().join("Tiny-Llama");
-    std::fs::create_dir(&folder).unwrap();
-    std::fs::copy(
-        golden.join("tiny_llama.safetensors"),
-        folder.join("model.safetensors"),
-    )
-    .unwrap();
+    let folder = tiny_llama_folder(dir.path(), "Tiny-Llama");
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
@@ -416,25 +434,13 @@ fn imported_configurations_reproduce_transformers() {
     )
     .unwrap();
     let out = zebra(&["import", &folder_arg]);
-    assert!(
-        !out.ok && out.stderr.contains("`model_type` is `gemma2`"),
-        "{}",
-        out.stderr
-    );
+    out.refused("`model_type` is `gemma2`");
     let out = zebra(&["import", &folder_arg, "--zebra", "1:4"]);
-    assert!(
-        !out.ok && out.stderr.contains("at least 2 layers"),
-        "{}",
-        out.stderr
-    );
+    out.refused("at least 2 layers");
     let empty = path(dir.path(), "empty");
     std::fs::create_dir(&empty).unwrap();
     let out = zebra(&["import", &empty]);
-    assert!(
-        !out.ok && out.stderr.contains("is not a Hugging Face model folder"),
-        "{}",
-        out.stderr
-    );
+    out.refused("is not a Hugging Face model folder");
 }
 
 /// A Hugging Face model folder (weights, config.json, tokenizer.json) imported and run on
@@ -444,13 +450,7 @@ fn imported_configurations_reproduce_transformers() {
 fn hugging_face_folders_generate_with_their_tokenizer() {
     let dir = temp();
     let root = root();
-    let folder = dir.path().join("tiny");
-    std::fs::create_dir(&folder).unwrap();
-    std::fs::copy(
-        root.join("tests/fixtures/golden/tiny_llama.safetensors"),
-        folder.join("model.safetensors"),
-    )
-    .unwrap();
+    let folder = tiny_llama_folder(dir.path(), "tiny");
     let config = |eos: i64| {
         let config = serde_json::json!({
             "model_type": "llama", "vocab_size": 64, "hidden_size": 32,
@@ -1016,11 +1016,7 @@ fn training_lowers_the_loss_and_the_run_generates_and_evaluates() {
         "0",
     ];
     let out = zebra(&args);
-    assert!(
-        !out.ok && out.stderr.contains("--model-file"),
-        "{}",
-        out.stderr
-    );
+    out.refused("--model-file");
     let mut with_source = args.to_vec();
     with_source.extend(["--model-file", zb.as_str()]);
     let from_file = zebra(&with_source);
@@ -1098,7 +1094,7 @@ fn an_interrupted_run_resumes_exactly() {
     );
     // Setup flags cannot change on resume.
     let out = zebra(&["train", "--resume", &cut, "--lr", "1"]);
-    assert!(!out.ok && out.stderr.contains("--lr"), "{}", out.stderr);
+    out.refused("--lr");
 }
 
 #[test]
@@ -1142,11 +1138,7 @@ fn broken_checkpoints_are_refused_and_nothing_is_overwritten() {
         out.stderr
     );
     let out = zebra(&["generate", &run, "--prompt", "a"]);
-    assert!(
-        !out.ok && out.stderr.contains("model.safetensors"),
-        "{}",
-        out.stderr
-    );
+    out.refused("model.safetensors");
     assert!(!resume.ok);
     assert_eq!(snapshot(&run), before, "a refused resume changed the run");
     std::fs::write(&weights, &bytes).unwrap();
@@ -1164,11 +1156,7 @@ fn broken_checkpoints_are_refused_and_nothing_is_overwritten() {
     // A new run over an old one is refused too.
     std::fs::write(&model, source).unwrap();
     let out = train_tiny(&data, &run, "4", &[]);
-    assert!(
-        !out.ok && out.stderr.contains("already holds a run"),
-        "{}",
-        out.stderr
-    );
+    out.refused("already holds a run");
 }
 
 #[test]
@@ -1233,30 +1221,14 @@ fn bad_training_and_generation_inputs_are_refused() {
         assert!(!out.ok, "{args:?} should fail");
         assert!(out.stderr.contains(expected), "{args:?}: {}", out.stderr);
     }
-    let zb_as_weights = zebra(&["generate", &zb, "--prompt", "a"]);
-    assert!(
-        !zb_as_weights.ok
-            && zb_as_weights
-                .stderr
-                .contains("is a model's source, not its weights"),
-        "{}",
-        zb_as_weights.stderr
-    );
+    zebra(&["generate", &zb, "--prompt", "a"]).refused("is a model's source, not its weights");
     let nowhere = path(dir.path(), "nowhere");
     let out = zebra(&["generate", &nowhere, "--prompt", "a"]);
-    assert!(
-        !out.ok && out.stderr.contains("does not exist"),
-        "{}",
-        out.stderr
-    );
+    out.refused("does not exist");
     let out = zebra(&["eval", &run]);
-    assert!(
-        !out.ok && out.stderr.contains("--task recall"),
-        "{}",
-        out.stderr
-    );
+    out.refused("--task recall");
     let out = zebra(&["eval", &run, "--data", &data, "--context", "100000"]);
-    assert!(!out.ok && out.stderr.contains("too few"), "{}", out.stderr);
+    out.refused("too few");
 
     // The device options: refused with a reason where they do not go together, and, on a
     // machine without an NVIDIA driver, `--device cuda` says so before anything is written.
@@ -1613,17 +1585,9 @@ fn compile_emits_ptx_for_nvidia_targets() {
         out.stderr
     );
     let out = zebra(&["compile", &zb, "--target", "sm_90", "--emit", "asm"]);
-    assert!(
-        !out.ok && out.stderr.contains("--emit ptx"),
-        "{}",
-        out.stderr
-    );
+    out.refused("--emit ptx");
     let out = zebra(&["compile", &zb, "--emit", "ptx"]);
-    assert!(
-        !out.ok && out.stderr.contains("--target sm_80"),
-        "{}",
-        out.stderr
-    );
+    out.refused("--target sm_80");
     // A bf16 training step: `zebra-run info` says which kernels run on tensor cores, the
     // attention's backward among them.
     let dir = tempfile::tempdir().unwrap();
@@ -2340,11 +2304,7 @@ fn gpu_tuning_runs_are_compiled_here_timed_there_and_recorded() {
     }
     // A run never writes over files.
     let again = zebra(&tune);
-    assert!(
-        !again.ok && again.stderr.contains("is not empty"),
-        "{}",
-        again.stderr
-    );
+    again.refused("is not empty");
     // Recording before the GPU ran it says what to do.
     let db_str = db.to_str().unwrap();
     let out = zebra(&["tune", "--record", run_str, "--db", db_str]);
