@@ -20,6 +20,7 @@ use zebra_runtime::sample::{Sampler, Sampling};
 use zebra_runtime::{Executor, Tensor};
 
 use crate::device::{Device, DeviceArgs};
+use crate::text::Codec;
 use crate::train::{graph_and_hash, spec_from_source};
 
 /// A model to use: its spec, weights, and where they came from.
@@ -30,6 +31,21 @@ pub struct Loaded {
     /// The training run's sequence length, when known.
     pub trained_seq_len: Option<usize>,
     pub recall_pairs: Option<usize>,
+    /// The tokenizer the run's text was encoded with.
+    pub tokenizer: Option<PathBuf>,
+}
+
+impl Loaded {
+    /// How text becomes this model's tokens: the tokenizer given, else the run's, else the
+    /// model folder's `tokenizer.json`, else bytes.
+    pub fn codec(&self, explicit: Option<&Path>, source: &Path) -> Result<Codec> {
+        Codec::find(
+            explicit.or(self.tokenizer.as_deref()),
+            Some(source),
+            self.spec.vocab,
+        )
+        .with_context(|| format!("model `{}`", self.spec.name))
+    }
 }
 
 /// Reads a run directory (its model and current checkpoint), or weights with `--model-file`.
@@ -39,7 +55,7 @@ pub fn load(
     model: Option<&str>,
     device: &Device,
 ) -> Result<Loaded> {
-    let (spec, weights, seq_len, pairs) = if is_run(source) {
+    let (spec, weights, seq_len, pairs, tokenizer) = if is_run(source) {
         let meta = checkpoint::meta(source)?;
         let file = source.join("model.zb");
         let text = std::fs::read_to_string(&file)
@@ -57,7 +73,14 @@ pub fn load(
                 .parse()
                 .unwrap_or(Recall::DEFAULT_PAIRS)
         });
-        (spec, ckpt.weights, Some(meta.config.seq_len), pairs)
+        let tokenizer = meta.config.tokenizer.as_ref().map(PathBuf::from);
+        (
+            spec,
+            ckpt.weights,
+            Some(meta.config.seq_len),
+            pairs,
+            tokenizer,
+        )
     } else {
         if !source.exists() {
             bail!(
@@ -82,7 +105,7 @@ pub fn load(
         let text = std::fs::read_to_string(file)
             .with_context(|| format!("cannot read {}", file.display()))?;
         let spec = spec_from_source(&text, file, model, None)?;
-        (spec, Weights::load(source)?, None, None)
+        (spec, Weights::load(source)?, None, None, None)
     };
     let graph = zebra_frontend::lower::lower(&spec)?;
     let optimized = zebra_passes::optimize(&graph, &device.optimizer_options())?.graph;
@@ -92,6 +115,7 @@ pub fn load(
         optimized,
         trained_seq_len: seq_len,
         recall_pairs: pairs,
+        tokenizer,
     })
 }
 
@@ -173,8 +197,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     }
     let device = Device::from_args(args.device, args.threads)?;
     let loaded = load(args.source, args.model_file, args.model, &device)?;
-    let codec = crate::text::Codec::find(args.tokenizer, Some(args.source), loaded.spec.vocab)
-        .with_context(|| format!("model `{}`", loaded.spec.name))?;
+    let codec = loaded.codec(args.tokenizer, args.source)?;
     let prompt = codec.encode(args.prompt)?;
     if prompt.is_empty() {
         bail!("the prompt encodes to no tokens");
@@ -287,6 +310,8 @@ pub struct EvalArgs<'a> {
     pub model_file: Option<&'a Path>,
     pub model: Option<&'a str>,
     pub data: Option<&'a Path>,
+    /// A Hugging Face tokenizer for --data (default: each run's or model folder's).
+    pub tokenizer: Option<&'a Path>,
     pub task: Option<&'a str>,
     pub contexts: &'a [usize],
     pub pairs: Option<usize>,
@@ -401,9 +426,14 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     if args.contexts.contains(&0) {
         bail!("--context lengths must be positive");
     }
-    let text = match (args.data, args.task) {
+    let data = match (args.data, args.task) {
         (Some(_), Some(_)) => bail!("give either --data PATH or --task recall, not both"),
-        (Some(path), None) => Some(Text::open(path, 0)?),
+        (Some(path), None) => {
+            // Fail early, with the data's own message (each model encodes it again, with
+            // its own tokenizer).
+            Text::open(path, 0)?;
+            Some(path)
+        }
         (None, Some("recall")) => None,
         (None, Some(other)) => bail!("unknown task `{other}`; the built-in task is `recall`"),
         (None, None) => bail!("give --data PATH (perplexity) or --task recall (recall accuracy)"),
@@ -415,6 +445,13 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     let mut columns = Vec::new();
     for source in args.sources {
         let loaded = load(source, args.model_file, args.model, &device)?;
+        let text = match data {
+            Some(path) => {
+                let codec = loaded.codec(args.tokenizer, source)?;
+                Some(Text::open_encoded(path, 0, |b| codec.encode_bytes(b))?)
+            }
+            None => None,
+        };
         let contexts: Vec<usize> = if args.contexts.is_empty() {
             vec![loaded.trained_seq_len.unwrap_or(256)]
         } else {

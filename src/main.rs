@@ -311,6 +311,10 @@ enum Command {
         /// A text file, or a folder of them: perplexity.
         #[arg(long)]
         data: Option<PathBuf>,
+        /// A Hugging Face tokenizer.json to encode --data with (default: each run's, or the
+        /// model folder's; else bytes as tokens).
+        #[arg(long, value_name = "FILE")]
+        tokenizer: Option<PathBuf>,
         /// A built-in task instead of --data: `recall`.
         #[arg(long)]
         task: Option<String>,
@@ -728,6 +732,7 @@ fn main() -> ExitCode {
         Command::Eval {
             sources,
             data,
+            tokenizer,
             task,
             context,
             pairs,
@@ -744,6 +749,7 @@ fn main() -> ExitCode {
             model_file: model_file.as_deref(),
             model: model.as_deref(),
             data: data.as_deref(),
+            tokenizer: tokenizer.as_deref(),
             task: task.as_deref(),
             contexts: &context,
             pairs,

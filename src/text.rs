@@ -89,6 +89,29 @@ impl Codec {
         }
     }
 
+    /// The ids of a file's bytes (invalid UTF-8 as replacement characters for a tokenizer),
+    /// for [`zebra_runtime::data::Text::open_encoded`].
+    pub fn encode_bytes(&self, bytes: &[u8]) -> Result<Vec<u32>, String> {
+        match self {
+            Codec::Bytes => Ok(bytes.iter().map(|&b| u32::from(b)).collect()),
+            Codec::Tokenizer { tokenizer, .. } => {
+                let text = String::from_utf8_lossy(bytes);
+                let encoding = tokenizer
+                    .encode(text.as_ref(), true)
+                    .map_err(|e| e.to_string())?;
+                Ok(encoding.get_ids().to_vec())
+            }
+        }
+    }
+
+    /// The tokenizer's file (none for bytes).
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Codec::Bytes => None,
+            Codec::Tokenizer { path, .. } => Some(path),
+        }
+    }
+
     /// Whether `token` ends a generation.
     pub fn ends(&self, token: i64) -> bool {
         match self {

@@ -27,6 +27,7 @@ use zebra_runtime::optim::{AdamW, AdamWConfig};
 use zebra_runtime::train::Trainer;
 
 use crate::device::{Device, DeviceArgs};
+use crate::text::Codec;
 
 /// The settings `zebra train` takes; `None` means "the default" (or, resuming, "the run's").
 #[derive(Debug, Default, clap::Args)]
@@ -39,6 +40,10 @@ pub struct TrainArgs {
     /// A text file, or a folder of them (each file one document).
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// A Hugging Face tokenizer.json to encode --data with (default: the one in the model
+    /// folder of --init-from, or the run's there; else bytes as tokens).
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
     /// A built-in task instead of --data: `recall`.
     #[arg(long)]
     pub task: Option<String>,
@@ -196,7 +201,18 @@ fn data_source(config: &RunConfig) -> Result<Box<dyn Source>> {
         .data
         .strip_prefix("text:")
         .ok_or_else(|| anyhow!("unknown data source `{}`", config.data))?;
-    Ok(Box::new(Text::open(Path::new(path), seed)?))
+    let codec = match &config.tokenizer {
+        Some(tokenizer) => Codec::load(Path::new(tokenizer))?,
+        None => Codec::Bytes,
+    };
+    let text = Text::open_encoded(Path::new(path), seed, |bytes| codec.encode_bytes(bytes))?;
+    Ok(Box::new(text))
+}
+
+/// The tokenizer a run directory's text was encoded with.
+pub fn run_tokenizer(path: &Path) -> Option<PathBuf> {
+    let meta = checkpoint::meta(path).ok()?;
+    meta.config.tokenizer.map(PathBuf::from)
 }
 
 /// Refuses flags that would change a run being resumed.
@@ -205,6 +221,7 @@ fn check_resume_flags(args: &TrainArgs) -> Result<()> {
         ("a model file", args.file.is_some()),
         ("--model", args.model.is_some()),
         ("--data", args.data.is_some()),
+        ("--tokenizer", args.tokenizer.is_some()),
         ("--task", args.task.is_some()),
         ("--pairs", args.pairs.is_some()),
         ("--steps", args.steps.is_some()),
@@ -256,8 +273,6 @@ fn new_run(args: &TrainArgs) -> Result<(RunConfig, PathBuf, String)> {
     let data = match (&args.data, args.task.as_deref()) {
         (Some(_), Some(_)) => bail!("give either --data PATH or --task recall, not both"),
         (Some(path), None) => {
-            // Fail early, with the data's own message.
-            Text::open(path, 0)?;
             let absolute = path.canonicalize().unwrap_or_else(|_| path.clone());
             format!("text:{}", absolute.display())
         }
@@ -292,6 +307,31 @@ fn new_run(args: &TrainArgs) -> Result<(RunConfig, PathBuf, String)> {
         args.every_layer.as_deref(),
     )?;
     let (_, hash) = graph_and_hash(&spec)?;
+    let tokenizer = match &args.data {
+        Some(path) => {
+            let inherited = args
+                .init_from
+                .as_deref()
+                .filter(|p| crate::infer::is_run(p))
+                .and_then(run_tokenizer);
+            let codec = Codec::find(
+                args.tokenizer.as_deref().or(inherited.as_deref()),
+                args.init_from.as_deref(),
+                spec.vocab,
+            )
+            .with_context(|| format!("model `{}`", spec.name))?;
+            // Fail early, with the data's own message.
+            Text::open_encoded(path, 0, |bytes| codec.encode_bytes(bytes))?;
+            codec.path().map(|p| {
+                let absolute = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+                absolute.display().to_string()
+            })
+        }
+        None if args.tokenizer.is_some() => {
+            bail!("--tokenizer encodes --data; the recall task's tokens are its own")
+        }
+        None => None,
+    };
     let config = RunConfig {
         model_path: file.display().to_string(),
         model: base.name.clone(),
@@ -304,6 +344,7 @@ fn new_run(args: &TrainArgs) -> Result<(RunConfig, PathBuf, String)> {
         optimizer,
         checkpoint_every: args.checkpoint_every.unwrap_or((steps / 5).max(1)),
         every_layer: args.every_layer.clone(),
+        tokenizer,
     };
     Ok((config, out, source))
 }

@@ -66,6 +66,9 @@ pub struct RunConfig {
     /// Replaces every layer's attention kind (`--every-layer`), when set.
     #[serde(default)]
     pub every_layer: Option<String>,
+    /// The Hugging Face tokenizer that encodes the text data (none: bytes as tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<String>,
 }
 
 /// The metadata of one checkpoint.

@@ -17,15 +17,17 @@ pub enum DataError {
     #[error("{0} holds no text (no file, or only empty files)")]
     Empty(PathBuf),
     #[error(
-        "{path} has {bytes} bytes of text, too few for sequences of {seq} tokens (it needs at \
-         least {needed}); use shorter sequences or more data"
+        "{path} has {tokens} tokens of text, too few for sequences of {seq} tokens (it needs \
+         at least {needed}); use shorter sequences or more data"
     )]
     TooShort {
         path: PathBuf,
-        bytes: usize,
+        tokens: usize,
         seq: usize,
         needed: usize,
     },
+    #[error("cannot encode {path}: {message}")]
+    Encode { path: PathBuf, message: String },
     #[error(
         "the recall task needs sequences of at least {needed} tokens for {pairs} pairs, found {seq}"
     )]
@@ -110,11 +112,12 @@ pub trait Source: Send {
     fn describe(&self) -> String;
 }
 
-/// Text from a file, or every file under a folder (each file one document), as bytes.
+/// Text from a file, or every file under a folder (each file one document), as tokens: its
+/// bytes, or a tokenizer's.
 pub struct Text {
     path: PathBuf,
-    bytes: Vec<u8>,
-    /// The document of each byte.
+    tokens: Vec<u32>,
+    /// The document of each token.
     documents: Vec<i64>,
     files: usize,
     seed: u64,
@@ -122,7 +125,20 @@ pub struct Text {
 }
 
 impl Text {
+    /// The text at `path`, bytes as tokens.
     pub fn open(path: &Path, seed: u64) -> Result<Text, DataError> {
+        Text::open_encoded(path, seed, |bytes| {
+            Ok(bytes.iter().map(|&b| u32::from(b)).collect())
+        })
+    }
+
+    /// The text at `path`, each file encoded by `encode` (a tokenizer; its error is said
+    /// with the file's name).
+    pub fn open_encoded(
+        path: &Path,
+        seed: u64,
+        encode: impl Fn(&[u8]) -> Result<Vec<u32>, String>,
+    ) -> Result<Text, DataError> {
         let read_error = |p: &Path, e: std::io::Error| DataError::Read {
             path: p.to_path_buf(),
             message: e.to_string(),
@@ -147,7 +163,7 @@ impl Text {
         } else {
             files.push(path.to_path_buf());
         }
-        let mut bytes = Vec::new();
+        let mut tokens = Vec::new();
         let mut documents = Vec::new();
         let mut count = 0;
         for (i, file) in files.iter().enumerate() {
@@ -155,16 +171,20 @@ impl Text {
             if data.is_empty() {
                 continue;
             }
+            let ids = encode(&data).map_err(|message| DataError::Encode {
+                path: file.clone(),
+                message,
+            })?;
             count += 1;
-            documents.extend(std::iter::repeat_n(i as i64, data.len()));
-            bytes.extend(data);
+            documents.extend(std::iter::repeat_n(i as i64, ids.len()));
+            tokens.extend(ids);
         }
-        if bytes.is_empty() {
+        if tokens.is_empty() {
             return Err(DataError::Empty(path.to_path_buf()));
         }
         Ok(Text {
             path: path.to_path_buf(),
-            bytes,
+            tokens,
             documents,
             files: count,
             seed,
@@ -172,19 +192,20 @@ impl Text {
         })
     }
 
+    /// Tokens.
     pub fn len(&self) -> usize {
-        self.bytes.len()
+        self.tokens.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.tokens.is_empty()
     }
 
     fn check(&self, seq: usize) -> Result<(), DataError> {
-        if self.bytes.len() < seq + 1 {
+        if self.tokens.len() < seq + 1 {
             return Err(DataError::TooShort {
                 path: self.path.clone(),
-                bytes: self.bytes.len(),
+                tokens: self.tokens.len(),
                 seq,
                 needed: seq + 1,
             });
@@ -194,8 +215,8 @@ impl Text {
 
     fn window(&self, start: usize, seq: usize, batch: &mut Batch) {
         for i in 0..seq {
-            batch.tokens.push(i64::from(self.bytes[start + i]));
-            batch.targets.push(i64::from(self.bytes[start + i + 1]));
+            batch.tokens.push(i64::from(self.tokens[start + i]));
+            batch.targets.push(i64::from(self.tokens[start + i + 1]));
             batch.documents.push(self.documents[start + i]);
         }
     }
@@ -204,7 +225,7 @@ impl Text {
     /// at most `limit` of them, grouped in batches of `batch`.
     pub fn windows(&self, batch: usize, seq: usize, limit: usize) -> Result<Vec<Batch>, DataError> {
         self.check(seq)?;
-        let count = ((self.bytes.len() - 1) / seq).min(limit);
+        let count = ((self.tokens.len() - 1) / seq).min(limit);
         let mut out = Vec::new();
         for first in (0..count).step_by(batch) {
             let rows = batch.min(count - first);
@@ -223,7 +244,7 @@ impl Source for Text {
         self.check(seq)?;
         let mut b = Batch::with_capacity(batch, seq);
         for _ in 0..batch {
-            let start = self.rng.random_range(0..=self.bytes.len() - seq - 1);
+            let start = self.rng.random_range(0..=self.tokens.len() - seq - 1);
             self.window(start, seq, &mut b);
         }
         Ok(b)
@@ -240,11 +261,11 @@ impl Source for Text {
 
     fn describe(&self) -> String {
         format!(
-            "text: {} ({} file{}, {} bytes)",
+            "text: {} ({} file{}, {} tokens)",
             self.path.display(),
             self.files,
             if self.files == 1 { "" } else { "s" },
-            self.bytes.len()
+            self.tokens.len()
         )
     }
 }

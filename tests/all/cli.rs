@@ -537,6 +537,88 @@ fn hugging_face_folders_generate_with_their_tokenizer() {
         "{}",
         out.stderr
     );
+
+    // Fine-tuning on text encoded by the folder's tokenizer, which the run keeps for
+    // generating and evaluating.
+    config(2);
+    let corpus = path(dir.path(), "corpus.txt");
+    std::fs::write(
+        &corpus,
+        "a zebra attends to local keys and global keys; the stripes of a zebra. ".repeat(20),
+    )
+    .unwrap();
+    let run = path(dir.path(), "run");
+    let out = zebra(&[
+        "train",
+        &source,
+        "--init-from",
+        &folder_arg,
+        "--data",
+        &corpus,
+        "--seq-len",
+        "16",
+        "--batch",
+        "2",
+        "--steps",
+        "12",
+        "--lr",
+        "3e-3",
+        "--out",
+        &run,
+        "--quiet",
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(&run).join("checkpoint.json")).unwrap(),
+    )
+    .unwrap();
+    let kept = meta["config"]["tokenizer"].as_str().unwrap_or_default();
+    assert!(kept.ends_with("tokenizer.json"), "{meta}");
+    let losses = losses(&run);
+    assert!(losses[11] < losses[0], "{losses:?}");
+    let out = zebra(&[
+        "generate",
+        &run,
+        "--prompt",
+        prompt,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "4",
+    ]);
+    assert!(out.ok && out.stdout.starts_with(prompt), "{}", out.stderr);
+    let out = zebra(&[
+        "eval",
+        &run,
+        &folder_arg,
+        "--model-file",
+        &source,
+        "--data",
+        &corpus,
+        "--context",
+        "16",
+        "--json",
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    let perplexity = |line: &serde_json::Value| line["perplexity"].as_f64().unwrap();
+    let lines = json_lines(&out.stdout);
+    assert_eq!(lines.len(), 2, "{}", out.stdout);
+    assert!(
+        perplexity(&lines[0]) < perplexity(&lines[1]),
+        "fine-tuned vs the golden weights: {}",
+        out.stdout
+    );
+    zebra(&[
+        "train",
+        &source,
+        "--task",
+        "recall",
+        "--tokenizer",
+        &tokenizer.to_string_lossy(),
+        "--out",
+        &path(dir.path(), "recall"),
+    ])
+    .refused("--tokenizer encodes --data");
 }
 
 /// Weights for zebra_tiny with one change, written to a file.
