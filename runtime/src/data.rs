@@ -417,6 +417,38 @@ mod tests {
     }
 
     #[test]
+    fn text_is_encoded_file_by_file() {
+        let dir = std::env::temp_dir().join(format!("zebra-encoded-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.txt"), "one two").unwrap();
+        std::fs::write(dir.join("b.txt"), "three").unwrap();
+        // Words as tokens, each file starting with token 0.
+        let words = |bytes: &[u8]| -> Result<Vec<u32>, String> {
+            let text = std::str::from_utf8(bytes).map_err(|e| e.to_string())?;
+            Ok(std::iter::once(0)
+                .chain(text.split(' ').map(|w| w.len() as u32))
+                .collect())
+        };
+        let mut text = Text::open_encoded(&dir, 1, words).unwrap();
+        assert_eq!(text.len(), 5);
+        let b = text.next_batch(1, 4).unwrap();
+        assert_eq!(b.tokens, [0, 3, 3, 0]);
+        assert_eq!(b.targets, [3, 3, 0, 5]);
+        assert_eq!(b.documents, [0, 0, 0, 1]);
+        assert!(text.describe().contains("2 files, 5 tokens"));
+        let refuse = |_: &[u8]| -> Result<Vec<u32>, String> { Err("no such word".into()) };
+        let err = Text::open_encoded(&dir, 1, refuse)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("cannot encode") && err.contains("a.txt: no such word"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn text_windows_predict_the_next_byte() {
         let dir = std::env::temp_dir().join(format!("zebra-data-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -433,7 +465,7 @@ mod tests {
         }
         let err = text.next_batch(1, 20).unwrap_err().to_string();
         assert!(
-            err.contains("16 bytes") && err.contains("20 tokens"),
+            err.contains("has 16 tokens") && err.contains("sequences of 20 tokens"),
             "{err}"
         );
         let windows = text.windows(2, 5, 100).unwrap();
