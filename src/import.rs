@@ -291,6 +291,10 @@ pub fn source_from_config(json: &Value, path: &Path, name: &str, layout: Layout)
     field("embeddings", if tied { "tied" } else { "untied" }.into());
     field("layers", pattern);
     text.push_str("}\n");
+    // The front end's checks (a head dim RoPE cannot rotate, heads that do not divide the
+    // model's dim, ...) apply to the configuration as they would to a source.
+    crate::train::spec_from_source(&text, Path::new(&format!("{name}.zb")), None, None)
+        .map_err(|e| config.error(format!("Zebra cannot build the model it describes: {e:#}")))?;
     Ok(text)
 }
 
@@ -327,8 +331,7 @@ pub fn run(path: &Path, output: Option<&Path>, name: Option<&str>, layout: Layou
     };
     let text = source_from_config(&json, &config, &name, layout)?;
     let at = output.map_or_else(|| PathBuf::from("imported.zb"), Path::to_path_buf);
-    let spec = crate::train::spec_from_source(&text, &at, None, None)
-        .context("internal error: the imported source does not check")?;
+    let spec = crate::train::spec_from_source(&text, &at, None, None)?;
     match output {
         Some(output) => {
             zebra_ir::weights::write_atomically(output, text.as_bytes())
@@ -489,6 +492,11 @@ mod tests {
                 "`rms_norm_eps` must be a positive number",
             ),
             ("vocab_size", Value::Null, "it has no `vocab_size`"),
+            (
+                "hidden_size",
+                4000.into(),
+                "RoPE needs an even head dim, found 125",
+            ),
         ];
         for (key, value, says) in cases {
             let mut json = llama();
@@ -508,6 +516,47 @@ mod tests {
             "{err}"
         );
         assert!(import(&serde_json::json!([1]), Layout::AsConfigured).is_err());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+        /// Whatever the numbers, an import either names the problem or writes a source that
+        /// checks.
+        #[test]
+        fn an_accepted_configuration_always_checks(
+            vocab in 0u64..300, dim in 0u64..300, heads in 0u64..20, kv in 0u64..20,
+            layers in 0u64..10, hidden in 0u64..100, head_dim in proptest::option::of(0u64..80),
+            window in proptest::option::of(0u64..50), group in 2usize..5,
+            zebra in proptest::bool::ANY, eps in proptest::option::of(-1.0f64..1.0),
+        ) {
+            let mut json = serde_json::json!({
+                "model_type": "mistral", "vocab_size": vocab, "hidden_size": dim,
+                "num_attention_heads": heads, "num_key_value_heads": kv,
+                "num_hidden_layers": layers, "intermediate_size": hidden,
+                "head_dim": head_dim, "sliding_window": window,
+            });
+            if let Some(eps) = eps {
+                json["rms_norm_eps"] = eps.into();
+            }
+            let layout = if zebra {
+                Layout::Zebra { group, window: 4, global_last: false }
+            } else {
+                Layout::AsConfigured
+            };
+            match import(&json, layout) {
+                Ok(text) => {
+                    let checked =
+                        crate::train::spec_from_source(&text, Path::new("m.zb"), None, None);
+                    proptest::prop_assert!(checked.is_ok(), "{json}\n{text}");
+                }
+                Err(e) => {
+                    let message = format!("{e:#}");
+                    let named = message.starts_with("config.json: ")
+                        || message.starts_with("--zebra");
+                    proptest::prop_assert!(named, "{message}");
+                }
+            }
+        }
     }
 
     #[test]
