@@ -239,8 +239,9 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     out.flush()?;
     if stats.ended {
         eprintln!(
-            "stopped after {} tokens: the end-of-sequence token",
-            stats.generated
+            "stopped at the end-of-sequence token, after {} token{}",
+            stats.generated,
+            if stats.generated == 1 { "" } else { "s" }
         );
     } else if stats.generated < args.max_tokens {
         eprintln!(

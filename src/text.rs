@@ -123,20 +123,23 @@ impl Codec {
     /// A decoder for the tokens generated after `prompt`: what they add to the prompt's
     /// text (a word's leading space included, which a tokenizer drops at the start of a text).
     pub fn stream(&self, prompt: &[i64]) -> Result<Stream<'_>> {
-        let mut stream = Stream {
+        let ids = prompt
+            .iter()
+            .map(|&t| u32::try_from(t).map_err(|_| anyhow!("token id {t} is not a tokenizer id")))
+            .collect::<Result<Vec<u32>>>()?;
+        // A few tokens of the prompt give the first new ones their context.
+        let read = ids.len();
+        Ok(Stream {
             codec: self,
-            ids: Vec::new(),
-            written: 0,
-        };
-        if let Codec::Tokenizer { .. } = self {
-            for &token in prompt {
-                stream.push(token)?;
-            }
-            stream.written = stream.text()?.len();
-        }
-        Ok(stream)
+            ids,
+            prefix: read.saturating_sub(STREAM_CONTEXT),
+            read,
+        })
     }
 }
+
+/// Tokens before the unwritten ones that a stream decodes with them.
+const STREAM_CONTEXT: usize = 5;
 
 /// The `eos_token_id` (a number or a list) of a configuration file, if it has one.
 fn eos_tokens(path: &Path) -> Option<Vec<i64>> {
@@ -147,15 +150,18 @@ fn eos_tokens(path: &Path) -> Option<Vec<i64>> {
     }
 }
 
-/// Turns generated tokens into text as they come. A tokenizer's text for a token can depend
-/// on the tokens around it (a word's leading space, a character split over byte tokens), so
-/// each step decodes every token so far and hands out what was not written yet, holding back
-/// text that ends inside a character.
+/// Turns generated tokens into text as they come. A tokenizer's text for a token depends on
+/// the tokens around it (a word's leading space, a character split over byte tokens), so each
+/// step decodes the unwritten tokens with a few written ones before them, hands out what
+/// they add to those, and holds back text that ends inside a character: every step costs
+/// the same however long the generation.
 pub struct Stream<'a> {
     codec: &'a Codec,
     ids: Vec<u32>,
-    /// Bytes of the decoded text already handed out.
-    written: usize,
+    /// The first token decoded for context.
+    prefix: usize,
+    /// The first token whose text is not written yet.
+    read: usize,
 }
 
 impl Stream<'_> {
@@ -167,27 +173,28 @@ impl Stream<'_> {
         let id =
             u32::try_from(token).map_err(|_| anyhow!("token id {token} is not a tokenizer id"))?;
         self.ids.push(id);
-        let text = self.text()?;
-        if text.ends_with('\u{fffd}')
-            || text.len() < self.written
-            || !text.is_char_boundary(self.written)
+        let before = self.decode(self.prefix, self.read)?;
+        let after = self.decode(self.prefix, self.ids.len())?;
+        if after.ends_with('\u{fffd}')
+            || after.len() <= before.len()
+            || !after.is_char_boundary(before.len())
         {
-            // A character not yet complete, or a decoder that rewrote what it wrote.
+            // A character not yet complete, or nothing new yet.
             return Ok(Vec::new());
         }
-        let new = text.as_bytes()[self.written..].to_vec();
-        self.written = text.len();
+        let new = after.as_bytes()[before.len()..].to_vec();
+        self.prefix = self.read;
+        self.read = self.ids.len();
         Ok(new)
     }
 
-    /// The text of every token so far.
-    fn text(&self) -> Result<String> {
+    fn decode(&self, from: usize, to: usize) -> Result<String> {
         match self.codec {
             Codec::Bytes => Ok(String::new()),
             Codec::Tokenizer {
                 tokenizer, path, ..
             } => tokenizer
-                .decode(&self.ids, true)
+                .decode(&self.ids[from..to], true)
                 .map_err(|e| anyhow!("{} cannot decode: {e}", path.display())),
         }
     }

@@ -533,7 +533,7 @@ fn hugging_face_folders_generate_with_their_tokenizer() {
     assert_eq!(out.stdout, format!("{prompt}\n"));
     assert!(
         out.stderr
-            .contains("stopped after 1 tokens: the end-of-sequence token"),
+            .contains("stopped at the end-of-sequence token, after 1 token\n"),
         "{}",
         out.stderr
     );
