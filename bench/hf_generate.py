@@ -1,6 +1,7 @@
 """Hugging Face transformers' generation speed on the CPU, for `scripts/bench-generate.sh`:
-a Llama of CONFIG (random weights) prefills PROMPT random byte tokens, then decodes TOKENS
-greedily with its KV cache, one token a step; the best of three runs, as JSON.
+a Llama of CONFIG (random weights) prefills PROMPT random byte tokens (the logits of the last
+only, as transformers' generate() does), then decodes TOKENS greedily with its KV cache, one
+token a step; the best of three runs, as JSON.
 
 Usage: python bench/hf_generate.py CONFIG PROMPT TOKENS THREADS
 """
@@ -25,7 +26,8 @@ def main():
     with torch.no_grad():
         for _ in range(3):
             start = time.perf_counter()
-            out = model(prompt, use_cache=True)
+            # As transformers' own generate(): the prompt's last logits only.
+            out = model(prompt, use_cache=True, logits_to_keep=1)
             prefill = time.perf_counter() - start
             past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
             start = time.perf_counter()

@@ -339,7 +339,31 @@ impl Planner<'_> {
             let kernel = kernel.clone();
             return self.attention_family(id, &kernel);
         }
-        let out = self.value(&node.ty);
+        // A prefill's logits: only each batch row's last position picks the next token, so
+        // only it is computed (a [T, vocab] tensor is the largest a long prompt would make).
+        let last_rows = self.mode == PlanMode::Prefill
+            && matches!(
+                node.op,
+                Op::Linear {
+                    residual: false,
+                    ..
+                }
+            )
+            && node.ty.rank() == 3
+            && node.ty.shape[1] == Dim::T
+            && self.graph.users(id).is_empty()
+            && self
+                .graph
+                .outputs()
+                .iter()
+                .any(|(name, o)| *o == id && name == "logits");
+        let out = if last_rows {
+            let mut ty = node.ty.clone();
+            ty.shape[1] = Dim::Const(1);
+            self.value(&ty)
+        } else {
+            self.value(&node.ty)
+        };
         let out_operand = Operand::Value(out);
         self.defined.push(usize::MAX);
         self.operand.insert(id, out_operand);
@@ -375,8 +399,13 @@ impl Planner<'_> {
                 }
                 ops.push(out_operand);
                 let panels = n.div_ceil(crate::kernels::gemm::panel_width(self.vector));
+                let rows = if last_rows {
+                    vec![Extent::Batch, Extent::Const(1)]
+                } else {
+                    rows_of(x_ty)
+                };
                 let grid = Grid {
-                    rows: rows_of(x_ty),
+                    rows,
                     row_chunk: 64,
                     cols: panels.div_ceil(4) as u64,
                 };
@@ -386,6 +415,7 @@ impl Planner<'_> {
                         n,
                         norm_eps: *norm_eps,
                         residual: *residual,
+                        last_rows,
                     },
                     ops,
                     grid,

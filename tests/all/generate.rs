@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use ndarray::{ArrayD, Axis, IxDyn, s};
+use ndarray::{ArrayD, IxDyn, s};
 use zebra_codegen::artifact::{BuildOptions, Cache, build};
 use zebra_codegen::plan::PlanMode;
 use zebra_ir::Graph;
@@ -66,8 +66,10 @@ fn decoding_with_the_kv_cache_matches_a_full_forward() {
             let what = format!("{} ({})", relative(&path), spec.name);
             let prefill_dir = out.path().join(format!("{}-prefill", spec.name));
             let decode_dir = out.path().join(format!("{}-decode", spec.name));
+            let forward_dir = out.path().join(format!("{}-forward", spec.name));
             let built = build_mode(&graph, &prefill_dir, PlanMode::Prefill)
-                .and_then(|_| build_mode(&graph, &decode_dir, PlanMode::Decode));
+                .and_then(|_| build_mode(&graph, &decode_dir, PlanMode::Decode))
+                .and_then(|_| build_mode(&graph, &forward_dir, PlanMode::Forward));
             let stem = path.file_stem().unwrap().to_string_lossy().to_string();
             if let Some((_, reason)) = REFUSED
                 .iter()
@@ -81,6 +83,7 @@ fn decoding_with_the_kv_cache_matches_a_full_forward() {
             let weights = zebra_frontend::init::random_weights(&tiny, 5);
             let mut prefill = CpuModel::load(&prefill_dir, &weights, 2).unwrap();
             let mut decode = CpuModel::load(&decode_dir, &weights, 2).unwrap();
+            let mut forward = CpuModel::load(&forward_dir, &weights, 2).unwrap();
             let min_prompt = decode
                 .plan()
                 .caches
@@ -91,10 +94,17 @@ fn decoding_with_the_kv_cache_matches_a_full_forward() {
             // Long enough for a window of 16 (32 in zebra_tiny) to wrap several times.
             let total = if tiny.layers.len() > 8 { 40 } else { 110 };
             let all = tokens(2, total, tiny.vocab, 7);
-            let full = run(&mut prefill, &all)["logits"].mapv(f64::from);
+            let full = run(&mut forward, &all)["logits"].mapv(f64::from);
             let prompt = min_prompt.max(5);
             let first = all.slice(s![.., ..prompt]).to_owned().into_dyn();
             let outputs = run(&mut prefill, &first);
+            // The prefill's logits: the last prompt position's only.
+            let last = full
+                .slice(s![.., prompt - 1..prompt, ..])
+                .to_owned()
+                .into_dyn();
+            let prefilled = outputs["logits"].mapv(f64::from);
+            assert_close(&prefilled, &last, TOLERANCE, &format!("{what}: prefill"));
             decode
                 .start_decode(&outputs)
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -155,8 +165,8 @@ fn kv_caches_hold_only_what_the_mask_can_see() {
         (fraction - expected).abs() < 1e-9,
         "{fraction} vs {expected}"
     );
-    // The logits of the last prompt token come with the prefill.
-    assert_eq!(outputs["logits"].len_of(Axis(1)), t);
+    // The logits of the last prompt token come with the prefill, and only they.
+    assert_eq!(outputs["logits"].shape(), [1, 1, spec.vocab]);
 }
 
 /// The prefill and decode plans of a model read the same weights, packed alike: loaded as a

@@ -43,7 +43,13 @@ impl Shape {
 }
 
 /// Loads of the rows a register block works on, clamped to the last row.
-fn row_offsets(b: &mut Builder, first_row: &Val, rows_total: &Val, k: &Val) -> Vec<Val> {
+fn row_offsets(
+    b: &mut Builder,
+    first_row: &Val,
+    rows_total: &Val,
+    k: &Val,
+    last_of: Option<&Val>,
+) -> Vec<Val> {
     let one = b.i64(1);
     let last = b.subi(rows_total, &one);
     (0..ROWS)
@@ -51,9 +57,24 @@ fn row_offsets(b: &mut Builder, first_row: &Val, rows_total: &Val, k: &Val) -> V
             let rr = b.i64(r as i64);
             let row = b.addi(first_row, &rr);
             let row = b.mini(&row, &last);
+            let row = x_row(b, &row, last_of);
             b.muli(&row, k)
         })
         .collect()
+}
+
+/// The row of `x` that output row `row` reads: itself, or with `last_of = T` the last
+/// position of batch row `row` (`x` is `[B, T, K]`, the output `[B, 1, N]`).
+fn x_row(b: &mut Builder, row: &Val, last_of: Option<&Val>) -> Val {
+    match last_of {
+        None => row.clone(),
+        Some(t) => {
+            let one = b.i64(1);
+            let start = b.muli(row, t);
+            let end = b.addi(&start, t);
+            b.subi(&end, &one)
+        }
+    }
 }
 
 /// `ROWS x NR` of `x @ panel`: returns `ROWS * 2` accumulators, row-major.
@@ -94,6 +115,7 @@ fn micro_kernel(
 }
 
 /// `1 / sqrt(mean(x[row]^2) + eps)` for `rows` rows from `first_row`, into `out`.
+#[allow(clippy::too_many_arguments)]
 fn inverse_rms(
     b: &mut Builder,
     x: &Val,
@@ -102,6 +124,7 @@ fn inverse_rms(
     s: Shape,
     eps: f64,
     out: &Val,
+    last_of: Option<&Val>,
 ) {
     let (k, vector) = (s.k, s.vector);
     let w = if k.is_multiple_of(vector) { vector } else { 1 };
@@ -112,6 +135,7 @@ fn inverse_rms(
     let zero = b.splat_f32(0.0, w);
     b.for_range(&c0, rows, &c1, &[], |b, i, _| {
         let row = b.addi(first_row, i);
+        let row = x_row(b, &row, last_of);
         let base = b.muli(&row, &ck);
         let sum = b.for_range(
             &c0,
@@ -171,8 +195,16 @@ pub(crate) fn store_lanes(
 }
 
 /// `linear`: `out = r * (x @ packed) (+ residual)`, `x: [M, K]`. Buffers: x, packed weight,
-/// (residual), out. Grid: `ceil(M / 64) * ceil(panels / 4)`.
-pub fn linear(name: &str, s: Shape, norm_eps: Option<f64>, residual: bool) -> String {
+/// (residual), out. Grid: `ceil(M / 64) * ceil(panels / 4)`. With `last_rows`, `x` is
+/// `[B, T, K]` and only each batch row's last position is computed, into `[B, 1, N]` (a
+/// prefill's logits: only the last one picks the next token).
+pub fn linear(
+    name: &str,
+    s: Shape,
+    norm_eps: Option<f64>,
+    residual: bool,
+    last_rows: bool,
+) -> String {
     let mut b = Builder::new();
     let e = entry();
     let x = b.ptr_at(&e.bufs, 0);
@@ -180,16 +212,25 @@ pub fn linear(name: &str, s: Shape, norm_eps: Option<f64>, residual: bool) -> St
     let res = residual.then(|| b.ptr_at(&e.bufs, 2));
     let out = b.ptr_at(&e.bufs, if residual { 3 } else { 2 });
     let vt = vf32(s.vector);
-    row_panels(&mut b, s, norm_eps, &x, &[packed], &out, |b, accs, at| {
-        let value = accs[0].clone();
-        match &res {
-            Some(res) => {
-                let rv = b.load(res, at, F32, &vt);
-                b.bin("addf", &value, &rv, &vt)
+    row_panels(
+        &mut b,
+        s,
+        norm_eps,
+        last_rows,
+        &x,
+        &[packed],
+        &out,
+        |b, accs, at| {
+            let value = accs[0].clone();
+            match &res {
+                Some(res) => {
+                    let rv = b.load(res, at, F32, &vt);
+                    b.bin("addf", &value, &rv, &vt)
+                }
+                None => value,
             }
-            None => value,
-        }
-    });
+        },
+    );
     b.finish(name)
 }
 
@@ -204,16 +245,25 @@ pub fn swiglu(name: &str, s: Shape, norm_eps: Option<f64>) -> String {
     let out = b.ptr_at(&e.bufs, 3);
     let w = s.vector;
     let vt = vf32(w);
-    row_panels(&mut b, s, norm_eps, &x, &[gate, up], &out, |b, accs, _| {
-        let (g, u) = (&accs[0], &accs[1]);
-        // silu(g) = g / (1 + exp(-g))
-        let neg = b.op(format!("arith.negf {g} : {vt}"));
-        let e = crate::vexpr::exp(b, &neg, w);
-        let one = b.splat_f32(1.0, w);
-        let d = b.bin("addf", &e, &one, &vt);
-        let silu = b.bin("divf", g, &d, &vt);
-        b.bin("mulf", &silu, u, &vt)
-    });
+    row_panels(
+        &mut b,
+        s,
+        norm_eps,
+        false,
+        &x,
+        &[gate, up],
+        &out,
+        |b, accs, _| {
+            let (g, u) = (&accs[0], &accs[1]);
+            // silu(g) = g / (1 + exp(-g))
+            let neg = b.op(format!("arith.negf {g} : {vt}"));
+            let e = crate::vexpr::exp(b, &neg, w);
+            let one = b.splat_f32(1.0, w);
+            let d = b.bin("addf", &e, &one, &vt);
+            let silu = b.bin("divf", g, &d, &vt);
+            b.bin("mulf", &silu, u, &vt)
+        },
+    );
     b.finish(name)
 }
 
@@ -221,10 +271,12 @@ pub fn swiglu(name: &str, s: Shape, norm_eps: Option<f64>) -> String {
 /// each packed weight, each output vector scaled by its row's inverse RMS where the norm is
 /// fused; `epilogue(b, products, at)` makes the vector stored at flat index `at` of `out`
 /// (`[M, N]`) from the weights' products there.
+#[allow(clippy::too_many_arguments)]
 fn row_panels(
     b: &mut Builder,
     s: Shape,
     norm_eps: Option<f64>,
+    last_rows: bool,
     x: &Val,
     weights: &[Val],
     out: &Val,
@@ -233,7 +285,12 @@ fn row_panels(
     let e = entry();
     let batch = b.i64_at(&e.dims, 0);
     let t = b.i64_at(&e.dims, 1);
-    let m = b.muli(&batch, &t);
+    let m = if last_rows {
+        batch.clone()
+    } else {
+        b.muli(&batch, &t)
+    };
+    let last_of = last_rows.then_some(&t);
     let (w, nr) = (s.vector, s.nr());
     let vt = vf32(w);
     let (c0, c1) = (b.i64(0), b.i64(1));
@@ -253,14 +310,14 @@ fn row_panels(
         let left = b.subi(&m, &r0);
         let rows_valid = b.mini(&mb, &left);
         if let Some(eps) = norm_eps {
-            inverse_rms(b, x, &r0, &rows_valid, s, eps, &inv);
+            inverse_rms(b, x, &r0, &rows_valid, s, eps, &inv, last_of);
         }
         let p0 = b.muli(&cb, &pb);
         let p1 = b.addi(&p0, &pb);
         let p1 = b.mini(&p1, &panels);
         b.for_range(&c0, &rows_valid, &rows_step, &[], |b, i, _| {
             let first = b.addi(&r0, i);
-            let rows = row_offsets(b, &first, &m, &ck);
+            let rows = row_offsets(b, &first, &m, &ck, last_of);
             b.for_range(&p0, &p1, &c1, &[], |b, p, _| {
                 let accs: Vec<Vec<Val>> = weights
                     .iter()
@@ -360,14 +417,14 @@ pub fn heads_proj(
         let left = b.subi(&m, &r0);
         let rows_valid = b.mini(&mb, &left);
         if let Some(eps) = norm_eps {
-            inverse_rms(b, &x, &r0, &rows_valid, s, eps, &inv);
+            inverse_rms(b, &x, &r0, &rows_valid, s, eps, &inv, None);
         }
         let p0 = b.muli(&h, &per_head);
         let p1 = b.addi(&p0, &per_head);
         // The head's columns for all rows, into the tile.
         b.for_range(&c0, &rows_valid, &rows_step, &[], |b, i, _| {
             let first = b.addi(&r0, i);
-            let rows = row_offsets(b, &first, &m, &ck);
+            let rows = row_offsets(b, &first, &m, &ck, None);
             b.for_range(&p0, &p1, &c1, &[], |b, p, _| {
                 let accs = micro_kernel(b, &x, &rows, &packed, p, s);
                 let local = b.subi(p, &p0);

@@ -63,6 +63,8 @@ pub enum KernelSpec {
         n: usize,
         norm_eps: Option<f64>,
         residual: bool,
+        /// Only the last position of each batch row (a prefill's logits).
+        last_rows: bool,
     },
     SwiGlu {
         k: usize,
@@ -144,7 +146,11 @@ impl KernelSpec {
                 n,
                 norm_eps,
                 residual,
-            } => format!("linear k={k} n={n} norm={norm_eps:?} residual={residual}"),
+                last_rows,
+            } => {
+                let last = if *last_rows { " last_rows" } else { "" };
+                format!("linear k={k} n={n} norm={norm_eps:?} residual={residual}{last}")
+            }
             KernelSpec::SwiGlu { k, n, norm_eps } => {
                 format!("swiglu k={k} n={n} norm={norm_eps:?}")
             }
@@ -247,6 +253,7 @@ impl KernelSpec {
                 n,
                 norm_eps,
                 residual,
+                last_rows,
             } => gemm::linear(
                 &name,
                 gemm::Shape {
@@ -256,6 +263,7 @@ impl KernelSpec {
                 },
                 *norm_eps,
                 *residual,
+                *last_rows,
             ),
             KernelSpec::SwiGlu { k, n, norm_eps } => gemm::swiglu(
                 &name,

@@ -57,11 +57,16 @@ impl ProjectionMma {
     /// pairs of columns sit in the same thread).
     pub fn of(spec: &KernelSpec) -> Option<ProjectionMma> {
         match *spec {
+            // A prefill's last positions: a few rows, not a tensor-core tile's worth.
+            KernelSpec::Linear {
+                last_rows: true, ..
+            } => None,
             KernelSpec::Linear {
                 k,
                 n,
                 norm_eps,
                 residual,
+                last_rows: false,
             } => Some(ProjectionMma {
                 kind: ProjectionKind::Linear { residual },
                 k,
