@@ -196,7 +196,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         bail!("--context must be positive");
     }
     let device = Device::from_args(args.device, args.threads)?;
-    let loaded = load(args.source, args.model_file, args.model, &device)?;
+    let mut loaded = load(args.source, args.model_file, args.model, &device)?;
     let codec = loaded.codec(args.tokenizer, args.source)?;
     let prompt = codec.encode(args.prompt)?;
     if prompt.is_empty() {
@@ -211,6 +211,8 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     }
     let compile_start = Instant::now();
     let (prefill, decode) = generation_models(&loaded, context, &device)?;
+    // The executors hold what they read (packed); this copy is not needed any more.
+    drop(std::mem::take(&mut loaded.weights));
     let compile = compile_start.elapsed();
     let mut generator = Generator::from_parts(prefill, decode)?;
     let min_prompt = generator.min_prompt();
@@ -445,7 +447,7 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     let device = Device::from_args(args.device, args.threads)?;
     let mut columns = Vec::new();
     for source in args.sources {
-        let loaded = load(source, args.model_file, args.model, &device)?;
+        let mut loaded = load(source, args.model_file, args.model, &device)?;
         let text = match data {
             Some(path) => {
                 let codec = loaded.codec(args.tokenizer, source)?;
@@ -461,6 +463,7 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
         let longest = *contexts.iter().max().expect("at least one context");
         let dir = artifact(&loaded.optimized, longest, PlanMode::Forward, &device)?;
         let mut model = device.load(&dir, &loaded.weights)?;
+        drop(std::mem::take(&mut loaded.weights));
         let name = loaded.spec.name.clone();
         let trained = if is_run(source) {
             checkpoint::meta(source).ok().map(|m| (m.elapsed, m.tokens))

@@ -579,7 +579,12 @@ fn parallel_copy(out: &mut [f32], values: &[f32]) {
 }
 
 /// The model's weights in the plan's order, each checked against the plan's shape.
-pub(crate) fn raw_weights(plan: &Plan, weights: &Weights) -> Result<Vec<Vec<f32>>, RuntimeError> {
+/// Each weight of `plan` from `weights`, checked against its shape: borrowed (no copy) where
+/// the tensor is contiguous, as weights read from a file are.
+pub(crate) fn raw_weights<'w>(
+    plan: &Plan,
+    weights: &'w Weights,
+) -> Result<Vec<std::borrow::Cow<'w, [f32]>>, RuntimeError> {
     plan.weights
         .iter()
         .map(|spec| {
@@ -596,7 +601,10 @@ pub(crate) fn raw_weights(plan: &Plan, weights: &Weights) -> Result<Vec<Vec<f32>
                     found: tensor.shape().to_vec(),
                 });
             }
-            Ok(tensor.iter().copied().collect())
+            Ok(match tensor.as_slice() {
+                Some(values) => std::borrow::Cow::Borrowed(values),
+                None => std::borrow::Cow::Owned(tensor.iter().copied().collect()),
+            })
         })
         .collect()
 }
@@ -770,12 +778,18 @@ impl CpuModel {
             &self.plan,
             beside.map(|other| (&other.plan, &other.weights[..], &other.packed[..])),
         );
+        let read_raw = self.plan.raw_weights_read();
         self.weights = raw
             .iter()
             .enumerate()
             .map(|(i, values)| {
+                if !read_raw[i] {
+                    // Read only packed: the packed copy is all the plan needs.
+                    return Arc::new(Buffer::default());
+                }
                 let held = shared.get_mut(i).and_then(Option::take);
-                held.unwrap_or_else(|| Arc::new(as_words(values)))
+                held.filter(|b| !b.is_empty())
+                    .unwrap_or_else(|| Arc::new(as_words(values)))
             })
             .collect();
         self.packed = self
@@ -786,7 +800,7 @@ impl CpuModel {
             .map(|(i, p)| {
                 let held = shared_packed.get_mut(i).and_then(Option::take);
                 held.unwrap_or_else(|| {
-                    let norm = p.norm.map(|n| raw[n].as_slice());
+                    let norm = p.norm.map(|n| &*raw[n]);
                     Arc::new(as_words(&pack(&raw[p.weight], norm, p)))
                 })
             })
@@ -876,6 +890,7 @@ impl CpuModel {
 
     /// The weights as they are now (after updates), in the order of `plan().weights`.
     pub fn read_weights(&mut self) -> Result<Vec<Vec<f32>>, RuntimeError> {
+        optimizer_of(&self.plan)?;
         Ok(self
             .plan
             .weights

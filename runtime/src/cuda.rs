@@ -408,7 +408,7 @@ impl CudaModel {
             .enumerate()
             .map(|(i, p)| {
                 let held = shared_packed.get_mut(i).and_then(Option::take);
-                let norm = p.norm.map(|n| raw[n].as_slice());
+                let norm = p.norm.map(|n| &*raw[n]);
                 put(old.get_mut(i), held, &|| {
                     as_words(&pack(&raw[p.weight], norm, p))
                 })

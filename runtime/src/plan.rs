@@ -408,6 +408,25 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// For each weight, whether a step reads it as it is (not only packed): every weight of
+    /// a training plan (its optimizer updates them and packs them again), else those a
+    /// step names as `Operand::Weight`. An executor holds the others packed only.
+    pub fn raw_weights_read(&self) -> Vec<bool> {
+        let mut read = vec![self.optimizer.is_some(); self.weights.len()];
+        for step in &self.steps {
+            if let Step::Kernel { operands, .. } = step {
+                for operand in operands {
+                    if let Operand::Weight(i) = operand
+                        && let Some(r) = read.get_mut(*i)
+                    {
+                        *r = true;
+                    }
+                }
+            }
+        }
+        read
+    }
+
     /// Where this plan's weights and packed weights are in `other`'s, for plans of one
     /// model that share them (a prefill and a decode plan): a weight of the same name and
     /// shape; a packed weight packed alike from the same weights.

@@ -194,6 +194,18 @@ fn prefill_and_decode_plans_share_one_copy_of_the_weights() {
         let j = j.unwrap();
         assert_eq!(decode.plan().weights[i], prefill.plan().weights[j]);
     }
+    // Only the embedding table is read as it is; every projection only packed, so the
+    // executors hold no unpacked copy of them.
+    for plan in [prefill.plan(), decode.plan()] {
+        let raw: Vec<&str> = plan
+            .weights
+            .iter()
+            .zip(plan.raw_weights_read())
+            .filter(|(_, read)| *read)
+            .map(|(w, _)| w.name.as_str())
+            .collect();
+        assert_eq!(raw, ["model.embed_tokens.weight"]);
+    }
 
     let mut alone = CpuModel::load(&d, &weights, 2).unwrap();
     let prompt = tokens(1, 40, spec.vocab, 5);
