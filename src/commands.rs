@@ -750,6 +750,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 (Box::new(model), how)
             }
         };
+        // The executor holds what it reads.
+        drop(weights);
         let tensors: BTreeMap<String, zebra_runtime::Tensor> = inputs
             .iter()
             .map(|(name, value)| match value {
