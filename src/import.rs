@@ -195,17 +195,12 @@ pub fn source_from_config(json: &Value, path: &Path, name: &str, layout: Layout)
             )));
         }
     }
-    let act = config
-        .get("hidden_act")
-        .or_else(|| config.get("hidden_activation"))
-        .map_or(Some("silu"), Value::as_str);
-    if act != Some("silu") {
-        return Err(config.error(format!(
-            "`hidden_act` is {}; Zebra's FFN is SwiGLU (silu)",
-            config
-                .get("hidden_act")
-                .map_or_else(String::new, Value::to_string)
-        )));
+    for key in ["hidden_act", "hidden_activation"] {
+        if let Some(act) = config.get(key)
+            && act.as_str() != Some("silu")
+        {
+            return Err(config.error(format!("`{key}` is {act}; Zebra's FFN is SwiGLU (silu)")));
+        }
     }
     let vocab = config.required("vocab_size")?;
     let dim = config.required("hidden_size")?;
@@ -475,7 +470,16 @@ mod tests {
         let cases: Vec<(&str, Value, &str)> = vec![
             ("model_type", "qwen2".into(), "`model_type` is `qwen2`"),
             ("attention_bias", true.into(), "`attention_bias` is true"),
-            ("hidden_act", "gelu".into(), "Zebra's FFN is SwiGLU"),
+            (
+                "hidden_act",
+                "gelu".into(),
+                "`hidden_act` is \"gelu\"; Zebra's FFN is SwiGLU",
+            ),
+            (
+                "hidden_activation",
+                "gelu_pytorch_tanh".into(),
+                "`hidden_activation` is \"gelu_pytorch_tanh\"",
+            ),
             (
                 "rope_scaling",
                 serde_json::json!({"rope_type": "llama3", "factor": 8.0}),
