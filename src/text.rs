@@ -76,17 +76,11 @@ impl Codec {
 
     /// The ids of `text` (with the tokenizer's special tokens, as a beginning-of-sequence).
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
-        match self {
-            Codec::Bytes => Ok(zebra_runtime::data::encode(text)),
-            Codec::Tokenizer {
-                tokenizer, path, ..
-            } => {
-                let encoding = tokenizer
-                    .encode(text, true)
-                    .map_err(|e| anyhow!("{} cannot encode the text: {e}", path.display()))?;
-                Ok(encoding.get_ids().iter().map(|&id| i64::from(id)).collect())
-            }
-        }
+        let ids = self.encode_bytes(text.as_bytes()).map_err(|e| {
+            let path = self.path().unwrap_or(Path::new("the tokenizer"));
+            anyhow!("{} cannot encode the text: {e}", path.display())
+        })?;
+        Ok(ids.into_iter().map(i64::from).collect())
     }
 
     /// The ids of a file's bytes (invalid UTF-8 as replacement characters for a tokenizer),
@@ -167,14 +161,22 @@ pub struct Stream<'a> {
 impl Stream<'_> {
     /// The new text after `token` (bytes for the byte codec).
     pub fn push(&mut self, token: i64) -> Result<Vec<u8>> {
-        if let Codec::Bytes = self.codec {
+        let Codec::Tokenizer {
+            tokenizer, path, ..
+        } = self.codec
+        else {
             return Ok(vec![token as u8]);
-        }
+        };
         let id =
             u32::try_from(token).map_err(|_| anyhow!("token id {token} is not a tokenizer id"))?;
         self.ids.push(id);
-        let before = self.decode(self.prefix, self.read)?;
-        let after = self.decode(self.prefix, self.ids.len())?;
+        let decode = |ids: &[u32]| {
+            tokenizer
+                .decode(ids, true)
+                .map_err(|e| anyhow!("{} cannot decode: {e}", path.display()))
+        };
+        let before = decode(&self.ids[self.prefix..self.read])?;
+        let after = decode(&self.ids[self.prefix..])?;
         if after.ends_with('\u{fffd}')
             || after.len() <= before.len()
             || !after.is_char_boundary(before.len())
@@ -186,17 +188,6 @@ impl Stream<'_> {
         self.prefix = self.read;
         self.read = self.ids.len();
         Ok(new)
-    }
-
-    fn decode(&self, from: usize, to: usize) -> Result<String> {
-        match self.codec {
-            Codec::Bytes => Ok(String::new()),
-            Codec::Tokenizer {
-                tokenizer, path, ..
-            } => tokenizer
-                .decode(&self.ids[from..to], true)
-                .map_err(|e| anyhow!("{} cannot decode: {e}", path.display())),
-        }
     }
 }
 
