@@ -2,7 +2,7 @@
 //! compilation of index expressions (masks, score modifiers) into vector code over a run of
 //! consecutive keys. Specialized means compiled: the mask is not interpreted at run time.
 
-use zebra_ir::expr::{BinOp, Expr, Func, UnOp, Var};
+use zebra_ir::expr::{BinOp, Expr, Func, Table, UnOp, Var};
 
 use crate::mlir::{Builder, I64, Val, vf32, vi1, vi64};
 
@@ -285,6 +285,11 @@ pub fn compile(b: &mut Builder, expr: &Expr, env: &VecEnv) -> Lanes {
                 Lanes::Int(b.load(&row, &env.k0, I64, &env.int_ty()))
             }
         }
+        Expr::Table { table, index } => {
+            let i = compile(b, index, env);
+            let i = int(b, i, env);
+            lookup(b, table, &i, env)
+        }
         Expr::Unary(UnOp::Not, e) => {
             let v = compile(b, e, env);
             let x = as_bool(b, v, env);
@@ -304,6 +309,39 @@ pub fn compile(b: &mut Builder, expr: &Expr, env: &VecEnv) -> Lanes {
             None => binary(b, *op, x, y, env),
         },
         Expr::Call(func, args) => call(b, *func, args, env),
+    }
+}
+
+/// Entry `i` of a constant table in each lane, the index clamped to the table: a chain of
+/// selects (the first entry below index 1, the last from the last index on), so that no
+/// memory is read and the same code serves every target.
+fn lookup(b: &mut Builder, table: &Table, i: &Val, env: &VecEnv) -> Lanes {
+    let n = env.n;
+    let ity = env.int_ty();
+    let (ty, entries): (String, Vec<Val>) = match table {
+        Table::Int(v) => (
+            ity.clone(),
+            v.iter().map(|x| env.splat_int(b, *x)).collect(),
+        ),
+        Table::Float(v) => (
+            vf32(n),
+            v.iter().map(|x| b.splat_f32(*x as f32, n)).collect(),
+        ),
+    };
+    let Some((first, rest)) = entries.split_first() else {
+        return Lanes::Int(env.splat_int(b, 0));
+    };
+    let mut value = first.clone();
+    let last = rest.len();
+    for (k, entry) in rest.iter().enumerate() {
+        let at = env.splat_int(b, k as i64 + 1);
+        let pred = if k + 1 == last { "sge" } else { "eq" };
+        let hit = b.cmpi(pred, i, &at, &ity);
+        value = b.select(&hit, entry, &value, &ty);
+    }
+    match table {
+        Table::Int(_) => Lanes::Int(value),
+        Table::Float(_) => Lanes::Float(value),
     }
 }
 

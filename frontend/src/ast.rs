@@ -22,7 +22,7 @@ pub enum Item {
     Model(Model),
 }
 
-/// `let name = value`: a named constant.
+/// `let name = value`: a named constant, or a constant table when `value` is a list.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Let {
     pub name: Ident,

@@ -17,6 +17,9 @@ pub const MAX_LAYERS: usize = 4096;
 /// Mask claims are checked on every query and key position below this bound.
 const SAMPLE_POSITIONS: i64 = 64;
 
+/// The most entries a table (`let name = [...]`) may hold: each is compiled into the kernels.
+const MAX_TABLE: usize = 1024;
+
 /// Names with a fixed meaning inside attention bodies.
 const INDEX_NAMES: [&str; 4] = ["q", "k", "h", "b"];
 
@@ -26,6 +29,7 @@ pub fn check(file: &ast::File, source: &str) -> (Program, Vec<Diagnostic>) {
         source,
         diagnostics: Vec::new(),
         lets: HashMap::new(),
+        tables: HashMap::new(),
         attentions: HashMap::new(),
         attention_ok: HashMap::new(),
         models: HashMap::new(),
@@ -52,6 +56,8 @@ struct Checker<'a> {
     source: &'a str,
     diagnostics: Vec<Diagnostic>,
     lets: HashMap<String, (ParamValue, Span)>,
+    /// `let name = [...]`: constant tables, read in attention bodies as `name[index]`.
+    tables: HashMap<String, (ir::Table, Span)>,
     attentions: HashMap<String, &'a ast::Attention>,
     /// Whether each attention declaration type-checked.
     attention_ok: HashMap<String, bool>,
@@ -69,6 +75,7 @@ enum Meaning {
     NHeads,
     Param(ParamType),
     Let(ParamValue),
+    Table(ScalarType),
 }
 
 /// The names visible in one attention body.
@@ -141,6 +148,7 @@ impl<'a> Checker<'a> {
             .lets
             .get(&name.name)
             .map(|(_, s)| *s)
+            .or_else(|| self.tables.get(&name.name).map(|(_, s)| *s))
             .or_else(|| self.attentions.get(&name.name).map(|a| a.name.span))
             .or_else(|| self.models.get(&name.name).copied());
         if let Some(earlier) = earlier {
@@ -168,10 +176,71 @@ impl<'a> Checker<'a> {
         if !self.declare(&item.name) {
             return;
         }
+        if let ExprKind::List(entries) = &item.value.kind {
+            if let Some(table) = self.table(entries, item.value.span) {
+                self.tables
+                    .insert(item.name.name.clone(), (table, item.name.span));
+            }
+            return;
+        }
         if let Some(value) = self.constant(&item.value) {
             self.lets
                 .insert(item.name.name.clone(), (value, item.name.span));
         }
+    }
+
+    /// The entries of `let name = [...]`: constant numbers, all integers or, if any is a
+    /// float, all floats.
+    fn table(&mut self, entries: &[Expr], span: Span) -> Option<ir::Table> {
+        if entries.is_empty() {
+            self.error(
+                Diagnostic::error(span, "a table needs at least one entry")
+                    .label("write its numbers between the brackets"),
+            );
+            return None;
+        }
+        if entries.len() > MAX_TABLE {
+            self.error(
+                Diagnostic::error(
+                    span,
+                    format!(
+                        "a table holds at most {MAX_TABLE} entries, this one {}",
+                        entries.len()
+                    ),
+                )
+                .label("every entry is compiled into the kernels"),
+            );
+            return None;
+        }
+        let mut values = Vec::with_capacity(entries.len());
+        let mut ok = true;
+        for entry in entries {
+            if matches!(entry.kind, ExprKind::List(_)) {
+                self.error(
+                    Diagnostic::error(entry.span, "a table's entries must be numbers")
+                        .label("tables do not nest"),
+                );
+                ok = false;
+            } else if let Some(v) = self.constant(entry) {
+                values.push(v);
+            } else {
+                ok = false;
+            }
+        }
+        if !ok {
+            return None;
+        }
+        let ints: Option<Vec<i64>> = values
+            .iter()
+            .map(|v| match v {
+                ParamValue::Int(i) => Some(*i),
+                ParamValue::Float(_) => None,
+            })
+            .collect();
+        Some(match ints {
+            Some(ints) => ir::Table::Int(ints),
+            None => ir::Table::Float(values.into_iter().map(as_f64).collect()),
+        })
     }
 
     fn declare_model(&mut self, model: &'a ast::Model) -> bool {
@@ -200,6 +269,13 @@ impl<'a> Checker<'a> {
             ExprKind::Name(name) => {
                 if let Some((value, _)) = self.lets.get(name) {
                     return Some(*value);
+                }
+                if self.tables.contains_key(name) {
+                    self.error(
+                        Diagnostic::error(expr.span, format!("`{name}` is a table, not a number"))
+                            .label("tables are read in attention bodies, as `name[index]`"),
+                    );
+                    return None;
                 }
                 let d = Diagnostic::error(expr.span, format!("unknown constant `{name}`"))
                     .label("not defined by a `let` above");
@@ -340,6 +416,18 @@ impl<'a> Checker<'a> {
                 self.error(
                     Diagnostic::error(p.name.span, format!("`{name}` is a built-in name"))
                         .label("pick another parameter name"),
+                );
+                ok = false;
+                continue;
+            }
+            if let Some((_, table)) = self.tables.get(name) {
+                self.error(
+                    Diagnostic::error(
+                        p.name.span,
+                        format!("parameter `{name}` would hide a table"),
+                    )
+                    .label("pick another parameter name")
+                    .with_secondary(*table, "the table"),
                 );
                 ok = false;
                 continue;
@@ -500,6 +588,9 @@ impl<'a> Checker<'a> {
         if let Some(ty) = scope.params.get(name) {
             return Some(Meaning::Param(*ty));
         }
+        if let Some((table, _)) = self.tables.get(name) {
+            return Some(Meaning::Table(table.ty()));
+        }
         self.lets.get(name).map(|(v, _)| Meaning::Let(*v))
     }
 
@@ -508,6 +599,7 @@ impl<'a> Checker<'a> {
         candidates.extend(["score", "n_heads", "true", "false"]);
         candidates.extend(scope.params.keys().copied());
         candidates.extend(self.lets.keys().map(String::as_str));
+        candidates.extend(self.tables.keys().map(String::as_str));
         let suggestion = suggest(name, candidates).map(str::to_string);
         let d = Diagnostic::error(span, format!("unknown name `{name}`"))
             .label("not a parameter, a constant or one of q, k, h, b, score, n_heads, true, false");
@@ -545,6 +637,16 @@ impl<'a> Checker<'a> {
                         None
                     }
                     Some(Meaning::Let(v)) => Some(value_type(v)),
+                    Some(Meaning::Table(_)) => {
+                        self.error(
+                            Diagnostic::error(
+                                expr.span,
+                                format!("`{name}` is a table: read an entry as `{name}[index]`"),
+                            )
+                            .label("a table is not a number"),
+                        );
+                        None
+                    }
                     None => {
                         self.unknown_name(expr.span, name, scope);
                         None
@@ -691,13 +793,33 @@ impl<'a> Checker<'a> {
             ExprKind::Index(base, index) => {
                 match self.meaning(&base.name, scope) {
                     Some(Meaning::Param(ParamType::Side)) => {}
+                    Some(Meaning::Table(ty)) => {
+                        return match self.typecheck(index, scope)? {
+                            ScalarType::Int => Some(ty),
+                            other => {
+                                self.error(
+                                    Diagnostic::error(
+                                        index.span,
+                                        format!(
+                                            "a table index must be an integer, found {}",
+                                            other.name()
+                                        ),
+                                    )
+                                    .label("the entry to read"),
+                                );
+                                None
+                            }
+                        };
+                    }
                     Some(_) => {
                         self.error(
                             Diagnostic::error(
                                 base.span,
                                 format!("`{}` cannot be indexed", base.name),
                             )
-                            .label("only side inputs (`name: int[T]`) are read at a position"),
+                            .label(
+                                "only side inputs (`name: int[T]`) and tables (`let name = [...]`) are indexed",
+                            ),
                         );
                         return None;
                     }
@@ -778,6 +900,13 @@ impl<'a> Checker<'a> {
                     .map(|a| self.translate(&a.value, values, n_heads))
                     .collect(),
             ),
+            ExprKind::Index(base, index) if self.tables.contains_key(&base.name) => {
+                let (table, _) = &self.tables[&base.name];
+                ir::Expr::Table {
+                    table: table.clone(),
+                    index: Box::new(self.translate(index, values, n_heads)),
+                }
+            }
             ExprKind::Index(base, index) => ir::Expr::Side {
                 name: base.name.clone(),
                 index: if matches!(&index.kind, ExprKind::Name(n) if n == "q") {

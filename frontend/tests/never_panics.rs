@@ -47,6 +47,7 @@ const WORDS: &[&str] = &[
     "b",
     "n_heads",
     "window",
+    "spans",
     "doc",
     "int",
     "float",
@@ -107,6 +108,21 @@ const WORDS: &[&str] = &[
 /// A well-formed model whose fields and attention are then perturbed.
 const TEMPLATE: &str = "attention local(window: int = 4) causal {\n    mask = k <= q && q - k < window\n}\nmodel m {\n    vocab = 16\n    dim = 8\n    heads = 2\n    ffn = swiglu(hidden = 8)\n    norm = rmsnorm(eps = 1e-5)\n    rope = rope(base = 10000.0)\n    layers = 2 * local\n}\n";
 
+/// The same with tables read per head and per distance.
+const TABLES: &str = "let spans = [4, 2, 8]\nlet bias = [0.5, -1.0]\nattention local causal {\n    mask = k <= q && q - k < spans[h % 3]\n    score = score + bias[q - k]\n}\nmodel m {\n    vocab = 16\n    dim = 8\n    heads = 2\n    ffn = swiglu(hidden = 8)\n    norm = rmsnorm(eps = 1e-5)\n    rope = rope(base = 10000.0)\n    layers = 2 * local\n}\n";
+
+fn perturb(template: &str, cut: usize, insert: &str, delete: usize) -> String {
+    let mut source = template.to_string();
+    let cut = cut.min(source.len());
+    let cut = (0..=cut)
+        .rev()
+        .find(|&i| source.is_char_boundary(i))
+        .unwrap_or(0);
+    let end = (cut + delete).min(source.len());
+    source.replace_range(cut..end, insert);
+    source
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, .. ProptestConfig::default() })]
 
@@ -122,17 +138,20 @@ proptest! {
 
     #[test]
     fn perturbed_model(cut in 0..TEMPLATE.len(), insert in proptest::sample::select(WORDS), delete in 0usize..8) {
-        let mut source = TEMPLATE.to_string();
-        let cut = (0..=cut).rev().find(|&i| source.is_char_boundary(i)).unwrap_or(0);
-        let end = (cut + delete).min(source.len());
-        source.replace_range(cut..end, insert);
-        check_never_panics(&source);
+        check_never_panics(&perturb(TEMPLATE, cut, insert, delete));
+    }
+
+    #[test]
+    fn perturbed_tables(cut in 0..TABLES.len(), insert in proptest::sample::select(WORDS), delete in 0usize..8) {
+        check_never_panics(&perturb(TABLES, cut, insert, delete));
     }
 }
 
 #[test]
-fn the_template_itself_checks() {
-    let checked = check_source(TEMPLATE);
-    assert!(checked.diagnostics.is_empty(), "{:?}", checked.diagnostics);
-    assert_eq!(checked.program.models.len(), 1);
+fn the_templates_themselves_check() {
+    for template in [TEMPLATE, TABLES] {
+        let checked = check_source(template);
+        assert!(checked.diagnostics.is_empty(), "{:?}", checked.diagnostics);
+        assert_eq!(checked.program.models.len(), 1);
+    }
 }

@@ -129,7 +129,7 @@ fn keeps(range: &KeyRange) -> Keep {
         .highs
         .iter()
         .filter_map(|h| match h {
-            Bound::Linear { a: 0, d } => Some((*d).max(-1) + 1),
+            Bound::Linear { a: 0, d } => Some((*d).max(-1).saturating_add(1)),
             _ => None,
         })
         .min();
@@ -141,7 +141,7 @@ fn keeps(range: &KeyRange) -> Keep {
         .lows
         .iter()
         .filter_map(|l| match l {
-            Bound::Linear { a: 1, d } if *d <= 0 => Some(1 - *d),
+            Bound::Linear { a: 1, d } if *d <= 0 => Some(1i64.saturating_sub(*d)),
             Bound::Chunk { c, end: false } => Some(*c),
             _ => None,
         })
@@ -161,7 +161,7 @@ fn causal_from(range: &KeyRange) -> Option<u64> {
         .filter_map(|h| match h {
             Bound::Linear { a: 1, d } if *d <= 0 => Some(0),
             // Keys `<= d`: a prompt of `d + 1` tokens holds them all.
-            Bound::Linear { a: 0, d } => Some((*d).max(-1) as u64 + 1),
+            Bound::Linear { a: 0, d } => Some((*d).max(-1).saturating_add(1) as u64),
             _ => None,
         })
         .min()
@@ -190,6 +190,26 @@ mod tests {
         assert_eq!((p.sinks, p.ring), (0, Some(32)));
         assert_eq!((p.slot(31), p.slot(32), p.slot(70)), (31, 0, 6));
         assert_eq!((p.used(10), p.used(100)), (10, 32));
+    }
+
+    #[test]
+    fn per_head_windows_keep_a_ring_of_the_widest() {
+        let p = policy("k <= q && q - k < [8, 32, 16, 32][h % 4]").unwrap();
+        assert_eq!((p.sinks, p.ring), (0, Some(32)));
+        let p = policy("k <= q && (q - k < [8, 16][h] || k < [2, 4][h / 4])").unwrap();
+        assert_eq!((p.sinks, p.ring), (4, Some(16)));
+        // A head without sinks reads `k < 0`: no key, and no overflow.
+        let p = policy("k <= q && (q - k < [8, 16][h] || k < [0, 3][h])").unwrap();
+        assert_eq!((p.sinks, p.ring, p.min_prompt), (3, Some(16), 0));
+        assert!(policy("k <= q && k <= 9223372036854775807").is_ok());
+        assert!(policy("k <= q && q - k < 9223372036854775807").is_ok());
+        assert!(policy("k <= q && q - k <= 9223372036854775807").is_ok());
+        // A head that sees every key makes the cache keep every key.
+        let p = policy("k <= q && ([0, 1][h] == 1 || q - k < 8)").unwrap();
+        assert_eq!(p.ring, None);
+        // A table read at a position is not split: every key, conservatively.
+        let p = policy("k <= q && q - k < [8, 16][q % 2]").unwrap();
+        assert_eq!(p.ring, None);
     }
 
     #[test]

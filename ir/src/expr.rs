@@ -1,8 +1,9 @@
 //! Index expressions: the scalar language of attention masks and score modifiers.
 //!
 //! An expression is evaluated once per element of a `[batch, head, query, key]` index space.
-//! It reads the indices `q`, `k`, `h`, `b`, the attention score `score` (score modifiers only)
-//! and per-token integer side inputs indexed by `q` or `k` (`doc[q]`).
+//! It reads the indices `q`, `k`, `h`, `b`, the attention score `score` (score modifiers only),
+//! per-token integer side inputs indexed by `q` or `k` (`doc[q]`) and constant tables read at
+//! a computed index (`[64, 256, 1024][h % 3]`: per-head windows, slopes or biases).
 //!
 //! Integer arithmetic wraps on overflow and never traps: `/` is floor division and `%` the
 //! matching remainder (its sign follows the divisor, as in Python), with `x / 0 == 0` and
@@ -204,6 +205,65 @@ impl ScalarType {
     }
 }
 
+/// A constant table of numbers (all integers or all floats), read at a computed index. The
+/// index is clamped to the table: below 0 it reads the first entry, past the end the last
+/// (so `bias[q - k]` holds its last value for every longer distance, as T5's buckets do).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Table {
+    Int(Vec<i64>),
+    Float(Vec<f64>),
+}
+
+impl Table {
+    pub fn len(&self) -> usize {
+        match self {
+            Table::Int(v) => v.len(),
+            Table::Float(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The type of the entries.
+    pub fn ty(&self) -> ScalarType {
+        match self {
+            Table::Int(_) => ScalarType::Int,
+            Table::Float(_) => ScalarType::Float,
+        }
+    }
+
+    /// The entry an index reads (clamped to the table); 0 for an empty table.
+    pub fn clamp(&self, index: i64) -> usize {
+        index.clamp(0, self.len().saturating_sub(1) as i64) as usize
+    }
+
+    /// Entry `i` (which must be below [`Table::len`]).
+    pub fn entry(&self, i: usize) -> Scalar {
+        match self {
+            Table::Int(v) => Scalar::Int(v[i]),
+            Table::Float(v) => Scalar::Float(v[i]),
+        }
+    }
+
+    /// The entry that `index` reads.
+    pub fn get(&self, index: i64) -> Scalar {
+        if self.is_empty() {
+            return Scalar::Int(0);
+        }
+        self.entry(self.clamp(index))
+    }
+
+    /// The entries as literal expressions.
+    pub fn literals(&self) -> Vec<Expr> {
+        match self {
+            Table::Int(v) => v.iter().map(|x| Expr::Int(*x)).collect(),
+            Table::Float(v) => v.iter().map(|x| Expr::Float(*x)).collect(),
+        }
+    }
+}
+
 /// A scalar expression over the attention index space.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Expr {
@@ -215,6 +275,11 @@ pub enum Expr {
     Side {
         name: String,
         index: Var,
+    },
+    /// Entry `index` of a constant table (clamped): `[64, 256][h % 2]`.
+    Table {
+        table: Table,
+        index: Box<Expr>,
     },
     Unary(UnOp, Box<Expr>),
     Binary(BinOp, Box<Expr>, Box<Expr>),
@@ -251,6 +316,15 @@ impl Scalar {
             Scalar::Int(i) => i,
             Scalar::Float(x) => x as i64,
             Scalar::Bool(b) => i64::from(b),
+        }
+    }
+
+    /// The value as a literal expression.
+    pub fn literal(self) -> Expr {
+        match self {
+            Scalar::Int(i) => Expr::Int(i),
+            Scalar::Float(x) => Expr::Float(x),
+            Scalar::Bool(b) => Expr::Bool(b),
         }
     }
 }
@@ -303,6 +377,7 @@ impl Expr {
             Expr::Bool(v) => Scalar::Bool(*v),
             Expr::Var(v) => env.var(*v),
             Expr::Side { name, index } => Scalar::Int(env.side(name, *index)),
+            Expr::Table { table, index } => table.get(index.eval(env).as_int()),
             Expr::Unary(UnOp::Neg, e) => match e.eval(env) {
                 Scalar::Int(i) => Scalar::Int(i.wrapping_neg()),
                 other => Scalar::Float(-other.as_f64()),
@@ -343,6 +418,14 @@ impl Expr {
                     Err(format!("side input `{name}` must be indexed by `q` or `k`"))
                 }
             }
+            Expr::Table { table, index } => match index.ty()? {
+                _ if table.is_empty() => Err("a table needs at least one entry".into()),
+                ScalarType::Int => Ok(table.ty()),
+                t => Err(format!(
+                    "a table index must be an integer, found {}",
+                    t.name()
+                )),
+            },
             Expr::Unary(UnOp::Neg, e) => match e.ty()? {
                 ScalarType::Bool => Err("`-` needs a number, found a bool".into()),
                 t => Ok(t),
@@ -371,7 +454,7 @@ impl Expr {
     pub fn walk(&self, visit: &mut dyn FnMut(&Expr)) {
         visit(self);
         match self {
-            Expr::Unary(_, e) => e.walk(visit),
+            Expr::Unary(_, e) | Expr::Table { index: e, .. } => e.walk(visit),
             Expr::Binary(_, l, r) => {
                 l.walk(visit);
                 r.walk(visit);
@@ -427,6 +510,21 @@ impl Expr {
             }
         }
         let folded = match self {
+            Expr::Table { table, index } => {
+                return match index.fold_constants() {
+                    Expr::Int(i) if !table.is_empty() => match table.get(i) {
+                        Scalar::Float(v) if !v.is_finite() => Expr::Table {
+                            table: table.clone(),
+                            index: Box::new(Expr::Int(i)),
+                        },
+                        v => v.literal(),
+                    },
+                    index => Expr::Table {
+                        table: table.clone(),
+                        index: Box::new(index),
+                    },
+                };
+            }
             Expr::Unary(op, e) => Expr::Unary(*op, Box::new(e.fold_constants())),
             Expr::Binary(op, l, r) => Expr::binary(*op, l.fold_constants(), r.fold_constants()),
             Expr::Call(func, args) => {
@@ -449,6 +547,26 @@ impl Expr {
             Scalar::Bool(v) => Expr::Bool(v),
             Scalar::Float(v) if v.is_finite() => Expr::Float(v),
             Scalar::Float(_) => folded,
+        }
+    }
+
+    /// The expression with every occurrence of `from` replaced by `to`.
+    pub fn replace(&self, from: &Expr, to: &Expr) -> Expr {
+        if self == from {
+            return to.clone();
+        }
+        let r = |e: &Expr| Box::new(e.replace(from, to));
+        match self {
+            Expr::Table { table, index } => Expr::Table {
+                table: table.clone(),
+                index: r(index),
+            },
+            Expr::Unary(op, e) => Expr::Unary(*op, r(e)),
+            Expr::Binary(op, a, b) => Expr::Binary(*op, r(a), r(b)),
+            Expr::Call(func, args) => {
+                Expr::Call(*func, args.iter().map(|a| a.replace(from, to)).collect())
+            }
+            other => other.clone(),
         }
     }
 
@@ -784,6 +902,18 @@ impl Expr {
             Expr::Bool(v) => write!(f, "{v}")?,
             Expr::Var(v) => f.write_str(v.name())?,
             Expr::Side { name, index } => write!(f, "{name}[{}]", index.name())?,
+            Expr::Table { table, index } => {
+                f.write_str("[")?;
+                for (i, entry) in table.literals().iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    entry.fmt_with(f, 0)?;
+                }
+                f.write_str("][")?;
+                index.fmt_with(f, 0)?;
+                f.write_str("]")?;
+            }
             Expr::Unary(op, e) => {
                 f.write_str(if *op == UnOp::Neg { "-" } else { "!" })?;
                 // `-(-1)` keeps its parentheses, and so does `-(1)`, which would
@@ -1006,6 +1136,46 @@ impl ExprParser {
                 self.expect(")")?;
                 Ok(e)
             }
+            Tok::Punct("[") => {
+                let mut entries = Vec::new();
+                loop {
+                    entries.push(self.unary()?);
+                    if self.eat("]") {
+                        break;
+                    }
+                    self.expect(",")?;
+                }
+                let ints: Option<Vec<i64>> = entries
+                    .iter()
+                    .map(|e| match e {
+                        Expr::Int(v) => Some(*v),
+                        _ => None,
+                    })
+                    .collect();
+                let floats: Option<Vec<f64>> = entries
+                    .iter()
+                    .map(|e| match e {
+                        Expr::Float(v) => Some(*v),
+                        _ => None,
+                    })
+                    .collect();
+                let table = match (ints, floats) {
+                    (Some(v), _) => Table::Int(v),
+                    (_, Some(v)) => Table::Float(v),
+                    _ => {
+                        return Err(
+                            "a table's entries must be all integer or all float literals".into(),
+                        );
+                    }
+                };
+                self.expect("[")?;
+                let index = self.expr(0)?;
+                self.expect("]")?;
+                Ok(Expr::Table {
+                    table,
+                    index: Box::new(index),
+                })
+            }
             Tok::Ident(name) => match name.as_str() {
                 "true" => Ok(Expr::Bool(true)),
                 "false" => Ok(Expr::Bool(false)),
@@ -1181,5 +1351,36 @@ mod tests {
         assert!(parse_expr("q + (k < q)").unwrap().ty().is_err());
         assert!(parse_expr("!q").unwrap().ty().is_err());
         assert!(parse_expr("q % 2.0").unwrap().ty().is_err());
+    }
+
+    #[test]
+    fn tables_read_a_clamped_entry_and_round_trip() {
+        let text = "k <= q && q - k < [4, 8, -2][q - k - 1]";
+        let e = parse_expr(text).unwrap();
+        assert_eq!(e.to_string(), text);
+        assert_eq!(e.ty(), Ok(ScalarType::Bool));
+        // Distance 0 reads index -1, the first entry; 2 the second; 6 past the end, the last.
+        let sees = |q: i64, k: i64| eval(text, q, k) == Scalar::Bool(true);
+        assert!(sees(3, 3) && sees(4, 2) && !sees(9, 3) && !sees(4, 0));
+        let biased = parse_expr("score + [0.5, -1.25][h]").unwrap();
+        assert_eq!(biased.to_string(), "score + [0.5, -1.25][h]");
+        assert_eq!(biased.ty(), Ok(ScalarType::Float));
+        assert_eq!(eval("score + [0.5, -1.25][h]", 0, 0), Scalar::Float(2.5));
+        assert_eq!(
+            parse_expr("[1, 2, 3][4 - 3]").unwrap().fold_constants(),
+            Expr::Int(2)
+        );
+        assert_eq!(
+            parse_expr("[1.5, 2.5][h]").unwrap().score_derivative(),
+            Ok(Expr::Float(0.0))
+        );
+        assert!(parse_expr("[1, 2][q < k]").unwrap().ty().is_err());
+        assert!(parse_expr("[1, 2.0][q]").is_err());
+        assert!(parse_expr("[1, 2]").is_err());
+        let replaced = e.replace(&Expr::Var(Var::K), &Expr::Int(0));
+        assert_eq!(
+            replaced.to_string(),
+            "0 <= q && q - 0 < [4, 8, -2][q - 0 - 1]"
+        );
     }
 }

@@ -6,7 +6,7 @@
 //! exactly `[-127, -1]`; an expression that reads a variable twice may get a wider range than
 //! its true one, never a narrower one.
 
-use crate::expr::{BinOp, Expr, Func, UnOp, Var, floor_div, floor_rem};
+use crate::expr::{BinOp, Expr, Func, Table, UnOp, Var, floor_div, floor_rem};
 
 /// A sound range of values.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -101,6 +101,7 @@ pub fn range(expr: &Expr, env: &dyn RangeEnv) -> Range {
         Expr::Bool(v) => bool_range(*v, !*v),
         Expr::Var(v) => env.var(*v),
         Expr::Side { name, index } => env.side(name, *index),
+        Expr::Table { table, index } => table_range(table, range(index, env)),
         Expr::Unary(UnOp::Not, e) => {
             let (t, f) = range(e, env).truth();
             bool_range(f, t)
@@ -119,6 +120,34 @@ pub fn range(expr: &Expr, env: &dyn RangeEnv) -> Range {
         Expr::Call(func, args) => {
             let ranges: Vec<Range> = args.iter().map(|a| range(a, env)).collect();
             call(*func, &ranges)
+        }
+    }
+}
+
+/// The entries a table can give for indices in `index` (clamped to the table, as it reads).
+fn table_range(table: &Table, index: Range) -> Range {
+    if table.is_empty() {
+        return Range::int(0, 0);
+    }
+    let (first, last) = match index {
+        Range::Int { lo, hi } => (table.clamp(lo), table.clamp(hi)),
+        _ => (0, table.len() - 1),
+    };
+    match table {
+        Table::Int(v) => {
+            let entries = &v[first..=last];
+            let lo = entries.iter().copied().min().unwrap_or(0);
+            let hi = entries.iter().copied().max().unwrap_or(0);
+            Range::int(lo, hi)
+        }
+        Table::Float(v) => {
+            let entries = &v[first..=last];
+            if entries.iter().any(|x| x.is_nan()) {
+                return FULL_FLOAT;
+            }
+            let lo = entries.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = entries.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            Range::Float { lo, hi }
         }
     }
 }
@@ -431,6 +460,21 @@ mod tests {
         assert!(over(w, (128, 191), (0, 63)).never());
         assert_eq!(over(w, (128, 191), (64, 127)), Range::MAYBE);
         assert!(over("k <= q && q - k < 200", (128, 191), (64, 127)).always());
+    }
+
+    #[test]
+    fn table_tiles_take_the_entries_the_indices_reach() {
+        // Heads 0..3 read windows 16, 32, 8 and 64.
+        let w = "k <= q && q - k < [16, 32, 8, 64][h]";
+        assert!(over(w, (128, 191), (0, 63)).never());
+        assert_eq!(over(w, (128, 191), (96, 127)), Range::MAYBE);
+        assert!(over("k <= q && q - k < [70, 80][h / 4]", (64, 127), (60, 63)).always());
+        assert_eq!(
+            over("[0.5, -2.0, 3.0][q - k]", (10, 20), (0, 5)),
+            Range::Float { lo: 3.0, hi: 3.0 }
+        );
+        // Distances -5..1: the first two entries (negative indices read the first).
+        assert_eq!(over("[5, 1, 7][q - k]", (0, 5), (4, 5)), Range::int(1, 5));
     }
 
     #[test]

@@ -85,6 +85,33 @@ impl KeyRange {
         KeyRange::default()
     }
 
+    /// Whether every key `other` allows, this range allows too: each of this range's bounds
+    /// is implied by one of `other`'s (the same bound, or a linear one of the same slope that
+    /// is tighter). False when that is not known.
+    fn covers(&self, other: &KeyRange) -> bool {
+        let implied = |mine: &Bound, theirs: &Bound, low: bool| match (mine, theirs) {
+            (Bound::Linear { a, d }, Bound::Linear { a: b, d: e }) => {
+                a == b && if low { e >= d } else { e <= d }
+            }
+            (mine, theirs) => mine == theirs,
+        };
+        self.lows
+            .iter()
+            .all(|l| other.lows.iter().any(|o| implied(l, o, true)))
+            && self
+                .highs
+                .iter()
+                .all(|h| other.highs.iter().any(|o| implied(h, o, false)))
+    }
+
+    /// Whether the range holds no key at all: a constant upper bound below 0 (keys start at
+    /// 0), as `k < sinks` has with no sinks.
+    fn is_empty(&self) -> bool {
+        self.highs
+            .iter()
+            .any(|h| matches!(h, Bound::Linear { a: 0, d } if *d < 0))
+    }
+
     /// The keys this range allows for queries in `[q0, q1]`, as a closed interval.
     fn over(&self, q0: i64, q1: i64) -> (i64, i64) {
         let lo = self
@@ -150,9 +177,27 @@ impl Support {
         }
     }
 
-    /// The support of a mask: what its comparisons of `q` and `k` allow.
+    /// The support of a mask: what its comparisons of `q` and `k` allow. A table read at an
+    /// index that depends on neither `q` nor `k` (per-head windows: `q - k < spans[h]`) is
+    /// split into cases, one per distinct entry, and their supports joined.
     pub fn of(mask: &Expr) -> Support {
-        support(mask, false)
+        let Some((read, entries)) = table_outside_positions(mask) else {
+            return support(mask, false);
+        };
+        let mut joined = Support::none();
+        for entry in entries {
+            let case = Support::of(&mask.replace(&read, &entry).fold_constants());
+            for range in case.ranges {
+                if !range.is_empty() && !joined.ranges.iter().any(|r| r.covers(&range)) {
+                    joined.ranges.retain(|r| !range.covers(r));
+                    joined.ranges.push(range);
+                }
+            }
+            if joined.ranges.len() > MAX_RANGES {
+                return Support::all();
+            }
+        }
+        joined
     }
 
     /// A human-readable description, such as `q - 31 <= k <= q`.
@@ -185,6 +230,32 @@ impl Support {
             .collect();
         parts.join(" or ")
     }
+}
+
+/// Past this many distinct entries a table is not split into cases.
+const MAX_TABLE_CASES: usize = 16;
+
+/// The first read of a table whose index depends on neither `q` nor `k` (nor on a side
+/// input), and its distinct entries, when they are few.
+fn table_outside_positions(mask: &Expr) -> Option<(Expr, Vec<Expr>)> {
+    let mut found = None;
+    mask.walk(&mut |e| {
+        if found.is_none()
+            && let Expr::Table { table, index } = e
+            && index.vars().iter().all(|v| matches!(v, Var::H | Var::B))
+        {
+            let mut entries: Vec<Expr> = Vec::new();
+            for entry in table.literals() {
+                if !entries.contains(&entry) {
+                    entries.push(entry);
+                }
+            }
+            if entries.len() <= MAX_TABLE_CASES {
+                found = Some((e.clone(), entries));
+            }
+        }
+    });
+    found
 }
 
 /// `c0 + cq * q + ck * k`.
@@ -723,6 +794,14 @@ mod tests {
         assert_eq!(s("8 > abs(k - q)"), "q - 7 <= k <= q + 7");
         assert_eq!(s("abs(q - k) > 8"), "every k");
         assert_eq!(s("false"), "no key");
+        // Tables read per head: one case per entry, the widest kept.
+        assert_eq!(s("k <= q && q - k < [8, 32, 16][h]"), "q - 31 <= k <= q");
+        assert_eq!(
+            s("k <= q && (q - k < [4, 12][h % 2] || k < [0, 3, 1][h])"),
+            "k <= min(q, 2) or q - 11 <= k <= q"
+        );
+        assert_eq!(s("k <= q && ([0, 1][h] == 1 || q - k < 8)"), "k <= q");
+        assert_eq!(s("k <= q && q - k < [8, 32][q % 2]"), "k <= q");
     }
 
     #[test]

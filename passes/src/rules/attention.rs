@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use egg::{Id, Subst};
-use zebra_ir::expr::{BinOp, Expr, Func, UnOp, Var};
+use zebra_ir::expr::{BinOp, Expr, Func, Table, UnOp, Var};
 use zebra_ir::op::AttentionKernel;
 use zebra_ir::types::Dim;
 
@@ -59,6 +59,11 @@ fn at_masked(expr: &Expr) -> AtMasked {
         Expr::Var(Var::Score) => NegInf,
         Expr::Float(v) if !v.is_finite() => Unknown,
         Expr::Int(_) | Expr::Float(_) | Expr::Var(_) | Expr::Side { .. } => Finite,
+        Expr::Table {
+            table: Table::Float(entries),
+            ..
+        } if entries.iter().any(|x| !x.is_finite()) => Unknown,
+        Expr::Table { .. } => Finite,
         Expr::Bool(_) => Unknown,
         Expr::Unary(UnOp::Neg, e) => match at_masked(e) {
             Finite => Finite,
