@@ -181,13 +181,13 @@ impl Support {
     /// index that depends on neither `q` nor `k` (per-head windows: `q - k < spans[h]`) is
     /// split into cases, one per distinct entry, and their supports joined.
     pub fn of(mask: &Expr) -> Support {
-        let Some((read, entries)) = table_outside_positions(mask) else {
+        let cases = table_cases(mask);
+        if cases.is_empty() {
             return support(mask, false);
-        };
+        }
         let mut joined = Support::none();
-        for entry in entries {
-            let case = Support::of(&mask.replace(&read, &entry).fold_constants());
-            for range in case.ranges {
+        for case in &cases {
+            for range in support(case, false).ranges {
                 if !range.is_empty() && !joined.ranges.iter().any(|r| r.covers(&range)) {
                     joined.ranges.retain(|r| !range.covers(r));
                     joined.ranges.push(range);
@@ -234,6 +234,32 @@ impl Support {
 
 /// Past this many distinct entries a table is not split into cases.
 const MAX_TABLE_CASES: usize = 16;
+
+/// Past this many cases in all, tables are not split.
+const MAX_CASES: usize = 64;
+
+/// The mask once per combination of the entries of the tables it reads at indices free of
+/// `q` and `k` (per-head windows): each case is the mask of some heads, and every head's mask
+/// is one of them. Empty when the mask reads no such table or has too many cases.
+fn table_cases(mask: &Expr) -> Vec<Expr> {
+    let Some((read, entries)) = table_outside_positions(mask) else {
+        return Vec::new();
+    };
+    let mut cases = Vec::new();
+    for entry in entries {
+        let case = mask.replace(&read, &entry).fold_constants();
+        let split = table_cases(&case);
+        if split.is_empty() {
+            cases.push(case);
+        } else {
+            cases.extend(split);
+        }
+        if cases.len() > MAX_CASES {
+            return Vec::new();
+        }
+    }
+    cases
+}
 
 /// The first read of a table whose index depends on neither `q` nor `k` (nor on a side
 /// input), and its distinct entries, when they are few.
@@ -534,6 +560,13 @@ pub struct ScheduleInput<'a> {
 /// optionally refined element by element.
 pub fn build(input: &ScheduleInput) -> Schedule {
     let (bq, bk, t) = (input.block_q.max(1), input.block_k.max(1), input.seq_len);
+    let cases = table_cases(input.mask);
+    let heads = if input.mask.depends_on_head() {
+        input.heads.max(1)
+    } else {
+        1
+    };
+    let mut budget = REFINE_BUDGET;
     let n_k = t.div_ceil(bk);
     let mut rows = Vec::with_capacity(t.div_ceil(bq));
     let mut side_ranges: Vec<SideRange> = Vec::new();
@@ -571,11 +604,18 @@ pub fn build(input: &ScheduleInput) -> Schedule {
                 sides: &side_ranges,
             };
             let r = range(input.mask, &env);
+            let cost = (q1 - q0 + 1) * (k1 - k0 + 1) * heads;
             let kind = if r.never() {
                 continue;
             } else if r.always() {
                 TileKind::Full
-            } else if input.refine {
+            } else if let Some(kind) = by_cases(&cases, &env) {
+                match kind {
+                    Some(kind) => kind,
+                    None => continue,
+                }
+            } else if input.refine && cost <= budget {
+                budget -= cost;
                 match refine(input, (q0, q1), (k0, k1)) {
                     Some(kind) => kind,
                     None => continue,
@@ -592,6 +632,33 @@ pub fn build(input: &ScheduleInput) -> Schedule {
         block_k: bk,
         seq_len: t,
         rows,
+    }
+}
+
+/// How many mask evaluations refining one schedule may take (about a third of a second);
+/// past them, tiles the value ranges leave undecided stay partial, which is always correct.
+const REFINE_BUDGET: usize = 1 << 22;
+
+/// A tile classified case by case ([`table_cases`]), when every case is decided over it:
+/// `Some(None)` if no case shows a key, `Some(Some(kind))` otherwise (full when every case
+/// shows every key). `None` when some case is undecided, or there are no cases.
+fn by_cases(cases: &[Expr], env: &TileEnv) -> Option<Option<TileKind>> {
+    let (mut always, mut never) = (false, false);
+    for case in cases {
+        let r = range(case, env);
+        if r.always() {
+            always = true;
+        } else if r.never() {
+            never = true;
+        } else {
+            return None;
+        }
+    }
+    match (always, never) {
+        (false, false) => None,
+        (false, true) => Some(None),
+        (true, false) => Some(Some(TileKind::Full)),
+        (true, true) => Some(Some(TileKind::Partial)),
     }
 }
 

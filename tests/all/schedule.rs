@@ -29,7 +29,7 @@ impl Env for Point<'_> {
 }
 
 /// The static masks of the examples, with small parameters.
-const MASKS: [(&str, &str); 8] = [
+const MASKS: [(&str, &str); 10] = [
     ("causal", "k <= q"),
     ("sliding window", "k <= q && q - k < 5"),
     ("sinks", "k <= q && (q - k < 6 || k < 3)"),
@@ -38,6 +38,11 @@ const MASKS: [(&str, &str); 8] = [
     ("prefix-LM", "k <= q || k < 6"),
     ("bidirectional local", "abs(q - k) <= 3"),
     ("head-dependent", "k <= q && q - k < 4 * (h + 1)"),
+    (
+        "per-head tables",
+        "k <= q && ([0, 1][h] == 1 || q - k < [3, 7][h] || k < [2, 0][h])",
+    ),
+    ("distance table", "k <= q && [1, 1, 0, 1, 0][q - k] == 1"),
 ];
 
 fn schedule(
@@ -138,7 +143,7 @@ fn classification_is_never_wrong_and_refined_schedules_are_exact() {
 }
 
 /// For these masks the value ranges alone are tight: no tile is visited that has nothing
-/// visible, without evaluating any element. (Full tiles can hide behind correlated
+/// visible, without evaluating any element (per-head tables: case by case). (Full tiles can hide behind correlated
 /// conditions, `q - k < 6 || k < 3`; refined schedules find those.)
 #[test]
 fn value_ranges_alone_are_tight_for_band_masks() {
@@ -150,6 +155,7 @@ fn value_ranges_alone_are_tight_for_band_masks() {
             "chunked",
             "prefix-LM",
             "bidirectional local",
+            "per-head tables",
         ]
         .contains(n)
     }) {
