@@ -470,6 +470,13 @@ impl Parser {
                         break self.expect_punct("]")?;
                     }
                 };
+                if self.peek().is_punct("[") && !self.peek().line_start {
+                    let open = self.peek().span;
+                    return Err(self.error(
+                        Diagnostic::error(open, "a list written in place cannot be indexed")
+                            .label("name it first: `let name = [...]`, then read `name[index]`"),
+                    ));
+                }
                 Ok(Expr::new(ExprKind::List(items), token.span.to(close)))
             }
             _ => Err(self.unexpected("an expression")),
