@@ -635,9 +635,10 @@ pub fn build(input: &ScheduleInput) -> Schedule {
     }
 }
 
-/// How many mask evaluations refining one schedule may take (about a third of a second);
-/// past them, tiles the value ranges leave undecided stay partial, which is always correct.
-const REFINE_BUDGET: usize = 1 << 22;
+/// How many mask evaluations refining one schedule may take (about 30 ms on this
+/// repository's 2-core machine); past them, tiles the value ranges leave undecided stay
+/// partial, which is always correct.
+const REFINE_BUDGET: usize = 1 << 20;
 
 /// A tile classified case by case ([`table_cases`]), when every case is decided over it:
 /// `Some(None)` if no case shows a key, `Some(Some(kind))` otherwise (full when every case
