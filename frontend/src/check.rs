@@ -900,19 +900,18 @@ impl<'a> Checker<'a> {
                     .map(|a| self.translate(&a.value, values, n_heads))
                     .collect(),
             ),
-            ExprKind::Index(base, index) if self.tables.contains_key(&base.name) => {
-                let (table, _) = &self.tables[&base.name];
-                ir::Expr::Table {
+            ExprKind::Index(base, index) => match self.tables.get(&base.name) {
+                Some((table, _)) => ir::Expr::Table {
                     table: table.clone(),
                     index: Box::new(self.translate(index, values, n_heads)),
-                }
-            }
-            ExprKind::Index(base, index) => ir::Expr::Side {
-                name: base.name.clone(),
-                index: if matches!(&index.kind, ExprKind::Name(n) if n == "q") {
-                    Var::Q
-                } else {
-                    Var::K
+                },
+                None => ir::Expr::Side {
+                    name: base.name.clone(),
+                    index: if matches!(&index.kind, ExprKind::Name(n) if n == "q") {
+                        Var::Q
+                    } else {
+                        Var::K
+                    },
                 },
             },
         }

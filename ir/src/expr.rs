@@ -318,15 +318,6 @@ impl Scalar {
             Scalar::Bool(b) => i64::from(b),
         }
     }
-
-    /// The value as a literal expression.
-    pub fn literal(self) -> Expr {
-        match self {
-            Scalar::Int(i) => Expr::Int(i),
-            Scalar::Float(x) => Expr::Float(x),
-            Scalar::Bool(b) => Expr::Bool(b),
-        }
-    }
 }
 
 /// Where an expression is evaluated: index values, the score and the side inputs.
@@ -510,21 +501,10 @@ impl Expr {
             }
         }
         let folded = match self {
-            Expr::Table { table, index } => {
-                return match index.fold_constants() {
-                    Expr::Int(i) if !table.is_empty() => match table.get(i) {
-                        Scalar::Float(v) if !v.is_finite() => Expr::Table {
-                            table: table.clone(),
-                            index: Box::new(Expr::Int(i)),
-                        },
-                        v => v.literal(),
-                    },
-                    index => Expr::Table {
-                        table: table.clone(),
-                        index: Box::new(index),
-                    },
-                };
-            }
+            Expr::Table { table, index } => Expr::Table {
+                table: table.clone(),
+                index: Box::new(index.fold_constants()),
+            },
             Expr::Unary(op, e) => Expr::Unary(*op, Box::new(e.fold_constants())),
             Expr::Binary(op, l, r) => Expr::binary(*op, l.fold_constants(), r.fold_constants()),
             Expr::Call(func, args) => {
@@ -534,7 +514,7 @@ impl Expr {
         };
         let literal = |e: &Expr| matches!(e, Expr::Int(_) | Expr::Float(_) | Expr::Bool(_));
         let all_literal = match &folded {
-            Expr::Unary(_, e) => literal(e),
+            Expr::Unary(_, e) | Expr::Table { index: e, .. } => literal(e),
             Expr::Binary(_, l, r) => literal(l) && literal(r),
             Expr::Call(_, args) => args.iter().all(literal),
             _ => false,

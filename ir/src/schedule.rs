@@ -616,7 +616,7 @@ pub fn build(input: &ScheduleInput) -> Schedule {
                 }
             } else if input.refine && cost <= budget {
                 budget -= cost;
-                match refine(input, (q0, q1), (k0, k1)) {
+                match refine(input, heads, (q0, q1), (k0, k1)) {
                     Some(kind) => kind,
                     None => continue,
                 }
@@ -664,17 +664,14 @@ fn by_cases(cases: &[Expr], env: &TileEnv) -> Option<Option<TileKind>> {
 }
 
 /// Evaluates a tile element by element: `None` if nothing is visible.
+/// `heads`: how many heads to evaluate (1 when the mask does not read `h`).
 fn refine(
     input: &ScheduleInput,
+    heads: usize,
     (q0, q1): (usize, usize),
     (k0, k1): (usize, usize),
 ) -> Option<TileKind> {
     let (mut any, mut all) = (false, true);
-    let heads = if input.mask.depends_on_head() {
-        input.heads
-    } else {
-        1
-    };
     for h in 0..heads {
         for q in q0..=q1 {
             for k in k0..=k1 {

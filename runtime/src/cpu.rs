@@ -578,8 +578,7 @@ fn parallel_copy(out: &mut [f32], values: &[f32]) {
         .for_each(|(o, v)| o.copy_from_slice(v));
 }
 
-/// The model's weights in the plan's order, each checked against the plan's shape.
-/// Each weight of `plan` from `weights`, checked against its shape: borrowed (no copy) where
+/// Each weight of `plan` from `weights` in the plan's order, checked against its shape: borrowed (no copy) where
 /// the tensor is contiguous, as weights read from a file are.
 pub(crate) fn raw_weights<'w>(
     plan: &Plan,
