@@ -6,7 +6,7 @@ use ndarray::{ArrayD, ArrayView1, Axis, IxDyn};
 
 use crate::expr::{Env, Scalar, Var};
 use crate::op::AttentionKernel;
-use crate::schedule::{ScheduleInput, SideValues, Support, TileKind, build};
+use crate::schedule::{ScheduleInput, SideValues, Support, TileKind, build_heads};
 
 /// The operands of one attention: `q: [B, H, T, D]`, `k, v: [B, KV, T, D]`, and the side
 /// inputs `[B, T]` named by the kernel, in its order.
@@ -269,7 +269,7 @@ pub fn tiled(kernel: &AttentionKernel, ops: &Operands) -> ArrayD<f64> {
             names: &kernel.sides,
             values: rows.iter().map(Vec::as_slice).collect(),
         };
-        let schedule = build(&ScheduleInput {
+        let schedules = build_heads(&ScheduleInput {
             mask: &kernel.mask,
             support: &support,
             heads: kernel.heads as usize,
@@ -285,6 +285,7 @@ pub fn tiled(kernel: &AttentionKernel, ops: &Operands) -> ArrayD<f64> {
             refine: false,
         });
         for h in 0..heads {
+            let schedule = schedules.of(h);
             for (qt, row) in schedule.rows.iter().enumerate() {
                 for i in qt * schedule.block_q..((qt + 1) * schedule.block_q).min(t) {
                     let (mut max, mut sum) = (f64::NEG_INFINITY, 0.0);

@@ -179,11 +179,12 @@ impl Support {
 
     /// The support of a mask: what its comparisons of `q` and `k` allow. A table read at an
     /// index that depends on neither `q` nor `k` (per-head windows: `q - k < spans[h]`) is
-    /// split into cases, one per distinct entry, and their supports joined.
+    /// split into cases, one per distinct entry, and their supports joined. Ranges that hold
+    /// no key (`k < 0`) or lie within another are dropped.
     pub fn of(mask: &Expr) -> Support {
-        let cases = table_cases(mask);
+        let mut cases = table_cases(mask);
         if cases.is_empty() {
-            return support(mask, false);
+            cases.push(mask.clone());
         }
         let mut joined = Support::none();
         for case in &cases {
@@ -635,6 +636,96 @@ pub fn build(input: &ScheduleInput) -> Schedule {
     }
 }
 
+/// Whether an attention has a tile schedule per head: its mask reads `h` (per-head windows,
+/// a table of spans by head) and it has several heads. Then each head visits only the tiles
+/// its own mask shows, not the union over heads; heads whose masks agree share a schedule.
+pub fn per_head(mask: &Expr, heads: usize) -> bool {
+    heads > 1 && mask.depends_on_head()
+}
+
+/// The mask of head `h`: `h` replaced by its value and constants folded, so that tables read
+/// by head become that head's entries.
+pub fn head_mask(mask: &Expr, h: usize) -> Expr {
+    short_circuit(
+        &mask
+            .replace(&Expr::Var(Var::H), &Expr::Int(h as i64))
+            .fold_constants(),
+    )
+}
+
+/// `true || x` is `true`, `true && x` is `x` (and so on): what a head's constant choice
+/// leaves of a mask, so that the head's schedule sees only the keys it can show.
+fn short_circuit(e: &Expr) -> Expr {
+    match e {
+        Expr::Binary(op @ (BinOp::And | BinOp::Or), l, r) => {
+            let (l, r) = (short_circuit(l), short_circuit(r));
+            let absorbing = *op == BinOp::Or;
+            match (&l, &r) {
+                (Expr::Bool(v), _) | (_, Expr::Bool(v)) if *v == absorbing => Expr::Bool(*v),
+                (Expr::Bool(_), other) | (other, Expr::Bool(_)) => other.clone(),
+                _ => Expr::binary(*op, l, r),
+            }
+        }
+        Expr::Unary(UnOp::Not, inner) => match short_circuit(inner) {
+            Expr::Bool(v) => Expr::Bool(!v),
+            other => Expr::Unary(UnOp::Not, Box::new(other)),
+        },
+        other => other.clone(),
+    }
+}
+
+/// The schedules of an attention's heads: head `h` visits `schedules[of_head[h]]`. Without a
+/// schedule per head ([`per_head`]), `of_head` is `[0]` and the one schedule serves every head.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeadSchedules {
+    pub of_head: Vec<usize>,
+    pub schedules: Vec<Schedule>,
+}
+
+impl HeadSchedules {
+    /// The schedule of head `h` (the shared one when there is one for all).
+    pub fn of(&self, h: usize) -> &Schedule {
+        &self.schedules[self.of_head[h.min(self.of_head.len() - 1)]]
+    }
+
+    /// Tiles visited, summed over every head (counting a shared schedule once per head).
+    pub fn visited_by_heads(&self, heads: usize) -> usize {
+        (0..heads).map(|h| self.of(h).visited()).sum()
+    }
+}
+
+/// Builds the schedule of every head ([`HeadSchedules`]): for a mask that reads `h`, one per
+/// distinct [`head_mask`], each from that mask's own support; else the one [`build`] gives.
+pub fn build_heads(input: &ScheduleInput) -> HeadSchedules {
+    if !per_head(input.mask, input.heads) {
+        return HeadSchedules {
+            of_head: vec![0],
+            schedules: vec![build(input)],
+        };
+    }
+    let mut masks: Vec<Expr> = Vec::new();
+    let mut schedules = Vec::new();
+    let mut of_head = Vec::with_capacity(input.heads);
+    for h in 0..input.heads {
+        let mask = head_mask(input.mask, h);
+        let index = match masks.iter().position(|m| *m == mask) {
+            Some(i) => i,
+            None => {
+                let support = Support::of(&mask);
+                schedules.push(build(&ScheduleInput {
+                    mask: &mask,
+                    support: &support,
+                    ..*input
+                }));
+                masks.push(mask);
+                masks.len() - 1
+            }
+        };
+        of_head.push(index);
+    }
+    HeadSchedules { of_head, schedules }
+}
+
 /// How many mask evaluations refining one schedule may take (about 30 ms on this
 /// repository's 2-core machine); past them, tiles the value ranges leave undecided stay
 /// partial, which is always correct.
@@ -778,27 +869,36 @@ pub fn keys_per_query(mask: &Expr, block_q: usize, block_k: usize) -> Option<f64
 }
 
 /// Describes a mask's schedule symbolically and at two sequence lengths, for the text form.
+/// A mask that reads `h` ([`per_head`]) is described head by head (heads with the same mask
+/// together), and its tile counts are summed over the heads.
 pub fn describe(mask: &Expr, heads: usize, block_q: usize, block_k: usize) -> String {
-    let support = Support::of(mask);
-    let mut text = format!("keys: {}; ", support.describe());
-    let per_tile: Option<i64> = support
-        .ranges
-        .iter()
-        .map(|r| tiles_per_query_tile(r, block_q as i64, block_k as i64))
-        .sum();
+    let mut text = String::new();
+    if per_head(mask, heads) {
+        let mut kinds: Vec<(Expr, Vec<usize>)> = Vec::new();
+        for h in 0..heads {
+            let m = head_mask(mask, h);
+            match kinds.iter_mut().find(|(k, _)| *k == m) {
+                Some((_, of)) => of.push(h),
+                None => kinds.push((m, vec![h])),
+            }
+        }
+        let _ = write!(text, "per head: ");
+        for (i, (m, of)) in kinds.iter().enumerate() {
+            let names: Vec<String> = of.iter().map(usize::to_string).collect();
+            let noun = if of.len() == 1 { "head" } else { "heads" };
+            let sep = if i == 0 { "" } else { "; " };
+            let _ = write!(text, "{sep}{noun} {}: ", names.join(", "));
+            describe_keys(&mut text, m, block_q, block_k);
+        }
+    } else {
+        describe_keys(&mut text, mask, block_q, block_k);
+    }
     if !mask.sides().is_empty() {
-        text.push_str("side inputs: key tiles classified at run time from per-tile ranges");
         return text;
     }
-    match per_tile {
-        Some(n) => {
-            let tiles = if n == 1 { "tile" } else { "tiles" };
-            let _ = write!(text, "at most {n} key {tiles} per query tile, O(T)");
-        }
-        None => text.push_str("key tiles per query tile grow with T, O(T^2)"),
-    }
     for t in [1024usize, 8192] {
-        let schedule = build(&ScheduleInput {
+        let support = Support::of(mask);
+        let schedules = build_heads(&ScheduleInput {
             mask,
             support: &support,
             heads,
@@ -809,15 +909,45 @@ pub fn describe(mask: &Expr, heads: usize, block_q: usize, block_k: usize) -> St
             batch_row: 0,
             refine: true,
         });
-        let _ = write!(
-            text,
-            "; T={t}: {} full + {} partial of {}",
-            schedule.count(TileKind::Full),
-            schedule.count(TileKind::Partial),
-            schedule.total_tiles()
-        );
+        let (mut full, mut partial) = (0, 0);
+        let counted = if schedules.of_head.len() > 1 {
+            heads
+        } else {
+            1
+        };
+        for h in 0..counted {
+            full += schedules.of(h).count(TileKind::Full);
+            partial += schedules.of(h).count(TileKind::Partial);
+        }
+        let total = schedules.of(0).total_tiles() * counted;
+        let _ = write!(text, "; T={t}: {full} full + {partial} partial of {total}");
+    }
+    if per_head(mask, heads) {
+        let _ = write!(text, " (over {heads} heads)");
     }
     text
+}
+
+/// The keys a mask shows and how many key tiles a query tile visits.
+fn describe_keys(text: &mut String, mask: &Expr, block_q: usize, block_k: usize) {
+    let support = Support::of(mask);
+    let _ = write!(text, "keys: {}; ", support.describe());
+    if !mask.sides().is_empty() {
+        text.push_str("side inputs: key tiles classified at run time from per-tile ranges");
+        return;
+    }
+    let per_tile: Option<i64> = support
+        .ranges
+        .iter()
+        .map(|r| tiles_per_query_tile(r, block_q as i64, block_k as i64))
+        .sum();
+    match per_tile {
+        Some(n) => {
+            let tiles = if n == 1 { "tile" } else { "tiles" };
+            let _ = write!(text, "at most {n} key {tiles} per query tile, O(T)");
+        }
+        None => text.push_str("key tiles per query tile grow with T, O(T^2)"),
+    }
 }
 
 #[cfg(test)]
@@ -867,6 +997,36 @@ mod tests {
         );
         assert_eq!(s("k <= q && ([0, 1][h] == 1 || q - k < 8)"), "k <= q");
         assert_eq!(s("k <= q && q - k < [8, 32][q % 2]"), "k <= q");
+    }
+
+    #[test]
+    fn a_heads_mask_keeps_only_what_its_entries_leave() {
+        let mask =
+            parse_expr("k <= q && ([0, 1][h] == 1 || q - k < [3, 7][h] || k < [2, 0][h])").unwrap();
+        let of = |h| head_mask(&mask, h).to_string();
+        assert_eq!(of(0), "k <= q && (q - k < 3 || k < 2)");
+        assert_eq!(of(1), "k <= q");
+        assert!(per_head(&mask, 2));
+        assert!(!per_head(&mask, 1));
+        assert!(!per_head(&parse_expr("k <= q").unwrap(), 8));
+        // Heads 2 and 3 clamp to head 1's entries: three heads share one schedule.
+        let support = Support::of(&mask);
+        let built = build_heads(&ScheduleInput {
+            mask: &mask,
+            support: &support,
+            heads: 4,
+            block_q: 16,
+            block_k: 16,
+            seq_len: 256,
+            sides: None,
+            batch_row: 0,
+            refine: false,
+        });
+        assert_eq!(built.of_head, vec![0, 1, 1, 1]);
+        // Head 0: the sinks' tile, the previous tile (the window reaches 2 keys back) and
+        // its own.
+        assert_eq!(built.of(0).visited(), 1 + 2 + 14 * 3);
+        assert_eq!(built.of(3).visited(), 16 * 17 / 2);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use egg::{CostFunction, Id, Language};
 use zebra_ir::op::AttentionKernel;
-use zebra_ir::schedule::{ScheduleInput, Support, build};
+use zebra_ir::schedule::{ScheduleInput, Support, build_heads};
 use zebra_ir::types::{Bindings, DType, TensorType, resolve_shape};
 
 use crate::lang::{Attr, ZNode, ZOp, attr_count};
@@ -52,12 +52,15 @@ impl<'a> CostModel<'a> {
     }
 
     fn density(&mut self, kernel: &AttentionKernel) -> f64 {
-        let key = format!("{} {} {}", kernel.mask, kernel.block_q, kernel.block_k);
+        let key = format!(
+            "{} {} {} {}",
+            kernel.mask, kernel.heads, kernel.block_q, kernel.block_k
+        );
         if let Some(&d) = self.densities.get(&key) {
             return d;
         }
         let support = Support::of(&kernel.mask);
-        let schedule = build(&ScheduleInput {
+        let schedules = build_heads(&ScheduleInput {
             mask: &kernel.mask,
             support: &support,
             heads: kernel.heads as usize,
@@ -68,7 +71,10 @@ impl<'a> CostModel<'a> {
             batch_row: 0,
             refine: false,
         });
-        let d = schedule.visited() as f64 / schedule.total_tiles().max(1) as f64;
+        // Per-head masks visit each head's own tiles: the density is their mean.
+        let heads = kernel.heads as usize;
+        let d = schedules.visited_by_heads(heads) as f64
+            / (schedules.of(0).total_tiles() * heads).max(1) as f64;
         self.densities.insert(key, d);
         d
     }

@@ -263,15 +263,21 @@ impl AttentionCase {
             .collect()
     }
 
-    /// Key tiles visited per batch row and head, and all `ceil(T / block_q) * ceil(T /
-    /// block_k)` of them.
+    /// Key tiles visited per batch row and head (on average over them), and all `ceil(T /
+    /// block_q) * ceil(T / block_k)` of them.
     pub fn tiles(&self, kernel: &AttentionEntry) -> (usize, usize) {
         let t = self.seq;
-        let total = t.div_ceil(kernel.block_q) * t.div_ceil(kernel.block_k);
-        // The schedule's buffers are padded: its entries end where its last row does.
-        let schedules = if self.built.per_batch { self.batch } else { 1 };
-        let visited = self.built.rows[schedules * t.div_ceil(kernel.block_q)] as usize / schedules;
-        (visited, total)
+        let n_qt = t.div_ceil(kernel.block_q);
+        let total = n_qt * t.div_ceil(kernel.block_k);
+        let mut visited = 0;
+        for b in 0..self.batch {
+            for h in 0..kernel.heads {
+                visited += (0..n_qt)
+                    .map(|qt| self.built.row(b, h, n_qt, qt).len())
+                    .sum::<usize>();
+            }
+        }
+        (visited / (self.batch * kernel.heads).max(1), total)
     }
 
     /// Visible score elements over every batch row and head.
@@ -419,18 +425,16 @@ fn count_visible(
     seq: usize,
     built: &crate::cpu::BuiltSchedule,
 ) -> u64 {
-    let rows: Vec<u64> = built.rows.iter().copied().collect();
     let tiles: Vec<u64> = built.tiles.iter().copied().collect();
     let n_qt = seq.div_ceil(kernel.block_q);
     let per_head = mask.vars().contains(&Var::H);
     let heads = if per_head { kernel.heads } else { 1 };
     let mut total = 0u64;
     for b in 0..batch {
-        let base = if built.per_batch { b * n_qt } else { 0 };
         for hh in 0..heads {
             for qt in 0..n_qt {
                 let (q0, q1) = (qt * kernel.block_q, ((qt + 1) * kernel.block_q).min(seq));
-                for &entry in &tiles[rows[base + qt] as usize..rows[base + qt + 1] as usize] {
+                for &entry in &tiles[built.row(b, hh, n_qt, qt)] {
                     let kt = (entry >> 1) as usize;
                     let (k0, k1) = (kt * kernel.block_k, ((kt + 1) * kernel.block_k).min(seq));
                     if entry & 1 == 0 {

@@ -4,6 +4,7 @@
 //! between runs; tile schedules and RoPE tables are built per sequence length and cached.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -13,7 +14,7 @@ use rayon::prelude::*;
 use crate::buffer::Buffer;
 use zebra_ir::Weights;
 use zebra_ir::expr::Expr;
-use zebra_ir::schedule::{ScheduleInput, SideValues, Support, TileKind, build};
+use zebra_ir::schedule::{ScheduleInput, SideValues, Support, TileKind, build_heads};
 
 use crate::artifact::{Artifact, ArtifactError};
 use crate::kv::KvCache;
@@ -129,13 +130,33 @@ impl Tensor {
 }
 
 /// A schedule in the kernels' format: row offsets, then `(key tile << 1) | partial` entries;
-/// and the same by columns (per key tile, `(query tile << 1) | partial`).
+/// and the same by columns (per key tile, `(query tile << 1) | partial`). The offsets come in
+/// sections of `tiles + 1` (the start of each row, then the end of the last): one section in
+/// all, or one per batch row when the mask reads side inputs, each of those one per head when
+/// the mask reads `h` ([`zebra_ir::schedule::per_head`]). Heads with the same schedule point
+/// at the same entries.
 pub(crate) struct BuiltSchedule {
     pub(crate) rows: Buffer,
     pub(crate) tiles: Buffer,
     pub(crate) columns: Buffer,
     pub(crate) column_tiles: Buffer,
     pub(crate) per_batch: bool,
+    /// The heads of a section each, when the schedule is per head; else 1.
+    pub(crate) heads: usize,
+}
+
+impl BuiltSchedule {
+    /// The section of row offsets of batch row `b` and head `h`, as the kernels compute it.
+    pub(crate) fn section(&self, b: usize, h: usize) -> usize {
+        let b = if self.per_batch { b } else { 0 };
+        b * self.heads + h.min(self.heads - 1)
+    }
+
+    /// The entries of query tile `qt` (of `n_qt`) for batch row `b` and head `h`.
+    pub(crate) fn row(&self, b: usize, h: usize, n_qt: usize, qt: usize) -> Range<usize> {
+        let at = self.section(b, h) * (n_qt + 1) + qt;
+        self.rows[at] as usize..self.rows[at + 1] as usize
+    }
 }
 
 /// Builds the tile schedule of `spec` for `batch` rows of `seq` tokens (the inputs hold the
@@ -149,11 +170,13 @@ pub(crate) fn build_schedule(
     inputs: &[Buffer],
 ) -> BuiltSchedule {
     let per_batch = spec.per_batch();
-    let mut rows = vec![0u64];
+    let mut rows = Vec::new();
     let mut tiles = Vec::new();
-    let mut columns = vec![0u64];
+    let mut columns = Vec::new();
     let mut column_tiles = Vec::new();
     let names: Vec<String> = spec.sides.iter().map(|(n, _)| n.clone()).collect();
+    let n_kt = seq.div_ceil(spec.block_k);
+    let mut heads = 1;
     for b in 0..if per_batch { batch } else { 1 } {
         let side_rows: Vec<&[i64]> = spec
             .sides
@@ -170,7 +193,7 @@ pub(crate) fn build_schedule(
             names: &names,
             values: side_rows,
         };
-        let schedule = build(&ScheduleInput {
+        let built = build_heads(&ScheduleInput {
             mask,
             support,
             heads: spec.heads,
@@ -183,19 +206,30 @@ pub(crate) fn build_schedule(
             // classified from value ranges alone, per run.
             refine: !per_batch,
         });
-        let n_kt = seq.div_ceil(spec.block_k);
-        let mut by_key: Vec<Vec<u64>> = vec![Vec::new(); n_kt];
-        for (qt, row) in schedule.rows.iter().enumerate() {
-            for &(kt, kind) in &row.tiles {
-                let partial = u64::from(kind == TileKind::Partial);
-                tiles.push((u64::from(kt) << 1) | partial);
-                by_key[kt as usize].push(((qt as u64) << 1) | partial);
+        heads = built.of_head.len();
+        // Each distinct schedule's entries once, then every head's sections pointing at them.
+        let mut sections = Vec::with_capacity(built.schedules.len());
+        for schedule in &built.schedules {
+            let mut row_ends = vec![tiles.len() as u64];
+            let mut by_key: Vec<Vec<u64>> = vec![Vec::new(); n_kt];
+            for (qt, row) in schedule.rows.iter().enumerate() {
+                for &(kt, kind) in &row.tiles {
+                    let partial = u64::from(kind == TileKind::Partial);
+                    tiles.push((u64::from(kt) << 1) | partial);
+                    by_key[kt as usize].push(((qt as u64) << 1) | partial);
+                }
+                row_ends.push(tiles.len() as u64);
             }
-            rows.push(tiles.len() as u64);
+            let mut column_ends = vec![column_tiles.len() as u64];
+            for entries in by_key {
+                column_tiles.extend(entries);
+                column_ends.push(column_tiles.len() as u64);
+            }
+            sections.push((row_ends, column_ends));
         }
-        for entries in by_key {
-            column_tiles.extend(entries);
-            columns.push(column_tiles.len() as u64);
+        for &s in &built.of_head {
+            rows.extend_from_slice(&sections[s].0);
+            columns.extend_from_slice(&sections[s].1);
         }
     }
     BuiltSchedule {
@@ -204,6 +238,7 @@ pub(crate) fn build_schedule(
         columns: words_of_i64(columns.into_iter().map(|x| x as i64)),
         column_tiles: words_of_i64(column_tiles.into_iter().map(|x| x as i64)),
         per_batch,
+        heads,
     }
 }
 

@@ -969,11 +969,12 @@ fn zebra_tiny_training_step_on_tensor_cores_in_the_emulator() {
 /// The training step of attentions that the backward must get right beyond zebra_tiny's
 /// windows, with its forward and backward attention on tensor cores: a score modifier's
 /// derivative (soft-capping), a per-head bias (ALiBi, GQA: the `dK`/`dV` kernel walks every
-/// head of its KV head's group), and a side input with a schedule per batch row (document
-/// masking), at a length past one query tile.
+/// head of its KV head's group), a side input with a schedule per batch row (document
+/// masking) and a schedule per head (per-head windows: the `dK`/`dV` kernel reads each
+/// head's columns), at a length past one query tile.
 #[test]
 fn attention_backward_on_tensor_cores_in_the_emulator() {
-    for name in ["softcap", "alibi", "document"] {
+    for name in ["softcap", "alibi", "document", "per_head"] {
         let path = root().join(format!("examples/attention/{name}.zb"));
         let kinds = on_tensor_cores_in_the_emulator(&path, 150, true);
         for kind in ["attention_lse", "attention_dq", "attention_dkv"] {

@@ -2,8 +2,12 @@
 //! evaluation) and partial is never wrong, checked exhaustively on small lengths, and it is
 //! tight: it visits exactly the tiles with a visible element, as the formulas say.
 
+use std::ops::Range;
 use zebra_ir::expr::{Env, Expr, Scalar, Var, parse_expr};
-use zebra_ir::schedule::{Schedule, ScheduleInput, SideValues, Support, TileKind, build};
+
+use zebra_ir::schedule::{
+    Schedule, ScheduleInput, SideValues, Support, TileKind, build, build_heads,
+};
 
 const HEADS: usize = 2;
 
@@ -71,16 +75,17 @@ fn schedule(
     })
 }
 
-/// How many elements of a tile are visible, and how many it has.
+/// How many elements of a tile are visible to `heads`, and how many it has.
 fn visible(
     mask: &Expr,
     t: usize,
     (bq, bk): (usize, usize),
     (qt, kt): (usize, usize),
     doc: &[i64],
+    heads: Range<usize>,
 ) -> (usize, usize) {
     let (mut seen, mut all) = (0, 0);
-    for h in 0..HEADS {
+    for h in heads {
         for q in qt * bq..((qt + 1) * bq).min(t) {
             for k in kt * bk..((kt + 1) * bk).min(t) {
                 all += 1;
@@ -93,11 +98,22 @@ fn visible(
 
 /// Checks a schedule against the mask, tile by tile. Returns (non-empty, full) tile counts.
 fn check_never_wrong(what: &str, mask: &Expr, s: &Schedule, doc: &[i64]) -> (usize, usize) {
+    check_heads(what, mask, s, doc, 0..HEADS)
+}
+
+/// [`check_never_wrong`] for the schedule of some of the heads.
+fn check_heads(
+    what: &str,
+    mask: &Expr,
+    s: &Schedule,
+    doc: &[i64],
+    heads: Range<usize>,
+) -> (usize, usize) {
     let (t, blocks) = (s.seq_len, (s.block_q, s.block_k));
     let (mut non_empty, mut full) = (0, 0);
     for qt in 0..t.div_ceil(blocks.0) {
         for kt in 0..t.div_ceil(blocks.1) {
-            let (seen, all) = visible(mask, t, blocks, (qt, kt), doc);
+            let (seen, all) = visible(mask, t, blocks, (qt, kt), doc, heads.clone());
             non_empty += usize::from(seen > 0);
             full += usize::from(seen == all);
             match s.rows[qt].tiles.iter().find(|(k, _)| *k as usize == kt) {
@@ -139,6 +155,55 @@ fn classification_is_never_wrong_and_refined_schedules_are_exact() {
                 );
             }
         }
+    }
+}
+
+/// Masks that read `h` get a schedule per head: each is never wrong for its head, exact
+/// when refined, tight from value ranges alone for the per-head tables, and together they
+/// visit fewer tiles than the one schedule shared by every head would.
+#[test]
+fn per_head_schedules_are_never_wrong_and_exact() {
+    let per_head = MASKS
+        .iter()
+        .filter(|(_, m)| parse_expr(m).unwrap().depends_on_head());
+    for (name, text) in per_head {
+        let mask = parse_expr(text).unwrap();
+        let mut fewer = false;
+        for blocks in [(4, 4), (8, 4), (8, 8)] {
+            for t in 1..=40 {
+                for refine in [false, true] {
+                    let support = Support::of(&mask);
+                    let heads = build_heads(&ScheduleInput {
+                        mask: &mask,
+                        support: &support,
+                        heads: HEADS,
+                        block_q: blocks.0,
+                        block_k: blocks.1,
+                        seq_len: t,
+                        sides: None,
+                        batch_row: 0,
+                        refine,
+                    });
+                    assert_eq!(heads.of_head.len(), HEADS, "{name}");
+                    for h in 0..HEADS {
+                        let what = format!("{name}, head {h}, T = {t}, blocks {blocks:?}");
+                        let (non_empty, full) =
+                            check_heads(&what, &mask, heads.of(h), &[], h..h + 1);
+                        if refine || *name == "per-head tables" {
+                            assert_eq!(heads.of(h).visited(), non_empty, "{what}");
+                        }
+                        if refine {
+                            assert_eq!(heads.of(h).count(TileKind::Full), full, "{what}");
+                        }
+                    }
+                    let shared = schedule(&mask, t, blocks, refine, None).visited() * HEADS;
+                    let own = heads.visited_by_heads(HEADS);
+                    assert!(own <= shared, "{name}, T = {t}: {own} > {shared}");
+                    fewer |= own < shared;
+                }
+            }
+        }
+        assert!(fewer, "{name}: per-head schedules never visit fewer tiles");
     }
 }
 

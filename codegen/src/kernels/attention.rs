@@ -23,22 +23,37 @@ fn block_rows(block_q: usize) -> usize {
         .unwrap_or(1)
 }
 
-/// The entries `start..end` of tile `tile` in a schedule whose row offsets are `rows`: one
-/// set of `tiles` rows per batch row when `per_batch` is 1, else one shared set. `one` is the
+/// Where a kernel reads its schedule's row offsets: the offsets `rows`, sections of `tiles +
+/// 1` of them, one shared or one per batch row when `per_batch` is 1; with `head` (the head
+/// and the head count, for a schedule per head: [`zebra_ir::schedule::per_head`]), each of
+/// those one per head.
+pub(crate) struct ScheduleRows<'a> {
+    pub rows: &'a Val,
+    pub batch: &'a Val,
+    pub per_batch: &'a Val,
+    pub tiles: &'a Val,
+    pub head: Option<(&'a Val, &'a Val)>,
+}
+
+/// The entries `start..end` of tile `tile` in a schedule ([`ScheduleRows`]). `one` is the
 /// constant 1.
 pub(crate) fn schedule_range(
     b: &mut Builder,
-    rows: &Val,
-    (batch, per_batch, tiles): (&Val, &Val, &Val),
+    at: &ScheduleRows,
     tile: &Val,
     one: &Val,
 ) -> (Val, Val) {
-    let shared = b.muli(batch, per_batch);
-    let shared = b.muli(&shared, tiles);
+    let mut section = b.muli(at.batch, at.per_batch);
+    if let Some((h, heads)) = at.head {
+        let first = b.muli(&section, heads);
+        section = b.addi(&first, h);
+    }
+    let stride = b.addi(at.tiles, one);
+    let shared = b.muli(&section, &stride);
     let row = b.addi(&shared, tile);
-    let start = b.load(rows, &row, I64, I64);
+    let start = b.load(at.rows, &row, I64, I64);
     let next = b.addi(&row, one);
-    let end = b.load(rows, &next, I64, I64);
+    let end = b.load(at.rows, &next, I64, I64);
     (start, end)
 }
 
@@ -314,6 +329,7 @@ pub fn attention(name: &str, kernel: &AttentionKernel, lse: bool, max_vector: us
         .collect();
     let t = b.i64_at(&e.dims, 1);
     let per_batch = b.i64_at(&e.dims, 2);
+    let per_head = zebra_ir::schedule::per_head(&kernel.mask, h_count as usize);
 
     let c0 = b.i64(0);
     let c1 = b.i64(1);
@@ -406,7 +422,15 @@ pub fn attention(name: &str, kernel: &AttentionKernel, lse: bool, max_vector: us
         };
 
         // This query tile's row of the schedule.
-        let (start, end) = schedule_range(b, &sched_rows, (&batch, &per_batch, &n_qt), &qt, &c1);
+        let head = per_head.then_some((&h, &ch));
+        let row_offsets = ScheduleRows {
+            rows: &sched_rows,
+            batch: &batch,
+            per_batch: &per_batch,
+            tiles: &n_qt,
+            head,
+        };
+        let (start, end) = schedule_range(b, &row_offsets, &qt, &c1);
         b.for_range(&start, &end, &c1, &[], |b, entry_index, _| {
             let entry = b.load(&sched_tiles, entry_index, I64, I64);
             let kt_index = b.op(format!("arith.shrsi {entry}, {c1} : i64"));

@@ -16,7 +16,7 @@
 
 use zebra_ir::op::AttentionKernel;
 
-use crate::kernels::attention::{Layout, dot_panel, schedule_range, weighted_sum};
+use crate::kernels::attention::{Layout, ScheduleRows, dot_panel, schedule_range, weighted_sum};
 use crate::mlir::{Builder, F32, I64, Val, entry, vf32};
 use crate::vexpr::{self, VecEnv};
 
@@ -309,6 +309,7 @@ pub fn attention_dq(name: &str, kernel: &AttentionKernel, max_vector: usize) -> 
         .collect();
     let t = b.i64_at(&e.dims, 1);
     let per_batch = b.i64_at(&e.dims, 2);
+    let per_head = zebra_ir::schedule::per_head(&kernel.mask, kernel.heads as usize);
     let (c0, c1) = (b.i64(0), b.i64(1));
     let cw = b.i64(w as i64);
     let cbq = b.i64(c.bq as i64);
@@ -360,7 +361,14 @@ pub fn attention_dq(name: &str, kernel: &AttentionKernel, max_vector: usize) -> 
             });
             vec![]
         });
-        let (start, end) = schedule_range(b, &sched_rows, (&batch, &per_batch, &n_qt), &qt, &c1);
+        let row_offsets = ScheduleRows {
+            rows: &sched_rows,
+            batch: &batch,
+            per_batch: &per_batch,
+            tiles: &n_qt,
+            head: per_head.then_some((&h, &ch)),
+        };
+        let (start, end) = schedule_range(b, &row_offsets, &qt, &c1);
         b.for_range(&start, &end, &c1, &[], |b, entry_index, _| {
             let entry = b.load(&sched_tiles, entry_index, I64, I64);
             let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
@@ -465,6 +473,7 @@ pub fn attention_dkv(name: &str, kernel: &AttentionKernel, max_vector: usize) ->
         .collect();
     let t = b.i64_at(&e.dims, 1);
     let per_batch = b.i64_at(&e.dims, 2);
+    let per_head = zebra_ir::schedule::per_head(&kernel.mask, kernel.heads as usize);
     let (c0, c1) = (b.i64(0), b.i64(1));
     let cw = b.i64(w as i64);
     let cbq = b.i64(c.bq as i64);
@@ -526,10 +535,17 @@ pub fn attention_dkv(name: &str, kernel: &AttentionKernel, max_vector: usize) ->
                 vec![]
             });
         }
-        let (start, end) = schedule_range(b, &col_rows, (&batch, &per_batch, &n_kt), &kt, &c1);
         let h0 = b.muli(&kvh, &group);
         let h1 = b.addi(&h0, &group);
         b.for_range(&h0, &h1, &c1, &[], |b, h, _| {
+            let columns = ScheduleRows {
+                rows: &col_rows,
+                batch: &batch,
+                per_batch: &per_batch,
+                tiles: &n_kt,
+                head: per_head.then_some((h, &ch)),
+            };
+            let (start, end) = schedule_range(b, &columns, &kt, &c1);
             b.for_range(&start, &end, &c1, &[], |b, entry_index, _| {
                 let entry = b.load(&col_tiles, entry_index, I64, I64);
                 let qt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));

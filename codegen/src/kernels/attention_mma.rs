@@ -39,7 +39,7 @@
 
 use zebra_ir::op::AttentionKernel;
 
-use super::attention::schedule_range;
+use super::attention::{ScheduleRows, schedule_range};
 use super::block::{ChunkedTile, block_function, load8, pack8, shared_address, trunc32};
 use super::warp::{Descriptor, Lowering, WgmmaA};
 use crate::mlir::{Builder, F32, I64, Val, f32_literal};
@@ -836,7 +836,15 @@ pub fn attention_mma(
 
     // This query tile's row of the schedule.
     let n_qt = b.ceil_div(&t, &cbq);
-    let (start, end) = schedule_range(b, &sched_rows, (&batch, &per_batch, &n_qt), &qt, &c1);
+    let per_head = zebra_ir::schedule::per_head(&kernel.mask, heads as usize);
+    let row_offsets = ScheduleRows {
+        rows: &sched_rows,
+        batch: &batch,
+        per_batch: &per_batch,
+        tiles: &n_qt,
+        head: per_head.then_some((&h, &ch)),
+    };
+    let (start, end) = schedule_range(b, &row_offsets, &qt, &c1);
     let any = b.cmpi("slt", &start, &end, I64);
     // The Q tile and the first K tile (and V tile, with two stages), one copy group.
     let stages = tiles.stages;

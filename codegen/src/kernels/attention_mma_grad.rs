@@ -26,7 +26,7 @@
 
 use zebra_ir::op::AttentionKernel;
 
-use super::attention::schedule_range;
+use super::attention::{ScheduleRows, schedule_range};
 use super::attention_grad::lse_base2;
 use super::attention_mma::{Ctx, Half, MmaTiles, Product, sync_scores};
 use super::block::{ChunkedTile, block_function, load8, pack8, shared_address};
@@ -494,6 +494,8 @@ struct Common {
     ctx: Ctx,
     /// Whether the schedule has rows per batch row (dims[2]).
     per_batch: Val,
+    /// Whether it has rows per head ([`zebra_ir::schedule::per_head`]).
+    per_head: bool,
     /// `heads`, the heads per KV head, `kv_heads`, `D` and `T D` as i64 values.
     ch: Val,
     group: Val,
@@ -566,6 +568,7 @@ fn common(
     Common {
         ctx,
         per_batch,
+        per_head: zebra_ir::schedule::per_head(&kernel.mask, kernel.heads as usize),
         ch,
         group,
         ckv,
@@ -691,7 +694,14 @@ fn dq(name: &str, kernel: &AttentionKernel, half: Half, tiles: GradTiles, isa: L
     let cbk = b.i64(bk as i64);
     let q0 = b.muli(&qt, &cbq);
     let n_qt = b.ceil_div(&t, &cbq);
-    let (start, end) = schedule_range(b, &sched_rows, (&batch, per_batch, &n_qt), &qt, &c1);
+    let row_offsets = ScheduleRows {
+        rows: &sched_rows,
+        batch: &batch,
+        per_batch,
+        tiles: &n_qt,
+        head: cm.per_head.then_some((&h, ch)),
+    };
+    let (start, end) = schedule_range(b, &row_offsets, &qt, &c1);
     let any = b.cmpi("slt", &start, &end, I64);
     let tile_at = |b: &mut Builder, index: &Val| schedule_entry(b, &sched_tiles, index).0;
     let k_at = b.i64(layout.k as i64);
@@ -869,7 +879,6 @@ fn dkv(
     let k_end = b.addi(&k0, &cbk);
     let tail = b.cmpi("sgt", &k_end, &t, I64);
     let n_kt = b.ceil_div(&t, &cbk);
-    let (start, end) = schedule_range(b, &col_rows, (&batch, per_batch, &n_kt), &kt, &c1);
     let k_at = b.i64(layout.k as i64);
     let v_at = b.i64(layout.v as i64);
     ctx.load_tile(b, &k, &kv_base, &kt, &k_at, false);
@@ -893,6 +902,14 @@ fn dkv(
     let h0 = b.muli(&kvh, group);
     let h1 = b.addi(&h0, group);
     let acc = b.for_range(&h0, &h1, &c1, &carried, |b, h, acc| {
+        let columns = ScheduleRows {
+            rows: &col_rows,
+            batch: &batch,
+            per_batch,
+            tiles: &n_kt,
+            head: cm.per_head.then_some((h, ch)),
+        };
+        let (start, end) = schedule_range(b, &columns, &kt, &c1);
         let q_head = b.muli(&batch, ch);
         let q_head = b.addi(&q_head, h);
         let q_base = b.muli(&q_head, td);
