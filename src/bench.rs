@@ -316,7 +316,7 @@ fn attention(args: &BenchArgs, name: &str, mask_text: &str, dir: &Path) -> Resul
     let mask = zebra_ir::expr::parse_expr(mask_text).map_err(|e| anyhow!(e))?;
     let scale = 1.0 / (d as f64).sqrt();
     // The tiles: --blocks, else the tuning database's for this attention, else the target's.
-    let defaults = zebra_passes::tiles::default_blocks(zebra_passes::Target::Cpu, &mask);
+    let defaults = zebra_passes::tiles::default_blocks(zebra_passes::Target::Cpu, &mask, h);
     let kernel = zebra_ir::op::AttentionKernel {
         name: name.replace('-', "_"),
         mask: mask.clone(),

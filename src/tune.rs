@@ -552,7 +552,7 @@ fn tune_attention(
         );
     }
     // The default tiles first: the others are checked against them.
-    let defaults = zebra_passes::tiles::default_blocks(target, &kernel.mask);
+    let defaults = zebra_passes::tiles::default_blocks(target, &kernel.mask, kernel.heads as usize);
     let mut candidates = vec![defaults];
     for &block_q in &args.block_q {
         for &block_k in &args.block_k {

@@ -846,8 +846,16 @@ fn tiles_per_query_tile(range: &KeyRange, block_q: i64, block_k: i64) -> Option<
 
 /// The keys one query visits on average far from the sequence's start, with tiles of
 /// `block_q` queries by `block_k` keys (every key of each key tile visited), over 2^16
-/// queries; `None` when the key tiles a query tile visits grow with the sequence length.
-pub fn keys_per_query(mask: &Expr, block_q: usize, block_k: usize) -> Option<f64> {
+/// queries and, for a mask with a schedule per head ([`per_head`]), over the `heads`;
+/// `None` when the key tiles a query tile visits grow with the sequence length.
+pub fn keys_per_query(mask: &Expr, heads: usize, block_q: usize, block_k: usize) -> Option<f64> {
+    if per_head(mask, heads) {
+        let mut sum = 0.0;
+        for h in 0..heads {
+            sum += keys_per_query(&head_mask(mask, h), 1, block_q, block_k)?;
+        }
+        return Some(sum / heads as f64);
+    }
     let (bq, bk) = (block_q.max(1) as i64, block_k.max(1) as i64);
     let support = Support::of(mask);
     for range in &support.ranges {

@@ -32,8 +32,9 @@ impl fmt::Display for Blocks {
 /// keys per query than the fewest any of them visits (on average, far from the start). A
 /// window of 32 gets 32 x 32 tiles (64 keys visited per query, where 64 x 64 tiles visit
 /// 128; measured 1.2 to 1.5 times as fast at T = 8192); a window of 512 keeps 64 x 64 (576
-/// keys against 32 x 32's 544, and as fast).
-pub fn default_blocks(target: Target, mask: &Expr) -> Blocks {
+/// keys against 32 x 32's 544, and as fast). A mask that reads `h` counts the keys of each of
+/// its `heads`' own schedules, on average.
+pub fn default_blocks(target: Target, mask: &Expr, heads: usize) -> Blocks {
     let (block_q, block_k) = target.attention_blocks();
     let defaults = Blocks { block_q, block_k };
     if target != Target::Cpu {
@@ -43,7 +44,7 @@ pub fn default_blocks(target: Target, mask: &Expr) -> Blocks {
     let visited: Vec<(Blocks, f64)> = candidates
         .into_iter()
         .filter_map(|(block_q, block_k)| {
-            let keys = keys_per_query(mask, block_q, block_k)?;
+            let keys = keys_per_query(mask, heads, block_q, block_k)?;
             Some((
                 Blocks {
                     block_q: block_q as u64,
@@ -150,7 +151,7 @@ mod tests {
     #[test]
     fn narrow_bands_of_keys_get_smaller_tiles_on_the_cpu() {
         let blocks = |mask: &str, target| {
-            let b = default_blocks(target, &parse_expr(mask).unwrap());
+            let b = default_blocks(target, &parse_expr(mask).unwrap(), 8);
             (b.block_q, b.block_k)
         };
         for (mask, tiles) in [
@@ -170,6 +171,10 @@ mod tests {
             ("k <= q && (q - k < 16 || k < 4)", (32, 32)),
             ("abs(q - k) <= 64", (32, 32)),
             ("k <= q && q / 16 == k / 16", (32, 32)),
+            // Per-head windows: their heads' own keys, on average.
+            ("k <= q && q - k < [256, 128, 64, 32][h % 4]", (32, 32)),
+            ("k <= q && q - k < [4096, 512][h % 2]", (64, 64)),
+            ("k <= q && (q - k < [256, 32][h % 2] || h > 3)", (64, 64)),
         ] {
             assert_eq!(blocks(mask, Target::Cpu), tiles, "{mask}");
         }

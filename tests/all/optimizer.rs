@@ -250,7 +250,11 @@ fn tuned_tile_sizes_apply_to_the_attentions_they_were_tuned_for() {
             let expected = if name == kind {
                 tuned
             } else {
-                zebra_passes::tiles::default_blocks(Target::Cpu, &kernel.mask)
+                zebra_passes::tiles::default_blocks(
+                    Target::Cpu,
+                    &kernel.mask,
+                    kernel.heads as usize,
+                )
             };
             assert_eq!(
                 blocks(kernel.block_q, kernel.block_k),

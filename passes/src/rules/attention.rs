@@ -260,7 +260,10 @@ fn fuse(egraph: &mut ZGraph, s: &Subst, target: Target, tiles: &TileTable) -> Op
         merge_heads: false,
         loc,
     };
-    let blocks = tiles.blocks(&kernel, default_blocks(target, &kernel.mask));
+    let blocks = tiles.blocks(
+        &kernel,
+        default_blocks(target, &kernel.mask, kernel.heads as usize),
+    );
     (kernel.block_q, kernel.block_k) = (blocks.block_q, blocks.block_k);
     let mut children = vec![
         add_attr(egraph, Attr::Kernel(KernelAttr::new(kernel))),
