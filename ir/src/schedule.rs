@@ -560,6 +560,12 @@ pub struct ScheduleInput<'a> {
 /// Builds the schedule: candidate key tiles from the support, classified by value ranges,
 /// optionally refined element by element.
 pub fn build(input: &ScheduleInput) -> Schedule {
+    let mut budget = REFINE_BUDGET;
+    build_within(input, &mut budget)
+}
+
+/// [`build`], refining partial tiles only while `budget` mask evaluations are left.
+fn build_within(input: &ScheduleInput, budget: &mut usize) -> Schedule {
     let (bq, bk, t) = (input.block_q.max(1), input.block_k.max(1), input.seq_len);
     let cases = table_cases(input.mask);
     let heads = if input.mask.depends_on_head() {
@@ -567,7 +573,6 @@ pub fn build(input: &ScheduleInput) -> Schedule {
     } else {
         1
     };
-    let mut budget = REFINE_BUDGET;
     let n_k = t.div_ceil(bk);
     let mut rows = Vec::with_capacity(t.div_ceil(bq));
     let mut side_ranges: Vec<SideRange> = Vec::new();
@@ -615,8 +620,8 @@ pub fn build(input: &ScheduleInput) -> Schedule {
                     Some(kind) => kind,
                     None => continue,
                 }
-            } else if input.refine && cost <= budget {
-                budget -= cost;
+            } else if input.refine && cost <= *budget {
+                *budget -= cost;
                 match refine(input, heads, (q0, q1), (k0, k1)) {
                     Some(kind) => kind,
                     None => continue,
@@ -637,11 +642,16 @@ pub fn build(input: &ScheduleInput) -> Schedule {
 }
 
 /// Whether an attention has a tile schedule per head: its mask reads `h` (per-head windows,
-/// a table of spans by head) and it has several heads. Then each head visits only the tiles
-/// its own mask shows, not the union over heads; heads whose masks agree share a schedule.
+/// a table of spans by head) and it has several heads (up to [`MAX_HEAD_SCHEDULES`]). Then
+/// each head visits only the tiles its own mask shows, not the union over heads; heads whose
+/// masks agree share a schedule.
 pub fn per_head(mask: &Expr, heads: usize) -> bool {
-    heads > 1 && mask.depends_on_head()
+    (2..=MAX_HEAD_SCHEDULES).contains(&heads) && mask.depends_on_head()
 }
+
+/// Past this many heads, a mask that reads `h` gets one schedule for every head (the union
+/// of theirs), so that building schedules stays cheap whatever the head count.
+const MAX_HEAD_SCHEDULES: usize = 256;
 
 /// The mask of head `h`: `h` replaced by its value and constants folded, so that tables read
 /// by head become that head's entries.
@@ -703,27 +713,37 @@ pub fn build_heads(input: &ScheduleInput) -> HeadSchedules {
             schedules: vec![build(input)],
         };
     }
-    let mut masks: Vec<Expr> = Vec::new();
+    let mut of_head = vec![0; input.heads];
     let mut schedules = Vec::new();
-    let mut of_head = Vec::with_capacity(input.heads);
-    for h in 0..input.heads {
-        let mask = head_mask(input.mask, h);
-        let index = match masks.iter().position(|m| *m == mask) {
-            Some(i) => i,
-            None => {
-                let support = Support::of(&mask);
-                schedules.push(build(&ScheduleInput {
-                    mask: &mask,
-                    support: &support,
-                    ..*input
-                }));
-                masks.push(mask);
-                masks.len() - 1
-            }
+    // The heads share one refinement budget, so that many heads cost no more than one.
+    let mut budget = REFINE_BUDGET;
+    for (mask, heads) in head_masks(input.mask, input.heads) {
+        for h in heads {
+            of_head[h] = schedules.len();
+        }
+        let support = Support::of(&mask);
+        let input = ScheduleInput {
+            mask: &mask,
+            support: &support,
+            ..*input
         };
-        of_head.push(index);
+        schedules.push(build_within(&input, &mut budget));
     }
     HeadSchedules { of_head, schedules }
+}
+
+/// The distinct [`head_mask`]s of `heads` heads, each with the heads that have it, in order
+/// of their first head.
+fn head_masks(mask: &Expr, heads: usize) -> Vec<(Expr, Vec<usize>)> {
+    let mut kinds: Vec<(Expr, Vec<usize>)> = Vec::new();
+    for h in 0..heads {
+        let m = head_mask(mask, h);
+        match kinds.iter_mut().find(|(k, _)| *k == m) {
+            Some((_, of)) => of.push(h),
+            None => kinds.push((m, vec![h])),
+        }
+    }
+    kinds
 }
 
 /// How many mask evaluations refining one schedule may take (about 30 ms on this
@@ -851,8 +871,8 @@ fn tiles_per_query_tile(range: &KeyRange, block_q: i64, block_k: i64) -> Option<
 pub fn keys_per_query(mask: &Expr, heads: usize, block_q: usize, block_k: usize) -> Option<f64> {
     if per_head(mask, heads) {
         let mut sum = 0.0;
-        for h in 0..heads {
-            sum += keys_per_query(&head_mask(mask, h), 1, block_q, block_k)?;
+        for (mask, of) in head_masks(mask, heads) {
+            sum += keys_per_query(&mask, 1, block_q, block_k)? * of.len() as f64;
         }
         return Some(sum / heads as f64);
     }
@@ -882,16 +902,12 @@ pub fn keys_per_query(mask: &Expr, heads: usize, block_q: usize, block_k: usize)
 pub fn describe(mask: &Expr, heads: usize, block_q: usize, block_k: usize) -> String {
     let mut text = String::new();
     if per_head(mask, heads) {
-        let mut kinds: Vec<(Expr, Vec<usize>)> = Vec::new();
-        for h in 0..heads {
-            let m = head_mask(mask, h);
-            match kinds.iter_mut().find(|(k, _)| *k == m) {
-                Some((_, of)) => of.push(h),
-                None => kinds.push((m, vec![h])),
-            }
-        }
         let _ = write!(text, "per head: ");
-        for (i, (m, of)) in kinds.iter().enumerate() {
+        let kinds = head_masks(mask, heads);
+        if kinds.len() > DESCRIBED_HEAD_MASKS {
+            let _ = write!(text, "{} distinct masks, the first: ", kinds.len());
+        }
+        for (i, (m, of)) in kinds.iter().take(DESCRIBED_HEAD_MASKS).enumerate() {
             let names: Vec<String> = of.iter().map(usize::to_string).collect();
             let noun = if of.len() == 1 { "head" } else { "heads" };
             let sep = if i == 0 { "" } else { "; " };
@@ -935,6 +951,9 @@ pub fn describe(mask: &Expr, heads: usize, block_q: usize, block_k: usize) -> St
     }
     text
 }
+
+/// How many distinct head masks the text form describes.
+const DESCRIBED_HEAD_MASKS: usize = 8;
 
 /// The keys a mask shows and how many key tiles a query tile visits.
 fn describe_keys(text: &mut String, mask: &Expr, block_q: usize, block_k: usize) {
