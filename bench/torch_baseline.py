@@ -12,7 +12,9 @@ Set up once (PyTorch is only needed for benchmarking, never by Zebra itself):
 
 Benchmarks (the first three by default): attention-local (flex_attention with a
 sliding-window block mask, and SDPA with the dense window mask), attention-global (SDPA
-causal, flex_attention causal), matmul (an f32 [T, 4096] x [4096, 4096] product: the
+causal, flex_attention causal), attention-per-head (windows of W, W/2, W/4 and W/8 keys by
+head h % 4: flex_attention with a per-head block mask, SDPA with the dense per-head mask),
+matmul (an f32 [T, 4096] x [4096, 4096] product: the
 machine's practical FMA rate), train-zebra (training steps of examples/zebra_tiny.zb in
 PyTorch eager: the same layers, GQA, RoPE, SwiGLU, tied embeddings, AdamW; global layers
 through SDPA causal, local ones through SDPA with the window mask; --seq-len x --batch
@@ -43,6 +45,11 @@ def parse_args():
 def visible_local(t, w):
     # Keys k with k <= q and q - k < w: min(q + 1, w) per query.
     return sum(min(q + 1, w) for q in range(t))
+
+
+def per_head_windows(w, h):
+    # Zebra's attention-per-head: windows of w >> (head % 4) keys.
+    return [w >> (i % 4) for i in range(h)]
 
 
 def visible_global(t):
@@ -200,6 +207,26 @@ def main():
             dense = (ki <= qi) & (qi - ki < w)
             ms = timed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense), args.repeats)
             emit(args, "attention-local", "torch sdpa (dense window mask)", ms, flops, window=w)
+        if "attention-per-head" in args.names:
+            spans = per_head_windows(w, h)
+            flops = 4.0 * d * sum(visible_local(t, s) for s in spans)
+            windows = torch.tensor(spans)
+            if flex is not None:
+                compiled, create_block_mask = flex
+
+                def per_head(b, hh, qi, ki):
+                    # A shift, not `windows[hh]`: PyTorch 2.15's CPU flex_attention fails to
+                    # compile a mask that indexes a captured tensor.
+                    return (ki <= qi) & (qi - ki < (w >> (hh % 4)))
+
+                block_mask = create_block_mask(per_head, None, h, t, t, device="cpu")
+                ms = timed(lambda: compiled(q, k, v, block_mask=block_mask), args.repeats)
+                emit(args, "attention-per-head", "torch flex_attention (per-head block mask)", ms, flops, window=w)
+            qi = torch.arange(t)[None, :, None]
+            ki = torch.arange(t)[None, None, :]
+            dense = (ki <= qi) & (qi - ki < windows[:, None, None])
+            ms = timed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense), args.repeats)
+            emit(args, "attention-per-head", "torch sdpa (dense per-head mask)", ms, flops, window=w)
         if "attention-global" in args.names:
             flops = 4.0 * d * h * visible_global(t)
             ms = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), args.repeats)

@@ -17,9 +17,10 @@ use rayon::prelude::*;
 use zebra_runtime::{CpuModel, Tensor};
 
 /// The benchmarks, in the order they run.
-pub const NAMES: [&str; 9] = [
+pub const NAMES: [&str; 10] = [
     "attention-local",
     "attention-global",
+    "attention-per-head",
     "forward-zebra",
     "forward-all-global",
     "compile-cold",
@@ -201,6 +202,23 @@ fn random(shape: &[usize], rng: &mut ChaCha8Rng) -> ArrayD<f32> {
     ArrayD::from_shape_fn(IxDyn(shape), |_| rng.random_range(-1.0f32..1.0))
 }
 
+/// The mask of `attention-per-head`: windows of `W`, `W / 2`, `W / 4` and `W / 8` keys by head
+/// (`h % 4`), as models whose heads attend at different ranges have (DuoAttention, MoA).
+fn per_head_windows(window: usize) -> String {
+    let spans: Vec<String> = (0..4).map(|i| (window >> i).to_string()).collect();
+    format!("k <= q && q - k < [{}][h % 4]", spans.join(", "))
+}
+
+/// [`visible`] summed over `heads` heads, each with its own mask where the mask reads `h`.
+fn visible_by_heads(mask: &zebra_ir::Expr, t: usize, heads: usize) -> u64 {
+    if !mask.depends_on_head() {
+        return visible(mask, t) * heads as u64;
+    }
+    (0..heads)
+        .map(|h| visible(&zebra_ir::schedule::head_mask(mask, h), t))
+        .sum()
+}
+
 /// How many (query, key) pairs of a `t x t` attention the mask shows: whole 64 x 64 blocks
 /// are classified by value-range analysis, and only the blocks it cannot decide are counted
 /// pair by pair.
@@ -368,7 +386,7 @@ fn attention(args: &BenchArgs, name: &str, mask_text: &str, dir: &Path) -> Resul
         times.push(start.elapsed().as_secs_f64());
     }
     let time = median(times);
-    let flops = visible(&mask, t) as f64 * h as f64 * 4.0 * d as f64;
+    let flops = visible_by_heads(&mask, t, h) as f64 * 4.0 * d as f64;
     let mut fields = vec![
         ("name", name.into()),
         ("seq_len", t.into()),
@@ -743,6 +761,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                     &dir,
                 )?,
                 "attention-global" => attention(args, name, "k <= q", &dir)?,
+                "attention-per-head" => {
+                    attention(args, name, &per_head_windows(args.window), &dir)?
+                }
                 "forward-zebra" => forward(args, name, false, &dir)?,
                 "forward-all-global" => forward(args, name, true, &dir)?,
                 "compile-cold" => compile(args, name, true, &dir)?,

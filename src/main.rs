@@ -209,8 +209,9 @@ enum Command {
     /// Time the compiled kernels against naive baselines; one JSON object per benchmark with
     /// --json. Benchmarks: attention-local, attention-global, forward-zebra,
     /// forward-all-global, compile-cold, compile-warm (all when none is named), and
-    /// train-zebra (training steps of zebra_tiny), decode-zebra and decode-all-global
-    /// (decoding after a prompt of --seq-len tokens).
+    /// attention-per-head (windows of W, W/2, W/4 and W/8 keys by head), train-zebra
+    /// (training steps of zebra_tiny), decode-zebra and decode-all-global (decoding after a
+    /// prompt of --seq-len tokens).
     Bench {
         names: Vec<String>,
         /// The sequence length.
@@ -222,7 +223,7 @@ enum Command {
         /// Timed runs per benchmark (the median is reported).
         #[arg(long, default_value_t = 5, value_parser = zebra_runtime::parse_positive)]
         repeats: usize,
-        /// The local attention's window.
+        /// The local attention's window (attention-per-head: the widest).
         #[arg(long, default_value_t = 512, value_parser = zebra_runtime::parse_positive)]
         window: usize,
         /// Attention heads of the attention benchmarks.

@@ -212,6 +212,36 @@ fn compile_emits_the_kernels_at_each_stage() {
     assert!(out.stderr.contains("-o"), "{}", out.stderr);
 }
 
+/// `zebra bench attention-per-head` gives the heads windows of W, W/2, W/4 and W/8 keys and
+/// checks the kernel against the naive dense-mask attention, which reads `h` itself.
+#[test]
+fn bench_times_per_head_windows_against_the_naive_attention() {
+    let out = zebra_with(
+        ("ZEBRA_TUNING_DB", Path::new("")),
+        &[
+            "bench",
+            "attention-per-head",
+            "--seq-len",
+            "300",
+            "--window",
+            "64",
+            "--heads",
+            "4",
+            "--head-dim",
+            "16",
+            "--repeats",
+            "1",
+            "--json",
+        ],
+    );
+    assert!(out.ok, "{}", out.stderr);
+    let record: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!(record["name"], "attention-per-head");
+    assert_eq!(record["mask"], "k <= q && q - k < [64, 32, 16, 8][h % 4]");
+    assert!(record["gflops"].as_f64().unwrap() > 0.0, "{record}");
+    assert!(record["speedup_vs_baseline"].as_f64().is_some(), "{record}");
+}
+
 /// `zebra bench` refuses unknown benchmarks and malformed tile sizes.
 #[test]
 fn bench_refuses_bad_flags() {
