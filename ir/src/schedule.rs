@@ -920,8 +920,8 @@ pub fn describe(mask: &Expr, heads: usize, block_q: usize, block_k: usize) -> St
     if !mask.sides().is_empty() {
         return text;
     }
+    let support = Support::of(mask);
     for t in [1024usize, 8192] {
-        let support = Support::of(mask);
         let schedules = build_heads(&ScheduleInput {
             mask,
             support: &support,
@@ -934,11 +934,8 @@ pub fn describe(mask: &Expr, heads: usize, block_q: usize, block_k: usize) -> St
             refine: true,
         });
         let (mut full, mut partial) = (0, 0);
-        let counted = if schedules.of_head.len() > 1 {
-            heads
-        } else {
-            1
-        };
+        // Each head's own tiles, or the one schedule's once.
+        let counted = schedules.of_head.len();
         for h in 0..counted {
             full += schedules.of(h).count(TileKind::Full);
             partial += schedules.of(h).count(TileKind::Partial);
