@@ -34,7 +34,8 @@
 //! of a warp's 16 rows are those of `mma.sync`, so the mask, softmax and epilogue are shared.
 //!
 //! Buffers: `q [B, H, T, D]`, `k [B, KV, T, D]`, `v [B, KV, T, D]`, `out [B, H, T, D]`, the
-//! schedule's row offsets and tiles, then the side inputs `[B, T]` (i64, padded by 8).
+//! schedule's row offsets (in sections per batch row and head: `schedule_range`) and tiles,
+//! then the side inputs `[B, T]` (i64, padded by 8).
 //! Dims: `B`, `T`, and whether the schedule has one set of rows per batch row.
 
 use zebra_ir::op::AttentionKernel;
