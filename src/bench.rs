@@ -209,13 +209,12 @@ fn per_head_windows(window: usize) -> String {
     format!("k <= q && q - k < [{}][h % 4]", spans.join(", "))
 }
 
-/// [`visible`] summed over `heads` heads, each with its own mask where the mask reads `h`.
+/// [`visible`] summed over `heads` heads, each with its own mask where the mask reads `h`
+/// (counted once per distinct mask).
 fn visible_by_heads(mask: &zebra_ir::Expr, t: usize, heads: usize) -> u64 {
-    if !mask.depends_on_head() {
-        return visible(mask, t) * heads as u64;
-    }
-    (0..heads)
-        .map(|h| visible(&zebra_ir::schedule::head_mask(mask, h), t))
+    zebra_ir::schedule::head_masks(mask, heads)
+        .iter()
+        .map(|(mask, of)| visible(mask, t) * of.len() as u64)
         .sum()
 }
 

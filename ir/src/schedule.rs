@@ -734,7 +734,7 @@ pub fn build_heads(input: &ScheduleInput) -> HeadSchedules {
 
 /// The distinct [`head_mask`]s of `heads` heads, each with the heads that have it, in order
 /// of their first head.
-fn head_masks(mask: &Expr, heads: usize) -> Vec<(Expr, Vec<usize>)> {
+pub fn head_masks(mask: &Expr, heads: usize) -> Vec<(Expr, Vec<usize>)> {
     let mut kinds: Vec<(Expr, Vec<usize>)> = Vec::new();
     for h in 0..heads {
         let m = head_mask(mask, h);

@@ -24,15 +24,16 @@ fn block_rows(block_q: usize) -> usize {
 }
 
 /// Where a kernel reads its schedule's row offsets: the offsets `rows`, sections of `tiles +
-/// 1` of them, one shared or one per batch row when `per_batch` is 1; with `head` (the head
-/// and the head count, for a schedule per head: [`zebra_ir::schedule::per_head`]), each of
-/// those one per head.
+/// 1` of them, one shared or one per batch row when `per_batch` is 1; when `kernel`'s mask
+/// has a schedule per head ([`zebra_ir::schedule::per_head`]), each of those one per head,
+/// found from `head` (the head and the head count).
 pub(crate) struct ScheduleRows<'a> {
+    pub kernel: &'a AttentionKernel,
     pub rows: &'a Val,
     pub batch: &'a Val,
     pub per_batch: &'a Val,
     pub tiles: &'a Val,
-    pub head: Option<(&'a Val, &'a Val)>,
+    pub head: (&'a Val, &'a Val),
 }
 
 /// The entries `start..end` of tile `tile` in a schedule ([`ScheduleRows`]). `one` is the
@@ -44,7 +45,8 @@ pub(crate) fn schedule_range(
     one: &Val,
 ) -> (Val, Val) {
     let mut section = b.muli(at.batch, at.per_batch);
-    if let Some((h, heads)) = at.head {
+    if zebra_ir::schedule::per_head(&at.kernel.mask, at.kernel.heads as usize) {
+        let (h, heads) = at.head;
         let first = b.muli(&section, heads);
         section = b.addi(&first, h);
     }
@@ -329,7 +331,6 @@ pub fn attention(name: &str, kernel: &AttentionKernel, lse: bool, max_vector: us
         .collect();
     let t = b.i64_at(&e.dims, 1);
     let per_batch = b.i64_at(&e.dims, 2);
-    let per_head = zebra_ir::schedule::per_head(&kernel.mask, h_count as usize);
 
     let c0 = b.i64(0);
     let c1 = b.i64(1);
@@ -422,13 +423,13 @@ pub fn attention(name: &str, kernel: &AttentionKernel, lse: bool, max_vector: us
         };
 
         // This query tile's row of the schedule.
-        let head = per_head.then_some((&h, &ch));
         let row_offsets = ScheduleRows {
+            kernel,
             rows: &sched_rows,
             batch: &batch,
             per_batch: &per_batch,
             tiles: &n_qt,
-            head,
+            head: (&h, &ch),
         };
         let (start, end) = schedule_range(b, &row_offsets, &qt, &c1);
         b.for_range(&start, &end, &c1, &[], |b, entry_index, _| {

@@ -309,7 +309,6 @@ pub fn attention_dq(name: &str, kernel: &AttentionKernel, max_vector: usize) -> 
         .collect();
     let t = b.i64_at(&e.dims, 1);
     let per_batch = b.i64_at(&e.dims, 2);
-    let per_head = zebra_ir::schedule::per_head(&kernel.mask, kernel.heads as usize);
     let (c0, c1) = (b.i64(0), b.i64(1));
     let cw = b.i64(w as i64);
     let cbq = b.i64(c.bq as i64);
@@ -362,11 +361,12 @@ pub fn attention_dq(name: &str, kernel: &AttentionKernel, max_vector: usize) -> 
             vec![]
         });
         let row_offsets = ScheduleRows {
+            kernel,
             rows: &sched_rows,
             batch: &batch,
             per_batch: &per_batch,
             tiles: &n_qt,
-            head: per_head.then_some((&h, &ch)),
+            head: (&h, &ch),
         };
         let (start, end) = schedule_range(b, &row_offsets, &qt, &c1);
         b.for_range(&start, &end, &c1, &[], |b, entry_index, _| {
@@ -473,7 +473,6 @@ pub fn attention_dkv(name: &str, kernel: &AttentionKernel, max_vector: usize) ->
         .collect();
     let t = b.i64_at(&e.dims, 1);
     let per_batch = b.i64_at(&e.dims, 2);
-    let per_head = zebra_ir::schedule::per_head(&kernel.mask, kernel.heads as usize);
     let (c0, c1) = (b.i64(0), b.i64(1));
     let cw = b.i64(w as i64);
     let cbq = b.i64(c.bq as i64);
@@ -539,11 +538,12 @@ pub fn attention_dkv(name: &str, kernel: &AttentionKernel, max_vector: usize) ->
         let h1 = b.addi(&h0, &group);
         b.for_range(&h0, &h1, &c1, &[], |b, h, _| {
             let columns = ScheduleRows {
+                kernel,
                 rows: &col_rows,
                 batch: &batch,
                 per_batch: &per_batch,
                 tiles: &n_kt,
-                head: per_head.then_some((h, &ch)),
+                head: (h, &ch),
             };
             let (start, end) = schedule_range(b, &columns, &kt, &c1);
             b.for_range(&start, &end, &c1, &[], |b, entry_index, _| {

@@ -837,13 +837,13 @@ pub fn attention_mma(
 
     // This query tile's row of the schedule.
     let n_qt = b.ceil_div(&t, &cbq);
-    let per_head = zebra_ir::schedule::per_head(&kernel.mask, heads as usize);
     let row_offsets = ScheduleRows {
+        kernel,
         rows: &sched_rows,
         batch: &batch,
         per_batch: &per_batch,
         tiles: &n_qt,
-        head: per_head.then_some((&h, &ch)),
+        head: (&h, &ch),
     };
     let (start, end) = schedule_range(b, &row_offsets, &qt, &c1);
     let any = b.cmpi("slt", &start, &end, I64);

@@ -494,8 +494,6 @@ struct Common {
     ctx: Ctx,
     /// Whether the schedule has rows per batch row (dims[2]).
     per_batch: Val,
-    /// Whether it has rows per head ([`zebra_ir::schedule::per_head`]).
-    per_head: bool,
     /// `heads`, the heads per KV head, `kv_heads`, `D` and `T D` as i64 values.
     ch: Val,
     group: Val,
@@ -568,7 +566,6 @@ fn common(
     Common {
         ctx,
         per_batch,
-        per_head: zebra_ir::schedule::per_head(&kernel.mask, kernel.heads as usize),
         ch,
         group,
         ckv,
@@ -695,11 +692,12 @@ fn dq(name: &str, kernel: &AttentionKernel, half: Half, tiles: GradTiles, isa: L
     let q0 = b.muli(&qt, &cbq);
     let n_qt = b.ceil_div(&t, &cbq);
     let row_offsets = ScheduleRows {
+        kernel,
         rows: &sched_rows,
         batch: &batch,
         per_batch,
         tiles: &n_qt,
-        head: cm.per_head.then_some((&h, ch)),
+        head: (&h, ch),
     };
     let (start, end) = schedule_range(b, &row_offsets, &qt, &c1);
     let any = b.cmpi("slt", &start, &end, I64);
@@ -903,11 +901,12 @@ fn dkv(
     let h1 = b.addi(&h0, group);
     let acc = b.for_range(&h0, &h1, &c1, &carried, |b, h, acc| {
         let columns = ScheduleRows {
+            kernel,
             rows: &col_rows,
             batch: &batch,
             per_batch,
             tiles: &n_kt,
-            head: cm.per_head.then_some((h, ch)),
+            head: (h, ch),
         };
         let (start, end) = schedule_range(b, &columns, &kt, &c1);
         let q_head = b.muli(&batch, ch);
