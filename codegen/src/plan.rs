@@ -967,9 +967,10 @@ impl Planner<'_> {
 }
 
 impl Planner<'_> {
-    /// Plans an attention for generation: its KV cache (from the mask), and in a decode
-    /// step the attention against the cache; prefill computes it as usual and also outputs
-    /// its keys and values.
+    /// Plans an attention for generation: its KV caches (from the mask: one, or one per
+    /// group of KV heads that keep the same keys), and in a decode step the attention
+    /// against each cache for the query heads of the KV heads it holds; prefill computes it
+    /// as usual and also outputs its keys and values (once per cache).
     fn cached_attention(
         &mut self,
         id: NodeId,
@@ -997,23 +998,33 @@ impl Planner<'_> {
                 kernel.sides.join(", ")
             )));
         }
-        let policy = KvPolicy::of(&kernel.mask)
-            .map_err(|e| CodegenError::Unsupported(format!("{}: {e}", layer())))?;
-        let cache = self.plan.caches.len();
-        self.plan.caches.push(CacheSpec {
-            kv_heads: kernel.kv_heads as usize,
-            head_dim: kernel.head_dim as usize,
-            sinks: policy.sinks as usize,
-            ring: policy.ring.map(|r| r as usize),
-            min_prompt: policy.min_prompt as usize,
-            block: crate::kernels::decode::block_slots(self.vector),
-            layer: layer_index.map(|l| l as usize),
-        });
+        let heads = KvPolicy::by_kv_head(
+            &kernel.mask,
+            kernel.heads as usize,
+            kernel.kv_heads as usize,
+        )
+        .map_err(|e| CodegenError::Unsupported(format!("{}: {e}", layer())))?;
+        let first = self.plan.caches.len();
+        for held in &heads {
+            let policy = held.policy;
+            self.plan.caches.push(CacheSpec {
+                kv_heads: held.kv_heads.len(),
+                kv_heads_held: held.kv_heads.clone(),
+                head_dim: kernel.head_dim as usize,
+                sinks: policy.sinks as usize,
+                ring: policy.ring.map(|r| r as usize),
+                min_prompt: policy.min_prompt as usize,
+                block: crate::kernels::decode::block_slots(self.vector),
+                layer: layer_index.map(|l| l as usize),
+            });
+        }
         if self.mode == PlanMode::Prefill {
-            self.cache_outputs
-                .push((format!("cache:{cache}:k"), operands[1]));
-            self.cache_outputs
-                .push((format!("cache:{cache}:v"), operands[2]));
+            for cache in first..self.plan.caches.len() {
+                self.cache_outputs
+                    .push((format!("cache:{cache}:k"), operands[1]));
+                self.cache_outputs
+                    .push((format!("cache:{cache}:v"), operands[2]));
+            }
             let saved = std::mem::replace(&mut self.mode, PlanMode::Forward);
             let result = self.attention_family(id, kernel);
             self.mode = saved;
@@ -1026,34 +1037,39 @@ impl Planner<'_> {
         );
         let (value, out) = self.define(id);
         // Where the GPU kernel keeps each split's share of the cache (`decode_gpu`); the
-        // CPU's kernel leaves it untouched.
+        // CPU's kernel leaves it untouched. The steps run one after the other and share it.
         let partials = self.workspace(vec![
             Extent::Batch,
             Extent::Const(crate::kernels::decode_gpu::workspace_floats_per_batch_row(
                 kernel,
             )),
         ]);
-        let ops = vec![
-            q,
-            k,
-            v,
-            Operand::CacheKeys(cache),
-            Operand::CacheValues(cache),
-            Operand::CachePositions(cache),
-            out,
-            partials,
-        ];
-        let grid = Grid {
-            rows: vec![Extent::Batch],
-            row_chunk: 1,
-            cols: kernel.kv_heads,
-        };
-        let spec = KernelSpec::AttentionDecode {
-            kernel: kernel.clone(),
-            policy,
-        };
-        self.step(spec, ops, grid, None);
-        self.defined[value] = self.plan.steps.len() - 1;
+        // Each step writes the query heads of its KV heads: together, all of them.
+        for (cache, held) in (first..).zip(heads) {
+            let ops = vec![
+                q,
+                k,
+                v,
+                Operand::CacheKeys(cache),
+                Operand::CacheValues(cache),
+                Operand::CachePositions(cache),
+                out,
+                partials,
+            ];
+            let grid = Grid {
+                rows: vec![Extent::Batch],
+                row_chunk: 1,
+                cols: held.kv_heads.len() as u64,
+            };
+            let spec = KernelSpec::AttentionDecode {
+                kernel: kernel.clone(),
+                cache: held,
+            };
+            self.step(spec, ops, grid, None);
+            if self.defined[value] == usize::MAX {
+                self.defined[value] = self.plan.steps.len() - 1;
+            }
+        }
         Ok(())
     }
 }

@@ -21,7 +21,7 @@
 use std::fmt;
 
 use crate::expr::Expr;
-use crate::schedule::{Bound, KeyRange, Support};
+use crate::schedule::{self, Bound, KeyRange, Support};
 
 /// What a layer's KV cache keeps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -33,6 +33,14 @@ pub struct KvPolicy {
     /// The shortest prompt for which decoding after it equals a full forward pass: queries
     /// before this position may see later keys (a prefix-LM's prefix).
     pub min_prompt: u64,
+}
+
+/// A cache of some of an attention's KV heads.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HeadCache {
+    pub policy: KvPolicy,
+    /// The KV heads it holds, in order.
+    pub kv_heads: Vec<usize>,
 }
 
 /// Why a mask cannot be decoded with a KV cache.
@@ -73,10 +81,75 @@ impl KvPolicy {
                 Keep::All => policy.ring = None,
             }
         }
-        if policy.ring.is_none() {
-            policy.sinks = 0;
+        Ok(policy.normalized())
+    }
+
+    /// The caches of an attention of `heads` query heads over `kv_heads` KV heads (each
+    /// serving `heads / kv_heads` consecutive query heads): a KV head keeps what the masks
+    /// of its query heads can see, and KV heads that keep the same keys share a cache. A
+    /// mask that does not read `h` (or one with more heads than get schedules of their own,
+    /// see [`schedule::per_head`]) gets one cache of every KV head. So a layer of streaming
+    /// heads with one retrieval KV head keeps every key for that KV head only.
+    pub fn by_kv_head(
+        mask: &Expr,
+        heads: usize,
+        kv_heads: usize,
+    ) -> Result<Vec<HeadCache>, NotCausal> {
+        let grouped = kv_heads > 0 && heads.is_multiple_of(kv_heads);
+        if !grouped || !schedule::per_head(mask, heads) {
+            return Ok(vec![HeadCache {
+                policy: KvPolicy::of(mask)?,
+                kv_heads: (0..kv_heads).collect(),
+            }]);
         }
-        Ok(policy)
+        let group = heads / kv_heads;
+        let mut of_head = vec![None; heads];
+        for (m, of) in schedule::head_masks(mask, heads) {
+            let policy = KvPolicy::of(&m)?;
+            for h in of {
+                of_head[h] = Some(policy);
+            }
+        }
+        let mut caches: Vec<HeadCache> = Vec::new();
+        for kv in 0..kv_heads {
+            let policy = of_head[kv * group..(kv + 1) * group]
+                .iter()
+                .flatten()
+                .fold(None, |acc: Option<KvPolicy>, p| {
+                    Some(acc.map_or(*p, |a| a.union(p)))
+                })
+                .expect("every head has a mask");
+            match caches.iter_mut().find(|c| c.policy == policy) {
+                Some(cache) => cache.kv_heads.push(kv),
+                None => caches.push(HeadCache {
+                    policy,
+                    kv_heads: vec![kv],
+                }),
+            }
+        }
+        Ok(caches)
+    }
+
+    /// What both caches keep.
+    pub fn union(&self, other: &KvPolicy) -> KvPolicy {
+        KvPolicy {
+            sinks: self.sinks.max(other.sinks),
+            ring: self.ring.zip(other.ring).map(|(a, b)| a.max(b)),
+            min_prompt: self.min_prompt.max(other.min_prompt),
+        }
+        .normalized()
+    }
+
+    /// Every key leaves no sinks; a cache of sinks alone (or of nothing) keeps one slot of
+    /// ring for the new token, which the decode step writes before it attends (its mask
+    /// hides it where it must).
+    fn normalized(mut self) -> KvPolicy {
+        match self.ring {
+            None => self.sinks = 0,
+            Some(0) => self.ring = Some(1),
+            Some(_) => {}
+        }
+        self
     }
 
     /// The slots the cache holds at most (`None`: as many as positions).
@@ -108,7 +181,7 @@ impl fmt::Display for KvPolicy {
         match (self.sinks, self.ring) {
             (_, None) => write!(f, "every key"),
             (0, Some(r)) => write!(f, "a ring of {r} keys"),
-            (s, Some(0)) => write!(f, "the first {s} keys"),
+            (s, Some(1)) if s > 0 => write!(f, "the first {s} keys and the newest"),
             (s, Some(r)) => write!(f, "the first {s} keys and a ring of {r}"),
         }
     }
@@ -210,6 +283,66 @@ mod tests {
         // A table read at a position is not split: every key, conservatively.
         let p = policy("k <= q && q - k < [8, 16][q % 2]").unwrap();
         assert_eq!(p.ring, None);
+    }
+
+    #[test]
+    fn kv_heads_keep_what_their_query_heads_see() {
+        let by_kv = |mask: &str, heads, kv_heads| {
+            KvPolicy::by_kv_head(&parse_expr(mask).unwrap(), heads, kv_heads).unwrap()
+        };
+        let ring = |sinks, ring| KvPolicy {
+            sinks,
+            ring,
+            min_prompt: 0,
+        };
+        // Retrieval query heads 0-1 and 4-5: KV heads 0 and 2 keep every key; KV head 1's
+        // heads keep only the first four keys, and a slot for the new one.
+        let caches = by_kv("k <= q && ([1, 1, 0, 0, 1, 1][h] == 1 || k < 4)", 6, 3);
+        assert_eq!(caches.len(), 2);
+        assert_eq!(
+            (caches[0].policy.ring, &caches[0].kv_heads[..]),
+            (None, &[0, 2][..])
+        );
+        assert_eq!(
+            (caches[1].policy, &caches[1].kv_heads[..]),
+            (ring(4, Some(1)), &[1][..])
+        );
+        // Per-head windows: a KV head keeps its widest head's window, with its sinks.
+        let caches = by_kv(
+            "k <= q && (q - k < [4, 12, 7, 9][h] || k < [0, 3, 1, 0][h])",
+            4,
+            2,
+        );
+        let got: Vec<_> = caches
+            .iter()
+            .map(|c| (c.policy, c.kv_heads.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            [(ring(3, Some(12)), vec![0]), (ring(1, Some(9)), vec![1])]
+        );
+        // KV heads that keep the same keys share a cache; no `h`, one cache.
+        let caches = by_kv("k <= q && q - k < [8, 8, 16, 8][h]", 4, 4);
+        let got: Vec<_> = caches.iter().map(|c| c.kv_heads.clone()).collect();
+        assert_eq!(got, [vec![0, 1, 3], vec![2]]);
+        let caches = by_kv("k <= q && q - k < 8", 4, 2);
+        assert_eq!(
+            caches,
+            [HeadCache {
+                policy: ring(0, Some(8)),
+                kv_heads: vec![0, 1]
+            }]
+        );
+        // One head that sees keys after it refuses the layer.
+        let mask = parse_expr("k <= q || [0, 1][h] == 1").unwrap();
+        assert!(KvPolicy::by_kv_head(&mask, 2, 2).is_err());
+    }
+
+    #[test]
+    fn a_cache_of_sinks_alone_keeps_a_slot_for_the_new_token() {
+        let p = policy("k <= q && k < 4").unwrap();
+        assert_eq!((p.sinks, p.ring, p.capacity()), (4, Some(1), Some(5)));
+        assert_eq!((p.slot(3), p.slot(4), p.slot(9)), (3, 4, 4));
     }
 
     #[test]

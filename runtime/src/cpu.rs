@@ -334,7 +334,8 @@ pub(crate) fn check_inputs(
 }
 
 /// KV caches filled from a prefill plan's outputs (`cache:{c}:k` and `cache:{c}:v`,
-/// `[B, KV, T, D]`) for the prompt's `T` tokens, with room for `capacity` tokens when given;
+/// `[B, KV, T, D]`, of which each cache takes the KV heads it holds) for the prompt's `T`
+/// tokens, with room for `capacity` tokens when given;
 /// also `B` and `T`.
 pub(crate) fn fill_caches(
     plan: &Plan,
@@ -358,11 +359,16 @@ pub(crate) fn fill_caches(
                 "prefill keys are not [B, KV, T, D]".into(),
             ));
         };
-        if (*kv, *d) != (spec.kv_heads, spec.head_dim) || v.shape() != k.shape() {
+        let held = &spec.kv_heads_held;
+        if *d != spec.head_dim
+            || v.shape() != k.shape()
+            || held.len() != spec.kv_heads
+            || held.iter().any(|&g| g >= *kv)
+        {
             return Err(RuntimeError::Decode(format!(
-                "prefill keys of cache {c} have shape {:?}, expected [B, {}, T, {}]",
+                "prefill keys of cache {c} have shape {:?}, expected [B, KV, T, {}] with KV \
+                 heads {held:?}",
                 k.shape(),
-                spec.kv_heads,
                 spec.head_dim
             )));
         }
@@ -398,10 +404,10 @@ pub(crate) fn fill_caches(
             let slot = spec.slot(p);
             cache.set_position(slot, p);
             for row in 0..*b {
-                for g in 0..*kv {
+                for (i, &g) in held.iter().enumerate() {
                     let key: Vec<f32> = (0..*d).map(|x| k[[row, g, p, x]]).collect();
                     let value: Vec<f32> = (0..*d).map(|x| v[[row, g, p, x]]).collect();
-                    cache.write(slot, row, g, &key, &value);
+                    cache.write(slot, row, i, &key, &value);
                 }
             }
         }

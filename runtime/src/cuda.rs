@@ -1034,6 +1034,7 @@ mod tests {
         let cache = |sinks: usize, ring: Option<usize>, layer: usize, held: usize| {
             let spec = CacheSpec {
                 kv_heads: 2,
+                kv_heads_held: vec![0, 1],
                 head_dim: 8,
                 sinks,
                 ring,

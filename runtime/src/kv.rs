@@ -112,6 +112,7 @@ mod tests {
     fn spec(ring: Option<usize>) -> CacheSpec {
         CacheSpec {
             kv_heads: 2,
+            kv_heads_held: vec![0, 1],
             head_dim: 4,
             sinks: 0,
             ring,

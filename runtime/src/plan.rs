@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The version of the plan format; the runtime refuses plans of another.
-pub const PLAN_FORMAT: u32 = 2;
+pub const PLAN_FORMAT: u32 = 3;
 
 /// One dimension: a constant, the batch `B`, the sequence length `T`, or `ceil(T / n)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -135,12 +135,15 @@ pub struct OptimizerPlan {
     pub update: Vec<Step>,
 }
 
-/// The KV cache of one attention layer, as its mask needs it (see `zebra_ir::cache`):
-/// `sinks` slots for the first positions, then a ring of `ring` slots, or one slot per
-/// position when `ring` is `None`.
+/// The KV cache of one attention layer, or of some of its KV heads, as its mask needs it
+/// (see `zebra_ir::cache`): `sinks` slots for the first positions, then a ring of `ring`
+/// slots, or one slot per position when `ring` is `None`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheSpec {
+    /// The KV heads it holds (of the layer's keys and values `[B, KV, T, D]`)...
     pub kv_heads: usize,
+    /// ...which they are, in order (`0..KV` for a cache of the whole layer).
+    pub kv_heads_held: Vec<usize>,
     pub head_dim: usize,
     pub sinks: usize,
     pub ring: Option<usize>,

@@ -1219,8 +1219,9 @@ fn zebra_tiny_decoding_on_tensor_cores_in_the_emulator() {
 /// included) in the emulator with 32 threads a block, so chunks of 128 cache slots: after a
 /// prompt, decode steps past several chunks of a global layer's cache and several wraps of
 /// the rings give the portable kernel's logits at every step, for the Zebra layout, sinks
-/// with a ring, chunked, ALiBi and soft-capping; with one split (several chunks a block) and
-/// with up to three (two launched for this cache, one chunk each).
+/// with a ring, chunked, ALiBi, soft-capping and KV heads with caches of their own (KV heads
+/// 0 and 2 in one, 1 in another); with one split (several chunks a block) and with up to
+/// three (two launched for this cache, one chunk each).
 #[test]
 fn decoding_on_the_gpu_decode_kernel_in_the_emulator() {
     for file in [
@@ -1229,6 +1230,7 @@ fn decoding_on_the_gpu_decode_kernel_in_the_emulator() {
         "examples/attention/chunked.zb",
         "examples/attention/alibi.zb",
         "examples/attention/softcap.zb",
+        "tests/fixtures/ok/kv_heads_apart.zb",
     ] {
         let (source, _) = check_ok(&root().join(file));
         // Both ways for the Zebra layout; the others across blocks.
@@ -1295,14 +1297,14 @@ fn decode_kernel_matches_the_portable_one(what: &str, source: &str, end: usize, 
             .map(|(i, kernel)| match kernel {
                 TensorCoreKernel::Decode {
                     kernel,
-                    policy,
+                    cache,
                     slots,
                     ..
                 } => (
                     i,
                     TensorCoreKernel::Decode {
                         kernel,
-                        policy,
+                        cache,
                         slots,
                         threads: 32,
                         splits,

@@ -81,47 +81,163 @@ fn decoding_with_the_kv_cache_matches_a_full_forward() {
             }
             built.unwrap_or_else(|e| panic!("{what}: {e}"));
             let weights = zebra_frontend::init::random_weights(&tiny, 5);
-            let mut prefill = CpuModel::load(&prefill_dir, &weights, 2).unwrap();
-            let mut decode = CpuModel::load(&decode_dir, &weights, 2).unwrap();
-            let mut forward = CpuModel::load(&forward_dir, &weights, 2).unwrap();
-            let min_prompt = decode
-                .plan()
-                .caches
-                .iter()
-                .map(|c| c.min_prompt)
-                .max()
-                .unwrap_or(0);
+            let dirs = [&*prefill_dir, &*decode_dir, &*forward_dir];
             // Long enough for a window of 16 (32 in zebra_tiny) to wrap several times.
             let total = if tiny.layers.len() > 8 { 40 } else { 110 };
-            let all = tokens(2, total, tiny.vocab, 7);
-            let full = run(&mut forward, &all)["logits"].mapv(f64::from);
-            let prompt = min_prompt.max(5);
-            let first = all.slice(s![.., ..prompt]).to_owned().into_dyn();
-            let outputs = run(&mut prefill, &first);
-            // The prefill's logits: the last prompt position's only.
-            let last = full
-                .slice(s![.., prompt - 1..prompt, ..])
-                .to_owned()
-                .into_dyn();
-            let prefilled = outputs["logits"].mapv(f64::from);
-            assert_close(&prefilled, &last, TOLERANCE, &format!("{what}: prefill"));
-            decode
-                .start_decode(&outputs)
-                .unwrap_or_else(|e| panic!("{what}: {e}"));
-            for t in prompt..total {
-                let next = all.slice(s![.., t..t + 1]).to_owned().into_dyn();
-                let step = decode
-                    .decode(&next)
-                    .unwrap_or_else(|e| panic!("{what}: {e}"));
-                let actual = step["logits"].mapv(f64::from);
-                let expected = full.slice(s![.., t..t + 1, ..]).to_owned().into_dyn();
-                assert_close(&actual, &expected, TOLERANCE, &format!("{what} at {t}"));
-            }
-            assert_eq!(decode.cached_tokens(), total);
+            decode_like_a_full_forward(&what, dirs, &weights, tiny.vocab, total);
             decoded += 1;
         }
     }
     assert!(decoded >= 10, "only {decoded} programs decoded");
+}
+
+/// Prefills a prompt (at least 5 tokens, and as many as the caches need), then decodes the
+/// rest of `total` tokens of 2 batch rows one at a time: the prefill's logits and every
+/// step's are a full forward's over the whole prefix. Returns the decode model.
+fn decode_like_a_full_forward(
+    what: &str,
+    [prefill_dir, decode_dir, forward_dir]: [&Path; 3],
+    weights: &zebra_ir::Weights,
+    vocab: usize,
+    total: usize,
+) -> CpuModel {
+    let mut prefill = CpuModel::load(prefill_dir, weights, 2).unwrap();
+    let mut decode = CpuModel::load(decode_dir, weights, 2).unwrap();
+    let mut forward = CpuModel::load(forward_dir, weights, 2).unwrap();
+    let min_prompt = decode
+        .plan()
+        .caches
+        .iter()
+        .map(|c| c.min_prompt)
+        .max()
+        .unwrap_or(0);
+    let all = tokens(2, total, vocab, 7);
+    let full = run(&mut forward, &all)["logits"].mapv(f64::from);
+    let prompt = min_prompt.max(5);
+    let first = all.slice(s![.., ..prompt]).to_owned().into_dyn();
+    let outputs = run(&mut prefill, &first);
+    // The prefill's logits: the last prompt position's only.
+    let last = full
+        .slice(s![.., prompt - 1..prompt, ..])
+        .to_owned()
+        .into_dyn();
+    let prefilled = outputs["logits"].mapv(f64::from);
+    assert_close(&prefilled, &last, TOLERANCE, &format!("{what}: prefill"));
+    decode
+        .start_decode(&outputs)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    for t in prompt..total {
+        let next = all.slice(s![.., t..t + 1]).to_owned().into_dyn();
+        let step = decode
+            .decode(&next)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let actual = step["logits"].mapv(f64::from);
+        let expected = full.slice(s![.., t..t + 1, ..]).to_owned().into_dyn();
+        assert_close(&actual, &expected, TOLERANCE, &format!("{what} at {t}"));
+    }
+    assert_eq!(decode.cached_tokens(), total);
+    decode
+}
+
+/// Builds the prefill, decode and forward plans of the first model in `source` (at full
+/// size) into `out`.
+fn build_all_modes(source: &str, out: &Path) -> zebra_frontend::ModelSpec {
+    let checked = zebra_frontend::check_source(source);
+    assert!(!checked.has_errors(), "{:?}", checked.diagnostics);
+    let spec = checked.program.models[0].clone();
+    let graph = optimize(&lower(&spec), &Options::default()).unwrap().graph;
+    for (dir, mode) in [
+        ("p", PlanMode::Prefill),
+        ("d", PlanMode::Decode),
+        ("f", PlanMode::Forward),
+    ] {
+        build_mode(&graph, &out.join(dir), mode).unwrap_or_else(|e| panic!("{e}"));
+    }
+    spec
+}
+
+/// KV heads whose query heads see different keys get caches of their own: in
+/// `kv_heads_apart.zb` the retrieval heads' KV heads 0 and 2 keep every key, KV head 1 four
+/// sinks and a ring of 8, and decoding far past the ring still gives a full forward's
+/// logits; the caches hold 2/3 of full attention's bytes and a twelfth of the rest's.
+#[test]
+fn kv_heads_that_keep_different_keys_get_caches_of_their_own() {
+    let out = tempfile::tempdir().expect("temporary directory");
+    let path = crate::common::root().join("tests/fixtures/ok/kv_heads_apart.zb");
+    let source = std::fs::read_to_string(&path).unwrap();
+    let spec = build_all_modes(&source, out.path());
+    let dirs = ["p", "d", "f"].map(|d| out.path().join(d));
+    let weights = zebra_frontend::init::random_weights(&spec, 3);
+    let total = 60;
+    let decode = decode_like_a_full_forward(
+        "kv_heads_apart",
+        [&*dirs[0], &*dirs[1], &*dirs[2]],
+        &weights,
+        spec.vocab,
+        total,
+    );
+    let caches: Vec<_> = decode
+        .plan()
+        .caches
+        .iter()
+        .map(|c| (c.layer, c.kv_heads_held.clone(), c.sinks, c.ring))
+        .collect();
+    assert_eq!(
+        caches,
+        [
+            (Some(0), vec![0, 2], 0, None),
+            (Some(0), vec![1], 4, Some(8)),
+            (Some(1), vec![0, 2], 0, None),
+            (Some(1), vec![1], 4, Some(8)),
+        ]
+    );
+    let (held, full) = decode.cache_bytes();
+    let expected = (2.0 + 12.0 / total as f64) / 3.0;
+    let fraction = held as f64 / full as f64;
+    assert!(
+        (fraction - expected).abs() < 1e-9,
+        "{fraction} vs {expected}"
+    );
+}
+
+/// A mask that keeps only the first keys (sinks, no window) keeps them and a slot for the
+/// newest key, which its decode step writes before it attends.
+#[test]
+fn a_cache_of_sinks_alone_decodes_like_a_full_forward() {
+    let out = tempfile::tempdir().expect("temporary directory");
+    let source = "attention first_keys bidirectional {
+    mask = k <= q && k < 4
+}
+
+model sinks_only {
+    vocab      = 64
+    dim        = 32
+    heads      = 2
+    kv_heads   = 1
+    ffn        = swiglu(hidden = 48)
+    norm       = rmsnorm(eps = 1e-5)
+    rope       = rope(base = 10000.0)
+    embeddings = tied
+    layers     = 2 * first_keys
+}
+";
+    let spec = build_all_modes(source, out.path());
+    let dirs = ["p", "d", "f"].map(|d| out.path().join(d));
+    let weights = zebra_frontend::init::random_weights(&spec, 3);
+    let decode = decode_like_a_full_forward(
+        "sinks only",
+        [&*dirs[0], &*dirs[1], &*dirs[2]],
+        &weights,
+        spec.vocab,
+        30,
+    );
+    let kept: Vec<_> = decode
+        .plan()
+        .caches
+        .iter()
+        .map(|c| (c.sinks, c.ring))
+        .collect();
+    assert_eq!(kept, [(4, Some(1)), (4, Some(1))]);
 }
 
 /// Caches hold what the mask can see: a ring of the window for local layers, every key for

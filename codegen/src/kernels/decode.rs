@@ -1,19 +1,22 @@
 //! The decode-step attention: one new query per batch row against the layer's KV cache
-//! (see `zebra_ir::cache`). One program per (batch row, KV head) appends the new key and
+//! (see `zebra_ir::cache`), or against one of its caches where its KV heads keep different
+//! keys ([`HeadCache`]: the step then serves only the query heads of the KV heads that cache
+//! holds). One program per (batch row, KV head held) appends the new key and
 //! value to their slot, then answers every query head of its group in one pass over the
 //! slots in use, `w` slots at a time: scores by FMAs over a transposed key block, the score
 //! modifier and the mask compiled in (over the positions the slots hold, `-1` for an empty
 //! slot), an online softmax and `O += P V`.
 //!
 //! Buffers: `q [B, H, 1, D]`, the new `k` and `v [B, KV, 1, D]`, the key cache in blocks of
-//! `w` slots `[S / w][B][KV][D][w]`, the value cache `[S][B][KV][D]`, the slots' positions
+//! `w` slots `[S / w][B][KV'][D][w]`, the value cache `[S][B][KV'][D]` (`KV'` the KV heads
+//! the cache holds), the slots' positions
 //! `i64 [S]` (the new one already written by the runtime), `out` (`[B, 1, H, D]`, the same
 //! addresses as `[B, H, 1, D]`), then a workspace only the GPU's kernel uses
 //! ([`super::decode_gpu`]: each split's share of the cache). Dims: `B`, `T` (1), unused, the new token's position.
 //! Neither cache layout depends on its capacity, so a cache of every position grows by
 //! appending.
 
-use zebra_ir::cache::KvPolicy;
+use zebra_ir::cache::{HeadCache, KvPolicy};
 use zebra_ir::op::AttentionKernel;
 
 use super::attention::{reciprocal_or_zero, store_scaled};
@@ -28,10 +31,12 @@ pub fn block_slots(vector: usize) -> usize {
 pub fn attention_decode(
     name: &str,
     kernel: &AttentionKernel,
-    policy: KvPolicy,
+    cache: &HeadCache,
     vector: usize,
 ) -> String {
+    let policy = cache.policy;
     let (h_count, kv_count) = (kernel.heads as i64, kernel.kv_heads as i64);
+    let held = cache.kv_heads.len() as i64;
     let group = (h_count / kv_count) as usize;
     let d = kernel.head_dim as usize;
     let w = block_slots(vector);
@@ -57,6 +62,7 @@ pub fn attention_decode(
     let cwv = b.i64(wv as i64);
     let cd = b.i64(d as i64);
     let ckv = b.i64(kv_count);
+    let cheld = b.i64(held);
     let ch = b.i64(h_count);
     let cgroup = b.i64(group as i64);
     let neg_inf = b.f32(f32::NEG_INFINITY);
@@ -71,18 +77,21 @@ pub fn attention_decode(
 
     let (slot, used) = slot_and_used(&mut b, policy, &qpos);
     let blocks = b.ceil_div(&used, &cw);
-    let row_stride = b.muli(&batch_count, &ckv); // (batch, kv head) pairs per slot
+    let row_stride = b.muli(&batch_count, &cheld); // (batch, kv head) pairs per slot
 
     b.for_range(&e.first, &e.last, &c1, &[], |b, pid, _| {
-        let batch = b.divi(pid, &ckv);
-        let kv = b.remi(pid, &ckv);
-        let pair = b.muli(&batch, &ckv);
-        let pair = b.addi(&pair, &kv); // (batch, kv head)
+        let batch = b.divi(pid, &cheld);
+        let local = b.remi(pid, &cheld);
+        let pair = b.muli(&batch, &cheld);
+        let pair = b.addi(&pair, &local); // (batch, kv head held)
+        let kv = layer_kv_head(b, &cache.kv_heads, &local);
+        let new_pair = b.muli(&batch, &ckv);
+        let new_pair = b.addi(&new_pair, &kv);
 
         append_new_token(
             b,
             [&k_new, &v_new, &kc, &vc],
-            (&slot, &pair, &row_stride),
+            (&slot, (&new_pair, &pair), &row_stride),
             (d, w),
             (&c0, &c1),
         );
@@ -200,6 +209,29 @@ pub fn attention_decode(
     b.finish(name)
 }
 
+/// The attention's KV head that a cache holds at `local`: a chain of selects over
+/// `kv_heads` (none where it holds every KV head, or a range of them).
+pub(crate) fn layer_kv_head(b: &mut Builder, kv_heads: &[usize], local: &Val) -> Val {
+    let first = kv_heads.first().copied().unwrap_or(0);
+    if kv_heads.iter().enumerate().all(|(i, &kv)| kv == first + i) {
+        return match first {
+            0 => local.clone(),
+            _ => {
+                let first = b.i64(first as i64);
+                b.addi(local, &first)
+            }
+        };
+    }
+    let mut kv = b.i64(first as i64);
+    for (i, &head) in kv_heads.iter().enumerate().skip(1) {
+        let at = b.i64(i as i64);
+        let here = b.cmpi("eq", local, &at, I64);
+        let head = b.i64(head as i64);
+        kv = b.select(&here, &head, &kv, I64);
+    }
+    kv
+}
+
 /// The new token's slot and the slots in use, for the token at position `qpos`.
 pub(crate) fn slot_and_used(b: &mut Builder, policy: KvPolicy, qpos: &Val) -> (Val, Val) {
     let c1 = b.i64(1);
@@ -221,18 +253,19 @@ pub(crate) fn slot_and_used(b: &mut Builder, policy: KvPolicy, qpos: &Val) -> (V
 }
 
 /// Appends the new token's key into its key block's column and its value into its row, for
-/// the (batch row, KV head) `pair` (`row_stride` pairs per slot): head dims `first`,
-/// `first + step`, ... (buffers: the new key and value, the key and value caches).
+/// the (batch row, KV head) pair `new_pair` of the new key and value, `pair` of the caches
+/// (`row_stride` pairs per slot): head dims `first`, `first + step`, ... (buffers: the new
+/// key and value, the key and value caches).
 pub(crate) fn append_new_token(
     b: &mut Builder,
     [k_new, v_new, kc, vc]: [&Val; 4],
-    (slot, pair, row_stride): (&Val, &Val, &Val),
+    (slot, (new_pair, pair), row_stride): (&Val, (&Val, &Val), &Val),
     (d, w): (usize, usize),
     (first, step): (&Val, &Val),
 ) {
     let cd = b.i64(d as i64);
     let cw = b.i64(w as i64);
-    let new_row = b.muli(pair, &cd);
+    let new_row = b.muli(new_pair, &cd);
     let slot_block = b.divi(slot, &cw);
     let slot_lane = b.remi(slot, &cw);
     let kblock = b.muli(&slot_block, row_stride);

@@ -23,11 +23,11 @@
 //! slots to the next, so that the update of one chunk never races with the reads of the
 //! previous one; three barriers a chunk keep the phases apart.
 
-use zebra_ir::cache::KvPolicy;
+use zebra_ir::cache::HeadCache;
 use zebra_ir::op::AttentionKernel;
 
 use super::block::{block_function, trunc32};
-use super::decode::{append_new_token, key_block_scores, slot_and_used};
+use super::decode::{append_new_token, key_block_scores, layer_kv_head, slot_and_used};
 use super::warp::Lowering;
 use crate::mlir::{Builder, F32, I64, Val, vf32, vi64};
 use crate::vexpr;
@@ -143,16 +143,17 @@ fn value_width(group: usize, d: usize, threads: usize) -> usize {
 }
 
 /// The block function `@name(buffers, dims, x, y, thread, shared memory)` on a grid of
-/// (splits launched, `B * KV`) blocks of `threads` threads: each block's share of the cache
+/// (splits launched, `B * KV'`, `KV'` the KV heads the cache holds) blocks of `threads` threads: each block's share of the cache
 /// (`ceil(blocks / launched)` key blocks), to the workspace; [`attention_decode_combine`]
 /// then combines them. Buffers and dims are the portable kernel's, the workspace after them.
 pub fn attention_decode_gpu(
     name: &str,
     kernel: &AttentionKernel,
-    policy: KvPolicy,
+    cache: &HeadCache,
     (w, threads, splits): (usize, usize, usize),
     isa: Lowering,
 ) -> String {
+    let policy = cache.policy;
     assert!(
         threads.is_multiple_of(32) && threads > 0,
         "whole warps ({threads} threads)"
@@ -195,6 +196,7 @@ pub fn attention_decode_gpu(
     let cw = b.i64(w as i64);
     let cd = b.i64(d as i64);
     let ckv = b.i64(kv_count);
+    let cheld = b.i64(cache.kv_heads.len() as i64);
     let ch = b.i64(h_count);
     let cgroup = b.i64(group as i64);
     let cthreads = b.i64(threads as i64);
@@ -232,10 +234,13 @@ pub fn attention_decode_gpu(
     let (slot, used) = slot_and_used(b, policy, &qpos);
     let blocks = b.ceil_div(&used, &cw);
     let slot_block = b.divi(&slot, &cw);
-    let row_stride = b.muli(&batch_count, &ckv); // (batch, kv head) pairs per slot
-    let batch = b.divi(&pair, &ckv);
-    let kv = b.remi(&pair, &ckv);
+    let row_stride = b.muli(&batch_count, &cheld); // (batch, kv head held) pairs per slot
+    let batch = b.divi(&pair, &cheld);
+    let local = b.remi(&pair, &cheld);
+    let kv = layer_kv_head(b, &cache.kv_heads, &local);
     let first_head = b.muli(&kv, &cgroup);
+    let new_pair = b.muli(&batch, &ckv);
+    let new_pair = b.addi(&new_pair, &kv);
 
     // This split's key blocks: an equal share of those in use among the splits launched.
     let launched = launched_splits(b, &blocks, threads, splits);
@@ -253,7 +258,7 @@ pub fn attention_decode_gpu(
         append_new_token(
             b,
             [&k_new, &v_new, &kc, &vc],
-            (&slot, &pair, &row_stride),
+            (&slot, (&new_pair, &pair), &row_stride),
             (d, w),
             (&tid, &cthreads),
         );
@@ -490,15 +495,16 @@ pub fn attention_decode_gpu(
 }
 
 /// The combining launch: `@name(buffers, dims, x, y, thread, shared memory)` on a grid of
-/// (1, `B * KV`) blocks of `threads` threads, each thread taking head dims of the group's
+/// (1, `B * KV'`) blocks of `threads` threads, each thread taking head dims of the group's
 /// heads: the splits' partial results rescaled to their common maximum and summed, then
 /// normalized (a query that saw nothing gets zeros).
 pub fn attention_decode_combine(
     name: &str,
     kernel: &AttentionKernel,
-    policy: KvPolicy,
+    cache: &HeadCache,
     (w, threads, splits): (usize, usize, usize),
 ) -> String {
+    let policy = cache.policy;
     let group = group(kernel);
     let d = kernel.head_dim as usize;
     let mut builder = Builder::new();
@@ -516,15 +522,16 @@ pub fn attention_decode_combine(
     let ws = b.ptr_at(&bufs, 7);
     let (c0, c1) = (b.i64(0), b.i64(1));
     let cd = b.i64(d as i64);
-    let ckv = b.i64(kernel.kv_heads as i64);
+    let cheld = b.i64(cache.kv_heads.len() as i64);
     let ch = b.i64(kernel.heads as i64);
     let cgroup = b.i64(group as i64);
     let cthreads = b.i64(threads as i64);
     let outputs = b.i64((group * d) as i64);
     let neg_inf = b.f32(f32::NEG_INFINITY);
     let (fzero, fone) = (b.f32(0.0), b.f32(1.0));
-    let batch = b.divi(&pair, &ckv);
-    let kv = b.remi(&pair, &ckv);
+    let batch = b.divi(&pair, &cheld);
+    let local = b.remi(&pair, &cheld);
+    let kv = layer_kv_head(b, &cache.kv_heads, &local);
     let first_head = b.muli(&kv, &cgroup);
     let vt = vf32(4);
     b.for_range(&tid, &outputs, &cthreads, &[], |b, o, _| {

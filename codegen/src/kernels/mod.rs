@@ -52,7 +52,8 @@ pub enum KernelSpec {
     /// One decode step of an attention against its KV cache.
     AttentionDecode {
         kernel: AttentionKernel,
-        policy: zebra_ir::cache::KvPolicy,
+        /// The cache it runs against: what it keeps, and of which KV heads.
+        cache: zebra_ir::cache::HeadCache,
     },
     /// The attention's backward: `dQ`.
     AttentionDq { kernel: AttentionKernel },
@@ -110,12 +111,19 @@ impl KernelSpec {
                 format!("attention {} lse={lse}", kernel_attrs(kernel))
             }
             KernelSpec::AttentionDq { kernel } => format!("attention_dq {}", kernel_attrs(kernel)),
-            KernelSpec::AttentionDecode { kernel, policy } => format!(
-                "attention_decode {} sinks={} ring={:?}",
-                kernel_attrs(kernel),
-                policy.sinks,
-                policy.ring
-            ),
+            KernelSpec::AttentionDecode { kernel, cache } => {
+                let held = if cache.kv_heads.len() as u64 == kernel.kv_heads {
+                    String::new()
+                } else {
+                    format!(" kv_heads_held={:?}", cache.kv_heads)
+                };
+                format!(
+                    "attention_decode {} sinks={} ring={:?}{held}",
+                    kernel_attrs(kernel),
+                    cache.policy.sinks,
+                    cache.policy.ring
+                )
+            }
             KernelSpec::CrossEntropy { op, k, vocab } => {
                 let attrs: Vec<String> = zebra_ir::print::attributes(op)
                     .into_iter()
@@ -223,8 +231,8 @@ impl KernelSpec {
             KernelSpec::AttentionDq { kernel } => {
                 attention_grad::attention_dq(&name, kernel, vector)
             }
-            KernelSpec::AttentionDecode { kernel, policy } => {
-                decode::attention_decode(&name, kernel, *policy, vector)
+            KernelSpec::AttentionDecode { kernel, cache } => {
+                decode::attention_decode(&name, kernel, cache, vector)
             }
             KernelSpec::CrossEntropy { op, k, vocab } => match op {
                 Op::CeLse => loss::ce_lse(&name, *k, *vocab, vector),

@@ -64,7 +64,7 @@ pub enum TensorCoreKernel {
     /// query per head), in every GPU plan.
     Decode {
         kernel: AttentionKernel,
-        policy: zebra_ir::cache::KvPolicy,
+        cache: zebra_ir::cache::HeadCache,
         /// Slots per block of the key cache.
         slots: usize,
         /// Threads per block ([`decode_gpu::threads_for`]).
@@ -99,17 +99,17 @@ impl TensorCoreKernel {
             TensorCoreKernel::MatMul(shape) => matmul_mma(name, shape, half, isa),
             TensorCoreKernel::Decode {
                 kernel,
-                policy,
+                cache,
                 slots,
                 threads,
                 splits,
             } => {
                 let shape = (*slots, *threads, *splits);
-                decode_gpu::attention_decode_gpu(name, kernel, *policy, shape, isa)
+                decode_gpu::attention_decode_gpu(name, kernel, cache, shape, isa)
                     + &decode_gpu::attention_decode_combine(
                         &format!("{name}{COMBINE}"),
                         kernel,
-                        *policy,
+                        cache,
                         shape,
                     )
             }
@@ -158,18 +158,18 @@ impl TensorCoreKernel {
                 block_m: super::matmul_mma::BLOCK_M,
                 block_n: super::matmul_mma::BLOCK_N,
             },
-            // Shares of the cache of each batch row and KV head.
+            // Shares of the cache of each batch row and KV head it holds.
             TensorCoreKernel::Decode {
-                kernel,
-                policy,
+                cache,
                 slots,
                 threads,
                 splits,
+                ..
             } => TensorCoreGrid::Splits {
                 splits: *splits,
-                heads: kernel.kv_heads as usize,
+                heads: cache.kv_heads.len(),
                 chunk: slots * threads,
-                capacity: policy.capacity().map(|c| c as usize),
+                capacity: cache.policy.capacity().map(|c| c as usize),
             },
         }
     }
@@ -203,14 +203,12 @@ impl TensorCoreKernel {
     /// is one: its function is `{name}{suffix}` in [`TensorCoreKernel::function`]'s text.
     pub fn then(&self) -> Option<Then> {
         match self {
-            // Combining the splits' shares: a block per batch row and KV head (`T` is 1).
-            TensorCoreKernel::Decode {
-                kernel, threads, ..
-            } => Some(Then {
+            // Combining the splits' shares: a block per batch row and KV head held (`T` is 1).
+            TensorCoreKernel::Decode { cache, threads, .. } => Some(Then {
                 suffix: COMBINE,
                 grid: TensorCoreGrid::Attention {
                     block_q: 1,
-                    heads: kernel.kv_heads as usize,
+                    heads: cache.kv_heads.len(),
                 },
                 threads: *threads,
                 shared_bytes: 0,
@@ -432,7 +430,11 @@ pub fn select_decode(planned: &Planned) -> Vec<(usize, TensorCoreKernel)> {
 /// Kernel `i` of the plan on the GPU decode kernel, where it is a decode attention that
 /// kernel takes (its slots per key-cache block read from the cache it runs against).
 fn decode_kernel(planned: &Planned, i: usize) -> Option<TensorCoreKernel> {
-    let KernelSpec::AttentionDecode { kernel, policy } = &planned.kernels[i] else {
+    let KernelSpec::AttentionDecode {
+        kernel,
+        cache: held,
+    } = &planned.kernels[i]
+    else {
         return None;
     };
     let cache = planned.plan.steps.iter().find_map(|step| match step {
@@ -447,7 +449,7 @@ fn decode_kernel(planned: &Planned, i: usize) -> Option<TensorCoreKernel> {
     let slots = planned.plan.caches.get(cache)?.block;
     Some(TensorCoreKernel::Decode {
         kernel: kernel.clone(),
-        policy: *policy,
+        cache: held.clone(),
         slots,
         threads: decode_gpu::threads_for(kernel, slots)?,
         splits: decode_gpu::SPLITS,
