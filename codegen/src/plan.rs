@@ -970,7 +970,7 @@ impl Planner<'_> {
     /// Plans an attention for generation: its KV caches (from the mask: one, or one per
     /// group of KV heads that keep the same keys), and in a decode step the attention
     /// against each cache for the query heads of the KV heads it holds; prefill computes it
-    /// as usual and also outputs its keys and values (once per cache).
+    /// as usual and also outputs its keys and values (once for all its caches).
     fn cached_attention(
         &mut self,
         id: NodeId,
@@ -1010,6 +1010,7 @@ impl Planner<'_> {
             self.plan.caches.push(CacheSpec {
                 kv_heads: held.kv_heads.len(),
                 kv_heads_held: held.kv_heads.clone(),
+                prefill_outputs: first,
                 head_dim: kernel.head_dim as usize,
                 sinks: policy.sinks as usize,
                 ring: policy.ring.map(|r| r as usize),
@@ -1019,12 +1020,10 @@ impl Planner<'_> {
             });
         }
         if self.mode == PlanMode::Prefill {
-            for cache in first..self.plan.caches.len() {
-                self.cache_outputs
-                    .push((format!("cache:{cache}:k"), operands[1]));
-                self.cache_outputs
-                    .push((format!("cache:{cache}:v"), operands[2]));
-            }
+            self.cache_outputs
+                .push((format!("cache:{first}:k"), operands[1]));
+            self.cache_outputs
+                .push((format!("cache:{first}:v"), operands[2]));
             let saved = std::mem::replace(&mut self.mode, PlanMode::Forward);
             let result = self.attention_family(id, kernel);
             self.mode = saved;

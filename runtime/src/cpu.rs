@@ -334,7 +334,8 @@ pub(crate) fn check_inputs(
 }
 
 /// KV caches filled from a prefill plan's outputs (`cache:{c}:k` and `cache:{c}:v`,
-/// `[B, KV, T, D]`, of which each cache takes the KV heads it holds) for the prompt's `T`
+/// `[B, KV, T, D]`, `c` a layer's first cache: each of its caches takes the KV heads it
+/// holds) for the prompt's `T`
 /// tokens, with room for `capacity` tokens when given;
 /// also `B` and `T`.
 pub(crate) fn fill_caches(
@@ -346,10 +347,11 @@ pub(crate) fn fill_caches(
     let mut shape = None;
     for (c, spec) in plan.caches.iter().enumerate() {
         let get = |part: &str| {
-            prefill.get(&format!("cache:{c}:{part}")).ok_or_else(|| {
+            let name = format!("cache:{}:{part}", spec.prefill_outputs);
+            prefill.get(&name).ok_or_else(|| {
                 RuntimeError::Decode(format!(
-                    "the prefill outputs have no `cache:{c}:{part}`: the prefill and \
-                     decode plans are not of the same model"
+                    "the prefill outputs have no `{name}`: the prefill and decode plans are \
+                     not of the same model"
                 ))
             })
         };

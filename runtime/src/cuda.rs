@@ -1035,6 +1035,7 @@ mod tests {
             let spec = CacheSpec {
                 kv_heads: 2,
                 kv_heads_held: vec![0, 1],
+                prefill_outputs: 0,
                 head_dim: 8,
                 sinks,
                 ring,

@@ -113,6 +113,7 @@ mod tests {
         CacheSpec {
             kv_heads: 2,
             kv_heads_held: vec![0, 1],
+            prefill_outputs: 0,
             head_dim: 4,
             sinks: 0,
             ring,

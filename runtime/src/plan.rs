@@ -144,6 +144,9 @@ pub struct CacheSpec {
     pub kv_heads: usize,
     /// ...which they are, in order (`0..KV` for a cache of the whole layer).
     pub kv_heads_held: Vec<usize>,
+    /// The cache whose prefill outputs (`cache:{c}:k`, `cache:{c}:v`) hold the layer's
+    /// keys and values: the layer's first, output once for all its caches.
+    pub prefill_outputs: usize,
     pub head_dim: usize,
     pub sinks: usize,
     pub ring: Option<usize>,

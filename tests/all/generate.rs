@@ -191,6 +191,19 @@ fn kv_heads_that_keep_different_keys_get_caches_of_their_own() {
             (Some(1), vec![1], 4, Some(8)),
         ]
     );
+    // The prefill outputs each layer's keys and values once, for both of its caches.
+    let prefill = CpuModel::load(&dirs[0], &weights, 1).unwrap();
+    let outputs: Vec<&str> = prefill
+        .plan()
+        .outputs
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .filter(|name| name.starts_with("cache:"))
+        .collect();
+    assert_eq!(
+        outputs,
+        ["cache:0:k", "cache:0:v", "cache:2:k", "cache:2:v"]
+    );
     let (held, full) = decode.cache_bytes();
     let expected = (2.0 + 12.0 / total as f64) / 3.0;
     let fraction = held as f64 / full as f64;
