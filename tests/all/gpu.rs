@@ -658,7 +658,8 @@ fn assemble(ptxas: &std::path::Path, ptx: &std::path::Path, sm: &str) -> Vec<(St
 }
 
 /// Where ptxas is present: every kernel of zebra_tiny's plans (forward in f32 and with
-/// tensor cores in bf16 and f16, training, generation), of the benchmark model in bf16, and
+/// tensor cores in bf16 and f16, training, generation), of a decode plan with a cache per
+/// kind of KV head, of the benchmark model in bf16, and
 /// the tensor-core attention kernels of every example assemble for sm_80 and sm_90 (and
 /// their `wgmma` versions for sm_90a, which ptxas does not serialize); the
 /// tensor-core kernels fit the registers (at most 128 bytes spilled, as the attention kernels
@@ -688,6 +689,11 @@ fn gpu_kernels_assemble_with_ptxas() {
         .graph;
     let gemma_train = zebra_passes::autodiff::training_graph(&gemma).unwrap();
     let gemma_train = optimize(&gemma_train, &Options::default()).unwrap().graph;
+    // KV caches per kind of KV head (KV heads 0 and 2 in one).
+    let (_, checked) = check_ok(&root().join("tests/fixtures/ok/kv_heads_apart.zb"));
+    let apart = optimize(&lower(&checked.program.models[0]), &Options::default())
+        .unwrap()
+        .graph;
     let (mut checked_entries, mut most_registers) = (0, 0);
     for sm in ["sm_80", "sm_90"] {
         let target = GpuTarget::from_name(sm).unwrap();
@@ -706,6 +712,7 @@ fn gpu_kernels_assemble_with_ptxas() {
             ("f16", &tiny, PlanMode::Forward, Some(Half::F16)),
             ("train", &train, PlanMode::Forward, Some(Half::Bf16)),
             ("decode", &tiny, PlanMode::Decode, Some(Half::Bf16)),
+            ("decode-apart", &apart, PlanMode::Decode, None),
             ("bench", &bench, PlanMode::Forward, Some(Half::Bf16)),
             (
                 "bench-train",
