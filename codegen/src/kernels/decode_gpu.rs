@@ -143,9 +143,9 @@ fn value_width(group: usize, d: usize, threads: usize) -> usize {
 }
 
 /// The block function `@name(buffers, dims, x, y, thread, shared memory)` on a grid of
-/// (splits launched, `B * KV'`, `KV'` the KV heads the cache holds) blocks of `threads` threads: each block's share of the cache
-/// (`ceil(blocks / launched)` key blocks), to the workspace; [`attention_decode_combine`]
-/// then combines them. Buffers and dims are the portable kernel's, the workspace after them.
+/// (splits launched, `B * KV'`, `KV'` the KV heads the cache holds) blocks of `threads`
+/// threads: each block's share of the cache (`ceil(blocks / launched)` key blocks), to the
+/// workspace; [`attention_decode_combine`] then combines them. Buffers and dims are the portable kernel's, the workspace after them.
 pub fn attention_decode_gpu(
     name: &str,
     kernel: &AttentionKernel,
