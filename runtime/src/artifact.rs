@@ -109,12 +109,20 @@ fn check(plan: &Plan) -> Result<(), String> {
             }
         }
     }
+    // The decode step writes the new key before it attends: a ring has a slot at least.
     if plan
         .caches
         .iter()
-        .any(|c| c.block == 0 || c.kv_heads == 0 || c.ring == Some(0) && c.sinks == 0)
+        .any(|c| c.block == 0 || c.kv_heads == 0 || c.ring == Some(0))
     {
         return Err("a KV cache of the plan has no room".into());
+    }
+    if plan
+        .caches
+        .iter()
+        .any(|c| c.kv_heads_held.len() != c.kv_heads || c.prefill_outputs >= plan.caches.len())
+    {
+        return Err("a KV cache of the plan refers to KV heads or outputs it does not have".into());
     }
     for p in &plan.packed {
         if p.weight >= plan.weights.len()

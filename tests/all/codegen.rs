@@ -504,6 +504,22 @@ fn broken_artifacts_are_refused() {
         "{message}"
     );
 
+    // KV caches with no slot for the new key, or that hold fewer KV heads than they say.
+    for (name, held, ring, message) in [
+        ("cache_without_room", vec![0, 1], 0, "has no room"),
+        ("cache_without_heads", vec![0], 8, "refers to KV heads"),
+    ] {
+        let dir = copy(name);
+        let mut value: serde_json::Value = serde_json::from_str(&plan).unwrap();
+        value["caches"] = serde_json::json!([{
+            "kv_heads": 2, "kv_heads_held": held, "prefill_outputs": 0, "head_dim": 8,
+            "sinks": 4, "ring": ring, "min_prompt": 0, "block": 16, "layer": 0,
+        }]);
+        std::fs::write(dir.join("plan.json"), value.to_string()).unwrap();
+        let error = load_error(&dir);
+        assert!(error.contains(message), "{name}: {error}");
+    }
+
     let dir = copy("no_library");
     std::fs::remove_file(dir.join("kernels.so")).unwrap();
     let message = load_error(&dir);
