@@ -474,6 +474,11 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
                         total.link += report.link;
                         total.target = report.target;
                     }
+                    let decode = zebra_runtime::artifact::Artifact::load(&dir.join("decode"))?;
+                    println!("KV caches of the decode plan:");
+                    for line in crate::infer::cache_lines(&decode.plan.caches) {
+                        println!("  {line}");
+                    }
                     total
                 }
                 crate::Purpose::Train => {

@@ -286,23 +286,31 @@ pub fn print_stats(stats: &GenerationStats, decode: &dyn zebra_runtime::Executor
         bytes(stats.full_cache_bytes),
         100.0 * stats.cache_bytes as f64 / stats.full_cache_bytes.max(1) as f64
     );
-    let caches = &decode.plan().caches;
-    for (i, c) in caches.iter().enumerate() {
-        let mut keeps = match c.ring {
-            None => "every key".to_string(),
-            Some(r) if c.sinks > 0 => format!("{} sinks + a ring of {r}", c.sinks),
-            Some(r) => format!("a ring of {r}"),
-        };
-        // A layer whose KV heads keep different keys has a cache per kind.
-        if c.layer.is_some() && caches.iter().filter(|o| o.layer == c.layer).count() > 1 {
-            let held: Vec<String> = c.kv_heads_held.iter().map(|h| h.to_string()).collect();
-            keeps += &format!(" (KV heads {})", held.join(", "));
-        }
-        eprintln!(
-            "  layer {:<3} {keeps}",
-            c.layer.map_or(i.to_string(), |l| l.to_string())
-        );
+    for line in cache_lines(&decode.plan().caches) {
+        eprintln!("  {line}");
     }
+}
+
+/// One line per KV cache of a decode plan: its layer and what it keeps (and of which KV
+/// heads, where a layer's KV heads keep different keys).
+pub fn cache_lines(caches: &[zebra_runtime::plan::CacheSpec]) -> Vec<String> {
+    caches
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut keeps = match c.ring {
+                None => "every key".to_string(),
+                Some(r) if c.sinks > 0 => format!("{} sinks + a ring of {r}", c.sinks),
+                Some(r) => format!("a ring of {r}"),
+            };
+            if c.layer.is_some() && caches.iter().filter(|o| o.layer == c.layer).count() > 1 {
+                let held: Vec<String> = c.kv_heads_held.iter().map(|h| h.to_string()).collect();
+                keeps += &format!(" (KV heads {})", held.join(", "));
+            }
+            let layer = c.layer.map_or(i.to_string(), |l| l.to_string());
+            format!("layer {layer:<3} {keeps}")
+        })
+        .collect()
 }
 
 fn bytes(n: usize) -> String {

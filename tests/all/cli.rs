@@ -1738,6 +1738,35 @@ fn compile_emits_ptx_for_nvidia_targets() {
         shaped[0].contains("GPU-shaped (f32): attention_decode"),
         "{info}"
     );
+    // It lists the decode plan's KV caches: G = 4, the global layer first, a window of 32.
+    assert!(
+        out.stdout.contains("layer 0   every key\n")
+            && out.stdout.contains("layer 1   a ring of 32\n")
+            && out.stdout.contains("layer 7   a ring of 32\n"),
+        "{}",
+        out.stdout
+    );
+    // KV heads that keep different keys: a cache per kind, with the KV heads it holds.
+    let apart = root().join("tests/fixtures/ok/kv_heads_apart.zb");
+    let out = zebra(&[
+        "compile",
+        &apart.to_string_lossy(),
+        "--for",
+        "generate",
+        "--emit",
+        "artifact",
+        "-o",
+        &path(dir.path(), "apart"),
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("layer 1   every key (KV heads 0, 2)\n")
+            && out
+                .stdout
+                .contains("layer 1   4 sinks + a ring of 8 (KV heads 1)\n"),
+        "{}",
+        out.stdout
+    );
 }
 
 /// `zebra compile --for attention` writes tensor-core kernels (PTX, MLIR, an artifact that
