@@ -92,6 +92,10 @@ enum Tasks {
 /// KV-cache slots from which a single token's attention is worth the thread pool.
 const PARALLEL_SLOTS: usize = 4096;
 
+/// Bytes of packed weights from which a single token's projection is worth the thread pool:
+/// it reads every byte once, and one core alone does not draw all the memory bandwidth.
+const PARALLEL_WEIGHT_BYTES: usize = 1 << 20;
+
 struct Raw(Vec<*mut u8>);
 // SAFETY: the pointers address buffers that outlive the kernel call, and each program
 // writes a disjoint part of its output, as the kernels' grids are designed.
@@ -1112,14 +1116,18 @@ impl CpuModel {
                     }
                     let programs = grid.programs(batch, seq);
                     // A single token's kernels are too small to share out (waking the pool
-                    // costs more than they do), except attention over a long KV cache.
+                    // costs more than they do), except attention over a long KV cache and
+                    // projections through large weights.
                     let tasks = if batch * seq > 1 {
                         Tasks::Pool {
                             fine_grained: schedule.is_some(),
                         }
-                    } else if operands.iter().any(|o| {
-                        matches!(o, Operand::CacheKeys(c)
-                            if self.caches[*c].spec.slots_for(offset + 1) >= PARALLEL_SLOTS)
+                    } else if operands.iter().any(|o| match o {
+                        Operand::CacheKeys(c) => {
+                            self.caches[*c].spec.slots_for(offset + 1) >= PARALLEL_SLOTS
+                        }
+                        Operand::Packed(p) => self.packed[*p].len() * 8 >= PARALLEL_WEIGHT_BYTES,
+                        _ => false,
                     }) {
                         Tasks::Pool { fine_grained: true }
                     } else {
