@@ -21,7 +21,9 @@ pub struct DeviceArgs {
     #[arg(long)]
     pub target: Option<String>,
     /// With --device cuda: `f32` (the default), or `bf16` or `f16` to run the projections
-    /// and the attention on tensor cores (f32 accumulation).
+    /// and the attention on tensor cores (f32 accumulation). On the CPU: `bf16` keeps the
+    /// projections' weights in bf16 (half the bytes a generated token reads; f32 arithmetic;
+    /// not for training).
     #[arg(long)]
     pub dtype: Option<String>,
 }
@@ -31,6 +33,8 @@ pub struct DeviceArgs {
 pub enum Device {
     Cpu {
         threads: usize,
+        /// The projections' weights in bf16 (`--dtype bf16`).
+        bf16_weights: bool,
     },
     Cuda {
         target: GpuTarget,
@@ -44,12 +48,21 @@ impl Device {
     pub fn from_args(args: &DeviceArgs, threads: usize) -> Result<Device> {
         match args.device.as_str() {
             "cpu" => {
-                if args.target.is_some() || args.dtype.is_some() {
-                    bail!(
-                        "--target and --dtype choose the GPU's kernels: use them with --device cuda"
-                    );
+                if args.target.is_some() {
+                    bail!("--target chooses the GPU's kernels: use it with --device cuda");
                 }
-                Ok(Device::Cpu { threads })
+                let bf16_weights = match args.dtype.as_deref() {
+                    None | Some("f32") => false,
+                    Some("bf16") => true,
+                    Some(name) => bail!(
+                        "--dtype `{name}` on the CPU: `f32` (the default) or `bf16` (the \
+                         projections' weights in bf16)"
+                    ),
+                };
+                Ok(Device::Cpu {
+                    threads,
+                    bf16_weights,
+                })
             }
             "cuda" => {
                 let half = match args.dtype.as_deref() {
@@ -94,14 +107,21 @@ impl Device {
     /// The device in words, for reports.
     pub fn describe(&self) -> String {
         match self {
-            Device::Cpu { .. } => "the CPU".into(),
+            Device::Cpu {
+                bf16_weights: false,
+                ..
+            } => "the CPU".into(),
+            Device::Cpu {
+                bf16_weights: true, ..
+            } => "the CPU (bf16 weights)".into(),
             Device::Cuda {
                 target,
                 half: Some(half),
             } => format!("the GPU ({}, {})", target.name(), half.name()),
             // The f32 plans' kernels are correct everywhere, and slow on a GPU: say so.
             Device::Cuda { target, half: None } => format!(
-                "the GPU ({}, f32 without tensor cores: --dtype bf16 puts the projections and                  attention on them)",
+                "the GPU ({}, f32 without tensor cores: --dtype bf16 puts the projections and \
+                 attention on them)",
                 target.name()
             ),
         }
@@ -110,7 +130,9 @@ impl Device {
     /// A short name for cache keys.
     pub fn key(&self) -> String {
         match self {
-            Device::Cpu { .. } => "cpu".into(),
+            Device::Cpu { bf16_weights, .. } => {
+                if *bf16_weights { "cpu-bf16" } else { "cpu" }.into()
+            }
             Device::Cuda { target, half } => {
                 format!("{}-{}", target.name(), half.map_or("f32", Half::name))
             }
@@ -129,7 +151,15 @@ impl Device {
     /// Compiles `graph` into the artifact directory `dir` for this device.
     pub fn build(&self, graph: &Graph, dir: &Path, options: &BuildOptions) -> Result<()> {
         match self {
-            Device::Cpu { .. } => zebra_codegen::artifact::build(graph, dir, options)?,
+            Device::Cpu { bf16_weights, .. } => zebra_codegen::artifact::build_cpu(
+                graph,
+                dir,
+                options,
+                None,
+                zebra_codegen::plan::PlanOptions {
+                    bf16_weights: *bf16_weights,
+                },
+            )?,
             Device::Cuda { target, half } => zebra_codegen::artifact::build_gpu(
                 graph,
                 dir,
@@ -157,7 +187,7 @@ impl Device {
     /// Loads an artifact built by [`Device::build`] with its weights.
     pub fn load(&self, dir: &Path, weights: &Weights) -> Result<Box<dyn Executor>> {
         Ok(match self {
-            Device::Cpu { threads } => Box::new(CpuModel::load(dir, weights, *threads)?),
+            Device::Cpu { threads, .. } => Box::new(CpuModel::load(dir, weights, *threads)?),
             Device::Cuda { .. } => Box::new(zebra_runtime::cuda::CudaModel::load(dir, weights)?),
         })
     }
@@ -171,7 +201,7 @@ impl Device {
         weights: &Weights,
     ) -> Result<(Box<dyn Executor>, Box<dyn Executor>)> {
         Ok(match self {
-            Device::Cpu { threads } => {
+            Device::Cpu { threads, .. } => {
                 let (first, second) = CpuModel::load_pair(prefill, decode, weights, *threads)?;
                 (Box::new(first), Box::new(second))
             }

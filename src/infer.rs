@@ -257,6 +257,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
             loaded.spec.name,
             loaded.spec.layers.len()
         );
+        eprintln!("device          {}", device.describe());
         eprintln!("compile         {:.2} s", compile.as_secs_f64());
         print_stats(&stats, generator.decode.as_ref());
     }

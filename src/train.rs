@@ -152,7 +152,15 @@ pub fn graph_and_hash(spec: &ModelSpec) -> Result<(Graph, String)> {
 
 /// Builds the training step of a forward graph into `dir`.
 pub fn build_training_artifact(forward: &Graph, dir: &Path, max_seq_len: usize) -> Result<()> {
-    build_training_artifact_on(forward, dir, max_seq_len, &Device::Cpu { threads: 0 })
+    build_training_artifact_on(
+        forward,
+        dir,
+        max_seq_len,
+        &Device::Cpu {
+            threads: 0,
+            bf16_weights: false,
+        },
+    )
 }
 
 /// As [`build_training_artifact`], for a device.
@@ -381,6 +389,15 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     }
 
     let device = Device::from_args(&args.device, args.threads)?;
+    if let Device::Cpu {
+        bf16_weights: true, ..
+    } = device
+    {
+        bail!(
+            "--dtype bf16 on the CPU keeps weights in bf16 for inference; training keeps them \
+             in f32 (leave --dtype out)"
+        );
+    }
     // Load everything before writing anything.
     let (weights, optimizer, start, tokens0, elapsed0, data_state) = if resume {
         let ckpt = checkpoint::load(&run_dir, &hash)?;

@@ -13,7 +13,7 @@ use crate::backend::{CpuTarget, Mlir, Output, link_shared, llvm_compile};
 use crate::kernels::attention_mma::TensorCores;
 use crate::kernels::fnv1a;
 use crate::mlir::module;
-use crate::plan::{PlanMode, Planned, plan};
+use crate::plan::{PlanMode, PlanOptions, Planned, plan};
 
 /// Where compiled kernels are kept between builds.
 #[derive(Clone, Debug)]
@@ -117,17 +117,29 @@ pub fn build_with_vector(
     options: &BuildOptions,
     vector: Option<usize>,
 ) -> Result<BuildReport, CodegenError> {
+    build_cpu(graph, out_dir, options, vector, PlanOptions::default())
+}
+
+/// As [`build_with_vector`], with the plan's `plan_options` (bf16 weights).
+pub fn build_cpu(
+    graph: &Graph,
+    out_dir: &Path,
+    options: &BuildOptions,
+    vector: Option<usize>,
+    plan_options: PlanOptions,
+) -> Result<BuildReport, CodegenError> {
     let start = Instant::now();
     let mut target = CpuTarget::host()?;
     if let Some(vector) = vector {
         target.vector = vector.clamp(1, target.vector);
     }
-    let planned = plan(
+    let planned = crate::plan::plan_with(
         graph,
         &target.describe(),
         target.vector,
         options.max_seq_len,
         options.mode,
+        plan_options,
     )?;
     let cache_dir = match &options.cache {
         Some(cache) => cache.dir.clone(),

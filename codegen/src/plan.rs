@@ -61,6 +61,8 @@ struct Planner<'g> {
     /// Prefill's extra outputs: each attention's keys and values.
     cache_outputs: Vec<(String, NodeId)>,
     vector: usize,
+    /// Whether the projections' weights are packed as bf16 ([`PlanOptions::bf16_weights`]).
+    bf16_weights: bool,
     plan: Plan,
     kernels: Vec<KernelSpec>,
     symbols: HashMap<String, usize>,
@@ -206,6 +208,7 @@ impl Planner<'_> {
             k,
             group,
             nr: crate::kernels::gemm::panel_width(self.vector),
+            bf16: self.bf16_weights,
         };
         let p = self.plan.packed.len();
         self.plan.packed.push(spec);
@@ -416,6 +419,7 @@ impl Planner<'_> {
                         norm_eps: *norm_eps,
                         residual: *residual,
                         last_rows,
+                        bf16: self.bf16_weights,
                     },
                     ops,
                     grid,
@@ -443,6 +447,7 @@ impl Planner<'_> {
                         k,
                         n,
                         norm_eps: *norm_eps,
+                        bf16: self.bf16_weights,
                     },
                     ops,
                     grid,
@@ -484,6 +489,7 @@ impl Planner<'_> {
                     head_dim: *head_dim as usize,
                     norm_eps: *norm_eps,
                     rope: rope_base.is_some(),
+                    bf16: self.bf16_weights,
                 };
                 self.step(spec, ops, grid, None);
             }
@@ -1120,6 +1126,33 @@ pub fn plan(
     max_seq_len: usize,
     mode: PlanMode,
 ) -> Result<Planned, CodegenError> {
+    plan_with(
+        graph,
+        target,
+        vector,
+        max_seq_len,
+        mode,
+        PlanOptions::default(),
+    )
+}
+
+/// How a CPU plan stores what it reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PlanOptions {
+    /// The projections' weights packed as bf16 (inference only: a training plan keeps f32
+    /// weights), which halves the bytes a single token's projections read.
+    pub bf16_weights: bool,
+}
+
+/// As [`plan`], with `options`.
+pub fn plan_with(
+    graph: &Graph,
+    target: &str,
+    vector: usize,
+    max_seq_len: usize,
+    mode: PlanMode,
+    options: PlanOptions,
+) -> Result<Planned, CodegenError> {
     if mode != PlanMode::Forward
         && let Some(mask) = graph
             .node_ids()
@@ -1149,6 +1182,7 @@ pub fn plan(
         mode,
         cache_outputs: Vec::new(),
         vector,
+        bf16_weights: options.bf16_weights,
         plan: Plan {
             format: PLAN_FORMAT,
             name: graph.name.clone(),
@@ -1200,6 +1234,11 @@ pub fn plan(
     let defined = std::mem::take(&mut planner.defined);
     assign_slots(&mut planner.plan, &defined);
     planner.optimizer();
+    if options.bf16_weights && planner.plan.optimizer.is_some() {
+        return Err(CodegenError::Unsupported(
+            "bf16 weights are for inference: a training step keeps its weights in f32".into(),
+        ));
+    }
     Ok(Planned {
         plan: planner.plan,
         kernels: planner.kernels,

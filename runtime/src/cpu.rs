@@ -583,6 +583,18 @@ pub(crate) fn as_words(values: &[f32]) -> Buffer {
     out
 }
 
+/// `values` rounded to bf16 (to nearest, ties to even), two bytes each, in a buffer.
+pub(crate) fn as_bf16_words(values: &[f32]) -> Buffer {
+    let mut out = buffer(words(values.len() * 2));
+    // SAFETY: `out` has room for `values.len()` u16s; u64 is more aligned than u16.
+    let halves =
+        unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u16>(), values.len()) };
+    for (h, &x) in halves.iter_mut().zip(values) {
+        *h = crate::attention_check::bf16_bits(x);
+    }
+    out
+}
+
 /// Copies a tensor into `buffer` (grown when too small): one memcpy when the tensor is laid out
 /// contiguously, as it almost always is.
 pub(crate) fn fill(buffer_: &mut Buffer, tensor: &Tensor) {
@@ -847,7 +859,12 @@ impl CpuModel {
                 let held = shared_packed.get_mut(i).and_then(Option::take);
                 held.unwrap_or_else(|| {
                     let norm = p.norm.map(|n| &*raw[n]);
-                    Arc::new(as_words(&pack(&raw[p.weight], norm, p)))
+                    let packed = pack(&raw[p.weight], norm, p);
+                    Arc::new(if p.bf16 {
+                        as_bf16_words(&packed)
+                    } else {
+                        as_words(&packed)
+                    })
                 })
             })
             .collect();

@@ -410,7 +410,12 @@ impl CudaModel {
                 let held = shared_packed.get_mut(i).and_then(Option::take);
                 let norm = p.norm.map(|n| &*raw[n]);
                 put(old.get_mut(i), held, &|| {
-                    as_words(&pack(&raw[p.weight], norm, p))
+                    let packed = pack(&raw[p.weight], norm, p);
+                    if p.bf16 {
+                        crate::cpu::as_bf16_words(&packed)
+                    } else {
+                        as_words(&packed)
+                    }
                 })
             })
             .collect::<Result<_, _>>()?;

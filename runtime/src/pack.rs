@@ -48,6 +48,7 @@ mod tests {
             k: 2,
             group: 3,
             nr: 4,
+            bf16: false,
         };
         assert_eq!(
             pack(&w, None, &spec),

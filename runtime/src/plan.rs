@@ -218,6 +218,9 @@ pub struct PackSpec {
     pub k: usize,
     pub group: usize,
     pub nr: usize,
+    /// Packed as bf16 (rounded to nearest even): half the bytes of f32.
+    #[serde(default)]
+    pub bf16: bool,
 }
 
 impl PackSpec {
@@ -452,8 +455,18 @@ impl Plan {
                 k,
                 group,
                 nr,
+                bf16,
             } = *p;
-            (name(weight), norm.map(name), transposed, n, k, group, nr)
+            (
+                name(weight),
+                norm.map(name),
+                transposed,
+                n,
+                k,
+                group,
+                nr,
+                bf16,
+            )
         };
         let packed = self
             .packed

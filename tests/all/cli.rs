@@ -1347,8 +1347,12 @@ fn bad_training_and_generation_inputs_are_refused() {
     let nothing = path(dir.path(), "nothing.npy");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
-            vec!["generate", &run, "--prompt", "a", "--dtype", "bf16"],
-            "use them with --device cuda",
+            vec!["generate", &run, "--prompt", "a", "--dtype", "f16"],
+            "--dtype `f16` on the CPU",
+        ),
+        (
+            vec!["train", &zb, "--out", &out_dir, "--dtype", "bf16"],
+            "training keeps them in f32",
         ),
         (
             vec!["eval", &run, "--task", "recall", "--device", "tpu"],
@@ -1379,7 +1383,7 @@ fn bad_training_and_generation_inputs_are_refused() {
                 "--target",
                 "sm_90",
             ],
-            "use them with --device cuda",
+            "use it with --device cuda",
         ),
     ];
     let mut cases = cases;
@@ -1417,6 +1421,20 @@ fn bad_training_and_generation_inputs_are_refused() {
             "{args:?} wrote a run"
         );
     }
+    // On the CPU, --dtype bf16 keeps the projections' weights in bf16.
+    let out = zebra(&[
+        "generate",
+        &run,
+        "--prompt",
+        "a",
+        "--max-tokens",
+        "4",
+        "--dtype",
+        "bf16",
+        "--stats",
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stderr.contains("bf16 weights"), "{}", out.stderr);
 }
 
 /// `zebra-run` (the runtime-only binary) runs the artifacts `zebra compile` writes: forward,

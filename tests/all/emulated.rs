@@ -532,6 +532,7 @@ fn tensor_core_projections_in_the_emulator() {
             k,
             group: n,
             nr: PANEL,
+            bf16: false,
         };
         let packed: Vec<Vec<f32>> = weights
             .iter()

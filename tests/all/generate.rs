@@ -388,3 +388,90 @@ fn decoding_past_the_compiled_context_is_refused() {
     let error = decode.decode(&tokens(2, 1, spec.vocab, 4)).unwrap_err();
     assert!(error.to_string().contains("[1, 1]"), "{error}");
 }
+
+/// The CPU's bf16 weights (`--dtype bf16`): the projections read their packed weights as
+/// bf16, widened to f32. With weights that bf16 holds exactly (norm weights of 1, so that
+/// packing folds nothing in), the bf16 plan computes what the f32 plan does; with any
+/// weights it stays within bf16's rounding of the f32 logits without equalling them; its
+/// prefill and decode steps agree with its forward pass; a training step is refused.
+#[test]
+fn bf16_weights_compute_with_the_weights_rounded() {
+    use zebra_codegen::artifact::build_cpu;
+    use zebra_codegen::plan::PlanOptions;
+    use zebra_runtime::attention_check::{bf16_bits, bf16_value};
+
+    let out = tempfile::tempdir().expect("temporary directory");
+    let path = crate::common::root().join("examples/zebra_tiny.zb");
+    let (_, checked) = check_ok(&path);
+    let spec = &checked.program.models[0];
+    let graph = optimize(&lower(spec), &Options::default()).unwrap().graph;
+    let bf16 = PlanOptions { bf16_weights: true };
+    let build_bf16 = |dir: &str, mode| {
+        let options = BuildOptions {
+            mode,
+            max_seq_len: 512,
+            cache: Some(Cache { dir: cache_dir() }),
+        };
+        build_cpu(&graph, &out.path().join(dir), &options, None, bf16).unwrap();
+        out.path().join(dir)
+    };
+    let half = [
+        build_bf16("p", PlanMode::Prefill),
+        build_bf16("d", PlanMode::Decode),
+        build_bf16("f", PlanMode::Forward),
+    ];
+    let full = out.path().join("f32");
+    build_mode(&graph, &full, PlanMode::Forward).unwrap();
+    let plan = CpuModel::load(&half[2], &zebra_frontend::init::random_weights(spec, 1), 1)
+        .unwrap()
+        .plan()
+        .clone();
+    assert!(!plan.packed.is_empty() && plan.packed.iter().all(|p| p.bf16));
+
+    let weights = zebra_frontend::init::random_weights(spec, 8);
+    let mut exact = zebra_ir::Weights::new();
+    for (name, tensor) in weights.iter() {
+        let rounded = if name.contains("norm") {
+            tensor.mapv(|_| 1.0)
+        } else {
+            tensor.mapv(|x| bf16_value(bf16_bits(x)))
+        };
+        exact.insert(name, rounded);
+    }
+    let prompt = tokens(2, 70, spec.vocab, 4);
+    let logits = |dir: &Path, weights: &zebra_ir::Weights| {
+        let mut model = CpuModel::load(dir, weights, 2).unwrap();
+        run(&mut model, &prompt)["logits"].mapv(f64::from)
+    };
+    assert_close(
+        &logits(&half[2], &exact),
+        &logits(&full, &exact),
+        1e-5,
+        "bf16 weights that bf16 holds exactly",
+    );
+    let (rounded, reference) = (logits(&half[2], &weights), logits(&full, &weights));
+    let largest = reference.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    let worst = rounded
+        .iter()
+        .zip(&reference)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        worst > 1e-6 * largest && worst < 2e-2 * largest,
+        "bf16 weights: {worst} off, of logits up to {largest}"
+    );
+
+    let [p, d, f] = &half;
+    decode_like_a_full_forward("bf16 weights", [p, d, f], &weights, spec.vocab, 60);
+
+    let training = zebra_passes::autodiff::training_graph(&graph).unwrap();
+    let training = optimize(&training, &Options::default()).unwrap().graph;
+    let options = BuildOptions {
+        mode: PlanMode::Forward,
+        max_seq_len: 64,
+        cache: Some(Cache { dir: cache_dir() }),
+    };
+    let error = build_cpu(&training, &out.path().join("t"), &options, None, bf16)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("inference"), "{error}");
+}

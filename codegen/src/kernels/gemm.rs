@@ -4,6 +4,10 @@
 //!
 //! RMSNorm folds in: `rmsnorm(x) @ w^T = r * (x @ (g * w)^T)` with `r = rsqrt(mean(x^2) + eps)`
 //! per row, so the runtime packs `g * w` and the kernel scales each output row by `r`.
+//!
+//! The packed weights are f32, or bf16 (`Shape::bf16`: half the bytes, which is what a
+//! single token's projection is bound by; widened to f32 as they are loaded, everything
+//! else in f32).
 
 use crate::mlir::{Builder, F32, I64, Val, entry, vf32};
 
@@ -30,6 +34,8 @@ pub struct Shape {
     /// Output features.
     pub n: usize,
     pub vector: usize,
+    /// Whether the packed weights are bf16.
+    pub bf16: bool,
 }
 
 impl Shape {
@@ -98,10 +104,10 @@ fn micro_kernel(
     b.for_range(&c0, &ck, &c1, &init, |b, kk, accs| {
         let wrow = b.muli(kk, &cnr);
         let wrow = b.addi(&panel_base, &wrow);
-        let w0 = b.load(packed, &wrow, F32, &vt);
+        let w0 = load_weights(b, packed, &wrow, s);
         let off = b.i64(w as i64);
         let at = b.addi(&wrow, &off);
-        let w1 = b.load(packed, &at, F32, &vt);
+        let w1 = load_weights(b, packed, &at, s);
         let mut next = Vec::new();
         for row in rows {
             let at = b.addi(row, kk);
@@ -112,6 +118,21 @@ fn micro_kernel(
         }
         next
     })
+}
+
+/// `vector` packed weights from element `at`, as f32: a bf16 is the high half of an f32.
+fn load_weights(b: &mut Builder, packed: &Val, at: &Val, s: Shape) -> Val {
+    let vt = vf32(s.vector);
+    if !s.bf16 {
+        return b.load(packed, at, F32, &vt);
+    }
+    let halves = format!("vector<{}xi16>", s.vector);
+    let words = format!("vector<{}xi32>", s.vector);
+    let h = b.load_aligned(packed, at, "i16", &halves, 2);
+    let wide = b.op(format!("arith.extui {h} : {halves} to {words}"));
+    let sixteen = b.op(format!("arith.constant dense<16> : {words}"));
+    let high = b.op(format!("arith.shli {wide}, {sixteen} : {words}"));
+    b.op(format!("arith.bitcast {high} : {words} to {vt}"))
 }
 
 /// `1 / sqrt(mean(x[row]^2) + eps)` for `rows` rows from `first_row`, into `out`.
@@ -377,12 +398,13 @@ pub fn heads_proj(
     head_dim: usize,
     norm_eps: Option<f64>,
     rope: bool,
-    vector: usize,
+    (vector, bf16): (usize, bool),
 ) -> String {
     let s = Shape {
         k,
         n: head_dim,
         vector,
+        bf16,
     };
     let (w, nr) = (vector, s.nr());
     let d_pad = head_dim.div_ceil(nr) * nr;

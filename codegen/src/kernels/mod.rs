@@ -66,11 +66,14 @@ pub enum KernelSpec {
         residual: bool,
         /// Only the last position of each batch row (a prefill's logits).
         last_rows: bool,
+        /// Whether its packed weight is bf16 (`PackSpec::bf16`).
+        bf16: bool,
     },
     SwiGlu {
         k: usize,
         n: usize,
         norm_eps: Option<f64>,
+        bf16: bool,
     },
     HeadsProj {
         k: usize,
@@ -78,6 +81,7 @@ pub enum KernelSpec {
         head_dim: usize,
         norm_eps: Option<f64>,
         rope: bool,
+        bf16: bool,
     },
     /// A primitive operation, element by element.
     Generic {
@@ -155,12 +159,24 @@ impl KernelSpec {
                 norm_eps,
                 residual,
                 last_rows,
+                bf16,
             } => {
                 let last = if *last_rows { " last_rows" } else { "" };
-                format!("linear k={k} n={n} norm={norm_eps:?} residual={residual}{last}")
+                format!(
+                    "linear k={k} n={n} norm={norm_eps:?} residual={residual}{last}{}",
+                    bf16_weights(*bf16)
+                )
             }
-            KernelSpec::SwiGlu { k, n, norm_eps } => {
-                format!("swiglu k={k} n={n} norm={norm_eps:?}")
+            KernelSpec::SwiGlu {
+                k,
+                n,
+                norm_eps,
+                bf16,
+            } => {
+                format!(
+                    "swiglu k={k} n={n} norm={norm_eps:?}{}",
+                    bf16_weights(*bf16)
+                )
             }
             KernelSpec::HeadsProj {
                 k,
@@ -168,8 +184,12 @@ impl KernelSpec {
                 head_dim,
                 norm_eps,
                 rope,
+                bf16,
             } => {
-                format!("heads_proj k={k} h={heads} d={head_dim} norm={norm_eps:?} rope={rope}")
+                format!(
+                    "heads_proj k={k} h={heads} d={head_dim} norm={norm_eps:?} rope={rope}{}",
+                    bf16_weights(*bf16)
+                )
             }
             KernelSpec::Generic { op, operands, out } => {
                 let attrs: Vec<String> = zebra_ir::print::attributes(op)
@@ -262,23 +282,31 @@ impl KernelSpec {
                 norm_eps,
                 residual,
                 last_rows,
+                bf16,
             } => gemm::linear(
                 &name,
                 gemm::Shape {
                     k: *k,
                     n: *n,
                     vector,
+                    bf16: *bf16,
                 },
                 *norm_eps,
                 *residual,
                 *last_rows,
             ),
-            KernelSpec::SwiGlu { k, n, norm_eps } => gemm::swiglu(
+            KernelSpec::SwiGlu {
+                k,
+                n,
+                norm_eps,
+                bf16,
+            } => gemm::swiglu(
                 &name,
                 gemm::Shape {
                     k: *k,
                     n: *n,
                     vector,
+                    bf16: *bf16,
                 },
                 *norm_eps,
             ),
@@ -288,7 +316,16 @@ impl KernelSpec {
                 head_dim,
                 norm_eps,
                 rope,
-            } => gemm::heads_proj(&name, *k, *heads, *head_dim, *norm_eps, *rope, vector),
+                bf16,
+            } => gemm::heads_proj(
+                &name,
+                *k,
+                *heads,
+                *head_dim,
+                *norm_eps,
+                *rope,
+                (vector, *bf16),
+            ),
             KernelSpec::Generic { op, operands, out } => generic::kernel(&name, op, operands, out),
             KernelSpec::Optimizer(kernel) => kernel.mlir(&name, vector),
         }
@@ -296,3 +333,8 @@ impl KernelSpec {
 }
 
 pub use zebra_runtime::fnv1a;
+
+/// The projection kernels' description of their weights' type (f32 says nothing).
+fn bf16_weights(bf16: bool) -> &'static str {
+    if bf16 { " weights=bf16" } else { "" }
+}

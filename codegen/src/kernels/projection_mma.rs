@@ -54,7 +54,8 @@ pub struct ProjectionMma {
 impl ProjectionMma {
     /// The tensor-core version of a plan's kernel, where there is one: the projections
     /// (`heads_proj` when its head dim is a multiple of 16 and at most 256, so that RoPE's
-    /// pairs of columns sit in the same thread).
+    /// pairs of columns sit in the same thread). GPU plans pack f32 weights (`bf16: false`:
+    /// bf16-packed weights are the CPU's).
     pub fn of(spec: &KernelSpec) -> Option<ProjectionMma> {
         match *spec {
             // A prefill's last positions: a few rows, not a tensor-core tile's worth.
@@ -67,13 +68,19 @@ impl ProjectionMma {
                 norm_eps,
                 residual,
                 last_rows: false,
+                bf16: false,
             } => Some(ProjectionMma {
                 kind: ProjectionKind::Linear { residual },
                 k,
                 n,
                 norm_eps,
             }),
-            KernelSpec::SwiGlu { k, n, norm_eps } => Some(ProjectionMma {
+            KernelSpec::SwiGlu {
+                k,
+                n,
+                norm_eps,
+                bf16: false,
+            } => Some(ProjectionMma {
                 kind: ProjectionKind::SwiGlu,
                 k,
                 n,
@@ -85,6 +92,7 @@ impl ProjectionMma {
                 head_dim,
                 norm_eps,
                 rope,
+                bf16: false,
             } if head_dim.is_multiple_of(16) && head_dim <= 256 => Some(ProjectionMma {
                 kind: ProjectionKind::Heads { heads, rope },
                 k,
