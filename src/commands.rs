@@ -285,17 +285,21 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
         crate::Dtype::Bf16 => Some(Half::Bf16),
         crate::Dtype::F16 => Some(Half::F16),
     };
+    // On the CPU, --dtype bf16 packs the projections' weights in bf16.
+    let cpu_plan = zebra_codegen::plan::PlanOptions {
+        bf16_weights: gpu.is_none() && !attention_only && args.dtype == Some(crate::Dtype::Bf16),
+    };
     // The attention kernels' 16-bit type, and the model kernels' tensor-core type (none: f32).
     let (half, tensor_cores) = match (args.dtype, attention_only) {
         (Some(crate::Dtype::F32), true) => bail!(
             "--for attention builds tensor-core kernels, whose inputs are bf16 or f16, not f32"
         ),
         (dtype, true) => (dtype.and_then(sixteen).unwrap_or(Half::Bf16), None),
-        (Some(dtype), false) if sixteen(dtype).is_some() && gpu.is_none() => bail!(
-            "--dtype {} runs projections on a GPU's tensor cores: use it with --target sm_80 \
-             or sm_90 (the CPU computes in f32)",
-            sixteen(dtype).map_or("f32", Half::name)
+        (Some(crate::Dtype::F16), false) if gpu.is_none() => bail!(
+            "--dtype f16 runs projections on a GPU's tensor cores: use it with --target sm_80 \
+             or sm_90 (on the CPU, --dtype bf16 keeps the projections' weights in bf16)"
         ),
+        (Some(crate::Dtype::Bf16), false) if gpu.is_none() => (Half::Bf16, None),
         (dtype, false) => (Half::Bf16, dtype.and_then(sixteen)),
     };
     // A model plan's attentions on tensor cores: on mma.sync, or on the instruction --mma
@@ -406,20 +410,26 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
             tensor_cores,
         )?,
         (Emit::Dot, _) => zebra_ir::dot::to_dot(shown),
-        (Emit::Mlir, None) => {
-            zebra_codegen::artifact::emit(&optimized.graph, args.max_seq_len, Output::Object, true)?
-        }
+        (Emit::Mlir, None) => zebra_codegen::artifact::emit(
+            &optimized.graph,
+            args.max_seq_len,
+            Output::Object,
+            true,
+            cpu_plan,
+        )?,
         (Emit::Llvm, None) => zebra_codegen::artifact::emit(
             &optimized.graph,
             args.max_seq_len,
             Output::OptimizedIr,
             false,
+            cpu_plan,
         )?,
         (Emit::Asm, _) => zebra_codegen::artifact::emit(
             &optimized.graph,
             args.max_seq_len,
             Output::Assembly,
             false,
+            cpu_plan,
         )?,
         (Emit::Artifact, _) => {
             let dir = args
@@ -449,10 +459,10 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
                 crate::Purpose::Forward => build_for(
                     &optimized.graph,
                     dir,
-                    args.max_seq_len,
-                    Default::default(),
+                    (args.max_seq_len, Default::default()),
                     gpu,
                     tensor_cores,
+                    cpu_plan,
                 )?,
                 crate::Purpose::Generate => {
                     let mut total = zebra_codegen::artifact::BuildReport::default();
@@ -463,10 +473,10 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
                         let report = build_for(
                             &optimized.graph,
                             &dir.join(sub),
-                            args.max_seq_len,
-                            mode,
+                            (args.max_seq_len, mode),
                             gpu,
                             tensor_cores.clone(),
+                            cpu_plan,
                         )?;
                         total.kernels += report.kernels;
                         total.compiled += report.compiled;
@@ -488,10 +498,10 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
                     build_for(
                         &train,
                         dir,
-                        args.max_seq_len,
-                        Default::default(),
+                        (args.max_seq_len, Default::default()),
                         gpu,
                         tensor_cores,
+                        cpu_plan,
                     )?
                 }
             };
@@ -542,13 +552,22 @@ pub fn build_artifact_at(
 fn build_for(
     graph: &Graph,
     dir: &Path,
-    max_seq_len: usize,
-    mode: zebra_codegen::plan::PlanMode,
+    (max_seq_len, mode): (usize, zebra_codegen::plan::PlanMode),
     gpu: Option<zebra_codegen::ptx::GpuTarget>,
     tensor_cores: Option<zebra_codegen::kernels::attention_mma::TensorCores>,
+    cpu_plan: zebra_codegen::plan::PlanOptions,
 ) -> Result<zebra_codegen::artifact::BuildReport> {
     match gpu {
-        None => build_artifact_mode(graph, dir, max_seq_len, mode),
+        None => {
+            let options = zebra_codegen::artifact::BuildOptions {
+                mode,
+                max_seq_len,
+                cache: zebra_codegen::artifact::Cache::default_location(),
+            };
+            Ok(zebra_codegen::artifact::build_cpu(
+                graph, dir, &options, None, cpu_plan,
+            )?)
+        }
         Some(target) => {
             let options = zebra_codegen::artifact::BuildOptions {
                 mode,

@@ -113,7 +113,8 @@ enum Command {
         #[arg(long = "for", value_enum, default_value = "forward")]
         purpose: Purpose,
         /// What GPU kernels compute in. A model's artifact: f32 (the default), or bf16 or f16
-        /// for projections on tensor cores. --for attention: bf16 (the default) or f16.
+        /// for projections on tensor cores. --for attention: bf16 (the default) or f16. For
+        /// the CPU: bf16 keeps the projections' weights in bf16 (not --for train).
         #[arg(long, value_enum)]
         dtype: Option<Dtype>,
         /// K/V pipeline stages of tensor-core attention kernels, 1 or 2 (--for attention;

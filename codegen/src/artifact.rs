@@ -85,8 +85,17 @@ pub fn emit(
     max_seq_len: usize,
     what: Output,
     mlir_only: bool,
+    options: PlanOptions,
 ) -> Result<String, CodegenError> {
-    let (planned, target) = plan_for_host(graph, max_seq_len, PlanMode::Forward)?;
+    let target = CpuTarget::host()?;
+    let planned = crate::plan::plan_with(
+        graph,
+        &target.describe(),
+        target.vector,
+        max_seq_len,
+        PlanMode::Forward,
+        options,
+    )?;
     let text = kernels_mlir(&planned, target.vector);
     let mlir = Mlir::new();
     mlir.verify(&text)?;

@@ -340,6 +340,9 @@ fn info(dir: &Path, out: &mut dyn Write) -> Result<()> {
                 kinds.join(", ")
             )?;
         }
+        if plan.packed.iter().any(|p| p.bf16) {
+            writeln!(out, "  weights    the projections' in bf16")?;
+        }
         writeln!(out, "  max T      {}", plan.max_seq_len)?;
         let inputs: Vec<&str> = plan.inputs.iter().map(|i| i.name.as_str()).collect();
         writeln!(out, "  inputs     {}", inputs.join(", "))?;

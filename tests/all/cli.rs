@@ -210,6 +210,28 @@ fn compile_emits_the_kernels_at_each_stage() {
     let out = zebra(&["compile", tiny, "--emit", "artifact"]);
     assert!(!out.ok);
     assert!(out.stderr.contains("-o"), "{}", out.stderr);
+
+    // For the CPU, --dtype bf16 packs the projections' weights in bf16: the kernels load
+    // 16-bit vectors, the plan says so; f16 is a GPU's, and training keeps f32 weights.
+    let out = zebra(&["compile", tiny, "--emit", "mlir", "--dtype", "bf16"]);
+    assert!(out.ok && out.stdout.contains("xi16>"), "{}", out.stderr);
+    let bf16 = path(dir.path(), "bf16");
+    let out = zebra(&[
+        "compile", tiny, "--emit", "artifact", "--dtype", "bf16", "-o", &bf16,
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    let loaded = zebra_runtime::Artifact::load(Path::new(&bf16)).expect("an artifact");
+    assert!(loaded.plan.packed.iter().all(|p| p.bf16));
+    let info = zebra_run(&["info", &bf16]).unwrap();
+    assert!(info.contains("the projections' in bf16"), "{info}");
+    let out = zebra(&[
+        "compile", tiny, "--emit", "artifact", "--dtype", "f16", "-o", &bf16,
+    ]);
+    out.refused("--dtype f16 runs projections on a GPU");
+    let out = zebra(&[
+        "compile", tiny, "--emit", "artifact", "--for", "train", "--dtype", "bf16", "-o", &bf16,
+    ]);
+    out.refused("bf16 weights are for inference");
 }
 
 /// `zebra bench attention-per-head` gives the heads windows of W, W/2, W/4 and W/8 keys and
