@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -600,20 +600,6 @@ pub fn build_artifact_mode(
     Ok(zebra_codegen::artifact::build(graph, dir, &options)?)
 }
 
-/// The artifact of an optimized graph in the cache, for `zebra run`. It is rebuilt every time,
-/// which costs little: the kernels come from the kernel cache (keyed by their code, so a
-/// newer generator is never served stale kernels), and so does their library.
-pub fn cached_artifact(graph: &Graph, max_seq_len: usize) -> Result<PathBuf> {
-    let cache = zebra_codegen::artifact::Cache::default_location()
-        .ok_or_else(|| anyhow!("no cache directory: set ZEBRA_CACHE_DIR or HOME"))?;
-    let key = zebra_codegen::kernels::fnv1a(
-        format!("{}\n{max_seq_len}", zebra_ir::print_graph(graph)).as_bytes(),
-    );
-    let dir = cache.dir.join("artifacts").join(format!("{key:016x}"));
-    build_artifact_at(graph, &dir, max_seq_len)?;
-    Ok(dir)
-}
-
 fn explain(optimized: &mut zebra_passes::Optimized, node: &str) -> Result<()> {
     let names = zebra_ir::print::node_names(&optimized.graph);
     let id = names
@@ -706,6 +692,13 @@ pub fn run(args: &RunArgs) -> Result<()> {
     if args.interpret && matches!(device, crate::device::Device::Cuda { .. }) {
         bail!("--interpret runs the reference interpreter on the CPU: leave out --device cuda");
     }
+    if args.interpret
+        && let crate::device::Device::Cpu {
+            bf16_weights: true, ..
+        } = device
+    {
+        bail!("--interpret runs the reference interpreter in f64: leave out --dtype bf16");
+    }
     let (_, checked) = load(args.file)?;
     let spec = model(&checked, args.model)?;
     let graph = lower(spec)?;
@@ -760,10 +753,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
     } else {
         let optimized = zebra_passes::optimize(&graph, &device.optimizer_options())?.graph;
         let (mut model, how): (Box<dyn zebra_runtime::Executor>, String) = match device {
-            crate::device::Device::Cpu { .. } => {
-                let dir = cached_artifact(&optimized, args.max_seq_len)?;
+            crate::device::Device::Cpu { bf16_weights, .. } => {
+                let mode = zebra_codegen::plan::PlanMode::Forward;
+                let dir = crate::infer::artifact(&optimized, args.max_seq_len, mode, &device)?;
                 let model = zebra_runtime::CpuModel::load(&dir, &weights, args.threads)?;
-                let how = format!("the compiled kernels ({} threads)", model.threads());
+                let bf16 = if bf16_weights { ", bf16 weights" } else { "" };
+                let how = format!("the compiled kernels ({} threads{bf16})", model.threads());
                 (Box::new(model), how)
             }
             crate::device::Device::Cuda { .. } => {

@@ -1407,6 +1407,22 @@ fn bad_training_and_generation_inputs_are_refused() {
             ],
             "use it with --device cuda",
         ),
+        (
+            vec![
+                "run",
+                &zb,
+                "--weights",
+                &nothing,
+                "--tokens",
+                &nothing,
+                "--output",
+                &nothing,
+                "--interpret",
+                "--dtype",
+                "bf16",
+            ],
+            "leave out --dtype bf16",
+        ),
     ];
     let mut cases = cases;
     if !zebra_runtime::cuda::driver_present() {
@@ -1959,7 +1975,7 @@ fn compile_for_attention_builds_tensor_core_kernels() {
             "bf16 or f16, not f32",
         ),
         (
-            "--dtype bf16 --emit artifact -o /nonexistent",
+            "--dtype f16 --emit artifact -o /nonexistent",
             "use it with --target sm_80 or sm_90",
         ),
     ] {
