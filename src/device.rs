@@ -1,6 +1,7 @@
 //! Where `zebra run`, `train`, `generate` and `eval` run their compiled plans: on this CPU's
 //! threads, or on an NVIDIA GPU (`--device cuda`), for which the plans are compiled to PTX
-//! (`--target`, by default the GPU's own, and `--dtype` for tensor cores).
+//! (`--target`, by default the GPU's own, and `--dtype` for tensor cores). On the CPU,
+//! `--dtype bf16` keeps the projections' weights in bf16.
 
 use std::path::Path;
 
