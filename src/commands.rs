@@ -285,23 +285,21 @@ pub fn compile(args: &CompileArgs) -> Result<()> {
         crate::Dtype::Bf16 => Some(Half::Bf16),
         crate::Dtype::F16 => Some(Half::F16),
     };
-    // On the CPU, --dtype bf16 packs the projections' weights in bf16.
-    let cpu_plan = zebra_codegen::plan::PlanOptions {
-        bf16_weights: gpu.is_none() && !attention_only && args.dtype == Some(crate::Dtype::Bf16),
-    };
-    // The attention kernels' 16-bit type, and the model kernels' tensor-core type (none: f32).
-    let (half, tensor_cores) = match (args.dtype, attention_only) {
+    // The attention kernels' 16-bit type, the model kernels' tensor-core type (none: f32),
+    // and on the CPU whether --dtype bf16 packs the projections' weights in bf16.
+    let (half, tensor_cores, bf16_weights) = match (args.dtype, attention_only) {
         (Some(crate::Dtype::F32), true) => bail!(
             "--for attention builds tensor-core kernels, whose inputs are bf16 or f16, not f32"
         ),
-        (dtype, true) => (dtype.and_then(sixteen).unwrap_or(Half::Bf16), None),
+        (dtype, true) => (dtype.and_then(sixteen).unwrap_or(Half::Bf16), None, false),
         (Some(crate::Dtype::F16), false) if gpu.is_none() => bail!(
             "--dtype f16 runs projections on a GPU's tensor cores: use it with --target sm_80 \
              or sm_90 (on the CPU, --dtype bf16 keeps the projections' weights in bf16)"
         ),
-        (Some(crate::Dtype::Bf16), false) if gpu.is_none() => (Half::Bf16, None),
-        (dtype, false) => (Half::Bf16, dtype.and_then(sixteen)),
+        (Some(crate::Dtype::Bf16), false) if gpu.is_none() => (Half::Bf16, None, true),
+        (dtype, false) => (Half::Bf16, dtype.and_then(sixteen), false),
     };
+    let cpu_plan = zebra_codegen::plan::PlanOptions { bf16_weights };
     // A model plan's attentions on tensor cores: on mma.sync, or on the instruction --mma
     // names (which needs the tensor cores of --dtype bf16 or f16, and wgmma sm_90).
     let tensor_cores = match (args.mma.product.filter(|_| !attention_only), tensor_cores) {
@@ -545,7 +543,14 @@ pub fn build_artifact_at(
     dir: &Path,
     max_seq_len: usize,
 ) -> Result<zebra_codegen::artifact::BuildReport> {
-    build_artifact_mode(graph, dir, max_seq_len, Default::default())
+    build_for(
+        graph,
+        dir,
+        (max_seq_len, Default::default()),
+        None,
+        None,
+        Default::default(),
+    )
 }
 
 /// Builds an artifact for the CPU, or for a GPU (`plan.json` and `kernels.ptx`).
@@ -583,21 +588,6 @@ fn build_for(
             )?)
         }
     }
-}
-
-/// As [`build_artifact_at`], for a plan mode (forward, prefill, decode).
-pub fn build_artifact_mode(
-    graph: &Graph,
-    dir: &Path,
-    max_seq_len: usize,
-    mode: zebra_codegen::plan::PlanMode,
-) -> Result<zebra_codegen::artifact::BuildReport> {
-    let options = zebra_codegen::artifact::BuildOptions {
-        mode,
-        max_seq_len,
-        cache: zebra_codegen::artifact::Cache::default_location(),
-    };
-    Ok(zebra_codegen::artifact::build(graph, dir, &options)?)
 }
 
 fn explain(optimized: &mut zebra_passes::Optimized, node: &str) -> Result<()> {

@@ -73,9 +73,17 @@ pub fn plan_for_host(
     graph: &Graph,
     max_seq_len: usize,
     mode: PlanMode,
+    options: PlanOptions,
 ) -> Result<(Planned, CpuTarget), CodegenError> {
     let target = CpuTarget::host()?;
-    let planned = plan(graph, &target.describe(), target.vector, max_seq_len, mode)?;
+    let planned = crate::plan::plan_with(
+        graph,
+        &target.describe(),
+        target.vector,
+        max_seq_len,
+        mode,
+        options,
+    )?;
     Ok((planned, target))
 }
 
@@ -87,15 +95,7 @@ pub fn emit(
     mlir_only: bool,
     options: PlanOptions,
 ) -> Result<String, CodegenError> {
-    let target = CpuTarget::host()?;
-    let planned = crate::plan::plan_with(
-        graph,
-        &target.describe(),
-        target.vector,
-        max_seq_len,
-        PlanMode::Forward,
-        options,
-    )?;
+    let (planned, target) = plan_for_host(graph, max_seq_len, PlanMode::Forward, options)?;
     let text = kernels_mlir(&planned, target.vector);
     let mlir = Mlir::new();
     mlir.verify(&text)?;
