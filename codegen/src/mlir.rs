@@ -432,6 +432,7 @@ impl Builder {
 }
 
 /// The pointer to the kernel's buffer array, dims array and program range, as values.
+#[derive(Clone, Debug)]
 pub struct Entry {
     pub bufs: Val,
     pub dims: Val,

@@ -17,7 +17,7 @@
 use zebra_ir::op::AttentionKernel;
 
 use crate::kernels::attention::{Layout, ScheduleRows, dot_panel, schedule_range, weighted_sum};
-use crate::mlir::{Builder, F32, I64, Val, entry, vf32};
+use crate::mlir::{Builder, Entry, F32, I64, Val, entry, vf32};
 use crate::vexpr::{self, VecEnv};
 
 /// What both backward kernels share: sizes and constants.
@@ -49,6 +49,109 @@ impl Common {
             w: layout.w,
             narrow,
         }
+    }
+}
+
+/// How both kernels begin: their ten buffers, the side inputs, the dimensions and the
+/// constants they share, built in this order.
+#[derive(Clone)]
+struct Prologue {
+    e: Entry,
+    bufs: [Val; 10],
+    sides: Vec<(String, Val)>,
+    t: Val,
+    per_batch: Val,
+    c0: Val,
+    c1: Val,
+    cw: Val,
+    cbq: Val,
+    cbk: Val,
+    cd: Val,
+    cnv: Val,
+    ch: Val,
+    group: Val,
+    ckv: Val,
+}
+
+impl Prologue {
+    fn new(b: &mut Builder, c: &Common, kernel: &AttentionKernel) -> Prologue {
+        let e = entry();
+        let bufs = std::array::from_fn(|i| b.ptr_at(&e.bufs, i));
+        let sides = kernel
+            .sides
+            .iter()
+            .enumerate()
+            .map(|(i, name)| (name.clone(), b.ptr_at(&e.bufs, 10 + i)))
+            .collect();
+        let t = b.i64_at(&e.dims, 1);
+        let per_batch = b.i64_at(&e.dims, 2);
+        let (c0, c1) = (b.i64(0), b.i64(1));
+        Prologue {
+            bufs,
+            sides,
+            t,
+            per_batch,
+            c0,
+            c1,
+            cw: b.i64(c.w as i64),
+            cbq: b.i64(c.bq as i64),
+            cbk: b.i64(c.bk as i64),
+            cd: b.i64(c.d as i64),
+            cnv: b.i64(c.layout.nv as i64),
+            ch: b.i64(kernel.heads as i64),
+            group: b.i64((kernel.heads / kernel.kv_heads) as i64),
+            ckv: b.i64(kernel.kv_heads as i64),
+            e,
+        }
+    }
+
+    /// Batch row `batch`'s rows of the side inputs.
+    fn side_rows(&self, b: &mut Builder, batch: &Val) -> Vec<(String, Val)> {
+        self.sides
+            .iter()
+            .map(|(name, ptr)| {
+                let offset = b.muli(batch, &self.t);
+                (name.clone(), b.gep(ptr, &offset, I64))
+            })
+            .collect()
+    }
+
+    /// Zeros `rows` rows of the `[.][D]` accumulator `acc` (`zero`: a vector of zeros).
+    fn zero_rows(&self, b: &mut Builder, c: &Common, acc: &Val, rows: &Val, zero: &Val) {
+        let vt = vf32(c.w);
+        b.for_range(&self.c0, rows, &self.c1, &[], |b, i, _| {
+            let row = b.muli(i, &self.cd);
+            b.for_range(&self.c0, &self.cd, &self.cw, &[], |b, col, _| {
+                let at = b.addi(&row, col);
+                b.store(zero, acc, &at, F32, &vt);
+                vec![]
+            });
+            vec![]
+        });
+    }
+
+    /// Copies rows `0..valid` of the accumulator `acc` to `out`, row `i` at offset `dst(i)`.
+    fn write_rows(
+        &self,
+        b: &mut Builder,
+        c: &Common,
+        (acc, out): (&Val, &Val),
+        valid: &Val,
+        dst: &dyn Fn(&mut Builder, &Val) -> Val,
+    ) {
+        let vt = vf32(c.w);
+        b.for_range(&self.c0, valid, &self.c1, &[], |b, i, _| {
+            let dst = dst(b, i);
+            let src = b.muli(i, &self.cd);
+            b.for_range(&self.c0, &self.cd, &self.cw, &[], |b, col, _| {
+                let at = b.addi(&src, col);
+                let v = b.load(acc, &at, F32, &vt);
+                let to = b.addi(&dst, col);
+                b.store(&v, out, &to, F32, &vt);
+                vec![]
+            });
+            vec![]
+        });
     }
 }
 
@@ -298,26 +401,23 @@ pub fn attention_dq(name: &str, kernel: &AttentionKernel, max_vector: usize) -> 
     let (w, l, d) = (c.w, c.layout, c.d);
     let vt = vf32(w);
     let mut b = Builder::new();
-    let e = entry();
-    let [q, kp, vtp, kvp, o, d_o, lse, out, sched_rows, sched_tiles] =
-        std::array::from_fn(|i| b.ptr_at(&e.bufs, i));
-    let sides: Vec<(String, Val)> = kernel
-        .sides
-        .iter()
-        .enumerate()
-        .map(|(i, name)| (name.clone(), b.ptr_at(&e.bufs, 10 + i)))
-        .collect();
-    let t = b.i64_at(&e.dims, 1);
-    let per_batch = b.i64_at(&e.dims, 2);
-    let (c0, c1) = (b.i64(0), b.i64(1));
-    let cw = b.i64(w as i64);
-    let cbq = b.i64(c.bq as i64);
-    let cbk = b.i64(c.bk as i64);
-    let cd = b.i64(d as i64);
-    let cnv = b.i64(l.nv as i64);
-    let ch = b.i64(kernel.heads as i64);
-    let group = b.i64((kernel.heads / kernel.kv_heads) as i64);
-    let ckv = b.i64(kernel.kv_heads as i64);
+    let pro = Prologue::new(&mut b, &c, kernel);
+    let [q, kp, vtp, kvp, o, d_o, lse, out, sched_rows, sched_tiles] = pro.bufs.clone();
+    let Prologue {
+        e,
+        t,
+        per_batch,
+        c0,
+        c1,
+        cbq,
+        cbk,
+        cd,
+        cnv,
+        ch,
+        group,
+        ckv,
+        ..
+    } = pro.clone();
     let n_qt = b.ceil_div(&t, &cbq);
     let n_kt = b.ceil_div(&t, &cbk);
     let zero = b.splat_f32(0.0, w);
@@ -343,23 +443,9 @@ pub fn attention_dq(name: &str, kernel: &AttentionKernel, max_vector: usize) -> 
         let o_row = |b: &mut Builder, qi: &Val| output_row(b, kernel, at, qi);
         let q_row = |b: &mut Builder, qi: &Val| head_row(b, &ch, at, qi, d);
         let lse_row = |b: &mut Builder, qi: &Val| head_row(b, &ch, at, qi, 1);
-        let side_rows: Vec<(String, Val)> = sides
-            .iter()
-            .map(|(name, ptr)| {
-                let offset = b.muli(&batch, &t);
-                (name.clone(), b.gep(ptr, &offset, I64))
-            })
-            .collect();
+        let side_rows = pro.side_rows(b, &batch);
         row_statistics(b, &c, &o, &d_o, &lse, &o_row, &lse_row, &deltas, &lses);
-        b.for_range(&c0, &cbq, &c1, &[], |b, i, _| {
-            let row = b.muli(i, &cd);
-            b.for_range(&c0, &cd, &cw, &[], |b, col, _| {
-                let at = b.addi(&row, col);
-                b.store(&zero, &acc, &at, F32, &vt);
-                vec![]
-            });
-            vec![]
-        });
+        pro.zero_rows(b, &c, &acc, &cbq, &zero);
         let row_offsets = ScheduleRows {
             kernel,
             rows: &sched_rows,
@@ -437,18 +523,7 @@ pub fn attention_dq(name: &str, kernel: &AttentionKernel, max_vector: usize) -> 
             vec![]
         });
         // Write the valid rows.
-        b.for_range(&c0, &q_valid, &c1, &[], |b, i, _| {
-            let dst = q_row(b, i);
-            let src = b.muli(i, &cd);
-            b.for_range(&c0, &cd, &cw, &[], |b, col, _| {
-                let at = b.addi(&src, col);
-                let v = b.load(&acc, &at, F32, &vt);
-                let to = b.addi(&dst, col);
-                b.store(&v, &out, &to, F32, &vt);
-                vec![]
-            });
-            vec![]
-        });
+        pro.write_rows(b, &c, (&acc, &out), &q_valid, &q_row);
         vec![]
     });
     b.finish(name)
@@ -462,26 +537,23 @@ pub fn attention_dkv(name: &str, kernel: &AttentionKernel, max_vector: usize) ->
     let (w, l, d) = (c.w, c.layout, c.d);
     let vt = vf32(w);
     let mut b = Builder::new();
-    let e = entry();
-    let [q, kp, vtp, o, d_o, lse, dk_out, dv_out, col_rows, col_tiles] =
-        std::array::from_fn(|i| b.ptr_at(&e.bufs, i));
-    let sides: Vec<(String, Val)> = kernel
-        .sides
-        .iter()
-        .enumerate()
-        .map(|(i, name)| (name.clone(), b.ptr_at(&e.bufs, 10 + i)))
-        .collect();
-    let t = b.i64_at(&e.dims, 1);
-    let per_batch = b.i64_at(&e.dims, 2);
-    let (c0, c1) = (b.i64(0), b.i64(1));
-    let cw = b.i64(w as i64);
-    let cbq = b.i64(c.bq as i64);
-    let cbk = b.i64(c.bk as i64);
-    let cd = b.i64(d as i64);
-    let cnv = b.i64(l.nv as i64);
-    let ch = b.i64(kernel.heads as i64);
-    let group = b.i64((kernel.heads / kernel.kv_heads) as i64);
-    let ckv = b.i64(kernel.kv_heads as i64);
+    let pro = Prologue::new(&mut b, &c, kernel);
+    let [q, kp, vtp, o, d_o, lse, dk_out, dv_out, col_rows, col_tiles] = pro.bufs.clone();
+    let Prologue {
+        e,
+        t,
+        per_batch,
+        c0,
+        c1,
+        cbq,
+        cbk,
+        cd,
+        cnv,
+        ch,
+        group,
+        ckv,
+        ..
+    } = pro.clone();
     let n_kt = b.ceil_div(&t, &cbk);
     let zero = b.splat_f32(0.0, w);
     let deltas = b.alloca(c.bq, F32);
@@ -516,23 +588,9 @@ pub fn attention_dkv(name: &str, kernel: &AttentionKernel, max_vector: usize) ->
         let tile = b.addi(&tile, &kt);
         let tile = b.muli(&tile, &cd);
         let tile = b.muli(&tile, &cbk);
-        let side_rows: Vec<(String, Val)> = sides
-            .iter()
-            .map(|(name, ptr)| {
-                let offset = b.muli(&batch, &t);
-                (name.clone(), b.gep(ptr, &offset, I64))
-            })
-            .collect();
+        let side_rows = pro.side_rows(b, &batch);
         for acc in [&dk, &dv] {
-            b.for_range(&c0, &cbk, &c1, &[], |b, j, _| {
-                let row = b.muli(j, &cd);
-                b.for_range(&c0, &cd, &cw, &[], |b, col, _| {
-                    let at = b.addi(&row, col);
-                    b.store(&zero, acc, &at, F32, &vt);
-                    vec![]
-                });
-                vec![]
-            });
+            pro.zero_rows(b, &c, acc, &cbk, &zero);
         }
         let h0 = b.muli(&kvh, &group);
         let h1 = b.addi(&h0, &group);
@@ -628,20 +686,12 @@ pub fn attention_dkv(name: &str, kernel: &AttentionKernel, max_vector: usize) ->
         // Write the valid keys.
         let key_row = b.muli(&bkv, &t);
         let key_row = b.addi(&key_row, &k0);
+        let dst = |b: &mut Builder, j: &Val| {
+            let dst = b.addi(&key_row, j);
+            b.muli(&dst, &cd)
+        };
         for (acc, out) in [(&dk, &dk_out), (&dv, &dv_out)] {
-            b.for_range(&c0, &k_valid, &c1, &[], |b, j, _| {
-                let dst = b.addi(&key_row, j);
-                let dst = b.muli(&dst, &cd);
-                let src = b.muli(j, &cd);
-                b.for_range(&c0, &cd, &cw, &[], |b, col, _| {
-                    let at = b.addi(&src, col);
-                    let v = b.load(acc, &at, F32, &vt);
-                    let to = b.addi(&dst, col);
-                    b.store(&v, out, &to, F32, &vt);
-                    vec![]
-                });
-                vec![]
-            });
+            pro.write_rows(b, &c, (acc, out), &k_valid, &dst);
         }
         vec![]
     });
