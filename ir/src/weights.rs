@@ -103,7 +103,22 @@ impl Weights {
     }
 
     fn load_file(path: &Path) -> Result<Weights, WeightsError> {
-        Weights::from_bytes(&read(path)?, path)
+        let file = std::fs::File::open(path).map_err(|cause| WeightsError::Read {
+            path: path.to_path_buf(),
+            cause,
+        })?;
+        // Mapped rather than read, the tensors are converted straight from the page cache,
+        // without a second copy of the whole file in memory (for a model of several GB, the
+        // difference between loading and running out of memory). What cannot be mapped (an
+        // empty file, a pipe) is read.
+        // SAFETY: the map is only read, and only while the tensors are converted to owned
+        // arrays; a file another process rewrote in place meanwhile gives wrong values, as
+        // reading it would. Zebra itself replaces files by renaming new ones into place, which
+        // leaves the mapped one untouched.
+        match unsafe { memmap2::Mmap::map(&file) } {
+            Ok(map) if !map.is_empty() => Weights::from_bytes(&map, path),
+            _ => Weights::from_bytes(&read(path)?, path),
+        }
     }
 
     /// The shards an index names, each read once; every tensor the index lists must be in

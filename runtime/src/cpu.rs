@@ -18,8 +18,10 @@ use zebra_ir::schedule::{ScheduleInput, SideValues, Support, TileKind, build_hea
 
 use crate::artifact::{Artifact, ArtifactError};
 use crate::kv::KvCache;
-use crate::pack::pack;
-use crate::plan::{ElemType, Extent, HYPER, Operand, OptimizerPlan, Plan, Step, volume};
+use crate::pack::{pack, pack_into};
+use crate::plan::{
+    ElemType, Extent, HYPER, Operand, OptimizerPlan, PackSpec, Plan, Step, volume,
+};
 
 /// The C signature of every kernel: buffers, dims, and the range of programs to run.
 type KernelFn = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64);
@@ -583,6 +585,19 @@ pub(crate) fn as_words(values: &[f32]) -> Buffer {
     out
 }
 
+/// `w` packed as `spec` says, in a buffer: f32, or rounded to bf16 when the spec says so.
+pub(crate) fn packed_words(w: &[f32], norm: Option<&[f32]>, spec: &PackSpec) -> Buffer {
+    if spec.bf16 {
+        return as_bf16_words(&pack(w, norm, spec));
+    }
+    let len = spec.packed_len();
+    let mut out = buffer(words(len * 4));
+    // SAFETY: `out` has room for `len` f32s; u64 is more aligned than f32.
+    let values = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<f32>(), len) };
+    pack_into(w, norm, spec, values);
+    out
+}
+
 /// `values` rounded to bf16 (to nearest, ties to even), two bytes each, in a buffer.
 pub(crate) fn as_bf16_words(values: &[f32]) -> Buffer {
     let mut out = buffer(words(values.len() * 2));
@@ -859,12 +874,7 @@ impl CpuModel {
                 let held = shared_packed.get_mut(i).and_then(Option::take);
                 held.unwrap_or_else(|| {
                     let norm = p.norm.map(|n| &*raw[n]);
-                    let packed = pack(&raw[p.weight], norm, p);
-                    Arc::new(if p.bf16 {
-                        as_bf16_words(&packed)
-                    } else {
-                        as_words(&packed)
-                    })
+                    Arc::new(packed_words(&raw[p.weight], norm, p))
                 })
             })
             .collect();

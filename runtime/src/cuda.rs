@@ -36,7 +36,6 @@ use crate::cpu::{
     rope_tables, stepped, trained_sizes, words, words_of_i64,
 };
 use crate::kv::KvCache;
-use crate::pack::pack;
 use crate::plan::{ElemType, HYPER, Operand, Plan, Step, volume};
 
 /// Threads per block of every launch (as the PTX entries expect nothing else).
@@ -410,12 +409,7 @@ impl CudaModel {
                 let held = shared_packed.get_mut(i).and_then(Option::take);
                 let norm = p.norm.map(|n| &*raw[n]);
                 put(old.get_mut(i), held, &|| {
-                    let packed = pack(&raw[p.weight], norm, p);
-                    if p.bf16 {
-                        crate::cpu::as_bf16_words(&packed)
-                    } else {
-                        as_words(&packed)
-                    }
+                    crate::cpu::packed_words(&raw[p.weight], norm, p)
                 })
             })
             .collect::<Result<_, _>>()?;

@@ -5,9 +5,15 @@ use crate::plan::PackSpec;
 
 /// Packs `w [N, K]` (row-major) as `spec` says, multiplying column `k` by `norm[k]`.
 pub fn pack(w: &[f32], norm: Option<&[f32]>, spec: &PackSpec) -> Vec<f32> {
+    let mut out = vec![0.0f32; spec.packed_len()];
+    pack_into(w, norm, spec, &mut out);
+    out
+}
+
+/// [`pack`] into `out` (`spec.packed_len()` values, zeroed: the padding is not written).
+pub fn pack_into(w: &[f32], norm: Option<&[f32]>, spec: &PackSpec, out: &mut [f32]) {
     let (k, nr, group) = (spec.k, spec.nr, spec.group);
     let panels_per_group = group.div_ceil(nr);
-    let mut out = vec![0.0f32; spec.packed_len()];
     for g in 0..spec.n / group {
         for p in 0..panels_per_group {
             let panel = g * panels_per_group + p;
@@ -29,7 +35,6 @@ pub fn pack(w: &[f32], norm: Option<&[f32]>, spec: &PackSpec) -> Vec<f32> {
             }
         }
     }
-    out
 }
 
 #[cfg(test)]
