@@ -19,9 +19,7 @@ use zebra_ir::schedule::{ScheduleInput, SideValues, Support, TileKind, build_hea
 use crate::artifact::{Artifact, ArtifactError};
 use crate::kv::KvCache;
 use crate::pack::{pack, pack_into};
-use crate::plan::{
-    ElemType, Extent, HYPER, Operand, OptimizerPlan, PackSpec, Plan, Step, volume,
-};
+use crate::plan::{ElemType, Extent, HYPER, Operand, OptimizerPlan, PackSpec, Plan, Step, volume};
 
 /// The C signature of every kernel: buffers, dims, and the range of programs to run.
 type KernelFn = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64);

@@ -23,6 +23,10 @@ use super::attention::{reciprocal_or_zero, store_scaled};
 use crate::mlir::{Builder, F32, I64, Val, entry, vf32, vi1, vi64};
 use crate::vexpr::{self, VecEnv};
 
+/// Independent sums a key block's scores run as on the CPU (see [`key_block_scores`]): an
+/// FMA's latency is about four times its issue interval on current cores.
+const SCORE_CHAINS: usize = 4;
+
 /// The slots per block of the key cache for vectors of `vector` floats: one vector.
 pub fn block_slots(vector: usize) -> usize {
     vector.clamp(1, 16)
@@ -43,6 +47,9 @@ pub fn attention_decode(
     // Value rows are read `wv` floats at a time.
     let wv = super::attention::vector_width(d, vector);
     let (vt, vtv) = (vf32(w), vf32(wv));
+    // `O += P V` keeps `SCORE_CHAINS` sums in flight in all: its head dims' vectors are
+    // independent of each other, so fewer chains over the slots where there are several.
+    let value_chains = SCORE_CHAINS.div_ceil(d / wv).max(1);
 
     let mut b = Builder::new();
     let e = entry();
@@ -129,7 +136,7 @@ pub fn attention_decode(
                     (&kc, &kbase, 4),
                     (&keys, &filled),
                     (&qpos, &h, &batch),
-                    w,
+                    (w, SCORE_CHAINS),
                 );
                 let tile_max = b.op(format!(
                     "vector.reduction <maxnumf>, {s} fastmath<nnan> : {vt} into f32"
@@ -163,7 +170,10 @@ pub fn attention_decode(
                 b.for_range(&c0, &cd, &cwv, &[], |b, c, _| {
                     let at = b.addi(&arow, c);
                     let o = b.load(&acc, &at, F32, &vtv);
-                    let mut o = b.bin("mulf", &o, &alpha_vv, &vtv);
+                    let o = b.bin("mulf", &o, &alpha_vv, &vtv);
+                    // `value_chains` independent sums over the slots (the first starting
+                    // from the rescaled output), added at the end.
+                    let mut sums = vec![o];
                     for (j, pj) in weights.iter().enumerate() {
                         let sj = b.i64(j as i64);
                         let sj = b.addi(&s0, &sj);
@@ -172,8 +182,14 @@ pub fn attention_decode(
                         let row = b.muli(&row, &cd);
                         let row = b.addi(&row, c);
                         let v = b.load(&vc, &row, F32, &vtv);
-                        o = b.fma(pj, &v, &o, &vtv);
+                        let chain = j % value_chains;
+                        if chain < sums.len() {
+                            sums[chain] = b.fma(pj, &v, &sums[chain], &vtv);
+                        } else {
+                            sums.push(b.bin("mulf", pj, &v, &vtv));
+                        }
                     }
+                    let o = add_pairwise(b, sums, &vtv);
                     b.store(&o, &acc, &at, F32, &vtv);
                     vec![]
                 });
@@ -289,10 +305,29 @@ pub(crate) fn append_new_token(
     });
 }
 
+/// The sum of `values` (at least one), added pairwise.
+fn add_pairwise(b: &mut Builder, mut values: Vec<Val>, ty: &str) -> Val {
+    while values.len() > 1 {
+        let half = values.len().div_ceil(2);
+        let (low, high) = values.split_at(half);
+        let mut sums: Vec<Val> = low
+            .iter()
+            .zip(high)
+            .map(|(x, y)| b.bin("addf", x, y, ty))
+            .collect();
+        sums.extend(low[high.len()..].iter().cloned());
+        values = sums;
+    }
+    values.swap_remove(0)
+}
+
 /// The scores (base 2) of query head `h`, row `qrow` of `q`, against the `w` slots of one
 /// key block, at `kbase` of the key cache (its columns `align` bytes aligned): scaled, the
 /// score modifier applied and the mask compiled in over the slots' positions `keys`; `-inf`
-/// where hidden or where a slot is not `filled`.
+/// where hidden or where a slot is not `filled`. The dot products run as up to `chains`
+/// independent sums over the head dims, added at the end: in one sum each FMA waits for the
+/// one before it, and on a CPU the head dims' FMA latencies, not their throughput, set the
+/// time of a decode step's attention.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn key_block_scores(
     b: &mut Builder,
@@ -301,11 +336,13 @@ pub(crate) fn key_block_scores(
     (kc, kbase, align): (&Val, &Val, usize),
     (keys, filled): (&Val, &Val),
     (qpos, h, batch): (&Val, &Val, &Val),
-    w: usize,
+    (w, chains): (usize, usize),
 ) -> Val {
     let vt = vf32(w);
+    let d = kernel.head_dim as usize;
+    let chains = (1..=chains.max(1)).rev().find(|c| d % c == 0).unwrap_or(1);
     let (c0, c1) = (b.i64(0), b.i64(1));
-    let cd = b.i64(kernel.head_dim as i64);
+    let cd = b.i64(d as i64);
     let cw = b.i64(w as i64);
     let log2e = std::f64::consts::LOG2_E;
     let scale = match kernel.score {
@@ -313,16 +350,34 @@ pub(crate) fn key_block_scores(
         None => b.splat_f32((kernel.scale * log2e) as f32, w),
     };
     let zero_v = b.splat_f32(0.0, w);
-    let dots = b.for_range(&c0, &cd, &c1, &[(zero_v, vt.clone())], |b, dd, carried| {
-        let at = b.addi(qrow, dd);
-        let x = b.load(q, &at, F32, F32);
-        let xv = b.splat(&x, F32, w);
-        let col = b.muli(dd, &cw);
-        let col = b.addi(kbase, &col);
-        let lanes = b.load_aligned(kc, &col, F32, &vt, align);
-        vec![b.fma(&xv, &lanes, &carried[0], &vt)]
+    let step = if chains == 1 {
+        c1.clone()
+    } else {
+        b.i64(chains as i64)
+    };
+    let init = vec![(zero_v, vt.clone()); chains];
+    let dots = b.for_range(&c0, &cd, &step, &init, |b, dd, carried| {
+        (0..chains)
+            .map(|j| {
+                let dd = match j {
+                    0 => dd.clone(),
+                    _ => {
+                        let j = b.i64(j as i64);
+                        b.addi(dd, &j)
+                    }
+                };
+                let at = b.addi(qrow, &dd);
+                let x = b.load(q, &at, F32, F32);
+                let xv = b.splat(&x, F32, w);
+                let col = b.muli(&dd, &cw);
+                let col = b.addi(kbase, &col);
+                let lanes = b.load_aligned(kc, &col, F32, &vt, align);
+                b.fma(&xv, &lanes, &carried[j], &vt)
+            })
+            .collect()
     });
-    let s = b.bin("mulf", &dots[0], &scale, &vt);
+    let dots = add_pairwise(b, dots, &vt);
+    let s = b.bin("mulf", &dots, &scale, &vt);
     let env = VecEnv {
         n: w,
         q: qpos.clone(),

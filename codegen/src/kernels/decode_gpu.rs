@@ -351,7 +351,8 @@ pub fn attention_decode_gpu(
                         (&kc, &kbase, k_align),
                         (&keys, &filled),
                         (&qpos, &h, &batch),
-                        w,
+                        // A GPU thread's latencies are hidden by the other warps.
+                        (w, 1),
                     )]
                 },
                 |_| vec![neg_inf_v.clone()],
