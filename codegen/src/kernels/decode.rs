@@ -340,7 +340,10 @@ pub(crate) fn key_block_scores(
 ) -> Val {
     let vt = vf32(w);
     let d = kernel.head_dim as usize;
-    let chains = (1..=chains.max(1)).rev().find(|c| d % c == 0).unwrap_or(1);
+    let chains = (1..=chains.max(1))
+        .rev()
+        .find(|c| d.is_multiple_of(*c))
+        .unwrap_or(1);
     let (c0, c1) = (b.i64(0), b.i64(1));
     let cd = b.i64(d as i64);
     let cw = b.i64(w as i64);
