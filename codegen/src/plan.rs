@@ -84,6 +84,10 @@ impl Planner<'_> {
             symbol: symbol.clone(),
             description: spec.description(self.vector),
             tensor_cores: None,
+            cache_splits: match spec {
+                KernelSpec::AttentionDecode { .. } => crate::kernels::decode::CACHE_SPLITS,
+                _ => 0,
+            },
         });
         self.kernels.push(spec);
         self.symbols.insert(symbol, i);

@@ -92,6 +92,10 @@ enum Tasks {
 /// KV-cache slots from which a single token's attention is worth the thread pool.
 const PARALLEL_SLOTS: usize = 4096;
 
+/// The fewest KV-cache slots a program of a decode step's attention takes when the cache is
+/// shared out (fewer would spend more on combining the shares than they save).
+const SHARE_SLOTS: usize = 1024;
+
 /// Bytes of packed weights from which a single token's projection is worth the thread pool:
 /// it reads every byte once, and one core alone does not draw all the memory bandwidth.
 const PARALLEL_WEIGHT_BYTES: usize = 1 << 20;
@@ -1140,6 +1144,25 @@ impl CpuModel {
                         continue;
                     }
                     let programs = grid.programs(batch, seq);
+                    if seq == 1
+                        && let Some(parts) = self.cache_shares(kernel, &operands, offset, programs)
+                    {
+                        // Each (batch row, KV head)'s cache shared out over `parts`
+                        // programs, then one program per pair combines their shares.
+                        let mut split = dims;
+                        split[2] = parts as i64;
+                        let tasks = Tasks::Pool { fine_grained: true };
+                        self.launch(
+                            kernel,
+                            Raw(pointers.clone()),
+                            split,
+                            programs * parts,
+                            tasks,
+                        );
+                        split[2] = -(parts as i64);
+                        self.launch(kernel, Raw(pointers), split, programs, Tasks::Inline);
+                        continue;
+                    }
                     // A single token's kernels are too small to share out (waking the pool
                     // costs more than they do), except attention over a long KV cache and
                     // projections through large weights.
@@ -1162,6 +1185,50 @@ impl CpuModel {
                 }
             }
         }
+    }
+
+    /// How many programs to share each (batch row, KV head)'s KV cache out over in a decode
+    /// step's attention (kernel `kernel`, `programs` pairs, the token at `offset`): enough
+    /// that every thread gets a few, each at least [`SHARE_SLOTS`] slots; `None` for one
+    /// program per pair (a short cache, or a kernel that cannot share it out).
+    fn cache_shares(
+        &self,
+        kernel: usize,
+        operands: &[Operand],
+        offset: usize,
+        programs: usize,
+    ) -> Option<usize> {
+        let most = self.plan.kernels[kernel].cache_splits;
+        let slots = operands.iter().find_map(|o| match o {
+            Operand::CacheKeys(c) => Some(self.caches[*c].spec.slots_for(offset + 1)),
+            _ => None,
+        })?;
+        if most < 2 || self.threads < 2 || slots < PARALLEL_SLOTS || programs == 0 {
+            return None;
+        }
+        let wanted = (4 * self.threads).div_ceil(programs);
+        let parts = wanted.min(slots / SHARE_SLOTS).min(most);
+        (parts >= 2).then_some(parts)
+    }
+
+    /// The most programs the next decode step shares a (batch row, KV head)'s KV cache out
+    /// over in one of its attentions, for a batch of `batch` rows (1: none is shared out).
+    pub fn cache_shares_next(&self, batch: usize) -> usize {
+        let offset = self.cached_tokens;
+        self.plan
+            .steps
+            .iter()
+            .filter_map(|step| match step {
+                Step::Kernel {
+                    kernel,
+                    operands,
+                    grid,
+                    ..
+                } => self.cache_shares(*kernel, operands, offset, grid.programs(batch, 1)),
+                Step::Schedule { .. } => None,
+            })
+            .max()
+            .unwrap_or(1)
     }
 
     /// Whether this is a decode plan (its attention runs against KV caches).

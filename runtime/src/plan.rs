@@ -300,6 +300,15 @@ pub struct KernelInfo {
     /// instead of the grid of programs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tensor_cores: Option<TensorCoreLaunch>,
+    /// For a decode step's attention: how many programs, at most, the kernel can share each
+    /// (batch row, KV head)'s cache out over (dim 2 says how many; see
+    /// `CpuModel`'s launches), 0 where it cannot.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_splits: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// How to launch a tensor-core kernel: entry `(buffers, dims)` on `grid`'s blocks of

@@ -215,6 +215,79 @@ fn kv_heads_that_keep_different_keys_get_caches_of_their_own() {
 
 /// A mask that keeps only the first keys (sinks, no window) keeps them and a slot for the
 /// newest key, which its decode step writes before it attends.
+/// After a long prompt, a global layer's cache is shared out over several programs per
+/// (batch row, KV head), whose shares a second launch combines: the steps still give a full
+/// forward pass's logits, on either side of the length from which the cache is shared out.
+#[test]
+fn long_caches_shared_out_over_programs_decode_like_a_full_forward() {
+    let source = "
+        attention global causal { mask = k <= q }
+        attention local(window: int = 8) causal { mask = k <= q && q - k < window }
+        model long_cache {
+            vocab = 32
+            dim = 32
+            heads = 2
+            kv_heads = 1
+            ffn = swiglu(hidden = 32)
+            norm = rmsnorm(eps = 1e-5)
+            rope = rope(base = 10000.0)
+            embeddings = tied
+            layers = [global, local]
+        }";
+    let checked = zebra_frontend::check_source(source);
+    assert!(!checked.has_errors(), "{:?}", checked.diagnostics);
+    let spec = checked.program.models[0].clone();
+    let graph = optimize(&lower(&spec), &Options::default()).unwrap().graph;
+    let out = tempfile::tempdir().expect("temporary directory");
+    let dir = |mode: &str| out.path().join(mode);
+    for (name, mode) in [
+        ("p", PlanMode::Prefill),
+        ("d", PlanMode::Decode),
+        ("f", PlanMode::Forward),
+    ] {
+        let options = BuildOptions {
+            mode,
+            max_seq_len: 4200,
+            cache: Some(Cache { dir: cache_dir() }),
+        };
+        build(&graph, &dir(name), &options).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let mut weights = zebra_frontend::init::random_weights(&spec, 3);
+    // Sharp scores, so that every share of the cache matters: with the small random weights
+    // a query would spread over thousands of keys almost evenly.
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    weights
+        .get_mut(q)
+        .unwrap_or_else(|| panic!("no {q}"))
+        .mapv_inplace(|x| x * 40.0);
+    let mut prefill = CpuModel::load(&dir("p"), &weights, 2).unwrap();
+    let mut decode = CpuModel::load(&dir("d"), &weights, 2).unwrap();
+    let mut forward = CpuModel::load(&dir("f"), &weights, 2).unwrap();
+    let (prompt, total) = (4090, 4104);
+    let all = tokens(2, total, spec.vocab, 11);
+    let full = run(&mut forward, &all)["logits"].mapv(f64::from);
+    let outputs = run(
+        &mut prefill,
+        &all.slice(s![.., ..prompt]).to_owned().into_dyn(),
+    );
+    decode.start_decode(&outputs).unwrap();
+    let mut shared = Vec::new();
+    for t in prompt..total {
+        shared.push(decode.cache_shares_next(2));
+        let next = all.slice(s![.., t..t + 1]).to_owned().into_dyn();
+        let step = decode.decode(&next).unwrap_or_else(|e| panic!("{e}"));
+        let expected = full.slice(s![.., t..t + 1, ..]).to_owned().into_dyn();
+        let what = format!(
+            "step at {t}, the cache shared over {}",
+            shared[shared.len() - 1]
+        );
+        assert_close(&step["logits"].mapv(f64::from), &expected, TOLERANCE, &what);
+    }
+    // Two (batch row, KV head) pairs on two threads: four programs each from 4096 slots.
+    assert_eq!(shared[..5], [1; 5]);
+    assert!(shared[6..].iter().all(|&n| n == 4), "{shared:?}");
+}
+
 #[test]
 fn a_cache_of_sinks_alone_decodes_like_a_full_forward() {
     let out = tempfile::tempdir().expect("temporary directory");

@@ -7,14 +7,23 @@
 //! modifier and the mask compiled in (over the positions the slots hold, `-1` for an empty
 //! slot), an online softmax and `O += P V`.
 //!
+//! A long cache can be shared out (flash-decoding, as [`super::decode_gpu`] does on a GPU):
+//! with dim 2 = `S >= 2`, program `p` takes the `p % S`-th contiguous share of the blocks of
+//! pair `p / S` (the share holding the new token's slot appends it), and leaves its
+//! unnormalized output, running maximum and sum in the workspace; a second launch with dim
+//! 2 = `-S`, one program per pair, rescales the shares to their largest maximum, sums and
+//! normalizes them. The CPU runtime shares a cache out when its pairs are too few to keep
+//! every thread busy (`CpuModel`); dim 2 = 0 is the single pass.
+//!
 //! Buffers: `q [B, H, 1, D]`, the new `k` and `v [B, KV, 1, D]`, the key cache in blocks of
 //! `w` slots `[S / w][B][KV'][D][w]`, the value cache `[S][B][KV'][D]` (`KV'` the KV heads
 //! the cache holds), the slots' positions
 //! `i64 [S]` (the new one already written by the runtime), `out` (`[B, 1, H, D]`, the same
-//! addresses as `[B, H, 1, D]`), then a workspace only the GPU's kernel uses
-//! ([`super::decode_gpu`]: each split's share of the cache). Dims: `B`, `T` (1), unused, the new token's position.
-//! Neither cache layout depends on its capacity, so a cache of every position grows by
-//! appending.
+//! addresses as `[B, H, 1, D]`), then the workspace of the shares (per pair, up to
+//! [`CACHE_SPLITS`] shares of each query head of its group, `D + 2` floats each; the GPU's
+//! kernel lays its own out alike). Dims: `B`, `T` (1), the sharing as above, the new token's
+//! position. Neither cache layout depends on its capacity, so a cache of every position
+//! grows by appending.
 
 use zebra_ir::cache::{HeadCache, KvPolicy};
 use zebra_ir::op::AttentionKernel;
@@ -86,143 +95,322 @@ pub fn attention_decode(
     let blocks = b.ceil_div(&used, &cw);
     let row_stride = b.muli(&batch_count, &cheld); // (batch, kv head) pairs per slot
 
+    // Dim 2 says how the cache is shared out: 0 or 1, one program per (batch row, KV head
+    // held) attends over all of it; S >= 2, S programs each take a contiguous share of its
+    // blocks and leave their unnormalized outputs, maxima and sums in the workspace; -S, a
+    // second launch with one program per pair combines those S shares.
+    let work = b.ptr_at(&e.bufs, 7);
+    let mode = b.i64_at(&e.dims, 2);
+    let combining = b.cmpi("slt", &mode, &c0, I64);
+    let splits = b.maxi(&mode, &c1);
+    let sharing = b.cmpi("sgt", &splits, &c1, I64);
+    let per_split = b.ceil_div(&blocks, &splits);
+    let slot_block = b.divi(&slot, &cw);
+
     b.for_range(&e.first, &e.last, &c1, &[], |b, pid, _| {
-        let batch = b.divi(pid, &cheld);
-        let local = b.remi(pid, &cheld);
-        let pair = b.muli(&batch, &cheld);
-        let pair = b.addi(&pair, &local); // (batch, kv head held)
-        let kv = layer_kv_head(b, &cache.kv_heads, &local);
-        let new_pair = b.muli(&batch, &ckv);
-        let new_pair = b.addi(&new_pair, &kv);
-
-        append_new_token(
-            b,
-            [&k_new, &v_new, &kc, &vc],
-            (&slot, (&new_pair, &pair), &row_stride),
-            (d, w),
-            (&c0, &c1),
-        );
-
-        b.for_range(&c0, &cgroup, &c1, &[], |b, i, _| {
-            b.store(&neg_inf, &maxes, i, F32, F32);
-            b.store(&fzero, &sums, i, F32, F32);
-            let row = b.muli(i, &cd);
-            b.for_range(&c0, &cd, &cwv, &[], |b, c, _| {
-                let at = b.addi(&row, c);
-                b.store(&zero_vv, &acc, &at, F32, &vtv);
-                vec![]
-            });
-            vec![]
+        b.if_then(&combining, |b| {
+            let parts = b.subi(&c0, &mode);
+            let batch = b.divi(pid, &cheld);
+            let local = b.remi(pid, &cheld);
+            let kv = layer_kv_head(b, &cache.kv_heads, &local);
+            combine_shares(
+                b,
+                (&work, &out),
+                (pid, &batch, &kv, &parts),
+                (h_count, group, d, wv),
+            );
         });
+        let attending = b.cmpi("sge", &mode, &c0, I64);
+        b.if_then(&attending, |b| {
+            let pair = b.divi(pid, &splits); // (batch, kv head held)
+            let split = b.remi(pid, &splits);
+            let batch = b.divi(&pair, &cheld);
+            let local = b.remi(&pair, &cheld);
+            let kv = layer_kv_head(b, &cache.kv_heads, &local);
+            let new_pair = b.muli(&batch, &ckv);
+            let new_pair = b.addi(&new_pair, &kv);
+            let first_block = b.muli(&split, &per_split);
+            let end_block = b.addi(&first_block, &per_split);
+            let end_block = b.mini(&end_block, &blocks);
 
-        b.for_range(&c0, &blocks, &c1, &[], |b, blk, _| {
-            let s0 = b.muli(blk, &cw);
-            let keys = b.load(&positions, &s0, I64, &vi64(w));
-            let filled = b.cmpi("sgt", &keys, &minus_one, &vi64(w));
-            let kbase = b.muli(blk, &row_stride);
-            let kbase = b.addi(&kbase, &pair);
-            let kbase = b.muli(&kbase, &cd);
-            let kbase = b.muli(&kbase, &cw);
-            b.for_range(&c0, &cgroup, &c1, &[], |b, i, _| {
-                let gh = b.muli(&kv, &cgroup);
-                let h = b.addi(&gh, i);
-                let qrow = b.muli(&batch, &ch);
-                let qrow = b.addi(&qrow, &h);
-                let qrow = b.muli(&qrow, &cd);
-                let s = key_block_scores(
+            // The share that holds the new token's slot appends it (no other reads that slot).
+            let below = b.cmpi("sge", &slot_block, &first_block, I64);
+            let above = b.cmpi("slt", &slot_block, &end_block, I64);
+            let owns_slot = b.bin("andi", &below, &above, "i1");
+            b.if_then(&owns_slot, |b| {
+                append_new_token(
                     b,
-                    kernel,
-                    (&q, &qrow),
-                    (&kc, &kbase, 4),
-                    (&keys, &filled),
-                    (&qpos, &h, &batch),
-                    (w, SCORE_CHAINS),
+                    [&k_new, &v_new, &kc, &vc],
+                    (&slot, (&new_pair, &pair), &row_stride),
+                    (d, w),
+                    (&c0, &c1),
                 );
-                let tile_max = b.op(format!(
-                    "vector.reduction <maxnumf>, {s} fastmath<nnan> : {vt} into f32"
-                ));
-                let m_old = b.load(&maxes, i, F32, F32);
-                let m_new = b.op(format!(
-                    "arith.maxnumf {m_old}, {tile_max} fastmath<nnan> : f32"
-                ));
-                let hidden = b.cmpf("oeq", &m_new, &neg_inf, F32);
-                let m_use = b.select(&hidden, &fzero, &m_new, F32);
-                let m_use_v = b.splat(&m_use, F32, w);
-                let shifted = b.bin("subf", &s, &m_use_v, &vt);
-                let p = vexpr::exp2_nonpositive(b, &shifted, w);
-                let tile_sum = b.reduce("add", &p, &vt, F32);
-                let shift = b.bin("subf", &m_old, &m_use, F32);
-                let shift_v = b.splat(&shift, F32, w);
-                let alpha_v = vexpr::exp2_nonpositive(b, &shift_v, w);
-                let alpha = b.op(format!("vector.extract {alpha_v}[0] : f32 from {vt}"));
-                let l_old = b.load(&sums, i, F32, F32);
-                let l_new = b.fma(&l_old, &alpha, &tile_sum, F32);
-                b.store(&l_new, &sums, i, F32, F32);
-                b.store(&m_new, &maxes, i, F32, F32);
-                let alpha_vv = b.splat(&alpha, F32, wv);
-                let weights: Vec<Val> = (0..w)
-                    .map(|j| {
-                        let pj = b.op(format!("vector.extract {p}[{j}] : f32 from {vt}"));
-                        b.splat(&pj, F32, wv)
-                    })
-                    .collect();
-                let arow = b.muli(i, &cd);
+            });
+
+            b.for_range(&c0, &cgroup, &c1, &[], |b, i, _| {
+                b.store(&neg_inf, &maxes, i, F32, F32);
+                b.store(&fzero, &sums, i, F32, F32);
+                let row = b.muli(i, &cd);
                 b.for_range(&c0, &cd, &cwv, &[], |b, c, _| {
-                    let at = b.addi(&arow, c);
-                    let o = b.load(&acc, &at, F32, &vtv);
-                    let o = b.bin("mulf", &o, &alpha_vv, &vtv);
-                    // `value_chains` independent sums over the slots (the first starting
-                    // from the rescaled output), added at the end.
-                    let mut sums = vec![o];
-                    for (j, pj) in weights.iter().enumerate() {
-                        let sj = b.i64(j as i64);
-                        let sj = b.addi(&s0, &sj);
-                        let row = b.muli(&sj, &row_stride);
-                        let row = b.addi(&row, &pair);
-                        let row = b.muli(&row, &cd);
-                        let row = b.addi(&row, c);
-                        let v = b.load(&vc, &row, F32, &vtv);
-                        let chain = j % value_chains;
-                        if chain < sums.len() {
-                            sums[chain] = b.fma(pj, &v, &sums[chain], &vtv);
-                        } else {
-                            sums.push(b.bin("mulf", pj, &v, &vtv));
-                        }
-                    }
-                    let o = add_pairwise(b, sums, &vtv);
-                    b.store(&o, &acc, &at, F32, &vtv);
+                    let at = b.addi(&row, c);
+                    b.store(&zero_vv, &acc, &at, F32, &vtv);
                     vec![]
                 });
                 vec![]
             });
-            vec![]
-        });
 
-        // Normalize and write out; a query that saw nothing gets zeros.
-        b.for_range(&c0, &cgroup, &c1, &[], |b, i, _| {
-            let l = b.load(&sums, i, F32, F32);
-            let (_, inverse_v) = reciprocal_or_zero(b, &l, (&fzero, &fone), wv);
-            let gh = b.muli(&kv, &cgroup);
-            let h = b.addi(&gh, i);
-            let orow = b.muli(&batch, &ch);
-            let orow = b.addi(&orow, &h);
-            let orow = b.muli(&orow, &cd);
-            let arow = b.muli(i, &cd);
-            store_scaled(
-                b,
-                &acc,
-                &arow,
-                &out,
-                &orow,
-                &inverse_v,
-                (&c0, &cd, &cwv),
-                wv,
+            b.for_range(&first_block, &end_block, &c1, &[], |b, blk, _| {
+                let s0 = b.muli(blk, &cw);
+                let keys = b.load(&positions, &s0, I64, &vi64(w));
+                let filled = b.cmpi("sgt", &keys, &minus_one, &vi64(w));
+                let kbase = b.muli(blk, &row_stride);
+                let kbase = b.addi(&kbase, &pair);
+                let kbase = b.muli(&kbase, &cd);
+                let kbase = b.muli(&kbase, &cw);
+                b.for_range(&c0, &cgroup, &c1, &[], |b, i, _| {
+                    let gh = b.muli(&kv, &cgroup);
+                    let h = b.addi(&gh, i);
+                    let qrow = b.muli(&batch, &ch);
+                    let qrow = b.addi(&qrow, &h);
+                    let qrow = b.muli(&qrow, &cd);
+                    let s = key_block_scores(
+                        b,
+                        kernel,
+                        (&q, &qrow),
+                        (&kc, &kbase, 4),
+                        (&keys, &filled),
+                        (&qpos, &h, &batch),
+                        (w, SCORE_CHAINS),
+                    );
+                    let tile_max = b.op(format!(
+                        "vector.reduction <maxnumf>, {s} fastmath<nnan> : {vt} into f32"
+                    ));
+                    let m_old = b.load(&maxes, i, F32, F32);
+                    let m_new = b.op(format!(
+                        "arith.maxnumf {m_old}, {tile_max} fastmath<nnan> : f32"
+                    ));
+                    let hidden = b.cmpf("oeq", &m_new, &neg_inf, F32);
+                    let m_use = b.select(&hidden, &fzero, &m_new, F32);
+                    let m_use_v = b.splat(&m_use, F32, w);
+                    let shifted = b.bin("subf", &s, &m_use_v, &vt);
+                    let p = vexpr::exp2_nonpositive(b, &shifted, w);
+                    let tile_sum = b.reduce("add", &p, &vt, F32);
+                    let shift = b.bin("subf", &m_old, &m_use, F32);
+                    let shift_v = b.splat(&shift, F32, w);
+                    let alpha_v = vexpr::exp2_nonpositive(b, &shift_v, w);
+                    let alpha = b.op(format!("vector.extract {alpha_v}[0] : f32 from {vt}"));
+                    let l_old = b.load(&sums, i, F32, F32);
+                    let l_new = b.fma(&l_old, &alpha, &tile_sum, F32);
+                    b.store(&l_new, &sums, i, F32, F32);
+                    b.store(&m_new, &maxes, i, F32, F32);
+                    let alpha_vv = b.splat(&alpha, F32, wv);
+                    let weights: Vec<Val> = (0..w)
+                        .map(|j| {
+                            let pj = b.op(format!("vector.extract {p}[{j}] : f32 from {vt}"));
+                            b.splat(&pj, F32, wv)
+                        })
+                        .collect();
+                    let arow = b.muli(i, &cd);
+                    b.for_range(&c0, &cd, &cwv, &[], |b, c, _| {
+                        let at = b.addi(&arow, c);
+                        let o = b.load(&acc, &at, F32, &vtv);
+                        let o = b.bin("mulf", &o, &alpha_vv, &vtv);
+                        // `value_chains` independent sums over the slots (the first starting
+                        // from the rescaled output), added at the end.
+                        let mut sums = vec![o];
+                        for (j, pj) in weights.iter().enumerate() {
+                            let sj = b.i64(j as i64);
+                            let sj = b.addi(&s0, &sj);
+                            let row = b.muli(&sj, &row_stride);
+                            let row = b.addi(&row, &pair);
+                            let row = b.muli(&row, &cd);
+                            let row = b.addi(&row, c);
+                            let v = b.load(&vc, &row, F32, &vtv);
+                            let chain = j % value_chains;
+                            if chain < sums.len() {
+                                sums[chain] = b.fma(pj, &v, &sums[chain], &vtv);
+                            } else {
+                                sums.push(b.bin("mulf", pj, &v, &vtv));
+                            }
+                        }
+                        let o = add_pairwise(b, sums, &vtv);
+                        b.store(&o, &acc, &at, F32, &vtv);
+                        vec![]
+                    });
+                    vec![]
+                });
+                vec![]
+            });
+
+            b.if_else(
+                &sharing,
+                &[],
+                |b| {
+                    // This share's unnormalized output, maximum and sum, for the combining.
+                    b.for_range(&c0, &cgroup, &c1, &[], |b, i, _| {
+                        let row = share_row(b, (&pair, &split, i), (group, d));
+                        let one = b.f32(1.0);
+                        let one_v = b.splat(&one, F32, wv);
+                        let arow = b.muli(i, &cd);
+                        store_scaled(b, &acc, &arow, &work, &row, &one_v, (&c0, &cd, &cwv), wv);
+                        let at = b.addi(&row, &cd);
+                        let m = b.load(&maxes, i, F32, F32);
+                        b.store(&m, &work, &at, F32, F32);
+                        let at = b.addi(&at, &c1);
+                        let l = b.load(&sums, i, F32, F32);
+                        b.store(&l, &work, &at, F32, F32);
+                        vec![]
+                    });
+                    vec![]
+                },
+                |b| {
+                    // Normalize and write out; a query that saw nothing gets zeros.
+                    b.for_range(&c0, &cgroup, &c1, &[], |b, i, _| {
+                        let l = b.load(&sums, i, F32, F32);
+                        let (_, inverse_v) = reciprocal_or_zero(b, &l, (&fzero, &fone), wv);
+                        let orow = out_row(b, (&batch, &kv, i), (h_count, group, d));
+                        let arow = b.muli(i, &cd);
+                        store_scaled(
+                            b,
+                            &acc,
+                            &arow,
+                            &out,
+                            &orow,
+                            &inverse_v,
+                            (&c0, &cd, &cwv),
+                            wv,
+                        );
+                        vec![]
+                    });
+                    vec![]
+                },
             );
-            vec![]
         });
         vec![]
     });
     b.finish(name)
+}
+
+/// The most programs a (batch row, KV head held)'s cache is shared out over, as the GPU's
+/// kernel: the workspace holds this many shares per pair.
+pub const CACHE_SPLITS: usize = super::decode_gpu::SPLITS;
+
+/// The first float of share `split` of query head `i` of `pair`'s group in the workspace: its
+/// `d` unnormalized outputs, then its maximum (base 2) and its sum.
+fn share_row(
+    b: &mut Builder,
+    (pair, split, i): (&Val, &Val, &Val),
+    (group, d): (usize, usize),
+) -> Val {
+    let csplits = b.i64(CACHE_SPLITS as i64);
+    let cgroup = b.i64(group as i64);
+    let width = b.i64(d as i64 + 2);
+    let row = b.muli(pair, &csplits);
+    let row = b.addi(&row, split);
+    let row = b.muli(&row, &cgroup);
+    let row = b.addi(&row, i);
+    b.muli(&row, &width)
+}
+
+/// Where query head `i` of KV head `kv`'s group writes its output for batch row `batch`.
+fn out_row(
+    b: &mut Builder,
+    (batch, kv, i): (&Val, &Val, &Val),
+    (heads, group, d): (i64, usize, usize),
+) -> Val {
+    let cgroup = b.i64(group as i64);
+    let ch = b.i64(heads);
+    let cd = b.i64(d as i64);
+    let gh = b.muli(kv, &cgroup);
+    let h = b.addi(&gh, i);
+    let orow = b.muli(batch, &ch);
+    let orow = b.addi(&orow, &h);
+    b.muli(&orow, &cd)
+}
+
+/// Combines the `parts` shares of pair `pair` (batch row `batch`, KV head `kv`) from the
+/// workspace: each share's output and sum rescaled to the largest maximum, summed and
+/// normalized (a query that no share let see a key gets zeros).
+fn combine_shares(
+    b: &mut Builder,
+    (work, out): (&Val, &Val),
+    (pair, batch, kv, parts): (&Val, &Val, &Val, &Val),
+    (heads, group, d, wv): (i64, usize, usize, usize),
+) {
+    let vtv = vf32(wv);
+    let (c0, c1) = (b.i64(0), b.i64(1));
+    let cd = b.i64(d as i64);
+    let cwv = b.i64(wv as i64);
+    let cgroup = b.i64(group as i64);
+    let neg_inf = b.f32(f32::NEG_INFINITY);
+    let (fzero, fone) = (b.f32(0.0), b.f32(1.0));
+    let zero_v = b.splat_f32(0.0, wv);
+    b.for_range(&c0, &cgroup, &c1, &[], |b, i, _| {
+        // The largest maximum over the shares.
+        let top = b.for_range(
+            &c0,
+            parts,
+            &c1,
+            &[(neg_inf.clone(), F32.to_string())],
+            |b, s, m| {
+                let row = share_row(b, (pair, s, i), (group, d));
+                let at = b.addi(&row, &cd);
+                let ms = b.load(work, &at, F32, F32);
+                vec![b.op(format!("arith.maxnumf {}, {ms} : f32", m[0]))]
+            },
+        )[0]
+        .clone();
+        // Share `row`'s weight 2^(m_s - top), 0 for a share that saw nothing.
+        let weight = |b: &mut Builder, row: &Val| -> Val {
+            let at = b.addi(row, &cd);
+            let ms = b.load(work, &at, F32, F32);
+            let hidden = b.cmpf("oeq", &ms, &neg_inf, F32);
+            let shift = b.bin("subf", &ms, &top, F32);
+            let shift = b.select(&hidden, &neg_inf, &shift, F32);
+            let shift_v = b.splat(&shift, F32, 1);
+            let f = vexpr::exp2_nonpositive(b, &shift_v, 1);
+            b.op(format!("vector.extract {f}[0] : f32 from {}", vf32(1)))
+        };
+        let total = b.for_range(
+            &c0,
+            parts,
+            &c1,
+            &[(fzero.clone(), F32.to_string())],
+            |b, s, l| {
+                let row = share_row(b, (pair, s, i), (group, d));
+                let f = weight(b, &row);
+                let at = b.addi(&row, &cd);
+                let at = b.addi(&at, &c1);
+                let ls = b.load(work, &at, F32, F32);
+                vec![b.fma(&f, &ls, &l[0], F32)]
+            },
+        )[0]
+        .clone();
+        let (_, inverse_v) = reciprocal_or_zero(b, &total, (&fzero, &fone), wv);
+        let orow = out_row(b, (batch, kv, i), (heads, group, d));
+        b.for_range(&c0, &cd, &cwv, &[], |b, c, _| {
+            let o = b.for_range(
+                &c0,
+                parts,
+                &c1,
+                &[(zero_v.clone(), vtv.clone())],
+                |b, s, o| {
+                    let row = share_row(b, (pair, s, i), (group, d));
+                    let f = weight(b, &row);
+                    let fv = b.splat(&f, F32, wv);
+                    let at = b.addi(&row, c);
+                    let x = b.load(work, &at, F32, &vtv);
+                    vec![b.fma(&fv, &x, &o[0], &vtv)]
+                },
+            )[0]
+            .clone();
+            let o = b.bin("mulf", &o, &inverse_v, &vtv);
+            let to = b.addi(&orow, c);
+            b.store(&o, out, &to, F32, &vtv);
+            vec![]
+        });
+        vec![]
+    });
 }
 
 /// The attention's KV head that a cache holds at `local`: a chain of selects over
