@@ -413,6 +413,32 @@ mod tests {
     }
 
     #[test]
+    fn files_are_mapped_or_read_and_refused_with_the_path_when_broken() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut weights = Weights::new();
+        weights.insert("w", tensor(&[1.0, -2.5, 3.0]));
+        let good = dir.path().join("good.safetensors");
+        weights.save(&good).unwrap();
+        assert_eq!(Weights::load(&good).unwrap().get("w"), weights.get("w"));
+        // An empty file cannot be mapped: it is read, and refused as what it is.
+        let empty = dir.path().join("empty.safetensors");
+        std::fs::write(&empty, b"").unwrap();
+        let garbage = dir.path().join("garbage.safetensors");
+        std::fs::write(&garbage, b"not a safetensors file").unwrap();
+        for path in [&empty, &garbage] {
+            let message = Weights::load(path).unwrap_err().to_string();
+            let expected = format!("{} is not a valid safetensors file", path.display());
+            assert!(message.contains(&expected), "{message}");
+        }
+        let missing = dir.path().join("missing.safetensors");
+        let message = Weights::load(&missing).unwrap_err().to_string();
+        assert!(
+            message.starts_with(&format!("cannot read {}", missing.display())),
+            "{message}"
+        );
+    }
+
+    #[test]
     fn garbage_is_refused_with_the_path() {
         let err =
             Weights::from_bytes(b"not a safetensors file", Path::new("w.safetensors")).unwrap_err();
