@@ -29,6 +29,7 @@ use zebra_ir::cache::{HeadCache, KvPolicy};
 use zebra_ir::op::AttentionKernel;
 
 use super::attention::{reciprocal_or_zero, store_scaled};
+use super::decode_gpu::partial_row;
 use crate::mlir::{Builder, F32, I64, Val, entry, vf32, vi1, vi64};
 use crate::vexpr::{self, VecEnv};
 
@@ -90,6 +91,7 @@ pub fn attention_decode(
     let maxes = b.alloca(group, F32);
     let sums = b.alloca(group, F32);
     let acc = b.alloca(group * d, F32);
+    let weights = b.alloca(CACHE_SPLITS, F32); // the shares' weights, when combining
 
     let (slot, used) = slot_and_used(&mut b, policy, &qpos);
     let blocks = b.ceil_div(&used, &cw);
@@ -115,7 +117,7 @@ pub fn attention_decode(
             let kv = layer_kv_head(b, &cache.kv_heads, &local);
             combine_shares(
                 b,
-                (&work, &out),
+                (&work, &out, &weights),
                 (pid, &batch, &kv, &parts),
                 (h_count, group, d, wv),
             );
@@ -129,14 +131,9 @@ pub fn attention_decode(
             let kv = layer_kv_head(b, &cache.kv_heads, &local);
             let new_pair = b.muli(&batch, &ckv);
             let new_pair = b.addi(&new_pair, &kv);
-            let first_block = b.muli(&split, &per_split);
-            let end_block = b.addi(&first_block, &per_split);
-            let end_block = b.mini(&end_block, &blocks);
-
+            let (first_block, end_block, owns_slot) =
+                share_blocks(b, (&split, &per_split), &blocks, &slot_block);
             // The share that holds the new token's slot appends it (no other reads that slot).
-            let below = b.cmpi("sge", &slot_block, &first_block, I64);
-            let above = b.cmpi("slt", &slot_block, &end_block, I64);
-            let owns_slot = b.bin("andi", &below, &above, "i1");
             b.if_then(&owns_slot, |b| {
                 append_new_token(
                     b,
@@ -248,7 +245,7 @@ pub fn attention_decode(
                 |b| {
                     // This share's unnormalized output, maximum and sum, for the combining.
                     b.for_range(&c0, &cgroup, &c1, &[], |b, i, _| {
-                        let row = share_row(b, (&pair, &split, i), (group, d));
+                        let row = partial_row(b, &pair, &split, i, (group, d));
                         let one = b.f32(1.0);
                         let one_v = b.splat(&one, F32, wv);
                         let arow = b.muli(i, &cd);
@@ -295,21 +292,22 @@ pub fn attention_decode(
 /// kernel: the workspace holds this many shares per pair.
 pub const CACHE_SPLITS: usize = super::decode_gpu::SPLITS;
 
-/// The first float of share `split` of query head `i` of `pair`'s group in the workspace: its
-/// `d` unnormalized outputs, then its maximum (base 2) and its sum.
-fn share_row(
+/// Share `split` of `blocks` key blocks, `per_split` each: its blocks `start..end`, and whether
+/// it holds `slot_block`, the new token's (the share that appends the token).
+pub(crate) fn share_blocks(
     b: &mut Builder,
-    (pair, split, i): (&Val, &Val, &Val),
-    (group, d): (usize, usize),
-) -> Val {
-    let csplits = b.i64(CACHE_SPLITS as i64);
-    let cgroup = b.i64(group as i64);
-    let width = b.i64(d as i64 + 2);
-    let row = b.muli(pair, &csplits);
-    let row = b.addi(&row, split);
-    let row = b.muli(&row, &cgroup);
-    let row = b.addi(&row, i);
-    b.muli(&row, &width)
+    (split, per_split): (&Val, &Val),
+    blocks: &Val,
+    slot_block: &Val,
+) -> (Val, Val, Val) {
+    let start = b.muli(split, per_split);
+    let start = b.mini(&start, blocks);
+    let end = b.addi(&start, per_split);
+    let end = b.mini(&end, blocks);
+    let after_start = b.cmpi("sge", slot_block, &start, I64);
+    let before_end = b.cmpi("slt", slot_block, &end, I64);
+    let holds = b.bin("andi", &after_start, &before_end, "i1");
+    (start, end, holds)
 }
 
 /// Where query head `i` of KV head `kv`'s group writes its output for batch row `batch`.
@@ -330,10 +328,11 @@ fn out_row(
 
 /// Combines the `parts` shares of pair `pair` (batch row `batch`, KV head `kv`) from the
 /// workspace: each share's output and sum rescaled to the largest maximum, summed and
-/// normalized (a query that no share let see a key gets zeros).
+/// normalized (a query that no share let see a key gets zeros); `weights` holds
+/// [`CACHE_SPLITS`] floats of scratch.
 fn combine_shares(
     b: &mut Builder,
-    (work, out): (&Val, &Val),
+    (work, out, weights): (&Val, &Val, &Val),
     (pair, batch, kv, parts): (&Val, &Val, &Val, &Val),
     (heads, group, d, wv): (i64, usize, usize, usize),
 ) {
@@ -353,33 +352,31 @@ fn combine_shares(
             &c1,
             &[(neg_inf.clone(), F32.to_string())],
             |b, s, m| {
-                let row = share_row(b, (pair, s, i), (group, d));
+                let row = partial_row(b, pair, s, i, (group, d));
                 let at = b.addi(&row, &cd);
                 let ms = b.load(work, &at, F32, F32);
                 vec![b.op(format!("arith.maxnumf {}, {ms} : f32", m[0]))]
             },
         )[0]
         .clone();
-        // Share `row`'s weight 2^(m_s - top), 0 for a share that saw nothing.
-        let weight = |b: &mut Builder, row: &Val| -> Val {
-            let at = b.addi(row, &cd);
-            let ms = b.load(work, &at, F32, F32);
-            let hidden = b.cmpf("oeq", &ms, &neg_inf, F32);
-            let shift = b.bin("subf", &ms, &top, F32);
-            let shift = b.select(&hidden, &neg_inf, &shift, F32);
-            let shift_v = b.splat(&shift, F32, 1);
-            let f = vexpr::exp2_nonpositive(b, &shift_v, 1);
-            b.op(format!("vector.extract {f}[0] : f32 from {}", vf32(1)))
-        };
+        // Each share's weight 2^(m_s - top) (0 for a share that saw nothing), kept in
+        // `weights` for its outputs, and the sum of the weighted sums.
         let total = b.for_range(
             &c0,
             parts,
             &c1,
             &[(fzero.clone(), F32.to_string())],
             |b, s, l| {
-                let row = share_row(b, (pair, s, i), (group, d));
-                let f = weight(b, &row);
+                let row = partial_row(b, pair, s, i, (group, d));
                 let at = b.addi(&row, &cd);
+                let ms = b.load(work, &at, F32, F32);
+                let hidden = b.cmpf("oeq", &ms, &neg_inf, F32);
+                let shift = b.bin("subf", &ms, &top, F32);
+                let shift = b.select(&hidden, &neg_inf, &shift, F32);
+                let shift_v = b.splat(&shift, F32, 1);
+                let f = vexpr::exp2_nonpositive(b, &shift_v, 1);
+                let f = b.op(format!("vector.extract {f}[0] : f32 from {}", vf32(1)));
+                b.store(&f, weights, s, F32, F32);
                 let at = b.addi(&at, &c1);
                 let ls = b.load(work, &at, F32, F32);
                 vec![b.fma(&f, &ls, &l[0], F32)]
@@ -395,8 +392,8 @@ fn combine_shares(
                 &c1,
                 &[(zero_v.clone(), vtv.clone())],
                 |b, s, o| {
-                    let row = share_row(b, (pair, s, i), (group, d));
-                    let f = weight(b, &row);
+                    let row = partial_row(b, pair, s, i, (group, d));
+                    let f = b.load(weights, s, F32, F32);
                     let fv = b.splat(&f, F32, wv);
                     let at = b.addi(&row, c);
                     let x = b.load(work, &at, F32, &vtv);

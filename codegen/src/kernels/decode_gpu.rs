@@ -27,7 +27,9 @@ use zebra_ir::cache::HeadCache;
 use zebra_ir::op::AttentionKernel;
 
 use super::block::{block_function, trunc32};
-use super::decode::{append_new_token, key_block_scores, layer_kv_head, slot_and_used};
+use super::decode::{
+    append_new_token, key_block_scores, layer_kv_head, share_blocks, slot_and_used,
+};
 use super::warp::Lowering;
 use crate::mlir::{Builder, F32, I64, Val, vf32, vi64};
 use crate::vexpr;
@@ -48,7 +50,7 @@ pub fn workspace_floats_per_batch_row(kernel: &AttentionKernel) -> u64 {
 }
 
 /// The first float of the partial result of `(pair, split, head i)` in the workspace.
-fn partial_row(
+pub(super) fn partial_row(
     b: &mut Builder,
     pair: &Val,
     split: &Val,
@@ -245,13 +247,7 @@ pub fn attention_decode_gpu(
     // This split's key blocks: an equal share of those in use among the splits launched.
     let launched = launched_splits(b, &blocks, threads, splits);
     let per_split = b.ceil_div(&blocks, &launched);
-    let start = b.muli(&split, &per_split);
-    let start = b.mini(&start, &blocks);
-    let end = b.addi(&start, &per_split);
-    let end = b.mini(&end, &blocks);
-    let after_start = b.cmpi("sge", &slot_block, &start, I64);
-    let before_end = b.cmpi("slt", &slot_block, &end, I64);
-    let appends = b.bin("andi", &after_start, &before_end, "i1");
+    let (start, end, appends) = share_blocks(b, (&split, &per_split), &blocks, &slot_block);
     // 1. Append, by the split whose key blocks hold the new slot (no other reads it); and the
     // running maxima start at -inf.
     b.if_then(&appends, |b| {
