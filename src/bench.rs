@@ -366,6 +366,12 @@ fn attention(args: &BenchArgs, name: &str, mask_text: &str, dir: &Path) -> Resul
     let artifact = dir.join(name);
     crate::commands::build_artifact_at(&graph, &artifact, t)?;
     let mut model = CpuModel::load(&artifact, &zebra_ir::Weights::new(), args.threads)?;
+    // Q, K and V, their copies as inputs and in the executor's buffers, and the output.
+    let elements = (h as u64).saturating_mul(t as u64).saturating_mul(d as u64);
+    crate::commands::check_memory(
+        &format!("{t} tokens of {h} heads of {d}: the inputs and output"),
+        elements.saturating_mul(7 * 4),
+    )?;
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let (q, k, v) = (
         random(&[1, h, t, d], &mut rng),
@@ -577,7 +583,7 @@ fn train(args: &BenchArgs, name: &str, dir: &Path) -> Result<()> {
     let tokens: Vec<i64> = (0..b * (t + 1))
         .map(|_| rng.random_range(0..spec.vocab as i64))
         .collect();
-    let mut batch = zebra_runtime::data::Batch::with_capacity(b, t);
+    let mut batch = zebra_runtime::data::Batch::with_capacity(b, t)?;
     batch.documents = vec![0; b * t];
     for row in tokens.chunks(t + 1) {
         batch.tokens.extend_from_slice(&row[..t]);

@@ -27,6 +27,29 @@ impl std::fmt::Display for Reported {
 
 impl std::error::Error for Reported {}
 
+/// Refuses `positions` past the sequence length the kernels address, before anything is
+/// compiled, allocated or written; `what` says where the length came from.
+pub fn check_positions(what: &str, positions: usize) -> Result<()> {
+    let max = zebra_codegen::vexpr::MAX_SEQ_LEN as usize;
+    if positions > max {
+        bail!("{what} is {positions} positions, more than the {max} Zebra's kernels address");
+    }
+    Ok(())
+}
+
+/// Refuses to go on where `bytes` (for `what`) are more than the memory left.
+pub fn check_memory(what: &str, bytes: u64) -> Result<()> {
+    use zebra_runtime::memory::{available_bytes, human};
+    if let Some(available) = available_bytes().filter(|&a| bytes > a) {
+        bail!(
+            "{what} need {} of memory, and {} is available",
+            human(bytes),
+            human(available)
+        );
+    }
+    Ok(())
+}
+
 /// Colour for a terminal that wants it; plain text for pipes, files and `NO_COLOR`.
 fn color_choice() -> ColorChoice {
     use std::io::IsTerminal;

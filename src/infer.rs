@@ -202,7 +202,25 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     if prompt.is_empty() {
         bail!("the prompt encodes to no tokens");
     }
-    let context = args.context.unwrap_or(prompt.len() + args.max_tokens);
+    let context = match args.context {
+        Some(context) => {
+            crate::commands::check_positions("--context", context)?;
+            context
+        }
+        None => {
+            let context = prompt.len().saturating_add(args.max_tokens);
+            crate::commands::check_positions(
+                &format!(
+                    "a prompt of {} token{} and --max-tokens {}",
+                    prompt.len(),
+                    if prompt.len() == 1 { "" } else { "s" },
+                    args.max_tokens
+                ),
+                context,
+            )?;
+            context
+        }
+    };
     if prompt.len() > context {
         bail!(
             "the prompt has {} tokens, more than the context of {context} (--context)",
@@ -443,6 +461,9 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     }
     if args.contexts.contains(&0) {
         bail!("--context lengths must be positive");
+    }
+    for &context in args.contexts {
+        crate::commands::check_positions("--context", context)?;
     }
     let data = match (args.data, args.task) {
         (Some(_), Some(_)) => bail!("give either --data PATH or --task recall, not both"),

@@ -297,6 +297,7 @@ fn new_run(args: &TrainArgs) -> Result<(RunConfig, PathBuf, String)> {
     if steps == 0 || seq_len == 0 || batch == 0 {
         bail!("--steps, --seq-len and --batch must be positive");
     }
+    crate::commands::check_positions("--seq-len", seq_len)?;
     let optimizer = AdamWConfig {
         lr: args.lr.unwrap_or(1e-3),
         min_lr_ratio: args.min_lr_ratio.unwrap_or(0.1),

@@ -22,6 +22,14 @@ impl Buffer {
             lines: vec![Line([0; 8]); words.div_ceil(8)],
         }
     }
+
+    /// As [`Buffer::zeroed`], or an error where the allocator cannot give that much.
+    pub fn try_zeroed(words: usize) -> Result<Buffer, std::collections::TryReserveError> {
+        let mut lines = Vec::new();
+        lines.try_reserve_exact(words.div_ceil(8))?;
+        lines.resize(words.div_ceil(8), Line([0; 8]));
+        Ok(Buffer { lines })
+    }
 }
 
 impl Deref for Buffer {
@@ -58,6 +66,9 @@ mod tests {
             assert!(b.len() >= words && b.len() < words + 8);
             assert!(b.iter().all(|&w| w == 0));
             assert_eq!(b.as_ptr() as usize % 64, 0);
+            let t = Buffer::try_zeroed(words).unwrap();
+            assert_eq!((t.len(), t.as_ptr() as usize % 64), (b.len(), 0));
         }
+        assert!(Buffer::try_zeroed(usize::MAX).is_err());
     }
 }

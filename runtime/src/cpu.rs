@@ -79,6 +79,16 @@ pub enum RuntimeError {
     Training(String),
     #[error("CUDA: {0}")]
     Cuda(String),
+    #[error(
+        "running {batch} x {seq} tokens needs {needed} more memory for the plan's buffers, \
+         and {available} is available: give fewer tokens (a shorter sequence or a smaller batch)"
+    )]
+    Memory {
+        batch: usize,
+        seq: usize,
+        needed: String,
+        available: String,
+    },
 }
 
 /// How a kernel's programs run: on the calling thread, or spread over the pool (one task per
@@ -1036,6 +1046,19 @@ impl CpuModel {
         keep: &dyn Fn(&str) -> bool,
     ) -> Result<BTreeMap<String, ArrayD<f32>>, RuntimeError> {
         let (batch, seq) = check_inputs(&self.plan, inputs)?;
+        // Memory: each slot sized for its largest value, each workspace for itself.
+        let mut slot_words = vec![0usize; self.plan.slots];
+        for v in &self.plan.values {
+            let bytes = volume(&v.shape, batch, seq).saturating_mul(v.elem.size());
+            slot_words[v.slot] = slot_words[v.slot].max(words(bytes));
+        }
+        let workspace_words: Vec<usize> = self
+            .plan
+            .workspaces
+            .iter()
+            .map(|(shape, elem)| words(volume(shape, batch, seq).saturating_mul(elem.size())))
+            .collect();
+        self.check_memory(batch, seq, &slot_words, &workspace_words, keep)?;
         let mut input_buffers = std::mem::take(&mut self.inputs);
         input_buffers.resize_with(self.plan.inputs.len(), Buffer::default);
         self.pool.install(|| {
@@ -1043,29 +1066,24 @@ impl CpuModel {
                 fill(buffer, &inputs[&spec.name]);
             }
         });
-        // Memory: each slot sized for its largest value, each workspace for itself.
-        let mut slot_words = vec![0usize; self.plan.slots];
-        for v in &self.plan.values {
-            let bytes = volume(&v.shape, batch, seq) * v.elem.size();
-            slot_words[v.slot] = slot_words[v.slot].max(words(bytes));
-        }
         self.slots.resize_with(self.plan.slots, Buffer::default);
-        for (slot, &w) in self.slots.iter_mut().zip(&slot_words) {
-            if slot.len() < w + SLACK_WORDS {
-                *slot = buffer(w);
-            }
-        }
-        let workspace_words: Vec<usize> = self
-            .plan
-            .workspaces
-            .iter()
-            .map(|(shape, elem)| words(volume(shape, batch, seq) * elem.size()))
-            .collect();
         self.workspaces
             .resize_with(workspace_words.len(), Buffer::default);
-        for (ws, &w) in self.workspaces.iter_mut().zip(&workspace_words) {
-            if ws.len() < w + SLACK_WORDS {
-                *ws = buffer(w);
+        for (buffers, wanted) in [
+            (&mut self.slots, &slot_words),
+            (&mut self.workspaces, &workspace_words),
+        ] {
+            for (b, &w) in buffers.iter_mut().zip(wanted) {
+                let w = w.saturating_add(SLACK_WORDS);
+                if b.len() < w {
+                    *b = Buffer::default();
+                    *b = Buffer::try_zeroed(w).map_err(|_| RuntimeError::Memory {
+                        batch,
+                        seq,
+                        needed: crate::memory::human((w as u64).saturating_mul(8)),
+                        available: "less".into(),
+                    })?;
+                }
             }
         }
         if offset != 0 {
@@ -1109,6 +1127,58 @@ impl CpuModel {
             );
         }
         Ok(outputs)
+    }
+
+    /// Refuses a run whose buffers would not fit in the memory left: the slots and
+    /// workspaces that must grow to `slot_words` and `workspace_words` (less what the buffers
+    /// they replace free) and the outputs' copies, against [`memory::available_bytes`].
+    fn check_memory(
+        &self,
+        batch: usize,
+        seq: usize,
+        slot_words: &[usize],
+        workspace_words: &[usize],
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<(), RuntimeError> {
+        let held = |buffers: &[Buffer], i: usize| buffers.get(i).map_or(0, |b| b.len());
+        let mut grow = 0usize;
+        let mut freed = 0usize;
+        for (buffers, wanted) in [
+            (&self.slots, slot_words),
+            (&self.workspaces, workspace_words),
+        ] {
+            for (i, &w) in wanted.iter().enumerate() {
+                let have = held(buffers, i);
+                if have < w.saturating_add(SLACK_WORDS) {
+                    grow = grow.saturating_add(w.saturating_add(SLACK_WORDS));
+                    freed += have;
+                }
+            }
+        }
+        let mut bytes = (grow as u64).saturating_mul(8);
+        for (name, v) in &self.plan.outputs {
+            if keep(name) {
+                let spec = &self.plan.values[*v];
+                let copy = volume(&spec.shape, batch, seq).saturating_mul(spec.elem.size());
+                bytes = bytes.saturating_add(copy as u64);
+            }
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        let Some(available) = crate::memory::available_bytes() else {
+            return Ok(());
+        };
+        let room = available.saturating_add(freed as u64 * 8);
+        if bytes > room {
+            return Err(RuntimeError::Memory {
+                batch,
+                seq,
+                needed: crate::memory::human(bytes),
+                available: crate::memory::human(room),
+            });
+        }
+        Ok(())
     }
 
     fn run_steps(&mut self, batch: usize, seq: usize, offset: usize, input_buffers: &[Buffer]) {

@@ -26,6 +26,16 @@ pub enum DataError {
         seq: usize,
         needed: usize,
     },
+    #[error(
+        "a batch of {batch} x {seq} tokens needs {bytes} of memory for its tokens alone, and \
+         {available} is available: use a smaller batch or shorter sequences"
+    )]
+    TooLarge {
+        batch: usize,
+        seq: usize,
+        bytes: String,
+        available: String,
+    },
     #[error("cannot encode {path}: {message}")]
     Encode { path: PathBuf, message: String },
     #[error(
@@ -63,16 +73,36 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// A batch of `batch` rows of `seq` tokens, with room for them and nothing in it yet.
-    pub fn with_capacity(batch: usize, seq: usize) -> Batch {
-        Batch {
+    /// A batch of `batch` rows of `seq` tokens, with room for them and nothing in it yet; an
+    /// error where its tokens alone would not fit in the memory left.
+    pub fn with_capacity(batch: usize, seq: usize) -> Result<Batch, DataError> {
+        let count = batch.saturating_mul(seq);
+        // Tokens, targets and document ids, 8 bytes each.
+        let bytes = (count as u64).saturating_mul(3 * 8);
+        let available = crate::memory::available_bytes();
+        let too_large = || DataError::TooLarge {
             batch,
             seq,
-            tokens: Vec::with_capacity(batch * seq),
-            targets: Vec::with_capacity(batch * seq),
-            documents: Vec::with_capacity(batch * seq),
-            queries: Vec::new(),
+            bytes: crate::memory::human(bytes),
+            available: available.map_or("less".into(), crate::memory::human),
+        };
+        if available.is_some_and(|a| bytes > a) {
+            return Err(too_large());
         }
+        let room = || {
+            let mut v = Vec::new();
+            v.try_reserve_exact(count).map(|()| v)
+        };
+        let (tokens, targets, documents) = (|| Ok((room()?, room()?, room()?)))()
+            .map_err(|_: std::collections::TryReserveError| too_large())?;
+        Ok(Batch {
+            batch,
+            seq,
+            tokens,
+            targets,
+            documents,
+            queries: Vec::new(),
+        })
     }
 
     /// Tokens with a loss.
@@ -229,7 +259,7 @@ impl Text {
         let mut out = Vec::new();
         for first in (0..count).step_by(batch) {
             let rows = batch.min(count - first);
-            let mut b = Batch::with_capacity(rows, seq);
+            let mut b = Batch::with_capacity(rows, seq)?;
             for row in 0..rows {
                 self.window((first + row) * seq, seq, &mut b);
             }
@@ -242,7 +272,7 @@ impl Text {
 impl Source for Text {
     fn next_batch(&mut self, batch: usize, seq: usize) -> Result<Batch, DataError> {
         self.check(seq)?;
-        let mut b = Batch::with_capacity(batch, seq);
+        let mut b = Batch::with_capacity(batch, seq)?;
         for _ in 0..batch {
             let start = self.rng.random_range(0..=self.tokens.len() - seq - 1);
             self.window(start, seq, &mut b);
@@ -362,7 +392,7 @@ impl Source for Recall {
                 needed,
             });
         }
-        let mut b = Batch::with_capacity(batch, seq);
+        let mut b = Batch::with_capacity(batch, seq)?;
         for row in 0..batch {
             self.row(seq, row, &mut b);
         }

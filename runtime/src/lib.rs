@@ -12,6 +12,7 @@ pub mod cuda_attention;
 pub mod data;
 pub mod generate;
 pub mod kv;
+pub mod memory;
 pub mod optim;
 pub mod pack;
 pub mod plan;

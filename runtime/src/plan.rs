@@ -28,9 +28,12 @@ impl Extent {
     }
 }
 
-/// The product of a list of extents.
+/// The product of a list of extents (`usize::MAX` where it overflows: more than any memory
+/// holds, refused before it is allocated).
 pub fn volume(extents: &[Extent], batch: usize, seq: usize) -> usize {
-    extents.iter().map(|e| e.resolve(batch, seq)).product()
+    extents
+        .iter()
+        .fold(1usize, |n, e| n.saturating_mul(e.resolve(batch, seq)))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

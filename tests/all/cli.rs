@@ -1318,6 +1318,27 @@ fn bad_training_and_generation_inputs_are_refused() {
             "nonsense",
         ),
         (vec!["--data", &data, "--frobnicate"], "--frobnicate"),
+        // Sizes past the kernels' positions or the machine's memory: refused with the sizes,
+        // not killed by the system as the pages are written.
+        (
+            vec!["--task", "recall", "--seq-len", "99999999999"],
+            "--seq-len is 99999999999 positions, more than the 16777216 Zebra's kernels address",
+        ),
+        (
+            vec![
+                "--task",
+                "recall",
+                "--seq-len",
+                "4000",
+                "--batch",
+                "1000000000",
+            ],
+            "a batch of 1000000000 x 4000 tokens needs 87.3 TiB of memory for its tokens alone",
+        ),
+        (
+            vec!["--task", "recall", "--seq-len", "16000000", "--batch", "1"],
+            "running 1 x 16000000 tokens needs",
+        ),
     ];
     let zb = example("zebra_tiny.zb");
     for (flags, expected) in cases {
@@ -1347,6 +1368,11 @@ fn bad_training_and_generation_inputs_are_refused() {
             vec!["--prompt", "a", "--temperature", "-1"],
             "--temperature must be 0 (greedy) or positive, found -1",
         ),
+        (
+            vec!["--prompt", "a", "--max-tokens", "100000000"],
+            "a prompt of 1 token and --max-tokens 100000000 is 100000001 positions, more than \
+             the 16777216",
+        ),
     ];
     for (flags, expected) in cases {
         let mut args = vec!["generate", run.as_str()];
@@ -1363,6 +1389,8 @@ fn bad_training_and_generation_inputs_are_refused() {
     out.refused("--task recall");
     let out = zebra(&["eval", &run, "--data", &data, "--context", "100000"]);
     out.refused("too few");
+    let out = zebra(&["eval", &run, "--task", "recall", "--context", "20000000"]);
+    out.refused("--context is 20000000 positions, more than the 16777216");
 
     // The device options: refused with a reason where they do not go together, and, on a
     // machine without an NVIDIA driver, `--device cuda` says so before anything is written.

@@ -298,7 +298,7 @@ fn zebra_tiny_training_on_the_gpu_follows_the_cpu() {
     let mut on_cpu = Trainer::new(&cpu_dir, &weights, AdamW::default(), config, 2).unwrap();
     for step in 0..4 {
         let (b, t) = (2, 64);
-        let mut batch = zebra_runtime::data::Batch::with_capacity(b, t);
+        let mut batch = zebra_runtime::data::Batch::with_capacity(b, t).unwrap();
         batch.tokens = (0..b * t).map(|i| ((i * 37 + step) % 256) as i64).collect();
         batch.targets = (0..b * t).map(|i| ((i * 11 + step) % 256) as i64).collect();
         batch.documents = vec![0; b * t];

@@ -172,7 +172,7 @@ fn follows_adamw_on_the_host(spec: &zebra_frontend::ModelSpec, vector: Option<us
     let mut clipped = 0;
     for step in 0..5 {
         let (b, t) = (2, 48);
-        let mut batch = zebra_runtime::data::Batch::with_capacity(b, t);
+        let mut batch = zebra_runtime::data::Batch::with_capacity(b, t).unwrap();
         batch.tokens = (0..b * t)
             .map(|_| rng.random_range(0..spec.vocab as i64))
             .collect();

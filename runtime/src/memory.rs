@@ -1,0 +1,125 @@
+//! How much memory the machine can still give the executors, so that a plan whose buffers
+//! would not fit is refused with its size before anything is allocated (on Linux an
+//! allocation past what is there succeeds, and the process is killed later, without a word,
+//! as it writes the pages).
+
+use std::path::Path;
+
+/// Bytes this process can still allocate: the kernel's estimate of available memory
+/// (`MemAvailable`, page cache that can be dropped included), bounded by the room left under
+/// the memory limit of the process's control group (a container's limit), where there is
+/// one. `None` where neither can be read (not Linux).
+pub fn available_bytes() -> Option<u64> {
+    let machine = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| meminfo_available(&text));
+    let group = cgroup_room(Path::new("/sys/fs/cgroup"));
+    match (machine, group) {
+        (Some(m), Some(g)) => Some(m.min(g)),
+        (m, g) => m.or(g),
+    }
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes.
+fn meminfo_available(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// The room left under the control group's memory limit (cgroup v2's `memory.max`, else
+/// v1's `memory.limit_in_bytes`), counting inactive file pages as free, as the kernel
+/// reclaims them before it kills anything; `None` without a limit.
+fn cgroup_room(root: &Path) -> Option<u64> {
+    let read = |name: &str| std::fs::read_to_string(root.join(name)).ok();
+    let number = |text: Option<String>| text?.trim().parse::<u64>().ok();
+    let stat = |text: Option<String>, key: &str| {
+        text?.lines().find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == key).then(|| v.trim().parse::<u64>().ok()).flatten()
+        })
+    };
+    let (limit, usage, inactive) = if let Some(max) = read("memory.max") {
+        // "max" is no limit.
+        (
+            max.trim().parse::<u64>().ok()?,
+            number(read("memory.current"))?,
+            stat(read("memory.stat"), "inactive_file").unwrap_or(0),
+        )
+    } else {
+        (
+            number(read("memory/memory.limit_in_bytes"))?,
+            number(read("memory/memory.usage_in_bytes"))?,
+            stat(read("memory/memory.stat"), "total_inactive_file").unwrap_or(0),
+        )
+    };
+    // v1 writes "no limit" as the largest page-aligned i64.
+    if limit >= 1 << 62 {
+        return None;
+    }
+    Some(limit.saturating_sub(usage.saturating_sub(inactive)))
+}
+
+/// `bytes` for people: "512 B", "3.4 MiB", "1.25 GiB".
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    let digits = if value < 10.0 { 2 } else { 1 };
+    format!("{value:.digits$} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meminfo_gives_the_available_bytes() {
+        let text = "MemTotal:       24576000 kB\nMemFree:  100 kB\nMemAvailable:   23332588 kB\n";
+        assert_eq!(meminfo_available(text), Some(23_332_588 * 1024));
+        assert_eq!(meminfo_available("MemTotal: 1 kB\n"), None);
+        assert_eq!(meminfo_available("MemAvailable: lots kB\n"), None);
+    }
+
+    #[test]
+    fn a_control_groups_limit_bounds_the_room_and_no_limit_is_none() {
+        let dir = std::env::temp_dir().join(format!("zebra-cgroup-{}", std::process::id()));
+        let v2 = dir.join("v2");
+        std::fs::create_dir_all(&v2).unwrap();
+        std::fs::write(v2.join("memory.max"), "1073741824\n").unwrap();
+        std::fs::write(v2.join("memory.current"), "536870912\n").unwrap();
+        std::fs::write(v2.join("memory.stat"), "anon 1\ninactive_file 268435456\n").unwrap();
+        // 1 GiB limit, 512 MiB used of which 256 MiB reclaimable file pages: 768 MiB room.
+        assert_eq!(cgroup_room(&v2), Some(768 << 20));
+        std::fs::write(v2.join("memory.max"), "max\n").unwrap();
+        assert_eq!(cgroup_room(&v2), None);
+
+        let v1 = dir.join("v1/memory");
+        std::fs::create_dir_all(&v1).unwrap();
+        std::fs::write(v1.join("memory.limit_in_bytes"), "9223372036854771712\n").unwrap();
+        std::fs::write(v1.join("memory.usage_in_bytes"), "695713792\n").unwrap();
+        assert_eq!(cgroup_room(&dir.join("v1")), None);
+        std::fs::write(v1.join("memory.limit_in_bytes"), "2147483648\n").unwrap();
+        std::fs::write(v1.join("memory.usage_in_bytes"), "3221225472\n").unwrap();
+        // Over the limit (caches not yet reclaimed, no stat file): no room, not an underflow.
+        assert_eq!(cgroup_room(&dir.join("v1")), Some(0));
+        assert_eq!(cgroup_room(&dir.join("none")), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn sizes_read_as_people_write_them() {
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(3 << 20), "3.00 MiB");
+        assert_eq!(human(1536 << 20), "1.50 GiB");
+        assert_eq!(human(100 << 30), "100.0 GiB");
+        assert_eq!(human(u64::MAX), "16384.0 PiB");
+    }
+}
