@@ -635,6 +635,14 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
                 Ok(std::ops::ControlFlow::Continue(()))
             })?;
             writeln!(out)?;
+            if !stats.ended && stats.generated < max_tokens {
+                eprintln!(
+                    "stopped after {} tokens: the artifact's context of {} positions is full \
+                     (compile it with a larger --max-seq-len)",
+                    stats.generated,
+                    generator.context()
+                );
+            }
             eprintln!(
                 "{} tokens, {:.1} tokens/s; KV cache {} bytes ({:.1}% of full attention's)",
                 stats.generated,
