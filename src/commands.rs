@@ -37,6 +37,28 @@ pub fn check_positions(what: &str, positions: usize) -> Result<()> {
     Ok(())
 }
 
+/// Refuses weights that lack a tensor of the model or hold one of another shape, before
+/// anything is compiled (the executors check again as they load them).
+pub fn check_weights(spec: &ModelSpec, weights: &Weights) -> Result<()> {
+    for w in spec.weight_specs() {
+        match weights.get(&w.name) {
+            None => bail!(
+                "weight `{}` is missing (expected shape {:?})",
+                w.name,
+                w.shape
+            ),
+            Some(t) if t.shape() != w.shape.as_slice() => bail!(
+                "weight `{}` has shape {:?}, expected {:?}",
+                w.name,
+                t.shape(),
+                w.shape
+            ),
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
 /// Refuses to go on where `bytes` (for `what`) are more than the memory left.
 pub fn check_memory(what: &str, bytes: u64) -> Result<()> {
     use zebra_runtime::memory::{available_bytes, human};
@@ -654,6 +676,15 @@ fn explain(optimized: &mut zebra_passes::Optimized, node: &str) -> Result<()> {
 pub fn init(path: &Path, seed: u64, output: &Path, name: Option<&str>) -> Result<()> {
     let (_, checked) = load(path)?;
     let spec = model(&checked, name)?;
+    // The tensors, their bytes and the file's encoding of them: 12 bytes a parameter.
+    check_memory(
+        &format!(
+            "the {} parameters of `{}`, drawn and written in f32,",
+            spec.parameter_count(),
+            spec.name
+        ),
+        (spec.parameter_count() as u64).saturating_mul(12),
+    )?;
     let weights = zebra_frontend::init::random_weights(spec, seed);
     weights.save(output)?;
     println!(
@@ -716,6 +747,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let spec = model(&checked, args.model)?;
     let graph = lower(spec)?;
     let weights = Weights::load(args.weights)?;
+    check_weights(spec, &weights)?;
     let tokens = read_tokens(args.tokens, "the token array")?;
     let mut inputs = BTreeMap::new();
     for side in args.sides {

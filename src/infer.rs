@@ -107,6 +107,7 @@ pub fn load(
         let spec = spec_from_source(&text, file, model, None)?;
         (spec, Weights::load(source)?, None, None, None)
     };
+    crate::commands::check_weights(&spec, &weights)?;
     let graph = zebra_frontend::lower::lower(&spec)?;
     let optimized = zebra_passes::optimize(&graph, &device.optimizer_options())?.graph;
     Ok(Loaded {

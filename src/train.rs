@@ -380,6 +380,15 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         Some(&config.model),
         config.every_layer.as_deref(),
     )?;
+    // At the least the weights, their gradients and AdamW's two moments, in f32.
+    crate::commands::check_memory(
+        &format!(
+            "training the {} parameters of `{}` (weights, gradients and two moments in f32)",
+            spec.parameter_count(),
+            spec.name
+        ),
+        (spec.parameter_count() as u64).saturating_mul(16),
+    )?;
     let (forward, hash) = graph_and_hash(&spec)?;
     if hash != config.config_hash {
         bail!(
@@ -419,7 +428,11 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         )
     } else {
         let weights = match &args.init_from {
-            Some(from) => weights_from(from)?,
+            Some(from) => {
+                let weights = weights_from(from)?;
+                crate::commands::check_weights(&spec, &weights)?;
+                weights
+            }
             None => zebra_frontend::init::random_weights(&spec, config.seed),
         };
         (weights, AdamW::default(), 0, 0, 0.0, None)

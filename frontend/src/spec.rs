@@ -208,11 +208,11 @@ impl ModelSpec {
         specs
     }
 
-    /// The number of parameters.
+    /// The number of parameters (`usize::MAX` past it: more than any memory holds).
     pub fn parameter_count(&self) -> usize {
-        self.weight_specs()
-            .iter()
-            .map(|w| w.shape.iter().product::<usize>())
-            .sum()
+        self.weight_specs().iter().fold(0usize, |n, w| {
+            let count = w.shape.iter().fold(1usize, |c, &e| c.saturating_mul(e));
+            n.saturating_add(count)
+        })
     }
 }

@@ -759,6 +759,81 @@ fn bad_weights_name_the_tensor_and_shapes() {
     assert!(out.stderr.contains("absent.safetensors"), "{}", out.stderr);
 }
 
+/// A model too large for any machine's memory is refused with its size before a weight is
+/// drawn or a run directory made, and weights of another shape before anything is compiled
+/// (a head dim of a million would take minutes to compile).
+#[test]
+fn models_too_large_for_memory_are_refused_with_their_size() {
+    let dir = temp();
+    let source = std::fs::read_to_string(example("zebra_tiny.zb")).unwrap();
+    let huge = path(dir.path(), "huge.zb");
+    std::fs::write(
+        &huge,
+        source.replace("vocab      = 256", "vocab = 1000000000000"),
+    )
+    .unwrap();
+    assert!(
+        std::fs::read_to_string(&huge)
+            .unwrap()
+            .contains("vocab = 1000000000000")
+    );
+    let weights = path(dir.path(), "w.safetensors");
+    zebra(&["init", &huge, "-o", &weights]).refused(
+        "the 64000000369728 parameters of `zebra_tiny`, drawn and written in f32, need \
+         698.5 TiB of memory",
+    );
+    assert!(!Path::new(&weights).exists());
+    let run = path(dir.path(), "run");
+    zebra(&["train", &huge, "--task", "recall", "--out", &run]).refused(
+        "training the 64000000369728 parameters of `zebra_tiny` (weights, gradients and two \
+         moments in f32) need 931.3 TiB of memory",
+    );
+    assert!(!Path::new(&run).exists());
+
+    let wide = path(dir.path(), "wide.zb");
+    std::fs::write(&wide, source.replace("dim        = 64", "dim = 4000000")).unwrap();
+    assert!(
+        std::fs::read_to_string(&wide)
+            .unwrap()
+            .contains("dim = 4000000")
+    );
+    assert!(zebra(&["init", &example("zebra_tiny.zb"), "-o", &weights]).ok);
+    let tokens = write_tokens(dir.path(), "t.npy", &[1, 3], vec![1, 2, 3]);
+    let logits = path(dir.path(), "logits.npy");
+    let expected =
+        "weight `model.embed_tokens.weight` has shape [256, 64], expected [256, 4000000]";
+    zebra(&[
+        "run",
+        &wide,
+        "--weights",
+        &weights,
+        "--tokens",
+        &tokens,
+        "--output",
+        &logits,
+    ])
+    .refused(expected);
+    zebra(&["generate", &weights, "--model-file", &wide, "--prompt", "a"]).refused(expected);
+    let wider = path(dir.path(), "wider.zb");
+    std::fs::write(&wider, source.replace("dim        = 64", "dim = 128")).unwrap();
+    zebra(&[
+        "train",
+        &wider,
+        "--init-from",
+        &weights,
+        "--task",
+        "recall",
+        "--steps",
+        "1",
+        "--seq-len",
+        "64",
+        "--out",
+        &run,
+    ])
+    .refused("weight `model.embed_tokens.weight` has shape [256, 64], expected [256, 128]");
+    assert!(!Path::new(&run).join("checkpoint.json").exists());
+}
+
 #[test]
 fn bad_tokens_are_refused() {
     let dir = temp();
