@@ -1,6 +1,7 @@
 //! KV caches for decoding: per attention layer, the keys and values its mask can still show
-//! to a later query (see [`CacheSpec`]), in the layouts the decode kernel reads. A cache of
-//! every position grows as tokens come; a ring is allocated once.
+//! to a later query (see [`CacheSpec`]), in the layouts the decode kernel reads. Caches grow
+//! as tokens come, doubling, a ring up to its sinks and ring slots: a window wider than any
+//! context the model is run at costs what the tokens use, not the window.
 
 use crate::buffer::Buffer;
 use crate::plan::CacheSpec;
@@ -30,11 +31,7 @@ impl KvCache {
             positions: Buffer::default(),
             slots: 0,
         };
-        let first = match cache.spec.ring {
-            Some(r) => cache.spec.sinks + r,
-            None => 256,
-        };
-        cache.reserve(first);
+        cache.reserve(cache.spec.slots_for(256));
         cache
     }
 
@@ -48,10 +45,9 @@ impl KvCache {
             return;
         }
         let block = self.spec.block.max(1);
-        let grown = match self.spec.ring {
-            Some(_) => slots,
-            None => slots.max(self.slots * 2),
-        };
+        // Doubling, so that growing slot by slot copies each slot a bounded number of
+        // times; a ring never past its capacity (its slots are `slot(p) < sinks + ring`).
+        let grown = slots.max(self.spec.slots_for(self.slots.saturating_mul(2)));
         let new_slots = grown.div_ceil(block) * block;
         let floats = new_slots * self.row();
         let mut keys = Buffer::zeroed(floats.div_ceil(2) + SLACK_WORDS);
@@ -142,10 +138,26 @@ mod tests {
     }
 
     #[test]
-    fn a_ring_is_allocated_once() {
+    fn a_ring_grows_to_its_capacity_and_no_further() {
         let cache = KvCache::new(spec(Some(12)), 2);
         assert_eq!(cache.slots, 16);
         assert_eq!(cache.bytes(100), 12 * 2 * 2 * 4 * 8);
         assert_eq!(cache.bytes(5), 5 * 2 * 2 * 4 * 8);
+        // A window of a trillion keys: room for what the tokens use, doubling up to it.
+        let mut wide = KvCache::new(spec(Some(1 << 40)), 1);
+        assert_eq!(wide.slots, 256);
+        for p in 0..1000 {
+            let slot = wide.spec.slot(p);
+            wide.reserve(slot + 1);
+            wide.set_position(slot, p);
+        }
+        assert_eq!(wide.slots, 1024);
+        assert_eq!(wide.positions[999] as i64, 999);
+        assert_eq!(wide.positions[1000] as i64, -1);
+        // A ring of 300: 256, then its capacity (rounded to the block), not 512.
+        let mut ring = KvCache::new(spec(Some(300)), 1);
+        assert_eq!(ring.slots, 256);
+        ring.reserve(257);
+        assert_eq!(ring.slots, 304);
     }
 }
