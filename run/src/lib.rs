@@ -290,7 +290,7 @@ fn weights_of(path: Option<&Path>, seed: Option<u64>, artifact: &Path) -> Result
         (None, Some(seed)) => Ok(zebra_runtime::artifact::random_weights(
             &Artifact::load(artifact)?.plan,
             seed,
-        )),
+        )?),
         (None, None) => bail!("give the weights: --weights FILE or --random-weights SEED"),
     }
 }

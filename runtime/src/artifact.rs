@@ -310,9 +310,30 @@ impl AttentionArtifact {
 
 /// Deterministic random weights of the shapes a plan reads, for benchmarks of models whose
 /// weights are too large to carry: norm gains 1, every other weight uniform with standard
-/// deviation 0.02.
-pub fn random_weights(plan: &crate::plan::Plan, seed: u64) -> zebra_ir::Weights {
+/// deviation 0.02. An error, before anything is drawn, where they and the executor's copy of
+/// them would not fit in the memory left.
+pub fn random_weights(
+    plan: &crate::plan::Plan,
+    seed: u64,
+) -> Result<zebra_ir::Weights, crate::RuntimeError> {
     use rand::{Rng, SeedableRng};
+    let count = plan.weights.iter().fold(0u64, |n, spec| {
+        let c = spec
+            .shape
+            .iter()
+            .fold(1u64, |c, &e| c.saturating_mul(e as u64));
+        n.saturating_add(c)
+    });
+    // The f32 tensors, and the executor's (packed) copy.
+    let bytes = count.saturating_mul(8);
+    if let Some(available) = crate::memory::available_bytes().filter(|&a| bytes > a) {
+        return Err(crate::RuntimeError::Weights(format!(
+            "random weights for the plan's {count} parameters need {} of memory, and {} is \
+             available",
+            crate::memory::human(bytes),
+            crate::memory::human(available)
+        )));
+    }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let half_width = 0.02 * 3f32.sqrt();
     let mut weights = zebra_ir::Weights::new();
@@ -329,7 +350,7 @@ pub fn random_weights(plan: &crate::plan::Plan, seed: u64) -> zebra_ir::Weights 
             .expect("the count is the shape's");
         weights.insert(spec.name.clone(), array);
     }
-    weights
+    Ok(weights)
 }
 
 #[cfg(test)]

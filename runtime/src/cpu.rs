@@ -79,6 +79,8 @@ pub enum RuntimeError {
     Training(String),
     #[error("CUDA: {0}")]
     Cuda(String),
+    #[error("{0}")]
+    Weights(String),
     #[error(
         "running {batch} x {seq} tokens needs {needed} more memory for the plan's buffers, \
          and {available} is available: give fewer tokens (a shorter sequence or a smaller batch)"

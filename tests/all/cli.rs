@@ -789,6 +789,26 @@ fn models_too_large_for_memory_are_refused_with_their_size() {
          moments in f32) need 931.3 TiB of memory",
     );
     assert!(!Path::new(&run).exists());
+    // zebra-run's random weights of an artifact's shapes, likewise.
+    let artifact = path(dir.path(), "huge");
+    assert!(zebra(&["compile", &huge, "--emit", "artifact", "-o", &artifact]).ok);
+    let tokens = write_tokens(dir.path(), "t.npy", &[1, 3], vec![1, 2, 3]);
+    let logits = path(dir.path(), "logits.npy");
+    let out = zebra_run(&[
+        "forward",
+        &artifact,
+        "--random-weights",
+        "1",
+        "--tokens",
+        &tokens,
+        "--output",
+        &logits,
+    ]);
+    let error = out.expect_err("random weights of 64e12 parameters were drawn");
+    assert!(
+        error.contains("random weights for the plan's 64000000369728 parameters need 465.7 TiB"),
+        "{error}"
+    );
 
     let wide = path(dir.path(), "wide.zb");
     std::fs::write(&wide, source.replace("dim        = 64", "dim = 4000000")).unwrap();
@@ -798,8 +818,6 @@ fn models_too_large_for_memory_are_refused_with_their_size() {
             .contains("dim = 4000000")
     );
     assert!(zebra(&["init", &example("zebra_tiny.zb"), "-o", &weights]).ok);
-    let tokens = write_tokens(dir.path(), "t.npy", &[1, 3], vec![1, 2, 3]);
-    let logits = path(dir.path(), "logits.npy");
     let expected =
         "weight `model.embed_tokens.weight` has shape [256, 64], expected [256, 4000000]";
     zebra(&[
