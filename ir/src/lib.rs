@@ -8,6 +8,7 @@ pub mod expr;
 pub mod graph;
 pub mod interp;
 pub mod interval;
+pub mod memory;
 pub mod npy;
 pub mod op;
 pub mod parse;

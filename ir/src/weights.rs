@@ -28,12 +28,47 @@ pub enum WeightsError {
     NoWeights(PathBuf),
     #[error("{path} is not a valid safetensors index: {message}")]
     Index { path: PathBuf, message: String },
+    #[error(
+        "the weights in {path} take {needed} in f32 (Zebra computes in f32), and {available} of \
+         memory is available"
+    )]
+    Memory {
+        path: PathBuf,
+        needed: String,
+        available: String,
+    },
     #[error("tensor `{name}` in {path} has element type {dtype:?}; expected F32, F64, F16 or BF16")]
     DType {
         path: PathBuf,
         name: String,
         dtype: Dtype,
     },
+}
+
+/// What the tensors of a safetensors file take in f32, from its header (0 where it does not
+/// parse: the loader then says why).
+fn f32_bytes(bytes: &[u8]) -> u64 {
+    SafeTensors::read_metadata(bytes).map_or(0, |(_, metadata)| {
+        metadata.tensors().values().fold(0u64, |n, info| {
+            let count = info
+                .shape
+                .iter()
+                .fold(1u64, |c, &e| c.saturating_mul(e as u64));
+            n.saturating_add(count.saturating_mul(4))
+        })
+    })
+}
+
+/// Refuses weights of `bytes` in f32 (from `path`) that the memory left cannot hold.
+fn fits(path: &Path, bytes: u64) -> Result<(), WeightsError> {
+    match crate::memory::available_bytes() {
+        Some(available) if bytes > available => Err(WeightsError::Memory {
+            path: path.to_path_buf(),
+            needed: crate::memory::human(bytes),
+            available: crate::memory::human(available),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// A set of named f32 tensors.
@@ -116,7 +151,10 @@ impl Weights {
         // reading it would. Zebra itself replaces files by renaming new ones into place, which
         // leaves the mapped one untouched.
         match unsafe { memmap2::Mmap::map(&file) } {
-            Ok(map) if !map.is_empty() => Weights::from_bytes(&map, path),
+            Ok(map) if !map.is_empty() => {
+                fits(path, f32_bytes(&map))?;
+                Weights::from_bytes(&map, path)
+            }
             _ => Weights::from_bytes(&read(path)?, path),
         }
     }
@@ -151,6 +189,16 @@ impl Weights {
             return Err(error("its `weight_map` names no tensors".into()));
         }
         let folder = index.parent().unwrap_or(Path::new("."));
+        // Every shard's tensors in f32 together, from their headers, before any is converted.
+        let mut total = 0u64;
+        for shard in shards.keys() {
+            let file = std::fs::File::open(folder.join(shard));
+            // SAFETY: as in `load_file`; only the header is read here.
+            if let Ok(map) = file.and_then(|f| unsafe { memmap2::Mmap::map(&f) }) {
+                total = total.saturating_add(f32_bytes(&map));
+            }
+        }
+        fits(index, total)?;
         let mut weights = Weights::new();
         let mut home: BTreeMap<String, &str> = BTreeMap::new();
         for (shard, names) in shards {
@@ -436,6 +484,40 @@ mod tests {
             message.starts_with(&format!("cannot read {}", missing.display())),
             "{message}"
         );
+    }
+
+    /// A checkpoint whose tensors would not fit in memory in f32 is refused with its size
+    /// before any is converted, alone or as a shard of an index (a sparse file of 4 TiB of
+    /// bf16: no disk is used, and converting it would be killed by the system).
+    #[test]
+    fn weights_too_large_for_memory_are_refused_with_their_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let count: u64 = 1 << 41;
+        let header = format!(
+            r#"{{"w":{{"dtype":"BF16","shape":[{count}],"data_offsets":[0,{}]}}}}"#,
+            count * 2
+        );
+        let mut header = header.into_bytes();
+        while header.len() % 8 != 0 {
+            header.push(b' ');
+        }
+        let huge = dir.path().join("model.safetensors");
+        let mut file = std::fs::File::create(&huge).unwrap();
+        std::io::Write::write_all(&mut file, &(header.len() as u64).to_le_bytes()).unwrap();
+        std::io::Write::write_all(&mut file, &header).unwrap();
+        if file.set_len(8 + header.len() as u64 + count * 2).is_err() {
+            eprintln!("skipped: this file system has no sparse files of 4 TiB");
+            return;
+        }
+        drop(file);
+        let message = Weights::load(&huge).unwrap_err().to_string();
+        let expected = format!("the weights in {} take 8.00 TiB in f32", huge.display());
+        assert!(message.starts_with(&expected), "{message}");
+        let index = dir.path().join(INDEX);
+        std::fs::write(&index, r#"{"weight_map": {"w": "model.safetensors"}}"#).unwrap();
+        let message = Weights::load(dir.path()).unwrap_err().to_string();
+        let expected = format!("the weights in {} take 8.00 TiB in f32", index.display());
+        assert!(message.starts_with(&expected), "{message}");
     }
 
     #[test]

@@ -12,7 +12,6 @@ pub mod cuda_attention;
 pub mod data;
 pub mod generate;
 pub mod kv;
-pub mod memory;
 pub mod optim;
 pub mod pack;
 pub mod plan;
@@ -22,6 +21,7 @@ pub mod train;
 pub mod tuning;
 
 pub use artifact::{Artifact, ArtifactError};
+pub use zebra_ir::memory;
 
 /// The 64-bit FNV-1a hash: content keys of the kernel cache and the check that a kernel
 /// library is the one its plan was built with. Not cryptographic; it guards against

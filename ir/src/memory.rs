@@ -1,5 +1,5 @@
-//! How much memory the machine can still give the executors, so that a plan whose buffers
-//! would not fit is refused with its size before anything is allocated (on Linux an
+//! How much memory the machine can still give, so that weights or a plan's buffers that
+//! would not fit are refused with their size before anything is allocated (on Linux an
 //! allocation past what is there succeeds, and the process is killed later, without a word,
 //! as it writes the pages).
 
