@@ -147,8 +147,10 @@ pub trait Source: Send {
 pub struct Text {
     path: PathBuf,
     tokens: Vec<u32>,
-    /// The document of each token.
-    documents: Vec<i64>,
+    /// Where each document's tokens start, and its id (the file's index): increasing, the
+    /// first at 0 (a list of boundaries, not an id per token, which took twice the tokens'
+    /// memory).
+    documents: Vec<(usize, i64)>,
     files: usize,
     seed: u64,
     rng: ChaCha8Rng,
@@ -197,6 +199,24 @@ impl Text {
         let mut documents = Vec::new();
         let mut count = 0;
         for (i, file) in files.iter().enumerate() {
+            // The file's bytes, and at most a token of 4 bytes per byte: refused with the
+            // sizes where that cannot fit, before it is read.
+            let size = std::fs::metadata(file)
+                .map_err(|e| read_error(file, e))?
+                .len();
+            let needed = size.saturating_mul(5);
+            if let Some(available) = crate::memory::available_bytes().filter(|&a| needed > a) {
+                return Err(DataError::Read {
+                    path: file.clone(),
+                    message: format!(
+                        "its {} of text, read and encoded, need up to {}, and {} of memory is \
+                         available",
+                        crate::memory::human(size),
+                        crate::memory::human(needed),
+                        crate::memory::human(available)
+                    ),
+                });
+            }
             let data = std::fs::read(file).map_err(|e| read_error(file, e))?;
             if data.is_empty() {
                 continue;
@@ -205,8 +225,11 @@ impl Text {
                 path: file.clone(),
                 message,
             })?;
+            if ids.is_empty() {
+                continue;
+            }
             count += 1;
-            documents.extend(std::iter::repeat_n(i as i64, ids.len()));
+            documents.push((tokens.len(), i as i64));
             tokens.extend(ids);
         }
         if tokens.is_empty() {
@@ -244,10 +267,19 @@ impl Text {
     }
 
     fn window(&self, start: usize, seq: usize, batch: &mut Batch) {
-        for i in 0..seq {
-            batch.tokens.push(i64::from(self.tokens[start + i]));
-            batch.targets.push(i64::from(self.tokens[start + i + 1]));
-            batch.documents.push(self.documents[start + i]);
+        // The document of the window's first token, then the next boundary after it.
+        let mut doc = self.documents.partition_point(|&(first, _)| first <= start) - 1;
+        for i in start..start + seq {
+            batch.tokens.push(i64::from(self.tokens[i]));
+            batch.targets.push(i64::from(self.tokens[i + 1]));
+            while self
+                .documents
+                .get(doc + 1)
+                .is_some_and(|&(first, _)| first <= i)
+            {
+                doc += 1;
+            }
+            batch.documents.push(self.documents[doc].1);
         }
     }
 
@@ -475,6 +507,30 @@ mod tests {
             err.contains("cannot encode") && err.contains("a.txt: no such word"),
             "{err}"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Each token's document id, from the documents' boundaries, in every window of every
+    /// start: a window starting in any document, crossing one or several boundaries.
+    #[test]
+    fn windows_give_each_token_its_documents_id() {
+        let dir = std::env::temp_dir().join(format!("zebra-docs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut expected = Vec::new();
+        for (i, len) in [3, 1, 0, 2, 1, 4].into_iter().enumerate() {
+            std::fs::write(dir.join(format!("{i}.txt")), "x".repeat(len)).unwrap();
+            expected.extend(std::iter::repeat_n(i as i64, len));
+        }
+        let text = Text::open(&dir, 0).unwrap();
+        assert_eq!(text.len(), expected.len());
+        assert!(text.describe().contains("5 files, 11 tokens"));
+        for seq in 1..expected.len() {
+            for start in 0..expected.len() - seq {
+                let mut b = Batch::with_capacity(1, seq).unwrap();
+                text.window(start, seq, &mut b);
+                assert_eq!(b.documents, expected[start..start + seq], "{start} + {seq}");
+            }
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
