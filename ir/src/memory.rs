@@ -39,24 +39,26 @@ fn cgroup_room(root: &Path) -> Option<u64> {
             (k == key).then(|| v.trim().parse::<u64>().ok()).flatten()
         })
     };
-    let (limit, usage, inactive) = if let Some(max) = read("memory.max") {
-        // "max" is no limit.
+    // The limit first: without one (v2's "max", v1's largest page-aligned i64) the usage
+    // and the statistics (a long file) are not read.
+    let (v2, limit) = match read("memory.max") {
+        Some(max) => (true, max.trim().parse::<u64>().ok()?),
+        None => (false, number(read("memory/memory.limit_in_bytes"))?),
+    };
+    if limit >= 1 << 62 {
+        return None;
+    }
+    let (usage, inactive) = if v2 {
         (
-            max.trim().parse::<u64>().ok()?,
             number(read("memory.current"))?,
             stat(read("memory.stat"), "inactive_file").unwrap_or(0),
         )
     } else {
         (
-            number(read("memory/memory.limit_in_bytes"))?,
             number(read("memory/memory.usage_in_bytes"))?,
             stat(read("memory/memory.stat"), "total_inactive_file").unwrap_or(0),
         )
     };
-    // v1 writes "no limit" as the largest page-aligned i64.
-    if limit >= 1 << 62 {
-        return None;
-    }
     Some(limit.saturating_sub(usage.saturating_sub(inactive)))
 }
 
