@@ -14,6 +14,11 @@ use crate::spec::{AttentionKind, ModelSpec, ParamValue, Program};
 /// A layer pattern may hold at most this many layers.
 pub const MAX_LAYERS: usize = 4096;
 
+/// The largest head dim: the attention kernels are specialized to it, each vector of a head
+/// written out in their code, so a head dim of a million (a typo in `dim`) would take minutes
+/// to compile. The largest in use are 256 (Gemma) and 576 (DeepSeek's latent attention).
+pub const MAX_HEAD_DIM: usize = 16384;
+
 /// Mask claims are checked on every query and key position below this bound.
 const SAMPLE_POSITIONS: i64 = 64;
 
@@ -1162,6 +1167,25 @@ impl<'a> Checker<'a> {
                     .label("rotate-half pairs the two halves of each head")
                     .with_secondary(fields["rope"].value.span, "RoPE is used here"),
             );
+            ok = false;
+        }
+
+        if let Some(hd) = head_dim
+            && hd > MAX_HEAD_DIM
+        {
+            let span = fields
+                .get("head_dim")
+                .or(fields.get("heads"))
+                .map_or(model.name.span, |f| f.value.span);
+            let mut diagnostic = Diagnostic::error(
+                span,
+                format!("a head dim of {hd} is more than the {MAX_HEAD_DIM} Zebra compiles"),
+            )
+            .label("the attention kernels are specialized to the head dim");
+            if !fields.contains_key("head_dim") {
+                diagnostic = diagnostic.with_secondary(fields["dim"].value.span, "dim / heads");
+            }
+            self.error(diagnostic);
             ok = false;
         }
 
