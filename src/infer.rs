@@ -430,7 +430,7 @@ pub fn recall_accuracy(
     batch: usize,
     seed: u64,
 ) -> Result<RecallScore> {
-    let mut source = Recall::new(pairs, seed);
+    let mut source = Recall::new(pairs, seed)?;
     let mut buckets: BTreeMap<(usize, usize), (usize, usize)> = BTreeMap::new();
     let mut done = 0;
     while done < samples {
@@ -465,6 +465,9 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     }
     for &context in args.contexts {
         crate::commands::check_positions("--context", context)?;
+    }
+    if let Some(pairs) = args.pairs {
+        Recall::new(pairs, 0)?;
     }
     let data = match (args.data, args.task) {
         (Some(_), Some(_)) => bail!("give either --data PATH or --task recall, not both"),

@@ -197,13 +197,13 @@ fn data_source(config: &RunConfig) -> Result<Box<dyn Source>> {
     // The data stream has its own seed, derived from the run's.
     let seed = config.seed ^ 0x5eed_da7a;
     if config.data == "recall" {
-        return Ok(Box::new(Recall::new(Recall::DEFAULT_PAIRS, seed)));
+        return Ok(Box::new(Recall::new(Recall::DEFAULT_PAIRS, seed)?));
     }
     if let Some(pairs) = config.data.strip_prefix("recall:") {
         let pairs: usize = pairs
             .parse()
             .map_err(|_| anyhow!("bad recall setting `{}`", config.data))?;
-        return Ok(Box::new(Recall::new(pairs, seed)));
+        return Ok(Box::new(Recall::new(pairs, seed)?));
     }
     let path = config
         .data

@@ -679,7 +679,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<()> {
             config.check().map_err(|e| anyhow!(e))?;
             let mut source: Box<dyn Source> = match &data {
                 Some(path) => Box::new(Text::open(path, seed)?),
-                None => Box::new(Recall::new(pairs, seed)),
+                None => Box::new(Recall::new(pairs, seed)?),
             };
             let first = source.next_batch(batch, seq_len)?;
             let weights = weights_of(weights.as_deref(), random_weights, &artifact)?;

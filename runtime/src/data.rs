@@ -36,6 +36,11 @@ pub enum DataError {
         bytes: String,
         available: String,
     },
+    #[error(
+        "the recall task plants 1 to 26 pairs (an uppercase letter each as its key), found \
+         {0}: give --pairs from 1 to 26"
+    )]
+    RecallPairs(usize),
     #[error("cannot encode {path}: {message}")]
     Encode { path: PathBuf, message: String },
     #[error(
@@ -344,13 +349,19 @@ pub struct Recall {
 
 impl Recall {
     pub const DEFAULT_PAIRS: usize = 4;
+    /// One pair per uppercase letter, the keys.
+    pub const MAX_PAIRS: usize = 26;
 
-    pub fn new(pairs: usize, seed: u64) -> Recall {
-        Recall {
+    /// The task with `pairs` pairs (1 to [`Recall::MAX_PAIRS`]).
+    pub fn new(pairs: usize, seed: u64) -> Result<Recall, DataError> {
+        if !(1..=Recall::MAX_PAIRS).contains(&pairs) {
+            return Err(DataError::RecallPairs(pairs));
+        }
+        Ok(Recall {
             pairs,
             seed,
             rng: ChaCha8Rng::seed_from_u64(seed),
-        }
+        })
     }
 
     /// The shortest sequence the task fits in.
@@ -451,7 +462,7 @@ mod tests {
 
     #[test]
     fn recall_rows_plant_pairs_and_score_only_the_values() {
-        let mut task = Recall::new(4, 1);
+        let mut task = Recall::new(4, 1).unwrap();
         let b = task.next_batch(3, 64).unwrap();
         assert_eq!(b.tokens.len(), 3 * 64);
         assert_eq!(b.scored(), 12);
@@ -469,11 +480,11 @@ mod tests {
 
     #[test]
     fn sources_resume_exactly_from_their_state() {
-        let mut a = Recall::new(2, 7);
+        let mut a = Recall::new(2, 7).unwrap();
         a.next_batch(2, 32).unwrap();
         let state = a.state();
         let next = a.next_batch(2, 32).unwrap();
-        let mut b = Recall::new(2, 0);
+        let mut b = Recall::new(2, 0).unwrap();
         b.restore(&state);
         assert_eq!(b.next_batch(2, 32).unwrap(), next);
     }

@@ -1484,6 +1484,10 @@ fn bad_training_and_generation_inputs_are_refused() {
     out.refused("too few");
     let out = zebra(&["eval", &run, "--task", "recall", "--context", "20000000"]);
     out.refused("--context is 20000000 positions, more than the 16777216");
+    for pairs in ["0", "100"] {
+        let out = zebra(&["eval", &run, "--task", "recall", "--pairs", pairs]);
+        out.refused(&format!("the recall task plants 1 to 26 pairs (an uppercase letter each as its key), found {pairs}"));
+    }
 
     // The device options: refused with a reason where they do not go together, and, on a
     // machine without an NVIDIA driver, `--device cuda` says so before anything is written.
