@@ -330,6 +330,10 @@ fn naive(
 
 fn attention(args: &BenchArgs, name: &str, mask_text: &str, dir: &Path) -> Result<()> {
     let (t, h, d) = (args.seq_len, args.heads, args.head_dim);
+    let max = zebra_frontend::check::MAX_HEAD_DIM;
+    if d > max {
+        bail!("--head-dim {d} is more than the {max} Zebra compiles");
+    }
     let mask = zebra_ir::expr::parse_expr(mask_text).map_err(|e| anyhow!(e))?;
     let scale = 1.0 / (d as f64).sqrt();
     // The tiles: --blocks, else the tuning database's for this attention, else the target's.

@@ -993,7 +993,7 @@ pub fn emulate(args: &EmulateArgs) -> Result<()> {
                 "seq_len": args.seq_len,
                 "tiles_visited": visited,
                 "tiles_total": total,
-                "checked_rows": args.rows,
+                "checked_rows": case.checked_rows(entry, args.rows),
                 "worst_error": worst,
                 "ok": ok,
                 "emulated_ms": start.elapsed().as_secs_f64() * 1e3,

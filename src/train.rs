@@ -297,6 +297,9 @@ fn new_run(args: &TrainArgs) -> Result<(RunConfig, PathBuf, String)> {
     if steps == 0 || seq_len == 0 || batch == 0 {
         bail!("--steps, --seq-len and --batch must be positive");
     }
+    if args.checkpoint_every == Some(0) {
+        bail!("--checkpoint-every must be positive (a checkpoint every N steps)");
+    }
     crate::commands::check_positions("--seq-len", seq_len)?;
     let optimizer = AdamWConfig {
         lr: args.lr.unwrap_or(1e-3),
@@ -582,7 +585,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             (batch.batch * batch.seq) as f64 / dt
         ));
         let stop = interrupted.load(Ordering::SeqCst);
-        if step % config.checkpoint_every == 0 || step == config.steps || stop {
+        if step % config.checkpoint_every.max(1) == 0 || step == config.steps || stop {
             save(
                 &mut trainer,
                 data.as_ref(),

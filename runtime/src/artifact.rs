@@ -327,7 +327,7 @@ pub fn random_weights(
     // The f32 tensors, and the executor's (packed) copy.
     let bytes = count.saturating_mul(8);
     if let Some(available) = crate::memory::available_bytes().filter(|&a| bytes > a) {
-        return Err(crate::RuntimeError::Weights(format!(
+        return Err(crate::RuntimeError::TooLarge(format!(
             "random weights for the plan's {count} parameters need {} of memory, and {} is \
              available",
             crate::memory::human(bytes),

@@ -177,6 +177,23 @@ impl AttentionCase {
         }
         let (b, t, d) = (batch, seq, kernel.head_dim);
         let (h, kv) = (kernel.heads, kernel.kv_heads);
+        // Q, K and V, and the output beside them, 2 bytes an element.
+        let elements = [h, kv, kv, h].iter().fold(0u64, |n, &heads| {
+            let e = [b, heads, t, d]
+                .iter()
+                .fold(1u64, |e, &x| e.saturating_mul(x as u64));
+            n.saturating_add(e)
+        });
+        let bytes = elements.saturating_mul(2);
+        if let Some(available) = crate::memory::available_bytes().filter(|&a| bytes > a) {
+            return Err(RuntimeError::TooLarge(format!(
+                "random inputs of {b} x {t} tokens for `{}` need {} of memory, and {} is \
+                 available",
+                kernel.name,
+                crate::memory::human(bytes),
+                crate::memory::human(available)
+            )));
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut random = |n: usize| -> Vec<u16> {
             (0..n)
@@ -294,6 +311,12 @@ impl AttentionCase {
 
     /// The largest `|out - reference| / (atol + rtol * |reference|)` over `rows` sampled
     /// output rows (the first and the last always among them): at most 1 passes.
+    /// The rows [`AttentionCase::worst_error`] checks when asked for `rows`: at most every
+    /// output row (they are drawn at random).
+    pub fn checked_rows(&self, kernel: &AttentionEntry, rows: usize) -> usize {
+        rows.min(self.batch * kernel.heads * self.seq)
+    }
+
     pub fn worst_error(
         &self,
         kernel: &AttentionEntry,
@@ -311,7 +334,7 @@ impl AttentionCase {
         let mut worst: f64 = 0.0;
         let mut pick = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
         let group = h / kv;
-        for r in 0..rows {
+        for r in 0..self.checked_rows(kernel, rows) {
             let (bi, hi, qi) = match r {
                 0 => (0, 0, 0),
                 1 => (b - 1, h - 1, t - 1),

@@ -79,8 +79,9 @@ pub enum RuntimeError {
     Training(String),
     #[error("CUDA: {0}")]
     Cuda(String),
+    /// Inputs or weights to be made that would not fit in memory, with their sizes.
     #[error("{0}")]
-    Weights(String),
+    TooLarge(String),
     #[error(
         "running {batch} x {seq} tokens needs {needed} more memory for the plan's buffers, \
          and {available} is available: give fewer tokens (a shorter sequence or a smaller batch)"

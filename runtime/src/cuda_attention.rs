@@ -201,7 +201,7 @@ pub fn run_attention(
             registers: function.num_regs().unwrap_or(-1),
             local_bytes: function.local_size_bytes().unwrap_or(-1),
             shared_bytes: kernel.shared_bytes,
-            checked_rows: options.check_rows,
+            checked_rows: case.checked_rows(kernel, options.check_rows),
             worst_error: worst,
             ok: worst <= 1.0,
         });

@@ -279,6 +279,8 @@ fn bench_refuses_bad_flags() {
     let out = zebra(&["bench", "attention-local", "--blocks", "64by64"]);
     assert!(!out.ok);
     assert!(out.stderr.contains("64by64"), "{}", out.stderr);
+    let out = zebra(&["bench", "attention-local", "--head-dim", "4294967297"]);
+    out.refused("--head-dim 4294967297 is more than the 16384 Zebra compiles");
     // Counts that must be positive, and a thread count past the limit, by their flags.
     for (flag, value, says) in [
         ("--window", "0", "must be at least 1"),
@@ -1403,6 +1405,10 @@ fn bad_training_and_generation_inputs_are_refused() {
         ),
         (vec!["--data", &data, "--lr=-1"], "--lr"),
         (vec!["--data", &data, "--steps", "0"], "--steps"),
+        (
+            vec!["--data", &data, "--checkpoint-every", "0"],
+            "--checkpoint-every must be positive",
+        ),
         (vec!["--task", "sorting"], "unknown task `sorting`"),
         (vec!["--task", "recall", "--seq-len", "8"], "at least"),
         (vec!["--data", &data, "--task", "recall"], "not both"),
@@ -2123,7 +2129,17 @@ fn emulate_checks_tensor_core_attention_without_a_gpu() {
         .join("examples/attention/softcap.zb")
         .to_string_lossy()
         .into_owned();
-    let out = zebra(&["emulate", &zb, "--seq-len", "90", "--batch", "1"]);
+    // More rows asked for than the output has: every row is checked, and said so.
+    let out = zebra(&[
+        "emulate",
+        &zb,
+        "--seq-len",
+        "90",
+        "--batch",
+        "1",
+        "--rows",
+        "4294967297",
+    ]);
     assert!(out.ok, "{}", out.stderr);
     let lines = json_lines(&out.stdout);
     assert!(!lines.is_empty());
@@ -2131,12 +2147,21 @@ fn emulate_checks_tensor_core_attention_without_a_gpu() {
         assert_eq!(line["ok"], true, "{line}");
         assert!(line["worst_error"].as_f64().unwrap() > 0.0, "{line}");
         assert_eq!(line["seq_len"], 90);
+        assert_eq!(
+            line["checked_rows"],
+            line["heads"].as_u64().unwrap() * 90,
+            "{line}"
+        );
     }
     assert!(lines.iter().any(|l| l["score"].is_string()), "soft-capping");
     for (args, says) in [
         (vec!["--target", "cpu"], "sm_80 or sm_90"),
         (vec!["--dtype", "f32"], "not f32"),
         (vec!["--seq-len", "0"], "at least 1"),
+        (
+            vec!["--batch", "4294967297"],
+            "random inputs of 4294967297 x 200 tokens",
+        ),
     ] {
         let mut all = vec!["emulate", zb.as_str()];
         all.extend(args);
