@@ -415,8 +415,28 @@ pub(crate) fn fill_caches(
                 max: plan.max_seq_len,
             });
         }
+        let positions = capacity.unwrap_or(*t).max(*t);
+        if c == 0 {
+            // Keys and values, f32, of every cache (all of B rows) for the slots reserved,
+            // against the memory left, before the first is allocated.
+            let bytes = plan.caches.iter().fold(0u64, |n, spec| {
+                let slots = spec.slots_for(positions) as u64;
+                let each = [*b, spec.kv_heads, spec.head_dim, 8]
+                    .iter()
+                    .fold(slots, |e, &x| e.saturating_mul(x as u64));
+                n.saturating_add(each)
+            });
+            if let Some(available) = crate::memory::available_bytes().filter(|&a| bytes > a) {
+                return Err(RuntimeError::TooLarge(format!(
+                    "KV caches for a batch of {b} over {positions} positions need {} of \
+                     memory, and {} is available: generate with a shorter context",
+                    crate::memory::human(bytes),
+                    crate::memory::human(available)
+                )));
+            }
+        }
         let mut cache = KvCache::new(spec.clone(), *b);
-        cache.reserve(spec.slots_for(capacity.unwrap_or(*t).max(*t)));
+        cache.reserve(spec.slots_for(positions));
         // Only the positions the cache keeps: the sinks and the last ring's worth.
         let first_kept = match spec.ring {
             Some(r) => t.saturating_sub(r).max(spec.sinks.min(*t)),
@@ -1444,5 +1464,67 @@ impl CpuModel {
                 }
             });
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::CacheSpec;
+
+    /// A plan with nothing but KV caches (one global, one ring of 4), for `fill_caches`.
+    fn plan_with_caches() -> Plan {
+        let mut plan: Plan = serde_json::from_value(serde_json::json!({
+            "format": 1, "name": "caches", "target": "cpu", "library": "", "library_hash": "",
+            "kernels": [], "max_seq_len": 64, "vocab": 0, "inputs": [], "weights": [],
+            "packed": [], "constants": [], "values": [], "slots": 0, "workspaces": [],
+            "schedules": [], "rope_tables": [], "steps": [], "outputs": [],
+        }))
+        .unwrap();
+        for (c, ring) in [None, Some(4)].into_iter().enumerate() {
+            plan.caches.push(CacheSpec {
+                kv_heads: 1,
+                kv_heads_held: vec![0],
+                prefill_outputs: c,
+                head_dim: 4,
+                sinks: 0,
+                ring,
+                min_prompt: 0,
+                block: 8,
+                layer: Some(c),
+            });
+        }
+        plan
+    }
+
+    /// Caches hold the prompt's keys in their slots, with room for the capacity asked for;
+    /// caches that would not fit in memory at that capacity are refused with their size
+    /// before any is allocated.
+    #[test]
+    fn caches_are_filled_from_the_prefill_and_refused_past_memory() {
+        let plan = plan_with_caches();
+        let mut prefill = BTreeMap::new();
+        for c in 0..2 {
+            let keys = ArrayD::from_shape_fn(IxDyn(&[1, 1, 6, 4]), |i| (i[2] * 10 + i[3]) as f32);
+            prefill.insert(format!("cache:{c}:k"), keys.clone());
+            prefill.insert(format!("cache:{c}:v"), keys.mapv(|x| -x));
+        }
+        let (caches, batch, tokens) = fill_caches(&plan, &prefill, Some(64)).unwrap();
+        assert_eq!((caches.len(), batch, tokens), (2, 1, 6));
+        // The global cache: position p in slot p; the ring of 4: positions 2 to 5.
+        let positions = |c: &KvCache| (0..8).map(|s| c.positions[s] as i64).collect::<Vec<_>>();
+        assert_eq!(positions(&caches[0]), [0, 1, 2, 3, 4, 5, -1, -1]);
+        assert_eq!(positions(&caches[1]), [4, 5, 2, 3, -1, -1, -1, -1]);
+        let values = floats(&caches[1].values, 16);
+        assert_eq!(values[..4], [-40.0, -41.0, -42.0, -43.0]);
+
+        let err = fill_caches(&plan, &prefill, Some(1 << 42)).err().unwrap();
+        let message = err.to_string();
+        assert!(
+            message.starts_with(
+                "KV caches for a batch of 1 over 4398046511104 positions need 128.0 TiB of memory"
+            ),
+            "{message}"
+        );
     }
 }
