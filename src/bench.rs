@@ -367,15 +367,15 @@ fn attention(args: &BenchArgs, name: &str, mask_text: &str, dir: &Path) -> Resul
         block_k: bk,
     };
     let graph = crate::tune::attention_graph(&kernel, blocks, false)?;
-    let artifact = dir.join(name);
-    crate::commands::build_artifact_at(&graph, &artifact, t)?;
-    let mut model = CpuModel::load(&artifact, &zebra_ir::Weights::new(), args.threads)?;
     // Q, K and V, their copies as inputs and in the executor's buffers, and the output.
     let elements = (h as u64).saturating_mul(t as u64).saturating_mul(d as u64);
     crate::commands::check_memory(
         &format!("{t} tokens of {h} heads of {d}: the inputs and output"),
         elements.saturating_mul(7 * 4),
     )?;
+    let artifact = dir.join(name);
+    crate::commands::build_artifact_at(&graph, &artifact, t)?;
+    let mut model = CpuModel::load(&artifact, &zebra_ir::Weights::new(), args.threads)?;
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let (q, k, v) = (
         random(&[1, h, t, d], &mut rng),

@@ -386,7 +386,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     // At the least the weights, their gradients and AdamW's two moments, in f32.
     crate::commands::check_memory(
         &format!(
-            "training the {} parameters of `{}` (weights, gradients and two moments in f32)",
+            "the {} parameters of `{}` in training (weights, gradients and two moments in f32)",
             spec.parameter_count(),
             spec.name
         ),
