@@ -61,8 +61,8 @@ pub fn check_weights(spec: &ModelSpec, weights: &Weights) -> Result<()> {
 
 /// Refuses to go on where `bytes` (for `what`) are more than the memory left.
 pub fn check_memory(what: &str, bytes: u64) -> Result<()> {
-    use zebra_runtime::memory::{available_bytes, human};
-    if let Some(available) = available_bytes().filter(|&a| bytes > a) {
+    use zebra_runtime::memory::{human, short_of};
+    if let Some(available) = short_of(bytes) {
         bail!(
             "{what} need {} of memory, and {} is available",
             human(bytes),

@@ -20,6 +20,20 @@ pub fn available_bytes() -> Option<u64> {
     }
 }
 
+/// The memory available where `bytes` are more than it: `Some(available)` to refuse them
+/// with, `None` where they fit (or the memory left cannot be read).
+pub fn short_of(bytes: u64) -> Option<u64> {
+    available_bytes().filter(|&available| bytes > available)
+}
+
+/// The product of sizes (a shape's extents, an element's bytes), `u64::MAX` where it
+/// overflows: more than any memory holds.
+pub fn product(sizes: impl IntoIterator<Item = usize>) -> u64 {
+    sizes
+        .into_iter()
+        .fold(1u64, |n, x| n.saturating_mul(x as u64))
+}
+
 /// `MemAvailable` of `/proc/meminfo`, in bytes.
 fn meminfo_available(text: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
@@ -114,6 +128,17 @@ mod tests {
         assert_eq!(cgroup_room(&dir.join("v1")), Some(0));
         assert_eq!(cgroup_room(&dir.join("none")), None);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn products_saturate_and_nothing_is_short_of_zero_bytes() {
+        assert_eq!(product([2, 3, 4]), 24);
+        assert_eq!(product([]), 1);
+        assert_eq!(product([usize::MAX, usize::MAX]), u64::MAX);
+        assert_eq!(short_of(0), None);
+        if let Some(available) = available_bytes() {
+            assert_eq!(short_of(u64::MAX), Some(available));
+        }
     }
 
     #[test]

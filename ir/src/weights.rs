@@ -50,24 +50,21 @@ pub enum WeightsError {
 fn f32_bytes(bytes: &[u8]) -> u64 {
     SafeTensors::read_metadata(bytes).map_or(0, |(_, metadata)| {
         metadata.tensors().values().fold(0u64, |n, info| {
-            let count = info
-                .shape
-                .iter()
-                .fold(1u64, |c, &e| c.saturating_mul(e as u64));
-            n.saturating_add(count.saturating_mul(4))
+            let size = crate::memory::product(info.shape.iter().copied().chain([4]));
+            n.saturating_add(size)
         })
     })
 }
 
 /// Refuses weights of `bytes` in f32 (from `path`) that the memory left cannot hold.
 fn fits(path: &Path, bytes: u64) -> Result<(), WeightsError> {
-    match crate::memory::available_bytes() {
-        Some(available) if bytes > available => Err(WeightsError::Memory {
+    match crate::memory::short_of(bytes) {
+        Some(available) => Err(WeightsError::Memory {
             path: path.to_path_buf(),
             needed: crate::memory::human(bytes),
             available: crate::memory::human(available),
         }),
-        _ => Ok(()),
+        None => Ok(()),
     }
 }
 

@@ -318,15 +318,11 @@ pub fn random_weights(
 ) -> Result<zebra_ir::Weights, crate::RuntimeError> {
     use rand::{Rng, SeedableRng};
     let count = plan.weights.iter().fold(0u64, |n, spec| {
-        let c = spec
-            .shape
-            .iter()
-            .fold(1u64, |c, &e| c.saturating_mul(e as u64));
-        n.saturating_add(c)
+        n.saturating_add(crate::memory::product(spec.shape.iter().copied()))
     });
     // The f32 tensors, and the executor's (packed) copy.
     let bytes = count.saturating_mul(8);
-    if let Some(available) = crate::memory::available_bytes().filter(|&a| bytes > a) {
+    if let Some(available) = crate::memory::short_of(bytes) {
         return Err(crate::RuntimeError::TooLarge(format!(
             "random weights for the plan's {count} parameters need {} of memory, and {} is \
              available",

@@ -178,14 +178,10 @@ impl AttentionCase {
         let (b, t, d) = (batch, seq, kernel.head_dim);
         let (h, kv) = (kernel.heads, kernel.kv_heads);
         // Q, K and V, and the output beside them, 2 bytes an element.
-        let elements = [h, kv, kv, h].iter().fold(0u64, |n, &heads| {
-            let e = [b, heads, t, d]
-                .iter()
-                .fold(1u64, |e, &x| e.saturating_mul(x as u64));
-            n.saturating_add(e)
+        let bytes = [h, kv, kv, h].iter().fold(0u64, |n, &heads| {
+            n.saturating_add(crate::memory::product([b, heads, t, d, 2]))
         });
-        let bytes = elements.saturating_mul(2);
-        if let Some(available) = crate::memory::available_bytes().filter(|&a| bytes > a) {
+        if let Some(available) = crate::memory::short_of(bytes) {
             return Err(RuntimeError::TooLarge(format!(
                 "random inputs of {b} x {t} tokens for `{}` need {} of memory, and {} is \
                  available",

@@ -420,13 +420,11 @@ pub(crate) fn fill_caches(
             // Keys and values, f32, of every cache (all of B rows) for the slots reserved,
             // against the memory left, before the first is allocated.
             let bytes = plan.caches.iter().fold(0u64, |n, spec| {
-                let slots = spec.slots_for(positions) as u64;
-                let each = [*b, spec.kv_heads, spec.head_dim, 8]
-                    .iter()
-                    .fold(slots, |e, &x| e.saturating_mul(x as u64));
-                n.saturating_add(each)
+                let slots = spec.slots_for(positions);
+                let each = [slots, *b, spec.kv_heads, spec.head_dim, 8];
+                n.saturating_add(crate::memory::product(each))
             });
-            if let Some(available) = crate::memory::available_bytes().filter(|&a| bytes > a) {
+            if let Some(available) = crate::memory::short_of(bytes) {
                 return Err(RuntimeError::TooLarge(format!(
                     "KV caches for a batch of {b} over {positions} positions need {} of \
                      memory, and {} is available: generate with a shorter context",
@@ -1191,20 +1189,18 @@ impl CpuModel {
         if grow == 0 && copies < 1 << 26 {
             return Ok(());
         }
+        // What the buffers replaced free comes back before the new ones are allocated.
         let bytes = (grow as u64).saturating_mul(8).saturating_add(copies);
-        let Some(available) = crate::memory::available_bytes() else {
-            return Ok(());
-        };
-        let room = available.saturating_add(freed as u64 * 8);
-        if bytes > room {
-            return Err(RuntimeError::Memory {
+        let freed = freed as u64 * 8;
+        match crate::memory::short_of(bytes.saturating_sub(freed)) {
+            Some(available) => Err(RuntimeError::Memory {
                 batch,
                 seq,
                 needed: crate::memory::human(bytes),
-                available: crate::memory::human(room),
-            });
+                available: crate::memory::human(available.saturating_add(freed)),
+            }),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn run_steps(&mut self, batch: usize, seq: usize, offset: usize, input_buffers: &[Buffer]) {

@@ -83,15 +83,15 @@ impl Batch {
     pub fn with_capacity(batch: usize, seq: usize) -> Result<Batch, DataError> {
         let count = batch.saturating_mul(seq);
         // Tokens, targets and document ids, 8 bytes each.
-        let bytes = (count as u64).saturating_mul(3 * 8);
-        let available = crate::memory::available_bytes();
+        let bytes = crate::memory::product([count, 3 * 8]);
+        let short = crate::memory::short_of(bytes);
         let too_large = || DataError::TooLarge {
             batch,
             seq,
             bytes: crate::memory::human(bytes),
-            available: available.map_or("less".into(), crate::memory::human),
+            available: short.map_or("less".into(), crate::memory::human),
         };
-        if available.is_some_and(|a| bytes > a) {
+        if short.is_some() {
             return Err(too_large());
         }
         let room = || {
@@ -210,7 +210,7 @@ impl Text {
                 .map_err(|e| read_error(file, e))?
                 .len();
             let needed = size.saturating_mul(5);
-            if let Some(available) = crate::memory::available_bytes().filter(|&a| needed > a) {
+            if let Some(available) = crate::memory::short_of(needed) {
                 return Err(DataError::Read {
                     path: file.clone(),
                     message: format!(
