@@ -368,10 +368,9 @@ fn attention(args: &BenchArgs, name: &str, mask_text: &str, dir: &Path) -> Resul
     };
     let graph = crate::tune::attention_graph(&kernel, blocks, false)?;
     // Q, K and V, their copies as inputs and in the executor's buffers, and the output.
-    let elements = (h as u64).saturating_mul(t as u64).saturating_mul(d as u64);
     crate::commands::check_memory(
         &format!("{t} tokens of {h} heads of {d}: the inputs and output"),
-        elements.saturating_mul(7 * 4),
+        zebra_runtime::memory::product([h, t, d, 7 * 4]),
     )?;
     let artifact = dir.join(name);
     crate::commands::build_artifact_at(&graph, &artifact, t)?;

@@ -96,16 +96,15 @@ impl Batch {
         }
         let room = || {
             let mut v = Vec::new();
-            v.try_reserve_exact(count).map(|()| v)
+            v.try_reserve_exact(count).map_err(|_| too_large())?;
+            Ok(v)
         };
-        let (tokens, targets, documents) = (|| Ok((room()?, room()?, room()?)))()
-            .map_err(|_: std::collections::TryReserveError| too_large())?;
         Ok(Batch {
             batch,
             seq,
-            tokens,
-            targets,
-            documents,
+            tokens: room()?,
+            targets: room()?,
+            documents: room()?,
             queries: Vec::new(),
         })
     }
