@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
+use zebra_ir::rope::{Rope, RopeScaling, yarn_attention_factor};
 
 /// How the imported model's layers attend.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -135,44 +136,118 @@ impl Config<'_> {
         }
     }
 
-    /// The RoPE base: `rope_theta`, or `rope_parameters.rope_theta` (transformers 5), with
-    /// no scaling (Zebra's RoPE has none).
-    fn rope_base(&self) -> Result<f64> {
+    /// The RoPE: its base (`rope_theta`, or `rope_parameters.rope_theta` in transformers 5)
+    /// and its scaling (`rope_scaling`, or `rope_parameters` in transformers 5): `linear`,
+    /// `llama3` and `yarn` are computed as transformers computes them; others are refused.
+    fn rope(&self) -> Result<Rope> {
+        let mut scaling = RopeScaling::None;
         for key in ["rope_scaling", "rope_parameters"] {
-            let Some(scaling) = self.get(key) else {
+            let Some(params) = self.get(key) else {
                 continue;
             };
-            let kind = scaling
+            let kind = params
                 .get("rope_type")
-                .or_else(|| scaling.get("type"))
+                .or_else(|| params.get("type"))
                 .and_then(Value::as_str)
                 .unwrap_or("default");
-            if kind != "default" {
+            if kind == "default" {
+                continue;
+            }
+            if let Some(partial) = params
+                .get("partial_rotary_factor")
+                .or_else(|| self.get("partial_rotary_factor"))
+                .and_then(Value::as_f64)
+                .filter(|p| *p != 1.0)
+            {
                 return Err(self.error(format!(
-                    "its RoPE is scaled (`{key}` of type `{kind}`); Zebra's RoPE has no \
-                     scaling, so this model would not compute what it was trained to"
+                    "its RoPE rotates part of each head (`partial_rotary_factor` {partial});                      Zebra's rotates all of it"
                 )));
             }
+            scaling = self.rope_scaling(key, kind, params)?;
         }
         let nested = self
             .get("rope_parameters")
             .and_then(|p| p.get("rope_theta"))
             .and_then(Value::as_f64);
-        Ok(match nested {
-            Some(theta) if theta > 0.0 && theta.is_finite() => theta,
+        let base = match nested {
+            Some(theta) if theta > 1.0 && theta.is_finite() => theta,
             Some(theta) => {
                 return Err(self.error(format!(
-                    "`rope_parameters.rope_theta` must be a positive number, found {theta}"
+                    "`rope_parameters.rope_theta` must be a number above 1, found {theta}"
                 )));
             }
             None => self.number("rope_theta")?.unwrap_or(10000.0),
+        };
+        Ok(Rope { base, scaling })
+    }
+
+    /// The scaling `kind` that `params` (the configuration's `key`) describe.
+    fn rope_scaling(&self, key: &str, kind: &str, params: &Value) -> Result<RopeScaling> {
+        let number = |name: &str| params.get(name).and_then(Value::as_f64);
+        let max_position = self.number("max_position_embeddings")?;
+        let (factor, original) = match kind {
+            "linear" | "llama3" => (number("factor"), number("original_max_position_embeddings")),
+            "yarn" => {
+                // As transformers reads it: the original context defaults to the model's,
+                // the factor to the ratio of the two.
+                let original = number("original_max_position_embeddings").or(max_position);
+                let factor =
+                    number("factor").or_else(|| max_position.zip(original).map(|(m, o)| m / o));
+                (factor, original)
+            }
+            _ => {
+                return Err(self.error(format!(
+                    "its RoPE is scaled by `{kind}` (`{key}`); Zebra computes the `linear`,                      `llama3` and `yarn` scalings, so this model would not compute what it                      was trained to"
+                )));
+            }
+        };
+        let attention_factor = number("attention_factor").or_else(|| {
+            let f = factor?;
+            Some(match (number("mscale"), number("mscale_all_dim")) {
+                (Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                    let mscale = |m: f64| {
+                        if f <= 1.0 {
+                            1.0
+                        } else {
+                            0.1 * m * f.ln() + 1.0
+                        }
+                    };
+                    mscale(m) / mscale(all)
+                }
+                _ => yarn_attention_factor(f),
+            })
+        });
+        let truncate = match params.get("truncate") {
+            None | Some(Value::Null) => 1.0,
+            Some(Value::Bool(b)) => f64::from(u8::from(*b)),
+            Some(other) => {
+                return Err(self.error(format!(
+                    "`{key}.truncate` must be true or false, found {other}"
+                )));
+            }
+        };
+        RopeScaling::from_values(kind, |name| match name {
+            "factor" => factor,
+            "original_max_position" => original,
+            "low_freq_factor" => number("low_freq_factor"),
+            "high_freq_factor" => number("high_freq_factor"),
+            "beta_fast" => Some(number("beta_fast").unwrap_or(32.0)),
+            "beta_slow" => Some(number("beta_slow").unwrap_or(1.0)),
+            "attention_factor" => attention_factor,
+            "truncate" => Some(truncate),
+            _ => None,
+        })
+        .map_err(|e| {
+            let e = e.replace("original_max_position", "original_max_position_embeddings");
+            self.error(format!("its RoPE scaling (`{key}`): {e}"))
         })
     }
 }
 
 /// A model's source for the Llama-family configuration `json` (read from `path`, which
-/// errors name): Llama and Mistral (`model_type`), with SiLU SwiGLU, RMSNorm, unscaled
-/// RoPE and no biases; anything else is refused with the setting that is not supported.
+/// errors name): Llama and Mistral (`model_type`), with SiLU SwiGLU, RMSNorm, RoPE (scaled
+/// as `linear`, `llama3` or `yarn`, or not at all) and no biases; anything else is refused
+/// with the setting that is not supported.
 pub fn source_from_config(json: &Value, path: &Path, name: &str, layout: Layout) -> Result<String> {
     let map = json
         .as_object()
@@ -210,7 +285,7 @@ pub fn source_from_config(json: &Value, path: &Path, name: &str, layout: Layout)
     let kv_heads = config.count("num_key_value_heads")?.unwrap_or(heads);
     let head_dim = config.count("head_dim")?;
     let eps = config.number("rms_norm_eps")?.unwrap_or(1e-6);
-    let base = config.rope_base()?;
+    let rope = config.rope()?;
     let tied = config.flag("tie_word_embeddings")?;
     let sliding = config.count("sliding_window")?;
 
@@ -282,7 +357,13 @@ pub fn source_from_config(json: &Value, path: &Path, name: &str, layout: Layout)
     }
     field("ffn", format!("swiglu(hidden = {hidden})"));
     field("norm", format!("rmsnorm(eps = {eps:?})"));
-    field("rope", format!("rope(base = {base:?})"));
+    field(
+        "rope",
+        match rope.scaling {
+            RopeScaling::None => format!("rope(base = {:?})", rope.base),
+            scaling => format!("rope(base = {:?}, scaling = {scaling})", rope.base),
+        },
+    );
     field("embeddings", if tied { "tied" } else { "untied" }.into());
     field("layers", pattern);
     text.push_str("}\n");
@@ -465,6 +546,75 @@ mod tests {
         checked(&text);
     }
 
+    /// Scaled RoPEs as Llama 3.1 (transformers 5's `rope_parameters`), a linear scaling
+    /// (the older `rope_scaling` with `type`) and YaRN (Qwen 2.5's, its factor and context;
+    /// DeepSeek's `mscale`s) write them, each read back by the front end as the same RoPE.
+    #[test]
+    fn scaled_ropes_import() {
+        let rope_of = |text: &str| checked(text).kinds[0].rope.expect("a RoPE");
+        let mut json = llama();
+        json.as_object_mut().unwrap().remove("rope_theta");
+        json["rope_parameters"] = serde_json::json!({
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192
+        });
+        let text = import(&json, Layout::AsConfigured).unwrap();
+        assert!(
+            text.contains(
+                "rope(base = 500000.0, scaling = llama3(factor = 8.0, low_freq_factor = 1.0, \
+                 high_freq_factor = 4.0, original_max_position = 8192))"
+            ),
+            "{text}"
+        );
+        assert_eq!(rope_of(&text).base, 500000.0);
+
+        let mut json = llama();
+        json["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 2.0});
+        let text = import(&json, Layout::AsConfigured).unwrap();
+        assert_eq!(
+            rope_of(&text).scaling,
+            RopeScaling::Linear { factor: 2.0 },
+            "{text}"
+        );
+
+        let mut json = llama();
+        json["max_position_embeddings"] = 131072.into();
+        json["rope_scaling"] = serde_json::json!({"type": "yarn", "factor": 4.0,
+            "original_max_position_embeddings": 32768});
+        let yarn = |json: &Value| rope_of(&import(json, Layout::AsConfigured).unwrap()).scaling;
+        assert_eq!(
+            yarn(&json),
+            RopeScaling::Yarn {
+                factor: 4.0,
+                original_max_position: 32768,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                attention_factor: yarn_attention_factor(4.0),
+                truncate: true,
+            }
+        );
+        json["rope_scaling"] = serde_json::json!({"type": "yarn",
+            "original_max_position_embeddings": 4096, "mscale": 1.0, "mscale_all_dim": 0.5,
+            "beta_fast": 16, "truncate": false});
+        let RopeScaling::Yarn {
+            factor,
+            attention_factor,
+            beta_fast,
+            truncate,
+            ..
+        } = yarn(&json)
+        else {
+            panic!("not yarn")
+        };
+        assert_eq!((factor, beta_fast, truncate), (32.0, 16.0, false));
+        let expected = (0.1 * 32f64.ln() + 1.0) / (0.05 * 32f64.ln() + 1.0);
+        assert!(
+            (attention_factor - expected).abs() < 1e-12,
+            "{attention_factor}"
+        );
+    }
+
     #[test]
     fn unsupported_settings_are_named() {
         let cases: Vec<(&str, Value, &str)> = vec![
@@ -482,8 +632,23 @@ mod tests {
             ),
             (
                 "rope_scaling",
+                serde_json::json!({"rope_type": "dynamic", "factor": 2.0}),
+                "its RoPE is scaled by `dynamic` (`rope_scaling`)",
+            ),
+            (
+                "rope_scaling",
                 serde_json::json!({"rope_type": "llama3", "factor": 8.0}),
-                "`rope_scaling` of type `llama3`",
+                "its RoPE scaling (`rope_scaling`): RoPE scaling `llama3` needs `low_freq_factor`",
+            ),
+            (
+                "rope_scaling",
+                serde_json::json!({"type": "linear", "factor": 0.5}),
+                "a RoPE scaling factor must be at least 1",
+            ),
+            (
+                "rope_scaling",
+                serde_json::json!({"type": "yarn", "factor": 4.0, "partial_rotary_factor": 0.5}),
+                "`partial_rotary_factor` 0.5",
             ),
             (
                 "hidden_size",

@@ -68,7 +68,7 @@ struct Planner<'g> {
     symbols: HashMap<String, usize>,
     operand: HashMap<NodeId, Operand>,
     packs: HashMap<(usize, bool, Option<usize>, usize), usize>,
-    ropes: HashMap<(u64, usize), usize>,
+    ropes: HashMap<(Vec<u64>, usize), usize>,
     /// The step that writes each value.
     defined: Vec<usize>,
 }
@@ -462,7 +462,7 @@ impl Planner<'_> {
                 heads,
                 head_dim,
                 norm_eps,
-                rope_base,
+                rope,
             } => {
                 let x_ty = &self.graph.node(operands[0]).ty;
                 let w = self.matrix(operands[1])?;
@@ -473,10 +473,10 @@ impl Planner<'_> {
                 let k = w.3;
                 let packed = self.pack(w, norm, *head_dim as usize);
                 let mut ops = vec![of(self, 0), packed];
-                if let Some(base) = rope_base {
-                    let key = (base.to_bits(), *head_dim as usize);
+                if let Some(rope) = rope {
+                    let key = (rope.key(), *head_dim as usize);
                     let table = *self.ropes.entry(key).or_insert_with(|| {
-                        self.plan.rope_tables.push((*base, *head_dim as usize));
+                        self.plan.rope_tables.push((*rope, *head_dim as usize));
                         self.plan.rope_tables.len() - 1
                     });
                     ops.extend([Operand::RopeCos(table), Operand::RopeSin(table)]);
@@ -492,7 +492,7 @@ impl Planner<'_> {
                     heads: *heads as usize,
                     head_dim: *head_dim as usize,
                     norm_eps: *norm_eps,
-                    rope: rope_base.is_some(),
+                    rope: rope.is_some(),
                     bf16: self.bf16_weights,
                 };
                 self.step(spec, ops, grid, None);

@@ -6,6 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use zebra_ir::Loc;
 use zebra_ir::expr::{self as ir, Env, Func, Scalar, ScalarType, Var};
+use zebra_ir::rope::{Rope, RopeScaling, SCALINGS, yarn_attention_factor};
 
 use crate::ast::{self, Causality, Expr, ExprKind, ParamType, UnOp};
 use crate::diag::{Diagnostic, Span, line_col};
@@ -1124,13 +1125,13 @@ impl<'a> Checker<'a> {
         let default_rope = rope.flatten();
         let mut rope_ok = rope.is_some_and(|r| r.is_some());
         for kind in &mut kinds {
-            kind.rope_base = default_rope.flatten();
+            kind.rope = default_rope.flatten();
         }
         for field in rope_overrides {
             let Some(qualifier) = &field.qualifier else {
                 continue;
             };
-            let base = self.rope(&field.value);
+            let rope = self.rope(&field.value);
             let matching: Vec<&mut AttentionKind> = kinds
                 .iter_mut()
                 .filter(|k| k.attention == qualifier.name)
@@ -1149,14 +1150,14 @@ impl<'a> Checker<'a> {
                 rope_ok = false;
                 continue;
             }
-            match base {
-                Some(base) => matching.into_iter().for_each(|k| k.rope_base = base),
+            match rope {
+                Some(rope) => matching.into_iter().for_each(|k| k.rope = rope),
                 None => rope_ok = false,
             }
         }
         if let Some(hd) = head_dim
             && hd % 2 == 1
-            && kinds.iter().any(|k| k.rope_base.is_some())
+            && kinds.iter().any(|k| k.rope.is_some())
         {
             let span = fields
                 .get("head_dim")
@@ -1219,40 +1220,70 @@ impl<'a> Checker<'a> {
         name: &str,
         arg: &str,
     ) -> Option<&'a Expr> {
-        let usage = format!("write `{field} = {name}({arg} = ...)`");
+        let found = self.constructor_args(expr, field, name, &[arg])?[0];
+        if found.is_none() {
+            let usage = format!("write `{field} = {name}({arg} = ...)`");
+            self.error(
+                Diagnostic::error(expr.span, format!("`{name}` needs `{arg}`")).label(usage),
+            );
+        }
+        found
+    }
+
+    /// Reads `name(param = value, ...)`: the expression given for each of `params`, in their
+    /// order (`None` where one is not given). The first argument may be given unnamed.
+    fn constructor_args(
+        &mut self,
+        expr: &'a Expr,
+        field: &str,
+        name: &str,
+        params: &[&str],
+    ) -> Option<Vec<Option<&'a Expr>>> {
+        let usage = format!("write `{field} = {name}({} = ...)`", params[0]);
+        let expected = match params {
+            [one] => format!("expected `{one}`"),
+            _ => format!("expected one of `{}`", params.join("`, `")),
+        };
         match &expr.kind {
             ExprKind::Call(callee, args) if callee.name == name => {
-                let mut found = None;
-                for a in args {
-                    match &a.name {
-                        Some(n) if n.name != arg => {
+                let mut found = vec![None; params.len()];
+                for (i, a) in args.iter().enumerate() {
+                    let slot = match &a.name {
+                        Some(n) => match params.iter().position(|p| *p == n.name) {
+                            Some(slot) => slot,
+                            None => {
+                                self.error(
+                                    Diagnostic::error(
+                                        n.span,
+                                        format!("`{name}` has no argument `{}`", n.name),
+                                    )
+                                    .label(expected),
+                                );
+                                return None;
+                            }
+                        },
+                        None if i == 0 || params.len() == 1 => 0,
+                        None => {
                             self.error(
                                 Diagnostic::error(
-                                    n.span,
-                                    format!("`{name}` has no argument `{}`", n.name),
+                                    a.value.span,
+                                    format!("`{name}` takes arguments after the first by name"),
                                 )
-                                .label(format!("expected `{arg}`")),
+                                .label(expected),
                             );
                             return None;
                         }
-                        _ => {
-                            if found.replace(&a.value).is_some() {
-                                self.error(Diagnostic::error(
-                                    a.value.span,
-                                    format!("`{name}` takes one argument, `{arg}`"),
-                                ));
-                                return None;
-                            }
-                        }
+                    };
+                    if found[slot].replace(&a.value).is_some() {
+                        let message = match params {
+                            [one] => format!("`{name}` takes one argument, `{one}`"),
+                            _ => format!("`{name}` has `{}` twice", params[slot]),
+                        };
+                        self.error(Diagnostic::error(a.value.span, message));
+                        return None;
                     }
                 }
-                if found.is_none() {
-                    self.error(
-                        Diagnostic::error(expr.span, format!("`{name}` needs `{arg}`"))
-                            .label(usage),
-                    );
-                }
-                found
+                Some(found)
             }
             ExprKind::Call(callee, _) | ExprKind::Index(callee, _) => {
                 self.error(
@@ -1279,16 +1310,26 @@ impl<'a> Checker<'a> {
         }
     }
 
-    /// Reads `rope(base = ...)` or `none`: `Some(None)` is no RoPE, `None` an error.
-    fn rope(&mut self, expr: &'a Expr) -> Option<Option<f64>> {
+    /// Reads `rope(base = ...)`, optionally with `scaling = linear(...)|llama3(...)|yarn(...)`,
+    /// or `none`: `Some(None)` is no RoPE, `None` an error.
+    fn rope(&mut self, expr: &'a Expr) -> Option<Option<Rope>> {
         if matches!(&expr.kind, ExprKind::Name(n) if n == "none") {
             return Some(None);
         }
-        let base_expr = self.constructor(expr, "rope", "rope", "base")?;
+        let [base_expr, scaling_expr] =
+            self.constructor_args(expr, "rope", "rope", &["base", "scaling"])?[..]
+        else {
+            unreachable!("two parameters")
+        };
+        let Some(base_expr) = base_expr else {
+            self.error(
+                Diagnostic::error(expr.span, "`rope` needs `base`")
+                    .label("write `rope = rope(base = ...)`"),
+            );
+            return None;
+        };
         let base = as_f64(self.constant(base_expr)?);
-        if base > 1.0 {
-            Some(Some(base))
-        } else {
+        if base <= 1.0 || !base.is_finite() {
             self.error(
                 Diagnostic::error(
                     base_expr.span,
@@ -1296,7 +1337,80 @@ impl<'a> Checker<'a> {
                 )
                 .label("typical bases are 10000.0 and 1000000.0"),
             );
-            None
+            return None;
+        }
+        let scaling = match scaling_expr {
+            None => RopeScaling::None,
+            Some(e) => self.rope_scaling(e)?,
+        };
+        Some(Some(Rope { base, scaling }))
+    }
+
+    /// Reads a RoPE scaling: `linear(factor = ...)`, `llama3(factor = ..., low_freq_factor =
+    /// ..., high_freq_factor = ..., original_max_position = ...)` or `yarn(factor = ...,
+    /// original_max_position = ...[, beta_fast = 32.0, beta_slow = 1.0, attention_factor =
+    /// 0.1 ln(factor) + 1, truncate = true])`.
+    fn rope_scaling(&mut self, expr: &'a Expr) -> Option<RopeScaling> {
+        let usage = "the scalings are `linear(factor = ...)`, `llama3(...)` and `yarn(...)`";
+        let kind = match &expr.kind {
+            ExprKind::Call(callee, _) => callee.name.as_str(),
+            ExprKind::Name(name) => name,
+            _ => "",
+        };
+        let found = SCALINGS.iter().find(|(k, _)| *k == kind);
+        let (Some((kind, params)), ExprKind::Call(..)) = (found, &expr.kind) else {
+            let d = Diagnostic::error(expr.span, "expected a RoPE scaling").label(usage);
+            let d = match found {
+                Some((kind, params)) => d.with_note(format!(
+                    "write `{kind}({} = ...)` with its parameters",
+                    params.join(" = ..., ")
+                )),
+                None => with_suggestion(d, suggest(kind, SCALINGS.iter().map(|(k, _)| *k))),
+            };
+            self.error(d);
+            return None;
+        };
+        let given = self.constructor_args(expr, "scaling", kind, params)?;
+        let mut values = Vec::new();
+        for (param, e) in params.iter().zip(&given) {
+            let value = match (*param, e) {
+                (_, None) => None,
+                ("truncate", Some(e)) => match &e.kind {
+                    ExprKind::Name(b) if b == "true" => Some(1.0),
+                    ExprKind::Name(b) if b == "false" => Some(0.0),
+                    _ => {
+                        self.error(
+                            Diagnostic::error(e.span, "`truncate` is `true` or `false`")
+                                .label("expected `true` or `false`"),
+                        );
+                        return None;
+                    }
+                },
+                (_, Some(e)) => Some(as_f64(self.constant(e)?)),
+            };
+            values.push(value);
+        }
+        let value = |name: &str| {
+            params
+                .iter()
+                .position(|p| *p == name)
+                .and_then(|i| values[i])
+        };
+        let factor = value("factor");
+        let default = |name: &str| match (*kind, name) {
+            ("yarn", "beta_fast") => Some(32.0),
+            ("yarn", "beta_slow") => Some(1.0),
+            ("yarn", "attention_factor") => factor.map(yarn_attention_factor),
+            ("yarn", "truncate") => Some(1.0),
+            _ => None,
+        };
+        match RopeScaling::from_values(kind, |name| value(name).or_else(|| default(name))) {
+            Ok(scaling) => Some(scaling),
+            Err(message) => {
+                let takes = format!("`{kind}` takes `{}`", params.join("`, `"));
+                self.error(Diagnostic::error(expr.span, message).label(takes));
+                None
+            }
         }
     }
 
@@ -1623,7 +1737,7 @@ impl<'a> Checker<'a> {
             mask,
             score,
             sides: sides.into_iter().collect(),
-            rope_base: None,
+            rope: None,
             mask_loc: self.loc(mask_field.value.span),
             score_loc: score_field.map(|f| self.loc(f.value.span)),
             mask_span: mask_field.value.span,
@@ -1720,7 +1834,7 @@ fn placeholder_kind() -> AttentionKind {
         mask: ir::Expr::Bool(true),
         score: None,
         sides: Vec::new(),
-        rope_base: None,
+        rope: None,
         mask_loc: Loc { line: 0, col: 0 },
         score_loc: None,
         mask_span: Span::default(),

@@ -251,10 +251,10 @@ impl Builder<'_> {
         let k = self.split_heads(k, m.n_kv_heads)?;
         let v = self.linear(h, wv)?;
         let v = self.split_heads(v, m.n_kv_heads)?;
-        let (q, k) = match kind.rope_base {
-            Some(base) => (
-                self.op(Op::Rope { base }, &[q, positions])?,
-                self.op(Op::Rope { base }, &[k, positions])?,
+        let (q, k) = match kind.rope {
+            Some(rope) => (
+                self.op(Op::Rope { rope }, &[q, positions])?,
+                self.op(Op::Rope { rope }, &[k, positions])?,
             ),
             None => (q, k),
         };

@@ -1,6 +1,7 @@
 //! Checked programs: models with every size known and every attention kind resolved to
 //! index expressions. This is what the lowering and the later stages read.
 
+use zebra_ir::rope::Rope;
 use zebra_ir::{Expr, Loc};
 
 use crate::diag::Span;
@@ -78,8 +79,8 @@ pub struct AttentionKind {
     pub score: Option<Expr>,
     /// The side inputs the mask and score read, sorted.
     pub sides: Vec<String>,
-    /// The RoPE base used by layers of this kind; `None` for no position embedding.
-    pub rope_base: Option<f64>,
+    /// The RoPE of layers of this kind; `None` for no position embedding.
+    pub rope: Option<Rope>,
     pub mask_loc: Loc,
     pub score_loc: Option<Loc>,
     pub mask_span: Span,

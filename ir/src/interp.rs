@@ -8,6 +8,7 @@ use ndarray::{Array, Array2, ArrayD, ArrayView2, ArrayViewD, Axis, Dimension, Ix
 use crate::expr::{Env, Scalar, Var};
 use crate::graph::{Graph, NodeId};
 use crate::op::{CeGradOf, GradOf, Op, ReduceOp};
+use crate::rope::Rope;
 use crate::types::{Bindings, DType, Dim, Sym, fmt_shape, resolve_shape};
 use crate::verify::{VerifyErrors, verify};
 use crate::weights::Weights;
@@ -296,7 +297,7 @@ fn eval_node(
             Value::Int(a) => Value::Int(broadcast(a, &out_shape)),
             Value::Bool(a) => Value::Bool(broadcast(a, &out_shape)),
         },
-        Op::Rope { base } => Value::Float(rope(args[0].float(), args[1].int(), *base)),
+        Op::Rope { rope: r } => Value::Float(rope(args[0].float(), args[1].int(), r)),
         Op::Mask { expr, sides } => {
             let sides = side_views(sides, args);
             let out = ArrayD::from_shape_fn(IxDyn(&out_shape), |index| {
@@ -345,15 +346,15 @@ fn eval_node(
             heads,
             head_dim,
             norm_eps,
-            rope_base,
+            rope: r,
         } => {
             let x = normed(args, *norm_eps, 2);
             let y = linear(&x, args[1].float());
             let (b, t) = (y.shape()[0], y.shape()[1]);
             let split = reshape(y.view(), &[b, t, *heads as usize, *head_dim as usize]);
             let heads_first = reshape(split.view().permuted_axes(vec![0, 2, 1, 3]), &out_shape);
-            Value::Float(match rope_base {
-                Some(base) => rope(&heads_first, args[args.len() - 1].int(), *base),
+            Value::Float(match r {
+                Some(r) => rope(&heads_first, args[args.len() - 1].int(), r),
                 None => heads_first,
             })
         }
@@ -444,8 +445,8 @@ fn eval_node(
             }
             Value::Float(out)
         }
-        Op::RopeGrad { base } => {
-            Value::Float(rope_signed(args[0].float(), args[1].int(), *base, -1.0))
+        Op::RopeGrad { rope } => {
+            Value::Float(rope_signed(args[0].float(), args[1].int(), rope, -1.0))
         }
         Op::CeLse | Op::CeLoss | Op::CeGrad { .. } => Value::Float(cross_entropy(&node.op, args)?),
         Op::TileRanges { block } => {
@@ -618,8 +619,8 @@ fn matmul(a: &ArrayD<f64>, b: &ArrayD<f64>) -> ArrayD<f64> {
     Array::from_shape_vec(IxDyn(&full([m, n])), out).expect("shape matches the products")
 }
 
-fn rope(x: &ArrayD<f64>, positions: &ArrayD<i64>, base: f64) -> ArrayD<f64> {
-    rope_signed(x, positions, base, 1.0)
+fn rope(x: &ArrayD<f64>, positions: &ArrayD<i64>, rope: &Rope) -> ArrayD<f64> {
+    rope_signed(x, positions, rope, 1.0)
 }
 
 /// Cross-entropy over `h @ w^T` for `ce_lse`, `ce_loss` and `ce_grad`, row by row.
@@ -692,15 +693,17 @@ fn cross_entropy(op: &Op, args: &[&Value]) -> Result<ArrayD<f64>, InterpError> {
 }
 
 /// `rope` with the angle multiplied by `sign` (-1 for its adjoint).
-fn rope_signed(x: &ArrayD<f64>, positions: &ArrayD<i64>, base: f64, sign: f64) -> ArrayD<f64> {
+fn rope_signed(x: &ArrayD<f64>, positions: &ArrayD<i64>, rope: &Rope, sign: f64) -> ArrayD<f64> {
     let rank = x.ndim();
     let dim = x.shape()[rank - 1];
     let half = dim / 2;
+    let freqs = rope.inv_freqs(dim);
+    let scale = rope.attention_factor();
     let mut out = x.clone();
     for (index, value) in out.indexed_iter_mut() {
         let (t, d) = (index[rank - 2], index[rank - 1]);
         let pair = d % half;
-        let angle = positions[[t]] as f64 * base.powf(-2.0 * pair as f64 / dim as f64);
+        let angle = positions[[t]] as f64 * freqs[pair];
         let mut partner = index.clone();
         let rotated = if d < half {
             partner[rank - 1] = d + half;
@@ -709,7 +712,7 @@ fn rope_signed(x: &ArrayD<f64>, positions: &ArrayD<i64>, base: f64, sign: f64) -
             partner[rank - 1] = d - half;
             x[&partner]
         };
-        *value = x[&index] * angle.cos() + rotated * (sign * angle).sin();
+        *value = scale * (x[&index] * angle.cos() + rotated * (sign * angle).sin());
     }
     out
 }

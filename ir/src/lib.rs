@@ -13,6 +13,7 @@ pub mod npy;
 pub mod op;
 pub mod parse;
 pub mod print;
+pub mod rope;
 pub mod schedule;
 pub mod types;
 pub mod verify;

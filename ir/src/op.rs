@@ -1,6 +1,7 @@
 //! The operations of the graph IR and their typing rules.
 
 use crate::expr::{Expr, ScalarType};
+use crate::rope::Rope;
 use crate::types::{DType, Dim, Shape, TensorType, broadcast_shapes, fmt_shape, same_volume};
 
 /// Elementwise operations of one operand.
@@ -287,9 +288,10 @@ pub enum Op {
     },
     /// Rotary position embedding with Hugging Face's rotate-half convention:
     /// `(x[..., T, D], positions[T]) -> x * cos + rotate_half(x) * sin`, with the angle of
-    /// pair `i` at position `p` being `p * base^(-2i / D)` and `rotate_half(x) = [-x2, x1]`.
+    /// pair `i` at position `p` being `p * base^(-2i / D)` (before scaling: see [`Rope`])
+    /// and `rotate_half(x) = [-x2, x1]`.
     Rope {
-        base: f64,
+        rope: Rope,
     },
     /// An attention mask: a boolean tensor over `[batch, head, query, key]` whose element is
     /// `expr` evaluated at its indices. Operands are the side inputs named in `sides`.
@@ -326,13 +328,13 @@ pub enum Op {
         norm_eps: Option<f64>,
     },
     /// A projection to attention heads: `x @ w^T` for `x: [B, T, K]`, split into
-    /// `[B, heads, T, head_dim]`, with RoPE at `positions` when `rope_base` is set. Operands
-    /// `(x, w)`, then `g` if `norm_eps` is set, then `positions` if `rope_base` is set.
+    /// `[B, heads, T, head_dim]`, with RoPE at `positions` when `rope` is set. Operands
+    /// `(x, w)`, then `g` if `norm_eps` is set, then `positions` if `rope` is set.
     HeadsProj {
         heads: u64,
         head_dim: u64,
         norm_eps: Option<f64>,
-        rope_base: Option<f64>,
+        rope: Option<Rope>,
     },
     /// A fused attention (see [`AttentionKernel`]).
     Attention(Box<AttentionKernel>),
@@ -363,7 +365,7 @@ pub enum Op {
     },
     /// The adjoint of `rope`: the rotation by the opposite angle.
     RopeGrad {
-        base: f64,
+        rope: Rope,
     },
     /// Cross-entropy over an output projection without materializing the logits: the
     /// log-sum-exp of `h @ w^T` per token, `(h[B, T, K], w[V, K]) -> [B, T]`.
@@ -457,11 +459,9 @@ impl Op {
                 2 + usize::from(norm_eps.is_some()) + usize::from(*residual)
             }
             Op::SwiGlu { norm_eps } => 3 + usize::from(norm_eps.is_some()),
-            Op::HeadsProj {
-                norm_eps,
-                rope_base,
-                ..
-            } => 2 + usize::from(norm_eps.is_some()) + usize::from(rope_base.is_some()),
+            Op::HeadsProj { norm_eps, rope, .. } => {
+                2 + usize::from(norm_eps.is_some()) + usize::from(rope.is_some())
+            }
             Op::Attention(kernel) | Op::AttentionLse(kernel) => kernel.arity(),
             Op::AttentionGrad { kernel, .. } => kernel.arity() + 3,
             Op::EmbeddingGrad { .. } | Op::RopeGrad { .. } | Op::CeLse => 2,
@@ -601,12 +601,10 @@ impl Op {
                     _ => Err(format!("cannot expand {x} to {}", fmt_shape(shape))),
                 }
             }
-            Op::Rope { base } => {
+            Op::Rope { rope } => {
                 let x = float(0)?;
                 let pos = operands[1];
-                if base.partial_cmp(&1.0) != Some(std::cmp::Ordering::Greater) {
-                    return Err(format!("the rope base must be above 1, found {base}"));
-                }
+                rope.check()?;
                 if x.rank() < 2 || x.shape[x.rank() - 2] != Dim::T {
                     return Err(format!("rope needs [..., T, D], found {x}"));
                 }
@@ -699,7 +697,7 @@ impl Op {
                 heads,
                 head_dim,
                 norm_eps,
-                rope_base,
+                rope,
             } => {
                 let (x, w) = (float(0)?, float(1)?);
                 let out = linear_type(x, w)?;
@@ -717,13 +715,10 @@ impl Op {
                     check_norm_weight(x, float(next)?)?;
                     next += 1;
                 }
-                if let Some(base) = rope_base {
-                    if base.partial_cmp(&1.0) != Some(std::cmp::Ordering::Greater)
-                        || head_dim % 2 == 1
-                    {
-                        return Err(format!(
-                            "rope needs a base above 1 and an even head dim, found {base} and {head_dim}"
-                        ));
+                if let Some(rope) = rope {
+                    rope.check()?;
+                    if head_dim % 2 == 1 {
+                        return Err(format!("rope needs an even head dim, found {head_dim}"));
                     }
                     let pos = operands[next];
                     if pos.dtype != DType::I64 || pos.shape != [Dim::T] {
@@ -786,7 +781,7 @@ impl Op {
                     dy.shape[dy.rank() - 1],
                 ]))
             }
-            Op::RopeGrad { base } => Op::Rope { base: *base }.infer(operands, declared),
+            Op::RopeGrad { rope } => Op::Rope { rope: *rope }.infer(operands, declared),
             Op::CeLse | Op::CeLoss | Op::CeGrad { .. } => {
                 let (h, w) = (float(0)?, float(1)?);
                 let logits = linear_type(h, w)?;

@@ -6,6 +6,7 @@ use crate::expr::Expr;
 use crate::expr::parse_expr;
 use crate::graph::{Graph, LayerInfo, Loc, Node, NodeId};
 use crate::op::{AttentionKernel, BinaryOp, CeGradOf, CmpOp, GradOf, Op, ReduceOp, UnaryOp};
+use crate::rope::{Rope, RopeScaling};
 use crate::types::{DType, Dim, Shape, Sym, TensorType};
 
 /// A syntax error in the text form, with its 1-based line.
@@ -174,6 +175,18 @@ impl Attrs<'_> {
         self.attrs.get(key).map(|v| parse_float(v)).transpose()
     }
 
+    /// A RoPE: its base and, if given, its quoted scaling.
+    fn rope(&self, base: &str, scaling: &str) -> Result<Rope, String> {
+        let scaling = match self.attrs.get(scaling) {
+            None => RopeScaling::None,
+            Some(_) => self.string(scaling)?.parse()?,
+        };
+        Ok(Rope {
+            base: self.float(base)?,
+            scaling,
+        })
+    }
+
     fn number(&self, key: &str) -> Result<u64, String> {
         Cursor::new(self.get(key)?).number::<u64>()
     }
@@ -292,7 +305,7 @@ fn build_op(
             }
         }
         "rope" => Op::Rope {
-            base: a.float("base")?,
+            rope: a.rope("base", "scaling")?,
         },
         "rmsnorm" => Op::RmsNorm {
             eps: a.float("eps")?,
@@ -308,7 +321,10 @@ fn build_op(
             heads: a.number("heads")?,
             head_dim: a.number("head_dim")?,
             norm_eps: a.optional_float("norm_eps")?,
-            rope_base: a.optional_float("rope_base")?,
+            rope: match a.attrs.contains_key("rope_base") {
+                true => Some(a.rope("rope_base", "rope_scaling")?),
+                false => None,
+            },
         },
         "tile_ranges" => Op::TileRanges {
             block: a.number("block")?,
@@ -341,7 +357,7 @@ fn build_op(
             vocab: a.number("vocab")?,
         },
         "rope_grad" => Op::RopeGrad {
-            base: a.float("base")?,
+            rope: a.rope("base", "scaling")?,
         },
         "ce_lse" => Op::CeLse,
         "ce_loss" => Op::CeLoss,

@@ -21,6 +21,7 @@ use std::fmt::Write;
 use crate::expr::fmt_float;
 use crate::graph::{Graph, NodeId};
 use crate::op::{AttentionKernel, Op};
+use crate::rope::Rope;
 use crate::types::fmt_shape;
 
 /// Writes a string literal with `"` and `\` escaped.
@@ -50,7 +51,7 @@ pub fn attributes(op: &Op) -> Vec<(&'static str, String)> {
         Op::Transpose { perm } => {
             vec![("perm", list(perm.iter().map(|p| p.to_string()).collect()))]
         }
-        Op::Rope { base } => vec![("base", fmt_float(*base))],
+        Op::Rope { rope } | Op::RopeGrad { rope } => rope_attributes(rope, "base", "scaling"),
         Op::Mask { expr, sides } | Op::ScoreMod { expr, sides } => {
             let mut attrs = vec![("expr", quote(&expr.to_string()))];
             if !sides.is_empty() {
@@ -77,7 +78,7 @@ pub fn attributes(op: &Op) -> Vec<(&'static str, String)> {
             heads,
             head_dim,
             norm_eps,
-            rope_base,
+            rope,
         } => {
             let mut attrs = vec![
                 ("heads", heads.to_string()),
@@ -86,8 +87,8 @@ pub fn attributes(op: &Op) -> Vec<(&'static str, String)> {
             if let Some(eps) = norm_eps {
                 attrs.push(("norm_eps", fmt_float(*eps)));
             }
-            if let Some(base) = rope_base {
-                attrs.push(("rope_base", fmt_float(*base)));
+            if let Some(rope) = rope {
+                attrs.extend(rope_attributes(rope, "rope_base", "rope_scaling"));
             }
             attrs
         }
@@ -100,7 +101,6 @@ pub fn attributes(op: &Op) -> Vec<(&'static str, String)> {
         ],
         Op::TileRanges { block } => vec![("block", block.to_string())],
         Op::EmbeddingGrad { vocab } => vec![("vocab", vocab.to_string())],
-        Op::RopeGrad { base } => vec![("base", fmt_float(*base))],
         Op::CeGrad { wrt } => vec![("wrt", quote(wrt.name()))],
         Op::CeLse | Op::CeLoss => vec![],
         Op::Positions
@@ -111,6 +111,19 @@ pub fn attributes(op: &Op) -> Vec<(&'static str, String)> {
         | Op::Compare(_)
         | Op::Select => vec![],
     }
+}
+
+/// A RoPE's base and, when it is scaled, its scaling in the language's form, quoted.
+fn rope_attributes(
+    rope: &Rope,
+    base: &'static str,
+    scaling: &'static str,
+) -> Vec<(&'static str, String)> {
+    let mut attrs = vec![(base, fmt_float(rope.base))];
+    if !rope.scaling.is_none() {
+        attrs.push((scaling, quote(&rope.scaling.to_string())));
+    }
+    attrs
 }
 
 /// The attributes of an attention kernel, in a fixed order.

@@ -197,7 +197,7 @@ pub fn decompose(graph: &mut Graph) -> Result<(), AutodiffError> {
                 heads,
                 head_dim,
                 norm_eps,
-                rope_base,
+                rope,
             } => {
                 let mut next = 2;
                 let mut x = operands[0];
@@ -217,8 +217,8 @@ pub fn decompose(graph: &mut Graph) -> Result<(), AutodiffError> {
                     },
                     &[split],
                 )?;
-                if let Some(base) = rope_base {
-                    y = b.add(Op::Rope { base: *base }, &[y, operands[next]])?;
+                if let Some(rope) = rope {
+                    y = b.add(Op::Rope { rope: *rope }, &[y, operands[next]])?;
                 }
                 y
             }
@@ -422,8 +422,8 @@ pub fn adjoint(
                 out.push((0, b.unbroadcast(dy, &shapes[0])?));
             }
         }
-        Op::Rope { base } => {
-            out.push((0, b.add(Op::RopeGrad { base: *base }, &[dy, operands[1]])?));
+        Op::Rope { rope } => {
+            out.push((0, b.add(Op::RopeGrad { rope: *rope }, &[dy, operands[1]])?));
         }
         Op::ScoreMod { expr, sides } => {
             let slope_expr = expr.score_derivative().map_err(|why| unsupported(&why))?;

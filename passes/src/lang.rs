@@ -15,6 +15,7 @@ use egg::{Analysis, DidMerge, EGraph, Id, Language};
 use zebra_ir::Loc;
 use zebra_ir::expr::{Expr, fmt_float};
 use zebra_ir::op::{AttentionKernel, BinaryOp, CmpOp, Op, ReduceOp, UnaryOp};
+use zebra_ir::rope::{Rope, RopeScaling};
 use zebra_ir::types::{DType, Dim, Shape, TensorType};
 
 /// An f64 with total order and hashing by bits, for e-node identity.
@@ -191,6 +192,51 @@ pub enum Attr {
     Expr(ExprAttr),
     Names(Vec<Arc<str>>),
     Kernel(KernelAttr),
+    /// A scaled RoPE (an unscaled one is its base, a `Float`).
+    Rope(RopeAttr),
+}
+
+/// A RoPE with identity, hashing and order by its parameters' bits.
+#[derive(Clone, Copy, Debug)]
+pub struct RopeAttr(pub Rope);
+
+impl PartialEq for RopeAttr {
+    fn eq(&self, other: &RopeAttr) -> bool {
+        self.0.key() == other.0.key()
+    }
+}
+impl Eq for RopeAttr {}
+impl Hash for RopeAttr {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.key().hash(state);
+    }
+}
+impl PartialOrd for RopeAttr {
+    fn partial_cmp(&self, other: &RopeAttr) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for RopeAttr {
+    fn cmp(&self, other: &RopeAttr) -> std::cmp::Ordering {
+        self.0.key().cmp(&other.0.key())
+    }
+}
+
+/// The attribute of a RoPE: its base alone when it is unscaled.
+fn rope_attr(rope: &Rope) -> Attr {
+    match rope.scaling {
+        RopeScaling::None => Attr::Float(F64(rope.base)),
+        _ => Attr::Rope(RopeAttr(*rope)),
+    }
+}
+
+/// The RoPE of an attribute that [`rope_attr`] made.
+fn as_rope(attr: &Attr) -> Option<Rope> {
+    match attr {
+        Attr::Float(base) => Some(Rope::new(base.0)),
+        Attr::Rope(rope) => Some(rope.0),
+        _ => None,
+    }
 }
 
 /// The operator of an e-node.
@@ -289,6 +335,7 @@ fn attr_text(attr: &Attr) -> String {
         Attr::Expr(e) => format!("expr:{:?}", &*e.text),
         Attr::Names(n) => format!("names:{}", list(n.iter().map(|x| x.to_string()).collect())),
         Attr::Kernel(k) => format!("kernel:{}", k.text),
+        Attr::Rope(r) => format!("rope:{},{}", fmt_float(r.0.base), r.0.scaling),
     }
 }
 
@@ -435,7 +482,7 @@ pub fn split_node(op: &Op, loc: Option<Loc>, ty: &TensorType) -> (ZOp, Vec<Attr>
             vec![Attr::Perm(perm.iter().map(|&p| p as u8).collect())],
         ),
         Op::Expand { shape } => (ZOp::Expand, vec![Attr::Shape(shape.clone())]),
-        Op::Rope { base } => (ZOp::Rope, vec![float(*base)]),
+        Op::Rope { rope } => (ZOp::Rope, vec![rope_attr(rope)]),
         Op::Mask { expr, sides } => (
             ZOp::Mask,
             vec![
@@ -459,14 +506,14 @@ pub fn split_node(op: &Op, loc: Option<Loc>, ty: &TensorType) -> (ZOp, Vec<Attr>
             heads,
             head_dim,
             norm_eps,
-            rope_base,
+            rope,
         } => (
             ZOp::HeadsProj,
             vec![
                 Attr::Int(*heads as i64),
                 Attr::Int(*head_dim as i64),
                 optional(*norm_eps),
-                optional(*rope_base),
+                rope.as_ref().map_or(Attr::None, rope_attr),
             ],
         ),
         Op::Attention(kernel) => (
@@ -565,7 +612,7 @@ pub fn join_op(op: &ZOp, attrs: &[&Attr]) -> Option<(Op, Option<Loc>)> {
             _ => None,
         },
         ZOp::Rope => plain(Op::Rope {
-            base: float(attrs[0])?,
+            rope: as_rope(attrs[0])?,
         }),
         ZOp::Mask => {
             let (expr, loc) = expr(attrs[0])?;
@@ -602,7 +649,10 @@ pub fn join_op(op: &ZOp, attrs: &[&Attr]) -> Option<(Op, Option<Loc>)> {
             heads: int(attrs[0])? as u64,
             head_dim: int(attrs[1])? as u64,
             norm_eps: optional(attrs[2])?,
-            rope_base: optional(attrs[3])?,
+            rope: match attrs[3] {
+                Attr::None => None,
+                a => Some(as_rope(a)?),
+            },
         }),
         ZOp::Attention => match attrs[0] {
             Attr::Kernel(k) => plain(Op::Attention(k.kernel.clone())),

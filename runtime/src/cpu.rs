@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use crate::buffer::Buffer;
 use zebra_ir::Weights;
 use zebra_ir::expr::Expr;
+use zebra_ir::rope::Rope;
 use zebra_ir::schedule::{ScheduleInput, SideValues, Support, TileKind, build_heads};
 
 use crate::artifact::{Artifact, ArtifactError};
@@ -264,18 +265,10 @@ pub(crate) fn build_schedule(
 }
 
 /// RoPE tables `[seq, dim / 2]` of cosines and sines for positions from `offset`.
-pub(crate) fn rope_tables(base: f64, dim: usize, seq: usize, offset: usize) -> (Buffer, Buffer) {
-    let half = dim / 2;
-    let mut cos = Vec::with_capacity(seq * half);
-    let mut sin = Vec::with_capacity(seq * half);
-    for t in offset..offset + seq {
-        for i in 0..half {
-            let angle = t as f64 * base.powf(-2.0 * i as f64 / dim as f64);
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
-        }
-    }
-    (as_words(&cos), as_words(&sin))
+pub(crate) fn rope_tables(rope: &Rope, dim: usize, seq: usize, offset: usize) -> (Buffer, Buffer) {
+    let (cos, sin) = rope.tables(dim, offset, seq);
+    let f32s = |x: Vec<f64>| x.into_iter().map(|v| v as f32).collect::<Vec<f32>>();
+    (as_words(&f32s(cos)), as_words(&f32s(sin)))
 }
 
 /// Checks the inputs against the plan and binds `B` and `T` from their shapes.
@@ -937,9 +930,9 @@ impl CpuModel {
         if self.ropes.contains_key(&(id, seq, offset)) {
             return;
         }
-        let (base, dim) = self.plan.rope_tables[id];
+        let (rope, dim) = self.plan.rope_tables[id];
         self.ropes
-            .insert((id, seq, offset), rope_tables(base, dim, seq, offset));
+            .insert((id, seq, offset), rope_tables(&rope, dim, seq, offset));
     }
 
     /// Runs the model on `[B, T]` inputs; returns the outputs.

@@ -736,8 +736,8 @@ impl CudaModel {
             memory
                 .ropes
                 .resize_with(plan.rope_tables.len(), Default::default);
-            for (device, &(base, dim)) in memory.ropes.iter_mut().zip(&plan.rope_tables) {
-                let (cos, sin) = rope_tables(base, dim, seq, offset);
+            for (device, (rope, dim)) in memory.ropes.iter_mut().zip(&plan.rope_tables) {
+                let (cos, sin) = rope_tables(rope, *dim, seq, offset);
                 device[0].write(&stream, bytes_of(&cos))?;
                 device[1].write(&stream, bytes_of(&sin))?;
             }

@@ -4,9 +4,10 @@
 //! runtime needs neither MLIR nor LLVM.
 
 use serde::{Deserialize, Serialize};
+use zebra_ir::rope::Rope;
 
 /// The version of the plan format; the runtime refuses plans of another.
-pub const PLAN_FORMAT: u32 = 3;
+pub const PLAN_FORMAT: u32 = 4;
 
 /// One dimension: a constant, the batch `B`, the sequence length `T`, or `ceil(T / n)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -416,8 +417,8 @@ pub struct Plan {
     /// Scratch buffers: shape and element type.
     pub workspaces: Vec<(Vec<Extent>, ElemType)>,
     pub schedules: Vec<ScheduleSpec>,
-    /// RoPE tables: base and head dim.
-    pub rope_tables: Vec<(f64, usize)>,
+    /// RoPE tables: the RoPE (base and scaling) and head dim.
+    pub rope_tables: Vec<(Rope, usize)>,
     pub steps: Vec<Step>,
     pub outputs: Vec<(String, usize)>,
     /// The KV caches of a decode or prefill plan, one per attention.

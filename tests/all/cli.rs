@@ -481,6 +481,53 @@ fn imported_configurations_reproduce_transformers() {
         );
     }
 
+    // Scaled RoPEs (transformers 5's `rope_parameters`), imported and run compiled, give
+    // transformers' logits for each scaling (`scripts/golden_rope_scaling.py`).
+    let tokens_160 = golden.join("tokens_160.npy").to_string_lossy().into_owned();
+    for (scaling, params) in [
+        (
+            "linear",
+            serde_json::json!({"rope_type": "linear", "factor": 4.0}),
+        ),
+        (
+            "llama3",
+            serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 200}),
+        ),
+        (
+            "yarn",
+            serde_json::json!({"rope_type": "yarn", "factor": 4.0,
+                "original_max_position_embeddings": 64}),
+        ),
+    ] {
+        let mut config = config.clone();
+        config["max_position_embeddings"] = 256.into();
+        config["rope_parameters"] = params;
+        config["rope_parameters"]["rope_theta"] = 10000.0.into();
+        std::fs::write(folder.join("config.json"), config.to_string()).unwrap();
+        let source = path(dir.path(), &format!("{scaling}.zb"));
+        let out = zebra(&["import", &folder_arg, "-o", &source]);
+        assert!(out.ok, "{}", out.stderr);
+        let logits = path(dir.path(), &format!("{scaling}.npy"));
+        let out = zebra(&[
+            "run",
+            &source,
+            "--weights",
+            &folder_arg,
+            "--tokens",
+            &tokens_160,
+            "--output",
+            &logits,
+        ]);
+        assert!(out.ok, "{}", out.stderr);
+        crate::common::assert_close(
+            &npy::read_floats(Path::new(&logits)).unwrap(),
+            &npy::read_floats(&golden.join(format!("logits_rope_{scaling}.npy"))).unwrap(),
+            1e-4,
+            &format!("zebra import of a {scaling} RoPE scaling, then zebra run, vs transformers"),
+        );
+    }
+
     // What it cannot import, it names.
     std::fs::write(
         folder.join("config.json"),

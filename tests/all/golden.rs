@@ -77,3 +77,54 @@ fn all_window4_matches_transformers() {
 fn zebra_g2_window4_matches_transformers() {
     golden("zebra_g2_window4");
 }
+
+/// The reference interpreter against transformers' logits for the golden tiny Llama with
+/// each RoPE scaling (`scripts/golden_rope_scaling.py`; 160 positions, so that the scaled
+/// low frequencies turn far enough to matter).
+fn golden_rope(scaling: &str) {
+    let dir = root().join("tests/fixtures/golden");
+    let weights = Weights::load(&dir.join("tiny_llama.safetensors")).expect("golden weights");
+    let tokens = npy::read_ints(&dir.join("tokens_160.npy")).expect("golden tokens");
+    let expected =
+        npy::read_floats(&dir.join(format!("logits_rope_{scaling}.npy"))).expect("golden logits");
+    let mut inputs = BTreeMap::new();
+    inputs.insert("tokens".to_string(), Value::Int(tokens));
+    let spec = model(&dir.join(format!("rope_{scaling}.zb")));
+    let actual = logits(&lower(&spec), &inputs, &weights);
+    assert_close(
+        &actual,
+        &expected,
+        TOLERANCE,
+        &format!("interpreter vs transformers (RoPE scaled by {scaling})"),
+    );
+    // The same model unscaled is far from them: the scaling is what matches.
+    let mut unscaled = spec.clone();
+    for kind in &mut unscaled.kinds {
+        kind.rope = kind.rope.map(|r| zebra_ir::rope::Rope::new(r.base));
+    }
+    let plain = logits(&lower(&unscaled), &inputs, &weights);
+    let largest = expected.iter().fold(0f64, |m, x| m.max(x.abs()));
+    let apart = plain
+        .iter()
+        .zip(&expected)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        apart > 0.1 * largest,
+        "{scaling}: unscaled only {apart} apart"
+    );
+}
+
+#[test]
+fn linear_rope_scaling_matches_transformers() {
+    golden_rope("linear");
+}
+
+#[test]
+fn llama3_rope_scaling_matches_transformers() {
+    golden_rope("llama3");
+}
+
+#[test]
+fn yarn_rope_scaling_matches_transformers() {
+    golden_rope("yarn");
+}

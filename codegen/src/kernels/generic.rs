@@ -256,7 +256,7 @@ pub fn kernel(name: &str, op: &Op, operands: &[TensorType], out: &TensorType) ->
                     to_byte(b, &bit)
                 }
             }
-            Op::Rope { base } | Op::RopeGrad { base } => {
+            Op::Rope { rope } | Op::RopeGrad { rope } => {
                 let sign = if matches!(op, Op::RopeGrad { .. }) {
                     -1.0
                 } else {
@@ -279,20 +279,39 @@ pub fn kernel(name: &str, op: &Op, operands: &[TensorType], out: &TensorType) ->
                 let rotated = b.select(&first_half, &neg, &other, F32);
                 let position = b.load(&ptrs[1], &index[rank - 2], I64, I64);
                 let position = b.sitofp(&position, I64, F32);
-                // angle = p * base^(-2 i / D)
-                let pf = b.sitofp(&pair, I64, F32);
-                let exponent = b.f32(-2.0 / dim as f32);
-                let ex = b.bin("mulf", &pf, &exponent, F32);
-                let ln_base = b.f32(base.ln() as f32);
-                let lx = b.bin("mulf", &ex, &ln_base, F32);
-                let freq = b.op(format!("math.exp {lx} : f32"));
+                let freq = if rope.scaling.is_none() {
+                    // angle = p * base^(-2 i / D)
+                    let pf = b.sitofp(&pair, I64, F32);
+                    let exponent = b.f32(-2.0 / dim as f32);
+                    let ex = b.bin("mulf", &pf, &exponent, F32);
+                    let ln_base = b.f32(rope.base.ln() as f32);
+                    let lx = b.bin("mulf", &ex, &ln_base, F32);
+                    b.op(format!("math.exp {lx} : f32"))
+                } else {
+                    // A scaled RoPE's frequencies, compiled in as constants.
+                    let freqs = rope.inv_freqs(dim as usize);
+                    let mut freq = b.f32(freqs[0] as f32);
+                    for (i, f) in freqs.iter().enumerate().skip(1) {
+                        let at = b.i64(i as i64);
+                        let here = b.cmpi("eq", &pair, &at, I64);
+                        let f = b.f32(*f as f32);
+                        freq = b.select(&here, &f, &freq, F32);
+                    }
+                    freq
+                };
                 let angle = b.bin("mulf", &position, &freq, F32);
                 let cos = b.op(format!("math.cos {angle} : f32"));
                 let sin = b.op(format!("math.sin {angle} : f32"));
                 let sign = b.f32(sign);
                 let sin = b.bin("mulf", &sin, &sign, F32);
                 let a = b.bin("mulf", &x, &cos, F32);
-                b.fma(&rotated, &sin, &a, F32)
+                let y = b.fma(&rotated, &sin, &a, F32);
+                if rope.attention_factor() == 1.0 {
+                    y
+                } else {
+                    let factor = b.f32(rope.attention_factor() as f32);
+                    b.bin("mulf", &y, &factor, F32)
+                }
             }
             Op::Reduce { op: r, axis } => {
                 let length = operand_sizes[0][*axis].clone();
