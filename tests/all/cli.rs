@@ -446,6 +446,19 @@ fn imported_configurations_reproduce_transformers() {
     std::fs::write(folder.join("config.json"), config.to_string()).unwrap();
     let folder_arg = folder.to_string_lossy().into_owned();
     let tokens = golden.join("tokens.npy").to_string_lossy().into_owned();
+    // `zebra run SOURCE` on the folder's weights and `tokens` gives the golden `expected`.
+    let runs_to = |source: &str, tokens: &str, expected: &str, what: &str| {
+        let logits = path(dir.path(), "logits.npy");
+        let args = ["run", source, "--weights", &folder_arg, "--tokens", tokens];
+        let out = zebra(&[&args[..], &["--output", &logits]].concat());
+        assert!(out.ok, "{what}: {}", out.stderr);
+        crate::common::assert_close(
+            &npy::read_floats(Path::new(&logits)).unwrap(),
+            &npy::read_floats(&golden.join(expected)).unwrap(),
+            1e-4,
+            &format!("{what}, vs transformers"),
+        );
+    };
     for (extra, expected) in [
         (vec![], "logits_all_causal.npy"),
         (vec!["--zebra", "2:4"], "logits_zebra_g2_window4.npy"),
@@ -461,24 +474,8 @@ fn imported_configurations_reproduce_transformers() {
             "{}",
             out.stderr
         );
-        let logits = path(dir.path(), "logits.npy");
-        let out = zebra(&[
-            "run",
-            &source,
-            "--weights",
-            &folder_arg,
-            "--tokens",
-            &tokens,
-            "--output",
-            &logits,
-        ]);
-        assert!(out.ok, "{}", out.stderr);
-        crate::common::assert_close(
-            &npy::read_floats(Path::new(&logits)).unwrap(),
-            &npy::read_floats(&golden.join(expected)).unwrap(),
-            1e-4,
-            &format!("zebra import {extra:?}, then zebra run, vs transformers"),
-        );
+        let what = format!("zebra import {extra:?}, then zebra run, vs transformers");
+        runs_to(&source, &tokens, expected, &what);
     }
 
     // Scaled RoPEs (transformers 5's `rope_parameters`), imported and run compiled, give
@@ -508,23 +505,12 @@ fn imported_configurations_reproduce_transformers() {
         let source = path(dir.path(), &format!("{scaling}.zb"));
         let out = zebra(&["import", &folder_arg, "-o", &source]);
         assert!(out.ok, "{}", out.stderr);
-        let logits = path(dir.path(), &format!("{scaling}.npy"));
-        let out = zebra(&[
-            "run",
+        let what = format!("zebra import of a {scaling} RoPE scaling, then zebra run");
+        runs_to(
             &source,
-            "--weights",
-            &folder_arg,
-            "--tokens",
             &tokens_160,
-            "--output",
-            &logits,
-        ]);
-        assert!(out.ok, "{}", out.stderr);
-        crate::common::assert_close(
-            &npy::read_floats(Path::new(&logits)).unwrap(),
-            &npy::read_floats(&golden.join(format!("logits_rope_{scaling}.npy"))).unwrap(),
-            1e-4,
-            &format!("zebra import of a {scaling} RoPE scaling, then zebra run, vs transformers"),
+            &format!("logits_rope_{scaling}.npy"),
+            &what,
         );
     }
 
