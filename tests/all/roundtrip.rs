@@ -1,26 +1,31 @@
 //! The IR's text form reads back to the same graph: `print(parse(print(g))) == print(g)`.
 
-use crate::common::{check_ok, examples, lower, relative, zb_files};
+use crate::common::{check_ok, lower, programs, relative};
 
+/// Every program's graph, as lowered and as optimized (fused projections, RoPE and
+/// attention carry attributes of their own).
 #[test]
 fn text_form_round_trips_for_every_program() {
-    let mut files = examples();
-    files.extend(zb_files("tests/fixtures/ok"));
-    for path in files {
+    for path in programs() {
         let (_, checked) = check_ok(&path);
         for spec in &checked.program.models {
             let graph = lower(spec);
-            let printed = zebra_ir::print_graph(&graph);
-            let parsed = zebra_ir::parse_graph(&printed)
-                .unwrap_or_else(|e| panic!("{}: {e}", relative(&path)));
-            zebra_ir::verify(&parsed).unwrap_or_else(|e| panic!("{}: {e}", relative(&path)));
-            assert_eq!(
-                zebra_ir::print_graph(&parsed),
-                printed,
-                "{}",
-                relative(&path)
-            );
-            assert_eq!(parsed.layers, graph.layers);
+            let optimized = zebra_passes::optimize(&graph, &zebra_passes::Options::default())
+                .unwrap_or_else(|e| panic!("{}: {e}", relative(&path)))
+                .graph;
+            for graph in [graph, optimized] {
+                let printed = zebra_ir::print_graph(&graph);
+                let parsed = zebra_ir::parse_graph(&printed)
+                    .unwrap_or_else(|e| panic!("{}: {e}", relative(&path)));
+                zebra_ir::verify(&parsed).unwrap_or_else(|e| panic!("{}: {e}", relative(&path)));
+                assert_eq!(
+                    zebra_ir::print_graph(&parsed),
+                    printed,
+                    "{}",
+                    relative(&path)
+                );
+                assert_eq!(parsed.layers, graph.layers);
+            }
         }
     }
 }
