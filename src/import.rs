@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
-use zebra_ir::rope::{Rope, RopeScaling, yarn_attention_factor};
+use zebra_ir::rope::{Rope, RopeScaling};
 
 /// How the imported model's layers attend.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -160,7 +160,8 @@ impl Config<'_> {
                 .filter(|p| *p != 1.0)
             {
                 return Err(self.error(format!(
-                    "its RoPE rotates part of each head (`partial_rotary_factor` {partial});                      Zebra's rotates all of it"
+                    "its RoPE rotates part of each head (`partial_rotary_factor` {partial}); \
+                     Zebra's rotates all of it"
                 )));
             }
             scaling = self.rope_scaling(key, kind, params)?;
@@ -197,29 +198,27 @@ impl Config<'_> {
             }
             _ => {
                 return Err(self.error(format!(
-                    "its RoPE is scaled by `{kind}` (`{key}`); Zebra computes the `linear`,                      `llama3` and `yarn` scalings, so this model would not compute what it                      was trained to"
+                    "its RoPE is scaled by `{kind}` (`{key}`); Zebra computes the `linear`, \
+                     `llama3` and `yarn` scalings, so this model would not compute what it \
+                     was trained to"
                 )));
             }
         };
+        // DeepSeek's: the ratio of two `mscale`s where both are given (else YaRN's default).
         let attention_factor = number("attention_factor").or_else(|| {
-            let f = factor?;
-            Some(match (number("mscale"), number("mscale_all_dim")) {
-                (Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
-                    let mscale = |m: f64| {
-                        if f <= 1.0 {
-                            1.0
-                        } else {
-                            0.1 * m * f.ln() + 1.0
-                        }
-                    };
-                    mscale(m) / mscale(all)
+            let (f, m, all) = (factor?, number("mscale")?, number("mscale_all_dim")?);
+            let mscale = |m: f64| {
+                if f <= 1.0 {
+                    1.0
+                } else {
+                    0.1 * m * f.ln() + 1.0
                 }
-                _ => yarn_attention_factor(f),
-            })
+            };
+            (m != 0.0 && all != 0.0).then(|| mscale(m) / mscale(all))
         });
         let truncate = match params.get("truncate") {
-            None | Some(Value::Null) => 1.0,
-            Some(Value::Bool(b)) => f64::from(u8::from(*b)),
+            None | Some(Value::Null) => None,
+            Some(Value::Bool(b)) => Some(f64::from(u8::from(*b))),
             Some(other) => {
                 return Err(self.error(format!(
                     "`{key}.truncate` must be true or false, found {other}"
@@ -231,10 +230,10 @@ impl Config<'_> {
             "original_max_position" => original,
             "low_freq_factor" => number("low_freq_factor"),
             "high_freq_factor" => number("high_freq_factor"),
-            "beta_fast" => Some(number("beta_fast").unwrap_or(32.0)),
-            "beta_slow" => Some(number("beta_slow").unwrap_or(1.0)),
+            "beta_fast" => number("beta_fast"),
+            "beta_slow" => number("beta_slow"),
             "attention_factor" => attention_factor,
-            "truncate" => Some(truncate),
+            "truncate" => truncate,
             _ => None,
         })
         .map_err(|e| {
@@ -439,6 +438,7 @@ pub fn run(path: &Path, output: Option<&Path>, name: Option<&str>, layout: Layou
 #[cfg(test)]
 mod tests {
     use super::*;
+    use zebra_ir::rope::yarn_attention_factor;
 
     fn llama() -> Value {
         serde_json::json!({
@@ -644,6 +644,17 @@ mod tests {
                 "rope_scaling",
                 serde_json::json!({"type": "linear", "factor": 0.5}),
                 "a RoPE scaling factor must be at least 1",
+            ),
+            (
+                "rope_scaling",
+                serde_json::json!({"type": "yarn", "factor": 4.0,
+                    "original_max_position_embeddings": 64, "truncate": "yes"}),
+                "`rope_scaling.truncate` must be true or false",
+            ),
+            (
+                "rope_scaling",
+                serde_json::json!({"type": "yarn", "factor": 4.0}),
+                "RoPE scaling `yarn` needs `original_max_position_embeddings`",
             ),
             (
                 "rope_scaling",

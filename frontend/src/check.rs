@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use zebra_ir::Loc;
 use zebra_ir::expr::{self as ir, Env, Func, Scalar, ScalarType, Var};
-use zebra_ir::rope::{Rope, RopeScaling, SCALINGS, yarn_attention_factor};
+use zebra_ir::rope::{Rope, RopeScaling, SCALINGS};
 
 use crate::ast::{self, Causality, Expr, ExprKind, ParamType, UnOp};
 use crate::diag::{Diagnostic, Span, line_col};
@@ -1396,15 +1396,7 @@ impl<'a> Checker<'a> {
                 .position(|p| *p == name)
                 .and_then(|i| values[i])
         };
-        let factor = value("factor");
-        let default = |name: &str| match (*kind, name) {
-            ("yarn", "beta_fast") => Some(32.0),
-            ("yarn", "beta_slow") => Some(1.0),
-            ("yarn", "attention_factor") => factor.map(yarn_attention_factor),
-            ("yarn", "truncate") => Some(1.0),
-            _ => None,
-        };
-        match RopeScaling::from_values(kind, |name| value(name).or_else(|| default(name))) {
+        match RopeScaling::from_values(kind, value) {
             Ok(scaling) => Some(scaling),
             Err(message) => {
                 let takes = format!("`{kind}` takes `{}`", params.join("`, `"));

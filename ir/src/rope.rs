@@ -258,8 +258,10 @@ impl RopeScaling {
         }
     }
 
-    /// The scaling named `kind` with `value(name)` for each of its parameters (`None` where
-    /// one is missing, which a caller may default first); an error names what is wrong.
+    /// The scaling named `kind` with `value(name)` for each of its parameters, `None` where
+    /// one is not given: YaRN's `beta_fast` (32), `beta_slow` (1), `attention_factor`
+    /// ([`yarn_attention_factor`]) and `truncate` (1, true) then take their defaults, and
+    /// any other is an error. An error names what is wrong.
     pub fn from_values(
         kind: &str,
         mut value: impl FnMut(&str) -> Option<f64>,
@@ -269,8 +271,19 @@ impl RopeScaling {
                 "unknown RoPE scaling `{kind}`: the scalings are `linear`, `llama3` and `yarn`"
             ));
         };
-        let mut get =
-            |name: &str| value(name).ok_or_else(|| format!("RoPE scaling `{kind}` needs `{name}`"));
+        let factor = value("factor");
+        let default = |name: &str| match (kind, name) {
+            ("yarn", "beta_fast") => Some(32.0),
+            ("yarn", "beta_slow") => Some(1.0),
+            ("yarn", "attention_factor") => factor.map(yarn_attention_factor),
+            ("yarn", "truncate") => Some(1.0),
+            _ => None,
+        };
+        let mut get = |name: &str| {
+            value(name)
+                .or_else(|| default(name))
+                .ok_or_else(|| format!("RoPE scaling `{kind}` needs `{name}`"))
+        };
         let mut values = Vec::new();
         for name in names.iter() {
             values.push(get(name)?);
