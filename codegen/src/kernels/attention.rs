@@ -59,6 +59,41 @@ pub(crate) fn schedule_range(
     (start, end)
 }
 
+/// One entry of a schedule row, as [`schedule_entry`] reads it.
+pub(crate) struct ScheduleEntry {
+    /// The tile's index along the row (`entry >> 1`).
+    pub index: Val,
+    /// Its first position, and how many of its positions are below `T`.
+    pub first: Val,
+    pub valid: Val,
+    /// Whether its mask must be evaluated (`entry & 1`), an `i1`.
+    pub partial: Val,
+}
+
+/// Reads entry `at` of a schedule's `tiles`, whose tiles are `block` positions long, in a
+/// sequence of `t`. `zero` and `one` are the constants.
+pub(crate) fn schedule_entry(
+    b: &mut Builder,
+    tiles: &Val,
+    at: &Val,
+    (block, t): (&Val, &Val),
+    (zero, one): (&Val, &Val),
+) -> ScheduleEntry {
+    let entry = b.load(tiles, at, I64, I64);
+    let index = b.op(format!("arith.shrsi {entry}, {one} : i64"));
+    let partial_bit = b.bin("andi", &entry, one, I64);
+    let first = b.muli(&index, block);
+    let left = b.subi(t, &first);
+    let valid = b.mini(block, &left);
+    let partial = b.cmpi("ne", &partial_bit, zero, I64);
+    ScheduleEntry {
+        index,
+        first,
+        valid,
+        partial,
+    }
+}
+
 /// The largest vector width (at most `max`) that divides `d`.
 pub fn vector_width(d: usize, max: usize) -> usize {
     [16, 8, 4, 2, 1]
@@ -433,13 +468,12 @@ pub fn attention(name: &str, kernel: &AttentionKernel, lse: bool, max_vector: us
         };
         let (start, end) = schedule_range(b, &row_offsets, &qt, &c1);
         b.for_range(&start, &end, &c1, &[], |b, entry_index, _| {
-            let entry = b.load(&sched_tiles, entry_index, I64, I64);
-            let kt_index = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
-            let partial_bit = b.bin("andi", &entry, &c1, I64);
-            let k0 = b.muli(&kt_index, &cbk);
-            let k_left = b.subi(&t, &k0);
-            let k_valid = b.mini(&cbk, &k_left);
-            let is_partial = b.cmpi("ne", &partial_bit, &c0, I64);
+            let ScheduleEntry {
+                index: kt_index,
+                first: k0,
+                valid: k_valid,
+                partial: is_partial,
+            } = schedule_entry(b, &sched_tiles, entry_index, (&cbk, &t), (&c0, &c1));
             let is_tail = b.cmpi("slt", &k_valid, &cbk, I64);
             let needs_mask = b.bin("ori", &is_partial, &is_tail, "i1");
             let tile = b.addi(&kv_tiles, &kt_index);

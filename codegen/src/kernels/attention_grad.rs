@@ -16,7 +16,9 @@
 
 use zebra_ir::op::AttentionKernel;
 
-use crate::kernels::attention::{Layout, ScheduleRows, dot_panel, schedule_range, weighted_sum};
+use crate::kernels::attention::{
+    Layout, ScheduleEntry, ScheduleRows, dot_panel, schedule_entry, schedule_range, weighted_sum,
+};
 use crate::mlir::{Builder, Entry, F32, I64, Val, entry, vf32};
 use crate::vexpr::{self, VecEnv};
 
@@ -456,13 +458,12 @@ pub fn attention_dq(name: &str, kernel: &AttentionKernel, max_vector: usize) -> 
         };
         let (start, end) = schedule_range(b, &row_offsets, &qt, &c1);
         b.for_range(&start, &end, &c1, &[], |b, entry_index, _| {
-            let entry = b.load(&sched_tiles, entry_index, I64, I64);
-            let kt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
-            let partial = b.bin("andi", &entry, &c1, I64);
-            let k0 = b.muli(&kt, &cbk);
-            let k_left = b.subi(&t, &k0);
-            let k_valid = b.mini(&cbk, &k_left);
-            let is_partial = b.cmpi("ne", &partial, &c0, I64);
+            let ScheduleEntry {
+                index: kt,
+                first: k0,
+                valid: k_valid,
+                partial: is_partial,
+            } = schedule_entry(b, &sched_tiles, entry_index, (&cbk, &t), (&c0, &c1));
             let is_tail = b.cmpi("slt", &k_valid, &cbk, I64);
             let needs_mask = b.bin("ori", &is_partial, &is_tail, "i1");
             let tile = b.addi(&kv_tiles, &kt);
@@ -605,13 +606,12 @@ pub fn attention_dkv(name: &str, kernel: &AttentionKernel, max_vector: usize) ->
             };
             let (start, end) = schedule_range(b, &columns, &kt, &c1);
             b.for_range(&start, &end, &c1, &[], |b, entry_index, _| {
-                let entry = b.load(&col_tiles, entry_index, I64, I64);
-                let qt = b.op(format!("arith.shrsi {entry}, {c1} : i64"));
-                let partial = b.bin("andi", &entry, &c1, I64);
-                let q0 = b.muli(&qt, &cbq);
-                let left = b.subi(&t, &q0);
-                let q_valid = b.mini(&cbq, &left);
-                let is_partial = b.cmpi("ne", &partial, &c0, I64);
+                let ScheduleEntry {
+                    first: q0,
+                    valid: q_valid,
+                    partial: is_partial,
+                    ..
+                } = schedule_entry(b, &col_tiles, entry_index, (&cbq, &t), (&c0, &c1));
                 let needs_mask = b.bin("ori", &is_partial, &is_tail, "i1");
                 let at = (&batch, h, &q0, &q_valid, &t);
                 let o_row = |b: &mut Builder, qi: &Val| output_row(b, kernel, at, qi);
