@@ -243,10 +243,112 @@ impl Config<'_> {
     }
 }
 
+impl Config<'_> {
+    /// A list of `layers` entries under `key`, if the configuration has one.
+    fn per_layer(&self, key: &str, layers: usize) -> Result<Option<&Vec<Value>>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Array(list)) if list.len() == layers => Ok(Some(list)),
+            Some(other) => Err(self.error(format!(
+                "`{key}` must list each of the {layers} layers, found {other}"
+            ))),
+        }
+    }
+
+    /// Whether each layer rotates its queries and keys: all of them, except SmolLM3's NoPE
+    /// layers (`no_rope_layers`, 0 for none; by default every `no_rope_layer_interval`-th,
+    /// 4, as transformers makes them).
+    fn layers_with_rope(&self, model_type: &str, layers: usize) -> Result<Vec<bool>> {
+        if model_type != "smollm3" {
+            return Ok(vec![true; layers]);
+        }
+        match self.per_layer("no_rope_layers", layers)? {
+            Some(list) => list
+                .iter()
+                .map(|v| match v.as_u64() {
+                    Some(0) => Ok(false),
+                    Some(1) => Ok(true),
+                    _ => Err(self.error(format!(
+                        "`no_rope_layers` holds 1 (RoPE) or 0 (none) per layer, found {v}"
+                    ))),
+                })
+                .collect(),
+            None => {
+                let interval = self.count("no_rope_layer_interval")?.unwrap_or(4);
+                Ok((0..layers).map(|l| (l + 1) % interval != 0).collect())
+            }
+        }
+    }
+
+    /// Whether each layer attends through the sliding window: as `layer_types` says
+    /// (`full_attention` or `sliding_attention`); without it every layer when the model has
+    /// a window, except in SmolLM3, whose windows (`use_sliding_window`) are on its NoPE
+    /// layers alone.
+    fn sliding_layers(
+        &self,
+        model_type: &str,
+        layers: usize,
+        window: Option<usize>,
+        with_rope: &[bool],
+    ) -> Result<Vec<bool>> {
+        let windowed: Vec<bool> = match self.per_layer("layer_types", layers)? {
+            Some(list) => list
+                .iter()
+                .map(|v| match v.as_str() {
+                    Some("full_attention") => Ok(false),
+                    Some("sliding_attention") => Ok(true),
+                    _ => Err(self.error(format!(
+                        "`layer_types` holds `full_attention` or `sliding_attention` per layer, \
+                         found {v}"
+                    ))),
+                })
+                .collect::<Result<_>>()?,
+            None if model_type == "smollm3" => {
+                let on = self.flag("use_sliding_window")? && window.is_some();
+                with_rope.iter().map(|r| on && !r).collect()
+            }
+            None => vec![window.is_some(); layers],
+        };
+        if window.is_none() && windowed.contains(&true) {
+            return Err(self.error(
+                "`layer_types` has sliding layers but the model has no `sliding_window`".into(),
+            ));
+        }
+        Ok(windowed)
+    }
+}
+
+/// A layer pattern for one attention kind per layer: the shortest group that repeats, its
+/// runs of one kind counted (`8 * [global, 3 * local]`).
+fn pattern(kinds: &[&str]) -> String {
+    let n = kinds.len();
+    let period = (1..=n)
+        .find(|p| n.is_multiple_of(*p) && (0..n).all(|l| kinds[l] == kinds[l % p]))
+        .unwrap_or(n);
+    let mut runs: Vec<String> = Vec::new();
+    let mut l = 0;
+    while l < period {
+        let run = kinds[l..period]
+            .iter()
+            .take_while(|k| **k == kinds[l])
+            .count();
+        runs.push(match run {
+            1 => kinds[l].to_string(),
+            _ => format!("{run} * {}", kinds[l]),
+        });
+        l += run;
+    }
+    match n / period {
+        1 if n > 1 => format!("[{}]", runs.join(", ")),
+        repeats => format!("{repeats} * [{}]", runs.join(", ")),
+    }
+}
+
 /// A model's source for the Llama-family configuration `json` (read from `path`, which
-/// errors name): Llama and Mistral (`model_type`), with SiLU SwiGLU, RMSNorm, RoPE (scaled
-/// as `linear`, `llama3` or `yarn`, or not at all) and no biases; anything else is refused
-/// with the setting that is not supported.
+/// errors name): Llama, Mistral, Ministral and SmolLM3 (`model_type`), with SiLU SwiGLU,
+/// RMSNorm, RoPE (scaled as `linear`, `llama3` or `yarn`, or not at all; SmolLM3's NoPE
+/// layers without) and no biases, each layer global or a sliding window (`layer_types`);
+/// anything else is refused with the setting that is not supported.
 pub fn source_from_config(json: &Value, path: &Path, name: &str, layout: Layout) -> Result<String> {
     let map = json
         .as_object()
@@ -256,10 +358,11 @@ pub fn source_from_config(json: &Value, path: &Path, name: &str, layout: Layout)
         .get("model_type")
         .and_then(Value::as_str)
         .ok_or_else(|| config.error("it has no `model_type`".into()))?;
-    if !matches!(model_type, "llama" | "mistral") {
+    if !matches!(model_type, "llama" | "mistral" | "ministral" | "smollm3") {
         return Err(config.error(format!(
             "`model_type` is `{model_type}`; zebra import reads the Llama family (`llama`, \
-             `mistral`): RMSNorm, RoPE, SwiGLU, grouped-query attention without biases"
+             `mistral`, `ministral`, `smollm3`): RMSNorm, RoPE, SwiGLU, grouped-query \
+             attention without biases"
         )));
     }
     for key in ["attention_bias", "mlp_bias"] {
@@ -284,18 +387,28 @@ pub fn source_from_config(json: &Value, path: &Path, name: &str, layout: Layout)
     let kv_heads = config.count("num_key_value_heads")?.unwrap_or(heads);
     let head_dim = config.count("head_dim")?;
     let eps = config.number("rms_norm_eps")?.unwrap_or(1e-6);
-    let rope = config.rope()?;
-    let tied = config.flag("tie_word_embeddings")?;
+    let smollm3 = model_type == "smollm3";
+    let mut rope = config.rope()?;
+    if smollm3 && config.get("rope_theta").is_none() && !config.json.contains_key("rope_parameters")
+    {
+        rope.base = 2_000_000.0; // SmolLM3's default
+    }
+    let tied = match config.get("tie_word_embeddings") {
+        None => smollm3, // SmolLM3 ties them unless it says otherwise
+        Some(_) => config.flag("tie_word_embeddings")?,
+    };
     let sliding = config.count("sliding_window")?;
+    let with_rope = config.layers_with_rope(model_type, layers)?;
 
     let mut text = format!("# Imported by `zebra import` from {}.\n", path.display());
-    let (pattern, window, note) = match layout {
-        Layout::AsConfigured => match sliding {
+    // Per layer: whether it attends through a window, and to how many keys.
+    let (windowed, window) = match layout {
+        Layout::AsConfigured => {
+            let windowed = config.sliding_layers(model_type, layers, sliding, &with_rope)?;
             // Hugging Face's sliding window of W lets a query see W keys, itself included:
             // `q - k < W`, Zebra's convention too.
-            Some(w) => (format!("{layers} * [local]"), Some(w), None),
-            None => (format!("{layers} * [global]"), None, None),
-        },
+            (windowed, sliding)
+        }
         Layout::Zebra {
             group,
             window,
@@ -307,41 +420,47 @@ pub fn source_from_config(json: &Value, path: &Path, name: &str, layout: Layout)
                      groups of {group}"
                 );
             }
-            let locals = match group - 1 {
-                1 => "local".to_string(),
-                n => format!("{n} * local"),
-            };
-            let members = if global_last {
-                format!("{locals}, global")
-            } else {
-                format!("global, {locals}")
-            };
             let position = if global_last { "last" } else { "first" };
-            let note = format!(
+            text.push_str(&format!(
                 "# Rearranged into Zebra's layout: groups of {group} layers, the global one \
                  {position},\n# the others a window of {window} keys (the query included). \
                  A checkpoint of this\n# configuration attends globally in every layer: \
                  continue training it to adapt\n# (zebra train this.zb --init-from WEIGHTS).\n"
-            );
-            (
-                format!("{} * [{members}]", layers / group),
-                Some(window),
-                Some(note),
-            )
+            ));
+            let global_at = if global_last { group - 1 } else { 0 };
+            let windowed = (0..layers).map(|l| l % group != global_at).collect();
+            (windowed, Some(window))
         }
     };
-    if let Some(note) = note {
-        text.push_str(&note);
+    if with_rope.iter().any(|r| !r) {
+        text.push_str(
+            "# Layers without position embeddings (NoPE) attend through kinds of their own, \
+             `*_nope`,\n# whose RoPE is `none`.\n",
+        );
     }
-    let global = !pattern.contains("local") || matches!(layout, Layout::Zebra { .. });
-    if global {
-        text.push_str("\nattention global causal {\n    mask = k <= q\n}\n");
-    }
-    if let Some(w) = window {
-        text.push_str(&format!(
-            "\n# {w} keys including the query itself: 0 <= q - k < window.\n\
-             attention local(window: int = {w}) causal {{\n    mask = k <= q && q - k < window\n}}\n"
-        ));
+    // One attention kind per (window, RoPE) pair in use, declared in this order.
+    let kind_of = |l: usize| match (windowed[l], with_rope[l]) {
+        (false, true) => "global",
+        (true, true) => "local",
+        (false, false) => "global_nope",
+        (true, false) => "local_nope",
+    };
+    let kinds: Vec<&str> = (0..layers).map(kind_of).collect();
+    for kind in ["global", "local", "global_nope", "local_nope"] {
+        if !kinds.contains(&kind) {
+            continue;
+        }
+        if kind.starts_with("global") {
+            text.push_str(&format!(
+                "\nattention {kind} causal {{\n    mask = k <= q\n}}\n"
+            ));
+        } else {
+            let w = window.expect("windowed layers have a window");
+            text.push_str(&format!(
+                "\n# {w} keys including the query itself: 0 <= q - k < window.\n\
+                 attention {kind}(window: int = {w}) causal {{\n    mask = k <= q && q - k < window\n}}\n"
+            ));
+        }
     }
     text.push_str(&format!("\nmodel {name} {{\n"));
     let mut field = |key: &str, value: String| text.push_str(&format!("    {key:<10} = {value}\n"));
@@ -363,8 +482,13 @@ pub fn source_from_config(json: &Value, path: &Path, name: &str, layout: Layout)
             scaling => format!("rope(base = {:?}, scaling = {scaling})", rope.base),
         },
     );
+    for nope in ["global_nope", "local_nope"] {
+        if kinds.contains(&nope) {
+            field(&format!("rope.{nope}"), "none".into());
+        }
+    }
     field("embeddings", if tied { "tied" } else { "untied" }.into());
-    field("layers", pattern);
+    field("layers", pattern(&kinds));
     text.push_str("}\n");
     // The front end's checks (a head dim RoPE cannot rotate, heads that do not divide the
     // model's dim, ...) apply to the configuration as they would to a source.
@@ -615,6 +739,121 @@ mod tests {
         );
     }
 
+    /// Layers that differ: SmolLM3's NoPE layers (`no_rope_layers`, or every fourth by
+    /// default) and `layer_types`' sliding and full layers, as configured and rearranged
+    /// into Zebra's groups; lists that do not describe every layer are refused.
+    #[test]
+    fn layers_of_several_kinds_import() {
+        let mut json = llama();
+        json["model_type"] = "smollm3".into();
+        json.as_object_mut().unwrap().remove("tie_word_embeddings");
+        let text = import(&json, Layout::AsConfigured).unwrap();
+        assert!(
+            text.contains("layers     = 8 * [3 * global, global_nope]"),
+            "{text}"
+        );
+        assert!(text.contains("rope.global_nope = none"), "{text}");
+        assert!(
+            text.contains("embeddings = tied"),
+            "SmolLM3 ties by default: {text}"
+        );
+        let spec = checked(&text);
+        let nope = spec
+            .kinds
+            .iter()
+            .find(|k| k.attention == "global_nope")
+            .unwrap();
+        assert_eq!(nope.rope, None);
+        json["num_hidden_layers"] = 4.into();
+        json["no_rope_layers"] = serde_json::json!([1, 0, 1, 1]);
+        json["layer_types"] = serde_json::json!([
+            "full_attention",
+            "sliding_attention",
+            "full_attention",
+            "full_attention"
+        ]);
+        json["sliding_window"] = 64.into();
+        let text = import(&json, Layout::AsConfigured).unwrap();
+        assert!(
+            text.contains("layers     = [global, local_nope, 2 * global]"),
+            "{text}"
+        );
+        checked(&text);
+        let zebra = Layout::Zebra {
+            group: 2,
+            window: 32,
+            global_last: false,
+        };
+        let text = import(&json, zebra).unwrap();
+        assert!(
+            text.contains("layers     = [global, local_nope, global, local]"),
+            "{text}"
+        );
+        assert!(
+            text.contains("attention local_nope(window: int = 32)"),
+            "{text}"
+        );
+        checked(&text);
+
+        let mut json = llama();
+        json["model_type"] = "ministral".into();
+        json["num_hidden_layers"] = 6.into();
+        json["sliding_window"] = 4096.into();
+        json["layer_types"] = serde_json::json!([
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention"
+        ]);
+        let text = import(&json, Layout::AsConfigured).unwrap();
+        assert!(
+            text.contains("layers     = 2 * [2 * local, global]"),
+            "{text}"
+        );
+        assert!(!text.contains("nope"), "{text}");
+        checked(&text);
+
+        for (key, value, refusal) in [
+            (
+                "layer_types",
+                serde_json::json!(["full_attention"]),
+                "must list each of the 6",
+            ),
+            (
+                "layer_types",
+                Value::from(vec!["chunked_attention"; 6]),
+                "`full_attention` or `sliding_attention` per layer, found \"chunked_attention\"",
+            ),
+            ("sliding_window", Value::Null, "has no `sliding_window`"),
+        ] {
+            let mut bad = json.clone();
+            bad[key] = value;
+            let err = import(&bad, Layout::AsConfigured).unwrap_err().to_string();
+            assert!(err.contains(refusal), "{refusal}: {err}");
+        }
+        let mut bad = llama();
+        bad["model_type"] = "smollm3".into();
+        bad["no_rope_layers"] = serde_json::json!([
+            1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+            1, 1, 1
+        ]);
+        let err = import(&bad, Layout::AsConfigured).unwrap_err().to_string();
+        assert!(
+            err.contains("1 (RoPE) or 0 (none) per layer, found 2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn patterns_are_the_shortest_repeating_group() {
+        assert_eq!(pattern(&["a", "a", "b", "a", "a", "b"]), "2 * [2 * a, b]");
+        assert_eq!(pattern(&["a", "b", "b"]), "[a, 2 * b]");
+        assert_eq!(pattern(&["a"; 3]), "3 * [a]");
+        assert_eq!(pattern(&["a"]), "1 * [a]");
+    }
+
     #[test]
     fn unsupported_settings_are_named() {
         let cases: Vec<(&str, Value, &str)> = vec![
@@ -708,15 +947,26 @@ mod tests {
             layers in 0u64..10, hidden in 0u64..100, head_dim in proptest::option::of(0u64..80),
             window in proptest::option::of(0u64..50), group in 2usize..5,
             zebra in proptest::bool::ANY, eps in proptest::option::of(-1.0f64..1.0),
+            smollm3 in proptest::bool::ANY,
+            kinds in proptest::option::of(proptest::collection::vec(0u8..4, 0..10)),
         ) {
             let mut json = serde_json::json!({
-                "model_type": "mistral", "vocab_size": vocab, "hidden_size": dim,
-                "num_attention_heads": heads, "num_key_value_heads": kv,
+                "model_type": if smollm3 { "smollm3" } else { "mistral" }, "vocab_size": vocab,
+                "hidden_size": dim, "num_attention_heads": heads, "num_key_value_heads": kv,
                 "num_hidden_layers": layers, "intermediate_size": hidden,
                 "head_dim": head_dim, "sliding_window": window,
             });
             if let Some(eps) = eps {
                 json["rms_norm_eps"] = eps.into();
+            }
+            // Per layer (of any count): bit 0 sliding, bit 1 without RoPE.
+            if let Some(kinds) = kinds {
+                let types: Vec<&str> = kinds
+                    .iter()
+                    .map(|k| if k & 1 == 1 { "sliding_attention" } else { "full_attention" })
+                    .collect();
+                json["layer_types"] = types.into();
+                json["no_rope_layers"] = kinds.iter().map(|k| u8::from(k & 2 == 0)).collect();
             }
             let layout = if zebra {
                 Layout::Zebra { group, window: 4, global_last: false }

@@ -143,7 +143,7 @@ enum Command {
     /// the GPU's machine and recorded with `zebra tune --record DIR`.
     Tune(TuneCli),
     /// Write a model's source (.zb) from a Hugging Face configuration of the Llama family
-    /// (Llama, Mistral), to run its checkpoint (--weights FOLDER) or, with --zebra, to
+    /// (Llama, Mistral, Ministral, SmolLM3), to run its checkpoint (--weights FOLDER) or, with --zebra, to
     /// rearrange its layers into Zebra's groups and continue training it (--init-from).
     Import {
         /// A Hugging Face model folder, or its config.json.

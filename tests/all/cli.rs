@@ -479,7 +479,7 @@ fn imported_configurations_reproduce_transformers() {
     }
 
     // Scaled RoPEs (transformers 5's `rope_parameters`), imported and run compiled, give
-    // transformers' logits for each scaling (`scripts/golden_rope_scaling.py`).
+    // transformers' logits for each scaling (`scripts/golden_transformers.py`).
     let tokens_160 = golden.join("tokens_160.npy").to_string_lossy().into_owned();
     for (scaling, params) in [
         (
@@ -510,6 +510,39 @@ fn imported_configurations_reproduce_transformers() {
             &source,
             &tokens_160,
             &format!("logits_rope_{scaling}.npy"),
+            &what,
+        );
+    }
+
+    // SmolLM3 (its second layer without RoPE, and that layer a window of 4, as the
+    // configuration's defaults make them) and Ministral (`layer_types`: a window of 4, then
+    // full attention) give transformers' logits too.
+    for (model_type, extra) in [
+        (
+            "smollm3",
+            serde_json::json!({"no_rope_layer_interval": 2, "use_sliding_window": true,
+                "sliding_window": 4}),
+        ),
+        (
+            "ministral",
+            serde_json::json!({"layer_types": ["sliding_attention", "full_attention"],
+                "sliding_window": 4}),
+        ),
+    ] {
+        let mut config = config.clone();
+        config["model_type"] = model_type.into();
+        for (key, value) in extra.as_object().unwrap() {
+            config[key] = value.clone();
+        }
+        std::fs::write(folder.join("config.json"), config.to_string()).unwrap();
+        let source = path(dir.path(), &format!("{model_type}.zb"));
+        let out = zebra(&["import", &folder_arg, "-o", &source]);
+        assert!(out.ok, "{}", out.stderr);
+        let what = format!("zebra import of {model_type}, then zebra run");
+        runs_to(
+            &source,
+            &tokens_160,
+            &format!("logits_{model_type}.npy"),
             &what,
         );
     }

@@ -79,7 +79,7 @@ fn zebra_g2_window4_matches_transformers() {
 }
 
 /// The reference interpreter against transformers' logits for the golden tiny Llama with
-/// each RoPE scaling (`scripts/golden_rope_scaling.py`; 160 positions, so that the scaled
+/// each RoPE scaling (`scripts/golden_transformers.py`; 160 positions, so that the scaled
 /// low frequencies turn far enough to matter).
 fn golden_rope(scaling: &str) {
     let dir = root().join("tests/fixtures/golden");
