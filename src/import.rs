@@ -280,10 +280,12 @@ impl Config<'_> {
         }
     }
 
-    /// Whether each layer attends through the sliding window: as `layer_types` says
-    /// (`full_attention` or `sliding_attention`); without it every layer when the model has
-    /// a window, except in SmolLM3, whose windows (`use_sliding_window`) are on its NoPE
-    /// layers alone.
+    /// Whether each layer attends through the sliding window, as transformers' class for
+    /// `model_type` reads it: none in Llama (which has no window), all in Mistral when it has
+    /// a window (its class reads no `layer_types`); in Ministral and SmolLM3 as
+    /// `layer_types` says (`full_attention` or `sliding_attention`), without it every layer
+    /// when the model has a window in Ministral, and in SmolLM3 its NoPE layers when
+    /// `use_sliding_window`.
     fn sliding_layers(
         &self,
         model_type: &str,
@@ -291,7 +293,12 @@ impl Config<'_> {
         window: Option<usize>,
         with_rope: &[bool],
     ) -> Result<Vec<bool>> {
-        let windowed: Vec<bool> = match self.per_layer("layer_types", layers)? {
+        let layer_types = match model_type {
+            "llama" => return Ok(vec![false; layers]),
+            "mistral" => None,
+            _ => self.per_layer("layer_types", layers)?,
+        };
+        let windowed: Vec<bool> = match layer_types {
             Some(list) => list
                 .iter()
                 .map(|v| match v.as_str() {
