@@ -822,6 +822,16 @@ mod tests {
         assert!(!text.contains("nope"), "{text}");
         checked(&text);
 
+        // As transformers' classes read them: Mistral's reads no `layer_types` (every layer
+        // a window), Llama's no window at all.
+        json["model_type"] = "mistral".into();
+        let text = import(&json, Layout::AsConfigured).unwrap();
+        assert!(text.contains("layers     = 6 * [local]"), "{text}");
+        json["model_type"] = "llama".into();
+        let text = import(&json, Layout::AsConfigured).unwrap();
+        assert!(text.contains("layers     = 6 * [global]"), "{text}");
+        json["model_type"] = "ministral".into();
+
         for (key, value, refusal) in [
             (
                 "layer_types",
