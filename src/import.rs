@@ -241,9 +241,7 @@ impl Config<'_> {
             self.error(format!("its RoPE scaling (`{key}`): {e}"))
         })
     }
-}
 
-impl Config<'_> {
     /// A list of `layers` entries under `key`, if the configuration has one.
     fn per_layer(&self, key: &str, layers: usize) -> Result<Option<&Vec<Value>>> {
         match self.get(key) {
