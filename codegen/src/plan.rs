@@ -68,7 +68,6 @@ struct Planner<'g> {
     symbols: HashMap<String, usize>,
     operand: HashMap<NodeId, Operand>,
     packs: HashMap<(usize, bool, Option<usize>, usize), usize>,
-    ropes: HashMap<(Vec<u64>, usize), usize>,
     /// The step that writes each value.
     defined: Vec<usize>,
 }
@@ -474,10 +473,11 @@ impl Planner<'_> {
                 let packed = self.pack(w, norm, *head_dim as usize);
                 let mut ops = vec![of(self, 0), packed];
                 if let Some(rope) = rope {
-                    let key = (rope.key(), *head_dim as usize);
-                    let table = *self.ropes.entry(key).or_insert_with(|| {
-                        self.plan.rope_tables.push((*rope, *head_dim as usize));
-                        self.plan.rope_tables.len() - 1
+                    let table = (*rope, *head_dim as usize);
+                    let tables = &mut self.plan.rope_tables;
+                    let table = tables.iter().position(|t| *t == table).unwrap_or_else(|| {
+                        tables.push(table);
+                        tables.len() - 1
                     });
                     ops.extend([Operand::RopeCos(table), Operand::RopeSin(table)]);
                 }
@@ -1214,7 +1214,6 @@ pub fn plan_with(
         symbols: HashMap::new(),
         operand: HashMap::new(),
         packs: HashMap::new(),
-        ropes: HashMap::new(),
         defined: Vec::new(),
     };
     for id in order {

@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use zebra_ir::Loc;
 use zebra_ir::expr::{self as ir, Env, Func, Scalar, ScalarType, Var};
-use zebra_ir::rope::{Rope, RopeScaling, SCALINGS};
+use zebra_ir::rope::{self, Rope, RopeScaling, SCALINGS};
 
 use crate::ast::{self, Causality, Expr, ExprKind, ParamType, UnOp};
 use crate::diag::{Diagnostic, Span, line_col};
@@ -1222,12 +1222,15 @@ impl<'a> Checker<'a> {
     ) -> Option<&'a Expr> {
         let found = self.constructor_args(expr, field, name, &[arg])?[0];
         if found.is_none() {
-            let usage = format!("write `{field} = {name}({arg} = ...)`");
-            self.error(
-                Diagnostic::error(expr.span, format!("`{name}` needs `{arg}`")).label(usage),
-            );
+            self.needs(expr, field, name, arg);
         }
         found
+    }
+
+    /// Reports that `name(...)` lacks its argument `arg`.
+    fn needs(&mut self, expr: &Expr, field: &str, name: &str, arg: &str) {
+        let usage = format!("write `{field} = {name}({arg} = ...)`");
+        self.error(Diagnostic::error(expr.span, format!("`{name}` needs `{arg}`")).label(usage));
     }
 
     /// Reads `name(param = value, ...)`: the expression given for each of `params`, in their
@@ -1316,16 +1319,9 @@ impl<'a> Checker<'a> {
         if matches!(&expr.kind, ExprKind::Name(n) if n == "none") {
             return Some(None);
         }
-        let [base_expr, scaling_expr] =
-            self.constructor_args(expr, "rope", "rope", &["base", "scaling"])?[..]
-        else {
-            unreachable!("two parameters")
-        };
-        let Some(base_expr) = base_expr else {
-            self.error(
-                Diagnostic::error(expr.span, "`rope` needs `base`")
-                    .label("write `rope = rope(base = ...)`"),
-            );
+        let args = self.constructor_args(expr, "rope", "rope", &["base", "scaling"])?;
+        let Some(base_expr) = args[0] else {
+            self.needs(expr, "rope", "rope", "base");
             return None;
         };
         let base = as_f64(self.constant(base_expr)?);
@@ -1339,7 +1335,7 @@ impl<'a> Checker<'a> {
             );
             return None;
         }
-        let scaling = match scaling_expr {
+        let scaling = match args[1] {
             None => RopeScaling::None,
             Some(e) => self.rope_scaling(e)?,
         };
@@ -1357,11 +1353,11 @@ impl<'a> Checker<'a> {
             ExprKind::Name(name) => name,
             _ => "",
         };
-        let found = SCALINGS.iter().find(|(k, _)| *k == kind);
-        let (Some((kind, params)), ExprKind::Call(..)) = (found, &expr.kind) else {
+        let found = rope::parameters(kind);
+        let (Some(params), ExprKind::Call(..)) = (found, &expr.kind) else {
             let d = Diagnostic::error(expr.span, "expected a RoPE scaling").label(usage);
             let d = match found {
-                Some((kind, params)) => d.with_note(format!(
+                Some(params) => d.with_note(format!(
                     "write `{kind}({} = ...)` with its parameters",
                     params.join(" = ..., ")
                 )),

@@ -78,6 +78,11 @@ pub const SCALINGS: [(&str, &[&str]); 3] = [
     ),
 ];
 
+/// The parameters of the scaling named `kind`, if there is one.
+pub fn parameters(kind: &str) -> Option<&'static [&'static str]> {
+    SCALINGS.iter().find(|(k, _)| *k == kind).map(|(_, p)| *p)
+}
+
 /// YaRN's default `attention_factor` for a scaling `factor`: `0.1 ln(factor) + 1`.
 pub fn yarn_attention_factor(factor: f64) -> f64 {
     if factor <= 1.0 {
@@ -190,9 +195,7 @@ impl Rope {
 
     /// What is wrong with it, if anything: a base at most 1, a scaling factor below 1, ...
     pub fn check(&self) -> Result<(), String> {
-        if self.base.partial_cmp(&1.0) != Some(std::cmp::Ordering::Greater)
-            || !self.base.is_finite()
-        {
+        if self.base <= 1.0 || !self.base.is_finite() {
             return Err(format!(
                 "the RoPE base must be above 1, found {}",
                 self.base
@@ -201,14 +204,18 @@ impl Rope {
         self.scaling.check()
     }
 
-    /// A key for identity: equal RoPEs, and only they, have equal keys.
+    /// A key for identity: equal RoPEs, and only they, have equal keys (the base's bits,
+    /// the scaling's place in [`SCALINGS`], its parameters' bits).
     pub fn key(&self) -> Vec<u64> {
-        let mut key = vec![self.base.to_bits()];
         let (kind, values) = self.scaling.values();
-        key.push(kind.len() as u64);
-        key.extend(kind.bytes().map(u64::from));
-        key.extend(values.iter().map(|v| v.to_bits()));
-        key
+        let tag = SCALINGS
+            .iter()
+            .position(|(k, _)| *k == kind)
+            .map_or(0, |i| i as u64 + 1);
+        [self.base.to_bits(), tag]
+            .into_iter()
+            .chain(values.iter().map(|v| v.to_bits()))
+            .collect()
     }
 }
 
@@ -266,7 +273,7 @@ impl RopeScaling {
         kind: &str,
         mut value: impl FnMut(&str) -> Option<f64>,
     ) -> Result<RopeScaling, String> {
-        let Some((_, names)) = SCALINGS.iter().find(|(n, _)| *n == kind) else {
+        let Some(names) = parameters(kind) else {
             return Err(format!(
                 "unknown RoPE scaling `{kind}`: the scalings are `linear`, `llama3` and `yarn`"
             ));
@@ -372,7 +379,7 @@ impl RopeScaling {
 impl fmt::Display for RopeScaling {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (kind, values) = self.values();
-        let Some((_, names)) = SCALINGS.iter().find(|(n, _)| *n == kind) else {
+        let Some(names) = parameters(kind) else {
             return f.write_str(kind);
         };
         let args: Vec<String> = names
@@ -397,6 +404,7 @@ impl std::str::FromStr for RopeScaling {
         let bad =
             || format!("expected a RoPE scaling such as `linear(factor = 4.0)`, found `{text}`");
         let (kind, rest) = text.split_once('(').ok_or_else(bad)?;
+        let kind = kind.trim();
         let inner = rest.strip_suffix(')').ok_or_else(bad)?;
         let mut given = Vec::new();
         for arg in inner.split(',').filter(|a| !a.trim().is_empty()) {
@@ -408,18 +416,12 @@ impl std::str::FromStr for RopeScaling {
             };
             given.push((name.trim().to_string(), value));
         }
-        let scaling = RopeScaling::from_values(kind.trim(), |name| {
+        let scaling = RopeScaling::from_values(kind, |name| {
             given.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
         })?;
-        if let Some((name, _)) = given.iter().find(|(n, _)| {
-            !SCALINGS
-                .iter()
-                .any(|(k, names)| *k == kind.trim() && names.contains(&n.as_str()))
-        }) {
-            return Err(format!(
-                "RoPE scaling `{}` has no parameter `{name}`",
-                kind.trim()
-            ));
+        let known = parameters(kind).unwrap_or_default();
+        if let Some((name, _)) = given.iter().find(|(n, _)| !known.contains(&n.as_str())) {
+            return Err(format!("RoPE scaling `{kind}` has no parameter `{name}`"));
         }
         Ok(scaling)
     }
