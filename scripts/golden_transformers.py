@@ -1,8 +1,11 @@
 """Golden logits from Hugging Face transformers (eager attention, float64) on the golden tiny
 Llama's weights, for what `zebra import` reads beyond a plain Llama: each RoPE scaling Zebra
 computes (linear, llama3, yarn) on LlamaForCausalLM, SmolLM3's NoPE layer with a sliding
-window, and Ministral's interleaved sliding and full layers (`layer_types`). Writes
-tests/fixtures/golden/{tokens_160,logits_rope_*,logits_smollm3,logits_ministral}.npy.
+window, Ministral's interleaved sliding and full layers (`layer_types`), Qwen2's Q, K and V
+biases (with a sliding layer) and Qwen3's QK-norm (with biases on all four projections).
+Writes tests/fixtures/golden/{tokens_160,logits_rope_*,logits_smollm3,logits_ministral,
+logits_qwen2,logits_qwen3}.npy and tiny_qwen.safetensors (the tiny Llama's weights plus
+random biases and QK-norm scales).
 
     .venv-bench/bin/pip install torch numpy transformers safetensors
     .venv-bench/bin/python scripts/golden_transformers.py
@@ -12,12 +15,16 @@ import pathlib
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     MinistralConfig,
     MinistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     SmolLM3Config,
     SmolLM3ForCausalLM,
 )
@@ -62,12 +69,13 @@ SCALINGS = {
 }
 
 
-def logits(model, weights, tokens, name):
+def logits(model, weights, tokens, name, unused=()):
     model = model.double().eval()
     missing, unexpected = model.load_state_dict(
         {k: v.double() for k, v in weights.items()}, strict=False
     )
-    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    assert all(any(u in k for u in unused) for k in unexpected), unexpected
+    assert all("rotary" in m for m in missing), missing
     with torch.no_grad():
         out = model(tokens).logits
     np.save(GOLDEN / f"logits_{name}.npy", out.numpy())
@@ -109,6 +117,38 @@ def main():
         sliding_window=4,
     )
     logits(MinistralForCausalLM(ministral), weights, tokens, "ministral")
+
+    # Biases on the four projections and QK-norm scales, drawn once for both Qwens.
+    generator = torch.Generator().manual_seed(2)
+    qwen = dict(weights)
+    for layer in range(SHAPE["num_hidden_layers"]):
+        p = f"model.layers.{layer}.self_attn"
+        for proj, size in [("q", 32), ("k", 16), ("v", 16), ("o", 32)]:
+            qwen[f"{p}.{proj}_proj.bias"] = 0.5 * torch.randn(size, generator=generator)
+        for norm in ["q_norm", "k_norm"]:
+            qwen[f"{p}.{norm}.weight"] = 1.0 + 0.3 * torch.randn(8, generator=generator)
+    save_file({k: v.float().contiguous() for k, v in qwen.items()},
+              str(GOLDEN / "tiny_qwen.safetensors"))
+    # Qwen2: biases on Q, K and V; layer 1 (from `max_window_layers` on) a window of 4.
+    qwen2 = Qwen2Config(
+        **SHAPE,
+        max_position_embeddings=1024,
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=1,
+    )
+    print("qwen2", qwen2.layer_types)
+    logits(Qwen2ForCausalLM(qwen2), qwen, tokens, "qwen2", unused=("o_proj.bias", "_norm."))
+    # Qwen3: QK-norm, and biases on all four projections (`attention_bias`).
+    qwen3 = Qwen3Config(
+        **SHAPE,
+        head_dim=8,
+        max_position_embeddings=1024,
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+        attention_bias=True,
+    )
+    logits(Qwen3ForCausalLM(qwen3), qwen, tokens, "qwen3")
 
 
 if __name__ == "__main__":

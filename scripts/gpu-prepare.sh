@@ -36,14 +36,21 @@ for file in examples/zebra_tiny.zb examples/attention/*.zb; do
 done
 # The golden models: logits that PyTorch (Hugging Face transformers) computed, to compare the
 # GPU's with directly.
+# (The scaled RoPEs and the Qwens were computed on 160 tokens, the Qwens on the weights
+# with biases and QK-norm scales: tests/fixtures/golden/README.md.)
 for file in tests/fixtures/golden/*.zb; do
-    name=golden-$(basename "$file" .zb)
+    base=$(basename "$file" .zb)
+    name=golden-$base
+    tokens=tokens.npy
+    weights=tiny_llama.safetensors
+    case $base in rope_* | qwen*) tokens=tokens_160.npy ;; esac
+    case $base in qwen*) weights=tiny_qwen.safetensors ;; esac
     mkdir -p "$out/$name"
-    $zebra compile "$file" --emit artifact --target "$sm" --max-seq-len 64 -o "$out/$name/gpu" >/dev/null
-    $zebra compile "$file" --emit artifact --target "$sm" --dtype bf16 --max-seq-len 64 -o "$out/$name/gpu-bf16" >/dev/null
-    cp tests/fixtures/golden/tiny_llama.safetensors "$out/$name/weights.safetensors"
-    cp tests/fixtures/golden/tokens.npy "$out/$name/tokens.npy"
-    cp "tests/fixtures/golden/logits_$(basename "$file" .zb).npy" "$out/$name/hf-logits.npy"
+    $zebra compile "$file" --emit artifact --target "$sm" --max-seq-len 256 -o "$out/$name/gpu" >/dev/null
+    $zebra compile "$file" --emit artifact --target "$sm" --dtype bf16 --max-seq-len 256 -o "$out/$name/gpu-bf16" >/dev/null
+    cp "tests/fixtures/golden/$weights" "$out/$name/weights.safetensors"
+    cp "tests/fixtures/golden/$tokens" "$out/$name/tokens.npy"
+    cp "tests/fixtures/golden/logits_$base.npy" "$out/$name/hf-logits.npy"
 done
 echo "prepared golden"
 

@@ -38,9 +38,36 @@ pub fn check_positions(what: &str, positions: usize) -> Result<()> {
 }
 
 /// Refuses weights that lack a tensor of the model or hold one of another shape, before
-/// anything is compiled (the executors check again as they load them).
+/// anything is compiled (the executors check again as they load them). Tensors the model
+/// does not read are named in a warning: a checkpoint with biases or QK-norm scales that the
+/// source leaves out would otherwise compute something else without a word.
 pub fn check_weights(spec: &ModelSpec, weights: &Weights) -> Result<()> {
-    for w in spec.weight_specs() {
+    let specs = spec.weight_specs();
+    let unread: Vec<&str> = weights
+        .names()
+        .filter(|name| !specs.iter().any(|w| w.name == *name))
+        // Buffers old checkpoints keep, and a tied LM head stored anyway.
+        .filter(|name| !name.ends_with("rotary_emb.inv_freq"))
+        .filter(|name| !(spec.tied_embeddings && *name == "lm_head.weight"))
+        .collect();
+    if !unread.is_empty() {
+        const SHOWN: usize = 8;
+        let more = match unread.len().saturating_sub(SHOWN) {
+            0 => String::new(),
+            n => format!(" and {n} more"),
+        };
+        let (count, plural) = match unread.len() {
+            1 => ("1".to_string(), "tensor of the weights is"),
+            n => (n.to_string(), "tensors of the weights are"),
+        };
+        eprintln!(
+            "warning: {count} {plural} not read by model `{}`: {}{more} (does the source \
+             leave out part of the model, such as `bias` or `qk_norm`?)",
+            spec.name,
+            unread[..unread.len().min(SHOWN)].join(", "),
+        );
+    }
+    for w in specs {
         match weights.get(&w.name) {
             None => bail!(
                 "weight `{}` is missing (expected shape {:?})",

@@ -280,10 +280,11 @@ impl Config<'_> {
 
     /// Whether each layer attends through the sliding window, as transformers' class for
     /// `model_type` reads it: none in Llama (which has no window), all in Mistral when it has
-    /// a window (its class reads no `layer_types`); in Ministral and SmolLM3 as
+    /// a window (its class reads no `layer_types`); in Ministral, SmolLM3 and the Qwens as
     /// `layer_types` says (`full_attention` or `sliding_attention`), without it every layer
-    /// when the model has a window in Ministral, and in SmolLM3 its NoPE layers when
-    /// `use_sliding_window`.
+    /// when the model has a window in Ministral, in SmolLM3 its NoPE layers when
+    /// `use_sliding_window`, and in the Qwens the layers from `max_window_layers` (28) on.
+    /// (`window` is the window in effect: a Qwen's only with `use_sliding_window`.)
     fn sliding_layers(
         &self,
         model_type: &str,
@@ -311,6 +312,12 @@ impl Config<'_> {
             None if model_type == "smollm3" => {
                 let on = self.flag("use_sliding_window")? && window.is_some();
                 with_rope.iter().map(|r| on && !r).collect()
+            }
+            None if is_qwen(model_type) => {
+                let first = self.count("max_window_layers")?.unwrap_or(28);
+                (0..layers)
+                    .map(|l| window.is_some() && l >= first)
+                    .collect()
             }
             None => vec![window.is_some(); layers],
         };
@@ -349,11 +356,29 @@ fn pattern(kinds: &[&str]) -> String {
     }
 }
 
+/// Whether `model_type` is one of the Qwens Zebra reads, whose window is in effect only with
+/// `use_sliding_window`.
+fn is_qwen(model_type: &str) -> bool {
+    matches!(model_type, "qwen2" | "qwen3")
+}
+
+/// The attention projections with a bias, as transformers' class for `model_type` builds
+/// them: Q, K and V in Qwen2; all four with `attention_bias` in Llama, SmolLM3 and Qwen3;
+/// none in Mistral and Ministral.
+fn attention_biases(config: &Config, model_type: &str) -> Result<&'static str> {
+    Ok(match model_type {
+        "qwen2" => "[q, k, v]",
+        "llama" | "smollm3" | "qwen3" if config.flag("attention_bias")? => "[q, k, v, o]",
+        _ => "",
+    })
+}
+
 /// A model's source for the Llama-family configuration `json` (read from `path`, which
-/// errors name): Llama, Mistral, Ministral and SmolLM3 (`model_type`), with SiLU SwiGLU,
-/// RMSNorm, RoPE (scaled as `linear`, `llama3` or `yarn`, or not at all; SmolLM3's NoPE
-/// layers without) and no biases, each layer global or a sliding window (`layer_types`);
-/// anything else is refused with the setting that is not supported.
+/// errors name): Llama, Mistral, Ministral, SmolLM3, Qwen2 and Qwen3 (`model_type`), with
+/// SiLU SwiGLU, RMSNorm, RoPE (scaled as `linear`, `llama3` or `yarn`, or not at all;
+/// SmolLM3's NoPE layers without), the attention's biases where the model has them, Qwen3's
+/// QK-norm, each layer global or a sliding window (`layer_types`); anything else is refused
+/// with the setting that is not supported.
 pub fn source_from_config(json: &Value, path: &Path, name: &str, layout: Layout) -> Result<String> {
     let map = json
         .as_object()
@@ -363,20 +388,21 @@ pub fn source_from_config(json: &Value, path: &Path, name: &str, layout: Layout)
         .get("model_type")
         .and_then(Value::as_str)
         .ok_or_else(|| config.error("it has no `model_type`".into()))?;
-    if !matches!(model_type, "llama" | "mistral" | "ministral" | "smollm3") {
+    if !matches!(
+        model_type,
+        "llama" | "mistral" | "ministral" | "smollm3" | "qwen2" | "qwen3"
+    ) {
         return Err(config.error(format!(
             "`model_type` is `{model_type}`; zebra import reads the Llama family (`llama`, \
-             `mistral`, `ministral`, `smollm3`): RMSNorm, RoPE, SwiGLU, grouped-query \
-             attention without biases"
+             `mistral`, `ministral`, `smollm3`, `qwen2`, `qwen3`): RMSNorm, RoPE, SwiGLU, \
+             grouped-query attention"
         )));
     }
-    for key in ["attention_bias", "mlp_bias"] {
-        if config.flag(key)? {
-            return Err(config.error(format!(
-                "`{key}` is true; Zebra's projections have no biases"
-            )));
-        }
+    if matches!(model_type, "llama" | "smollm3") && config.flag("mlp_bias")? {
+        return Err(config
+            .error("`mlp_bias` is true; Zebra's feed-forward projections have no biases".into()));
     }
+    let biases = attention_biases(&config, model_type)?;
     for key in ["hidden_act", "hidden_activation"] {
         if let Some(act) = config.get(key)
             && act.as_str() != Some("silu")
@@ -402,7 +428,10 @@ pub fn source_from_config(json: &Value, path: &Path, name: &str, layout: Layout)
         None => smollm3, // SmolLM3 ties them unless it says otherwise
         Some(_) => config.flag("tie_word_embeddings")?,
     };
-    let sliding = config.count("sliding_window")?;
+    let mut sliding = config.count("sliding_window")?;
+    if is_qwen(model_type) && !config.flag("use_sliding_window")? {
+        sliding = None; // as transformers reads a Qwen's configuration
+    }
     let with_rope = config.layers_with_rope(model_type, layers)?;
 
     let mut text = format!("# Imported by `zebra import` from {}.\n", path.display());
@@ -493,6 +522,12 @@ pub fn source_from_config(json: &Value, path: &Path, name: &str, layout: Layout)
         }
     }
     field("embeddings", if tied { "tied" } else { "untied" }.into());
+    if !biases.is_empty() {
+        field("bias", biases.into());
+    }
+    if model_type == "qwen3" {
+        field("qk_norm", format!("rmsnorm(eps = {eps:?})"));
+    }
     field("layers", pattern(&kinds));
     text.push_str("}\n");
     // The front end's checks (a head dim RoPE cannot rotate, heads that do not divide the
@@ -862,6 +897,48 @@ mod tests {
     }
 
     #[test]
+    fn qwen_biases_qk_norm_and_windows_as_transformers_reads_them() {
+        let qwen = |model_type: &str, extra: Value| {
+            let mut json = llama();
+            json["model_type"] = model_type.into();
+            json["num_hidden_layers"] = 4.into();
+            json["sliding_window"] = 4096.into();
+            for (k, v) in extra.as_object().unwrap() {
+                json[k] = v.clone();
+            }
+            let text = import(&json, Layout::AsConfigured).unwrap();
+            (checked(&text), text)
+        };
+        // Qwen2: Q, K and V biases whatever `attention_bias` says; its window only with
+        // `use_sliding_window`, from `max_window_layers` on.
+        let (spec, text) = qwen("qwen2", serde_json::json!({}));
+        assert!(text.contains("bias       = [q, k, v]\n"), "{text}");
+        assert!(spec.biases.q && spec.biases.k && spec.biases.v && !spec.biases.o);
+        assert!(
+            spec.qk_norm.is_none() && text.contains("4 * [global]"),
+            "{text}"
+        );
+        let (_, text) = qwen(
+            "qwen2",
+            serde_json::json!({"use_sliding_window": true, "max_window_layers": 1}),
+        );
+        assert!(text.contains("[global, 3 * local]"), "{text}");
+        assert!(text.contains("window: int = 4096"), "{text}");
+        // Qwen3: QK-norm with the model's epsilon; biases only with `attention_bias`.
+        let (spec, text) = qwen("qwen3", serde_json::json!({"rms_norm_eps": 1e-6}));
+        assert!(text.contains("qk_norm    = rmsnorm(eps = 1e-6)"), "{text}");
+        assert_eq!(spec.qk_norm, Some(1e-6));
+        assert!(!spec.biases.any() && !text.contains("bias"), "{text}");
+        let (spec, _) = qwen("qwen3", serde_json::json!({"attention_bias": true}));
+        assert!(spec.biases.q && spec.biases.o);
+        // Llama's `attention_bias` puts a bias on all four; Mistral's class has none.
+        let (spec, _) = qwen("llama", serde_json::json!({"attention_bias": true}));
+        assert!(spec.biases.q && spec.biases.k && spec.biases.v && spec.biases.o);
+        let (spec, _) = qwen("mistral", serde_json::json!({"attention_bias": true}));
+        assert!(!spec.biases.any());
+    }
+
+    #[test]
     fn patterns_are_the_shortest_repeating_group() {
         assert_eq!(pattern(&["a", "a", "b", "a", "a", "b"]), "2 * [2 * a, b]");
         assert_eq!(pattern(&["a", "b", "b"]), "[a, 2 * b]");
@@ -872,8 +949,13 @@ mod tests {
     #[test]
     fn unsupported_settings_are_named() {
         let cases: Vec<(&str, Value, &str)> = vec![
-            ("model_type", "qwen2".into(), "`model_type` is `qwen2`"),
-            ("attention_bias", true.into(), "`attention_bias` is true"),
+            ("model_type", "gemma3".into(), "`model_type` is `gemma3`"),
+            ("mlp_bias", true.into(), "`mlp_bias` is true"),
+            (
+                "attention_bias",
+                "yes".into(),
+                "`attention_bias` must be true or false",
+            ),
             (
                 "hidden_act",
                 "gelu".into(),
@@ -962,11 +1044,14 @@ mod tests {
             layers in 0u64..10, hidden in 0u64..100, head_dim in proptest::option::of(0u64..80),
             window in proptest::option::of(0u64..50), group in 2usize..5,
             zebra in proptest::bool::ANY, eps in proptest::option::of(-1.0f64..1.0),
-            smollm3 in proptest::bool::ANY,
+            model_type in 0usize..4, attention_bias in proptest::bool::ANY,
+            use_sliding_window in proptest::bool::ANY,
             kinds in proptest::option::of(proptest::collection::vec(0u8..4, 0..10)),
         ) {
+            let model_type = ["mistral", "smollm3", "qwen2", "qwen3"][model_type];
             let mut json = serde_json::json!({
-                "model_type": if smollm3 { "smollm3" } else { "mistral" }, "vocab_size": vocab,
+                "model_type": model_type, "vocab_size": vocab,
+                "attention_bias": attention_bias, "use_sliding_window": use_sliding_window,
                 "hidden_size": dim, "num_attention_heads": heads, "num_key_value_heads": kv,
                 "num_hidden_layers": layers, "intermediate_size": hidden,
                 "head_dim": head_dim, "sliding_window": window,

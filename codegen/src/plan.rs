@@ -461,6 +461,8 @@ impl Planner<'_> {
                 heads,
                 head_dim,
                 norm_eps,
+                bias,
+                qk_norm,
                 rope,
             } => {
                 let x_ty = &self.graph.node(operands[0]).ty;
@@ -472,6 +474,10 @@ impl Planner<'_> {
                 let k = w.3;
                 let packed = self.pack(w, norm, *head_dim as usize);
                 let mut ops = vec![of(self, 0), packed];
+                // The bias and the QK-norm's scales, as they are.
+                let first = 2 + usize::from(norm_eps.is_some());
+                let extra = usize::from(*bias) + usize::from(qk_norm.is_some());
+                ops.extend((first..first + extra).map(|i| of(self, i)));
                 if let Some(rope) = rope {
                     let table = (*rope, *head_dim as usize);
                     let tables = &mut self.plan.rope_tables;
@@ -492,7 +498,11 @@ impl Planner<'_> {
                     heads: *heads as usize,
                     head_dim: *head_dim as usize,
                     norm_eps: *norm_eps,
-                    rope: rope.is_some(),
+                    epilogue: crate::kernels::gemm::HeadsEpilogue {
+                        bias: *bias,
+                        qk_norm: *qk_norm,
+                        rope: rope.is_some(),
+                    },
                     bf16: self.bf16_weights,
                 };
                 self.step(spec, ops, grid, None);

@@ -10,7 +10,7 @@ use zebra_ir::rope::{self, Rope, RopeScaling, SCALINGS};
 
 use crate::ast::{self, Causality, Expr, ExprKind, ParamType, UnOp};
 use crate::diag::{Diagnostic, Span, line_col};
-use crate::spec::{AttentionKind, ModelSpec, ParamValue, Program};
+use crate::spec::{AttentionKind, Biases, ModelSpec, ParamValue, Program};
 
 /// A layer pattern may hold at most this many layers.
 pub const MAX_LAYERS: usize = 4096;
@@ -928,7 +928,7 @@ impl<'a> Checker<'a> {
     fn model(&mut self, model: &'a ast::Model) -> Option<ModelSpec> {
         let mut fields: HashMap<String, &'a ast::Field> = HashMap::new();
         let mut rope_overrides: Vec<&'a ast::Field> = Vec::new();
-        const KNOWN: [&str; 10] = [
+        const KNOWN: [&str; 12] = [
             "vocab",
             "dim",
             "heads",
@@ -938,6 +938,8 @@ impl<'a> Checker<'a> {
             "norm",
             "rope",
             "embeddings",
+            "bias",
+            "qk_norm",
             "layers",
         ];
         let mut ok = true;
@@ -1020,6 +1022,18 @@ impl<'a> Checker<'a> {
             .and_then(|f| self.constructor(&f.value, "norm", "rmsnorm", "eps"))
             .and_then(|e| self.positive_float(e, "eps"));
         let rope = fields.get("rope").map(|f| self.rope(&f.value));
+        let biases = match fields.get("bias") {
+            None => Some(Biases::default()),
+            Some(f) => self.biases(&f.value),
+        };
+        let qk_norm = match fields.get("qk_norm") {
+            None => Some(None),
+            Some(f) if matches!(&f.value.kind, ExprKind::Name(n) if n == "none") => Some(None),
+            Some(f) => self
+                .constructor(&f.value, "qk_norm", "rmsnorm", "eps")
+                .and_then(|e| self.positive_float(e, "eps"))
+                .map(Some),
+        };
         let tied = match fields.get("embeddings") {
             None => Some(false),
             Some(f) => match &f.value.kind {
@@ -1205,11 +1219,70 @@ impl<'a> Checker<'a> {
             ffn_hidden: ffn_hidden?,
             norm_eps: norm_eps?,
             tied_embeddings: tied?,
+            biases: biases?,
+            qk_norm: qk_norm?,
             kinds,
             layers,
             side_inputs: side_inputs.into_iter().collect(),
         })
         .filter(|_| ok && kinds_ok && rope_ok)
+    }
+
+    /// Reads `bias = [q, k, v]` (the projections with a bias, any of `q`, `k`, `v`, `o`) or
+    /// `bias = none`.
+    fn biases(&mut self, expr: &'a Expr) -> Option<Biases> {
+        let usage = "write the projections with a bias as a list, e.g. `bias = [q, k, v]` \
+                     (Qwen2), or `bias = none`";
+        let items = match &expr.kind {
+            ExprKind::Name(n) if n == "none" => return Some(Biases::default()),
+            ExprKind::List(items) => items,
+            _ => {
+                self.error(
+                    Diagnostic::error(expr.span, "expected a list of projections")
+                        .label("not a list")
+                        .with_note(usage),
+                );
+                return None;
+            }
+        };
+        let mut biases = Biases::default();
+        let mut ok = true;
+        let mut seen: Vec<(&str, Span)> = Vec::new();
+        for item in items {
+            let name = match &item.kind {
+                ExprKind::Name(n) if Biases::NAMES.contains(&n.as_str()) => n.as_str(),
+                _ => {
+                    let found = match &item.kind {
+                        ExprKind::Name(n) => format!("`{n}`"),
+                        _ => "this".to_string(),
+                    };
+                    let d = Diagnostic::error(
+                        item.span,
+                        format!("{found} is not an attention projection"),
+                    )
+                    .label("expected `q`, `k`, `v` or `o`");
+                    let d = match &item.kind {
+                        ExprKind::Name(n) => with_suggestion(d, suggest(n, Biases::NAMES)),
+                        _ => d,
+                    };
+                    self.error(d);
+                    ok = false;
+                    continue;
+                }
+            };
+            if let Some((_, first)) = seen.iter().find(|(n, _)| *n == name) {
+                self.error(
+                    Diagnostic::error(item.span, format!("`{name}` is listed twice"))
+                        .label("second time")
+                        .with_secondary(*first, "first listed here"),
+                );
+                ok = false;
+                continue;
+            }
+            seen.push((name, item.span));
+            biases.set(name);
+        }
+        ok.then_some(biases)
     }
 
     /// Reads `name(arg = value)` and returns the argument's expression.

@@ -17,6 +17,7 @@ pub fn random_weights(model: &ModelSpec, seed: u64) -> Weights {
         let count: usize = spec.shape.iter().product();
         let values: Vec<f32> = match spec.init {
             Init::Ones => vec![1.0; count],
+            Init::Zeros => vec![0.0; count],
             Init::Normal(std) => {
                 let mut rng = ChaCha8Rng::seed_from_u64(seed);
                 rng.set_stream(index as u64);

@@ -6,6 +6,9 @@
 //! y = h + down_proj(silu(gate_proj(rmsnorm(h))) * up_proj(rmsnorm(h)))
 //! ```
 //!
+//! with, where the model asks for them, a bias added after a projection's product (`+ b` in
+//! Qwen2's Q, K and V) and an RMSNorm over each head of Q and K before RoPE (QK-norm).
+//!
 //! and attention is written out the plain way: `softmax(mask(score_mod(scale * Q K^T))) V`,
 //! with K and V repeated across each GQA group as Hugging Face's `repeat_kv` does. The
 //! softmax guards its max and its sum so that a row whose keys are all masked gives zeros
@@ -66,7 +69,7 @@ pub fn lower(model: &ModelSpec) -> Result<Graph, LowerError> {
     }
     b.layer = None;
     let norm = b.weight("model.norm.weight", &[model.dim]);
-    let x = b.rmsnorm(x, norm)?;
+    let x = b.rmsnorm(x, norm, model.norm_eps)?;
     let head = if model.tied_embeddings {
         embed
     } else {
@@ -156,8 +159,28 @@ impl Builder<'_> {
         self.op(Op::MatMul, &[x, wt])
     }
 
+    /// Attention projection `name` (`q`, `k`, `v` or `o`) of the layer whose weights are
+    /// under `prefix`: `x @ w^T`, plus its bias when the model has one.
+    fn projection(
+        &mut self,
+        x: NodeId,
+        w: NodeId,
+        prefix: &str,
+        name: &str,
+    ) -> Result<NodeId, LowerError> {
+        let y = self.linear(x, w)?;
+        if !self.model.biases.has(name) {
+            return Ok(y);
+        }
+        let n = self.graph.node(w).ty.shape[0]
+            .as_const()
+            .expect("weights have constant shapes") as usize;
+        let bias = self.weight(&format!("{prefix}.self_attn.{name}_proj.bias"), &[n]);
+        self.binary(BinaryOp::Add, y, bias)
+    }
+
     /// `x * rsqrt(mean(x^2, last axis) + eps) * weight`, as Hugging Face's LlamaRMSNorm.
-    fn rmsnorm(&mut self, x: NodeId, weight: NodeId) -> Result<NodeId, LowerError> {
+    fn rmsnorm(&mut self, x: NodeId, weight: NodeId, eps: f64) -> Result<NodeId, LowerError> {
         let axis = self.rank(x) - 1;
         let squared = self.binary(BinaryOp::Mul, x, x)?;
         let mean = self.op(
@@ -167,7 +190,7 @@ impl Builder<'_> {
             },
             &[squared],
         )?;
-        let eps = self.constant(self.model.norm_eps)?;
+        let eps = self.constant(eps)?;
         let shifted = self.binary(BinaryOp::Add, mean, eps)?;
         let scale = self.unary(UnaryOp::Rsqrt, shifted)?;
         let normed = self.binary(BinaryOp::Mul, x, scale)?;
@@ -228,7 +251,7 @@ impl Builder<'_> {
         let (d, hd) = (m.dim, m.head_dim);
 
         let norm = self.weight(&format!("{p}.input_layernorm.weight"), &[d]);
-        let h = self.rmsnorm(x, norm)?;
+        let h = self.rmsnorm(x, norm, m.norm_eps)?;
         let wq = self.weight(
             &format!("{p}.self_attn.q_proj.weight"),
             &[m.n_heads * hd, d],
@@ -245,12 +268,20 @@ impl Builder<'_> {
             &format!("{p}.self_attn.o_proj.weight"),
             &[d, m.n_heads * hd],
         );
-        let q = self.linear(h, wq)?;
+        let q = self.projection(h, wq, &p, "q")?;
         let q = self.split_heads(q, m.n_heads)?;
-        let k = self.linear(h, wk)?;
+        let k = self.projection(h, wk, &p, "k")?;
         let k = self.split_heads(k, m.n_kv_heads)?;
-        let v = self.linear(h, wv)?;
+        let v = self.projection(h, wv, &p, "v")?;
         let v = self.split_heads(v, m.n_kv_heads)?;
+        let (q, k) = match m.qk_norm {
+            Some(eps) => {
+                let gq = self.weight(&format!("{p}.self_attn.q_norm.weight"), &[hd]);
+                let gk = self.weight(&format!("{p}.self_attn.k_norm.weight"), &[hd]);
+                (self.rmsnorm(q, gq, eps)?, self.rmsnorm(k, gk, eps)?)
+            }
+            None => (q, k),
+        };
         let (q, k) = match kind.rope {
             Some(rope) => (
                 self.op(Op::Rope { rope }, &[q, positions])?,
@@ -269,11 +300,11 @@ impl Builder<'_> {
         )?;
         let merged = vec![Dim::B, Dim::T, Dim::Const((m.n_heads * hd) as u64)];
         let attn = self.op(Op::Reshape { shape: merged }, &[attn])?;
-        let out = self.linear(attn, wo)?;
+        let out = self.projection(attn, wo, &p, "o")?;
         let x = self.binary(BinaryOp::Add, x, out)?;
 
         let norm = self.weight(&format!("{p}.post_attention_layernorm.weight"), &[d]);
-        let h = self.rmsnorm(x, norm)?;
+        let h = self.rmsnorm(x, norm, m.norm_eps)?;
         let f = m.ffn_hidden;
         let wg = self.weight(&format!("{p}.mlp.gate_proj.weight"), &[f, d]);
         let wu = self.weight(&format!("{p}.mlp.up_proj.weight"), &[f, d]);

@@ -54,12 +54,59 @@ pub struct ModelSpec {
     pub norm_eps: f64,
     /// Whether the LM head reuses the embedding table.
     pub tied_embeddings: bool,
+    /// The attention projections that add a bias (Qwen2's Q, K and V).
+    pub biases: Biases,
+    /// RMSNorm over each head of the queries and keys before RoPE, with its epsilon (Qwen3,
+    /// Gemma 3's QK-norm); its scales are shared by the heads.
+    pub qk_norm: Option<f64>,
     /// The distinct attention kinds, in order of first use.
     pub kinds: Vec<AttentionKind>,
     /// For each layer, the index of its kind in `kinds`.
     pub layers: Vec<usize>,
     /// The per-token side inputs the model's masks read (e.g. `doc`), sorted.
     pub side_inputs: Vec<String>,
+}
+
+/// Which of the attention's projections add a bias after their product.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Biases {
+    pub q: bool,
+    pub k: bool,
+    pub v: bool,
+    pub o: bool,
+}
+
+impl Biases {
+    /// The projections' names, in the DSL's spelling and order.
+    pub const NAMES: [&'static str; 4] = ["q", "k", "v", "o"];
+
+    /// Whether projection `name` (`q`, `k`, `v` or `o`) adds a bias.
+    pub fn has(&self, name: &str) -> bool {
+        match name {
+            "q" => self.q,
+            "k" => self.k,
+            "v" => self.v,
+            "o" => self.o,
+            _ => false,
+        }
+    }
+
+    /// Sets projection `name`'s bias; `false` for a name that is not a projection.
+    pub fn set(&mut self, name: &str) -> bool {
+        let slot = match name {
+            "q" => &mut self.q,
+            "k" => &mut self.k,
+            "v" => &mut self.v,
+            "o" => &mut self.o,
+            _ => return false,
+        };
+        *slot = true;
+        true
+    }
+
+    pub fn any(&self) -> bool {
+        Self::NAMES.iter().any(|n| self.has(n))
+    }
 }
 
 /// One attention variant with all its parameters bound.
@@ -110,6 +157,8 @@ pub enum Init {
     Normal(f64),
     /// All ones (norm scales).
     Ones,
+    /// All zeros (biases, as Hugging Face starts them).
+    Zeros,
 }
 
 /// One weight tensor of a model.
@@ -188,6 +237,24 @@ impl ModelSpec {
                 format!("{p}.self_attn.o_proj.weight"),
                 vec![d, self.n_heads * hd],
             ));
+            for (proj, size) in [
+                ("q", self.n_heads * hd),
+                ("k", self.n_kv_heads * hd),
+                ("v", self.n_kv_heads * hd),
+                ("o", d),
+            ] {
+                if self.biases.has(proj) {
+                    specs.push(WeightSpec {
+                        name: format!("{p}.self_attn.{proj}_proj.bias"),
+                        shape: vec![size],
+                        init: Init::Zeros,
+                    });
+                }
+            }
+            if self.qk_norm.is_some() {
+                specs.push(ones(format!("{p}.self_attn.q_norm.weight"), hd));
+                specs.push(ones(format!("{p}.self_attn.k_norm.weight"), hd));
+            }
             specs.push(ones(format!("{p}.post_attention_layernorm.weight"), d));
             specs.push(normal(
                 format!("{p}.mlp.gate_proj.weight"),

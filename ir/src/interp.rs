@@ -346,13 +346,23 @@ fn eval_node(
             heads,
             head_dim,
             norm_eps,
+            bias,
+            qk_norm,
             rope: r,
         } => {
             let x = normed(args, *norm_eps, 2);
-            let y = linear(&x, args[1].float());
+            let mut y = linear(&x, args[1].float());
+            let mut next = 2 + usize::from(norm_eps.is_some());
+            if *bias {
+                y += args[next].float();
+                next += 1;
+            }
             let (b, t) = (y.shape()[0], y.shape()[1]);
             let split = reshape(y.view(), &[b, t, *heads as usize, *head_dim as usize]);
-            let heads_first = reshape(split.view().permuted_axes(vec![0, 2, 1, 3]), &out_shape);
+            let mut heads_first = reshape(split.view().permuted_axes(vec![0, 2, 1, 3]), &out_shape);
+            if let Some(eps) = qk_norm {
+                heads_first = rmsnorm(&heads_first, args[next].float(), *eps);
+            }
             Value::Float(match r {
                 Some(r) => rope(&heads_first, args[args.len() - 1].int(), r),
                 None => heads_first,

@@ -327,13 +327,17 @@ pub enum Op {
     SwiGlu {
         norm_eps: Option<f64>,
     },
-    /// A projection to attention heads: `x @ w^T` for `x: [B, T, K]`, split into
-    /// `[B, heads, T, head_dim]`, with RoPE at `positions` when `rope` is set. Operands
-    /// `(x, w)`, then `g` if `norm_eps` is set, then `positions` if `rope` is set.
+    /// A projection to attention heads: `x @ w^T` for `x: [B, T, K]`, plus a bias `b` when
+    /// `bias` is set, split into `[B, heads, T, head_dim]`, each head RMS-normalized with
+    /// the scales `gh[head_dim]` when `qk_norm` is set, then RoPE at `positions` when `rope`
+    /// is set. Operands `(x, w)`, then `g` if `norm_eps` is set, `b[heads * head_dim]` if
+    /// `bias`, `gh` if `qk_norm`, `positions` if `rope`.
     HeadsProj {
         heads: u64,
         head_dim: u64,
         norm_eps: Option<f64>,
+        bias: bool,
+        qk_norm: Option<f64>,
         rope: Option<Rope>,
     },
     /// A fused attention (see [`AttentionKernel`]).
@@ -459,8 +463,17 @@ impl Op {
                 2 + usize::from(norm_eps.is_some()) + usize::from(*residual)
             }
             Op::SwiGlu { norm_eps } => 3 + usize::from(norm_eps.is_some()),
-            Op::HeadsProj { norm_eps, rope, .. } => {
-                2 + usize::from(norm_eps.is_some()) + usize::from(rope.is_some())
+            Op::HeadsProj {
+                norm_eps,
+                bias,
+                qk_norm,
+                rope,
+                ..
+            } => {
+                2 + usize::from(norm_eps.is_some())
+                    + usize::from(*bias)
+                    + usize::from(qk_norm.is_some())
+                    + usize::from(rope.is_some())
             }
             Op::Attention(kernel) | Op::AttentionLse(kernel) => kernel.arity(),
             Op::AttentionGrad { kernel, .. } => kernel.arity() + 3,
@@ -697,6 +710,8 @@ impl Op {
                 heads,
                 head_dim,
                 norm_eps,
+                bias,
+                qk_norm,
                 rope,
             } => {
                 let (x, w) = (float(0)?, float(1)?);
@@ -713,6 +728,26 @@ impl Op {
                 if let Some(eps) = norm_eps {
                     check_eps(*eps)?;
                     check_norm_weight(x, float(next)?)?;
+                    next += 1;
+                }
+                if *bias {
+                    let b = float(next)?;
+                    if b.shape != [Dim::Const(heads * head_dim)] {
+                        return Err(format!(
+                            "the bias must be one value per output column, f32[{}], found {b}",
+                            heads * head_dim
+                        ));
+                    }
+                    next += 1;
+                }
+                if let Some(eps) = qk_norm {
+                    check_eps(*eps)?;
+                    let g = float(next)?;
+                    if g.shape != [Dim::Const(*head_dim)] {
+                        return Err(format!(
+                            "the QK-norm weight {g} does not match a head dim of {head_dim}"
+                        ));
+                    }
                     next += 1;
                 }
                 if let Some(rope) = rope {

@@ -321,6 +321,8 @@ fn build_op(
             heads: a.number("heads")?,
             head_dim: a.number("head_dim")?,
             norm_eps: a.optional_float("norm_eps")?,
+            bias: a.boolean("bias")?,
+            qk_norm: a.optional_float("qk_norm_eps")?,
             rope: match a.attrs.contains_key("rope_base") {
                 true => Some(a.rope("rope_base", "rope_scaling")?),
                 false => None,

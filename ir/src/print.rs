@@ -78,6 +78,8 @@ pub fn attributes(op: &Op) -> Vec<(&'static str, String)> {
             heads,
             head_dim,
             norm_eps,
+            bias,
+            qk_norm,
             rope,
         } => {
             let mut attrs = vec![
@@ -86,6 +88,12 @@ pub fn attributes(op: &Op) -> Vec<(&'static str, String)> {
             ];
             if let Some(eps) = norm_eps {
                 attrs.push(("norm_eps", fmt_float(*eps)));
+            }
+            if *bias {
+                attrs.push(("bias", "true".to_string()));
+            }
+            if let Some(eps) = qk_norm {
+                attrs.push(("qk_norm_eps", fmt_float(*eps)));
             }
             if let Some(rope) = rope {
                 attrs.extend(rope_attributes(rope, "rope_base", "rope_scaling"));

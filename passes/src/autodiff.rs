@@ -197,6 +197,8 @@ pub fn decompose(graph: &mut Graph) -> Result<(), AutodiffError> {
                 heads,
                 head_dim,
                 norm_eps,
+                bias,
+                qk_norm,
                 rope,
             } => {
                 let mut next = 2;
@@ -205,7 +207,11 @@ pub fn decompose(graph: &mut Graph) -> Result<(), AutodiffError> {
                     x = b.rmsnorm(x, operands[next], *eps)?;
                     next += 1;
                 }
-                let p = b.project(x, operands[1])?;
+                let mut p = b.project(x, operands[1])?;
+                if *bias {
+                    p = b.binary(BinaryOp::Add, p, operands[next])?;
+                    next += 1;
+                }
                 let batch = node.ty.shape[0];
                 let split = b.reshape(
                     p,
@@ -217,6 +223,10 @@ pub fn decompose(graph: &mut Graph) -> Result<(), AutodiffError> {
                     },
                     &[split],
                 )?;
+                if let Some(eps) = qk_norm {
+                    y = b.rmsnorm(y, operands[next], *eps)?;
+                    next += 1;
+                }
                 if let Some(rope) = rope {
                     y = b.add(Op::Rope { rope: *rope }, &[y, operands[next]])?;
                 }

@@ -506,6 +506,8 @@ pub fn split_node(op: &Op, loc: Option<Loc>, ty: &TensorType) -> (ZOp, Vec<Attr>
             heads,
             head_dim,
             norm_eps,
+            bias,
+            qk_norm,
             rope,
         } => (
             ZOp::HeadsProj,
@@ -513,6 +515,8 @@ pub fn split_node(op: &Op, loc: Option<Loc>, ty: &TensorType) -> (ZOp, Vec<Attr>
                 Attr::Int(*heads as i64),
                 Attr::Int(*head_dim as i64),
                 optional(*norm_eps),
+                Attr::Bool(*bias),
+                optional(*qk_norm),
                 rope.as_ref().map_or(Attr::None, rope_attr),
             ],
         ),
@@ -545,7 +549,7 @@ pub fn attr_count(op: &ZOp) -> usize {
         | ZOp::TileRanges => 1,
         ZOp::ScoreMod | ZOp::Linear => 2,
         ZOp::Mask => 3,
-        ZOp::HeadsProj => 4,
+        ZOp::HeadsProj => 6,
         ZOp::Scores | ZOp::RepeatKv => 1,
         _ => 0,
     }
@@ -649,7 +653,9 @@ pub fn join_op(op: &ZOp, attrs: &[&Attr]) -> Option<(Op, Option<Loc>)> {
             heads: int(attrs[0])? as u64,
             head_dim: int(attrs[1])? as u64,
             norm_eps: optional(attrs[2])?,
-            rope: match attrs[3] {
+            bias: matches!(attrs[3], Attr::Bool(true)),
+            qk_norm: optional(attrs[4])?,
+            rope: match attrs[5] {
                 Attr::None => None,
                 a => Some(as_rope(a)?),
             },

@@ -497,6 +497,68 @@ fn heads_projection_with_rope() {
     check(text, "plain_normed_rope", "fused_normed_rope");
 }
 
+#[test]
+fn heads_projection_with_bias_and_qk_norm() {
+    let text = r#"graph g {
+  %0 = input {name = "x"} : f32[B, T, 8]
+  %1 = weight {name = "w"} : f32[8, 8]
+  %2 = weight {name = "g"} : f32[8]
+  %3 = positions : i64[T]
+  %4 = weight {name = "b"} : f32[8]
+  %5 = weight {name = "gh"} : f32[4]
+  %6 = linear(%0, %1) : f32[B, T, 8]
+  %7 = add(%6, %4) : f32[B, T, 8]
+  %8 = reshape(%7) {shape = [B, T, 2, 4]} : f32[B, T, 2, 4]
+  %9 = transpose(%8) {perm = [0, 2, 1, 3]} : f32[B, 2, T, 4]
+  %10 = heads_proj(%0, %1, %4) {heads = 2, head_dim = 4, bias = true} : f32[B, 2, T, 4]
+  %11 = rmsnorm(%0, %2) {eps = 1e-5} : f32[B, T, 8]
+  %12 = linear(%11, %1) : f32[B, T, 8]
+  %13 = add(%12, %4) : f32[B, T, 8]
+  %14 = reshape(%13) {shape = [B, T, 2, 4]} : f32[B, T, 2, 4]
+  %15 = transpose(%14) {perm = [0, 2, 1, 3]} : f32[B, 2, T, 4]
+  %16 = rmsnorm(%15, %5) {eps = 1e-6} : f32[B, 2, T, 4]
+  %17 = rope(%16, %3) {base = 10000.0} : f32[B, 2, T, 4]
+  %18 = heads_proj(%0, %1, %2, %4, %5, %3) {heads = 2, head_dim = 4, norm_eps = 1e-5, bias = true, qk_norm_eps = 1e-6, rope_base = 10000.0} : f32[B, 2, T, 4]
+  %19 = linear(%0, %1) : f32[B, T, 8]
+  %20 = reshape(%19) {shape = [B, T, 2, 4]} : f32[B, T, 2, 4]
+  %21 = transpose(%20) {perm = [0, 2, 1, 3]} : f32[B, 2, T, 4]
+  %22 = rmsnorm(%21, %5) {eps = 1e-6} : f32[B, 2, T, 4]
+  %23 = heads_proj(%0, %1, %5) {heads = 2, head_dim = 4, qk_norm_eps = 1e-6} : f32[B, 2, T, 4]
+  %24 = rope(%21, %3) {base = 10000.0} : f32[B, 2, T, 4]
+  %25 = rmsnorm(%24, %5) {eps = 1e-6} : f32[B, 2, T, 4]
+  %26 = heads_proj(%0, %1, %5, %3) {heads = 2, head_dim = 4, qk_norm_eps = 1e-6, rope_base = 10000.0} : f32[B, 2, T, 4]
+  %27 = input {name = "r"} : f32[B, T, 8]
+  %28 = add(%6, %27) : f32[B, T, 8]
+  %29 = reshape(%28) {shape = [B, T, 2, 4]} : f32[B, T, 2, 4]
+  %30 = transpose(%29) {perm = [0, 2, 1, 3]} : f32[B, 2, T, 4]
+  output plain_biased = %9
+  output fused_biased = %10
+  output plain_qwen3 = %17
+  output fused_qwen3 = %18
+  output plain_qk_norm = %22
+  output fused_qk_norm = %23
+  output rope_then_norm = %25
+  output norm_then_rope = %26
+  output plain_residual = %30
+}"#;
+    check(text, "plain_biased", "fused_biased");
+    check(text, "plain_qwen3", "fused_qwen3");
+    check(text, "plain_qk_norm", "fused_qk_norm");
+    // QK-norm comes before RoPE: a norm after RoPE is another computation.
+    check_not(text, "rope_then_norm", "norm_then_rope");
+    // An added tensor that is not one value per column is not a bias.
+    let (egraph, outputs) = saturate(text);
+    let class = outputs
+        .iter()
+        .find(|(n, _)| n == "plain_residual")
+        .unwrap()
+        .1;
+    assert!(
+        !egraph[class].nodes.iter().any(|n| n.op == ZOp::HeadsProj),
+        "a per-token addend was fused as a bias"
+    );
+}
+
 /// Every rule of every family is exercised by the tests above.
 #[test]
 fn every_rule_is_tested() {
@@ -546,8 +608,13 @@ fn every_rule_is_tested() {
             ("swiglu-normed", "swiglu_plain_and_normed"),
             ("heads-proj", "heads_projection_with_rope"),
             ("heads-proj-normed", "heads_projection_with_rope"),
+            ("heads-proj-biased", "heads_projection_with_bias"),
+            ("heads-proj-normed-biased", "heads_projection_with_bias"),
+            (
+                "qk-norm-into-heads-proj",
+                "heads_projection_with_bias_and_qk_norm",
+            ),
             ("rope-into-heads-proj", "heads_projection_with_rope"),
-            ("rope-into-normed-heads-proj", "heads_projection_with_rope"),
         ]
         .iter()
         .any(|(r, test)| *r == name && tested.contains(test));

@@ -547,6 +547,61 @@ fn imported_configurations_reproduce_transformers() {
         );
     }
 
+    // Qwen2 (Q, K and V biases; layer 1 a window of 4 from `max_window_layers = 1` on) and
+    // Qwen3 (QK-norm; `attention_bias` on all four projections) on the weights with random
+    // biases and QK-norm scales. A Qwen2 checkpoint's extra tensors (here the o_proj bias and
+    // the QK-norm scales it does not read) are named in a warning, not silently dropped.
+    std::fs::copy(
+        golden.join("tiny_qwen.safetensors"),
+        folder.join("model.safetensors"),
+    )
+    .unwrap();
+    for (model_type, extra) in [
+        (
+            "qwen2",
+            serde_json::json!({"use_sliding_window": true, "sliding_window": 4,
+                "max_window_layers": 1}),
+        ),
+        ("qwen3", serde_json::json!({"attention_bias": true})),
+    ] {
+        let mut config = config.clone();
+        config["model_type"] = model_type.into();
+        for (key, value) in extra.as_object().unwrap() {
+            config[key] = value.clone();
+        }
+        std::fs::write(folder.join("config.json"), config.to_string()).unwrap();
+        let source = path(dir.path(), &format!("{model_type}.zb"));
+        let out = zebra(&["import", &folder_arg, "-o", &source]);
+        assert!(out.ok, "{}", out.stderr);
+        let what = format!("zebra import of {model_type}, then zebra run");
+        runs_to(
+            &source,
+            &tokens_160,
+            &format!("logits_{model_type}.npy"),
+            &what,
+        );
+    }
+    let out = zebra(&[
+        "run",
+        &path(dir.path(), "qwen2.zb"),
+        "--weights",
+        &folder_arg,
+        "--tokens",
+        &tokens_160,
+        "--output",
+        &path(dir.path(), "logits.npy"),
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("6 tensors of the weights are not read by model `tiny_llama`")
+            && out
+                .stderr
+                .contains("model.layers.0.self_attn.k_norm.weight"),
+        "{}",
+        out.stderr
+    );
+
     // What it cannot import, it names.
     std::fs::write(
         folder.join("config.json"),

@@ -264,8 +264,9 @@ fn attention_kernels_on_random_shapes() {
     }
 }
 
-/// The fused projections (with and without RMSNorm, residual, RoPE) and SwiGLU on random
-/// sizes, including sizes that are not multiples of the vector width or the tiles.
+/// The fused projections (with and without RMSNorm, residual, a bias, QK-norm, RoPE) and
+/// SwiGLU on random sizes, including sizes that are not multiples of the vector width or the
+/// tiles.
 #[test]
 fn projection_kernels_on_random_shapes() {
     let out = tempfile::tempdir().expect("temporary directory");
@@ -274,10 +275,10 @@ fn projection_kernels_on_random_shapes() {
         let k = [3, 8, 16, 24, 37, 64, 100][rng.random_range(0..7)];
         let n = [1, 5, 8, 16, 33, 72, 130][rng.random_range(0..7)];
         let heads = [1, 2, 4][rng.random_range(0..3)];
-        let head_dim = [2, 4, 8, 6][rng.random_range(0..4)];
+        let head_dim = [2, 4, 8, 6, 64][rng.random_range(0..5)];
         let eps = ["1e-5", "1e-6"][rng.random_range(0..2)];
         let text = format!(
-            "graph proj{case} {{\n  %0 = input {{name = \"x\"}} : f32[B, T, {k}]\n  %1 = weight {{name = \"w\"}} : f32[{n}, {k}]\n  %2 = weight {{name = \"g\"}} : f32[{k}]\n  %3 = weight {{name = \"u\"}} : f32[{n}, {k}]\n  %4 = weight {{name = \"o\"}} : f32[{k}, {n}]\n  %5 = weight {{name = \"hq\"}} : f32[{hn}, {k}]\n  %6 = positions : i64[T]\n  %7 = linear(%0, %1) : f32[B, T, {n}]\n  %8 = swiglu(%0, %1, %3, %2) {{norm_eps = {eps}}} : f32[B, T, {n}]\n  %9 = linear(%8, %4, %0) {{residual = true}} : f32[B, T, {k}]\n  %10 = heads_proj(%9, %5, %2, %6) {{heads = {heads}, head_dim = {head_dim}, norm_eps = {eps}, rope_base = 10000.0}} : f32[B, {heads}, T, {head_dim}]\n  %11 = heads_proj(%9, %5, %2) {{heads = {heads}, head_dim = {head_dim}, norm_eps = {eps}}} : f32[B, {heads}, T, {head_dim}]\n  %12 = linear(%0, %1, %2) {{norm_eps = {eps}}} : f32[B, T, {n}]\n  output linear = %7\n  output swiglu = %8\n  output residual = %9\n  output rope = %10\n  output heads = %11\n  output normed = %12\n}}\n",
+            "graph proj{case} {{\n  %0 = input {{name = \"x\"}} : f32[B, T, {k}]\n  %1 = weight {{name = \"w\"}} : f32[{n}, {k}]\n  %2 = weight {{name = \"g\"}} : f32[{k}]\n  %3 = weight {{name = \"u\"}} : f32[{n}, {k}]\n  %4 = weight {{name = \"o\"}} : f32[{k}, {n}]\n  %5 = weight {{name = \"hq\"}} : f32[{hn}, {k}]\n  %6 = positions : i64[T]\n  %7 = linear(%0, %1) : f32[B, T, {n}]\n  %8 = swiglu(%0, %1, %3, %2) {{norm_eps = {eps}}} : f32[B, T, {n}]\n  %9 = linear(%8, %4, %0) {{residual = true}} : f32[B, T, {k}]\n  %10 = heads_proj(%9, %5, %2, %6) {{heads = {heads}, head_dim = {head_dim}, norm_eps = {eps}, rope_base = 10000.0}} : f32[B, {heads}, T, {head_dim}]\n  %11 = heads_proj(%9, %5, %2) {{heads = {heads}, head_dim = {head_dim}, norm_eps = {eps}}} : f32[B, {heads}, T, {head_dim}]\n  %12 = linear(%0, %1, %2) {{norm_eps = {eps}}} : f32[B, T, {n}]\n  %13 = weight {{name = \"bq\"}} : f32[{hn}]\n  %14 = weight {{name = \"gq\"}} : f32[{head_dim}]\n  %15 = heads_proj(%9, %5, %2, %13, %14, %6) {{heads = {heads}, head_dim = {head_dim}, norm_eps = {eps}, bias = true, qk_norm_eps = {eps}, rope_base = 10000.0}} : f32[B, {heads}, T, {head_dim}]\n  %16 = heads_proj(%9, %5, %13) {{heads = {heads}, head_dim = {head_dim}, bias = true}} : f32[B, {heads}, T, {head_dim}]\n  %17 = heads_proj(%9, %5, %14) {{heads = {heads}, head_dim = {head_dim}, qk_norm_eps = {eps}}} : f32[B, {heads}, T, {head_dim}]\n  output linear = %7\n  output swiglu = %8\n  output residual = %9\n  output rope = %10\n  output heads = %11\n  output normed = %12\n  output qwen3 = %15\n  output biased = %16\n  output qk_normed = %17\n}}\n",
             hn = heads * head_dim,
         );
         let lengths = [1, rng.random_range(2..40), rng.random_range(40..130)];

@@ -433,8 +433,25 @@ fn read(buffer: &[Aligned], n: usize) -> Vec<f32> {
     buffer.iter().flat_map(|a| a.0).take(n).collect()
 }
 
+/// A `heads_proj` of `heads` heads with the epilogue given.
+fn heads(
+    heads: usize,
+    bias: bool,
+    qk_norm: Option<f64>,
+    rope: bool,
+) -> zebra_codegen::kernels::projection_mma::ProjectionKind {
+    zebra_codegen::kernels::projection_mma::ProjectionKind::Heads {
+        heads,
+        epilogue: zebra_codegen::kernels::gemm::HeadsEpilogue {
+            bias,
+            qk_norm,
+            rope,
+        },
+    }
+}
+
 /// The tensor-core projections (`linear` with RMSNorm and a residual, `swiglu`,
-/// `heads_proj` with RoPE) in the emulator against an f64 reference computed from the same
+/// `heads_proj` with a bias, QK-norm and RoPE) in the emulator against an f64 reference computed from the same
 /// 16-bit-rounded operands: only f32 accumulation separates them. Shapes cover a row count,
 /// `K` and `N` that are not multiples of the tiles, `K` not a multiple of 8 or 4, and more
 /// columns than one tile.
@@ -442,6 +459,7 @@ fn read(buffer: &[Aligned], n: usize) -> Vec<f32> {
 fn tensor_core_projections_in_the_emulator() {
     use rand::{Rng, SeedableRng};
     use zebra_codegen::emulate::compile_projection;
+    use zebra_codegen::kernels::gemm::HeadsEpilogue;
     use zebra_codegen::kernels::projection_mma::{PANEL, ProjectionKind, ProjectionMma};
     use zebra_runtime::attention_check::{bf16_bits, bf16_value, f16_bits, f16_value};
     use zebra_runtime::plan::PackSpec;
@@ -464,36 +482,19 @@ fn tensor_core_projections_in_the_emulator() {
         ),
         (ProjectionKind::SwiGlu, 64, 176, Some(1e-5), Half::Bf16),
         (ProjectionKind::SwiGlu, 36, 48, None, Half::Bf16),
+        (heads(3, false, None, true), 64, 16, Some(1e-5), Half::Bf16),
+        (heads(2, false, None, true), 40, 32, None, Half::F16),
+        (heads(2, false, None, false), 64, 48, Some(1e-6), Half::Bf16),
+        // Qwen2's bias, and Qwen3's QK-norm (with and without a bias, RoPE and the norm).
+        (heads(2, true, None, true), 64, 32, Some(1e-5), Half::Bf16),
         (
-            ProjectionKind::Heads {
-                heads: 3,
-                rope: true,
-            },
+            heads(3, true, Some(1e-6), true),
+            48,
             64,
-            16,
             Some(1e-5),
             Half::Bf16,
         ),
-        (
-            ProjectionKind::Heads {
-                heads: 2,
-                rope: true,
-            },
-            40,
-            32,
-            None,
-            Half::F16,
-        ),
-        (
-            ProjectionKind::Heads {
-                heads: 2,
-                rope: false,
-            },
-            64,
-            48,
-            Some(1e-6),
-            Half::Bf16,
-        ),
+        (heads(2, false, Some(1e-5), false), 40, 16, None, Half::F16),
     ];
     let (batch, seq) = (2usize, 75usize);
     let m = batch * seq;
@@ -514,10 +515,18 @@ fn tensor_core_projections_in_the_emulator() {
         let mut random = |len: usize| -> Vec<f32> {
             (0..len).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
         };
-        let (heads, rope) = match kind {
-            ProjectionKind::Heads { heads, rope } => (heads, rope),
-            _ => (1, false),
+        let (heads, epilogue) = match kind {
+            ProjectionKind::Heads { heads, epilogue } => (heads, epilogue),
+            _ => (
+                1,
+                HeadsEpilogue {
+                    bias: false,
+                    qk_norm: None,
+                    rope: false,
+                },
+            ),
         };
+        let rope = epilogue.rope;
         let total_n = heads * n;
         let x = random(m * k);
         let gain: Vec<f32> = random(k).iter().map(|g| 1.0 + 0.5 * g).collect();
@@ -539,6 +548,8 @@ fn tensor_core_projections_in_the_emulator() {
             .map(|w| zebra_runtime::pack::pack(w, norm_eps.map(|_| gain.as_slice()), &spec))
             .collect();
         let residual = random(m * n);
+        let bias = random(total_n);
+        let qk_gain: Vec<f32> = random(n).iter().map(|g| 1.0 + 0.5 * g).collect();
         let (cos, sin) = (random(seq * n / 2), random(seq * n / 2));
         let out_len = m * total_n;
 
@@ -547,12 +558,19 @@ fn tensor_core_projections_in_the_emulator() {
         let x_buf = aligned(&x);
         let packed_bufs: Vec<Vec<Aligned>> = packed.iter().map(|w| aligned(w)).collect();
         let res_buf = aligned(&residual);
+        let (bias_buf, qk_buf) = (aligned(&bias), aligned(&qk_gain));
         let (cos_buf, sin_buf) = (aligned(&cos), aligned(&sin));
         let mut out_buf = aligned(&vec![f32::NAN; out_len]);
         let mut buffers: Vec<u64> = vec![x_buf.as_ptr() as u64];
         buffers.extend(packed_bufs.iter().map(|w| w.as_ptr() as u64));
         if kind == (ProjectionKind::Linear { residual: true }) {
             buffers.push(res_buf.as_ptr() as u64);
+        }
+        if epilogue.bias {
+            buffers.push(bias_buf.as_ptr() as u64);
+        }
+        if epilogue.qk_norm.is_some() {
+            buffers.push(qk_buf.as_ptr() as u64);
         }
         if rope {
             buffers.push(cos_buf.as_ptr() as u64);
@@ -615,6 +633,28 @@ fn tensor_core_projections_in_the_emulator() {
                     ProjectionKind::Heads { .. } => {
                         let (h, d) = (col / n, col % n);
                         let at = ((bi * heads + h) * seq + ti) * n + d;
+                        // The head's values before RoPE, with their magnitudes.
+                        let mut head: Vec<(f64, f64)> = (0..n)
+                            .map(|dd| {
+                                let (s, a) = dot(&packed[0], h * n + dd);
+                                match epilogue.bias {
+                                    true => {
+                                        let b = f64::from(bias[h * n + dd]);
+                                        (s + b, a + b.abs())
+                                    }
+                                    false => (s, a),
+                                }
+                            })
+                            .collect();
+                        if let Some(eps) = epilogue.qk_norm {
+                            let ms = head.iter().map(|(v, _)| v * v).sum::<f64>() / n as f64;
+                            let r = 1.0 / (ms + eps).sqrt();
+                            for (dd, (v, a)) in head.iter_mut().enumerate() {
+                                let g = f64::from(qk_gain[dd]);
+                                *v *= r * g;
+                                *a *= r * g.abs();
+                            }
+                        }
                         if rope {
                             let half_d = n / 2;
                             let j = d % half_d;
@@ -622,8 +662,7 @@ fn tensor_core_projections_in_the_emulator() {
                                 f64::from(cos[ti * half_d + j]),
                                 f64::from(sin[ti * half_d + j]),
                             );
-                            let (x1, a1) = dot(&packed[0], h * n + j);
-                            let (x2, a2) = dot(&packed[0], h * n + j + half_d);
+                            let ((x1, a1), (x2, a2)) = (head[j], head[j + half_d]);
                             let want = if d < half_d {
                                 x1 * c - x2 * s
                             } else {
@@ -631,8 +670,7 @@ fn tensor_core_projections_in_the_emulator() {
                             };
                             (want, a1 + a2, out[at])
                         } else {
-                            let (s, a) = dot(&packed[0], col);
-                            (s, a, out[at])
+                            (head[d].0, head[d].1, out[at])
                         }
                     }
                 };

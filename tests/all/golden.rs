@@ -128,3 +128,46 @@ fn llama3_rope_scaling_matches_transformers() {
 fn yarn_rope_scaling_matches_transformers() {
     golden_rope("yarn");
 }
+
+/// The reference interpreter against transformers' logits for the golden tiny Llama built as
+/// Qwen2 (Q, K and V biases; a sliding layer) and as Qwen3 (QK-norm; biases on all four
+/// projections), on weights with random biases and norm scales
+/// (`scripts/golden_transformers.py`).
+fn golden_qwen(name: &str) {
+    let dir = root().join("tests/fixtures/golden");
+    let weights = Weights::load(&dir.join("tiny_qwen.safetensors")).expect("golden weights");
+    let tokens = npy::read_ints(&dir.join("tokens_160.npy")).expect("golden tokens");
+    let expected =
+        npy::read_floats(&dir.join(format!("logits_{name}.npy"))).expect("golden logits");
+    let mut inputs = BTreeMap::new();
+    inputs.insert("tokens".to_string(), Value::Int(tokens));
+    let spec = model(&dir.join(format!("{name}.zb")));
+    let actual = logits(&lower(&spec), &inputs, &weights);
+    assert_close(
+        &actual,
+        &expected,
+        TOLERANCE,
+        &format!("interpreter vs transformers ({name})"),
+    );
+    // Without its biases and its QK-norm the model is far from them: they are what matches.
+    let mut plain = spec.clone();
+    plain.biases = Default::default();
+    plain.qk_norm = None;
+    let plain = logits(&lower(&plain), &inputs, &weights);
+    let largest = expected.iter().fold(0f64, |m, x| m.max(x.abs()));
+    let apart = plain
+        .iter()
+        .zip(&expected)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+    assert!(apart > 0.1 * largest, "{name}: plain only {apart} apart");
+}
+
+#[test]
+fn qwen2_biases_match_transformers() {
+    golden_qwen("qwen2");
+}
+
+#[test]
+fn qwen3_qk_norm_matches_transformers() {
+    golden_qwen("qwen3");
+}

@@ -388,18 +388,35 @@ fn row_panels(
     });
 }
 
-/// `heads_proj`: `x [B*T, K] @ w^T` split into `[B, H, T, D]`, with RMSNorm and RoPE.
-/// The weight is packed per head (each head's `D` columns padded to whole panels). Buffers:
-/// x, packed weight, (rope cos, rope sin: `[T, D/2]`), out. Grid: `ceil(B*T / 32) * H`.
+/// What `heads_proj` does to each head after its product (see [`heads_proj`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HeadsEpilogue {
+    /// A bias `[H * D]` added to the product.
+    pub bias: bool,
+    /// RMSNorm over each head with scales `[D]` (QK-norm), with this epsilon.
+    pub qk_norm: Option<f64>,
+    /// RoPE from cos and sin tables.
+    pub rope: bool,
+}
+
+/// `heads_proj`: `x [B*T, K] @ w^T` split into `[B, H, T, D]`, with RMSNorm before, and a
+/// bias, QK-norm and RoPE after (in that order). The weight is packed per head (each head's
+/// `D` columns padded to whole panels). Buffers: x, packed weight, (bias `[H * D]`),
+/// (QK-norm scales `[D]`), (rope cos, rope sin: `[T, D/2]`), out. Grid: `ceil(B*T / 32) * H`.
 pub fn heads_proj(
     name: &str,
     k: usize,
     heads: usize,
     head_dim: usize,
     norm_eps: Option<f64>,
-    rope: bool,
+    epilogue: HeadsEpilogue,
     (vector, bf16): (usize, bool),
 ) -> String {
+    let HeadsEpilogue {
+        bias,
+        qk_norm,
+        rope,
+    } = epilogue;
     let s = Shape {
         k,
         n: head_dim,
@@ -412,12 +429,16 @@ pub fn heads_proj(
     let e = entry();
     let x = b.ptr_at(&e.bufs, 0);
     let packed = b.ptr_at(&e.bufs, 1);
-    let (cos, sin) = if rope {
-        (Some(b.ptr_at(&e.bufs, 2)), Some(b.ptr_at(&e.bufs, 3)))
-    } else {
-        (None, None)
+    let mut next = 2;
+    let mut buffer = |b: &mut Builder, present: bool| {
+        let ptr = present.then(|| b.ptr_at(&e.bufs, next));
+        next += usize::from(present);
+        ptr
     };
-    let out = b.ptr_at(&e.bufs, if rope { 4 } else { 2 });
+    let bias_ptr = buffer(&mut b, bias);
+    let qk_scales = buffer(&mut b, qk_norm.is_some());
+    let (cos, sin) = (buffer(&mut b, rope), buffer(&mut b, rope));
+    let out = buffer(&mut b, true).expect("the output buffer");
     let batch = b.i64_at(&e.dims, 0);
     let t = b.i64_at(&e.dims, 1);
     let m = b.muli(&batch, &t);
@@ -482,15 +503,55 @@ pub fn heads_proj(
             let dst = b.addi(&dst, &ti);
             let dst = b.muli(&dst, &cd);
             let src = b.muli(i, &cdp);
-            let scale = norm_eps.map(|_| {
+            let mut scale = norm_eps.map(|_| {
                 let r = b.load(&inv, i, F32, F32);
                 b.splat(&r, F32, hw)
             });
-            let load_scaled = |b: &mut Builder, at: &Val| {
+            // The bias and QK-norm: the row's head updated in the tile first (the input's
+            // norm scale applied, the bias added), with its sum of squares.
+            let mut qk_scale = None;
+            if bias || qk_norm.is_some() {
+                let zero = b.splat_f32(0.0, hw);
+                let head_at = b.muli(&h, &cd);
+                let squares = b.for_range(&c0, &cd, &chw, &[(zero, hvt.clone())], |b, j, acc| {
+                    let at = b.addi(&src, j);
+                    let mut v = b.load(&tile, &at, F32, &hvt);
+                    if let Some(sc) = &scale {
+                        v = b.bin("mulf", &v, sc, &hvt);
+                    }
+                    if let Some(bias) = &bias_ptr {
+                        let bat = b.addi(&head_at, j);
+                        let bv = b.load(bias, &bat, F32, &hvt);
+                        v = b.bin("addf", &v, &bv, &hvt);
+                    }
+                    b.store(&v, &tile, &at, F32, &hvt);
+                    vec![b.fma(&v, &v, &acc[0], &hvt)]
+                });
+                scale = None;
+                if let Some(eps) = qk_norm {
+                    let total = b.reduce("add", &squares[0], &hvt, F32);
+                    let n = b.f32(head_dim as f32);
+                    let mean = b.bin("divf", &total, &n, F32);
+                    let e = b.f32(eps as f32);
+                    let shifted = b.bin("addf", &mean, &e, F32);
+                    let r = b.op(format!("math.rsqrt {shifted} : f32"));
+                    qk_scale = Some(b.splat(&r, F32, hw));
+                }
+            }
+            // Element `at` of the tile (`j` within the head), fully scaled.
+            let load_scaled = |b: &mut Builder, at: &Val, j: &Val| {
                 let v = b.load(&tile, at, F32, &hvt);
-                match &scale {
+                let v = match &scale {
                     Some(sc) => b.bin("mulf", &v, sc, &hvt),
                     None => v,
+                };
+                match (&qk_scale, &qk_scales) {
+                    (Some(r), Some(g)) => {
+                        let gv = b.load(g, j, F32, &hvt);
+                        let v = b.bin("mulf", &v, r, &hvt);
+                        b.bin("mulf", &v, &gv, &hvt)
+                    }
+                    _ => v,
                 }
             };
             match (&cos, &sin) {
@@ -500,8 +561,9 @@ pub fn heads_proj(
                     b.for_range(&c0, &ch2, &chw, &[], |b, j, _| {
                         let a_at = b.addi(&src, j);
                         let b_at = b.addi(&a_at, &ch2);
-                        let x1 = load_scaled(b, &a_at);
-                        let x2 = load_scaled(b, &b_at);
+                        let j2 = b.addi(j, &ch2);
+                        let x1 = load_scaled(b, &a_at, j);
+                        let x2 = load_scaled(b, &b_at, &j2);
                         let tat = b.addi(&trow, j);
                         let cs = b.load(cos, &tat, F32, &hvt);
                         let sn = b.load(sin, &tat, F32, &hvt);
@@ -521,7 +583,7 @@ pub fn heads_proj(
                 _ => {
                     b.for_range(&c0, &cd, &chw, &[], |b, j, _| {
                         let at = b.addi(&src, j);
-                        let v = load_scaled(b, &at);
+                        let v = load_scaled(b, &at, j);
                         let d1 = b.addi(&dst, j);
                         b.store(&v, &out, &d1, F32, &hvt);
                         vec![]

@@ -80,7 +80,8 @@ pub enum KernelSpec {
         heads: usize,
         head_dim: usize,
         norm_eps: Option<f64>,
-        rope: bool,
+        /// The bias, QK-norm and RoPE after the product.
+        epilogue: gemm::HeadsEpilogue,
         bf16: bool,
     },
     /// A primitive operation, element by element.
@@ -183,11 +184,20 @@ impl KernelSpec {
                 heads,
                 head_dim,
                 norm_eps,
-                rope,
+                epilogue,
                 bf16,
             } => {
+                // Stable for the plain projections: their kernels keep their names.
+                let mut extra = String::new();
+                if epilogue.bias {
+                    extra.push_str(" bias");
+                }
+                if let Some(eps) = epilogue.qk_norm {
+                    extra.push_str(&format!(" qk_norm={eps:?}"));
+                }
                 format!(
-                    "heads_proj k={k} h={heads} d={head_dim} norm={norm_eps:?} rope={rope}{}",
+                    "heads_proj k={k} h={heads} d={head_dim} norm={norm_eps:?}{extra} rope={}{}",
+                    epilogue.rope,
                     bf16_weights(*bf16)
                 )
             }
@@ -315,7 +325,7 @@ impl KernelSpec {
                 heads,
                 head_dim,
                 norm_eps,
-                rope,
+                epilogue,
                 bf16,
             } => gemm::heads_proj(
                 &name,
@@ -323,7 +333,7 @@ impl KernelSpec {
                 *heads,
                 *head_dim,
                 *norm_eps,
-                *rope,
+                *epilogue,
                 (vector, *bf16),
             ),
             KernelSpec::Generic { op, operands, out } => generic::kernel(&name, op, operands, out),

@@ -24,6 +24,7 @@ use super::attention_mma::{Half, WARPS};
 use super::block::{
     ChunkedTile, block_function, element_address, load8, pack8, sliced_product, store_chunk,
 };
+use super::gemm::HeadsEpilogue;
 use super::warp::Lowering;
 use crate::mlir::{Builder, F32, I64, Val, vf32};
 
@@ -33,11 +34,16 @@ const BLOCK_K: usize = 32;
 pub const PANEL: usize = 8;
 
 /// Which projection, with what the epilogue needs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum ProjectionKind {
-    Linear { residual: bool },
+    Linear {
+        residual: bool,
+    },
     SwiGlu,
-    Heads { heads: usize, rope: bool },
+    Heads {
+        heads: usize,
+        epilogue: HeadsEpilogue,
+    },
 }
 
 /// A projection kernel on tensor cores.
@@ -91,10 +97,10 @@ impl ProjectionMma {
                 heads,
                 head_dim,
                 norm_eps,
-                rope,
+                epilogue,
                 bf16: false,
             } if head_dim.is_multiple_of(16) && head_dim <= 256 => Some(ProjectionMma {
-                kind: ProjectionKind::Heads { heads, rope },
+                kind: ProjectionKind::Heads { heads, epilogue },
                 k,
                 n: head_dim,
                 norm_eps,
@@ -193,8 +199,17 @@ pub fn projection_mma(name: &str, p: &ProjectionMma, half: Half, isa: Lowering) 
         v
     };
     let residual = matches!(p.kind, ProjectionKind::Linear { residual: true }).then(|| operand(b));
-    let rope = matches!(p.kind, ProjectionKind::Heads { rope: true, .. })
-        .then(|| (operand(b), operand(b)));
+    let epilogue = match p.kind {
+        ProjectionKind::Heads { epilogue, .. } => epilogue,
+        _ => HeadsEpilogue {
+            bias: false,
+            qk_norm: None,
+            rope: false,
+        },
+    };
+    let bias = epilogue.bias.then(|| operand(b));
+    let qk_scales = epilogue.qk_norm.map(|_| operand(b));
+    let rope = epilogue.rope.then(|| (operand(b), operand(b)));
     let out = operand(b);
     let batch = b.i64_at(&dims, 0);
     let t = b.i64_at(&dims, 1);
@@ -443,6 +458,56 @@ pub fn projection_mma(name: &str, p: &ProjectionMma, half: Half, isa: Lowering) 
         for r in 0..2 {
             let row = rows[2 * blk + r].clone();
             let scale = inverse[2 * blk + r].clone();
+            // A head's values of this row, element (j, e) at `2 j + e`: scaled by the input's
+            // norm, the bias added, QK-normalized. Every thread computes them (the
+            // QK-norm's sum is shared by the shuffles of the row's four threads), live rows
+            // or not.
+            let head_vals: Vec<Val> = match p.kind {
+                ProjectionKind::Heads { .. } => {
+                    let d = p.n;
+                    let cd = b.i64(d as i64);
+                    let head_col0 = b.muli(&by, &cd);
+                    let mut vals = Vec::with_capacity(d / 4);
+                    for j in 0..d / 8 {
+                        for e in 0..2 {
+                            let v = at_acc(0, blk, j, r, e);
+                            let mut v = b.bin("mulf", &v, &scale, F32);
+                            if let Some(bias) = &bias {
+                                let off = b.i64((j * 8 + e) as i64);
+                                let col = b.addi(&head_col0, &off);
+                                let col = b.addi(&col, &two_c);
+                                let bv = b.load(bias, &col, F32, F32);
+                                v = b.bin("addf", &v, &bv, F32);
+                            }
+                            vals.push(v);
+                        }
+                    }
+                    if let (Some(eps), Some(g)) = (epilogue.qk_norm, &qk_scales) {
+                        let mut sum = zero.clone();
+                        for v in &vals {
+                            sum = b.fma(v, v, &sum, F32);
+                        }
+                        for bit in [1, 2] {
+                            let other = isa.shuffle_xor(b, &sum, bit);
+                            sum = b.bin("addf", &sum, &other, F32);
+                        }
+                        let n = b.f32(d as f32);
+                        let mean = b.bin("divf", &sum, &n, F32);
+                        let e = b.f32(eps as f32);
+                        let shifted = b.bin("addf", &mean, &e, F32);
+                        let rstd = b.op(format!("math.rsqrt {shifted} : f32"));
+                        for (i, v) in vals.iter_mut().enumerate() {
+                            let off = b.i64(((i / 2) * 8 + i % 2) as i64);
+                            let col = b.addi(&off, &two_c);
+                            let gv = b.load(g, &col, F32, F32);
+                            let scaled = b.bin("mulf", v, &rstd, F32);
+                            *v = b.bin("mulf", &scaled, &gv, F32);
+                        }
+                    }
+                    vals
+                }
+                _ => Vec::new(),
+            };
             let live = b.cmpi("slt", &row, &m, I64);
             b.if_then(&live, |b| match p.kind {
                 ProjectionKind::Linear { .. } | ProjectionKind::SwiGlu => {
@@ -498,18 +563,16 @@ pub fn projection_mma(name: &str, p: &ProjectionMma, half: Half, isa: Lowering) 
                             for j in 0..d / 16 {
                                 for e in 0..2 {
                                     let off = b.i64((j * 8 + e) as i64);
-                                    let x1 = at_acc(0, blk, j, r, e);
-                                    let x1 = b.bin("mulf", &x1, &scale, F32);
-                                    let x2 = at_acc(0, blk, j + d / 16, r, e);
-                                    let x2 = b.bin("mulf", &x2, &scale, F32);
+                                    let x1 = &head_vals[2 * j + e];
+                                    let x2 = &head_vals[2 * (j + d / 16) + e];
                                     let tat = b.addi(&trow, &off);
                                     let cs = b.load(cos, &tat, F32, F32);
                                     let sn = b.load(sin, &tat, F32, F32);
-                                    let a = b.bin("mulf", &x1, &cs, F32);
-                                    let bb = b.bin("mulf", &x2, &sn, F32);
+                                    let a = b.bin("mulf", x1, &cs, F32);
+                                    let bb = b.bin("mulf", x2, &sn, F32);
                                     let o1 = b.bin("subf", &a, &bb, F32);
-                                    let cc = b.bin("mulf", &x2, &cs, F32);
-                                    let dd = b.bin("mulf", &x1, &sn, F32);
+                                    let cc = b.bin("mulf", x2, &cs, F32);
+                                    let dd = b.bin("mulf", x1, &sn, F32);
                                     let o2 = b.bin("addf", &cc, &dd, F32);
                                     let d1 = b.addi(&dst, &off);
                                     let d2 = b.addi(&d1, &halfd);
@@ -522,10 +585,8 @@ pub fn projection_mma(name: &str, p: &ProjectionMma, half: Half, isa: Lowering) 
                             for j in 0..d / 8 {
                                 for e in 0..2 {
                                     let off = b.i64((j * 8 + e) as i64);
-                                    let v = at_acc(0, blk, j, r, e);
-                                    let v = b.bin("mulf", &v, &scale, F32);
                                     let at = b.addi(&dst, &off);
-                                    b.store(&v, &out, &at, F32, F32);
+                                    b.store(&head_vals[2 * j + e], &out, &at, F32, F32);
                                 }
                             }
                         }
@@ -554,7 +615,11 @@ mod tests {
             ProjectionKind::SwiGlu,
             ProjectionKind::Heads {
                 heads: 4,
-                rope: true,
+                epilogue: HeadsEpilogue {
+                    bias: true,
+                    qk_norm: Some(1e-6),
+                    rope: true,
+                },
             },
         ] {
             for n in [16, 48, 64, 128, 176, 256, 4096] {
