@@ -162,8 +162,20 @@ fn describe(spec: &ModelSpec) -> String {
         let count = spec.layers.iter().filter(|&&k| k == i).count();
         kinds.push(format!("{count} x {}", kind.label));
     }
+    // What the attention's projections add: biases, QK-norm.
+    let mut extras = String::new();
+    let biased: Vec<&str> = zebra_frontend::spec::Biases::NAMES
+        .into_iter()
+        .filter(|p| spec.biases.has(p))
+        .collect();
+    if !biased.is_empty() {
+        extras.push_str(&format!(", biases on {}", biased.join(", ")));
+    }
+    if spec.qk_norm.is_some() {
+        extras.push_str(", QK-norm");
+    }
     format!(
-        "model `{}`: {} layers ({}), dim {}, {} heads / {} KV heads of dim {}, vocab {}, {:.2}M parameters",
+        "model `{}`: {} layers ({}), dim {}, {} heads / {} KV heads of dim {}{extras}, vocab {}, {:.2}M parameters",
         spec.name,
         spec.layers.len(),
         kinds.join(", "),

@@ -342,6 +342,12 @@ fn new_run(args: &TrainArgs) -> Result<(RunConfig, PathBuf, String)> {
         None if args.tokenizer.is_some() => {
             bail!("--tokenizer encodes --data; the recall task's tokens are its own")
         }
+        None if spec.vocab < 256 => bail!(
+            "model `{}` has a vocabulary of {}, too small for the recall task, whose tokens \
+             are bytes (256)",
+            spec.name,
+            spec.vocab
+        ),
         None => None,
     };
     let config = RunConfig {

@@ -96,6 +96,14 @@ fn check_reports_ok_and_errors() {
         "{}",
         out.stdout
     );
+    // What the projections add is in the summary.
+    let out = zebra(&["check", "tests/fixtures/golden/qwen3.zb"]);
+    assert!(
+        out.stdout
+            .contains("4 heads / 2 KV heads of dim 8, biases on q, k, v, o, QK-norm, vocab 64"),
+        "{}",
+        out.stdout
+    );
 
     let out = zebra(&["check", "tests/fixtures/err/window_zero.zb"]);
     assert!(!out.ok);
@@ -1570,6 +1578,12 @@ fn bad_training_and_generation_inputs_are_refused() {
             "{args:?} wrote a run"
         );
     }
+    // The recall task's bytes need a vocabulary of 256: refused before anything is written.
+    let small = root().join("tests/fixtures/golden/qwen3.zb");
+    let small = small.to_string_lossy();
+    let out = zebra(&["train", &small, "--task", "recall", "--out", &out_dir]);
+    out.refused("has a vocabulary of 64, too small for the recall task");
+    assert!(!Path::new(&out_dir).join("checkpoint.json").exists());
 
     let run = path(dir.path(), "trained");
     assert!(train_tiny(&data, &run, "2", &["--quiet"]).ok);
