@@ -199,6 +199,14 @@ impl Builder {
         self.op(format!("arith.fptosi {a} : {from} to {to}"))
     }
 
+    /// RMSNorm's `1 / sqrt(sum / n + eps)` of a sum of `n` squares (f32 scalars).
+    pub fn inverse_rms(&mut self, sum_of_squares: &Val, n: &Val, eps: f64) -> Val {
+        let mean = self.bin("divf", sum_of_squares, n, F32);
+        let e = self.f32(eps as f32);
+        let shifted = self.bin("addf", &mean, &e, F32);
+        self.op(format!("math.rsqrt {shifted} : f32"))
+    }
+
     /// A horizontal reduction of a vector: `kind` is `add`, `maxnumf`, ...
     pub fn reduce(&mut self, kind: &str, v: &Val, vec_ty: &str, elem: &str) -> Val {
         self.op(format!(

@@ -522,21 +522,9 @@ fn imported_configurations_reproduce_transformers() {
         );
     }
 
-    // SmolLM3 (its second layer without RoPE, and that layer a window of 4, as the
-    // configuration's defaults make them) and Ministral (`layer_types`: a window of 4, then
-    // full attention) give transformers' logits too.
-    for (model_type, extra) in [
-        (
-            "smollm3",
-            serde_json::json!({"no_rope_layer_interval": 2, "use_sliding_window": true,
-                "sliding_window": 4}),
-        ),
-        (
-            "ministral",
-            serde_json::json!({"layer_types": ["sliding_attention", "full_attention"],
-                "sliding_window": 4}),
-        ),
-    ] {
+    // `zebra import` of the configuration as `model_type` with `extra` settings, then `zebra
+    // run` of the folder's weights, gives transformers' logits for that model type.
+    let imports_as = |model_type: &str, extra: serde_json::Value| {
         let mut config = config.clone();
         config["model_type"] = model_type.into();
         for (key, value) in extra.as_object().unwrap() {
@@ -553,8 +541,20 @@ fn imported_configurations_reproduce_transformers() {
             &format!("logits_{model_type}.npy"),
             &what,
         );
-    }
-
+    };
+    // SmolLM3 (its second layer without RoPE, and that layer a window of 4, as the
+    // configuration's defaults make them) and Ministral (`layer_types`: a window of 4, then
+    // full attention) give transformers' logits too.
+    imports_as(
+        "smollm3",
+        serde_json::json!({"no_rope_layer_interval": 2, "use_sliding_window": true,
+            "sliding_window": 4}),
+    );
+    imports_as(
+        "ministral",
+        serde_json::json!({"layer_types": ["sliding_attention", "full_attention"],
+            "sliding_window": 4}),
+    );
     // Qwen2 (Q, K and V biases; layer 1 a window of 4 from `max_window_layers = 1` on) and
     // Qwen3 (QK-norm; `attention_bias` on all four projections) on the weights with random
     // biases and QK-norm scales. A Qwen2 checkpoint's extra tensors (here the o_proj bias and
@@ -564,31 +564,12 @@ fn imported_configurations_reproduce_transformers() {
         folder.join("model.safetensors"),
     )
     .unwrap();
-    for (model_type, extra) in [
-        (
-            "qwen2",
-            serde_json::json!({"use_sliding_window": true, "sliding_window": 4,
-                "max_window_layers": 1}),
-        ),
-        ("qwen3", serde_json::json!({"attention_bias": true})),
-    ] {
-        let mut config = config.clone();
-        config["model_type"] = model_type.into();
-        for (key, value) in extra.as_object().unwrap() {
-            config[key] = value.clone();
-        }
-        std::fs::write(folder.join("config.json"), config.to_string()).unwrap();
-        let source = path(dir.path(), &format!("{model_type}.zb"));
-        let out = zebra(&["import", &folder_arg, "-o", &source]);
-        assert!(out.ok, "{}", out.stderr);
-        let what = format!("zebra import of {model_type}, then zebra run");
-        runs_to(
-            &source,
-            &tokens_160,
-            &format!("logits_{model_type}.npy"),
-            &what,
-        );
-    }
+    imports_as(
+        "qwen2",
+        serde_json::json!({"use_sliding_window": true, "sliding_window": 4,
+            "max_window_layers": 1}),
+    );
+    imports_as("qwen3", serde_json::json!({"attention_bias": true}));
     let out = zebra(&[
         "run",
         &path(dir.path(), "qwen2.zb"),

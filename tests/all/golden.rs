@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use ndarray::Axis;
 use zebra_ir::{Value, Weights, npy};
 
+use zebra_frontend::ModelSpec;
+
 use crate::common::{assert_close, logits, lower, model, root};
 use crate::reference_model::{DenseModel, MaskFn, forward};
 
@@ -78,39 +80,47 @@ fn zebra_g2_window4_matches_transformers() {
     golden("zebra_g2_window4");
 }
 
-/// The reference interpreter against transformers' logits for the golden tiny Llama with
-/// each RoPE scaling (`scripts/golden_transformers.py`; 160 positions, so that the scaled
-/// low frequencies turn far enough to matter).
-fn golden_rope(scaling: &str) {
+/// The reference interpreter on golden model `zb` with `weights` against transformers'
+/// logits `expected` on the 160 golden tokens, and the same model changed by `without` (what
+/// the test is about taken away) far from them: that is what matches.
+fn golden_160(zb: &str, weights: &str, expected: &str, without: impl FnOnce(&mut ModelSpec)) {
     let dir = root().join("tests/fixtures/golden");
-    let weights = Weights::load(&dir.join("tiny_llama.safetensors")).expect("golden weights");
+    let weights = Weights::load(&dir.join(weights)).expect("golden weights");
     let tokens = npy::read_ints(&dir.join("tokens_160.npy")).expect("golden tokens");
-    let expected =
-        npy::read_floats(&dir.join(format!("logits_rope_{scaling}.npy"))).expect("golden logits");
+    let expected = npy::read_floats(&dir.join(expected)).expect("golden logits");
     let mut inputs = BTreeMap::new();
     inputs.insert("tokens".to_string(), Value::Int(tokens));
-    let spec = model(&dir.join(format!("rope_{scaling}.zb")));
+    let spec = model(&dir.join(zb));
     let actual = logits(&lower(&spec), &inputs, &weights);
     assert_close(
         &actual,
         &expected,
         TOLERANCE,
-        &format!("interpreter vs transformers (RoPE scaled by {scaling})"),
+        &format!("interpreter vs transformers ({zb})"),
     );
-    // The same model unscaled is far from them: the scaling is what matches.
-    let mut unscaled = spec.clone();
-    for kind in &mut unscaled.kinds {
-        kind.rope = kind.rope.map(|r| zebra_ir::rope::Rope::new(r.base));
-    }
-    let plain = logits(&lower(&unscaled), &inputs, &weights);
+    let mut plain = spec.clone();
+    without(&mut plain);
+    let plain = logits(&lower(&plain), &inputs, &weights);
     let largest = expected.iter().fold(0f64, |m, x| m.max(x.abs()));
     let apart = plain
         .iter()
         .zip(&expected)
         .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
-    assert!(
-        apart > 0.1 * largest,
-        "{scaling}: unscaled only {apart} apart"
+    assert!(apart > 0.1 * largest, "{zb}: without it only {apart} apart");
+}
+
+/// Each RoPE scaling (160 positions, so that the scaled low frequencies turn far enough to
+/// matter); unscaled, the model is far from transformers' logits.
+fn golden_rope(scaling: &str) {
+    golden_160(
+        &format!("rope_{scaling}.zb"),
+        "tiny_llama.safetensors",
+        &format!("logits_rope_{scaling}.npy"),
+        |spec| {
+            for kind in &mut spec.kinds {
+                kind.rope = kind.rope.map(|r| zebra_ir::rope::Rope::new(r.base));
+            }
+        },
     );
 }
 
@@ -129,37 +139,19 @@ fn yarn_rope_scaling_matches_transformers() {
     golden_rope("yarn");
 }
 
-/// The reference interpreter against transformers' logits for the golden tiny Llama built as
-/// Qwen2 (Q, K and V biases; a sliding layer) and as Qwen3 (QK-norm; biases on all four
-/// projections), on weights with random biases and norm scales
-/// (`scripts/golden_transformers.py`).
+/// The golden tiny Llama built as Qwen2 (Q, K and V biases; a sliding layer) and as Qwen3
+/// (QK-norm; biases on all four projections), on weights with random biases and norm scales;
+/// without its biases and QK-norm, the model is far from transformers' logits.
 fn golden_qwen(name: &str) {
-    let dir = root().join("tests/fixtures/golden");
-    let weights = Weights::load(&dir.join("tiny_qwen.safetensors")).expect("golden weights");
-    let tokens = npy::read_ints(&dir.join("tokens_160.npy")).expect("golden tokens");
-    let expected =
-        npy::read_floats(&dir.join(format!("logits_{name}.npy"))).expect("golden logits");
-    let mut inputs = BTreeMap::new();
-    inputs.insert("tokens".to_string(), Value::Int(tokens));
-    let spec = model(&dir.join(format!("{name}.zb")));
-    let actual = logits(&lower(&spec), &inputs, &weights);
-    assert_close(
-        &actual,
-        &expected,
-        TOLERANCE,
-        &format!("interpreter vs transformers ({name})"),
+    golden_160(
+        &format!("{name}.zb"),
+        "tiny_qwen.safetensors",
+        &format!("logits_{name}.npy"),
+        |spec| {
+            spec.biases = Default::default();
+            spec.qk_norm = None;
+        },
     );
-    // Without its biases and its QK-norm the model is far from them: they are what matches.
-    let mut plain = spec.clone();
-    plain.biases = Default::default();
-    plain.qk_norm = None;
-    let plain = logits(&lower(&plain), &inputs, &weights);
-    let largest = expected.iter().fold(0f64, |m, x| m.max(x.abs()));
-    let apart = plain
-        .iter()
-        .zip(&expected)
-        .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
-    assert!(apart > 0.1 * largest, "{name}: plain only {apart} apart");
 }
 
 #[test]

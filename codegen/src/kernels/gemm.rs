@@ -171,10 +171,7 @@ fn inverse_rms(
         );
         let total = b.reduce("add", &sum[0], &vt, F32);
         let n = b.f32(k as f32);
-        let mean = b.bin("divf", &total, &n, F32);
-        let e = b.f32(eps as f32);
-        let shifted = b.bin("addf", &mean, &e, F32);
-        let r = b.op(format!("math.rsqrt {shifted} : f32"));
+        let r = b.inverse_rms(&total, &n, eps);
         b.store(&r, out, i, F32, F32);
         vec![]
     });
@@ -531,10 +528,7 @@ pub fn heads_proj(
                 if let Some(eps) = qk_norm {
                     let total = b.reduce("add", &squares[0], &hvt, F32);
                     let n = b.f32(head_dim as f32);
-                    let mean = b.bin("divf", &total, &n, F32);
-                    let e = b.f32(eps as f32);
-                    let shifted = b.bin("addf", &mean, &e, F32);
-                    let r = b.op(format!("math.rsqrt {shifted} : f32"));
+                    let r = b.inverse_rms(&total, &n, eps);
                     qk_scale = Some(b.splat(&r, F32, hw));
                 }
             }

@@ -359,10 +359,7 @@ pub fn kernel(name: &str, op: &Op, operands: &[TensorType], out: &TensorType) ->
                     },
                 );
                 let n = b.sitofp(&length, I64, F32);
-                let mean = b.bin("divf", &acc[0], &n, F32);
-                let e = b.f32(*eps as f32);
-                let shifted = b.bin("addf", &mean, &e, F32);
-                let r = b.op(format!("math.rsqrt {shifted} : f32"));
+                let r = b.inverse_rms(&acc[0], &n, *eps);
                 let x = load(b, 0, &index);
                 let g = load(b, 1, &index[rank - 1..]);
                 let xr = b.bin("mulf", &x, &r, F32);

@@ -271,16 +271,9 @@ pub fn projection_mma(name: &str, p: &ProjectionMma, half: Half, isa: Lowering) 
                         });
                     acc[0].clone()
                 };
-                let mut sum = sum;
-                for bit in [1, 2] {
-                    let other = isa.shuffle_xor(b, &sum, bit);
-                    sum = b.bin("addf", &sum, &other, F32);
-                }
+                let sum = row_sum(b, isa, sum);
                 let n = b.f32(p.k as f32);
-                let mean = b.bin("divf", &sum, &n, F32);
-                let e = b.f32(eps as f32);
-                let shifted = b.bin("addf", &mean, &e, F32);
-                b.op(format!("math.rsqrt {shifted} : f32"))
+                b.inverse_rms(&sum, &n, eps)
             })
             .collect(),
     };
@@ -487,15 +480,9 @@ pub fn projection_mma(name: &str, p: &ProjectionMma, half: Half, isa: Lowering) 
                         for v in &vals {
                             sum = b.fma(v, v, &sum, F32);
                         }
-                        for bit in [1, 2] {
-                            let other = isa.shuffle_xor(b, &sum, bit);
-                            sum = b.bin("addf", &sum, &other, F32);
-                        }
+                        let sum = row_sum(b, isa, sum);
                         let n = b.f32(d as f32);
-                        let mean = b.bin("divf", &sum, &n, F32);
-                        let e = b.f32(eps as f32);
-                        let shifted = b.bin("addf", &mean, &e, F32);
-                        let rstd = b.op(format!("math.rsqrt {shifted} : f32"));
+                        let rstd = b.inverse_rms(&sum, &n, eps);
                         for (i, v) in vals.iter_mut().enumerate() {
                             let off = b.i64(((i / 2) * 8 + i % 2) as i64);
                             let col = b.addi(&off, &two_c);
@@ -596,6 +583,16 @@ pub fn projection_mma(name: &str, p: &ProjectionMma, half: Half, isa: Lowering) 
         }
     }
     block_function(builder, name, "bx", "by")
+}
+
+/// The sum of `v` over the four threads of a row group (lanes `4 g` to `4 g + 3`), which
+/// hold the columns of the same rows between them.
+fn row_sum(b: &mut Builder, isa: Lowering, mut v: Val) -> Val {
+    for bit in [1, 2] {
+        let other = isa.shuffle_xor(b, &v, bit);
+        v = b.bin("addf", &v, &other, F32);
+    }
+    v
 }
 
 /// The PTX entry of a tensor-core projection, in LLVM IR: `{name}_mma(buffers, dims)` on a
