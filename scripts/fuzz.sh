@@ -17,7 +17,12 @@ for target in "${targets[@]}"; do
     corpus=fuzz/corpus/$target
     mkdir -p "$corpus"
     case $target in
-        check) cp examples/*.zb examples/*/*.zb tests/fixtures/*/*.zb "$corpus"/ ;;
+        check)
+            # Named by their paths: examples and fixtures may share a file name.
+            for file in examples/*.zb examples/*/*.zb tests/fixtures/*/*.zb; do
+                cp "$file" "$corpus/${file//\//_}"
+            done
+            ;;
         graph)
             cp tests/fixtures/zir/*.zir "$corpus"/
             cargo build --release --quiet --bin zebra

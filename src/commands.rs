@@ -43,29 +43,10 @@ pub fn check_positions(what: &str, positions: usize) -> Result<()> {
 /// source leaves out would otherwise compute something else without a word.
 pub fn check_weights(spec: &ModelSpec, weights: &Weights) -> Result<()> {
     let specs = spec.weight_specs();
-    let unread: Vec<&str> = weights
-        .names()
-        .filter(|name| !specs.iter().any(|w| w.name == *name))
-        // Buffers old checkpoints keep, and a tied LM head stored anyway.
-        .filter(|name| !name.ends_with("rotary_emb.inv_freq"))
-        .filter(|name| !(spec.tied_embeddings && *name == "lm_head.weight"))
-        .collect();
-    if !unread.is_empty() {
-        const SHOWN: usize = 8;
-        let more = match unread.len().saturating_sub(SHOWN) {
-            0 => String::new(),
-            n => format!(" and {n} more"),
-        };
-        let (count, plural) = match unread.len() {
-            1 => ("1".to_string(), "tensor of the weights is"),
-            n => (n.to_string(), "tensors of the weights are"),
-        };
-        eprintln!(
-            "warning: {count} {plural} not read by model `{}`: {}{more} (does the source \
-             leave out part of the model, such as `bias` or `qk_norm`?)",
-            spec.name,
-            unread[..unread.len().min(SHOWN)].join(", "),
-        );
+    if let Some(warning) =
+        weights.unread_warning(&spec.name, |name| specs.iter().any(|w| w.name == name))
+    {
+        eprintln!("{warning}");
     }
     for w in specs {
         match weights.get(&w.name) {

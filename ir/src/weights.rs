@@ -107,6 +107,32 @@ impl Weights {
         self.tensors.is_empty()
     }
 
+    /// A warning naming the tensors model `model` does not read (`reads` says which it
+    /// does), if there are any: a checkpoint with biases or QK-norm scales that the source
+    /// leaves out would otherwise compute something else without a word. RoPE's
+    /// `rotary_emb.inv_freq` buffers, which old checkpoints keep, are not counted.
+    pub fn unread_warning(&self, model: &str, reads: impl Fn(&str) -> bool) -> Option<String> {
+        const SHOWN: usize = 8;
+        let unread: Vec<&str> = self
+            .names()
+            .filter(|name| !reads(name) && !name.ends_with("rotary_emb.inv_freq"))
+            .collect();
+        let (count, plural) = match unread.len() {
+            0 => return None,
+            1 => ("1".to_string(), "tensor of the weights is"),
+            n => (n.to_string(), "tensors of the weights are"),
+        };
+        let more = match unread.len().saturating_sub(SHOWN) {
+            0 => String::new(),
+            n => format!(" and {n} more"),
+        };
+        Some(format!(
+            "warning: {count} {plural} not read by model `{model}`: {}{more} (does the \
+             source leave out part of the model, such as `bias` or `qk_norm`?)",
+            unread[..unread.len().min(SHOWN)].join(", "),
+        ))
+    }
+
     /// Reads every tensor of a safetensors file, converting F64, F16 and BF16 to f32; or of
     /// a checkpoint in shards, as Hugging Face writes large models: `path` is then the index
     /// (`model.safetensors.index.json`, whose `weight_map` names each tensor's shard) or a
@@ -336,6 +362,35 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tensors_a_model_does_not_read_are_named() {
+        let mut weights = Weights::new();
+        let scalar = || ArrayD::zeros(ndarray::IxDyn(&[1]));
+        for name in [
+            "a",
+            "b.bias",
+            "model.layers.0.self_attn.rotary_emb.inv_freq",
+        ] {
+            weights.insert(name, scalar());
+        }
+        assert_eq!(weights.unread_warning("m", |n| n != "zzz"), None);
+        let warning = weights.unread_warning("m", |n| n == "a").unwrap();
+        assert!(
+            warning
+                .starts_with("warning: 1 tensor of the weights is not read by model `m`: b.bias ("),
+            "{warning}"
+        );
+        for i in 0..12 {
+            weights.insert(format!("extra.{i:02}"), scalar());
+        }
+        let warning = weights.unread_warning("m", |n| n == "a").unwrap();
+        assert!(
+            warning.contains("13 tensors of the weights are not read")
+                && warning.contains("extra.06 and 5 more"),
+            "{warning}"
+        );
+    }
 
     #[test]
     fn round_trips_through_safetensors() {

@@ -283,10 +283,19 @@ fn load_weights(path: &Path) -> Result<Weights> {
     Weights::load(path).with_context(|| format!("cannot load the weights {}", path.display()))
 }
 
-/// The weights from `--weights FILE`, or `--random-weights SEED` of the artifact's shapes.
+/// The weights from `--weights FILE` (with a warning naming the tensors the artifact's plan
+/// does not read), or `--random-weights SEED` of the artifact's shapes.
 fn weights_of(path: Option<&Path>, seed: Option<u64>, artifact: &Path) -> Result<Weights> {
     match (path, seed) {
-        (Some(path), _) => load_weights(path),
+        (Some(path), _) => {
+            let weights = load_weights(path)?;
+            let plan = Artifact::load(artifact)?.plan;
+            let reads = |name: &str| plan.weights.iter().any(|w| w.name == name);
+            if let Some(warning) = weights.unread_warning(&plan.name, reads) {
+                eprintln!("{warning}");
+            }
+            Ok(weights)
+        }
         (None, Some(seed)) => Ok(zebra_runtime::artifact::random_weights(
             &Artifact::load(artifact)?.plan,
             seed,
