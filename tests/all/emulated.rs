@@ -818,6 +818,19 @@ fn model_on_tensor_cores_in_the_emulator(
     train: bool,
     choice: &MmaChoice,
 ) -> Vec<&'static str> {
+    let weights = zebra_frontend::init::random_weights(spec, 2);
+    model_on_tensor_cores_with(spec, label, seq, train, choice, &weights)
+}
+
+/// As [`model_on_tensor_cores_in_the_emulator`], on the weights given.
+fn model_on_tensor_cores_with(
+    spec: &zebra_frontend::ModelSpec,
+    label: &str,
+    seq: usize,
+    train: bool,
+    choice: &MmaChoice,
+    weights: &zebra_ir::Weights,
+) -> Vec<&'static str> {
     use zebra_codegen::plan::PlanMode;
 
     let spec = spec.clone();
@@ -827,9 +840,8 @@ fn model_on_tensor_cores_in_the_emulator(
         graph = optimize(&training, &Options::default()).unwrap().graph;
     }
     let out = tempfile::tempdir().unwrap();
-    let weights = zebra_frontend::init::random_weights(&spec, 2);
     let (mut cpu, mut emulated, kinds) =
-        models_on_tensor_cores(&graph, PlanMode::Forward, out.path(), &weights, choice);
+        models_on_tensor_cores(&graph, PlanMode::Forward, out.path(), weights, choice);
     // A second, shorter run in the memory the first left behind (runtimes reuse it without
     // clearing it): no kernel may read what it did not write in the same run.
     for seq in [seq, seq / 3 + 5] {
@@ -1045,6 +1057,47 @@ fn attention_backward_at_head_dim_256_on_tensor_cores_in_the_emulator() {
     for kind in ["attention_lse", "attention_dq", "attention_dkv"] {
         assert!(kinds.contains(&kind), "no {kind}: {kinds:?}");
     }
+}
+
+/// Qwen3's projections (QK-norm, biases on all four) on tensor cores, forward and training
+/// step, with a head dim of 16 (so that `heads_proj` runs there too) and random biases and
+/// QK-norm scales (zeros and ones, as `zebra init` draws them, would hide a bias or a scale
+/// read from the wrong buffer).
+#[test]
+fn biases_and_qk_norm_on_tensor_cores_in_the_emulator() {
+    use rand::{Rng, SeedableRng};
+    let (_, checked) = check_ok(&root().join("tests/fixtures/golden/qwen3.zb"));
+    let mut spec = checked.program.models[0].clone();
+    spec.head_dim = 16;
+    let mut weights = zebra_frontend::init::random_weights(&spec, 2);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let names: Vec<String> = weights
+        .names()
+        .filter(|n| n.ends_with(".bias") || n.contains("_norm."))
+        .map(String::from)
+        .collect();
+    assert_eq!(names.len(), 12, "{names:?}");
+    for name in names {
+        let offset = if name.ends_with(".bias") { 0.0 } else { 1.0 };
+        weights
+            .get_mut(&name)
+            .unwrap()
+            .mapv_inplace(|_| offset + rng.random::<f32>() - 0.5);
+    }
+    // Values and outputs of the attention large enough for the logits to depend on where
+    // each query looks (`zebra init`'s scale leaves them nearly independent of Q and K).
+    for name in ["v_proj.weight", "o_proj.weight"] {
+        for layer in 0..2 {
+            let name = format!("model.layers.{layer}.self_attn.{name}");
+            weights.get_mut(&name).unwrap().mapv_inplace(|w| 25.0 * w);
+        }
+    }
+    let choice = MmaChoice::default();
+    let kinds = model_on_tensor_cores_with(&spec, "qwen3", 90, false, &choice, &weights);
+    // Per layer: Q, K and V (`heads_proj`), SwiGLU and the down projection; the LM head.
+    let projections = kinds.iter().filter(|k| **k == "projection").count();
+    assert!(projections >= 6, "{kinds:?}");
+    model_on_tensor_cores_with(&spec, "qwen3 (training)", 40, true, &choice, &weights);
 }
 
 /// Document masking reads a side input: the tensor-core attention reads the document ids
