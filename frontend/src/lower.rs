@@ -6,9 +6,8 @@
 //! y = h + down_proj(silu(gate_proj(rmsnorm(h))) * up_proj(rmsnorm(h)))
 //! ```
 //!
-//! with, where the model asks for them, a bias added after a projection's product (`+ b` in
-//! Qwen2's Q, K and V) and an RMSNorm over each head of Q and K before RoPE (QK-norm).
-//!
+//! (with, where the model asks for them, a bias added after a projection's product, as in
+//! Qwen2's Q, K and V, and an RMSNorm over each head of Q and K before RoPE: QK-norm),
 //! and attention is written out the plain way: `softmax(mask(score_mod(scale * Q K^T))) V`,
 //! with K and V repeated across each GQA group as Hugging Face's `repeat_kv` does. The
 //! softmax guards its max and its sum so that a row whose keys are all masked gives zeros
