@@ -517,14 +517,7 @@ fn tensor_core_projections_in_the_emulator() {
         };
         let (heads, epilogue) = match kind {
             ProjectionKind::Heads { heads, epilogue } => (heads, epilogue),
-            _ => (
-                1,
-                HeadsEpilogue {
-                    bias: false,
-                    qk_norm: None,
-                    rope: false,
-                },
-            ),
+            _ => (1, HeadsEpilogue::default()),
         };
         let rope = epilogue.rope;
         let total_n = heads * n;

@@ -386,7 +386,7 @@ fn row_panels(
 }
 
 /// What `heads_proj` does to each head after its product (see [`heads_proj`]).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct HeadsEpilogue {
     /// A bias `[H * D]` added to the product.
     pub bias: bool,

@@ -201,11 +201,7 @@ pub fn projection_mma(name: &str, p: &ProjectionMma, half: Half, isa: Lowering) 
     let residual = matches!(p.kind, ProjectionKind::Linear { residual: true }).then(|| operand(b));
     let epilogue = match p.kind {
         ProjectionKind::Heads { epilogue, .. } => epilogue,
-        _ => HeadsEpilogue {
-            bias: false,
-            qk_norm: None,
-            rope: false,
-        },
+        _ => HeadsEpilogue::default(),
     };
     let bias = epilogue.bias.then(|| operand(b));
     let qk_scales = epilogue.qk_norm.map(|_| operand(b));
@@ -460,20 +456,23 @@ pub fn projection_mma(name: &str, p: &ProjectionMma, half: Half, isa: Lowering) 
                     let d = p.n;
                     let cd = b.i64(d as i64);
                     let head_col0 = b.muli(&by, &cd);
+                    // The column within the head of element (j, e).
+                    let cols: Vec<Val> = (0..d / 4)
+                        .map(|i| {
+                            let off = b.i64(((i / 2) * 8 + i % 2) as i64);
+                            b.addi(&off, &two_c)
+                        })
+                        .collect();
                     let mut vals = Vec::with_capacity(d / 4);
-                    for j in 0..d / 8 {
-                        for e in 0..2 {
-                            let v = at_acc(0, blk, j, r, e);
-                            let mut v = b.bin("mulf", &v, &scale, F32);
-                            if let Some(bias) = &bias {
-                                let off = b.i64((j * 8 + e) as i64);
-                                let col = b.addi(&head_col0, &off);
-                                let col = b.addi(&col, &two_c);
-                                let bv = b.load(bias, &col, F32, F32);
-                                v = b.bin("addf", &v, &bv, F32);
-                            }
-                            vals.push(v);
+                    for (i, col) in cols.iter().enumerate() {
+                        let v = at_acc(0, blk, i / 2, r, i % 2);
+                        let mut v = b.bin("mulf", &v, &scale, F32);
+                        if let Some(bias) = &bias {
+                            let at = b.addi(&head_col0, col);
+                            let bv = b.load(bias, &at, F32, F32);
+                            v = b.bin("addf", &v, &bv, F32);
                         }
+                        vals.push(v);
                     }
                     if let (Some(eps), Some(g)) = (epilogue.qk_norm, &qk_scales) {
                         let mut sum = zero.clone();
@@ -483,10 +482,8 @@ pub fn projection_mma(name: &str, p: &ProjectionMma, half: Half, isa: Lowering) 
                         let sum = row_sum(b, isa, sum);
                         let n = b.f32(d as f32);
                         let rstd = b.inverse_rms(&sum, &n, eps);
-                        for (i, v) in vals.iter_mut().enumerate() {
-                            let off = b.i64(((i / 2) * 8 + i % 2) as i64);
-                            let col = b.addi(&off, &two_c);
-                            let gv = b.load(g, &col, F32, F32);
+                        for (v, col) in vals.iter_mut().zip(&cols) {
+                            let gv = b.load(g, col, F32, F32);
                             let scaled = b.bin("mulf", v, &rstd, F32);
                             *v = b.bin("mulf", &scaled, &gv, F32);
                         }

@@ -101,6 +101,13 @@ fn extend_heads_proj(
     operand: &str,
 ) -> Option<Id> {
     let extra = s[var(operand)];
+    // QK-norm is an RMSNorm over the head dim (the last axis), one scale per element of a head.
+    if slot == QK_NORM {
+        let head_dim = *ty(egraph, s[var("?p")])?.shape.last()?;
+        if ty(egraph, extra)?.shape != [head_dim] {
+            return None;
+        }
+    }
     let none = |egraph: &ZGraph, id: Id| matches!(attr(egraph, id), Some(Attr::None));
     // Every such node of the class (one may have the input's norm fused, another not).
     let nodes: Vec<ZNode> = egraph[s[var("?p")]]
@@ -111,19 +118,8 @@ fn extend_heads_proj(
         })
         .cloned()
         .collect();
-    let head_dim = |egraph: &ZGraph, n: &ZNode| match attr(egraph, n.children[1]) {
-        Some(Attr::Int(d)) => Some(*d as u64),
-        _ => None,
-    };
     let mut built: Option<Id> = None;
     for node in nodes {
-        // QK-norm is an RMSNorm over the head dim, with one scale per element of a head.
-        if slot == QK_NORM
-            && (head_dim(egraph, &node)
-                .is_none_or(|d| ty(egraph, extra).map(|t| &t.shape[..]) != Some(&[Dim::Const(d)])))
-        {
-            continue;
-        }
         let mut children = node.children.clone();
         children[slot] = s[var(attr_var)];
         children.push(extra);
